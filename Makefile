@@ -1,0 +1,64 @@
+# luaguard: the two commands are `make run` and `make test`.
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+LUAJIT     ?= checkhook
+JOBS       ?= 2
+PYTEST     := /usr/bin/python3 -m pytest
+MODULE     := $(BUILD)/ngx_http_luaguard_module.so
+ASAN_MODULE := $(ASAN_BUILD)/ngx_http_luaguard_module.so
+PORT       ?= 8080
+
+.PHONY: all deps deps-test build build-asan run test test-unit test-e2e \
+        test-asan-fast test-asan install bench clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh build
+
+deps-test:
+	@scripts/install-deps.sh test
+
+build: deps
+	@cmake -S . -B $(BUILD) -DLUAGUARD_LUAJIT=$(LUAJIT) >/dev/null
+	@cmake --build $(BUILD) -j$(JOBS)
+
+build-asan: deps
+	@cmake -S . -B $(ASAN_BUILD) -DLUAGUARD_LUAJIT=$(LUAJIT) \
+	    -DLUAGUARD_SANITIZE=ON -DLUAGUARD_CACHE_DIR=$(CURDIR)/$(BUILD) >/dev/null
+	@cmake --build $(ASAN_BUILD) -j$(JOBS) --target ngx_http_luaguard_module
+
+run: build
+	@scripts/run-example.sh $(MODULE) $(PORT)
+
+test: deps-test build
+	@$(MAKE) --no-print-directory test-unit test-e2e test-asan-fast
+
+test-unit:
+	@cd $(BUILD) && ctest --output-on-failure
+
+test-e2e:
+	@LUAGUARD_MODULE=$(CURDIR)/$(MODULE) $(PYTEST) -q -p no:cacheprovider tests/e2e
+
+# A fast subset of the end-to-end suite under ASan+UBSan; the whole suite
+# with `make test-asan`.
+test-asan-fast: build-asan
+	@LUAGUARD_MODULE=$(CURDIR)/$(ASAN_MODULE) LUAGUARD_ASAN=1 \
+	    $(PYTEST) -q -p no:cacheprovider -m asan_fast tests/e2e
+
+test-asan: deps-test build-asan
+	@LUAGUARD_MODULE=$(CURDIR)/$(ASAN_MODULE) LUAGUARD_ASAN=1 \
+	    $(PYTEST) -q -p no:cacheprovider tests/e2e
+
+install: build
+	install -D -m 0644 $(MODULE) /usr/lib/nginx/modules/ngx_http_luaguard_module.so
+	install -D -m 0644 packaging/mod-http-luaguard.conf \
+	    /usr/share/nginx/modules-available/mod-http-luaguard.conf
+	@echo "enable with: ln -s /usr/share/nginx/modules-available/mod-http-luaguard.conf /etc/nginx/modules-enabled/50-mod-http-luaguard.conf"
+
+bench: build
+	@scripts/install-deps.sh bench
+	@/usr/bin/python3 bench/run.py --module $(CURDIR)/$(MODULE)
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -1,0 +1,62 @@
+-- Runs once per VM, before any configuration code. Receives the sentinel
+-- value that marks yields owned by the nginx driver (I/O waits, ngx.exit).
+local sentinel = ...
+
+-- User coroutines inside a handler may call APIs that wait on nginx
+-- (ngx.sleep, sockets). Such a wait yields the sentinel; the wrappers pass
+-- it up to the entry thread so the driver suspends the whole chain, then
+-- hand the results back down when nginx resumes it.
+local co_create, co_resume, co_yield, co_status =
+    coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
+local error, select = error, select
+
+local function pass(co, ok, ...)
+    if ok and select("#", ...) == 1 and (...) == sentinel
+        and co_status(co) == "suspended"
+    then
+        return pass(co, co_resume(co, co_yield(sentinel)))
+    end
+    return ok, ...
+end
+
+coroutine.resume = function(co, ...)
+    return pass(co, co_resume(co, ...))
+end
+
+local function unwrap(ok, ...)
+    if not ok then
+        error((...), 0)
+    end
+    return ...
+end
+
+coroutine.wrap = function(f)
+    local co = co_create(f)
+    return function(...)
+        return unwrap(pass(co, co_resume(co, ...)))
+    end
+end
+
+-- Our API is built in: configurations written for OpenResty load
+-- resty.core in init_by_lua, which must succeed and change nothing.
+package.loaded.ngx = ngx
+package.preload["resty.core"] = function() return true end
+
+-- Modules of lua-resty-core that luaguard provides register themselves in
+-- package.preload; any other "ngx.*" or "resty.core.*" name must not fall
+-- through to the system's lua-resty-core, which needs lua-nginx-module's
+-- C symbols. It fails with an error naming what is missing.
+local preload = package.preload
+local find, sub = string.find, string.sub
+table.insert(package.loaders, 2, function(name)
+    if preload[name] then
+        return nil
+    end
+    if find(name, "^ngx%.") or sub(name, 1, 11) == "resty.core." then
+        return function()
+            error("module '" .. name .. "' is not implemented in luaguard yet",
+                  2)
+        end
+    end
+    return nil
+end)

@@ -1,0 +1,41 @@
+#include "api/api.hpp"
+
+#include "ngx/glue.hpp"
+#include "runtime/env.hpp"
+
+namespace luaguard {
+
+// The text of lua/prelude.lua, embedded by the build.
+extern const char kPrelude[];
+extern const size_t kPreludeLen;
+
+namespace api {
+
+bool open(lua_State *L, std::string *err)
+{
+    lua_createtable(L, 0, 160);
+    openCore(L);
+    openOutput(L);
+    openTime(L);
+    openVar(L);
+    openHeader(L);
+    openPending(L);
+    lua_setglobal(L, "ngx");
+
+    if (luaL_loadbuffer(L, kPrelude, kPreludeLen, "=luaguard.prelude") != 0) {
+        *err = lua_tostring(L, -1);
+        lua_pop(L, 1);
+        return false;
+    }
+    lua_pushlightuserdata(L, &glue::kYieldSentinel);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+        *err = lua_tostring(L, -1);
+        lua_pop(L, 1);
+        return false;
+    }
+    env::init(L);
+    return true;
+}
+
+}  // namespace api
+}  // namespace luaguard

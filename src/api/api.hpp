@@ -1,0 +1,36 @@
+// The ngx.* API: one file per area, each adding its functions to the `ngx`
+// table on top of the stack.
+#pragma once
+
+#include <string>
+
+#include "runtime/lua.hpp"
+
+namespace luaguard::api {
+
+// Builds the global `ngx` table, the embedded Lua prelude and the
+// per-request environment machinery. False with *err on failure.
+bool open(lua_State *L, std::string *err);
+
+// Each takes the `ngx` table at stack top and leaves it there.
+void openCore(lua_State *L);
+void openOutput(lua_State *L);
+void openTime(lua_State *L);
+void openVar(lua_State *L);
+void openHeader(lua_State *L);
+
+// Last: placeholders raising "not implemented" for APIs still missing.
+void openPending(lua_State *L);
+
+// Registers functions `fns` into the table at the top of the stack.
+void setFuncs(lua_State *L, const luaL_Reg *fns);
+
+// Gets (creating when absent) the sub-table ngx.<name>; leaves it on top.
+void subTable(lua_State *L, const char *name);
+
+// The string form lua-nginx-module's output and logging functions give a
+// value: strings and numbers as Lua prints them, nil, booleans and
+// ngx.null by name. Returns false for other types.
+bool scalarText(lua_State *L, int idx, const char **s, size_t *len);
+
+}  // namespace luaguard::api

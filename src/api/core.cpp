@@ -1,0 +1,512 @@
+// Constants, logging, ngx.ctx / ngx.status / ngx.arg, phase and worker
+// information, ngx.sleep.
+
+#include <cstring>
+
+#include "api/api.hpp"
+#include "ngx/glue.hpp"
+#include "runtime/vm.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+struct IntConst {
+    const char *name;
+    lua_Integer value;
+};
+
+const IntConst kConstants[] = {
+    {"OK", NGX_OK}, {"ERROR", NGX_ERROR}, {"AGAIN", NGX_AGAIN},
+    {"DONE", NGX_DONE}, {"DECLINED", NGX_DECLINED},
+
+    {"HTTP_GET", NGX_HTTP_GET}, {"HTTP_HEAD", NGX_HTTP_HEAD},
+    {"HTTP_PUT", NGX_HTTP_PUT}, {"HTTP_POST", NGX_HTTP_POST},
+    {"HTTP_DELETE", NGX_HTTP_DELETE}, {"HTTP_OPTIONS", NGX_HTTP_OPTIONS},
+    {"HTTP_MKCOL", NGX_HTTP_MKCOL}, {"HTTP_COPY", NGX_HTTP_COPY},
+    {"HTTP_MOVE", NGX_HTTP_MOVE}, {"HTTP_PROPFIND", NGX_HTTP_PROPFIND},
+    {"HTTP_PROPPATCH", NGX_HTTP_PROPPATCH}, {"HTTP_LOCK", NGX_HTTP_LOCK},
+    {"HTTP_UNLOCK", NGX_HTTP_UNLOCK}, {"HTTP_PATCH", NGX_HTTP_PATCH},
+    {"HTTP_TRACE", NGX_HTTP_TRACE},
+
+    {"HTTP_CONTINUE", 100}, {"HTTP_SWITCHING_PROTOCOLS", 101},
+    {"HTTP_OK", 200}, {"HTTP_CREATED", 201}, {"HTTP_ACCEPTED", 202},
+    {"HTTP_NO_CONTENT", 204}, {"HTTP_PARTIAL_CONTENT", 206},
+    {"HTTP_SPECIAL_RESPONSE", 300}, {"HTTP_MOVED_PERMANENTLY", 301},
+    {"HTTP_MOVED_TEMPORARILY", 302}, {"HTTP_SEE_OTHER", 303},
+    {"HTTP_NOT_MODIFIED", 304}, {"HTTP_TEMPORARY_REDIRECT", 307},
+    {"HTTP_PERMANENT_REDIRECT", 308}, {"HTTP_BAD_REQUEST", 400},
+    {"HTTP_UNAUTHORIZED", 401}, {"HTTP_PAYMENT_REQUIRED", 402},
+    {"HTTP_FORBIDDEN", 403}, {"HTTP_NOT_FOUND", 404},
+    {"HTTP_NOT_ALLOWED", 405}, {"HTTP_NOT_ACCEPTABLE", 406},
+    {"HTTP_REQUEST_TIMEOUT", 408}, {"HTTP_CONFLICT", 409},
+    {"HTTP_GONE", 410}, {"HTTP_UPGRADE_REQUIRED", 426},
+    {"HTTP_TOO_MANY_REQUESTS", 429}, {"HTTP_CLOSE", 444},
+    {"HTTP_ILLEGAL", 451}, {"HTTP_INTERNAL_SERVER_ERROR", 500},
+    {"HTTP_METHOD_NOT_IMPLEMENTED", 501}, {"HTTP_BAD_GATEWAY", 502},
+    {"HTTP_SERVICE_UNAVAILABLE", 503}, {"HTTP_GATEWAY_TIMEOUT", 504},
+    {"HTTP_VERSION_NOT_SUPPORTED", 505}, {"HTTP_INSUFFICIENT_STORAGE", 507},
+
+    {"STDERR", NGX_LOG_STDERR}, {"EMERG", NGX_LOG_EMERG},
+    {"ALERT", NGX_LOG_ALERT}, {"CRIT", NGX_LOG_CRIT}, {"ERR", NGX_LOG_ERR},
+    {"WARN", NGX_LOG_WARN}, {"NOTICE", NGX_LOG_NOTICE},
+    {"INFO", NGX_LOG_INFO}, {"DEBUG", NGX_LOG_DEBUG},
+};
+
+// Concatenates the arguments from `first` on, as ngx.log and print do.
+void concatArgs(lua_State *L, int first, const char *fname, luaL_Buffer *b)
+{
+    int n = lua_gettop(L);
+    for (int i = first; i <= n; i++) {
+        const char *s;
+        size_t len;
+        if (scalarText(L, i, &s, &len)) {
+            luaL_addlstring(b, s, len);
+            continue;
+        }
+        if (luaL_callmeta(L, i, "__tostring")) {
+            s = lua_tolstring(L, -1, &len);
+            if (s == nullptr) {
+                luaL_error(L, "'__tostring' must return a string to '%s'",
+                           fname);
+            }
+            luaL_addvalue(b);
+            continue;
+        }
+        luaL_error(L, "bad argument #%d to '%s' (expected table to have "
+                   "__tostring metamethod)", i, fname);
+    }
+}
+
+int logCommon(lua_State *L, ngx_uint_t level, int first, const char *fname)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    concatArgs(L, first, fname, &b);
+    luaL_pushresult(&b);
+    size_t len;
+    const char *msg = lua_tolstring(L, -1, &len);
+    glue::logFromLua(L, level, msg, len, 1);
+    return 0;
+}
+
+int ngxLog(lua_State *L)
+{
+    lua_Integer level = luaL_checkinteger(L, 1);
+    if (level < NGX_LOG_STDERR || level > NGX_LOG_DEBUG) {
+        return luaL_error(L, "bad log level: %d", static_cast<int>(level));
+    }
+    return logCommon(L, static_cast<ngx_uint_t>(level), 2, "log");
+}
+
+int luaPrint(lua_State *L)
+{
+    return logCommon(L, NGX_LOG_NOTICE, 1, "print");
+}
+
+int getPhase(lua_State *L)
+{
+    Phase p = g_run ? g_run->phase : Phase::None;
+    lua_pushstring(L, phaseName(p));
+    return 1;
+}
+
+void sleepDone(ngx_event_t *ev)
+{
+    auto *ctx = static_cast<RequestCtx *>(ev->data);
+    ctx->sleeping = false;
+    glue::resume(ctx, 0);
+}
+
+int ngxSleep(lua_State *L)
+{
+    glue::checkPhase(L, kYieldable);
+    lua_Number sec = luaL_checknumber(L, 1);
+    if (sec < 0) {
+        return luaL_error(L, "invalid sleep duration \"%f\"", sec);
+    }
+    RequestCtx *ctx = glue::requireRequest(L);
+    ngx_event_t *ev = &ctx->sleep_ev;
+    ev->handler = sleepDone;
+    ev->data = ctx;
+    ev->log = ctx->r->connection->log;
+    ctx->sleeping = true;
+    auto ms = static_cast<ngx_msec_t>(sec * 1000 + 0.5);
+    if (ms == 0) {
+        // Still a real yield: other requests run before this one goes on.
+        ngx_post_event(ev, &ngx_posted_next_events);
+    } else {
+        ngx_add_timer(ev, ms);
+    }
+    return glue::yield(L);
+}
+
+// ---- ngx.ctx, ngx.status and the other computed fields of `ngx` ----
+
+void pushCtxTable(lua_State *L, RequestCtx *ctx)
+{
+    if (ctx->ctx_ref == LUA_NOREF) {
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        ctx->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        return;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+}
+
+int ngxIndex(lua_State *L)
+{
+    size_t len;
+    const char *key = lua_tolstring(L, 2, &len);
+    if (key == nullptr) {
+        return 0;
+    }
+    if (std::strcmp(key, "ctx") == 0) {
+        RequestCtx *ctx = glue::requireRequest(L);
+        pushCtxTable(L, ctx);
+        return 1;
+    }
+    if (std::strcmp(key, "status") == 0) {
+        RequestCtx *ctx = glue::requireRequest(L);
+        ngx_http_request_t *r = ctx->r;
+        lua_pushinteger(L, static_cast<lua_Integer>(
+                               r->err_status ? r->err_status
+                                             : r->headers_out.status));
+        return 1;
+    }
+    if (std::strcmp(key, "headers_sent") == 0) {
+        RequestCtx *ctx = glue::requireRequest(L);
+        lua_pushboolean(L, ctx->r->header_sent || ctx->buffering);
+        return 1;
+    }
+    if (std::strcmp(key, "is_subrequest") == 0) {
+        RequestCtx *ctx = glue::requireRequest(L);
+        lua_pushboolean(L, ctx->r != ctx->r->main);
+        return 1;
+    }
+    return 0;
+}
+
+int ngxNewIndex(lua_State *L)
+{
+    const char *key = lua_tostring(L, 2);
+    if (key && std::strcmp(key, "ctx") == 0) {
+        RequestCtx *ctx = glue::requireRequest(L);
+        if (!lua_istable(L, 3)) {
+            return luaL_error(L, "ctx should be a table while getting a %s "
+                              "value", luaL_typename(L, 3));
+        }
+        luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+        lua_pushvalue(L, 3);
+        ctx->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        return 0;
+    }
+    if (key && std::strcmp(key, "status") == 0) {
+        glue::checkPhase(L, mask(Phase::Set, Phase::ServerRewrite,
+                                 Phase::Rewrite, Phase::Access,
+                                 Phase::Content, Phase::HeaderFilter));
+        RequestCtx *ctx = glue::requireRequest(L);
+        ngx_http_request_t *r = ctx->r;
+        if (r->header_sent) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "attempt to set ngx.status after sending out "
+                          "response headers");
+            return 0;
+        }
+        lua_Integer status = luaL_checkinteger(L, 3);
+        if (status < 100 || status > 999) {
+            return luaL_error(L, "invalid HTTP status code %d",
+                              static_cast<int>(status));
+        }
+        r->headers_out.status = static_cast<ngx_uint_t>(status);
+        r->headers_out.status_line.len = 0;
+        return 0;
+    }
+    lua_rawset(L, 1);
+    return 0;
+}
+
+// ---- ngx.arg: set_by_lua parameters, or body_filter_by_lua's data ----
+
+int argIndex(lua_State *L)
+{
+    Run *run = g_run;
+    Phase p = run ? run->phase : Phase::None;
+    if (p == Phase::BodyFilter) {
+        RequestCtx *ctx = run->ctx;
+        lua_Integer i = luaL_checkinteger(L, 2);
+        if (i == 1) {
+            glue::pushFilterData(L, ctx);
+            return 1;
+        }
+        if (i == 2) {
+            lua_pushboolean(L, glue::filterEof(ctx));
+            return 1;
+        }
+        return 0;
+    }
+    if (p == Phase::Set) {
+        lua_getfield(L, LUA_REGISTRYINDEX, "luaguard.set_args");
+        if (lua_istable(L, -1)) {
+            lua_pushvalue(L, 2);
+            lua_gettable(L, -2);
+            return 1;
+        }
+        return 0;
+    }
+    return 0;
+}
+
+int argNewIndex(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, mask(Phase::BodyFilter));
+    RequestCtx *ctx = run->ctx;
+    lua_Integer i = luaL_checkinteger(L, 2);
+    if (i == 1) {
+        size_t len = 0;
+        const char *data = "";
+        if (lua_istable(L, 3)) {
+            lua_getglobal(L, "table");
+            lua_getfield(L, -1, "concat");
+            lua_pushvalue(L, 3);
+            lua_call(L, 1, 1);
+            data = lua_tolstring(L, -1, &len);
+        } else if (!lua_isnil(L, 3)) {
+            if (!scalarText(L, 3, &data, &len)) {
+                return luaL_error(L, "bad argument #3 to '?' (string, "
+                                  "number, boolean, nil, or table expected)");
+            }
+        }
+        if (!glue::replaceFilterData(ctx, data, len)) {
+            return luaL_error(L, "no memory");
+        }
+        return 0;
+    }
+    if (i == 2) {
+        if (lua_toboolean(L, 3)) {
+            ctx->filter_eof = true;
+        }
+        return 0;
+    }
+    return luaL_error(L, "bad index: %d", static_cast<int>(i));
+}
+
+// ---- ngx.config / ngx.worker ----
+
+int configPrefix(lua_State *L)
+{
+    lua_pushlstring(L, reinterpret_cast<const char *>(ngx_cycle->prefix.data),
+                    ngx_cycle->prefix.len);
+    return 1;
+}
+
+int configConfigure(lua_State *L)
+{
+    lua_pushstring(L, NGX_CONFIGURE);
+    return 1;
+}
+
+int workerPid(lua_State *L)
+{
+    lua_pushinteger(L, static_cast<lua_Integer>(ngx_pid));
+    return 1;
+}
+
+int workerId(lua_State *L)
+{
+    if (ngx_process != NGX_PROCESS_WORKER && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushinteger(L, static_cast<lua_Integer>(ngx_worker));
+    return 1;
+}
+
+int workerCount(lua_State *L)
+{
+    auto *ccf = reinterpret_cast<ngx_core_conf_t *>(
+        ngx_get_conf(ngx_cycle->conf_ctx, ngx_core_module));
+    lua_pushinteger(L, static_cast<lua_Integer>(
+                           ngx_process == NGX_PROCESS_SINGLE
+                               ? 1 : ccf->worker_processes));
+    return 1;
+}
+
+int workerExiting(lua_State *L)
+{
+    lua_pushboolean(L, ngx_exiting || ngx_quit || ngx_terminate);
+    return 1;
+}
+
+// APIs of lua-nginx-module that luaguard does not provide yet: using one
+// raises an error naming it instead of a confusing "attempt to call nil".
+const char *const kPending[] = {
+    "req", "resp", "location", "socket", "shared", "timer", "thread", "re",
+    "on_abort", "escape_uri", "unescape_uri", "encode_args", "decode_args",
+    "encode_base64", "decode_base64", "md5", "md5_bin", "sha1_bin",
+    "hmac_sha1", "crc32_short", "crc32_long", "quote_sql_str",
+    "escape_html", "get_now_ts", "run_worker_thread", "worker_thread"};
+
+int pendingIndex(lua_State *L)
+{
+    lua_getmetatable(L, 1);
+    lua_getfield(L, -1, "__name");
+    return luaL_error(L, "%s.%s is not implemented in luaguard yet",
+                      lua_tostring(L, -1), luaL_optstring(L, 2, "?"));
+}
+
+int pendingCall(lua_State *L)
+{
+    lua_getmetatable(L, 1);
+    lua_getfield(L, -1, "__name");
+    return luaL_error(L, "%s() is not implemented in luaguard yet",
+                      lua_tostring(L, -1));
+}
+
+void addPending(lua_State *L)
+{
+    for (const char *name : kPending) {
+        lua_getfield(L, -1, name);
+        bool present = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+        if (present) {
+            continue;
+        }
+        lua_newtable(L);
+        lua_createtable(L, 0, 3);
+        lua_pushfstring(L, "ngx.%s", name);
+        lua_setfield(L, -2, "__name");
+        lua_pushcfunction(L, pendingIndex);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, pendingCall);
+        lua_setfield(L, -2, "__call");
+        lua_setmetatable(L, -2);
+        lua_setfield(L, -2, name);
+    }
+}
+
+}  // namespace
+
+void setFuncs(lua_State *L, const luaL_Reg *fns)
+{
+    for (; fns->name; fns++) {
+        lua_pushcfunction(L, fns->func);
+        lua_setfield(L, -2, fns->name);
+    }
+}
+
+void subTable(lua_State *L, const char *name)
+{
+    lua_getfield(L, -1, name);
+    if (lua_istable(L, -1)) {
+        return;
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, name);
+}
+
+bool scalarText(lua_State *L, int idx, const char **s, size_t *len)
+{
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING:
+    case LUA_TNUMBER:
+        *s = lua_tolstring(L, idx, len);
+        return true;
+    case LUA_TNIL:
+        *s = "nil";
+        *len = 3;
+        return true;
+    case LUA_TBOOLEAN:
+        *s = lua_toboolean(L, idx) ? "true" : "false";
+        *len = std::strlen(*s);
+        return true;
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, idx) == nullptr) {
+            *s = "null";
+            *len = 4;
+            return true;
+        }
+        return false;
+    default:
+        return false;
+    }
+}
+
+void openCore(lua_State *L)
+{
+    for (const auto &c : kConstants) {
+        lua_pushinteger(L, c.value);
+        lua_setfield(L, -2, c.name);
+    }
+    lua_pushlightuserdata(L, nullptr);
+    lua_setfield(L, -2, "null");
+
+    const luaL_Reg fns[] = {{"log", ngxLog},
+                            {"get_phase", getPhase},
+                            {"sleep", ngxSleep},
+                            {nullptr, nullptr}};
+    setFuncs(L, fns);
+
+    lua_pushcfunction(L, luaPrint);
+    lua_setglobal(L, "print");
+
+    // ngx.arg
+    lua_newtable(L);
+    lua_createtable(L, 0, 2);
+    lua_pushcfunction(L, argIndex);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, argNewIndex);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, -2, "arg");
+
+    subTable(L, "config");
+    lua_pushstring(L, "http");
+    lua_setfield(L, -2, "subsystem");
+#if (NGX_DEBUG)
+    lua_pushboolean(L, 1);
+#else
+    lua_pushboolean(L, 0);
+#endif
+    lua_setfield(L, -2, "debug");
+    lua_pushinteger(L, nginx_version);
+    lua_setfield(L, -2, "nginx_version");
+    // The lua-nginx-module release whose API we follow (0.10.23).
+    lua_pushinteger(L, 10023);
+    lua_setfield(L, -2, "ngx_lua_version");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "is_console");
+    const luaL_Reg config[] = {{"prefix", configPrefix},
+                               {"nginx_configure", configConfigure},
+                               {nullptr, nullptr}};
+    setFuncs(L, config);
+    lua_pop(L, 1);
+
+    subTable(L, "worker");
+    const luaL_Reg worker[] = {{"pid", workerPid},
+                               {"id", workerId},
+                               {"count", workerCount},
+                               {"exiting", workerExiting},
+                               {nullptr, nullptr}};
+    setFuncs(L, worker);
+    lua_pop(L, 1);
+
+    // Computed fields: ngx.ctx, ngx.status, ngx.headers_sent,
+    // ngx.is_subrequest.
+    lua_createtable(L, 0, 2);
+    lua_pushcfunction(L, ngxIndex);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, ngxNewIndex);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, -2);
+}
+
+void openPending(lua_State *L)
+{
+    addPending(L);
+}
+
+}  // namespace luaguard::api

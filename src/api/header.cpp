@@ -1,0 +1,350 @@
+// ngx.header: the response headers, read and written by name.
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "api/api.hpp"
+#include "ngx/glue.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+constexpr PhaseMask kReadPhases = mask(Phase::Set, Phase::ServerRewrite,
+                                       Phase::Rewrite, Phase::Access,
+                                       Phase::Content, Phase::HeaderFilter,
+                                       Phase::BodyFilter, Phase::Log);
+constexpr PhaseMask kWritePhases = mask(Phase::Set, Phase::ServerRewrite,
+                                        Phase::Rewrite, Phase::Access,
+                                        Phase::Content, Phase::HeaderFilter);
+
+// The header name as nginx will send it: underscores become hyphens
+// unless lua_transform_underscores_in_response_headers is off.
+std::string headerName(RequestCtx *ctx, const char *key, size_t len)
+{
+    std::string name(key, len);
+    if (ctx->llcf->transform_underscores) {
+        for (char &c : name) {
+            if (c == '_') {
+                c = '-';
+            }
+        }
+    }
+    return name;
+}
+
+bool nameIs(const std::string &name, const char *lower)
+{
+    return name.size() == std::strlen(lower)
+           && ngx_strncasecmp(reinterpret_cast<u_char *>(
+                                  const_cast<char *>(name.data())),
+                              reinterpret_cast<u_char *>(
+                                  const_cast<char *>(lower)),
+                              name.size()) == 0;
+}
+
+// Copies `s` into the pool with the bytes RFC 7230 forbids in a field
+// (CR, LF, other controls) percent-encoded, so a value can never start a
+// header line of its own.
+bool copySafe(ngx_http_request_t *r, const char *s, size_t len, ngx_str_t *out)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t extra = 0;
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if ((c < 0x20 && c != '\t') || c == 0x7f) {
+            extra += 2;
+        }
+    }
+    auto *p = static_cast<u_char *>(ngx_pnalloc(r->pool, len + extra + 1));
+    if (p == nullptr) {
+        return false;
+    }
+    out->data = p;
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if ((c < 0x20 && c != '\t') || c == 0x7f) {
+            *p++ = '%';
+            *p++ = hex[c >> 4];
+            *p++ = hex[c & 0xf];
+        } else {
+            *p++ = c;
+        }
+    }
+    out->len = p - out->data;
+    *p = '\0';
+    return true;
+}
+
+// The pointer nginx keeps for a header it treats specially, if any.
+ngx_table_elt_t **specialSlot(ngx_http_request_t *r, const std::string &name)
+{
+    ngx_http_headers_out_t &h = r->headers_out;
+    struct {
+        const char *name;
+        ngx_table_elt_t **slot;
+    } table[] = {
+        {"server", &h.server},
+        {"date", &h.date},
+        {"content-encoding", &h.content_encoding},
+        {"location", &h.location},
+        {"refresh", &h.refresh},
+        {"last-modified", &h.last_modified},
+        {"content-range", &h.content_range},
+        {"accept-ranges", &h.accept_ranges},
+        {"www-authenticate", &h.www_authenticate},
+        {"expires", &h.expires},
+        {"etag", &h.etag},
+    };
+    for (auto &e : table) {
+        if (nameIs(name, e.name)) {
+            return e.slot;
+        }
+    }
+    return nullptr;
+}
+
+void clearHeader(ngx_http_request_t *r, const std::string &name)
+{
+    ngx_list_part_t *part = &r->headers_out.headers.part;
+    auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+    for (ngx_uint_t i = 0;; i++) {
+        if (i >= part->nelts) {
+            if (part->next == nullptr) {
+                break;
+            }
+            part = part->next;
+            h = static_cast<ngx_table_elt_t *>(part->elts);
+            i = 0;
+        }
+        if (h[i].hash != 0 && h[i].key.len == name.size()
+            && ngx_strncasecmp(h[i].key.data,
+                               reinterpret_cast<u_char *>(
+                                   const_cast<char *>(name.data())),
+                               name.size()) == 0)
+        {
+            h[i].hash = 0;
+        }
+    }
+    if (ngx_table_elt_t **slot = specialSlot(r, name)) {
+        *slot = nullptr;
+    }
+    if (nameIs(name, "last-modified")) {
+        r->headers_out.last_modified_time = -1;
+    }
+}
+
+bool addHeader(ngx_http_request_t *r, const std::string &name,
+               const ngx_str_t &value)
+{
+    auto *h = static_cast<ngx_table_elt_t *>(
+        ngx_list_push(&r->headers_out.headers));
+    if (h == nullptr) {
+        return false;
+    }
+    if (!copySafe(r, name.data(), name.size(), &h->key)) {
+        return false;
+    }
+    h->lowcase_key = static_cast<u_char *>(ngx_pnalloc(r->pool, h->key.len));
+    if (h->lowcase_key == nullptr) {
+        return false;
+    }
+    ngx_strlow(h->lowcase_key, h->key.data, h->key.len);
+    h->value = value;
+    h->hash = value.len ? 1 : 0;
+    if (ngx_table_elt_t **slot = specialSlot(r, name)) {
+        *slot = h;
+    }
+    if (nameIs(name, "last-modified")) {
+        r->headers_out.last_modified_time = ngx_parse_http_time(value.data,
+                                                                value.len);
+    }
+    return true;
+}
+
+int headerIndex(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, kReadPhases);
+    RequestCtx *ctx = run->ctx;
+    ngx_http_request_t *r = ctx->r;
+    size_t len;
+    const char *key = luaL_checklstring(L, 2, &len);
+    std::string name = headerName(ctx, key, len);
+
+    if (nameIs(name, "content-type")) {
+        if (r->headers_out.content_type.len == 0) {
+            lua_pushnil(L);
+        } else {
+            lua_pushlstring(L, reinterpret_cast<char *>(
+                                   r->headers_out.content_type.data),
+                            r->headers_out.content_type.len);
+        }
+        return 1;
+    }
+    if (nameIs(name, "content-length") && r->headers_out.content_length == nullptr
+        && r->headers_out.content_length_n >= 0)
+    {
+        lua_pushfstring(L, "%d", static_cast<int>(
+                                     r->headers_out.content_length_n));
+        if (r->headers_out.content_length_n > 0x7fffffff) {
+            lua_pop(L, 1);
+            lua_pushstring(L, std::to_string(static_cast<long long>(
+                                  r->headers_out.content_length_n)).c_str());
+        }
+        return 1;
+    }
+
+    std::vector<ngx_str_t *> found;
+    ngx_list_part_t *part = &r->headers_out.headers.part;
+    auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+    for (ngx_uint_t i = 0;; i++) {
+        if (i >= part->nelts) {
+            if (part->next == nullptr) {
+                break;
+            }
+            part = part->next;
+            h = static_cast<ngx_table_elt_t *>(part->elts);
+            i = 0;
+        }
+        if (h[i].hash != 0 && h[i].key.len == name.size()
+            && ngx_strncasecmp(h[i].key.data,
+                               reinterpret_cast<u_char *>(name.data()),
+                               name.size()) == 0)
+        {
+            found.push_back(&h[i].value);
+        }
+    }
+    if (found.empty()) {
+        lua_pushnil(L);
+    } else if (found.size() == 1) {
+        lua_pushlstring(L, reinterpret_cast<char *>(found[0]->data),
+                        found[0]->len);
+    } else {
+        lua_createtable(L, static_cast<int>(found.size()), 0);
+        for (size_t i = 0; i < found.size(); i++) {
+            lua_pushlstring(L, reinterpret_cast<char *>(found[i]->data),
+                            found[i]->len);
+            lua_rawseti(L, -2, static_cast<int>(i + 1));
+        }
+    }
+    return 1;
+}
+
+bool valueText(lua_State *L, int idx, const char **s, size_t *len)
+{
+    int t = lua_type(L, idx);
+    if (t == LUA_TSTRING || t == LUA_TNUMBER) {
+        *s = lua_tolstring(L, idx, len);
+        return true;
+    }
+    if (t == LUA_TBOOLEAN) {
+        *s = lua_toboolean(L, idx) ? "true" : "false";
+        *len = std::strlen(*s);
+        return true;
+    }
+    return false;
+}
+
+int headerNewIndex(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, kWritePhases);
+    RequestCtx *ctx = run->ctx;
+    ngx_http_request_t *r = ctx->r;
+    size_t len;
+    const char *key = luaL_checklstring(L, 2, &len);
+    std::string name = headerName(ctx, key, len);
+
+    if (r->header_sent || ctx->buffering) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "attempt to set ngx.header.HEADER after sending out "
+                      "response headers");
+        return 0;
+    }
+
+    // Gather the new values first: a bad one leaves the headers untouched.
+    std::vector<ngx_str_t> values;
+    const char *s;
+    size_t slen;
+    if (lua_istable(L, 3)) {
+        size_t n = lua_objlen(L, 3);
+        for (size_t i = 1; i <= n; i++) {
+            lua_rawgeti(L, 3, static_cast<int>(i));
+            if (!valueText(L, -1, &s, &slen)) {
+                return luaL_error(L, "attempt to set ngx.header.%s to an "
+                                  "array containing a %s value", key,
+                                  luaL_typename(L, -1));
+            }
+            ngx_str_t v;
+            if (!copySafe(r, s, slen, &v)) {
+                return luaL_error(L, "no memory");
+            }
+            values.push_back(v);
+            lua_pop(L, 1);
+        }
+    } else if (!lua_isnil(L, 3)) {
+        if (!valueText(L, 3, &s, &slen)) {
+            return luaL_error(L, "attempt to set ngx.header.%s to a %s value",
+                              key, luaL_typename(L, 3));
+        }
+        ngx_str_t v;
+        if (!copySafe(r, s, slen, &v)) {
+            return luaL_error(L, "no memory");
+        }
+        values.push_back(v);
+    }
+
+    if (nameIs(name, "content-type")) {
+        if (values.empty()) {
+            r->headers_out.content_type.len = 0;
+            r->headers_out.content_type_len = 0;
+        } else {
+            r->headers_out.content_type = values.back();
+            r->headers_out.content_type_len = values.back().len;
+        }
+        r->headers_out.content_type_lowcase = nullptr;
+        r->headers_out.content_type_hash = 0;
+        r->headers_out.charset.len = 0;
+        return 0;
+    }
+    if (nameIs(name, "content-length")) {
+        if (r->headers_out.content_length) {
+            r->headers_out.content_length->hash = 0;
+            r->headers_out.content_length = nullptr;
+        }
+        if (values.empty()) {
+            r->headers_out.content_length_n = -1;
+            return 0;
+        }
+        off_t n = ngx_atoof(values.back().data, values.back().len);
+        if (n == NGX_ERROR) {
+            return luaL_error(L, "invalid Content-Length header value");
+        }
+        r->headers_out.content_length_n = n;
+        return 0;
+    }
+
+    clearHeader(r, name);
+    for (const ngx_str_t &v : values) {
+        if (!addHeader(r, name, v)) {
+            return luaL_error(L, "no memory");
+        }
+    }
+    return 0;
+}
+
+}  // namespace
+
+void openHeader(lua_State *L)
+{
+    lua_newtable(L);
+    lua_createtable(L, 0, 2);
+    lua_pushcfunction(L, headerIndex);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, headerNewIndex);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, -2, "header");
+}
+
+}  // namespace luaguard::api

@@ -1,0 +1,470 @@
+// ngx.say, ngx.print, ngx.flush, ngx.eof, ngx.send_headers, and the
+// request-ending calls ngx.exit, ngx.exec and ngx.redirect.
+
+#include <cstring>
+
+#include "api/api.hpp"
+#include "ngx/glue.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+// Size of the text of argument `idx` (arrays recursively). -1 with the
+// error raised for a value that cannot be printed.
+size_t measure(lua_State *L, int idx, int argn, const char *fname, int depth)
+{
+    const char *s;
+    size_t len;
+    if (scalarText(L, idx, &s, &len)) {
+        return len;
+    }
+    if (lua_type(L, idx) != LUA_TTABLE) {
+        luaL_error(L, "bad argument #%d to '%s' (string, number, boolean, "
+                   "nil, ngx.null, or array table expected, got %s)", argn,
+                   fname, luaL_typename(L, idx));
+    }
+    if (depth > 100) {
+        luaL_error(L, "bad argument #%d to '%s' (table nested too deeply)",
+                   argn, fname);
+    }
+    // Only the array part counts; anything else is refused, as
+    // lua-nginx-module does.
+    size_t n = lua_objlen(L, idx);
+    size_t total = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) != LUA_TNUMBER
+            || lua_tonumber(L, -2) != static_cast<lua_Number>(
+                   static_cast<size_t>(lua_tonumber(L, -2)))
+            || lua_tonumber(L, -2) < 1 || lua_tonumber(L, -2) > n)
+        {
+            luaL_error(L, "bad argument #%d to '%s' (non-array table found)",
+                       argn, fname);
+        }
+        lua_pop(L, 1);
+    }
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, static_cast<int>(i));
+        int top = lua_gettop(L);
+        if (lua_type(L, top) == LUA_TTABLE) {
+            total += measure(L, top, argn, fname, depth + 1);
+        } else if (scalarText(L, top, &s, &len)) {
+            total += len;
+        } else {
+            luaL_error(L, "bad argument #%d to '%s' (bad data type %s found)",
+                       argn, fname, luaL_typename(L, top));
+        }
+        lua_pop(L, 1);
+    }
+    return total;
+}
+
+u_char *copyOut(lua_State *L, int idx, u_char *p)
+{
+    const char *s;
+    size_t len;
+    if (lua_type(L, idx) != LUA_TTABLE) {
+        scalarText(L, idx, &s, &len);
+        return ngx_cpymem(p, s, len);
+    }
+    size_t n = lua_objlen(L, idx);
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, static_cast<int>(i));
+        p = copyOut(L, lua_gettop(L), p);
+        lua_pop(L, 1);
+    }
+    return p;
+}
+
+int emit(lua_State *L, bool newline, const char *fname)
+{
+    Run *run = glue::checkPhase(L, kOutput);
+    RequestCtx *ctx = run->ctx;
+    ngx_http_request_t *r = ctx->r;
+
+    if (ctx->eof) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "seen eof");
+        return 2;
+    }
+
+    int n = lua_gettop(L);
+    size_t size = newline ? 1 : 0;
+    for (int i = 1; i <= n; i++) {
+        size += measure(L, i, i, fname, 0);
+    }
+    if (size == 0) {
+        lua_pushinteger(L, 1);
+        return 1;
+    }
+    if (r->header_only) {
+        // HEAD: headers go out, the body does not.
+        if (!r->header_sent && glue::sendHeader(ctx) == NGX_ERROR) {
+            lua_pushnil(L);
+            lua_pushliteral(L, "nginx output filter error");
+            return 2;
+        }
+        lua_pushinteger(L, 1);
+        return 1;
+    }
+
+    ngx_chain_t *cl = glue::allocBuf(ctx, size);
+    if (cl == nullptr) {
+        return luaL_error(L, "no memory");
+    }
+    u_char *p = cl->buf->last;
+    for (int i = 1; i <= n; i++) {
+        p = copyOut(L, i, p);
+    }
+    if (newline) {
+        *p++ = '\n';
+    }
+    cl->buf->last = p;
+
+    ngx_int_t rc = glue::output(ctx, cl);
+    if (rc == NGX_ERROR || rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "nginx output filter error");
+        return 2;
+    }
+    lua_pushinteger(L, 1);
+    return 1;
+}
+
+int ngxSay(lua_State *L)
+{
+    return emit(L, true, "say");
+}
+
+int ngxPrint(lua_State *L)
+{
+    return emit(L, false, "print");
+}
+
+void flushWaitHandler(ngx_http_request_t *r)
+{
+    RequestCtx *ctx = getCtx(r);
+    ngx_connection_t *c = r->connection;
+    ngx_event_t *wev = c->write;
+    if (ctx == nullptr || ctx->co == nullptr) {
+        return;
+    }
+    lua_State *co = ctx->co;
+
+    if (wev->timedout) {
+        wev->timedout = 0;
+        r->write_event_handler = ngx_http_request_empty_handler;
+        ctx->flush_waiting = false;
+        lua_pushnil(co);
+        lua_pushliteral(co, "timeout");
+        glue::resume(ctx, 2);
+        return;
+    }
+    if (ngx_http_output_filter(r, nullptr) == NGX_ERROR) {
+        r->write_event_handler = ngx_http_request_empty_handler;
+        ctx->flush_waiting = false;
+        lua_pushnil(co);
+        lua_pushliteral(co, "nginx output filter error");
+        glue::resume(ctx, 2);
+        return;
+    }
+    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_core_module));
+    if (c->buffered & NGX_HTTP_LOWLEVEL_BUFFERED) {
+        if (!wev->delayed) {
+            ngx_add_timer(wev, clcf->send_timeout);
+        }
+        if (ngx_handle_write_event(wev, clcf->send_lowat) != NGX_OK) {
+            lua_pushnil(co);
+            lua_pushliteral(co, "connection broken");
+            glue::resume(ctx, 2);
+        }
+        return;
+    }
+    if (wev->timer_set) {
+        ngx_del_timer(wev);
+    }
+    r->write_event_handler = ngx_http_request_empty_handler;
+    ctx->flush_waiting = false;
+    lua_pushinteger(co, 1);
+    glue::resume(ctx, 1);
+}
+
+int ngxFlush(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, kOutput);
+    RequestCtx *ctx = run->ctx;
+    ngx_http_request_t *r = ctx->r;
+    bool wait = lua_toboolean(L, 1);
+
+    if (ctx->eof) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "seen eof");
+        return 2;
+    }
+    if (glue::flush(ctx) == NGX_ERROR) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "nginx output filter error");
+        return 2;
+    }
+    if (wait && (r->connection->buffered & NGX_HTTP_LOWLEVEL_BUFFERED)) {
+        // Synchronous flush: wait until the client took the data.
+        ctx->flush_waiting = true;
+        r->write_event_handler = flushWaitHandler;
+        auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+            ngx_http_get_module_loc_conf(r, ngx_http_core_module));
+        if (!r->connection->write->timer_set) {
+            ngx_add_timer(r->connection->write, clcf->send_timeout);
+        }
+        if (ngx_handle_write_event(r->connection->write, clcf->send_lowat)
+            != NGX_OK)
+        {
+            lua_pushnil(L);
+            lua_pushliteral(L, "connection broken");
+            return 2;
+        }
+        return glue::yield(L);
+    }
+    lua_pushinteger(L, 1);
+    return 1;
+}
+
+int ngxEof(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, kOutput);
+    RequestCtx *ctx = run->ctx;
+    if (lua_gettop(L) != 0) {
+        return luaL_error(L, "expecting zero arguments, but got %d",
+                          lua_gettop(L));
+    }
+    if (ctx->eof) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "seen eof");
+        return 2;
+    }
+    ngx_int_t rc = glue::sendEof(ctx);
+    if (rc == NGX_ERROR || rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "nginx output filter error");
+        return 2;
+    }
+    lua_pushinteger(L, 1);
+    return 1;
+}
+
+int sendHeaders(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, kOutput);
+    RequestCtx *ctx = run->ctx;
+    if (ctx->r->header_sent) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "header already sent");
+        return 2;
+    }
+    ngx_int_t rc = glue::sendHeader(ctx);
+    if (rc == NGX_ERROR || rc > NGX_OK) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "nginx output filter error");
+        return 2;
+    }
+    lua_pushinteger(L, 1);
+    return 1;
+}
+
+int ngxExit(lua_State *L)
+{
+    Run *run = glue::checkPhase(
+        L, kYieldable | mask(Phase::HeaderFilter, Phase::InitWorker));
+    if (run->ctx == nullptr) {
+        // init_worker_by_lua / timers without a request: just stop.
+        return luaL_error(L, "no request found");
+    }
+    lua_Integer status = luaL_checkinteger(L, 1);
+    RequestCtx *ctx = run->ctx;
+    ngx_http_request_t *r = ctx->r;
+
+    if (run->phase == Phase::HeaderFilter && status != NGX_ERROR
+        && status != NGX_OK)
+    {
+        // Headers are on their way: only the status line may change.
+        if (status >= 200) {
+            r->headers_out.status = static_cast<ngx_uint_t>(status);
+        }
+    }
+    if (r->header_sent && status >= 200 && status != NGX_HTTP_OK) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "attempt to set status %i via ngx.exit after sending "
+                      "out the response status %ui",
+                      static_cast<ngx_int_t>(status), r->headers_out.status);
+    }
+    ctx->exit_code = static_cast<ngx_int_t>(status);
+    return glue::exitThread(L, ctx);
+}
+
+// Copies `s` into the request pool.
+bool poolCopy(ngx_http_request_t *r, const char *s, size_t len, ngx_str_t *out)
+{
+    out->data = static_cast<u_char *>(ngx_pnalloc(r->pool, len ? len : 1));
+    if (out->data == nullptr) {
+        return false;
+    }
+    ngx_memcpy(out->data, s, len);
+    out->len = len;
+    return true;
+}
+
+int ngxExec(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, mask(Phase::Rewrite, Phase::Access,
+                                        Phase::Content));
+    RequestCtx *ctx = run->ctx;
+    ngx_http_request_t *r = ctx->r;
+    int n = lua_gettop(L);
+    if (n != 1 && n != 2) {
+        return luaL_error(L, "expecting one or two arguments, but got %d", n);
+    }
+    size_t ulen;
+    const char *uri = luaL_checklstring(L, 1, &ulen);
+    if (ulen == 0) {
+        return luaL_error(L, "The uri argument is empty");
+    }
+    if (r->header_sent) {
+        return luaL_error(L, "attempt to call ngx.exec after sending out "
+                          "response headers");
+    }
+
+    std::string args;
+    const char *q = static_cast<const char *>(std::memchr(uri, '?', ulen));
+    size_t path_len = q ? static_cast<size_t>(q - uri) : ulen;
+    if (q) {
+        args.assign(q + 1, uri + ulen);
+    }
+    if (n == 2 && !lua_isnil(L, 2)) {
+        std::string extra;
+        if (lua_type(L, 2) == LUA_TSTRING) {
+            extra = lua_tostring(L, 2);
+        } else if (lua_type(L, 2) == LUA_TTABLE) {
+            lua_getfield(L, LUA_GLOBALSINDEX, "ngx");
+            lua_getfield(L, -1, "encode_args");
+            lua_pushvalue(L, 2);
+            lua_call(L, 1, 1);
+            extra = lua_tostring(L, -1) ? lua_tostring(L, -1) : "";
+            lua_pop(L, 2);
+        } else {
+            return luaL_error(L, "Bad args type: %s", luaL_typename(L, 2));
+        }
+        if (!extra.empty()) {
+            args = args.empty() ? extra : args + "&" + extra;
+        }
+    }
+
+    // No CR or LF may reach a request line built from this.
+    for (size_t i = 0; i < path_len; i++) {
+        if (uri[i] == '\r' || uri[i] == '\n' || uri[i] == '\0') {
+            return luaL_error(L, "unsafe uri \"%s\" arg to ngx.exec", uri);
+        }
+    }
+    if (!poolCopy(r, uri, path_len, &ctx->exec_uri)
+        || !poolCopy(r, args.data(), args.size(), &ctx->exec_args))
+    {
+        return luaL_error(L, "no memory");
+    }
+    if (ctx->exec_args.len == 0) {
+        ctx->exec_args.data = nullptr;
+    }
+    return glue::exitThread(L, ctx);
+}
+
+int ngxRedirect(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, mask(Phase::Rewrite, Phase::Access,
+                                        Phase::Content));
+    RequestCtx *ctx = run->ctx;
+    ngx_http_request_t *r = ctx->r;
+    int n = lua_gettop(L);
+    if (n != 1 && n != 2) {
+        return luaL_error(L, "expecting one or two arguments");
+    }
+    size_t len;
+    const char *uri = luaL_checklstring(L, 1, &len);
+    lua_Integer status = n == 2 ? luaL_checkinteger(L, 2)
+                                : NGX_HTTP_MOVED_TEMPORARILY;
+    if (status != NGX_HTTP_MOVED_TEMPORARILY
+        && status != NGX_HTTP_MOVED_PERMANENTLY
+        && status != NGX_HTTP_SEE_OTHER
+        && status != NGX_HTTP_PERMANENT_REDIRECT
+        && status != NGX_HTTP_TEMPORARY_REDIRECT)
+    {
+        return luaL_error(L, "only ngx.HTTP_MOVED_TEMPORARILY, "
+                          "ngx.HTTP_MOVED_PERMANENTLY, "
+                          "ngx.HTTP_PERMANENT_REDIRECT, ngx.HTTP_SEE_OTHER, "
+                          "and ngx.HTTP_TEMPORARY_REDIRECT are allowed");
+    }
+    if (r->header_sent) {
+        return luaL_error(L, "attempt to call ngx.redirect after sending out "
+                          "the headers");
+    }
+
+    // Control bytes are percent-encoded so the Location value can never
+    // split into a second header (CVE-2020-36309 territory).
+    size_t extra = 0;
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(uri[i]);
+        if (c < 0x20 || c == 0x7f) {
+            extra += 2;
+        }
+    }
+    auto *data = static_cast<u_char *>(ngx_pnalloc(r->pool, len + extra + 1));
+    if (data == nullptr) {
+        return luaL_error(L, "no memory");
+    }
+    u_char *p = data;
+    static const char hex[] = "0123456789ABCDEF";
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(uri[i]);
+        if (c < 0x20 || c == 0x7f) {
+            *p++ = '%';
+            *p++ = hex[c >> 4];
+            *p++ = hex[c & 0xf];
+        } else {
+            *p++ = c;
+        }
+    }
+
+    auto *h = static_cast<ngx_table_elt_t *>(
+        ngx_list_push(&r->headers_out.headers));
+    if (h == nullptr) {
+        return luaL_error(L, "no memory");
+    }
+    h->hash = 1;
+    ngx_str_set(&h->key, "Location");
+    h->value.data = data;
+    h->value.len = p - data;
+    if (r->headers_out.location) {
+        r->headers_out.location->hash = 0;
+    }
+    r->headers_out.location = h;
+    r->headers_out.status = static_cast<ngx_uint_t>(status);
+
+    ctx->exit_code = static_cast<ngx_int_t>(status);
+    return glue::exitThread(L, ctx);
+}
+
+}  // namespace
+
+void openOutput(lua_State *L)
+{
+    const luaL_Reg fns[] = {{"say", ngxSay},
+                            {"print", ngxPrint},
+                            {"flush", ngxFlush},
+                            {"eof", ngxEof},
+                            {"send_headers", sendHeaders},
+                            {"exit", ngxExit},
+                            {"exec", ngxExec},
+                            {"redirect", ngxRedirect},
+                            {nullptr, nullptr}};
+    setFuncs(L, fns);
+}
+
+}  // namespace luaguard::api

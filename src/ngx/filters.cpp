@@ -1,0 +1,197 @@
+// header_filter_by_lua and body_filter_by_lua.
+
+#include "ngx/glue.hpp"
+
+namespace luaguard::glue {
+
+namespace {
+
+ngx_http_output_header_filter_pt g_next_header = nullptr;
+ngx_http_output_body_filter_pt g_next_body = nullptr;
+
+ngx_int_t headerFilter(ngx_http_request_t *r)
+{
+    auto *llcf = static_cast<LocConf *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    if (llcf->body_filter) {
+        // body_filter_by_lua sees data, not file regions.
+        r->filter_need_in_memory = 1;
+    }
+    if (llcf->header_filter == nullptr) {
+        return g_next_header(r);
+    }
+    RequestCtx *ctx = getCtx(r);
+    if (ctx == nullptr) {
+        ctx = createCtx(r);
+        if (ctx == nullptr) {
+            return NGX_ERROR;
+        }
+    }
+    ctx->exited = false;
+    if (runSync(ctx, Phase::HeaderFilter, llcf->header_filter,
+                r->connection->log, 0) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+    if (ctx->exited && ctx->exit_code == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+    return g_next_header(r);
+}
+
+bool chainIsLast(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    for (ngx_chain_t *cl = in; cl; cl = cl->next) {
+        if (cl->buf->last_buf || (r != r->main && cl->buf->last_in_chain)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+ngx_int_t bodyFilter(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    auto *llcf = static_cast<LocConf *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    if (llcf->body_filter == nullptr || in == nullptr) {
+        return g_next_body(r, in);
+    }
+    RequestCtx *ctx = getCtx(r);
+    if (ctx == nullptr) {
+        ctx = createCtx(r);
+        if (ctx == nullptr) {
+            return NGX_ERROR;
+        }
+    }
+    if (ctx->filter_eof) {
+        // ngx.arg[2] = true ended the body earlier: drop what follows.
+        for (ngx_chain_t *cl = in; cl; cl = cl->next) {
+            cl->buf->pos = cl->buf->last;
+            if (cl->buf->in_file) {
+                cl->buf->file_pos = cl->buf->file_last;
+            }
+        }
+        return NGX_OK;
+    }
+
+    ctx->filter_in = in;
+    ctx->filter_out = in;
+    ctx->filter_replaced = false;
+    ctx->exited = false;
+    bool was_last = chainIsLast(r, in);
+    ctx->filter_eof = false;
+
+    ngx_int_t rc = runSync(ctx, Phase::BodyFilter, llcf->body_filter,
+                           r->connection->log, 0);
+    ngx_chain_t *out = ctx->filter_out;
+    bool eof_set = ctx->filter_eof;
+    ctx->filter_in = ctx->filter_out = nullptr;
+    if (!eof_set) {
+        ctx->filter_eof = false;
+    }
+    if (rc != NGX_OK || (ctx->exited && ctx->exit_code == NGX_ERROR)) {
+        return NGX_ERROR;
+    }
+    if (ctx->filter_replaced) {
+        // The original buffers are consumed: their producers may reuse them.
+        for (ngx_chain_t *cl = in; cl; cl = cl->next) {
+            cl->buf->pos = cl->buf->last;
+            if (cl->buf->in_file) {
+                cl->buf->file_pos = cl->buf->file_last;
+            }
+        }
+    }
+    if (eof_set && !was_last && out) {
+        ngx_chain_t *cl = out;
+        while (cl->next) {
+            cl = cl->next;
+        }
+        if (r == r->main) {
+            cl->buf->last_buf = 1;
+        } else {
+            cl->buf->last_in_chain = 1;
+        }
+    }
+    if (out == nullptr) {
+        return NGX_OK;
+    }
+    return g_next_body(r, out);
+}
+
+}  // namespace
+
+void installFilters(bool header, bool body)
+{
+    if (!header && !body) {
+        return;
+    }
+    g_next_header = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = headerFilter;
+    if (body) {
+        g_next_body = ngx_http_top_body_filter;
+        ngx_http_top_body_filter = bodyFilter;
+    }
+}
+
+// ngx.arg[1] in body_filter_by_lua: the data of the chain being filtered.
+void pushFilterData(lua_State *L, RequestCtx *ctx)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (ngx_chain_t *cl = ctx->filter_out; cl; cl = cl->next) {
+        ngx_buf_t *buf = cl->buf;
+        if (ngx_buf_in_memory(buf)) {
+            luaL_addlstring(&b, reinterpret_cast<char *>(buf->pos),
+                            buf->last - buf->pos);
+        }
+    }
+    luaL_pushresult(&b);
+}
+
+bool filterEof(RequestCtx *ctx)
+{
+    return ctx->filter_eof || chainIsLast(ctx->r, ctx->filter_out);
+}
+
+// ngx.arg[1] = data: the chain is replaced by one buffer holding `data`,
+// keeping the flush and end flags of the original.
+bool replaceFilterData(RequestCtx *ctx, const char *data, size_t len)
+{
+    ngx_http_request_t *r = ctx->r;
+    bool last = chainIsLast(r, ctx->filter_out);
+    bool flush = false;
+    for (ngx_chain_t *cl = ctx->filter_out; cl; cl = cl->next) {
+        flush = flush || cl->buf->flush;
+    }
+    ngx_chain_t *cl = ngx_alloc_chain_link(r->pool);
+    if (cl == nullptr) {
+        return false;
+    }
+    if (len) {
+        cl->buf = ngx_create_temp_buf(r->pool, len);
+        if (cl->buf == nullptr) {
+            return false;
+        }
+        cl->buf->last = ngx_cpymem(cl->buf->pos, data, len);
+    } else {
+        cl->buf = static_cast<ngx_buf_t *>(ngx_calloc_buf(r->pool));
+        if (cl->buf == nullptr) {
+            return false;
+        }
+        cl->buf->sync = 1;
+    }
+    cl->buf->flush = flush;
+    if (last) {
+        if (r == r->main) {
+            cl->buf->last_buf = 1;
+        } else {
+            cl->buf->last_in_chain = 1;
+        }
+    }
+    cl->next = nullptr;
+    ctx->filter_out = cl;
+    ctx->filter_replaced = true;
+    return true;
+}
+
+}  // namespace luaguard::glue

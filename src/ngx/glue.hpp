@@ -1,0 +1,89 @@
+// nginx-facing entry points: phase handlers, filters, the thread driver and
+// the output path. API areas call into these; only src/ngx implements them.
+#pragma once
+
+#include <string>
+
+#include "ngx/module.hpp"
+
+namespace luaguard::glue {
+
+// ---- phase handlers (installed by postconfiguration) ----
+ngx_int_t serverRewriteHandler(ngx_http_request_t *r);
+ngx_int_t rewriteHandler(ngx_http_request_t *r);
+ngx_int_t accessHandler(ngx_http_request_t *r);
+ngx_int_t contentHandler(ngx_http_request_t *r);
+ngx_int_t logHandler(ngx_http_request_t *r);
+void installFilters(bool header, bool body);
+
+// body_filter_by_lua's ngx.arg[1] and ngx.arg[2].
+void pushFilterData(lua_State *L, RequestCtx *ctx);
+bool filterEof(RequestCtx *ctx);
+bool replaceFilterData(RequestCtx *ctx, const char *data, size_t len);
+
+// init_by_lua, init_worker_by_lua, exit_worker_by_lua: no request, run to
+// completion on the main state.
+ngx_int_t runWorkerCode(MainConf *mcf, Handler *h, Phase phase,
+                        ngx_log_t *log);
+
+// ---- set_by_lua as a step of the rewrite module's script ----
+struct SetStep {
+    Handler                   *handler;
+    ngx_http_complex_value_t  *args;
+    ngx_uint_t                 nargs;
+};
+
+struct SetCode {
+    ngx_http_script_code_pt    code;
+    SetStep                   *step;
+};
+
+void runSetStep(ngx_http_script_engine_t *e);
+ngx_int_t emptyVariable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
+                        uintptr_t data);
+
+// ---- the thread driver ----
+
+// A yield that the driver owns (I/O wait, ngx.exit). User coroutines pass
+// it through to the entry thread: see the coroutine wrappers in the
+// prelude.
+extern char kYieldSentinel;
+
+// Suspends the running thread until resume() is called for its request.
+// Must be the return expression of a lua_CFunction.
+int yield(lua_State *L);
+
+// Resumes the request's suspended thread with `nargs` values already
+// pushed on its stack, then continues or finalizes the request as the
+// thread's outcome says. Called from event handlers.
+void resume(RequestCtx *ctx, int nargs);
+
+// ngx.exit / ngx.exec / ngx.redirect: records the decision and unwinds the
+// running code (a yield in coroutine phases, an error object elsewhere).
+int exitThread(lua_State *L, RequestCtx *ctx);
+
+// Runs `h` to completion with pcall on the main state, leaving `nresults`
+// results on it. Returns NGX_OK, or NGX_ERROR after logging the failure.
+ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
+                  int nresults);
+
+// Raises the lua-nginx-module error for an API used in the wrong phase.
+// Returns the current run when the phase is allowed.
+Run *checkPhase(lua_State *L, PhaseMask allowed, const char *api = nullptr);
+
+// The running request, or a Lua error ("no request found").
+RequestCtx *requireRequest(lua_State *L);
+
+// ---- output (ngx.say, ngx.print, ngx.flush, ngx.eof, headers) ----
+ngx_int_t sendHeader(RequestCtx *ctx);
+ngx_int_t output(RequestCtx *ctx, ngx_chain_t *cl);
+ngx_int_t sendEof(RequestCtx *ctx);
+ngx_int_t flush(RequestCtx *ctx);
+ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size);
+
+// Log with lua-nginx-module's "[lua] chunk:line: " prefix and control
+// bytes escaped.
+void logFromLua(lua_State *L, ngx_uint_t level, const char *msg, size_t len,
+                int stack_level);
+
+}  // namespace luaguard::glue

@@ -1,0 +1,828 @@
+// The module table, directives and configuration lifecycle.
+
+#include <cstring>
+#include <new>
+#include <string>
+
+#include "api/api.hpp"
+#include "ngx/module.hpp"
+#include "ngx/glue.hpp"
+#include "runtime/block_scanner.hpp"
+#include "runtime/code.hpp"
+#include "runtime/package_path.hpp"
+#include "runtime/vm.hpp"
+
+namespace luaguard {
+
+Run *g_run = nullptr;
+
+namespace {
+
+MainConf *g_mcf = nullptr;
+
+// How a code directive takes its code.
+enum class Source { Inline, Block, File };
+
+struct CodeDirective {
+    const char *tag;      // chunk name prefix: "content_by_lua"
+    Source      source;
+};
+
+#define LG_CODE_DIRECTIVE(var, tag, src) \
+    CodeDirective var{tag, Source::src}
+
+LG_CODE_DIRECTIVE(kInit, "init_by_lua", Inline);
+LG_CODE_DIRECTIVE(kInitBlock, "init_by_lua", Block);
+LG_CODE_DIRECTIVE(kInitFile, "init_by_lua", File);
+LG_CODE_DIRECTIVE(kInitWorker, "init_worker_by_lua", Inline);
+LG_CODE_DIRECTIVE(kInitWorkerBlock, "init_worker_by_lua", Block);
+LG_CODE_DIRECTIVE(kInitWorkerFile, "init_worker_by_lua", File);
+LG_CODE_DIRECTIVE(kExitWorker, "exit_worker_by_lua", Inline);
+LG_CODE_DIRECTIVE(kExitWorkerBlock, "exit_worker_by_lua", Block);
+LG_CODE_DIRECTIVE(kExitWorkerFile, "exit_worker_by_lua", File);
+LG_CODE_DIRECTIVE(kServerRewrite, "server_rewrite_by_lua", Inline);
+LG_CODE_DIRECTIVE(kServerRewriteBlock, "server_rewrite_by_lua", Block);
+LG_CODE_DIRECTIVE(kServerRewriteFile, "server_rewrite_by_lua", File);
+LG_CODE_DIRECTIVE(kRewrite, "rewrite_by_lua", Inline);
+LG_CODE_DIRECTIVE(kRewriteBlock, "rewrite_by_lua", Block);
+LG_CODE_DIRECTIVE(kRewriteFile, "rewrite_by_lua", File);
+LG_CODE_DIRECTIVE(kAccess, "access_by_lua", Inline);
+LG_CODE_DIRECTIVE(kAccessBlock, "access_by_lua", Block);
+LG_CODE_DIRECTIVE(kAccessFile, "access_by_lua", File);
+LG_CODE_DIRECTIVE(kContent, "content_by_lua", Inline);
+LG_CODE_DIRECTIVE(kContentBlock, "content_by_lua", Block);
+LG_CODE_DIRECTIVE(kContentFile, "content_by_lua", File);
+LG_CODE_DIRECTIVE(kLog, "log_by_lua", Inline);
+LG_CODE_DIRECTIVE(kLogBlock, "log_by_lua", Block);
+LG_CODE_DIRECTIVE(kLogFile, "log_by_lua", File);
+LG_CODE_DIRECTIVE(kHeaderFilter, "header_filter_by_lua", Inline);
+LG_CODE_DIRECTIVE(kHeaderFilterBlock, "header_filter_by_lua", Block);
+LG_CODE_DIRECTIVE(kHeaderFilterFile, "header_filter_by_lua", File);
+LG_CODE_DIRECTIVE(kBodyFilter, "body_filter_by_lua", Inline);
+LG_CODE_DIRECTIVE(kBodyFilterBlock, "body_filter_by_lua", Block);
+LG_CODE_DIRECTIVE(kBodyFilterFile, "body_filter_by_lua", File);
+LG_CODE_DIRECTIVE(kSet, "set_by_lua", Inline);
+LG_CODE_DIRECTIVE(kSetBlock, "set_by_lua", Block);
+LG_CODE_DIRECTIVE(kSetFile, "set_by_lua", File);
+
+#undef LG_CODE_DIRECTIVE
+
+void closeVm(void *data)
+{
+    delete static_cast<Vm *>(data);
+}
+
+Vm *ensureVm(ngx_conf_t *cf)
+{
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
+    if (mcf->vm) {
+        return mcf->vm;
+    }
+
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == nullptr) {
+        return nullptr;
+    }
+
+    auto *vm = new (std::nothrow) Vm();
+    if (vm == nullptr) {
+        return nullptr;
+    }
+
+    std::string err;
+    if (!vm->open(&err) || !api::open(vm->L(), &err)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "failed to start LuaJIT: %s",
+                           err.c_str());
+        delete vm;
+        return nullptr;
+    }
+
+    // Owned by the cycle's pool: a reload builds a new VM with the new
+    // configuration and the old one goes with the old cycle.
+    cln->handler = closeVm;
+    cln->data = vm;
+    mcf->vm = vm;
+    return vm;
+}
+
+ngx_str_t chunkName(ngx_conf_t *cf, const char *tag, ngx_uint_t line)
+{
+    ngx_str_t out = ngx_null_string;
+    ngx_str_t *file = &cf->conf_file->file.name;
+    u_char *base = file->data;
+
+    for (u_char *p = file->data; p < file->data + file->len; p++) {
+        if (*p == '/') {
+            base = p + 1;
+        }
+    }
+    size_t baselen = file->data + file->len - base;
+    size_t len = std::strlen(tag) + baselen + NGX_INT_T_LEN + 4;
+
+    out.data = static_cast<u_char *>(ngx_pnalloc(cf->pool, len + 1));
+    if (out.data == nullptr) {
+        return out;
+    }
+    u_char *last = ngx_snprintf(out.data, len, "=%s(%*s:%ui)", tag, baselen,
+                                base, line);
+    *last = '\0';
+    out.len = last - out.data;
+    return out;
+}
+
+// Reads the body of a `*_by_lua_block` straight from nginx's configuration
+// buffer, refilling it from the file the way ngx_conf_read_token does, and
+// leaves the buffer just past the closing brace.
+char *readLuaBlock(ngx_conf_t *cf, ngx_str_t *code)
+{
+    ngx_conf_file_t *cfile = cf->conf_file;
+    ngx_buf_t *b = cfile->buffer;
+    BlockScanner scanner;
+    std::string text;
+    ngx_uint_t start_line = cfile->line;
+
+    for (;;) {
+        size_t used = 0;
+        size_t avail = b->last - b->pos;
+        auto st = scanner.feed(reinterpret_cast<const char *>(b->pos), avail,
+                               &used);
+
+        if (st == BlockScanner::Status::Done) {
+            text.append(reinterpret_cast<const char *>(b->pos), used - 1);
+            b->pos += used;
+            break;
+        }
+        text.append(reinterpret_cast<const char *>(b->pos), avail);
+        b->pos = b->last;
+
+        if (cfile->file.fd == NGX_INVALID_FILE
+            || cfile->file.offset >= ngx_file_size(&cfile->file.info))
+        {
+            cfile->line = start_line + scanner.lines();
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "unexpected end of file inside %s, "
+                               "expecting \"}\" to close the Lua block",
+                               scanner.context());
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+
+        ssize_t size = ngx_file_size(&cfile->file.info) - cfile->file.offset;
+        if (size > b->end - b->start) {
+            size = b->end - b->start;
+        }
+        ssize_t n = ngx_read_file(&cfile->file, b->start, size,
+                                  cfile->file.offset);
+        if (n == NGX_ERROR) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        if (n != size) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               ngx_read_file_n " returned only %z bytes "
+                               "instead of %z", n, size);
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        b->pos = b->start;
+        b->last = b->start + n;
+        if (cfile->dump) {
+            cfile->dump->last = ngx_cpymem(cfile->dump->last, b->pos, n);
+        }
+    }
+
+    cfile->line = start_line + scanner.lines();
+
+    code->len = text.size();
+    code->data = static_cast<u_char *>(ngx_pnalloc(cf->pool, text.size() + 1));
+    if (code->data == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    ngx_memcpy(code->data, text.data(), text.size());
+    code->data[text.size()] = '\0';
+    return NGX_CONF_OK;
+}
+
+// Compiles inline code now, so a syntax error fails `nginx -t` with the
+// configuration file and the line of the error inside the block.
+char *compileInline(ngx_conf_t *cf, Handler *h, ngx_uint_t first_line)
+{
+    Vm *vm = ensureVm(cf);
+    if (vm == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    lua_State *L = vm->L();
+    std::string err;
+
+    if (isBytecode(reinterpret_cast<const char *>(h->code.data), h->code.len)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "Lua bytecode is not accepted in inline code");
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    if (!compileFactory(L, reinterpret_cast<const char *>(h->code.data),
+                        h->code.len,
+                        reinterpret_cast<const char *>(h->chunkname.data),
+                        &err))
+    {
+        // Point nginx's "in FILE:LINE" at the offending line of the block.
+        ngx_uint_t saved = cf->conf_file->line;
+        size_t colon = err.find("):");
+        if (colon != std::string::npos) {
+            long lua_line = std::strtol(err.c_str() + colon + 2, nullptr, 10);
+            if (lua_line > 0) {
+                cf->conf_file->line = first_line + lua_line - 1;
+            }
+        }
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "failed to load Lua code: %s",
+                           err.c_str());
+        cf->conf_file->line = saved;
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    h->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return NGX_CONF_OK;
+}
+
+// Parses the code argument of any code directive into a Handler.
+char *parseHandler(ngx_conf_t *cf, const CodeDirective *d, ngx_str_t *arg,
+                   Handler **out)
+{
+    auto *h = static_cast<Handler *>(ngx_pcalloc(cf->pool, sizeof(Handler)));
+    if (h == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    h->ref = LUA_NOREF;
+    ngx_uint_t first_line = cf->conf_file->line;
+
+    if (d->source == Source::File) {
+        if (arg->len == 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid location config: "
+                               "no Lua file path given");
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        h->path = static_cast<ngx_http_complex_value_t *>(
+            ngx_pcalloc(cf->pool, sizeof(ngx_http_complex_value_t)));
+        if (h->path == nullptr) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        ngx_http_compile_complex_value_t ccv{};
+        ccv.cf = cf;
+        ccv.value = arg;
+        ccv.complex_value = h->path;
+        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        if (h->path->lengths == nullptr) {
+            // A fixed path: resolve it against the prefix once.
+            if (ngx_get_full_name(cf->pool, &cf->cycle->prefix,
+                                  &h->path->value) != NGX_OK)
+            {
+                return static_cast<char *>(NGX_CONF_ERROR);
+            }
+        }
+        if (ensureVm(cf) == nullptr) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        *out = h;
+        return NGX_CONF_OK;
+    }
+
+    if (d->source == Source::Block) {
+        char *rv = readLuaBlock(cf, &h->code);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+    } else {
+        h->code = *arg;
+    }
+
+    h->chunkname = chunkName(cf, d->tag, first_line);
+    if (h->chunkname.data == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    char *rv = compileInline(cf, h, first_line);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+    *out = h;
+    return NGX_CONF_OK;
+}
+
+// Generic setter: cmd->offset locates the Handler* in the conf struct,
+// cmd->post describes the directive.
+char *setHandler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    auto *d = static_cast<const CodeDirective *>(cmd->post);
+    auto **slot = reinterpret_cast<Handler **>(static_cast<char *>(conf)
+                                               + cmd->offset);
+    if (*slot != nullptr) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_str_t empty = ngx_null_string;
+    ngx_str_t *arg = d->source == Source::Block ? &empty : &args[1];
+
+    char *rv = parseHandler(cf, d, arg, slot);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
+    std::string tag = d->tag;
+    if (tag == "rewrite_by_lua") {
+        mcf->need_rewrite = true;
+    } else if (tag == "access_by_lua") {
+        mcf->need_access = true;
+    } else if (tag == "log_by_lua") {
+        mcf->need_log = true;
+    } else if (tag == "header_filter_by_lua") {
+        mcf->need_header_filter = true;
+    } else if (tag == "body_filter_by_lua") {
+        mcf->need_body_filter = true;
+    } else if (tag == "server_rewrite_by_lua") {
+        mcf->need_server_rewrite = true;
+    } else if (tag == "content_by_lua") {
+        auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+            ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
+        clcf->handler = glue::contentHandler;
+    }
+    return NGX_CONF_OK;
+}
+
+// set_by_lua* appends a step to the rewrite module's script, so it runs in
+// order with `set`, `if` and `rewrite` in the same location. The rewrite
+// module keeps its location configuration private; this is its layout in
+// nginx 1.22, as every set_by_* module (NDK's included) relies on.
+struct RewriteLocConf {
+    ngx_array_t  *codes;
+    ngx_uint_t    stack_size;
+    ngx_flag_t    log;
+    ngx_flag_t    uninitialized_variable_warn;
+};
+
+char *setByLua(ngx_conf_t *cf, ngx_command_t *cmd, void *)
+{
+    auto *d = static_cast<const CodeDirective *>(cmd->post);
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_str_t target = args[1];
+
+    if (target.len < 2 || target.data[0] != '$') {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid variable name \"%V\"",
+                           &target);
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    target.data++;
+    target.len--;
+
+    auto *step = static_cast<glue::SetStep *>(
+        ngx_pcalloc(cf->pool, sizeof(glue::SetStep)));
+    if (step == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+
+    ngx_str_t empty = ngx_null_string;
+    ngx_uint_t first_arg = d->source == Source::Block ? 2 : 3;
+    ngx_str_t *code = d->source == Source::Block ? &empty : &args[2];
+    char *rv = parseHandler(cf, d, code, &step->handler);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    // The $arg parameters, evaluated per request into ngx.arg.
+    ngx_uint_t nargs = cf->args->nelts > first_arg ? cf->args->nelts - first_arg
+                                                   : 0;
+    if (nargs) {
+        step->args = static_cast<ngx_http_complex_value_t *>(ngx_pcalloc(
+            cf->pool, nargs * sizeof(ngx_http_complex_value_t)));
+        if (step->args == nullptr) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        for (ngx_uint_t i = 0; i < nargs; i++) {
+            ngx_http_compile_complex_value_t ccv{};
+            ccv.cf = cf;
+            ccv.value = &args[first_arg + i];
+            ccv.complex_value = &step->args[i];
+            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+                return static_cast<char *>(NGX_CONF_ERROR);
+            }
+        }
+    }
+    step->nargs = nargs;
+
+    ngx_http_variable_t *v = ngx_http_add_variable(cf, &target,
+                                                   NGX_HTTP_VAR_CHANGEABLE);
+    if (v == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    ngx_int_t index = ngx_http_get_variable_index(cf, &target);
+    if (index == NGX_ERROR) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    if (v->get_handler == nullptr) {
+        // Like `set`: reading before the first assignment yields "".
+        v->get_handler = glue::emptyVariable;
+    }
+
+    auto *rlcf = static_cast<RewriteLocConf *>(
+        ngx_http_conf_get_module_loc_conf(cf, ngx_http_rewrite_module));
+    if (rlcf->codes == nullptr) {
+        rlcf->codes = ngx_array_create(cf->pool, 64, 1);
+        if (rlcf->codes == nullptr) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+    }
+
+    auto *run = static_cast<glue::SetCode *>(
+        ngx_array_push_n(rlcf->codes, sizeof(glue::SetCode)));
+    if (run == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    run->code = glue::runSetStep;
+    run->step = step;
+
+    if (v->set_handler) {
+        auto *vhcode = static_cast<ngx_http_script_var_handler_code_t *>(
+            ngx_array_push_n(rlcf->codes,
+                             sizeof(ngx_http_script_var_handler_code_t)));
+        if (vhcode == nullptr) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        vhcode->code = ngx_http_script_var_set_handler_code;
+        vhcode->handler = v->set_handler;
+        vhcode->data = v->data;
+        return NGX_CONF_OK;
+    }
+
+    auto *vcode = static_cast<ngx_http_script_var_code_t *>(
+        ngx_array_push_n(rlcf->codes, sizeof(ngx_http_script_var_code_t)));
+    if (vcode == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    vcode->code = ngx_http_script_set_var_code;
+    vcode->index = static_cast<uintptr_t>(index);
+    return NGX_CONF_OK;
+}
+
+char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    auto *slot = reinterpret_cast<ngx_str_t *>(static_cast<char *>(conf)
+                                               + cmd->offset);
+    if (slot->data) {
+        return const_cast<char *>("is duplicate");
+    }
+    *slot = static_cast<ngx_str_t *>(cf->args->elts)[1];
+    return NGX_CONF_OK;
+}
+
+#define LG_MAIN_OFF(field) offsetof(MainConf, field)
+#define LG_SRV_OFF(field) offsetof(SrvConf, field)
+#define LG_LOC_OFF(field) offsetof(LocConf, field)
+#define LG_CMD(name, type, set, conf, off, post) \
+    {ngx_string(name), type, set, conf, off, post}
+
+constexpr ngx_uint_t kMain = NGX_HTTP_MAIN_CONF;
+constexpr ngx_uint_t kAnyLoc = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF
+                               | NGX_HTTP_LOC_CONF;
+constexpr ngx_uint_t kPhaseLoc = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF
+                                 | NGX_HTTP_LOC_CONF | NGX_HTTP_LIF_CONF;
+constexpr ngx_uint_t kContentLoc = NGX_HTTP_LOC_CONF | NGX_HTTP_LIF_CONF;
+constexpr ngx_uint_t kBlock = NGX_CONF_BLOCK | NGX_CONF_NOARGS;
+constexpr ngx_uint_t kMainLoc = NGX_HTTP_MAIN_CONF_OFFSET;
+constexpr ngx_uint_t kSrvLoc = NGX_HTTP_SRV_CONF_OFFSET;
+constexpr ngx_uint_t kLocLoc = NGX_HTTP_LOC_CONF_OFFSET;
+
+ngx_command_t commands[] = {
+    LG_CMD("lua_package_path", kMain | NGX_CONF_TAKE1, setPackagePath,
+           kMainLoc, LG_MAIN_OFF(package_path), nullptr),
+    LG_CMD("lua_package_cpath", kMain | NGX_CONF_TAKE1, setPackagePath,
+           kMainLoc, LG_MAIN_OFF(package_cpath), nullptr),
+    LG_CMD("rewrite_by_lua_no_postpone", kMain | NGX_CONF_FLAG,
+           ngx_conf_set_flag_slot, kMainLoc, LG_MAIN_OFF(rewrite_no_postpone),
+           nullptr),
+    LG_CMD("access_by_lua_no_postpone", kMain | NGX_CONF_FLAG,
+           ngx_conf_set_flag_slot, kMainLoc, LG_MAIN_OFF(access_no_postpone),
+           nullptr),
+
+    LG_CMD("init_by_lua", kMain | NGX_CONF_TAKE1, setHandler, kMainLoc,
+           LG_MAIN_OFF(init), &kInit),
+    LG_CMD("init_by_lua_block", kMain | kBlock, setHandler, kMainLoc,
+           LG_MAIN_OFF(init), &kInitBlock),
+    LG_CMD("init_by_lua_file", kMain | NGX_CONF_TAKE1, setHandler, kMainLoc,
+           LG_MAIN_OFF(init), &kInitFile),
+    LG_CMD("init_worker_by_lua", kMain | NGX_CONF_TAKE1, setHandler, kMainLoc,
+           LG_MAIN_OFF(init_worker), &kInitWorker),
+    LG_CMD("init_worker_by_lua_block", kMain | kBlock, setHandler, kMainLoc,
+           LG_MAIN_OFF(init_worker), &kInitWorkerBlock),
+    LG_CMD("init_worker_by_lua_file", kMain | NGX_CONF_TAKE1, setHandler,
+           kMainLoc, LG_MAIN_OFF(init_worker), &kInitWorkerFile),
+    LG_CMD("exit_worker_by_lua", kMain | NGX_CONF_TAKE1, setHandler, kMainLoc,
+           LG_MAIN_OFF(exit_worker), &kExitWorker),
+    LG_CMD("exit_worker_by_lua_block", kMain | kBlock, setHandler, kMainLoc,
+           LG_MAIN_OFF(exit_worker), &kExitWorkerBlock),
+    LG_CMD("exit_worker_by_lua_file", kMain | NGX_CONF_TAKE1, setHandler,
+           kMainLoc, LG_MAIN_OFF(exit_worker), &kExitWorkerFile),
+
+    LG_CMD("server_rewrite_by_lua", NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF
+           | NGX_CONF_TAKE1, setHandler, kSrvLoc, LG_SRV_OFF(server_rewrite),
+           &kServerRewrite),
+    LG_CMD("server_rewrite_by_lua_block", NGX_HTTP_MAIN_CONF
+           | NGX_HTTP_SRV_CONF | kBlock, setHandler, kSrvLoc,
+           LG_SRV_OFF(server_rewrite), &kServerRewriteBlock),
+    LG_CMD("server_rewrite_by_lua_file", NGX_HTTP_MAIN_CONF
+           | NGX_HTTP_SRV_CONF | NGX_CONF_TAKE1, setHandler, kSrvLoc,
+           LG_SRV_OFF(server_rewrite), &kServerRewriteFile),
+
+    LG_CMD("rewrite_by_lua", kPhaseLoc | NGX_CONF_TAKE1, setHandler, kLocLoc,
+           LG_LOC_OFF(rewrite), &kRewrite),
+    LG_CMD("rewrite_by_lua_block", kPhaseLoc | kBlock, setHandler, kLocLoc,
+           LG_LOC_OFF(rewrite), &kRewriteBlock),
+    LG_CMD("rewrite_by_lua_file", kPhaseLoc | NGX_CONF_TAKE1, setHandler,
+           kLocLoc, LG_LOC_OFF(rewrite), &kRewriteFile),
+    LG_CMD("access_by_lua", kPhaseLoc | NGX_CONF_TAKE1, setHandler, kLocLoc,
+           LG_LOC_OFF(access), &kAccess),
+    LG_CMD("access_by_lua_block", kPhaseLoc | kBlock, setHandler, kLocLoc,
+           LG_LOC_OFF(access), &kAccessBlock),
+    LG_CMD("access_by_lua_file", kPhaseLoc | NGX_CONF_TAKE1, setHandler,
+           kLocLoc, LG_LOC_OFF(access), &kAccessFile),
+    LG_CMD("content_by_lua", kContentLoc | NGX_CONF_TAKE1, setHandler,
+           kLocLoc, LG_LOC_OFF(content), &kContent),
+    LG_CMD("content_by_lua_block", kContentLoc | kBlock, setHandler, kLocLoc,
+           LG_LOC_OFF(content), &kContentBlock),
+    LG_CMD("content_by_lua_file", kContentLoc | NGX_CONF_TAKE1, setHandler,
+           kLocLoc, LG_LOC_OFF(content), &kContentFile),
+    LG_CMD("log_by_lua", kPhaseLoc | NGX_CONF_TAKE1, setHandler, kLocLoc,
+           LG_LOC_OFF(log), &kLog),
+    LG_CMD("log_by_lua_block", kPhaseLoc | kBlock, setHandler, kLocLoc,
+           LG_LOC_OFF(log), &kLogBlock),
+    LG_CMD("log_by_lua_file", kPhaseLoc | NGX_CONF_TAKE1, setHandler, kLocLoc,
+           LG_LOC_OFF(log), &kLogFile),
+    LG_CMD("header_filter_by_lua", kPhaseLoc | NGX_CONF_TAKE1, setHandler,
+           kLocLoc, LG_LOC_OFF(header_filter), &kHeaderFilter),
+    LG_CMD("header_filter_by_lua_block", kPhaseLoc | kBlock, setHandler,
+           kLocLoc, LG_LOC_OFF(header_filter), &kHeaderFilterBlock),
+    LG_CMD("header_filter_by_lua_file", kPhaseLoc | NGX_CONF_TAKE1,
+           setHandler, kLocLoc, LG_LOC_OFF(header_filter),
+           &kHeaderFilterFile),
+    LG_CMD("body_filter_by_lua", kPhaseLoc | NGX_CONF_TAKE1, setHandler,
+           kLocLoc, LG_LOC_OFF(body_filter), &kBodyFilter),
+    LG_CMD("body_filter_by_lua_block", kPhaseLoc | kBlock, setHandler,
+           kLocLoc, LG_LOC_OFF(body_filter), &kBodyFilterBlock),
+    LG_CMD("body_filter_by_lua_file", kPhaseLoc | NGX_CONF_TAKE1, setHandler,
+           kLocLoc, LG_LOC_OFF(body_filter), &kBodyFilterFile),
+
+    LG_CMD("set_by_lua", NGX_HTTP_SRV_CONF | NGX_HTTP_SIF_CONF
+           | NGX_HTTP_LOC_CONF | NGX_HTTP_LIF_CONF | NGX_CONF_2MORE,
+           setByLua, kLocLoc, 0, &kSet),
+    LG_CMD("set_by_lua_block", NGX_HTTP_SRV_CONF | NGX_HTTP_SIF_CONF
+           | NGX_HTTP_LOC_CONF | NGX_HTTP_LIF_CONF | NGX_CONF_BLOCK
+           | NGX_CONF_TAKE1, setByLua, kLocLoc, 0, &kSetBlock),
+    LG_CMD("set_by_lua_file", NGX_HTTP_SRV_CONF | NGX_HTTP_SIF_CONF
+           | NGX_HTTP_LOC_CONF | NGX_HTTP_LIF_CONF | NGX_CONF_2MORE,
+           setByLua, kLocLoc, 0, &kSetFile),
+
+    LG_CMD("lua_code_cache", kAnyLoc | NGX_CONF_FLAG, ngx_conf_set_flag_slot,
+           kLocLoc, LG_LOC_OFF(code_cache), nullptr),
+    LG_CMD("lua_need_request_body", kAnyLoc | NGX_CONF_FLAG,
+           ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(need_request_body),
+           nullptr),
+    LG_CMD("lua_use_default_type", kAnyLoc | NGX_CONF_FLAG,
+           ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(use_default_type),
+           nullptr),
+    LG_CMD("lua_transform_underscores_in_response_headers",
+           kAnyLoc | NGX_CONF_FLAG, ngx_conf_set_flag_slot, kLocLoc,
+           LG_LOC_OFF(transform_underscores), nullptr),
+    LG_CMD("lua_http10_buffering", kAnyLoc | NGX_CONF_FLAG,
+           ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(http10_buffering),
+           nullptr),
+    LG_CMD("lua_check_client_abort", kAnyLoc | NGX_CONF_FLAG,
+           ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(check_client_abort),
+           nullptr),
+
+    ngx_null_command};
+
+#undef LG_CMD
+
+void *createMainConf(ngx_conf_t *cf)
+{
+    auto *mcf = static_cast<MainConf *>(ngx_pcalloc(cf->pool,
+                                                    sizeof(MainConf)));
+    if (mcf == nullptr) {
+        return nullptr;
+    }
+    mcf->rewrite_no_postpone = NGX_CONF_UNSET;
+    mcf->access_no_postpone = NGX_CONF_UNSET;
+    return mcf;
+}
+
+char *initMainConf(ngx_conf_t *, void *conf)
+{
+    auto *mcf = static_cast<MainConf *>(conf);
+    ngx_conf_init_value(mcf->rewrite_no_postpone, 0);
+    ngx_conf_init_value(mcf->access_no_postpone, 0);
+    return NGX_CONF_OK;
+}
+
+void *createSrvConf(ngx_conf_t *cf)
+{
+    return ngx_pcalloc(cf->pool, sizeof(SrvConf));
+}
+
+char *mergeSrvConf(ngx_conf_t *, void *parent, void *child)
+{
+    auto *prev = static_cast<SrvConf *>(parent);
+    auto *conf = static_cast<SrvConf *>(child);
+    if (conf->server_rewrite == nullptr) {
+        conf->server_rewrite = prev->server_rewrite;
+    }
+    return NGX_CONF_OK;
+}
+
+void *createLocConf(ngx_conf_t *cf)
+{
+    auto *conf = static_cast<LocConf *>(ngx_pcalloc(cf->pool,
+                                                    sizeof(LocConf)));
+    if (conf == nullptr) {
+        return nullptr;
+    }
+    conf->code_cache = NGX_CONF_UNSET;
+    conf->need_request_body = NGX_CONF_UNSET;
+    conf->use_default_type = NGX_CONF_UNSET;
+    conf->transform_underscores = NGX_CONF_UNSET;
+    conf->http10_buffering = NGX_CONF_UNSET;
+    conf->check_client_abort = NGX_CONF_UNSET;
+    return conf;
+}
+
+char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
+{
+    auto *prev = static_cast<LocConf *>(parent);
+    auto *conf = static_cast<LocConf *>(child);
+
+    // Phase handlers inherit like nginx's own handler directives; content
+    // is never inherited (it is the location's content handler).
+    for (auto field : {&LocConf::rewrite, &LocConf::access, &LocConf::log,
+                       &LocConf::header_filter, &LocConf::body_filter}) {
+        if (conf->*field == nullptr) {
+            conf->*field = prev->*field;
+        }
+    }
+    ngx_conf_merge_value(conf->code_cache, prev->code_cache, 1);
+    ngx_conf_merge_value(conf->need_request_body, prev->need_request_body, 0);
+    ngx_conf_merge_value(conf->use_default_type, prev->use_default_type, 1);
+    ngx_conf_merge_value(conf->transform_underscores,
+                         prev->transform_underscores, 1);
+    ngx_conf_merge_value(conf->http10_buffering, prev->http10_buffering, 1);
+    ngx_conf_merge_value(conf->check_client_abort, prev->check_client_abort,
+                         0);
+    return NGX_CONF_OK;
+}
+
+// Adds `h` to a phase: first in the array means last to run (nginx builds
+// its phase engine from the end), which is how "postponed" handlers run
+// after the standard modules of their phase.
+ngx_int_t addPhaseHandler(ngx_http_core_main_conf_t *cmcf, ngx_uint_t phase,
+                          ngx_http_handler_pt h, bool postpone)
+{
+    ngx_array_t *arr = &cmcf->phases[phase].handlers;
+    auto *slot = static_cast<ngx_http_handler_pt *>(ngx_array_push(arr));
+    if (slot == nullptr) {
+        return NGX_ERROR;
+    }
+    if (!postpone) {
+        *slot = h;
+        return NGX_OK;
+    }
+    auto *elts = static_cast<ngx_http_handler_pt *>(arr->elts);
+    ngx_memmove(&elts[1], &elts[0], (arr->nelts - 1) * sizeof(*elts));
+    elts[0] = h;
+    return NGX_OK;
+}
+
+ngx_int_t postconfiguration(ngx_conf_t *cf)
+{
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
+    auto *cmcf = static_cast<ngx_http_core_main_conf_t *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module));
+
+    if (mcf->vm == nullptr) {
+        return NGX_OK;  // no Lua in this configuration
+    }
+
+    if (mcf->need_server_rewrite
+        && addPhaseHandler(cmcf, NGX_HTTP_SERVER_REWRITE_PHASE,
+                           glue::serverRewriteHandler, false) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+    if (mcf->need_rewrite
+        && addPhaseHandler(cmcf, NGX_HTTP_REWRITE_PHASE, glue::rewriteHandler,
+                           !mcf->rewrite_no_postpone) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+    if (mcf->need_access
+        && addPhaseHandler(cmcf, NGX_HTTP_ACCESS_PHASE, glue::accessHandler,
+                           !mcf->access_no_postpone) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+    if (mcf->need_log
+        && addPhaseHandler(cmcf, NGX_HTTP_LOG_PHASE, glue::logHandler, false)
+               != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    glue::installFilters(mcf->need_header_filter, mcf->need_body_filter);
+
+    lua_State *L = mcf->vm->L();
+    std::string prefix(reinterpret_cast<char *>(cf->cycle->prefix.data),
+                       cf->cycle->prefix.len);
+    struct {
+        ngx_str_t  *conf;
+        const char *field;
+    } paths[] = {{&mcf->package_path, "path"}, {&mcf->package_cpath, "cpath"}};
+    for (auto &p : paths) {
+        if (p.conf->len == 0) {
+            continue;
+        }
+        lua_getglobal(L, "package");
+        lua_getfield(L, -1, p.field);
+        std::string defaults = lua_tostring(L, -1) ? lua_tostring(L, -1) : "";
+        lua_pop(L, 1);
+        std::string expanded = expandPackagePath(
+            std::string_view(reinterpret_cast<char *>(p.conf->data),
+                             p.conf->len),
+            defaults, prefix);
+        lua_pushlstring(L, expanded.data(), expanded.size());
+        lua_setfield(L, -2, p.field);
+        lua_pop(L, 1);
+    }
+
+    g_mcf = mcf;
+    if (mcf->init && glue::runWorkerCode(mcf, mcf->init, Phase::Init, cf->log)
+                         != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+    return NGX_OK;
+}
+
+ngx_int_t initProcess(ngx_cycle_t *cycle)
+{
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_cycle_get_module_main_conf(cycle, ngx_http_luaguard_module));
+    if (mcf == nullptr || mcf->vm == nullptr) {
+        return NGX_OK;
+    }
+    g_mcf = mcf;
+    if (mcf->init_worker) {
+        // A failing init_worker_by_lua is logged, the worker still serves,
+        // as in lua-nginx-module.
+        glue::runWorkerCode(mcf, mcf->init_worker, Phase::InitWorker,
+                            cycle->log);
+    }
+    return NGX_OK;
+}
+
+void exitProcess(ngx_cycle_t *cycle)
+{
+    MainConf *mcf = g_mcf;
+    if (mcf == nullptr || mcf->vm == nullptr || mcf->exit_worker == nullptr) {
+        return;
+    }
+    glue::runWorkerCode(mcf, mcf->exit_worker, Phase::ExitWorker, cycle->log);
+}
+
+ngx_http_module_t moduleCtx = {
+    nullptr,            // preconfiguration
+    postconfiguration,  // postconfiguration
+    createMainConf,     // create main configuration
+    initMainConf,       // init main configuration
+    createSrvConf,      // create server configuration
+    mergeSrvConf,       // merge server configuration
+    createLocConf,      // create location configuration
+    mergeLocConf,       // merge location configuration
+};
+
+}  // namespace
+
+MainConf *mainConf()
+{
+    return g_mcf;
+}
+
+}  // namespace luaguard
+
+ngx_module_t ngx_http_luaguard_module = {
+    NGX_MODULE_V1,
+    &luaguard::moduleCtx,    // module context
+    luaguard::commands,      // module directives
+    NGX_HTTP_MODULE,         // module type
+    nullptr,                 // init master
+    nullptr,                 // init module
+    luaguard::initProcess,   // init process
+    nullptr,                 // init thread
+    nullptr,                 // exit thread
+    luaguard::exitProcess,   // exit process
+    nullptr,                 // exit master
+    NGX_MODULE_V1_PADDING};

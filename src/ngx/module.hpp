@@ -1,0 +1,164 @@
+// Configuration structures and the request context shared by the nginx glue
+// and the API areas.
+#pragma once
+
+#include <cstdint>
+
+#include "ngx/nginx.hpp"
+#include "runtime/lua.hpp"
+#include "runtime/phase.hpp"
+
+extern "C" ngx_module_t ngx_http_rewrite_module;
+extern "C" __attribute__((visibility("default")))
+ngx_module_t ngx_http_luaguard_module;
+
+namespace luaguard {
+
+class Vm;
+struct RequestCtx;
+
+// One piece of Lua code attached to a directive. Inline code is compiled
+// while the configuration is parsed (so `nginx -t` sees syntax errors) and
+// kept as a registry reference to its factory function; file code is
+// compiled on first use per worker and cached by path.
+struct Handler {
+    ngx_str_t                  chunkname;   // "content_by_lua(nginx.conf:12)"
+    ngx_str_t                  code;        // inline source, empty for files
+    ngx_http_complex_value_t  *path;        // *_by_lua_file path template
+    int                        ref;         // LUA_NOREF until compiled
+};
+
+inline bool handlerSet(const Handler *h) { return h != nullptr; }
+
+struct MainConf {
+    Vm                        *vm;
+    ngx_str_t                  package_path;
+    ngx_str_t                  package_cpath;
+    Handler                   *init;
+    Handler                   *init_worker;
+    Handler                   *exit_worker;
+    ngx_flag_t                 rewrite_no_postpone;
+    ngx_flag_t                 access_no_postpone;
+    ngx_http_phase_handler_pt  rewrite_handler_installed;
+    bool                       need_rewrite;
+    bool                       need_access;
+    bool                       need_log;
+    bool                       need_header_filter;
+    bool                       need_body_filter;
+    bool                       need_server_rewrite;
+    ngx_uint_t                 http10_buffering_any;
+};
+
+struct SrvConf {
+    Handler                   *server_rewrite;
+};
+
+struct LocConf {
+    Handler                   *rewrite;
+    Handler                   *access;
+    Handler                   *content;
+    Handler                   *log;
+    Handler                   *header_filter;
+    Handler                   *body_filter;
+    ngx_flag_t                 code_cache;
+    ngx_flag_t                 need_request_body;
+    ngx_flag_t                 use_default_type;
+    ngx_flag_t                 transform_underscores;
+    ngx_flag_t                 http10_buffering;
+    ngx_flag_t                 check_client_abort;
+};
+
+// Where a phase's Lua thread is: not started, suspended on an event, or
+// finished with the nginx return code kept for the re-entry of the phase.
+enum class ThreadState : uint8_t { Idle, Running, Done };
+
+struct PhaseRun {
+    ThreadState  state = ThreadState::Idle;
+    ngx_int_t    rc = NGX_DECLINED;
+};
+
+// Per-request state. Allocated in r->pool; registry references are released
+// by a pool cleanup, so a request that dies while its thread is suspended
+// frees everything it anchored.
+struct RequestCtx {
+    ngx_http_request_t  *r;
+    Vm                  *vm;
+    LocConf             *llcf;
+
+    // Registry references owned by this request.
+    int                  ctx_ref = LUA_NOREF;    // ngx.ctx table
+    int                  env_ref = LUA_NOREF;    // the request's globals
+    int                  co_ref = LUA_NOREF;     // entry thread of the phase
+    lua_State           *co = nullptr;           // the anchored thread
+    Phase                co_phase = Phase::None; // phase co belongs to
+
+    PhaseRun             server_rewrite;
+    PhaseRun             rewrite;
+    PhaseRun             access;
+    PhaseRun             content;
+
+    // ngx.exit / ngx.exec / ngx.redirect end the thread through a yield;
+    // these record what the driver does once the thread is unwound.
+    ngx_int_t            exit_code = 0;
+    bool                 exited = false;
+    ngx_str_t            exec_uri = ngx_null_string;
+    ngx_str_t            exec_args = ngx_null_string;
+
+    bool                 headers_sent_by_lua = false;
+    bool                 eof = false;
+    bool                 body_read = false;
+    bool                 reading_body = false;
+    bool                 body_sync = false;       // reader may call back inline
+    bool                 in_content_phase = false;
+    bool                 in_body_filter = false;
+    bool                 buffering = false;      // lua_http10_buffering
+    bool                 buffering_done = false;
+    bool                 cleaned = false;
+
+    ngx_chain_t         *buffered_out = nullptr;
+    ngx_chain_t        **last_buffered = &buffered_out;
+    ngx_chain_t         *free_bufs = nullptr;
+    ngx_chain_t         *busy_bufs = nullptr;
+
+    // body_filter_by_lua's view of the chain being filtered.
+    ngx_chain_t         *filter_in = nullptr;
+    ngx_chain_t         *filter_out = nullptr;
+    bool                 filter_eof = false;
+    bool                 filter_replaced = false;
+
+    ngx_event_t          sleep_ev;
+    bool                 sleeping = false;
+    bool                 flush_waiting = false;
+};
+
+// The innermost Lua run in progress: which request (null in init, timers
+// without a request) and which phase. Kept as a stack because Lua can
+// re-enter Lua through nginx (ngx.say -> header_filter_by_lua).
+struct Run {
+    RequestCtx  *ctx;
+    Phase        phase;
+    Run         *prev;
+};
+
+extern Run *g_run;
+
+class RunScope {
+ public:
+    RunScope(RequestCtx *ctx, Phase phase) : run_{ctx, phase, g_run}
+    {
+        g_run = &run_;
+    }
+    ~RunScope() { g_run = run_.prev; }
+    RunScope(const RunScope &) = delete;
+    RunScope &operator=(const RunScope &) = delete;
+
+ private:
+    Run run_;
+};
+
+RequestCtx *getCtx(ngx_http_request_t *r);
+RequestCtx *createCtx(ngx_http_request_t *r);
+MainConf *mainConf();
+ngx_log_t *currentLog();
+
+}  // namespace luaguard

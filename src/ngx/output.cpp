@@ -1,0 +1,157 @@
+// The response path shared by ngx.say/print/flush/eof, ngx.send_headers and
+// the end of a content handler.
+
+#include "ngx/glue.hpp"
+
+namespace luaguard::glue {
+
+namespace {
+
+ngx_buf_tag_t bufTag()
+{
+    return reinterpret_cast<ngx_buf_tag_t>(&ngx_http_luaguard_module);
+}
+
+bool wantsHttp10Buffering(RequestCtx *ctx)
+{
+    ngx_http_request_t *r = ctx->r;
+    return r->http_version < NGX_HTTP_VERSION_11 && ctx->llcf->http10_buffering
+           && r->headers_out.content_length_n < 0 && !ctx->eof
+           && !ctx->buffering_done;
+}
+
+ngx_int_t sendBuffered(RequestCtx *ctx, bool last)
+{
+    ngx_http_request_t *r = ctx->r;
+    ngx_chain_t *cl = ctx->buffered_out;
+    ctx->buffered_out = nullptr;
+    ctx->last_buffered = &ctx->buffered_out;
+    ctx->buffering = false;
+    ctx->buffering_done = true;
+
+    if (last) {
+        off_t total = 0;
+        for (ngx_chain_t *c = cl; c; c = c->next) {
+            total += ngx_buf_size(c->buf);
+        }
+        r->headers_out.content_length_n = total;
+    }
+    ngx_int_t rc = sendHeader(ctx);
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only || cl == nullptr) {
+        return rc;
+    }
+    return output(ctx, cl);
+}
+
+}  // namespace
+
+ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size)
+{
+    ngx_http_request_t *r = ctx->r;
+    for (ngx_chain_t **ll = &ctx->free_bufs; *ll; ll = &(*ll)->next) {
+        ngx_buf_t *b = (*ll)->buf;
+        if (static_cast<size_t>(b->end - b->start) >= size) {
+            ngx_chain_t *cl = *ll;
+            *ll = cl->next;
+            cl->next = nullptr;
+            b->pos = b->last = b->start;
+            b->flush = b->last_buf = b->last_in_chain = 0;
+            b->tag = bufTag();
+            return cl;
+        }
+    }
+    ngx_chain_t *cl = ngx_alloc_chain_link(r->pool);
+    if (cl == nullptr) {
+        return nullptr;
+    }
+    cl->buf = ngx_create_temp_buf(r->pool, size ? size : 1);
+    if (cl->buf == nullptr) {
+        return nullptr;
+    }
+    cl->buf->tag = bufTag();
+    cl->next = nullptr;
+    return cl;
+}
+
+ngx_int_t sendHeader(RequestCtx *ctx)
+{
+    ngx_http_request_t *r = ctx->r;
+    if (r->header_sent) {
+        return NGX_OK;
+    }
+    if (r->headers_out.status == 0) {
+        r->headers_out.status = NGX_HTTP_OK;
+    }
+    if (ctx->llcf->use_default_type && r->headers_out.content_type.len == 0
+        && ngx_http_set_content_type(r) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+    if (wantsHttp10Buffering(ctx)) {
+        // HTTP/1.0 has no chunked encoding: hold the body so the header can
+        // carry its length (lua_http10_buffering).
+        ctx->buffering = true;
+        return NGX_OK;
+    }
+    ctx->headers_sent_by_lua = true;
+    return ngx_http_send_header(r);
+}
+
+ngx_int_t output(RequestCtx *ctx, ngx_chain_t *cl)
+{
+    ngx_http_request_t *r = ctx->r;
+    if (!r->header_sent && !ctx->buffering) {
+        ngx_int_t rc = sendHeader(ctx);
+        if (rc == NGX_ERROR || rc > NGX_OK) {
+            return rc;
+        }
+    }
+    if (ctx->buffering) {
+        *ctx->last_buffered = cl;
+        while (cl->next) {
+            cl = cl->next;
+        }
+        ctx->last_buffered = &cl->next;
+        return NGX_OK;
+    }
+    if (r->header_only) {
+        return NGX_OK;
+    }
+    ngx_int_t rc = ngx_http_output_filter(r, cl);
+    ngx_chain_update_chains(r->pool, &ctx->free_bufs, &ctx->busy_bufs, &cl,
+                            bufTag());
+    return rc;
+}
+
+ngx_int_t sendEof(RequestCtx *ctx)
+{
+    ngx_http_request_t *r = ctx->r;
+    if (ctx->eof) {
+        return NGX_OK;
+    }
+    if (ctx->buffering || (!r->header_sent && ctx->buffered_out == nullptr)) {
+        ctx->eof = true;
+        ngx_int_t rc = sendBuffered(ctx, true);
+        if (rc == NGX_ERROR || rc > NGX_OK) {
+            return rc;
+        }
+    }
+    ctx->eof = true;
+    return ngx_http_send_special(r, NGX_HTTP_LAST);
+}
+
+ngx_int_t flush(RequestCtx *ctx)
+{
+    if (ctx->buffering) {
+        ngx_int_t rc = sendBuffered(ctx, false);
+        if (rc == NGX_ERROR || rc > NGX_OK) {
+            return rc;
+        }
+    }
+    if (ctx->eof || !ctx->r->header_sent) {
+        return NGX_OK;
+    }
+    return ngx_http_send_special(ctx->r, NGX_HTTP_FLUSH);
+}
+
+}  // namespace luaguard::glue

@@ -1,0 +1,858 @@
+// Request contexts, the thread driver and the phase handlers.
+
+#include <cstdio>
+#include <new>
+#include <string>
+
+#include "ngx/glue.hpp"
+#include "runtime/code.hpp"
+#include "runtime/env.hpp"
+#include "runtime/vm.hpp"
+#include "security/log_escape.hpp"
+
+namespace luaguard {
+
+namespace {
+
+void cleanupCtx(void *data)
+{
+    auto *ctx = static_cast<RequestCtx *>(data);
+    ctx->cleaned = true;
+    if (ctx->sleep_ev.timer_set) {
+        ngx_del_timer(&ctx->sleep_ev);
+    }
+    if (ctx->sleep_ev.posted) {
+        ngx_delete_posted_event(&ctx->sleep_ev);
+    }
+    lua_State *L = ctx->vm->L();
+    // The registry holds the only strong references to what this request
+    // anchored; dropping them lets the GC take a thread suspended forever.
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx->co_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
+    ctx->co = nullptr;
+    ctx->co_ref = ctx->ctx_ref = ctx->env_ref = LUA_NOREF;
+    ctx->~RequestCtx();
+}
+
+}  // namespace
+
+RequestCtx *getCtx(ngx_http_request_t *r)
+{
+    return static_cast<RequestCtx *>(
+        ngx_http_get_module_ctx(r, ngx_http_luaguard_module));
+}
+
+RequestCtx *createCtx(ngx_http_request_t *r)
+{
+    MainConf *mcf = mainConf();
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == nullptr || mcf == nullptr || mcf->vm == nullptr) {
+        return nullptr;
+    }
+    void *mem = ngx_palloc(r->pool, sizeof(RequestCtx));
+    if (mem == nullptr) {
+        return nullptr;
+    }
+    auto *ctx = new (mem) RequestCtx();
+    ctx->r = r;
+    ctx->vm = mcf->vm;
+    ctx->llcf = static_cast<LocConf *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    // Destructor registered only once construction succeeded.
+    cln->handler = cleanupCtx;
+    cln->data = ctx;
+    ngx_http_set_ctx(r, ctx, ngx_http_luaguard_module);
+    return ctx;
+}
+
+ngx_log_t *currentLog()
+{
+    if (g_run && g_run->ctx) {
+        return g_run->ctx->r->connection->log;
+    }
+    return ngx_cycle->log;
+}
+
+namespace glue {
+
+char kYieldSentinel;
+
+namespace {
+
+char kExitSentinel;
+
+RequestCtx *ensureCtx(ngx_http_request_t *r)
+{
+    RequestCtx *ctx = getCtx(r);
+    if (ctx == nullptr) {
+        ctx = createCtx(r);
+    } else {
+        // The location may have changed since (internal redirect keeps no
+        // module ctx, but a rewrite to another location does).
+        ctx->llcf = static_cast<LocConf *>(
+            ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    }
+    return ctx;
+}
+
+bool readFile(const std::string &path, std::string *out, std::string *err)
+{
+    FILE *f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr) {
+        *err = "cannot open " + path;
+        return false;
+    }
+    char buf[16384];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) {
+        out->append(buf, n);
+    }
+    bool ok = !std::ferror(f);
+    std::fclose(f);
+    if (!ok) {
+        *err = "cannot read " + path;
+    }
+    return ok;
+}
+
+// Resolves a *_by_lua_file path for this request (nginx variables
+// expanded, relative paths against the prefix).
+bool filePath(RequestCtx *ctx, Handler *h, std::string *out, std::string *err)
+{
+    ngx_str_t value;
+    if (h->path->lengths == nullptr) {
+        value = h->path->value;
+    } else {
+        if (ctx == nullptr
+            || ngx_http_complex_value(ctx->r, h->path, &value) != NGX_OK)
+        {
+            *err = "failed to evaluate the Lua file path";
+            return false;
+        }
+        if (value.len == 0) {
+            *err = "the Lua file path evaluated to an empty string";
+            return false;
+        }
+        ngx_str_t full = value;
+        if (ngx_get_full_name(ctx->r->pool,
+                              const_cast<ngx_str_t *>(&ngx_cycle->prefix),
+                              &full)
+            != NGX_OK)
+        {
+            *err = "failed to resolve the Lua file path";
+            return false;
+        }
+        value = full;
+    }
+    out->assign(reinterpret_cast<char *>(value.data), value.len);
+    return true;
+}
+
+// Pushes the factory of a file handler: from the per-worker cache, or
+// compiled now (and cached unless lua_code_cache is off).
+bool pushFileFactory(lua_State *L, RequestCtx *ctx, Handler *h,
+                     std::string *err)
+{
+    std::string path;
+    if (!filePath(ctx, h, &path, err)) {
+        return false;
+    }
+    bool cache = ctx == nullptr || ctx->llcf->code_cache;
+    Vm *vm = mainConf()->vm;
+
+    if (cache) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, vm->fileCacheRef());
+        lua_getfield(L, -1, path.c_str());
+        if (!lua_isnil(L, -1)) {
+            lua_remove(L, -2);
+            return true;
+        }
+        lua_pop(L, 2);
+    }
+
+    std::string code;
+    if (!readFile(path, &code, err)) {
+        return false;
+    }
+    std::string chunkname = "@" + path;
+    if (!compileFactory(L, code.data(), code.size(), chunkname.c_str(), err)) {
+        *err = "failed to load Lua file: " + *err;
+        return false;
+    }
+    if (cache) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, vm->fileCacheRef());
+        lua_pushvalue(L, -2);
+        lua_setfield(L, -2, path.c_str());
+        lua_pop(L, 1);
+    }
+    return true;
+}
+
+// Pushes a fresh closure of handler `h` onto L, with the request's
+// environment when there is a request. `co` is the thread it will run in.
+bool pushHandler(lua_State *L, RequestCtx *ctx, Handler *h, lua_State *co,
+                 std::string *err)
+{
+    if (h->path) {
+        if (!pushFileFactory(L, ctx, h, err)) {
+            return false;
+        }
+    } else {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->ref);
+    }
+    instantiate(L, -1);
+    lua_remove(L, -2);
+    if (ctx) {
+        env::pushRequestEnv(L, &ctx->env_ref);
+        env::applyEnv(L, co);
+    }
+    return true;
+}
+
+std::string errorText(lua_State *L, int idx)
+{
+    if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+        size_t len;
+        const char *s = lua_tolstring(L, idx, &len);
+        return std::string(s, len);
+    }
+    if (lua_isnil(L, idx)) {
+        return "unknown reason";
+    }
+    return std::string("(error object is a ") + luaL_typename(L, idx)
+           + " value)";
+}
+
+// Logs a Lua failure: the message escaped (it may carry request data), the
+// traceback on its own lines, each starting with a tab.
+void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
+                const std::string &traceback)
+{
+    std::string line;
+    appendLogEscaped(line, msg.data(), msg.size());
+    ngx_log_error(NGX_LOG_ERR, log, 0, "%s: %s%s%s", what, line.c_str(),
+                  traceback.empty() ? "" : "\n", traceback.c_str());
+}
+
+std::string tracebackOf(lua_State *L, lua_State *co)
+{
+    luaL_traceback(L, co, nullptr, 0);
+    std::string tb = lua_tostring(L, -1) ? lua_tostring(L, -1) : "";
+    lua_pop(L, 1);
+    return tb;
+}
+
+int tracebackHandler(lua_State *L)
+{
+    if (lua_touserdata(L, 1) == &kExitSentinel) {
+        return 1;
+    }
+    std::string msg = errorText(L, 1);
+    luaL_traceback(L, L, msg.c_str(), 1);
+    return 1;
+}
+
+enum class Outcome { Yielded, Finished, Failed };
+
+void releaseThread(RequestCtx *ctx)
+{
+    luaL_unref(ctx->vm->L(), LUA_REGISTRYINDEX, ctx->co_ref);
+    ctx->co_ref = LUA_NOREF;
+    ctx->co = nullptr;
+}
+
+Outcome resumeThread(RequestCtx *ctx, int nargs)
+{
+    lua_State *co = ctx->co;
+    int rc;
+
+    for (;;) {
+        {
+            RunScope scope(ctx, ctx->co_phase);
+            rc = lua_resume(co, nargs);
+        }
+        if (rc != LUA_YIELD || ctx->exited) {
+            break;
+        }
+        if (lua_gettop(co) >= 1 && lua_touserdata(co, -1) == &kYieldSentinel) {
+            lua_settop(co, 0);
+            return Outcome::Yielded;
+        }
+        // A plain coroutine.yield() in the entry thread: lua-nginx-module
+        // resumes it right away with no values.
+        lua_settop(co, 0);
+        nargs = 0;
+    }
+
+    if (rc == LUA_YIELD || rc == 0) {
+        releaseThread(ctx);
+        return Outcome::Finished;
+    }
+
+    std::string msg = errorText(co, -1);
+    std::string tb = tracebackOf(ctx->vm->L(), co);
+    logFailure(ctx->r->connection->log,
+               "lua entry thread aborted: runtime error", msg, tb);
+    releaseThread(ctx);
+    return Outcome::Failed;
+}
+
+Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
+{
+    lua_State *L = ctx->vm->L();
+    lua_State *co = lua_newthread(L);
+    ctx->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    ctx->co = co;
+    ctx->co_phase = phase;
+    ctx->exited = false;
+    ctx->exit_code = 0;
+
+    std::string err;
+    bool ok;
+    {
+        RunScope scope(ctx, phase);
+        ok = pushHandler(co, ctx, h, co, &err);
+    }
+    if (!ok) {
+        logFailure(ctx->r->connection->log, "failed to run Lua code", err, "");
+        releaseThread(ctx);
+        return Outcome::Failed;
+    }
+    return resumeThread(ctx, 0);
+}
+
+// What to do with the request once a thread has finished.
+struct Verdict {
+    enum Kind { Continue, Finalize, Output, Exec } kind;
+    ngx_int_t rc;
+};
+
+Verdict judge(RequestCtx *ctx, Outcome out)
+{
+    if (out == Outcome::Failed) {
+        // Headers already out: nothing but closing the connection is honest.
+        return {Verdict::Finalize, ctx->r->header_sent
+                                       ? NGX_ERROR
+                                       : NGX_HTTP_INTERNAL_SERVER_ERROR};
+    }
+    if (ctx->exec_uri.len) {
+        return {Verdict::Exec, NGX_DONE};
+    }
+    if (!ctx->exited) {
+        return {Verdict::Output, NGX_OK};
+    }
+    ngx_int_t code = ctx->exit_code;
+    if (code == NGX_ERROR) {
+        return {Verdict::Finalize, NGX_ERROR};
+    }
+    if (code == NGX_DECLINED) {
+        return {Verdict::Continue, NGX_DECLINED};
+    }
+    if (code >= NGX_HTTP_SPECIAL_RESPONSE || code == NGX_HTTP_NO_CONTENT
+        || code == NGX_HTTP_CREATED)
+    {
+        if (ctx->r->header_sent) {
+            return {Verdict::Output, NGX_OK};
+        }
+        return {Verdict::Finalize, code};
+    }
+    if (code >= NGX_HTTP_OK) {
+        if (!ctx->r->header_sent) {
+            ctx->r->headers_out.status = code;
+        }
+        return {Verdict::Output, NGX_OK};
+    }
+    // ngx.OK and the other small codes quit the handler.
+    return {Verdict::Continue, NGX_OK};
+}
+
+ngx_int_t finishOutput(RequestCtx *ctx)
+{
+    ngx_int_t rc = NGX_OK;
+    if (!ctx->r->header_sent) {
+        rc = sendHeader(ctx);
+        if (rc == NGX_ERROR || rc > NGX_OK) {
+            return rc;
+        }
+    }
+    if (!ctx->eof) {
+        rc = sendEof(ctx);
+    }
+    return rc;
+}
+
+ngx_int_t doExec(RequestCtx *ctx)
+{
+    ngx_http_request_t *r = ctx->r;
+    ngx_str_t uri = ctx->exec_uri;
+    ngx_str_t args = ctx->exec_args;
+    ctx->exec_uri.len = 0;
+
+    if (uri.data[0] == '@') {
+        return ngx_http_named_location(r, &uri);
+    }
+    return ngx_http_internal_redirect(r, &uri, &args);
+}
+
+bool inRewriteType(Phase p)
+{
+    return p == Phase::Rewrite || p == Phase::Access
+           || p == Phase::ServerRewrite;
+}
+
+PhaseRun &phaseRun(RequestCtx *ctx, Phase p)
+{
+    switch (p) {
+    case Phase::ServerRewrite: return ctx->server_rewrite;
+    case Phase::Rewrite: return ctx->rewrite;
+    case Phase::Access: return ctx->access;
+    default: return ctx->content;
+    }
+}
+
+// The return code of a phase handler whose thread finished without
+// yielding.
+ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
+{
+    ngx_http_request_t *r = ctx->r;
+    Verdict v = judge(ctx, out);
+    PhaseRun &pr = phaseRun(ctx, phase);
+    pr.state = ThreadState::Done;
+
+    if (phase == Phase::Content) {
+        switch (v.kind) {
+        case Verdict::Continue:
+            return v.rc == NGX_DECLINED ? NGX_DECLINED : finishOutput(ctx);
+        case Verdict::Finalize: return v.rc;
+        case Verdict::Output: return finishOutput(ctx);
+        case Verdict::Exec:
+            doExec(ctx);
+            return NGX_DONE;  // the content phase finalizes with NGX_DONE
+        }
+    }
+
+    switch (v.kind) {
+    case Verdict::Continue:
+        if (r->header_sent) {
+            // Output went out in this phase; nothing may follow it.
+            ngx_http_finalize_request(r, finishOutput(ctx));
+            return NGX_DONE;
+        }
+        pr.rc = NGX_DECLINED;
+        return NGX_DECLINED;
+    case Verdict::Finalize:
+        return v.rc;
+    case Verdict::Output:
+        if (!r->header_sent && !ctx->eof) {
+            pr.rc = NGX_DECLINED;
+            return NGX_DECLINED;  // a handler that produced nothing
+        }
+        ngx_http_finalize_request(r, finishOutput(ctx));
+        return NGX_DONE;
+    case Verdict::Exec:
+        doExec(ctx);
+        ngx_http_finalize_request(r, NGX_DONE);
+        return NGX_DONE;
+    }
+    return NGX_ERROR;
+}
+
+// After a yielded thread has finished: drive the request on from an event.
+void concludeAsync(RequestCtx *ctx, Phase phase, Outcome out)
+{
+    ngx_http_request_t *r = ctx->r;
+    PhaseRun &pr = phaseRun(ctx, phase);
+
+    if (inRewriteType(phase)) {
+        r->main->count--;  // taken when the thread first yielded
+        ngx_int_t rc = concludeSync(ctx, phase, out);
+        if (rc == NGX_DECLINED) {
+            pr.rc = NGX_DECLINED;
+            r->write_event_handler = ngx_http_core_run_phases;
+            ngx_http_core_run_phases(r);
+        } else if (rc != NGX_DONE) {
+            ngx_http_finalize_request(r, rc);
+        }
+        return;
+    }
+    ngx_http_finalize_request(r, concludeSync(ctx, phase, out));
+}
+
+ngx_int_t runPhase(ngx_http_request_t *r, Phase phase, Handler *h)
+{
+    RequestCtx *ctx = ensureCtx(r);
+    if (ctx == nullptr) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    PhaseRun &pr = phaseRun(ctx, phase);
+    if (pr.state == ThreadState::Done) {
+        return pr.rc;
+    }
+    if (pr.state == ThreadState::Running) {
+        return NGX_DONE;  // re-entered while the thread waits
+    }
+    pr.state = ThreadState::Running;
+
+    Outcome out = startThread(ctx, phase, h);
+    if (out == Outcome::Yielded) {
+        r->main->count++;
+        // The thread, not nginx's phase loop, decides when to go on.
+        r->write_event_handler = ngx_http_request_empty_handler;
+        return NGX_DONE;
+    }
+    return concludeSync(ctx, phase, out);
+}
+
+// lua_need_request_body: the body is read before the phase's Lua runs.
+void bodyReadForPhase(ngx_http_request_t *r)
+{
+    RequestCtx *ctx = getCtx(r);
+    if (ctx == nullptr) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return;
+    }
+    ctx->body_read = true;
+    ctx->reading_body = false;
+    if (ctx->body_sync) {
+        return;  // needBody() goes on inline
+    }
+    if (ctx->in_content_phase) {
+        ngx_http_finalize_request(r, contentHandler(r));
+        return;
+    }
+    r->write_event_handler = ngx_http_core_run_phases;
+    ngx_http_core_run_phases(r);
+}
+
+// Returns NGX_DECLINED when the body is there (or not wanted), NGX_DONE
+// while it is being read, or an HTTP error.
+ngx_int_t needBody(ngx_http_request_t *r, RequestCtx *ctx, bool content)
+{
+    if (!ctx->llcf->need_request_body || ctx->body_read) {
+        return NGX_DECLINED;
+    }
+    if (ctx->reading_body) {
+        return NGX_DONE;
+    }
+    ctx->reading_body = true;
+    ctx->in_content_phase = content;
+    ctx->body_sync = true;
+    ngx_int_t rc = ngx_http_read_client_request_body(r, bodyReadForPhase);
+    ctx->body_sync = false;
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        return rc;
+    }
+    if (ctx->body_read) {
+        // Completed inside the call: the reader's reference is ours to
+        // give back, and the phase goes on right here.
+        r->main->count--;
+        return NGX_DECLINED;
+    }
+    if (!content) {
+        // The reader holds a reference until it calls back; stop the phase
+        // loop (the content phase does the same by returning NGX_DONE).
+        ngx_http_finalize_request(r, NGX_DONE);
+    }
+    return NGX_DONE;
+}
+
+}  // namespace
+
+int yield(lua_State *L)
+{
+    lua_pushlightuserdata(L, &kYieldSentinel);
+    return lua_yield(L, 1);
+}
+
+void resume(RequestCtx *ctx, int nargs)
+{
+    ngx_http_request_t *r = ctx->r;
+    ngx_connection_t *c = r->connection;
+    Phase phase = ctx->co_phase;
+
+    Outcome out = resumeThread(ctx, nargs);
+    if (out != Outcome::Yielded) {
+        concludeAsync(ctx, phase, out);
+    }
+    ngx_http_run_posted_requests(c);
+}
+
+int exitThread(lua_State *L, RequestCtx *ctx)
+{
+    ctx->exited = true;
+    Phase p = g_run ? g_run->phase : Phase::None;
+    if (mask(p) & kYieldable) {
+        return yield(L);
+    }
+    lua_pushlightuserdata(L, &kExitSentinel);
+    return lua_error(L);
+}
+
+Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)
+{
+    Run *run = g_run;
+    Phase p = run ? run->phase : Phase::None;
+    if (!(mask(p) & allowed)) {
+        luaL_error(L, "API disabled in the context of %s", phaseName(p));
+    }
+    return run;
+}
+
+RequestCtx *requireRequest(lua_State *L)
+{
+    if (g_run == nullptr || g_run->ctx == nullptr) {
+        luaL_error(L, "no request found");
+    }
+    return g_run->ctx;
+}
+
+// Runs `h` to completion with pcall on the main state. Returns NGX_OK, or
+// NGX_ERROR after logging. `nargs` values below the function are passed.
+ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
+                  int nresults)
+{
+    lua_State *L = mainConf()->vm->L();
+    int base = lua_gettop(L);
+    std::string err;
+    RunScope scope(ctx, phase);
+
+    lua_pushcfunction(L, tracebackHandler);
+    if (!pushHandler(L, ctx, h, nullptr, &err)) {
+        lua_settop(L, base);
+        logFailure(log, "failed to run Lua code", err, "");
+        return NGX_ERROR;
+    }
+    int rc = lua_pcall(L, 0, nresults, base + 1);
+    if (rc != 0) {
+        if (lua_touserdata(L, -1) == &kExitSentinel) {
+            lua_settop(L, base);
+            return NGX_OK;
+        }
+        std::string text = errorText(L, -1);
+        // The handler put the traceback after the message.
+        size_t nl = text.find("\nstack traceback:");
+        std::string msg = nl == std::string::npos ? text : text.substr(0, nl);
+        std::string tb = nl == std::string::npos ? "" : text.substr(nl + 1);
+        lua_settop(L, base);
+        std::string what = std::string("failed to run ") + phaseName(phase)
+                           + "_by_lua*";
+        logFailure(log, what.c_str(), msg, tb);
+        return NGX_ERROR;
+    }
+    lua_remove(L, base + 1);
+    return NGX_OK;
+}
+
+ngx_int_t runWorkerCode(MainConf *mcf, Handler *h, Phase phase, ngx_log_t *log)
+{
+    lua_State *L = mcf->vm->L();
+    int base = lua_gettop(L);
+    ngx_int_t rc = runSync(nullptr, phase, h, log, 0);
+    lua_settop(L, base);
+    return rc;
+}
+
+ngx_int_t serverRewriteHandler(ngx_http_request_t *r)
+{
+    auto *scf = static_cast<SrvConf *>(
+        ngx_http_get_module_srv_conf(r, ngx_http_luaguard_module));
+    if (scf->server_rewrite == nullptr) {
+        return NGX_DECLINED;
+    }
+    return runPhase(r, Phase::ServerRewrite, scf->server_rewrite);
+}
+
+ngx_int_t rewriteHandler(ngx_http_request_t *r)
+{
+    auto *llcf = static_cast<LocConf *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    if (llcf->rewrite == nullptr) {
+        return NGX_DECLINED;
+    }
+    RequestCtx *ctx = ensureCtx(r);
+    if (ctx == nullptr) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    ngx_int_t rc = needBody(r, ctx, false);
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+    return runPhase(r, Phase::Rewrite, llcf->rewrite);
+}
+
+ngx_int_t accessHandler(ngx_http_request_t *r)
+{
+    auto *llcf = static_cast<LocConf *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    if (llcf->access == nullptr) {
+        return NGX_DECLINED;
+    }
+    RequestCtx *ctx = ensureCtx(r);
+    if (ctx == nullptr) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    ngx_int_t rc = needBody(r, ctx, false);
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+    return runPhase(r, Phase::Access, llcf->access);
+}
+
+ngx_int_t contentHandler(ngx_http_request_t *r)
+{
+    auto *llcf = static_cast<LocConf *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    if (llcf->content == nullptr) {
+        return NGX_DECLINED;
+    }
+    RequestCtx *ctx = ensureCtx(r);
+    if (ctx == nullptr) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    ngx_int_t rc = needBody(r, ctx, true);
+    if (rc == NGX_DONE) {
+        return NGX_DONE;
+    }
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+    if (!llcf->need_request_body && r == r->main) {
+        // Nobody reads it: drop it so keepalive works, as nginx's own
+        // content handlers do.
+        rc = ngx_http_discard_request_body(r);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+    }
+    ngx_int_t out = runPhase(r, Phase::Content, llcf->content);
+    if (out == NGX_DONE && ctx->content.state == ThreadState::Running) {
+        // runPhase took a reference for the suspended thread; the content
+        // phase gives one back by finalizing with NGX_DONE.
+        return NGX_DONE;
+    }
+    return out;
+}
+
+ngx_int_t logHandler(ngx_http_request_t *r)
+{
+    auto *llcf = static_cast<LocConf *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    if (llcf->log == nullptr) {
+        return NGX_DECLINED;
+    }
+    RequestCtx *ctx = ensureCtx(r);
+    if (ctx == nullptr) {
+        return NGX_ERROR;
+    }
+    runSync(ctx, Phase::Log, llcf->log, r->connection->log, 0);
+    return NGX_OK;
+}
+
+// The rewrite module's script engine stops at a null code pointer; nginx
+// does not export its own, so this is ours.
+u_char *scriptExit()
+{
+    static uintptr_t stop = 0;
+    return reinterpret_cast<u_char *>(&stop);
+}
+
+ngx_int_t emptyVariable(ngx_http_request_t *, ngx_http_variable_value_t *v,
+                        uintptr_t)
+{
+    *v = ngx_http_variable_null_value;
+    return NGX_OK;
+}
+
+void runSetStep(ngx_http_script_engine_t *e)
+{
+    auto *code = reinterpret_cast<SetCode *>(e->ip);
+    SetStep *step = code->step;
+    ngx_http_request_t *r = e->request;
+    e->ip += sizeof(SetCode);
+
+    RequestCtx *ctx = ensureCtx(r);
+    if (ctx == nullptr) {
+        e->ip = scriptExit();
+        e->status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return;
+    }
+
+    lua_State *L = ctx->vm->L();
+    int base = lua_gettop(L);
+
+    // ngx.arg for set_by_lua: the evaluated $arg parameters.
+    lua_createtable(L, static_cast<int>(step->nargs), 0);
+    for (ngx_uint_t i = 0; i < step->nargs; i++) {
+        ngx_str_t val;
+        if (ngx_http_complex_value(r, &step->args[i], &val) != NGX_OK) {
+            lua_settop(L, base);
+            e->ip = scriptExit();
+            e->status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+            return;
+        }
+        lua_pushlstring(L, reinterpret_cast<char *>(val.data), val.len);
+        lua_rawseti(L, -2, static_cast<int>(i + 1));
+    }
+    lua_setfield(L, LUA_REGISTRYINDEX, "luaguard.set_args");
+
+    ngx_int_t rc = runSync(ctx, Phase::Set, step->handler, r->connection->log,
+                           1);
+    lua_pushnil(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, "luaguard.set_args");
+
+    ngx_http_variable_value_t *v = e->sp;
+    if (rc != NGX_OK) {
+        lua_settop(L, base);
+        e->ip = scriptExit();
+        e->status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return;
+    }
+
+    size_t len = 0;
+    const char *s = nullptr;
+    if (lua_gettop(L) > base && !lua_isnil(L, -1)) {
+        s = lua_tolstring(L, -1, &len);
+    }
+    u_char *data = static_cast<u_char *>(ngx_pnalloc(r->pool, len ? len : 1));
+    if (data == nullptr) {
+        lua_settop(L, base);
+        e->ip = scriptExit();
+        e->status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return;
+    }
+    if (len) {
+        ngx_memcpy(data, s, len);
+    }
+    lua_settop(L, base);
+
+    v->data = data;
+    v->len = len;
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+    e->sp++;
+}
+
+void logFromLua(lua_State *L, ngx_uint_t level, const char *msg, size_t len,
+                int stack_level)
+{
+    ngx_log_t *log = currentLog();
+    if (log->log_level < level) {
+        return;
+    }
+    std::string text;
+    lua_Debug ar;
+    if (lua_getstack(L, stack_level, &ar) && lua_getinfo(L, "Sl", &ar)) {
+        const char *src = ar.short_src;
+        text.append(src);
+        text.push_back(':');
+        text.append(std::to_string(ar.currentline));
+        text.append(": ");
+    }
+    appendLogEscaped(text, msg, len);
+    ngx_log_error(level, log, 0, "[lua] %s", text.c_str());
+}
+
+}  // namespace glue
+}  // namespace luaguard

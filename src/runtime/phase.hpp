@@ -1,0 +1,52 @@
+// The contexts Lua code runs in, with the names ngx.get_phase() returns and
+// the error text lua-nginx-module uses when an API is used in the wrong one.
+#pragma once
+
+#include <cstdint>
+
+namespace luaguard {
+
+enum class Phase : uint16_t {
+    None = 0,
+    Init = 1 << 0,
+    InitWorker = 1 << 1,
+    Set = 1 << 2,
+    ServerRewrite = 1 << 3,
+    Rewrite = 1 << 4,
+    Access = 1 << 5,
+    Content = 1 << 6,
+    Log = 1 << 7,
+    HeaderFilter = 1 << 8,
+    BodyFilter = 1 << 9,
+    Timer = 1 << 10,
+    ExitWorker = 1 << 11,
+};
+
+using PhaseMask = uint16_t;
+
+constexpr PhaseMask mask(Phase p) { return static_cast<PhaseMask>(p); }
+
+template <typename... P>
+constexpr PhaseMask mask(Phase p, P... rest)
+{
+    return static_cast<PhaseMask>(mask(p) | mask(rest...));
+}
+
+// Phases whose Lua runs in a coroutine that may yield to nginx.
+constexpr PhaseMask kYieldable = mask(Phase::ServerRewrite, Phase::Rewrite,
+                                      Phase::Access, Phase::Content,
+                                      Phase::Timer);
+
+// Phases with a request (ngx.var, ngx.req.*).
+constexpr PhaseMask kRequest = mask(Phase::Set, Phase::ServerRewrite,
+                                    Phase::Rewrite, Phase::Access,
+                                    Phase::Content, Phase::Log,
+                                    Phase::HeaderFilter, Phase::BodyFilter);
+
+// Phases in which output may be produced with ngx.say and friends.
+constexpr PhaseMask kOutput = mask(Phase::ServerRewrite, Phase::Rewrite,
+                                   Phase::Access, Phase::Content);
+
+const char *phaseName(Phase p);
+
+}  // namespace luaguard

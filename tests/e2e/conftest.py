@@ -1,0 +1,45 @@
+import pytest
+
+from harness import Nginx
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """Factory: nginx(server=..., http=..., main=..., workers=1,
+    module="luaguard"|"reference") starts a server. Every server started
+    is stopped at teardown and its error log checked for alerts, crashes
+    and sanitizer reports."""
+    started = []
+
+    def start(**kw):
+        sub = tmp_path / f"n{len(started)}"
+        n = Nginx(sub, **kw)
+        started.append(n)
+        return n.start()
+
+    start.servers = started
+    yield start
+    problems = []
+    for n in started:
+        try:
+            n.stop()
+        except RuntimeError as e:
+            problems.append(str(e))
+        bad = n.fatal_lines()
+        if bad:
+            problems.append(f"{n.prefix}: " + "\n".join(bad[:20]))
+    if problems:
+        pytest.fail("nginx reported problems:\n" + "\n".join(problems))
+
+
+@pytest.fixture
+def nginx_conf(tmp_path):
+    """Factory for configurations that are only tested (`nginx -t`)."""
+    made = []
+
+    def make(**kw):
+        n = Nginx(tmp_path / f"t{len(made)}", **kw)
+        made.append(n)
+        return n
+
+    return make

@@ -1,0 +1,273 @@
+"""Runs a real /usr/sbin/nginx with luaguard (or the reference
+lua-nginx-module) loaded, on a free loopback port, and checks its error log
+for anything that must never happen."""
+
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+NGINX = "/usr/sbin/nginx"
+MODULE = os.environ.get(
+    "LUAGUARD_MODULE", str(REPO / "build" / "ngx_http_luaguard_module.so"))
+REFERENCE_MODULES = [
+    "/usr/lib/nginx/modules/ndk_http_module.so",
+    "/usr/lib/nginx/modules/ngx_http_lua_module.so",
+]
+ASAN = os.environ.get("LUAGUARD_ASAN") == "1"
+
+# Lines that fail any test: nginx's own alarms, a crashed worker, and any
+# sanitizer report.
+FATAL = re.compile(
+    r"\[alert\]|\[crit\]|\[emerg\]|exited on signal|AddressSanitizer|"
+    r"LeakSanitizer|UndefinedBehaviorSanitizer|"
+    r"\.(?:c|cc|cpp|h|hpp):\d+:\d+: runtime error:")
+
+TEMPLATE = """\
+{load}
+worker_processes {workers};
+daemon on;
+master_process on;
+error_log {prefix}/logs/error.log {log_level};
+pid {prefix}/nginx.pid;
+{main}
+events {{
+    worker_connections 1024;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    default_type text/plain;
+{http}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+{server}
+    }}
+}}
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sanitizer_env():
+    env = dict(os.environ)
+    if ASAN:
+        libs = []
+        for name in ("libasan.so", "libubsan.so"):
+            out = subprocess.run(["gcc", "-print-file-name=" + name],
+                                 capture_output=True, text=True).stdout.strip()
+            libs.append(out)
+        env["LD_PRELOAD"] = " ".join(libs)
+        # nginx frees its pools at exit only partly by design; leaks are not
+        # what this run looks for.
+        env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1"
+        env["UBSAN_OPTIONS"] = "print_stacktrace=1"
+    return env
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers          # list of (name, value)
+        self.body = body                # bytes
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8", "replace")
+
+    def header(self, name):
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else values
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+class Nginx:
+    def __init__(self, prefix, *, server="", http="", main="", workers=1,
+                 module="luaguard", log_level="info", files=None,
+                 extra_load=""):
+        self.prefix = Path(prefix)
+        self.module = module
+        self.port = free_port()
+        self.log_path = self.prefix / "logs" / "error.log"
+        self.conf_path = self.prefix / "conf" / "nginx.conf"
+        for d in ("logs", "conf", "tmp", "html"):
+            (self.prefix / d).mkdir(parents=True, exist_ok=True)
+        for name, content in (files or {}).items():
+            path = self.prefix / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+        if module == "luaguard":
+            load = f"load_module {MODULE};"
+        else:
+            load = "\n".join(f"load_module {m};" for m in REFERENCE_MODULES)
+        load += "\n" + extra_load
+        fmt = dict(prefix=self.prefix, port=self.port, workers=workers,
+                   log_level=log_level)
+        self.conf = TEMPLATE.format(
+            load=load, main=self.fill(main, fmt), http=self.fill(http, fmt),
+            server=self.fill(server, fmt), **fmt)
+        self.conf_path.write_text(self.conf)
+        self.started = False
+        self.log_offset = 0
+
+    @staticmethod
+    def fill(text, fmt):
+        """Replaces {port}, {prefix} and {workers} only: Lua code is full of
+        braces."""
+        for k, v in fmt.items():
+            text = text.replace("{" + k + "}", str(v))
+        return text
+
+    # ---- lifecycle ----
+    def cmd(self, *args, check=True):
+        return subprocess.run(
+            [NGINX, "-p", str(self.prefix), "-c", str(self.conf_path), *args],
+            capture_output=True, text=True, env=sanitizer_env(), check=check)
+
+    def test_config(self):
+        """`nginx -t`: returns (ok, output)."""
+        r = self.cmd("-t", check=False)
+        return r.returncode == 0, r.stdout + r.stderr
+
+    def start(self):
+        r = self.cmd(check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"nginx failed to start:\n{r.stderr}\n"
+                               f"{self.read_log()}")
+        self.started = True
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.5):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("nginx did not start listening:\n" + self.read_log())
+
+    def master_pid(self):
+        return int((self.prefix / "nginx.pid").read_text().strip())
+
+    def worker_pids(self):
+        out = subprocess.run(["pgrep", "-P", str(self.master_pid())],
+                             capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def reload(self):
+        old = set(self.worker_pids())
+        os.kill(self.master_pid(), signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            pids = set(self.worker_pids())
+            if pids and not (pids & old):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("reload did not replace the workers")
+
+    def stop(self, graceful=True):
+        if not self.started:
+            return
+        self.started = False
+        try:
+            pid = self.master_pid()
+        except (OSError, ValueError):
+            return
+        os.kill(pid, signal.SIGQUIT if graceful else signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        raise RuntimeError("nginx did not stop in time")
+
+    # ---- the error log ----
+    def read_log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def new_log(self):
+        """The log written since the previous call."""
+        text = self.read_log()
+        out = text[self.log_offset:]
+        self.log_offset = len(text)
+        return out
+
+    def fatal_lines(self):
+        lines = [ln for ln in self.read_log().splitlines() if FATAL.search(ln)]
+        for f in self.prefix.glob("asan.*"):
+            lines.append(f.read_text(errors="replace"))
+        return lines
+
+    def wait_log(self, pattern, timeout=10):
+        """Waits until `pattern` (a regex) appears in the error log."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = rx.search(self.read_log())
+            if m:
+                return m
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not in log:\n{self.read_log()}")
+
+    # ---- requests ----
+    def request(self, path, method="GET", headers=None, body=None,
+                timeout=10, version=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port,
+                                          timeout=timeout)
+        if version == "1.0":
+            conn._http_vsn = 10
+            conn._http_vsn_str = "HTTP/1.0"
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            return Response(resp.status, resp.getheaders(), data)
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request(path, **kw)
+
+    def raw(self, data, timeout=10, read_until_close=True):
+        """Sends raw bytes, returns everything the server answers."""
+        with socket.create_connection(("127.0.0.1", self.port),
+                                      timeout) as s:
+            s.sendall(data)
+            chunks = []
+            while True:
+                try:
+                    b = s.recv(65536)
+                except socket.timeout:
+                    break
+                if not b:
+                    break
+                chunks.append(b)
+                if not read_until_close:
+                    break
+            return b"".join(chunks)
