@@ -461,6 +461,67 @@ char *setByLua(ngx_conf_t *cf, ngx_command_t *cmd, void *)
     return NGX_CONF_OK;
 }
 
+// "off" or a time ("1s", "250ms"): how long Lua may run.
+char *setBudgetTime(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    auto *slot = reinterpret_cast<ngx_msec_t *>(static_cast<char *>(conf)
+                                                + cmd->offset);
+    if (*slot != NGX_CONF_UNSET_MSEC) {
+        return const_cast<char *>("is duplicate");
+    }
+    ngx_str_t *v = &static_cast<ngx_str_t *>(cf->args->elts)[1];
+    if (v->len == 3 && ngx_strncmp(v->data, "off", 3) == 0) {
+        *slot = 0;
+        return NGX_CONF_OK;
+    }
+    ngx_int_t ms = ngx_parse_time(v, 0);
+    if (ms == NGX_ERROR || ms == 0) {
+        return const_cast<char *>("invalid value: expected a time such as "
+                                  "\"500ms\" or \"off\"");
+    }
+    *slot = static_cast<ngx_msec_t>(ms);
+    return NGX_CONF_OK;
+}
+
+// "off" or a size ("256m").
+char *setBudgetSize(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    auto *slot = reinterpret_cast<off_t *>(static_cast<char *>(conf)
+                                           + cmd->offset);
+    if (*slot != NGX_CONF_UNSET) {
+        return const_cast<char *>("is duplicate");
+    }
+    ngx_str_t *v = &static_cast<ngx_str_t *>(cf->args->elts)[1];
+    if (v->len == 3 && ngx_strncmp(v->data, "off", 3) == 0) {
+        *slot = 0;
+        return NGX_CONF_OK;
+    }
+    off_t size = ngx_parse_offset(v);
+    if (size == NGX_ERROR || size < 1024 * 1024) {
+        return const_cast<char *>("invalid value: expected a size of at "
+                                  "least 1m, or \"off\"");
+    }
+    *slot = size;
+    return NGX_CONF_OK;
+}
+
+char *setBudgetStatus(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    auto *slot = reinterpret_cast<ngx_uint_t *>(static_cast<char *>(conf)
+                                                + cmd->offset);
+    if (*slot != NGX_CONF_UNSET_UINT) {
+        return const_cast<char *>("is duplicate");
+    }
+    ngx_str_t *v = &static_cast<ngx_str_t *>(cf->args->elts)[1];
+    ngx_int_t n = ngx_atoi(v->data, v->len);
+    if (n < 400 || n > 599) {
+        return const_cast<char *>("invalid value: expected a status code "
+                                  "from 400 to 599");
+    }
+    *slot = static_cast<ngx_uint_t>(n);
+    return NGX_CONF_OK;
+}
+
 char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     auto *slot = reinterpret_cast<ngx_str_t *>(static_cast<char *>(conf)
@@ -596,6 +657,19 @@ ngx_command_t commands[] = {
            ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(check_client_abort),
            nullptr),
 
+    LG_CMD("lua_budget_slice", kAnyLoc | NGX_CONF_TAKE1, setBudgetTime,
+           kLocLoc, LG_LOC_OFF(budget_slice), nullptr),
+    LG_CMD("lua_budget_request", kAnyLoc | NGX_CONF_TAKE1, setBudgetTime,
+           kLocLoc, LG_LOC_OFF(budget_request), nullptr),
+    LG_CMD("lua_budget_memory", kAnyLoc | NGX_CONF_TAKE1, setBudgetSize,
+           kLocLoc, LG_LOC_OFF(budget_memory), nullptr),
+    LG_CMD("lua_budget_status", kAnyLoc | NGX_CONF_TAKE1, setBudgetStatus,
+           kLocLoc, LG_LOC_OFF(budget_status), nullptr),
+    LG_CMD("lua_vm_memory_limit", kMain | NGX_CONF_TAKE1, setBudgetSize,
+           kMainLoc, LG_MAIN_OFF(vm_memory_limit), nullptr),
+    LG_CMD("lua_watchdog_grace", kMain | NGX_CONF_TAKE1, setBudgetTime,
+           kMainLoc, LG_MAIN_OFF(watchdog_grace), nullptr),
+
     ngx_null_command};
 
 #undef LG_CMD
@@ -609,6 +683,8 @@ void *createMainConf(ngx_conf_t *cf)
     }
     mcf->rewrite_no_postpone = NGX_CONF_UNSET;
     mcf->access_no_postpone = NGX_CONF_UNSET;
+    mcf->vm_memory_limit = NGX_CONF_UNSET_SIZE;
+    mcf->watchdog_grace = NGX_CONF_UNSET_MSEC;
     return mcf;
 }
 
@@ -617,6 +693,9 @@ char *initMainConf(ngx_conf_t *, void *conf)
     auto *mcf = static_cast<MainConf *>(conf);
     ngx_conf_init_value(mcf->rewrite_no_postpone, 0);
     ngx_conf_init_value(mcf->access_no_postpone, 0);
+    // Defaults: see docs/budgets.md for why these numbers.
+    ngx_conf_init_size_value(mcf->vm_memory_limit, 1024 * 1024 * 1024);
+    ngx_conf_init_msec_value(mcf->watchdog_grace, 5000);
     return NGX_CONF_OK;
 }
 
@@ -648,6 +727,10 @@ void *createLocConf(ngx_conf_t *cf)
     conf->transform_underscores = NGX_CONF_UNSET;
     conf->http10_buffering = NGX_CONF_UNSET;
     conf->check_client_abort = NGX_CONF_UNSET;
+    conf->budget_slice = NGX_CONF_UNSET_MSEC;
+    conf->budget_request = NGX_CONF_UNSET_MSEC;
+    conf->budget_memory = NGX_CONF_UNSET;
+    conf->budget_status = NGX_CONF_UNSET_UINT;
     return conf;
 }
 
@@ -672,6 +755,17 @@ char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
     ngx_conf_merge_value(conf->http10_buffering, prev->http10_buffering, 1);
     ngx_conf_merge_value(conf->check_client_abort, prev->check_client_abort,
                          0);
+    // Defaults: see docs/budgets.md for why these numbers.
+    ngx_conf_merge_msec_value(conf->budget_slice, prev->budget_slice, 1000);
+    ngx_conf_merge_msec_value(conf->budget_request, prev->budget_request,
+                              10000);
+    ngx_conf_merge_off_value(conf->budget_memory, prev->budget_memory,
+                             256 * 1024 * 1024);
+    ngx_conf_merge_uint_value(conf->budget_status, prev->budget_status,
+                              NGX_HTTP_INTERNAL_SERVER_ERROR);
+    conf->limits.slice_ms = conf->budget_slice;
+    conf->limits.total_ms = conf->budget_request;
+    conf->limits.memory = conf->budget_memory;
     return NGX_CONF_OK;
 }
 
@@ -758,6 +852,7 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
         lua_pop(L, 1);
     }
 
+    mcf->vm->memory().ceiling = mcf->vm_memory_limit;
     g_mcf = mcf;
     if (mcf->init && glue::runWorkerCode(mcf, mcf->init, Phase::Init, cf->log)
                          != NGX_OK)
@@ -765,6 +860,16 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
     return NGX_OK;
+}
+
+// Runs on the watchdog thread, just before the worker exits.
+void onStuck(const char *budget, uint64_t ms)
+{
+    ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                  "luaguard: %s exceeded and Lua has not reached an "
+                  "instruction for %uL ms (stuck inside a C function); "
+                  "ending this worker so the master starts a new one",
+                  budget, ms);
 }
 
 ngx_int_t initProcess(ngx_cycle_t *cycle)
@@ -775,6 +880,13 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
         return NGX_OK;
     }
     g_mcf = mcf;
+    if (!budget::Guard::instance().start(mcf->vm->L(), &mcf->vm->memory(),
+                                         mcf->watchdog_grace, onStuck))
+    {
+        ngx_log_error(NGX_LOG_ERR, cycle->log, ngx_errno,
+                      "luaguard: the budget watchdog did not start; "
+                      "runaway Lua will not be stopped in this worker");
+    }
     if (mcf->init_worker) {
         // A failing init_worker_by_lua is logged, the worker still serves,
         // as in lua-nginx-module.
@@ -786,6 +898,7 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
 
 void exitProcess(ngx_cycle_t *cycle)
 {
+    budget::Guard::instance().stop();
     MainConf *mcf = g_mcf;
     if (mcf == nullptr || mcf->vm == nullptr || mcf->exit_worker == nullptr) {
         return;

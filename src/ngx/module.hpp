@@ -7,6 +7,7 @@
 #include "ngx/nginx.hpp"
 #include "runtime/lua.hpp"
 #include "runtime/phase.hpp"
+#include "security/budget.hpp"
 
 extern "C" ngx_module_t ngx_http_rewrite_module;
 extern "C" __attribute__((visibility("default")))
@@ -46,7 +47,8 @@ struct MainConf {
     bool                       need_header_filter;
     bool                       need_body_filter;
     bool                       need_server_rewrite;
-    ngx_uint_t                 http10_buffering_any;
+    size_t                     vm_memory_limit;   // 0: none
+    ngx_msec_t                 watchdog_grace;    // 0: never end a worker
 };
 
 struct SrvConf {
@@ -66,6 +68,13 @@ struct LocConf {
     ngx_flag_t                 transform_underscores;
     ngx_flag_t                 http10_buffering;
     ngx_flag_t                 check_client_abort;
+
+    // Execution budgets for request code (0: off).
+    ngx_msec_t                 budget_slice;
+    ngx_msec_t                 budget_request;
+    off_t                      budget_memory;
+    ngx_uint_t                 budget_status;
+    budget::Limits             limits;            // the three above, merged
 };
 
 // Where a phase's Lua thread is: not started, suspended on an event, or
@@ -125,6 +134,8 @@ struct RequestCtx {
     ngx_chain_t         *filter_out = nullptr;
     bool                 filter_eof = false;
     bool                 filter_replaced = false;
+
+    budget::Usage        usage;      // Lua time and memory, all phases
 
     ngx_event_t          sleep_ev;
     bool                 sleeping = false;

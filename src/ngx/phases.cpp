@@ -270,6 +270,7 @@ Outcome resumeThread(RequestCtx *ctx, int nargs)
     for (;;) {
         {
             RunScope scope(ctx, ctx->co_phase);
+            budget::Scope charge(ctx->llcf->limits, &ctx->usage);
             rc = lua_resume(co, nargs);
         }
         if (rc != LUA_YIELD || ctx->exited) {
@@ -295,6 +296,7 @@ Outcome resumeThread(RequestCtx *ctx, int nargs)
     logFailure(ctx->r->connection->log,
                "lua entry thread aborted: runtime error", msg, tb);
     releaseThread(ctx);
+    budget::Guard::reclaim(ctx->vm->L(), ctx->usage);
     return Outcome::Failed;
 }
 
@@ -332,9 +334,13 @@ Verdict judge(RequestCtx *ctx, Outcome out)
 {
     if (out == Outcome::Failed) {
         // Headers already out: nothing but closing the connection is honest.
-        return {Verdict::Finalize, ctx->r->header_sent
-                                       ? NGX_ERROR
-                                       : NGX_HTTP_INTERNAL_SERVER_ERROR};
+        if (ctx->r->header_sent) {
+            return {Verdict::Finalize, NGX_ERROR};
+        }
+        return {Verdict::Finalize,
+                ctx->usage.tripped != budget::Kind::None
+                    ? static_cast<ngx_int_t>(ctx->llcf->budget_status)
+                    : NGX_HTTP_INTERNAL_SERVER_ERROR};
     }
     if (ctx->exec_uri.len) {
         return {Verdict::Exec, NGX_DONE};
@@ -623,6 +629,10 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
         logFailure(log, "failed to run Lua code", err, "");
         return NGX_ERROR;
     }
+    budget::Usage scratch;
+    budget::Limits none;
+    budget::Scope charge(ctx ? ctx->llcf->limits : none,
+                         ctx ? &ctx->usage : &scratch);
     int rc = lua_pcall(L, 0, nresults, base + 1);
     if (rc != 0) {
         if (lua_touserdata(L, -1) == &kExitSentinel) {
@@ -638,6 +648,9 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
         std::string what = std::string("failed to run ") + phaseName(phase)
                            + "_by_lua*";
         logFailure(log, what.c_str(), msg, tb);
+        if (ctx) {
+            budget::Guard::reclaim(L, ctx->usage);
+        }
         return NGX_ERROR;
     }
     lua_remove(L, base + 1);

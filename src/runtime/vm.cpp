@@ -23,12 +23,15 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
 
     if (nsize > osize) {
         size_t grow = nsize - osize;
-        if ((m->ceiling && m->in_use + grow > m->ceiling)
-            || (m->charge && m->charge_limit
-                && *m->charge + static_cast<int64_t>(grow) > m->charge_limit))
-        {
+        bool over_request = m->charge && m->charge_limit
+                            && *m->charge + static_cast<int64_t>(grow)
+                                   > m->charge_limit;
+        if (over_request || (m->ceiling && m->in_use + grow > m->ceiling)) {
             m->refused = true;
             m->refusals++;
+            if (m->on_refuse) {
+                m->on_refuse(over_request);
+            }
             return nullptr;
         }
     }

@@ -1,0 +1,337 @@
+#include "security/budget.hpp"
+
+#include <malloc.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+
+#include "runtime/vm.hpp"
+
+namespace luaguard::budget {
+
+namespace {
+
+// How often the watchdog looks at the stamps: the precision of every CPU
+// budget, at a cost of one wake-up per tick.
+constexpr auto kTick = std::chrono::milliseconds(5);
+
+// Re-signal a run that has not stopped yet: the signal may have landed
+// while the worker was in a C function that then returned to Lua.
+constexpr uint64_t kResignalNs = 50'000'000;
+
+int budgetSignal()
+{
+    return SIGRTMIN + 2;
+}
+
+}  // namespace
+
+const char *kindName(Kind k)
+{
+    switch (k) {
+    case Kind::Slice: return "lua_budget_slice";
+    case Kind::Total: return "lua_budget_request";
+    case Kind::Memory: return "lua_budget_memory";
+    case Kind::VmMemory: return "lua_vm_memory_limit";
+    case Kind::None: break;
+    }
+    return "none";
+}
+
+uint64_t nowNs()
+{
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull
+           + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+Guard &Guard::instance()
+{
+    static Guard g;
+    return g;
+}
+
+bool Guard::start(lua_State *L, MemoryAccount *mem, uint64_t grace_ms,
+                  void (*on_stuck)(const char *, uint64_t))
+{
+    L_ = L;
+    mem_ = mem;
+    grace_ns_ = grace_ms * 1'000'000ull;
+    on_stuck_ = on_stuck;
+    worker_thread_ = pthread_self();
+
+    mem->on_refuse = [](bool request_limit) {
+        instance().tripMemory(request_limit ? Kind::Memory : Kind::VmMemory);
+    };
+
+    struct sigaction sa {};
+    sa.sa_handler = onSignal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(budgetSignal(), &sa, nullptr) != 0) {
+        return false;
+    }
+
+    // The watchdog takes no signal meant for the worker (nginx's master
+    // signals the process, and any thread not blocking it may receive it).
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    running_ = true;
+    try {
+        thread_ = std::thread([this] { watch(); });
+    } catch (...) {
+        running_ = false;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    return running_;
+}
+
+void Guard::stop()
+{
+    if (running_.exchange(false) && thread_.joinable()) {
+        thread_.join();
+    }
+}
+
+void Guard::enter(Frame *f, const Limits &limits, Usage *usage)
+{
+    uint64_t now = nowNs();
+    f->usage = usage;
+    f->limits = limits;
+    f->entered = now;
+    f->prev = top_;
+
+    uint64_t dl = 0;
+    Kind kind = Kind::None;
+    if (f->prev) {
+        // Nested run: the worker has not yielded, the outer slice goes on.
+        dl = f->prev->deadline;
+        kind = f->prev->deadline_kind;
+    } else if (limits.slice_ms) {
+        dl = now + limits.slice_ms * 1'000'000ull;
+        kind = Kind::Slice;
+    }
+    if (limits.total_ms) {
+        uint64_t total = limits.total_ms * 1'000'000ull;
+        uint64_t left = usage->lua_ns < total ? total - usage->lua_ns : 0;
+        if (dl == 0 || now + left < dl) {
+            dl = now + left;
+            kind = Kind::Total;
+        }
+    }
+    f->deadline = dl;
+    f->deadline_kind = kind;
+
+    if (mem_) {
+        f->prev_charge = mem_->charge;
+        f->prev_charge_limit = mem_->charge_limit;
+        mem_->charge = &usage->mem_net;
+        // A tripped run gets no limit: its error message must be
+        // allocatable, and the hook ends it anyway.
+        mem_->charge_limit = usage->tripped == Kind::None ? limits.memory : 0;
+        if (usage->mem_net < 0) {
+            usage->mem_net = 0;  // frees of others' garbage earn no credit
+        }
+    }
+
+    top_ = f;
+    if (f->prev == nullptr) {
+        gen_.fetch_add(1, std::memory_order_acq_rel);
+    }
+    deadline_kind_.store(static_cast<uint8_t>(kind), std::memory_order_relaxed);
+    deadline_.store(dl, std::memory_order_release);
+}
+
+void Guard::leave(Frame *f)
+{
+    uint64_t now = nowNs();
+    f->usage->lua_ns += now - f->entered;
+    top_ = f->prev;
+
+    if (mem_) {
+        mem_->charge = f->prev_charge;
+        mem_->charge_limit = f->prev_charge_limit;
+    }
+
+    if (f->prev) {
+        deadline_kind_.store(static_cast<uint8_t>(f->prev->deadline_kind),
+                             std::memory_order_relaxed);
+        deadline_.store(f->prev->deadline, std::memory_order_release);
+        return;
+    }
+
+    deadline_.store(0, std::memory_order_release);
+    if (tripped_gen_.load(std::memory_order_acquire)
+        == gen_.load(std::memory_order_relaxed))
+    {
+        // The run that tripped is over: disarm, and give memory back if
+        // memory was what it took.
+        lua_sethook(L_, nullptr, 0, 0);
+        tripped_gen_.store(~0ull, std::memory_order_release);
+    }
+}
+
+uint64_t Guard::usedNs(const Usage &usage) const
+{
+    uint64_t ns = usage.lua_ns;
+    uint64_t now = nowNs();
+    for (const Frame *f = top_; f; f = f->prev) {
+        if (f->usage == &usage) {
+            ns += now - f->entered;
+        }
+    }
+    return ns;
+}
+
+void Guard::reclaim(lua_State *L, const Usage &usage)
+{
+    if (usage.tripped == Kind::Memory || usage.tripped == Kind::VmMemory) {
+        lua_gc(L, LUA_GCCOLLECT, 0);
+        malloc_trim(0);  // hand the pages back, not just to malloc
+    }
+}
+
+void Guard::tripMemory(Kind k)
+{
+    if (top_ == nullptr || L_ == nullptr) {
+        return;  // not a budgeted run: Lua's own "not enough memory" only
+    }
+    uint64_t gen = gen_.load(std::memory_order_relaxed);
+    if (tripped_gen_.load() != gen) {
+        tripped_kind_.store(static_cast<uint8_t>(k));
+        tripped_at_.store(nowNs());
+        tripped_gen_.store(gen, std::memory_order_release);
+    }
+    markTripped(k);
+    // Room for the error message; the hook ends the run regardless.
+    mem_->charge_limit = 0;
+    arm();
+}
+
+void Guard::markTripped(Kind k)
+{
+    for (Frame *f = top_; f; f = f->prev) {
+        if (f->usage->tripped == Kind::None) {
+            f->usage->tripped = k;
+            if (f->prev == nullptr) {
+                stops_[static_cast<int>(k)]++;
+            }
+        }
+    }
+}
+
+void Guard::arm()
+{
+    lua_sethook(L_, hook, LUA_MASKCOUNT, 1);
+}
+
+void Guard::onSignal(int)
+{
+    int saved = errno;
+    Guard &g = instance();
+    if (g.L_ && g.top_
+        && g.tripped_gen_.load(std::memory_order_acquire)
+               == g.gen_.load(std::memory_order_relaxed))
+    {
+        g.arm();  // lua_sethook is safe in a signal handler
+    }
+    errno = saved;
+}
+
+void Guard::hook(lua_State *L, lua_Debug *ar)
+{
+    Guard &g = instance();
+    uint64_t gen = g.gen_.load(std::memory_order_relaxed);
+    if (g.top_ == nullptr
+        || g.tripped_gen_.load(std::memory_order_acquire) != gen)
+    {
+        lua_sethook(L, nullptr, 0, 0);  // armed for a run that is over
+        return;
+    }
+    auto k = static_cast<Kind>(g.tripped_kind_.load());
+    g.markTripped(k);
+    // Where the run was when it was stopped: the innermost frame of user
+    // code (the prelude's coroutine wrappers are ours, not the culprit).
+    const char *src = "?";
+    int line = 0;
+    lua_Debug frame;
+    for (int level = 0; lua_getstack(L, level, &frame); level++) {
+        if (lua_getinfo(L, "Sl", &frame) && frame.currentline > 0
+            && std::strncmp(frame.source, "=luaguard.", 10) != 0)
+        {
+            src = frame.short_src;
+            line = frame.currentline;
+            break;
+        }
+    }
+    (void) ar;
+    const Limits &lim = g.top_->limits;
+    switch (k) {
+    case Kind::Slice:
+        luaL_error(L, "luaguard: %s exceeded: Lua ran %d ms without "
+                   "yielding, stopped at %s:%d", kindName(k),
+                   static_cast<int>(lim.slice_ms), src, line);
+        break;
+    case Kind::Total:
+        luaL_error(L, "luaguard: %s exceeded: the request used %d ms of Lua "
+                   "time, stopped at %s:%d", kindName(k),
+                   static_cast<int>(lim.total_ms), src, line);
+        break;
+    default:
+        luaL_error(L, "not enough memory (luaguard: %s exceeded, stopped at "
+                   "%s:%d)", kindName(k), src, line);
+    }
+}
+
+void Guard::watch()
+{
+    uint64_t last_signal = 0;
+    while (running_.load(std::memory_order_relaxed)) {
+        std::this_thread::sleep_for(kTick);
+        uint64_t dl = deadline_.load(std::memory_order_acquire);
+        if (dl == 0) {
+            continue;
+        }
+        uint64_t gen = gen_.load(std::memory_order_acquire);
+        uint64_t now = nowNs();
+        if (now < dl) {
+            continue;
+        }
+        if (tripped_gen_.load(std::memory_order_acquire) != gen) {
+            tripped_kind_.store(deadline_kind_.load());
+            tripped_at_.store(now);
+            tripped_gen_.store(gen, std::memory_order_release);
+            pthread_kill(worker_thread_, budgetSignal());
+            last_signal = now;
+            continue;
+        }
+        uint64_t since = now - tripped_at_.load();
+        if (grace_ns_ && since > grace_ns_
+            && gen_.load(std::memory_order_acquire) == gen
+            && deadline_.load(std::memory_order_acquire) != 0)
+        {
+            // The hook never got to run: the worker is inside one C call.
+            // Nothing can unwind it; end this worker, the master starts a
+            // fresh one.
+            if (on_stuck_) {
+                on_stuck_(kindName(static_cast<Kind>(tripped_kind_.load())),
+                          since / 1'000'000ull);
+            }
+            _exit(1);
+        }
+        if (now - last_signal > kResignalNs) {
+            pthread_kill(worker_thread_, budgetSignal());
+            last_signal = now;
+        }
+    }
+}
+
+}  // namespace luaguard::budget

@@ -1,0 +1,131 @@
+// Execution budgets: how long Lua may run without yielding (the slice that
+// blocks every other connection of the worker), how much Lua time one
+// request may use in all, and how much memory it may hold.
+//
+// The worker thread only stamps the clock when it enters and leaves Lua. A
+// watchdog thread compares the stamps with the deadline; past it, it
+// signals the worker thread, whose handler arms a count hook. With
+// LUAJIT_ENABLE_CHECKHOOK the hook also fires inside compiled traces. The
+// hook raises an error naming the budget on every instruction until the run
+// is torn down, so pcall cannot swallow it.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <thread>
+
+#include "runtime/lua.hpp"
+
+namespace luaguard {
+
+struct MemoryAccount;
+
+namespace budget {
+
+enum class Kind : uint8_t { None, Slice, Total, Memory, VmMemory };
+
+constexpr int kKinds = 5;
+
+// The directive that sets each budget, for messages and metrics.
+const char *kindName(Kind k);
+
+// Limits of one run; 0 means off.
+struct Limits {
+    uint64_t slice_ms = 0;
+    uint64_t total_ms = 0;
+    int64_t  memory = 0;
+};
+
+// What one request (or timer) has used, across all its runs.
+struct Usage {
+    uint64_t lua_ns = 0;
+    int64_t  mem_net = 0;
+    Kind     tripped = Kind::None;
+};
+
+uint64_t nowNs();
+
+class Guard {
+ public:
+    static Guard &instance();
+
+    // Per worker: starts the watchdog thread. `grace_ms` is how long code
+    // stuck in a C function may go on after its budget ran out before the
+    // worker is ended; `on_stuck` logs why, then the process exits so the
+    // master starts a new worker.
+    bool start(lua_State *L, MemoryAccount *mem, uint64_t grace_ms,
+               void (*on_stuck)(const char *where, uint64_t ms));
+    void stop();
+
+    // Worker thread only. Runs nest (Lua -> nginx -> Lua): see Scope.
+    struct Frame {
+        Usage       *usage;
+        Limits       limits;
+        uint64_t     entered;
+        uint64_t     deadline;
+        Kind         deadline_kind;
+        int64_t     *prev_charge;
+        int64_t      prev_charge_limit;
+        Frame       *prev;
+    };
+    void enter(Frame *f, const Limits &limits, Usage *usage);
+    void leave(Frame *f);
+
+    // Called by the allocator's owner when an allocation was refused while
+    // a run is charged: the run is ended like a CPU budget trip.
+    void tripMemory(Kind k);
+
+    // Lua time of `usage` including the runs still in progress.
+    uint64_t usedNs(const Usage &usage) const;
+
+    // After a run stopped for memory has released what it anchored: a full
+    // collection, so the worker's memory falls back below the ceiling.
+    static void reclaim(lua_State *L, const Usage &usage);
+
+    uint64_t stops(Kind k) const { return stops_[static_cast<int>(k)]; }
+
+ private:
+    Guard() = default;
+    static void hook(lua_State *L, lua_Debug *ar);
+    static void onSignal(int sig);
+    void watch();
+    void arm();
+    void markTripped(Kind k);
+
+    lua_State *L_ = nullptr;
+    MemoryAccount *mem_ = nullptr;
+    Frame *top_ = nullptr;
+    uint64_t grace_ns_ = 0;
+    void (*on_stuck_)(const char *, uint64_t) = nullptr;
+    uint64_t stops_[kKinds] = {};
+
+    // Shared with the watchdog thread.
+    std::atomic<uint64_t> gen_{0};          // changes at every outer entry
+    std::atomic<uint64_t> deadline_{0};     // 0: not in Lua / no budget
+    std::atomic<uint8_t> deadline_kind_{0};
+    std::atomic<uint64_t> tripped_gen_{~0ull};
+    std::atomic<uint8_t> tripped_kind_{0};
+    std::atomic<uint64_t> tripped_at_{0};
+    std::atomic<bool> running_{false};
+    std::thread thread_;
+    pthread_t worker_thread_{};
+};
+
+// RAII: charges the enclosed Lua run to `usage` under `limits`.
+class Scope {
+ public:
+    Scope(const Limits &limits, Usage *usage)
+    {
+        Guard::instance().enter(&frame_, limits, usage);
+    }
+    ~Scope() { Guard::instance().leave(&frame_); }
+    Scope(const Scope &) = delete;
+    Scope &operator=(const Scope &) = delete;
+
+ private:
+    Guard::Frame frame_;
+};
+
+}  // namespace budget
+}  // namespace luaguard
