@@ -21,12 +21,13 @@ deps-test:
 
 build: deps
 	@cmake -S . -B $(BUILD) -DLUAGUARD_LUAJIT=$(LUAJIT) >/dev/null
-	@cmake --build $(BUILD) -j$(JOBS)
+	@cmake --build $(BUILD) -j$(JOBS) -- --no-print-directory
 
 build-asan: deps
 	@cmake -S . -B $(ASAN_BUILD) -DLUAGUARD_LUAJIT=$(LUAJIT) \
 	    -DLUAGUARD_SANITIZE=ON -DLUAGUARD_CACHE_DIR=$(CURDIR)/$(BUILD) >/dev/null
-	@cmake --build $(ASAN_BUILD) -j$(JOBS) --target ngx_http_luaguard_module
+	@cmake --build $(ASAN_BUILD) -j$(JOBS) --target ngx_http_luaguard_module \
+	    -- --no-print-directory
 
 run: build
 	@scripts/run-example.sh $(MODULE) $(PORT)
