@@ -5,6 +5,7 @@
 
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/thread.hpp"
 #include "runtime/vm.hpp"
 
 namespace luaguard::api {
@@ -111,13 +112,6 @@ int getPhase(lua_State *L)
     return 1;
 }
 
-void sleepDone(ngx_event_t *ev)
-{
-    auto *ctx = static_cast<RequestCtx *>(ev->data);
-    ctx->sleeping = false;
-    glue::resume(ctx, 0);
-}
-
 int ngxSleep(lua_State *L)
 {
     glue::checkPhase(L, kYieldable);
@@ -125,18 +119,16 @@ int ngxSleep(lua_State *L)
     if (sec < 0) {
         return luaL_error(L, "invalid sleep duration \"%f\"", sec);
     }
-    RequestCtx *ctx = glue::requireRequest(L);
-    ngx_event_t *ev = &ctx->sleep_ev;
-    ev->handler = sleepDone;
-    ev->data = ctx;
-    ev->log = ctx->r->connection->log;
-    ctx->sleeping = true;
+    LuaThread *t = threads::current();
+    if (t == nullptr) {
+        return luaL_error(L, "no request found");
+    }
     auto ms = static_cast<ngx_msec_t>(sec * 1000 + 0.5);
     if (ms == 0) {
         // Still a real yield: other requests run before this one goes on.
-        ngx_post_event(ev, &ngx_posted_next_events);
+        threads::post(t);
     } else {
-        ngx_add_timer(ev, ms);
+        ngx_add_timer(&t->wake, ms);
     }
     return glue::yield(L);
 }

@@ -5,6 +5,7 @@
 
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/thread.hpp"
 
 namespace luaguard::api {
 
@@ -142,31 +143,45 @@ int ngxPrint(lua_State *L)
     return emit(L, false, "print");
 }
 
+// Ends a synchronous ngx.flush: the waiting thread gets `ok` or nil, err.
+void flushDone(RequestCtx *ctx, const char *err)
+{
+    LuaThread *t = ctx->flush_waiter;
+    ctx->flush_waiter = nullptr;
+    ctx->r->write_event_handler = ngx_http_request_empty_handler;
+    if (err) {
+        lua_pushnil(t->co);
+        lua_pushstring(t->co, err);
+        glue::resume(t, 2);
+        return;
+    }
+    lua_pushinteger(t->co, 1);
+    glue::resume(t, 1);
+}
+
+void cancelFlush(LuaThread *t)
+{
+    t->ctx->flush_waiter = nullptr;
+    t->ctx->r->write_event_handler = ngx_http_request_empty_handler;
+}
+
 void flushWaitHandler(ngx_http_request_t *r)
 {
     RequestCtx *ctx = getCtx(r);
     ngx_connection_t *c = r->connection;
     ngx_event_t *wev = c->write;
-    if (ctx == nullptr || ctx->co == nullptr) {
+    if (ctx == nullptr || ctx->flush_waiter == nullptr) {
         return;
     }
-    lua_State *co = ctx->co;
+    ctx->flush_waiter->cancel = nullptr;
 
     if (wev->timedout) {
         wev->timedout = 0;
-        r->write_event_handler = ngx_http_request_empty_handler;
-        ctx->flush_waiting = false;
-        lua_pushnil(co);
-        lua_pushliteral(co, "timeout");
-        glue::resume(ctx, 2);
+        flushDone(ctx, "timeout");
         return;
     }
     if (ngx_http_output_filter(r, nullptr) == NGX_ERROR) {
-        r->write_event_handler = ngx_http_request_empty_handler;
-        ctx->flush_waiting = false;
-        lua_pushnil(co);
-        lua_pushliteral(co, "nginx output filter error");
-        glue::resume(ctx, 2);
+        flushDone(ctx, "nginx output filter error");
         return;
     }
     auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
@@ -176,19 +191,16 @@ void flushWaitHandler(ngx_http_request_t *r)
             ngx_add_timer(wev, clcf->send_timeout);
         }
         if (ngx_handle_write_event(wev, clcf->send_lowat) != NGX_OK) {
-            lua_pushnil(co);
-            lua_pushliteral(co, "connection broken");
-            glue::resume(ctx, 2);
+            flushDone(ctx, "connection broken");
+            return;
         }
+        ctx->flush_waiter->cancel = cancelFlush;
         return;
     }
     if (wev->timer_set) {
         ngx_del_timer(wev);
     }
-    r->write_event_handler = ngx_http_request_empty_handler;
-    ctx->flush_waiting = false;
-    lua_pushinteger(co, 1);
-    glue::resume(ctx, 1);
+    flushDone(ctx, nullptr);
 }
 
 int ngxFlush(lua_State *L)
@@ -210,7 +222,12 @@ int ngxFlush(lua_State *L)
     }
     if (wait && (r->connection->buffered & NGX_HTTP_LOWLEVEL_BUFFERED)) {
         // Synchronous flush: wait until the client took the data.
-        ctx->flush_waiting = true;
+        LuaThread *t = threads::current();
+        if (t == nullptr) {
+            return luaL_error(L, "no request found");
+        }
+        ctx->flush_waiter = t;
+        t->cancel = cancelFlush;
         r->write_event_handler = flushWaitHandler;
         auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
             ngx_http_get_module_loc_conf(r, ngx_http_core_module));

@@ -45,18 +45,27 @@ ngx_int_t emptyVariable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
 // ---- the thread driver ----
 
 // A yield that the driver owns (I/O wait, ngx.exit). User coroutines pass
-// it through to the entry thread: see the coroutine wrappers in the
-// prelude.
+// it through to the thread: see the coroutine wrappers in the prelude.
 extern char kYieldSentinel;
+// The error object ngx.exit raises where it cannot yield.
+extern char kExitSentinel;
 
-// Suspends the running thread until resume() is called for its request.
-// Must be the return expression of a lua_CFunction.
+// Suspends the running Lua thread until resume() is called for it.
+// Must be the return expression of a lua_CFunction. Take the thread with
+// threads::current() (ngx/thread.hpp) before yielding.
 int yield(lua_State *L);
 
-// Resumes the request's suspended thread with `nargs` values already
-// pushed on its stack, then continues or finalizes the request as the
-// thread's outcome says. Called from event handlers.
-void resume(RequestCtx *ctx, int nargs);
+// Resumes thread `t` with `nargs` values already pushed on `t->co`, then
+// continues or finalizes its request (or timer) if that ended the phase.
+// Called from event handlers.
+void resume(LuaThread *t, int nargs);
+
+// Called when the threads of ctx's phase are all done (event path).
+void phaseFinished(RequestCtx *ctx);
+
+std::string errorText(lua_State *L, int idx);
+void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
+                const std::string &traceback);
 
 // ngx.exit / ngx.exec / ngx.redirect: records the decision and unwinds the
 // running code (a yield in coroutine phases, an error object elsewhere).

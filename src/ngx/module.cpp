@@ -661,6 +661,10 @@ ngx_command_t commands[] = {
            kLocLoc, LG_LOC_OFF(budget_slice), nullptr),
     LG_CMD("lua_budget_request", kAnyLoc | NGX_CONF_TAKE1, setBudgetTime,
            kLocLoc, LG_LOC_OFF(budget_request), nullptr),
+    LG_CMD("lua_budget_timer_slice", kAnyLoc | NGX_CONF_TAKE1, setBudgetTime,
+           kLocLoc, LG_LOC_OFF(budget_timer_slice), nullptr),
+    LG_CMD("lua_budget_timer", kAnyLoc | NGX_CONF_TAKE1, setBudgetTime,
+           kLocLoc, LG_LOC_OFF(budget_timer), nullptr),
     LG_CMD("lua_budget_memory", kAnyLoc | NGX_CONF_TAKE1, setBudgetSize,
            kLocLoc, LG_LOC_OFF(budget_memory), nullptr),
     LG_CMD("lua_budget_status", kAnyLoc | NGX_CONF_TAKE1, setBudgetStatus,
@@ -731,6 +735,8 @@ void *createLocConf(ngx_conf_t *cf)
     conf->budget_request = NGX_CONF_UNSET_MSEC;
     conf->budget_memory = NGX_CONF_UNSET;
     conf->budget_status = NGX_CONF_UNSET_UINT;
+    conf->budget_timer_slice = NGX_CONF_UNSET_MSEC;
+    conf->budget_timer = NGX_CONF_UNSET_MSEC;
     return conf;
 }
 
@@ -766,6 +772,12 @@ char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
     conf->limits.slice_ms = conf->budget_slice;
     conf->limits.total_ms = conf->budget_request;
     conf->limits.memory = conf->budget_memory;
+    ngx_conf_merge_msec_value(conf->budget_timer_slice,
+                              prev->budget_timer_slice, 1000);
+    ngx_conf_merge_msec_value(conf->budget_timer, prev->budget_timer, 60000);
+    conf->timer_limits.slice_ms = conf->budget_timer_slice;
+    conf->timer_limits.total_ms = conf->budget_timer;
+    conf->timer_limits.memory = conf->budget_memory;
     return NGX_CONF_OK;
 }
 

@@ -16,6 +16,7 @@ ngx_module_t ngx_http_luaguard_module;
 namespace luaguard {
 
 class Vm;
+struct LuaThread;
 struct RequestCtx;
 
 // One piece of Lua code attached to a directive. Inline code is compiled
@@ -75,6 +76,11 @@ struct LocConf {
     off_t                      budget_memory;
     ngx_uint_t                 budget_status;
     budget::Limits             limits;            // the three above, merged
+
+    // The same for timer callbacks created in this location.
+    ngx_msec_t                 budget_timer_slice;
+    ngx_msec_t                 budget_timer;
+    budget::Limits             timer_limits;
 };
 
 // Where a phase's Lua thread is: not started, suspended on an event, or
@@ -97,9 +103,17 @@ struct RequestCtx {
     // Registry references owned by this request.
     int                  ctx_ref = LUA_NOREF;    // ngx.ctx table
     int                  env_ref = LUA_NOREF;    // the request's globals
-    int                  co_ref = LUA_NOREF;     // entry thread of the phase
-    lua_State           *co = nullptr;           // the anchored thread
-    Phase                co_phase = Phase::None; // phase co belongs to
+
+    // The Lua threads of the phase running now (see ngx/thread.hpp).
+    LuaThread           *entry = nullptr;
+    LuaThread           *threads = nullptr;      // every thread, linked
+    Phase                thread_phase = Phase::None;
+    int                  live_user = 0;          // user threads not dead
+    bool                 entry_done = false;
+    bool                 entry_failed = false;
+    bool                 is_timer = false;       // a timer's fake request
+    void               (*on_done)(RequestCtx *) = nullptr;  // timers
+    const budget::Limits *limits = nullptr;      // budgets of its Lua runs
 
     PhaseRun             server_rewrite;
     PhaseRun             rewrite;
@@ -137,9 +151,7 @@ struct RequestCtx {
 
     budget::Usage        usage;      // Lua time and memory, all phases
 
-    ngx_event_t          sleep_ev;
-    bool                 sleeping = false;
-    bool                 flush_waiting = false;
+    LuaThread           *flush_waiter = nullptr; // in ngx.flush(true)
 };
 
 // The innermost Lua run in progress: which request (null in init, timers
@@ -148,6 +160,7 @@ struct RequestCtx {
 struct Run {
     RequestCtx  *ctx;
     Phase        phase;
+    LuaThread   *thread;   // null for runs on the main state (pcall)
     Run         *prev;
 };
 
@@ -155,7 +168,8 @@ extern Run *g_run;
 
 class RunScope {
  public:
-    RunScope(RequestCtx *ctx, Phase phase) : run_{ctx, phase, g_run}
+    RunScope(RequestCtx *ctx, Phase phase, LuaThread *thread = nullptr)
+        : run_{ctx, phase, thread, g_run}
     {
         g_run = &run_;
     }

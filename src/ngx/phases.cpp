@@ -5,6 +5,7 @@
 #include <string>
 
 #include "ngx/glue.hpp"
+#include "ngx/thread.hpp"
 #include "runtime/code.hpp"
 #include "runtime/env.hpp"
 #include "runtime/vm.hpp"
@@ -18,20 +19,13 @@ void cleanupCtx(void *data)
 {
     auto *ctx = static_cast<RequestCtx *>(data);
     ctx->cleaned = true;
-    if (ctx->sleep_ev.timer_set) {
-        ngx_del_timer(&ctx->sleep_ev);
-    }
-    if (ctx->sleep_ev.posted) {
-        ngx_delete_posted_event(&ctx->sleep_ev);
-    }
+    // Threads still waiting (the request ended under them) must never be
+    // woken: their events are cancelled and their coroutines released.
+    threads::endPhase(ctx);
     lua_State *L = ctx->vm->L();
-    // The registry holds the only strong references to what this request
-    // anchored; dropping them lets the GC take a thread suspended forever.
-    luaL_unref(L, LUA_REGISTRYINDEX, ctx->co_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
-    ctx->co = nullptr;
-    ctx->co_ref = ctx->ctx_ref = ctx->env_ref = LUA_NOREF;
+    ctx->ctx_ref = ctx->env_ref = LUA_NOREF;
     ctx->~RequestCtx();
 }
 
@@ -59,6 +53,7 @@ RequestCtx *createCtx(ngx_http_request_t *r)
     ctx->vm = mcf->vm;
     ctx->llcf = static_cast<LocConf *>(
         ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    ctx->limits = &ctx->llcf->limits;
     // Destructor registered only once construction succeeded.
     cln->handler = cleanupCtx;
     cln->data = ctx;
@@ -76,11 +71,7 @@ ngx_log_t *currentLog()
 
 namespace glue {
 
-char kYieldSentinel;
-
 namespace {
-
-char kExitSentinel;
 
 RequestCtx *ensureCtx(ngx_http_request_t *r)
 {
@@ -92,6 +83,7 @@ RequestCtx *ensureCtx(ngx_http_request_t *r)
         // module ctx, but a rewrite to another location does).
         ctx->llcf = static_cast<LocConf *>(
             ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+        ctx->limits = &ctx->llcf->limits;
     }
     return ctx;
 }
@@ -210,39 +202,6 @@ bool pushHandler(lua_State *L, RequestCtx *ctx, Handler *h, lua_State *co,
     return true;
 }
 
-std::string errorText(lua_State *L, int idx)
-{
-    if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
-        size_t len;
-        const char *s = lua_tolstring(L, idx, &len);
-        return std::string(s, len);
-    }
-    if (lua_isnil(L, idx)) {
-        return "unknown reason";
-    }
-    return std::string("(error object is a ") + luaL_typename(L, idx)
-           + " value)";
-}
-
-// Logs a Lua failure: the message escaped (it may carry request data), the
-// traceback on its own lines, each starting with a tab.
-void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
-                const std::string &traceback)
-{
-    std::string line;
-    appendLogEscaped(line, msg.data(), msg.size());
-    ngx_log_error(NGX_LOG_ERR, log, 0, "%s: %s%s%s", what, line.c_str(),
-                  traceback.empty() ? "" : "\n", traceback.c_str());
-}
-
-std::string tracebackOf(lua_State *L, lua_State *co)
-{
-    luaL_traceback(L, co, nullptr, 0);
-    std::string tb = lua_tostring(L, -1) ? lua_tostring(L, -1) : "";
-    lua_pop(L, 1);
-    return tb;
-}
-
 int tracebackHandler(lua_State *L)
 {
     if (lua_touserdata(L, 1) == &kExitSentinel) {
@@ -255,73 +214,39 @@ int tracebackHandler(lua_State *L)
 
 enum class Outcome { Yielded, Finished, Failed };
 
-void releaseThread(RequestCtx *ctx)
-{
-    luaL_unref(ctx->vm->L(), LUA_REGISTRYINDEX, ctx->co_ref);
-    ctx->co_ref = LUA_NOREF;
-    ctx->co = nullptr;
-}
-
-Outcome resumeThread(RequestCtx *ctx, int nargs)
-{
-    lua_State *co = ctx->co;
-    int rc;
-
-    for (;;) {
-        {
-            RunScope scope(ctx, ctx->co_phase);
-            budget::Scope charge(ctx->llcf->limits, &ctx->usage);
-            rc = lua_resume(co, nargs);
-        }
-        if (rc != LUA_YIELD || ctx->exited) {
-            break;
-        }
-        if (lua_gettop(co) >= 1 && lua_touserdata(co, -1) == &kYieldSentinel) {
-            lua_settop(co, 0);
-            return Outcome::Yielded;
-        }
-        // A plain coroutine.yield() in the entry thread: lua-nginx-module
-        // resumes it right away with no values.
-        lua_settop(co, 0);
-        nargs = 0;
-    }
-
-    if (rc == LUA_YIELD || rc == 0) {
-        releaseThread(ctx);
-        return Outcome::Finished;
-    }
-
-    std::string msg = errorText(co, -1);
-    std::string tb = tracebackOf(ctx->vm->L(), co);
-    logFailure(ctx->r->connection->log,
-               "lua entry thread aborted: runtime error", msg, tb);
-    releaseThread(ctx);
-    budget::Guard::reclaim(ctx->vm->L(), ctx->usage);
-    return Outcome::Failed;
-}
-
+// Starts the entry thread of `phase` with handler `h`.
 Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
 {
-    lua_State *L = ctx->vm->L();
-    lua_State *co = lua_newthread(L);
-    ctx->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    ctx->co = co;
-    ctx->co_phase = phase;
+    threads::endPhase(ctx);  // what an earlier phase left
+    ctx->thread_phase = phase;
+    ctx->entry_done = false;
+    ctx->entry_failed = false;
+    ctx->live_user = 0;
     ctx->exited = false;
     ctx->exit_code = 0;
+
+    LuaThread *t = threads::create(ctx, nullptr);
+    if (t == nullptr) {
+        return Outcome::Failed;
+    }
+    ctx->entry = t;
 
     std::string err;
     bool ok;
     {
-        RunScope scope(ctx, phase);
-        ok = pushHandler(co, ctx, h, co, &err);
+        RunScope scope(ctx, phase, t);
+        ok = pushHandler(t->co, ctx, h, t->co, &err);
     }
     if (!ok) {
         logFailure(ctx->r->connection->log, "failed to run Lua code", err, "");
-        releaseThread(ctx);
+        ctx->entry_done = ctx->entry_failed = true;
+        threads::endPhase(ctx);
         return Outcome::Failed;
     }
-    return resumeThread(ctx, 0);
+    if (!threads::run(t, 0)) {
+        return Outcome::Yielded;
+    }
+    return ctx->entry_failed ? Outcome::Failed : Outcome::Finished;
 }
 
 // What to do with the request once a thread has finished.
@@ -422,6 +347,7 @@ PhaseRun &phaseRun(RequestCtx *ctx, Phase p)
 ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
 {
     ngx_http_request_t *r = ctx->r;
+    threads::endPhase(ctx);
     Verdict v = judge(ctx, out);
     PhaseRun &pr = phaseRun(ctx, phase);
     pr.state = ThreadState::Done;
@@ -468,6 +394,7 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
 void concludeAsync(RequestCtx *ctx, Phase phase, Outcome out)
 {
     ngx_http_request_t *r = ctx->r;
+    threads::endPhase(ctx);
     PhaseRun &pr = phaseRun(ctx, phase);
 
     if (inRewriteType(phase)) {
@@ -565,34 +492,14 @@ ngx_int_t needBody(ngx_http_request_t *r, RequestCtx *ctx, bool content)
 
 }  // namespace
 
-int yield(lua_State *L)
+void phaseFinished(RequestCtx *ctx)
 {
-    lua_pushlightuserdata(L, &kYieldSentinel);
-    return lua_yield(L, 1);
-}
-
-void resume(RequestCtx *ctx, int nargs)
-{
-    ngx_http_request_t *r = ctx->r;
-    ngx_connection_t *c = r->connection;
-    Phase phase = ctx->co_phase;
-
-    Outcome out = resumeThread(ctx, nargs);
-    if (out != Outcome::Yielded) {
-        concludeAsync(ctx, phase, out);
+    if (ctx->is_timer) {
+        ctx->on_done(ctx);
+        return;
     }
-    ngx_http_run_posted_requests(c);
-}
-
-int exitThread(lua_State *L, RequestCtx *ctx)
-{
-    ctx->exited = true;
-    Phase p = g_run ? g_run->phase : Phase::None;
-    if (mask(p) & kYieldable) {
-        return yield(L);
-    }
-    lua_pushlightuserdata(L, &kExitSentinel);
-    return lua_error(L);
+    concludeAsync(ctx, ctx->thread_phase,
+                  ctx->entry_failed ? Outcome::Failed : Outcome::Finished);
 }
 
 Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)

@@ -1,0 +1,65 @@
+// Lua threads scheduled on nginx events: the entry thread of a phase, the
+// light threads it spawns, and timer callbacks. Each is a coroutine
+// anchored in the registry and owned by its request (a fake one for
+// timers); whatever it waits on is undone by `cancel` when it is killed or
+// its request ends early.
+#pragma once
+
+#include "ngx/module.hpp"
+
+namespace luaguard {
+
+struct LuaThread {
+    RequestCtx  *ctx;
+    lua_State   *co;
+    int          ref;            // registry anchor of co, LUA_NOREF when dead
+    LuaThread   *parent;         // spawner; null for the entry thread
+    LuaThread   *next;           // ctx's list of threads
+    LuaThread  **waiting_on;     // threads this one waits for (wait())
+    int          nwaiting;
+    LuaThread   *waiter;         // the parent blocked in wait() on us
+    bool         entry;
+    bool         dead;
+    bool         failed;         // died with an error (results: false, err)
+    bool         reaped;         // results taken by wait(), or killed
+    bool         running;        // inside lua_resume: must not be freed
+    ngx_event_t  wake;           // ngx.sleep, coroutine.yield, posts
+    void       (*cancel)(LuaThread *t);  // undoes a pending I/O wait
+    void        *cancel_data;
+};
+
+namespace threads {
+
+// The thread running now (innermost), or null outside Lua.
+LuaThread *current();
+
+// Creates a thread of `ctx` with an empty stack: push the function and its
+// arguments on `t->co`. `parent` null makes it the entry thread.
+LuaThread *create(RequestCtx *ctx, LuaThread *parent);
+
+// Resumes `t` with `nargs` values on its stack and settles the
+// consequences: wakes a waiting parent, ends the phase when the rules say
+// it is over. Returns true when the phase's threads are all finished.
+bool run(LuaThread *t, int nargs);
+
+// Ends a thread that is not running: its pending wait is cancelled, its
+// coroutine released.
+void kill(LuaThread *t);
+
+// Kills every thread of ctx but `except`.
+void killAll(RequestCtx *ctx, LuaThread *except);
+
+// True when the phase's work is over: the entry thread finished and no
+// user thread is left, or a thread ended the request (ngx.exit & co), or
+// the entry thread failed.
+bool phaseDone(RequestCtx *ctx);
+
+// Kills what is left of the phase's threads and releases them all.
+void endPhase(RequestCtx *ctx);
+
+// Wakes `t` on the next turn of the event loop with no values (used for
+// coroutine.yield, ngx.sleep(0) and semaphore posts).
+void post(LuaThread *t);
+
+}  // namespace threads
+}  // namespace luaguard
