@@ -20,6 +20,10 @@ bool open(lua_State *L, std::string *err)
     openVar(L);
     openHeader(L);
     openBudget(L);
+    openThread(L);
+    openTimer(L);
+    openSemaphore(L);
+    openProcess(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

@@ -19,6 +19,13 @@ void openTime(lua_State *L);
 void openVar(lua_State *L);
 void openHeader(lua_State *L);
 void openBudget(lua_State *L);
+void openThread(lua_State *L);
+void openTimer(lua_State *L);
+void openSemaphore(lua_State *L);
+void openProcess(lua_State *L);
+
+// At worker exit: runs pending timer callbacks with premature = true.
+void firePendingTimers();
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

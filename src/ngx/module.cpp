@@ -669,6 +669,12 @@ ngx_command_t commands[] = {
            kLocLoc, LG_LOC_OFF(budget_memory), nullptr),
     LG_CMD("lua_budget_status", kAnyLoc | NGX_CONF_TAKE1, setBudgetStatus,
            kLocLoc, LG_LOC_OFF(budget_status), nullptr),
+    LG_CMD("lua_max_pending_timers", kMain | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kMainLoc, LG_MAIN_OFF(max_pending_timers),
+           nullptr),
+    LG_CMD("lua_max_running_timers", kMain | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kMainLoc, LG_MAIN_OFF(max_running_timers),
+           nullptr),
     LG_CMD("lua_vm_memory_limit", kMain | NGX_CONF_TAKE1, setBudgetSize,
            kMainLoc, LG_MAIN_OFF(vm_memory_limit), nullptr),
     LG_CMD("lua_watchdog_grace", kMain | NGX_CONF_TAKE1, setBudgetTime,
@@ -688,6 +694,8 @@ void *createMainConf(ngx_conf_t *cf)
     mcf->rewrite_no_postpone = NGX_CONF_UNSET;
     mcf->access_no_postpone = NGX_CONF_UNSET;
     mcf->vm_memory_limit = NGX_CONF_UNSET_SIZE;
+    mcf->max_pending_timers = NGX_CONF_UNSET_UINT;
+    mcf->max_running_timers = NGX_CONF_UNSET_UINT;
     mcf->watchdog_grace = NGX_CONF_UNSET_MSEC;
     return mcf;
 }
@@ -700,6 +708,8 @@ char *initMainConf(ngx_conf_t *, void *conf)
     // Defaults: see docs/budgets.md for why these numbers.
     ngx_conf_init_size_value(mcf->vm_memory_limit, 1024 * 1024 * 1024);
     ngx_conf_init_msec_value(mcf->watchdog_grace, 5000);
+    ngx_conf_init_uint_value(mcf->max_pending_timers, 1024);
+    ngx_conf_init_uint_value(mcf->max_running_timers, 256);
     return NGX_CONF_OK;
 }
 
@@ -910,9 +920,13 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
 
 void exitProcess(ngx_cycle_t *cycle)
 {
-    budget::Guard::instance().stop();
     MainConf *mcf = g_mcf;
-    if (mcf == nullptr || mcf->vm == nullptr || mcf->exit_worker == nullptr) {
+    if (mcf == nullptr || mcf->vm == nullptr) {
+        return;
+    }
+    api::firePendingTimers();
+    budget::Guard::instance().stop();
+    if (mcf->exit_worker == nullptr) {
         return;
     }
     glue::runWorkerCode(mcf, mcf->exit_worker, Phase::ExitWorker, cycle->log);

@@ -48,6 +48,8 @@ struct MainConf {
     bool                       need_header_filter;
     bool                       need_body_filter;
     bool                       need_server_rewrite;
+    ngx_uint_t                 max_pending_timers;
+    ngx_uint_t                 max_running_timers;
     size_t                     vm_memory_limit;   // 0: none
     ngx_msec_t                 watchdog_grace;    // 0: never end a worker
 };

@@ -79,7 +79,10 @@ namespace {
 
 void wakeHandler(ngx_event_t *ev)
 {
-    glue::resume(static_cast<LuaThread *>(ev->data), 0);
+    auto *t = static_cast<LuaThread *>(ev->data);
+    int n = t->wake_nargs;
+    t->wake_nargs = 0;
+    glue::resume(t, n);
 }
 
 void release(LuaThread *t)
@@ -260,9 +263,21 @@ bool phaseDone(RequestCtx *ctx)
 
 void post(LuaThread *t)
 {
+    t->wake.handler = wakeHandler;
     if (!t->wake.posted && !t->wake.timer_set) {
         ngx_post_event(&t->wake, &ngx_posted_next_events);
     }
+}
+
+void wakeAfter(LuaThread *t, ngx_msec_t ms)
+{
+    t->wake.handler = wakeHandler;
+    ngx_add_timer(&t->wake, ms);
+}
+
+void resetWake(LuaThread *t)
+{
+    t->wake.handler = wakeHandler;
 }
 
 void endPhase(RequestCtx *ctx)

@@ -24,6 +24,7 @@ struct LuaThread {
     bool         reaped;         // results taken by wait(), or killed
     bool         running;        // inside lua_resume: must not be freed
     ngx_event_t  wake;           // ngx.sleep, coroutine.yield, posts
+    int          wake_nargs;     // values pushed on co for the wake-up
     void       (*cancel)(LuaThread *t);  // undoes a pending I/O wait
     void        *cancel_data;
 };
@@ -57,9 +58,17 @@ bool phaseDone(RequestCtx *ctx);
 // Kills what is left of the phase's threads and releases them all.
 void endPhase(RequestCtx *ctx);
 
-// Wakes `t` on the next turn of the event loop with no values (used for
-// coroutine.yield, ngx.sleep(0) and semaphore posts).
+// Wakes `t` on the next turn of the event loop with the `wake_nargs`
+// values already on its stack (coroutine.yield, ngx.sleep(0), semaphore
+// posts).
 void post(LuaThread *t);
+
+// Wakes `t` after `ms` (ngx.sleep).
+void wakeAfter(LuaThread *t, ngx_msec_t ms);
+
+// Gives the wake event back its plain handler after a custom one (a
+// semaphore's timeout) was used.
+void resetWake(LuaThread *t);
 
 }  // namespace threads
 }  // namespace luaguard
