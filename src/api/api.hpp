@@ -6,6 +6,10 @@
 
 #include "runtime/lua.hpp"
 
+namespace luaguard {
+struct MainConf;
+}
+
 namespace luaguard::api {
 
 // Builds the global `ngx` table, the embedded Lua prelude and the
@@ -18,6 +22,11 @@ void openOutput(lua_State *L);
 void openTime(lua_State *L);
 void openVar(lua_State *L);
 void openHeader(lua_State *L);
+void openShared(lua_State *L);
+
+// Fills ngx.shared with the configuration's lua_shared_dict zones
+// (postconfiguration: the VM may exist before the directives are read).
+void bindSharedDicts(lua_State *L, MainConf *mcf);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

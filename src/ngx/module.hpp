@@ -47,6 +47,7 @@ struct MainConf {
     bool                       need_body_filter;
     bool                       need_server_rewrite;
     ngx_uint_t                 http10_buffering_any;
+    void                      *shdict;      // shdict::Zones, or null
 };
 
 struct SrvConf {

@@ -404,12 +404,16 @@ Status Store::get(const char *key, size_t klen, uint64_t now,
 {
     uint32_t hash = hashKey(key, klen);
     Locked lock(mem_);
-    Node *n = find(key, klen, hash, nullptr);
+    Node **link;
+    Node *n = find(key, klen, hash, &link);
     if (n == nullptr) {
         return Status::NotFound;
     }
     bool dead = expired(n, now);
     if (dead && !allow_stale) {
+        // get frees an expired entry it finds (a later get_stale no longer
+        // sees it), as the reference implementation does.
+        unlinkNode(n, link);
         return Status::NotFound;
     }
     if (n->type == VType::List) {
@@ -685,14 +689,14 @@ Status Store::expire(const char *key, size_t klen, uint64_t exptime)
     return Status::Ok;
 }
 
-void Store::flushAll(uint64_t now)
+void Store::flushAll()
 {
     Locked lock(mem_);
-    // Marks everything expired, as documented; the memory is reclaimed by
-    // later writes and flush_expired.
-    uint64_t when = now ? now : 1;
-    for (Node *n = h_->lru_head; n; n = n->lru_next) {
-        n->expires = when;
+    // Observably the reference's flushed entries are gone: get_stale and
+    // ttl no longer find them and flush_expired does not count them. So
+    // they are freed at once.
+    while (h_->lru_head) {
+        unlinkNode(h_->lru_head, nullptr);
     }
 }
 

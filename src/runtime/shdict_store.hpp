@@ -107,6 +107,11 @@ class Store {
  public:
     Store(Header *h, Memory *mem) : h_(h), mem_(mem) {}
 
+    // Points the store at a header (the zone is mapped after the
+    // configuration is read, and a reload reuses the previous header).
+    void attach(Header *h) { h_ = h; }
+    Header *header() const { return h_; }
+
     // Builds an empty store's header (allocating its bucket array) in a
     // fresh region. Null when the region is too small.
     static Header *create(Memory *mem, size_t region_size);
@@ -141,7 +146,7 @@ class Store {
     Status ttl(const char *key, size_t klen, uint64_t now, int64_t *ms);
     Status expire(const char *key, size_t klen, uint64_t exptime);
 
-    void flushAll(uint64_t now);
+    void flushAll();
     uint64_t flushExpired(uint64_t now, uint64_t max_count);
 
     // Copies up to max_count (0: all) live keys into *buf as
