@@ -343,7 +343,7 @@ int dictIncr(lua_State *L)
     if (s != Status::Ok) {
         lua_pushnil(L);
         lua_pushstring(L, shdict::statusText(s));
-        if (!has_init) {
+        if (s != Status::NoMemory) {
             return 2;
         }
         lua_pushboolean(L, forcible);
