@@ -28,25 +28,31 @@ using shdict::VType;
 char kMetaKey;
 shdict::Buffer g_buf;
 
+// `p` when it is one of this configuration's initialised zones, else null.
+shdict::Zone *knownZone(void *p)
+{
+    MainConf *mcf = mainConf();
+    shdict::Zones *zs = mcf ? shdict::zones(mcf) : nullptr;
+    if (p == nullptr || zs == nullptr) {
+        return nullptr;
+    }
+    auto **elts = static_cast<shdict::Zone **>(zs->list.elts);
+    for (ngx_uint_t i = 0; i < zs->list.nelts; i++) {
+        if (elts[i] == p) {
+            return elts[i]->ready ? elts[i] : nullptr;
+        }
+    }
+    return nullptr;
+}
+
 shdict::Zone *checkZone(lua_State *L)
 {
     if (lua_type(L, 1) == LUA_TTABLE) {
         lua_rawgeti(L, 1, 1);
-        void *p = lua_touserdata(L, -1);
+        shdict::Zone *z = knownZone(lua_touserdata(L, -1));
         lua_pop(L, 1);
-        MainConf *mcf = mainConf();
-        shdict::Zones *zs = mcf ? shdict::zones(mcf) : nullptr;
-        if (p != nullptr && zs != nullptr) {
-            auto **elts = static_cast<shdict::Zone **>(zs->list.elts);
-            for (ngx_uint_t i = 0; i < zs->list.nelts; i++) {
-                if (elts[i] == p) {
-                    if (!elts[i]->ready) {
-                        luaL_error(L, "lua_shared_dict \"%s\" is not "
-                                   "initialized yet", elts[i]->name.data);
-                    }
-                    return elts[i];
-                }
-            }
+        if (z != nullptr) {
+            return z;
         }
     }
     luaL_error(L, "bad \"zone\" argument");
@@ -98,6 +104,24 @@ const char *keyArg(lua_State *L, size_t *len, const char **err)
     return k;
 }
 
+// The list methods, get_keys and flush_expired check their argument count
+// first, with lua-nginx-module's messages.
+void checkArgs(lua_State *L, int n)
+{
+    int got = lua_gettop(L);
+    if (got != n) {
+        luaL_error(L, "expecting %d arguments, but only seen %d", n, got);
+    }
+}
+
+void checkArgs12(lua_State *L)
+{
+    int got = lua_gettop(L);
+    if (got < 1 || got > 2) {
+        luaL_error(L, "expecting 1 or 2 argument(s), but saw %d", got);
+    }
+}
+
 int nilErr(lua_State *L, const char *err)
 {
     lua_pushnil(L);
@@ -125,6 +149,15 @@ uint64_t absExpiry(double sec, uint64_t now)
     }
     auto rel = static_cast<uint64_t>(ms);
     return rel == 0 ? 0 : now + rel;
+}
+
+// Flags are a C int in lua-nginx-module: keep the low 32 bits.
+int32_t toFlags(double d)
+{
+    if (!(d > -9.0e18 && d < 9.0e18)) {
+        return 0;
+    }
+    return static_cast<int32_t>(static_cast<uint32_t>(static_cast<int64_t>(d)));
 }
 
 void pushValue(lua_State *L, const Value &v)
@@ -235,8 +268,7 @@ int storeCommon(lua_State *L, StoreOp op, bool safe)
         if (t != LUA_TNUMBER) {
             return luaL_error(L, "bad \"flags\" argument");
         }
-        flags = static_cast<int32_t>(
-            static_cast<uint32_t>(static_cast<int64_t>(lua_tonumber(L, 5))));
+        flags = toFlags(lua_tonumber(L, 5));
     }
     if (v.type == VType::None && op != StoreOp::Set) {
         lua_pushboolean(L, 0);
@@ -360,6 +392,7 @@ int dictIncr(lua_State *L)
 
 int pushCommon(lua_State *L, bool left)
 {
+    checkArgs(L, 3);
     shdict::Zone *z = checkZone(L);
     LG_KEY(L, k, klen);
     Value v;
@@ -387,6 +420,7 @@ int dictRpush(lua_State *L)
 
 int popCommon(lua_State *L, bool left)
 {
+    checkArgs(L, 2);
     shdict::Zone *z = checkZone(L);
     LG_KEY(L, k, klen);
     Value v;
@@ -414,6 +448,7 @@ int dictRpop(lua_State *L)
 
 int dictLlen(lua_State *L)
 {
+    checkArgs(L, 2);
     shdict::Zone *z = checkZone(L);
     LG_KEY(L, k, klen);
     uint64_t len = 0;
@@ -465,6 +500,7 @@ int dictFlushAll(lua_State *L)
 
 int dictFlushExpired(lua_State *L)
 {
+    checkArgs12(L);
     shdict::Zone *z = checkZone(L);
     lua_Integer max = luaL_optinteger(L, 2, 0);
     uint64_t n = z->store.flushExpired(
@@ -475,6 +511,7 @@ int dictFlushExpired(lua_State *L)
 
 int dictGetKeys(lua_State *L)
 {
+    checkArgs12(L);
     shdict::Zone *z = checkZone(L);
     lua_Integer max = luaL_optinteger(L, 2, 1024);
     uint64_t n = 0;
@@ -537,6 +574,183 @@ const luaL_Reg kMethods[] = {
 
 }  // namespace
 
+// The hot methods (get, get_stale, set, safe_set, add, safe_add, replace,
+// incr) in Lua over FFI calls to the exported luaguard_shdict_* functions
+// below: LuaJIT compiles these calls into traces, where a lua_CFunction
+// would end the trace on every call. Argument checks mirror the C methods
+// above, which stay in place when FFI is unavailable.
+const char kFastPath[] = R"lua(
+local methods = ...
+local ok, ffi = pcall(require, "ffi")
+if not ok then return end
+ffi.cdef[[
+struct luaguard_shdict_out {
+    double       num;
+    const char  *str;
+    size_t       len;
+    int          type;
+    int          flags;
+    int          stale;
+    int          forcible;
+};
+int luaguard_shdict_get(void *zone, const char *key, size_t klen,
+                        int stale, struct luaguard_shdict_out *out);
+int luaguard_shdict_store(void *zone, int op, int safe, const char *key,
+                          size_t klen, int vtype, const char *str,
+                          size_t len, double num, double exptime,
+                          double flags, struct luaguard_shdict_out *out);
+int luaguard_shdict_incr(void *zone, const char *key, size_t klen,
+                         double delta, int has_init, double init,
+                         double init_ttl, struct luaguard_shdict_out *out);
+]]
+local C = ffi.C
+if not pcall(function() return C.luaguard_shdict_get end) then return end
+local out = ffi.new("struct luaguard_shdict_out")
+local ffi_string = ffi.string
+local type, tostring, tonumber, rawget, error =
+      type, tostring, tonumber, rawget, error
+local errs = {"not found", "exists", "no memory", "not a number",
+              "value not a list", "value is a list"}
+
+-- Traces cannot pass a light userdata to a void * parameter: each dict
+-- table's zone is converted to a pointer cdata once and cached. The C side
+-- still checks the pointer against the configured zones on every call.
+local ptrs = setmetatable({}, {__mode = "k"})
+local function zone(self)
+    local z = ptrs[self]
+    if z and z.ud == rawget(self, 1) then return z.ptr end
+    if type(self) ~= "table" then error('bad "zone" argument', 3) end
+    local ud = rawget(self, 1)
+    if type(ud) ~= "userdata" then error('bad "zone" argument', 3) end
+    z = {ud = ud, ptr = ffi.cast("void *", ud)}
+    ptrs[self] = z
+    return z.ptr
+end
+
+local function checkKey(key)
+    if key == nil then return nil, "nil key" end
+    if type(key) ~= "string" then key = tostring(key) end
+    local n = #key
+    if n == 0 then return nil, "empty key" end
+    if n > 65535 then return nil, "key too long" end
+    return key
+end
+
+local function value()
+    local t = out.type
+    if t == 4 then return ffi_string(out.str, out.len) end
+    if t == 3 then return out.num end
+    return out.num ~= 0
+end
+
+local function get(self, key, stale)
+    local z = zone(self)
+    local k, err = checkKey(key)
+    if not k then return nil, err end
+    local rc = C.luaguard_shdict_get(z, k, #k, stale, out)
+    if rc == 1 then return nil end
+    if rc < 0 then error('bad "zone" argument', 2) end
+    if rc ~= 0 then return nil, errs[rc] end
+    local v = value()
+    local flags = out.flags
+    if stale == 0 then
+        if flags == 0 then return v end
+        return v, flags
+    end
+    return v, flags ~= 0 and flags or nil, out.stale ~= 0
+end
+
+methods.get = function(self, key) return get(self, key, 0) end
+methods.get_stale = function(self, key) return get(self, key, 1) end
+
+local function store(self, op, safe, key, val, exptime, flags)
+    local z = zone(self)
+    local k, err = checkKey(key)
+    if not k then return nil, err end
+    local vt, str, len, num = 0, nil, 0, 0
+    local tv = type(val)
+    if tv == "string" then
+        vt, str, len = 4, val, #val
+    elseif tv == "number" then
+        vt, num = 3, val
+    elseif tv == "boolean" then
+        vt, num = 1, val and 1 or 0
+    elseif tv ~= "nil" then
+        return nil, "bad value type"
+    end
+    if exptime == nil then
+        exptime = 0
+    elseif type(exptime) ~= "number" or exptime < 0 then
+        error('bad "exptime" argument', 2)
+    end
+    if flags == nil then
+        flags = 0
+    elseif type(flags) ~= "number" then
+        error('bad "flags" argument', 2)
+    end
+    if vt == 0 and op ~= 0 then
+        return false, "attempt to add or replace nil values", false
+    end
+    local rc = C.luaguard_shdict_store(z, op, safe, k, #k, vt, str, len, num,
+                                       exptime, flags, out)
+    if rc == 0 then return true, nil, out.forcible ~= 0 end
+    if rc < 0 then error('bad "zone" argument', 2) end
+    return false, errs[rc], out.forcible ~= 0
+end
+
+methods.set = function(self, k, v, e, f) return store(self, 0, 0, k, v, e, f) end
+methods.safe_set = function(self, k, v, e, f)
+    return store(self, 0, 1, k, v, e, f)
+end
+methods.add = function(self, k, v, e, f) return store(self, 1, 0, k, v, e, f) end
+methods.safe_add = function(self, k, v, e, f)
+    return store(self, 1, 1, k, v, e, f)
+end
+methods.replace = function(self, k, v, e, f)
+    return store(self, 2, 0, k, v, e, f)
+end
+
+methods.incr = function(self, key, delta, init, init_ttl)
+    local z = zone(self)
+    local k, err = checkKey(key)
+    if not k then return nil, err end
+    local d = tonumber(delta)
+    if not d then
+        error('bad "value" argument: number expected, got ' .. type(delta), 2)
+    end
+    local has_init = 0
+    if init ~= nil then
+        if type(init) ~= "number" then
+            error("bad init arg: number expected, got " .. type(init), 2)
+        end
+        has_init = 1
+    else
+        init = 0
+    end
+    if init_ttl ~= nil then
+        if has_init == 0 then
+            error('must provide "init" when providing "init_ttl"', 2)
+        end
+        if type(init_ttl) ~= "number" then
+            error("bad init_ttl arg: number expected, got " .. type(init_ttl),
+                  2)
+        end
+        if init_ttl < 0 then error('bad "init_ttl" argument', 2) end
+    else
+        init_ttl = 0
+    end
+    local rc = C.luaguard_shdict_incr(z, k, #k, d, has_init, init, init_ttl,
+                                      out)
+    if rc == 0 then
+        if has_init == 0 then return out.num end
+        return out.num, nil, out.forcible ~= 0
+    end
+    if rc < 0 then error('bad "zone" argument', 2) end
+    if rc == 3 then return nil, errs[rc], out.forcible ~= 0 end
+    return nil, errs[rc]
+end
+)lua";
+
 void openShared(lua_State *L)
 {
     subTable(L, "shared");
@@ -546,6 +760,20 @@ void openShared(lua_State *L)
     lua_createtable(L, 0, 1);
     lua_createtable(L, 0, 24);
     setFuncs(L, kMethods);
+
+    // Replace the hot methods with their FFI versions when possible; a
+    // failure leaves the C methods, which behave the same.
+    if (luaL_loadbuffer(L, kFastPath, sizeof(kFastPath) - 1,
+                        "=luaguard.shdict") == 0)
+    {
+        lua_pushvalue(L, -2);
+        if (lua_pcall(L, 1, 0, 0) != 0) {
+            lua_pop(L, 1);
+        }
+    } else {
+        lua_pop(L, 1);
+    }
+
     lua_setfield(L, -2, "__index");
     lua_rawset(L, LUA_REGISTRYINDEX);
 }
@@ -575,3 +803,109 @@ void bindSharedDicts(lua_State *L, MainConf *mcf)
 }
 
 }  // namespace luaguard::api
+
+// ---- the FFI entry points of the fast path ----
+// They never raise: a bad zone is -1, otherwise a shdict::Status. Values
+// come back in `out`, strings pointing into the per-process buffer.
+
+extern "C" {
+
+struct luaguard_shdict_out {
+    double       num;
+    const char  *str;
+    size_t       len;
+    int          type;
+    int          flags;
+    int          stale;
+    int          forcible;
+};
+
+#define LG_EXPORT __attribute__((visibility("default")))
+
+LG_EXPORT int luaguard_shdict_get(void *zone, const char *key, size_t klen,
+                                  int stale, luaguard_shdict_out *out)
+{
+    using namespace luaguard;
+    shdict::Zone *z = api::knownZone(zone);
+    if (z == nullptr) {
+        return -1;
+    }
+    shdict::Value v;
+    int32_t flags = 0;
+    bool is_stale = false;
+    shdict::Status s = z->store.get(key, klen, shdict::nowMs(), stale != 0,
+                                    &v, &flags, &is_stale, &api::g_buf);
+    if (s != shdict::Status::Ok) {
+        return static_cast<int>(s);
+    }
+    out->type = static_cast<int>(v.type);
+    out->num = v.type == shdict::VType::Boolean ? (v.boolean ? 1 : 0)
+                                                : v.number;
+    out->str = v.str;
+    out->len = v.len;
+    out->flags = flags;
+    out->stale = is_stale;
+    return 0;
+}
+
+LG_EXPORT int luaguard_shdict_store(void *zone, int op, int safe,
+                                    const char *key, size_t klen, int vtype,
+                                    const char *str, size_t len, double num,
+                                    double exptime, double flags,
+                                    luaguard_shdict_out *out)
+{
+    using namespace luaguard;
+    shdict::Zone *z = api::knownZone(zone);
+    if (z == nullptr || op < 0 || op > 2) {
+        return -1;
+    }
+    shdict::Value v;
+    switch (vtype) {
+    case 1:
+        v.type = shdict::VType::Boolean;
+        v.boolean = num != 0;
+        break;
+    case 3:
+        v.type = shdict::VType::Number;
+        v.number = num;
+        break;
+    case 4:
+        v.type = shdict::VType::String;
+        v.str = str;
+        v.len = len;
+        break;
+    default:
+        v.type = shdict::VType::None;
+        break;
+    }
+    uint64_t now = shdict::nowMs();
+    bool forcible = false;
+    shdict::Status s = z->store.store(
+        static_cast<shdict::StoreOp>(op), key, klen, v,
+        api::absExpiry(exptime, now), api::toFlags(flags), safe != 0, now,
+        &forcible);
+    out->forcible = forcible;
+    return static_cast<int>(s);
+}
+
+LG_EXPORT int luaguard_shdict_incr(void *zone, const char *key, size_t klen,
+                                   double delta, int has_init, double init,
+                                   double init_ttl, luaguard_shdict_out *out)
+{
+    using namespace luaguard;
+    shdict::Zone *z = api::knownZone(zone);
+    if (z == nullptr) {
+        return -1;
+    }
+    uint64_t now = shdict::nowMs();
+    bool forcible = false;
+    double val = 0;
+    shdict::Status s = z->store.incr(key, klen, delta, has_init != 0, init,
+                                     api::absExpiry(init_ttl, now), now,
+                                     &val, &forcible);
+    out->num = val;
+    out->forcible = forcible;
+    return static_cast<int>(s);
+}
+
+}  // extern "C"
