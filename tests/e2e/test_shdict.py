@@ -310,8 +310,9 @@ def test_lru_eviction_when_full(nginx):
 
 @pytest.mark.asan_fast
 def test_usable_from_init_and_init_worker(nginx):
+    # The zone is declared after the code that uses it: the dictionaries
+    # exist by the time init_by_lua runs either way.
     http = r"""
-    lua_shared_dict d 1m;
     init_by_lua_block {
         local d = ngx.shared.d
         d:set("init", "from init_by_lua")
@@ -320,6 +321,7 @@ def test_usable_from_init_and_init_worker(nginx):
     init_worker_by_lua_block {
         ngx.shared.d:incr("workers", 1, 0)
     }
+    lua_shared_dict d 1m;
     """
     server = r"""
     location /t { content_by_lua_block {
@@ -345,6 +347,38 @@ def test_usable_from_init_and_init_worker(nginx):
         if text.split()[-2] == "4" or time.monotonic() > deadline:
             break
     assert text == "from init_by_lua 4 2\n"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_usable_in_every_request_phase(nginx, module):
+    server = r"""
+    location /t {
+        set_by_lua_block $from_set { return ngx.shared.d:incr("set", 1, 0) }
+        rewrite_by_lua_block { ngx.shared.d:incr("rewrite", 1, 0) }
+        access_by_lua_block { ngx.shared.d:incr("access", 1, 0) }
+        content_by_lua_block {
+            local d = ngx.shared.d
+            ngx.say(ngx.var.from_set, " ", d:get("rewrite"), " ",
+                    d:get("access"), " ", d:get("log"), " ",
+                    d:get("header"), " ", d:get("body"))
+        }
+        header_filter_by_lua_block {
+            ngx.header["X-Count"] = ngx.shared.d:incr("header", 1, 0)
+        }
+        body_filter_by_lua_block {
+            if ngx.arg[2] then ngx.shared.d:incr("body", 1, 0) end
+        }
+        log_by_lua_block { ngx.shared.d:incr("log", 1, 0) }
+    }
+    """
+    n = nginx(http="lua_shared_dict d 1m;", server=server, module=module)
+    r1 = n.get("/t")
+    assert r1.text == "1 1 1 nil nil nil\n"
+    assert r1.header("X-Count") == "1"
+    r2 = n.get("/t")
+    # The log phase of the first request ran before the second started.
+    assert r2.text == "2 2 2 1 1 1\n"
+    assert r2.header("X-Count") == "2"
 
 
 def test_data_survives_reload(nginx):
