@@ -403,6 +403,24 @@ def test_data_survives_reload(nginx):
     assert n.get("/get").text == "again 2 nil\n"
 
 
+def test_resized_zone_starts_empty_after_reload(nginx):
+    server = r"""
+    location /t { content_by_lua_block {
+        local d = ngx.shared.d
+        ngx.say(d:get("k"), " ", d:capacity())
+        d:set("k", "v")
+    } }
+    """
+    n = nginx(http="lua_shared_dict d 1m;", server=server)
+    assert n.get("/t").text == "nil 1048576\n"
+    assert n.get("/t").text == "v 1048576\n"
+    n.conf_path.write_text(n.conf.replace("lua_shared_dict d 1m;",
+                                          "lua_shared_dict d 2m;"))
+    n.reload()
+    assert n.get("/t").text == "nil 2097152\n"
+    assert n.get("/t").text == "v 2097152\n"
+
+
 @pytest.mark.parametrize("workers", [2, 4])
 def test_concurrent_incr_loses_no_update(nginx, workers):
     server = r"""
@@ -416,7 +434,11 @@ def test_concurrent_incr_loses_no_update(nginx, workers):
         ngx.say("ok")
     } }
     location /get { content_by_lua_block {
-        ngx.say(ngx.shared.d:get("c"))
+        local d, sum = ngx.shared.d, 0
+        for _, k in ipairs(d:get_keys(0)) do
+            if k:sub(1, 1) == "w" then sum = sum + d:get(k) end
+        end
+        ngx.say(d:get("c"), " ", sum)
     } }
     """
     n = nginx(http="lua_shared_dict d 1m;", server=server, workers=workers)
@@ -438,7 +460,8 @@ def test_concurrent_incr_loses_no_update(nginx, workers):
     for t in ts:
         t.join()
     assert not errors
-    assert n.get("/get").text == f"{threads * per_thread * 200}\n"
+    total = threads * per_thread * 200
+    assert n.get("/get").text == f"{total} {total}\n"
 
 
 # ---- randomized sequence against a Python model ----
