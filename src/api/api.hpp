@@ -6,6 +6,10 @@
 
 #include "runtime/lua.hpp"
 
+namespace luaguard {
+struct MainConf;
+}
+
 namespace luaguard::api {
 
 // Builds the global `ngx` table, the embedded Lua prelude and the
@@ -26,6 +30,11 @@ void openProcess(lua_State *L);
 
 // At worker exit: runs pending timer callbacks with premature = true.
 void firePendingTimers();
+void openShared(lua_State *L);
+
+// Fills ngx.shared with the configuration's lua_shared_dict zones
+// (postconfiguration: the VM may exist before the directives are read).
+void bindSharedDicts(lua_State *L, MainConf *mcf);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

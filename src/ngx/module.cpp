@@ -11,6 +11,7 @@
 #include "runtime/code.hpp"
 #include "runtime/package_path.hpp"
 #include "runtime/vm.hpp"
+#include "shdict/zone.hpp"
 
 namespace luaguard {
 
@@ -562,6 +563,9 @@ ngx_command_t commands[] = {
            ngx_conf_set_flag_slot, kMainLoc, LG_MAIN_OFF(access_no_postpone),
            nullptr),
 
+    LG_CMD("lua_shared_dict", kMain | NGX_CONF_TAKE2,
+           shdict::sharedDictDirective, kMainLoc, 0, nullptr),
+
     LG_CMD("init_by_lua", kMain | NGX_CONF_TAKE1, setHandler, kMainLoc,
            LG_MAIN_OFF(init), &kInit),
     LG_CMD("init_by_lua_block", kMain | kBlock, setHandler, kMainLoc,
@@ -851,6 +855,7 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
     glue::installFilters(mcf->need_header_filter, mcf->need_body_filter);
 
     lua_State *L = mcf->vm->L();
+    api::bindSharedDicts(L, mcf);
     std::string prefix(reinterpret_cast<char *>(cf->cycle->prefix.data),
                        cf->cycle->prefix.len);
     struct {
@@ -876,7 +881,10 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
 
     mcf->vm->memory().ceiling = mcf->vm_memory_limit;
     g_mcf = mcf;
-    if (mcf->init && glue::runWorkerCode(mcf, mcf->init, Phase::Init, cf->log)
+    // With lua_shared_dict zones, init_by_lua runs from the last zone's
+    // init callback, once the dictionaries exist.
+    if (mcf->init && !shdict::deferInit(mcf)
+        && glue::runWorkerCode(mcf, mcf->init, Phase::Init, cf->log)
                          != NGX_OK)
     {
         return NGX_ERROR;

@@ -52,6 +52,7 @@ struct MainConf {
     ngx_uint_t                 max_running_timers;
     size_t                     vm_memory_limit;   // 0: none
     ngx_msec_t                 watchdog_grace;    // 0: never end a worker
+    void                      *shdict;      // shdict::Zones, or null
 };
 
 struct SrvConf {

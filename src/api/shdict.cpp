@@ -1,0 +1,911 @@
+// ngx.shared.DICT: the Lua side of lua_shared_dict zones.
+//
+// A dictionary object is a table holding its Zone as a light userdata at
+// [1], with a shared metatable whose __index holds the methods, as in
+// lua-nginx-module. Methods check that [1] is one of this configuration's
+// zones, so a forged table cannot make them touch arbitrary memory.
+//
+// The hot path (get/set/incr) allocates nothing: keys are read in place,
+// values are copied out of the zone into one per-process buffer while the
+// lock is held, and only pushed to Lua once it is released (a Lua memory
+// error must never unwind past a held shared-memory lock).
+
+#include <cmath>
+#include <cstring>
+
+#include "api/api.hpp"
+#include "shdict/zone.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+using shdict::Status;
+using shdict::StoreOp;
+using shdict::Value;
+using shdict::VType;
+
+char kMetaKey;
+shdict::Buffer g_buf;
+
+// `p` when it is one of this configuration's initialised zones, else null.
+shdict::Zone *knownZone(void *p)
+{
+    MainConf *mcf = mainConf();
+    shdict::Zones *zs = mcf ? shdict::zones(mcf) : nullptr;
+    if (p == nullptr || zs == nullptr) {
+        return nullptr;
+    }
+    auto **elts = static_cast<shdict::Zone **>(zs->list.elts);
+    for (ngx_uint_t i = 0; i < zs->list.nelts; i++) {
+        if (elts[i] == p) {
+            return elts[i]->ready ? elts[i] : nullptr;
+        }
+    }
+    return nullptr;
+}
+
+shdict::Zone *checkZone(lua_State *L)
+{
+    if (lua_type(L, 1) == LUA_TTABLE) {
+        lua_rawgeti(L, 1, 1);
+        shdict::Zone *z = knownZone(lua_touserdata(L, -1));
+        lua_pop(L, 1);
+        if (z != nullptr) {
+            return z;
+        }
+    }
+    luaL_error(L, "bad \"zone\" argument");
+    return nullptr;
+}
+
+// Reads the key argument (index 2). Returns null with *err set for the
+// documented "nil key" / "empty key" / "key too long" results. Other types
+// are converted as tostring() would.
+const char *keyArg(lua_State *L, size_t *len, const char **err)
+{
+    const char *k;
+    switch (lua_type(L, 2)) {
+    case LUA_TSTRING:
+        k = lua_tolstring(L, 2, len);
+        break;
+    case LUA_TNIL:
+    case LUA_TNONE:
+        *err = "nil key";
+        return nullptr;
+    case LUA_TNUMBER:
+        k = lua_tolstring(L, 2, len);    // converts the slot in place
+        break;
+    case LUA_TBOOLEAN:
+        k = lua_toboolean(L, 2) ? "true" : "false";
+        *len = std::strlen(k);
+        break;
+    default:
+        if (!luaL_callmeta(L, 2, "__tostring")) {
+            lua_pushfstring(L, "%s: %p", luaL_typename(L, 2),
+                            lua_topointer(L, 2));
+        }
+        lua_replace(L, 2);
+        k = lua_tolstring(L, 2, len);
+        if (k == nullptr) {
+            *err = "bad key";
+            return nullptr;
+        }
+        break;
+    }
+    if (*len == 0) {
+        *err = "empty key";
+        return nullptr;
+    }
+    if (*len > shdict::kMaxKeyLen) {
+        *err = "key too long";
+        return nullptr;
+    }
+    return k;
+}
+
+// The list methods, get_keys and flush_expired check their argument count
+// first, with lua-nginx-module's messages.
+void checkArgs(lua_State *L, int n)
+{
+    int got = lua_gettop(L);
+    if (got != n) {
+        luaL_error(L, "expecting %d arguments, but only seen %d", n, got);
+    }
+}
+
+void checkArgs12(lua_State *L)
+{
+    int got = lua_gettop(L);
+    if (got < 1 || got > 2) {
+        luaL_error(L, "expecting 1 or 2 argument(s), but saw %d", got);
+    }
+}
+
+int nilErr(lua_State *L, const char *err)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+}
+
+#define LG_KEY(L, k, klen)                                  \
+    size_t klen;                                            \
+    const char *key_err_ = nullptr;                         \
+    const char *k = keyArg(L, &klen, &key_err_);            \
+    if (k == nullptr) {                                     \
+        return nilErr(L, key_err_);                         \
+    }
+
+// A relative expiry in seconds -> absolute milliseconds (0: never).
+uint64_t absExpiry(double sec, uint64_t now)
+{
+    if (!(sec > 0)) {
+        return 0;
+    }
+    double ms = sec * 1000;
+    if (ms >= 9.0e15) {
+        return UINT64_MAX;
+    }
+    auto rel = static_cast<uint64_t>(ms);
+    return rel == 0 ? 0 : now + rel;
+}
+
+// Flags are a C int in lua-nginx-module: keep the low 32 bits.
+int32_t toFlags(double d)
+{
+    if (!(d > -9.0e18 && d < 9.0e18)) {
+        return 0;
+    }
+    return static_cast<int32_t>(static_cast<uint32_t>(static_cast<int64_t>(d)));
+}
+
+void pushValue(lua_State *L, const Value &v)
+{
+    switch (v.type) {
+    case VType::Boolean:
+        lua_pushboolean(L, v.boolean);
+        break;
+    case VType::Number:
+        lua_pushnumber(L, v.number);
+        break;
+    case VType::String:
+        lua_pushlstring(L, v.str, v.len);
+        break;
+    default:
+        lua_pushnil(L);
+        break;
+    }
+}
+
+// Reads a value argument; false for types a dictionary cannot hold.
+bool valueArg(lua_State *L, int idx, Value *v, bool allow_bool_nil)
+{
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING:
+        v->type = VType::String;
+        v->str = lua_tolstring(L, idx, &v->len);
+        return true;
+    case LUA_TNUMBER:
+        v->type = VType::Number;
+        v->number = lua_tonumber(L, idx);
+        return true;
+    case LUA_TBOOLEAN:
+        v->type = VType::Boolean;
+        v->boolean = lua_toboolean(L, idx);
+        return allow_bool_nil;
+    case LUA_TNIL:
+    case LUA_TNONE:
+        v->type = VType::None;
+        return allow_bool_nil;
+    default:
+        return false;
+    }
+}
+
+int getCommon(lua_State *L, bool stale_ok)
+{
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    Value v;
+    int32_t flags = 0;
+    bool stale = false;
+    Status s = z->store.get(k, klen, shdict::nowMs(), stale_ok, &v, &flags,
+                            &stale, &g_buf);
+    if (s == Status::NotFound) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (s != Status::Ok) {
+        return nilErr(L, shdict::statusText(s));
+    }
+    pushValue(L, v);
+    if (!stale_ok) {
+        if (flags == 0) {
+            return 1;
+        }
+        lua_pushinteger(L, flags);
+        return 2;
+    }
+    if (flags) {
+        lua_pushinteger(L, flags);
+    } else {
+        lua_pushnil(L);
+    }
+    lua_pushboolean(L, stale);
+    return 3;
+}
+
+int dictGet(lua_State *L)
+{
+    return getCommon(L, false);
+}
+
+int dictGetStale(lua_State *L)
+{
+    return getCommon(L, true);
+}
+
+int storeCommon(lua_State *L, StoreOp op, bool safe)
+{
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    Value v;
+    if (!valueArg(L, 3, &v, true)) {
+        return nilErr(L, "bad value type");
+    }
+    double exptime = 0;
+    int t = lua_type(L, 4);
+    if (t != LUA_TNONE && t != LUA_TNIL) {
+        if (t != LUA_TNUMBER || lua_tonumber(L, 4) < 0) {
+            return luaL_error(L, "bad \"exptime\" argument");
+        }
+        exptime = lua_tonumber(L, 4);
+    }
+    int32_t flags = 0;
+    t = lua_type(L, 5);
+    if (t != LUA_TNONE && t != LUA_TNIL) {
+        if (t != LUA_TNUMBER) {
+            return luaL_error(L, "bad \"flags\" argument");
+        }
+        flags = toFlags(lua_tonumber(L, 5));
+    }
+    if (v.type == VType::None && op != StoreOp::Set) {
+        lua_pushboolean(L, 0);
+        lua_pushliteral(L, "attempt to add or replace nil values");
+        lua_pushboolean(L, 0);
+        return 3;
+    }
+
+    uint64_t now = shdict::nowMs();
+    bool forcible = false;
+    Status s = z->store.store(op, k, klen, v, absExpiry(exptime, now), flags,
+                              safe, now, &forcible);
+    if (s == Status::Ok) {
+        lua_pushboolean(L, 1);
+        lua_pushnil(L);
+    } else {
+        lua_pushboolean(L, 0);
+        lua_pushstring(L, shdict::statusText(s));
+    }
+    lua_pushboolean(L, forcible);
+    return 3;
+}
+
+int dictSet(lua_State *L)
+{
+    return storeCommon(L, StoreOp::Set, false);
+}
+
+int dictSafeSet(lua_State *L)
+{
+    return storeCommon(L, StoreOp::Set, true);
+}
+
+int dictAdd(lua_State *L)
+{
+    return storeCommon(L, StoreOp::Add, false);
+}
+
+int dictSafeAdd(lua_State *L)
+{
+    return storeCommon(L, StoreOp::Add, true);
+}
+
+int dictReplace(lua_State *L)
+{
+    return storeCommon(L, StoreOp::Replace, false);
+}
+
+int dictDelete(lua_State *L)
+{
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    z->store.remove(k, klen);
+    // Same results as set(key, nil).
+    lua_pushboolean(L, 1);
+    lua_pushnil(L);
+    lua_pushboolean(L, 0);
+    return 3;
+}
+
+int dictIncr(lua_State *L)
+{
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    if (!lua_isnumber(L, 3)) {
+        return luaL_error(L, "bad \"value\" argument: number expected, "
+                          "got %s", luaL_typename(L, 3));
+    }
+    double delta = lua_tonumber(L, 3);
+
+    bool has_init = false;
+    double init = 0;
+    int t = lua_type(L, 4);
+    if (t != LUA_TNONE && t != LUA_TNIL) {
+        if (t != LUA_TNUMBER) {
+            return luaL_error(L, "bad init arg: number expected, got %s",
+                              luaL_typename(L, 4));
+        }
+        has_init = true;
+        init = lua_tonumber(L, 4);
+    }
+    double init_ttl = 0;
+    t = lua_type(L, 5);
+    if (t != LUA_TNONE && t != LUA_TNIL) {
+        if (!has_init) {
+            return luaL_error(L, "must provide \"init\" when providing "
+                              "\"init_ttl\"");
+        }
+        if (t != LUA_TNUMBER) {
+            return luaL_error(L, "bad init_ttl arg: number expected, got %s",
+                              luaL_typename(L, 5));
+        }
+        init_ttl = lua_tonumber(L, 5);
+        if (init_ttl < 0) {
+            return luaL_error(L, "bad \"init_ttl\" argument");
+        }
+    }
+
+    uint64_t now = shdict::nowMs();
+    bool forcible = false;
+    double out = 0;
+    Status s = z->store.incr(k, klen, delta, has_init, init,
+                             absExpiry(init_ttl, now), now, &out, &forcible);
+    if (s != Status::Ok) {
+        lua_pushnil(L);
+        lua_pushstring(L, shdict::statusText(s));
+        if (s != Status::NoMemory) {
+            return 2;
+        }
+        lua_pushboolean(L, forcible);
+        return 3;
+    }
+    lua_pushnumber(L, out);
+    if (!has_init) {
+        return 1;
+    }
+    lua_pushnil(L);
+    lua_pushboolean(L, forcible);
+    return 3;
+}
+
+int pushCommon(lua_State *L, bool left)
+{
+    checkArgs(L, 3);
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    Value v;
+    if (!valueArg(L, 3, &v, false)) {
+        return nilErr(L, "bad value type");
+    }
+    uint64_t len = 0;
+    Status s = z->store.push(k, klen, left, v, shdict::nowMs(), &len);
+    if (s != Status::Ok) {
+        return nilErr(L, shdict::statusText(s));
+    }
+    lua_pushnumber(L, static_cast<lua_Number>(len));
+    return 1;
+}
+
+int dictLpush(lua_State *L)
+{
+    return pushCommon(L, true);
+}
+
+int dictRpush(lua_State *L)
+{
+    return pushCommon(L, false);
+}
+
+int popCommon(lua_State *L, bool left)
+{
+    checkArgs(L, 2);
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    Value v;
+    Status s = z->store.pop(k, klen, left, shdict::nowMs(), &v, &g_buf);
+    if (s == Status::NotFound) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (s != Status::Ok) {
+        return nilErr(L, shdict::statusText(s));
+    }
+    pushValue(L, v);
+    return 1;
+}
+
+int dictLpop(lua_State *L)
+{
+    return popCommon(L, true);
+}
+
+int dictRpop(lua_State *L)
+{
+    return popCommon(L, false);
+}
+
+int dictLlen(lua_State *L)
+{
+    checkArgs(L, 2);
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    uint64_t len = 0;
+    Status s = z->store.llen(k, klen, shdict::nowMs(), &len);
+    if (s != Status::Ok) {
+        return nilErr(L, shdict::statusText(s));
+    }
+    lua_pushnumber(L, static_cast<lua_Number>(len));
+    return 1;
+}
+
+int dictTtl(lua_State *L)
+{
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    int64_t ms = 0;
+    Status s = z->store.ttl(k, klen, shdict::nowMs(), &ms);
+    if (s != Status::Ok) {
+        return nilErr(L, shdict::statusText(s));
+    }
+    lua_pushnumber(L, static_cast<lua_Number>(ms) / 1000);
+    return 1;
+}
+
+int dictExpire(lua_State *L)
+{
+    shdict::Zone *z = checkZone(L);
+    LG_KEY(L, k, klen);
+    if (lua_type(L, 3) != LUA_TNUMBER) {
+        return luaL_error(L, "bad \"exptime\" argument");
+    }
+    // A negative or zero exptime removes the expiry, as the reference
+    // implementation does.
+    uint64_t now = shdict::nowMs();
+    Status s = z->store.expire(k, klen, absExpiry(lua_tonumber(L, 3), now));
+    if (s != Status::Ok) {
+        return nilErr(L, shdict::statusText(s));
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+int dictFlushAll(lua_State *L)
+{
+    shdict::Zone *z = checkZone(L);
+    z->store.flushAll();
+    return 0;
+}
+
+int dictFlushExpired(lua_State *L)
+{
+    checkArgs12(L);
+    shdict::Zone *z = checkZone(L);
+    lua_Integer max = luaL_optinteger(L, 2, 0);
+    uint64_t n = z->store.flushExpired(
+        shdict::nowMs(), max > 0 ? static_cast<uint64_t>(max) : 0);
+    lua_pushnumber(L, static_cast<lua_Number>(n));
+    return 1;
+}
+
+int dictGetKeys(lua_State *L)
+{
+    checkArgs12(L);
+    shdict::Zone *z = checkZone(L);
+    lua_Integer max = luaL_optinteger(L, 2, 1024);
+    uint64_t n = 0;
+    if (!z->store.keys(shdict::nowMs(), max > 0 ? static_cast<uint64_t>(max)
+                                                : 0, &g_buf, &n))
+    {
+        return luaL_error(L, "no memory");
+    }
+    lua_createtable(L, static_cast<int>(n < 1u << 24 ? n : 1u << 24), 0);
+    const char *p = g_buf.data();
+    for (uint64_t i = 0; i < n; i++) {
+        uint16_t len;
+        std::memcpy(&len, p, sizeof(len));
+        p += sizeof(len);
+        lua_pushlstring(L, p, len);
+        lua_rawseti(L, -2, static_cast<int>(i + 1));
+        p += len;
+    }
+    return 1;
+}
+
+int dictCapacity(lua_State *L)
+{
+    shdict::Zone *z = checkZone(L);
+    lua_pushnumber(L, static_cast<lua_Number>(z->shm_zone->shm.size));
+    return 1;
+}
+
+int dictFreeSpace(lua_State *L)
+{
+    shdict::Zone *z = checkZone(L);
+    lua_pushnumber(L, static_cast<lua_Number>(z->store.freeSpace()));
+    return 1;
+}
+
+const luaL_Reg kMethods[] = {
+    {"get", dictGet},
+    {"get_stale", dictGetStale},
+    {"set", dictSet},
+    {"safe_set", dictSafeSet},
+    {"add", dictAdd},
+    {"safe_add", dictSafeAdd},
+    {"replace", dictReplace},
+    {"delete", dictDelete},
+    {"incr", dictIncr},
+    {"lpush", dictLpush},
+    {"rpush", dictRpush},
+    {"lpop", dictLpop},
+    {"rpop", dictRpop},
+    {"llen", dictLlen},
+    {"ttl", dictTtl},
+    {"expire", dictExpire},
+    {"flush_all", dictFlushAll},
+    {"flush_expired", dictFlushExpired},
+    {"get_keys", dictGetKeys},
+    {"capacity", dictCapacity},
+    {"free_space", dictFreeSpace},
+    {nullptr, nullptr},
+};
+
+}  // namespace
+
+// The hot methods (get, get_stale, set, safe_set, add, safe_add, replace,
+// incr) in Lua over FFI calls to the exported luaguard_shdict_* functions
+// below: LuaJIT compiles these calls into traces, where a lua_CFunction
+// would end the trace on every call. Argument checks mirror the C methods
+// above, which stay in place when FFI is unavailable.
+const char kFastPath[] = R"lua(
+local methods = ...
+local ok, ffi = pcall(require, "ffi")
+if not ok then return end
+ffi.cdef[[
+struct luaguard_shdict_out {
+    double       num;
+    const char  *str;
+    size_t       len;
+    int          type;
+    int          flags;
+    int          stale;
+    int          forcible;
+};
+int luaguard_shdict_get(void *zone, const char *key, size_t klen,
+                        int stale, struct luaguard_shdict_out *out);
+int luaguard_shdict_store(void *zone, int op, int safe, const char *key,
+                          size_t klen, int vtype, const char *str,
+                          size_t len, double num, double exptime,
+                          double flags, struct luaguard_shdict_out *out);
+int luaguard_shdict_incr(void *zone, const char *key, size_t klen,
+                         double delta, int has_init, double init,
+                         double init_ttl, struct luaguard_shdict_out *out);
+]]
+local C = ffi.C
+if not pcall(function() return C.luaguard_shdict_get end) then return end
+local out = ffi.new("struct luaguard_shdict_out")
+local ffi_string = ffi.string
+local type, tostring, tonumber, rawget, error =
+      type, tostring, tonumber, rawget, error
+local errs = {"not found", "exists", "no memory", "not a number",
+              "value not a list", "value is a list"}
+
+-- Traces cannot pass a light userdata to a void * parameter: each dict
+-- table's zone is converted to a pointer cdata once and cached. The C side
+-- still checks the pointer against the configured zones on every call.
+local ptrs = setmetatable({}, {__mode = "k"})
+local function zone(self)
+    local z = ptrs[self]
+    if z and z.ud == rawget(self, 1) then return z.ptr end
+    if type(self) ~= "table" then error('bad "zone" argument', 3) end
+    local ud = rawget(self, 1)
+    if type(ud) ~= "userdata" then error('bad "zone" argument', 3) end
+    z = {ud = ud, ptr = ffi.cast("void *", ud)}
+    ptrs[self] = z
+    return z.ptr
+end
+
+local function checkKey(key)
+    if key == nil then return nil, "nil key" end
+    if type(key) ~= "string" then key = tostring(key) end
+    local n = #key
+    if n == 0 then return nil, "empty key" end
+    if n > 65535 then return nil, "key too long" end
+    return key
+end
+
+local function value()
+    local t = out.type
+    if t == 4 then return ffi_string(out.str, out.len) end
+    if t == 3 then return out.num end
+    return out.num ~= 0
+end
+
+local function get(self, key, stale)
+    local z = zone(self)
+    local k, err = checkKey(key)
+    if not k then return nil, err end
+    local rc = C.luaguard_shdict_get(z, k, #k, stale, out)
+    if rc == 1 then return nil end
+    if rc < 0 then error('bad "zone" argument', 2) end
+    if rc ~= 0 then return nil, errs[rc] end
+    local v = value()
+    local flags = out.flags
+    if stale == 0 then
+        if flags == 0 then return v end
+        return v, flags
+    end
+    return v, flags ~= 0 and flags or nil, out.stale ~= 0
+end
+
+methods.get = function(self, key) return get(self, key, 0) end
+methods.get_stale = function(self, key) return get(self, key, 1) end
+
+local function store(self, op, safe, key, val, exptime, flags)
+    local z = zone(self)
+    local k, err = checkKey(key)
+    if not k then return nil, err end
+    local vt, str, len, num = 0, nil, 0, 0
+    local tv = type(val)
+    if tv == "string" then
+        vt, str, len = 4, val, #val
+    elseif tv == "number" then
+        vt, num = 3, val
+    elseif tv == "boolean" then
+        vt, num = 1, val and 1 or 0
+    elseif tv ~= "nil" then
+        return nil, "bad value type"
+    end
+    if exptime == nil then
+        exptime = 0
+    elseif type(exptime) ~= "number" or exptime < 0 then
+        error('bad "exptime" argument', 2)
+    end
+    if flags == nil then
+        flags = 0
+    elseif type(flags) ~= "number" then
+        error('bad "flags" argument', 2)
+    end
+    if vt == 0 and op ~= 0 then
+        return false, "attempt to add or replace nil values", false
+    end
+    local rc = C.luaguard_shdict_store(z, op, safe, k, #k, vt, str, len, num,
+                                       exptime, flags, out)
+    if rc == 0 then return true, nil, out.forcible ~= 0 end
+    if rc < 0 then error('bad "zone" argument', 2) end
+    return false, errs[rc], out.forcible ~= 0
+end
+
+methods.set = function(self, k, v, e, f) return store(self, 0, 0, k, v, e, f) end
+methods.safe_set = function(self, k, v, e, f)
+    return store(self, 0, 1, k, v, e, f)
+end
+methods.add = function(self, k, v, e, f) return store(self, 1, 0, k, v, e, f) end
+methods.safe_add = function(self, k, v, e, f)
+    return store(self, 1, 1, k, v, e, f)
+end
+methods.replace = function(self, k, v, e, f)
+    return store(self, 2, 0, k, v, e, f)
+end
+
+methods.incr = function(self, key, delta, init, init_ttl)
+    local z = zone(self)
+    local k, err = checkKey(key)
+    if not k then return nil, err end
+    local d = tonumber(delta)
+    if not d then
+        error('bad "value" argument: number expected, got ' .. type(delta), 2)
+    end
+    local has_init = 0
+    if init ~= nil then
+        if type(init) ~= "number" then
+            error("bad init arg: number expected, got " .. type(init), 2)
+        end
+        has_init = 1
+    else
+        init = 0
+    end
+    if init_ttl ~= nil then
+        if has_init == 0 then
+            error('must provide "init" when providing "init_ttl"', 2)
+        end
+        if type(init_ttl) ~= "number" then
+            error("bad init_ttl arg: number expected, got " .. type(init_ttl),
+                  2)
+        end
+        if init_ttl < 0 then error('bad "init_ttl" argument', 2) end
+    else
+        init_ttl = 0
+    end
+    local rc = C.luaguard_shdict_incr(z, k, #k, d, has_init, init, init_ttl,
+                                      out)
+    if rc == 0 then
+        if has_init == 0 then return out.num end
+        return out.num, nil, out.forcible ~= 0
+    end
+    if rc < 0 then error('bad "zone" argument', 2) end
+    if rc == 3 then return nil, errs[rc], out.forcible ~= 0 end
+    return nil, errs[rc]
+end
+)lua";
+
+void openShared(lua_State *L)
+{
+    subTable(L, "shared");
+    lua_pop(L, 1);
+
+    lua_pushlightuserdata(L, &kMetaKey);
+    lua_createtable(L, 0, 1);
+    lua_createtable(L, 0, 24);
+    setFuncs(L, kMethods);
+
+    // Replace the hot methods with their FFI versions when possible; a
+    // failure leaves the C methods, which behave the same.
+    if (luaL_loadbuffer(L, kFastPath, sizeof(kFastPath) - 1,
+                        "=luaguard.shdict") == 0)
+    {
+        lua_pushvalue(L, -2);
+        if (lua_pcall(L, 1, 0, 0) != 0) {
+            lua_pop(L, 1);
+        }
+    } else {
+        lua_pop(L, 1);
+    }
+
+    lua_setfield(L, -2, "__index");
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+void bindSharedDicts(lua_State *L, MainConf *mcf)
+{
+    shdict::Zones *zs = shdict::zones(mcf);
+    if (zs == nullptr) {
+        return;
+    }
+    lua_getglobal(L, "ngx");
+    subTable(L, "shared");
+    auto **elts = static_cast<shdict::Zone **>(zs->list.elts);
+    for (ngx_uint_t i = 0; i < zs->list.nelts; i++) {
+        shdict::Zone *z = elts[i];
+        lua_pushlstring(L, reinterpret_cast<char *>(z->name.data),
+                        z->name.len);
+        lua_createtable(L, 1, 0);
+        lua_pushlightuserdata(L, z);
+        lua_rawseti(L, -2, 1);
+        lua_pushlightuserdata(L, &kMetaKey);
+        lua_rawget(L, LUA_REGISTRYINDEX);
+        lua_setmetatable(L, -2);
+        lua_rawset(L, -3);
+    }
+    lua_pop(L, 2);
+}
+
+}  // namespace luaguard::api
+
+// ---- the FFI entry points of the fast path ----
+// They never raise: a bad zone is -1, otherwise a shdict::Status. Values
+// come back in `out`, strings pointing into the per-process buffer.
+
+extern "C" {
+
+struct luaguard_shdict_out {
+    double       num;
+    const char  *str;
+    size_t       len;
+    int          type;
+    int          flags;
+    int          stale;
+    int          forcible;
+};
+
+#define LG_EXPORT __attribute__((visibility("default")))
+
+LG_EXPORT int luaguard_shdict_get(void *zone, const char *key, size_t klen,
+                                  int stale, luaguard_shdict_out *out)
+{
+    using namespace luaguard;
+    shdict::Zone *z = api::knownZone(zone);
+    if (z == nullptr) {
+        return -1;
+    }
+    shdict::Value v;
+    int32_t flags = 0;
+    bool is_stale = false;
+    shdict::Status s = z->store.get(key, klen, shdict::nowMs(), stale != 0,
+                                    &v, &flags, &is_stale, &api::g_buf);
+    if (s != shdict::Status::Ok) {
+        return static_cast<int>(s);
+    }
+    out->type = static_cast<int>(v.type);
+    out->num = v.type == shdict::VType::Boolean ? (v.boolean ? 1 : 0)
+                                                : v.number;
+    out->str = v.str;
+    out->len = v.len;
+    out->flags = flags;
+    out->stale = is_stale;
+    return 0;
+}
+
+LG_EXPORT int luaguard_shdict_store(void *zone, int op, int safe,
+                                    const char *key, size_t klen, int vtype,
+                                    const char *str, size_t len, double num,
+                                    double exptime, double flags,
+                                    luaguard_shdict_out *out)
+{
+    using namespace luaguard;
+    shdict::Zone *z = api::knownZone(zone);
+    if (z == nullptr || op < 0 || op > 2) {
+        return -1;
+    }
+    shdict::Value v;
+    switch (vtype) {
+    case 1:
+        v.type = shdict::VType::Boolean;
+        v.boolean = num != 0;
+        break;
+    case 3:
+        v.type = shdict::VType::Number;
+        v.number = num;
+        break;
+    case 4:
+        v.type = shdict::VType::String;
+        v.str = str;
+        v.len = len;
+        break;
+    default:
+        v.type = shdict::VType::None;
+        break;
+    }
+    uint64_t now = shdict::nowMs();
+    bool forcible = false;
+    shdict::Status s = z->store.store(
+        static_cast<shdict::StoreOp>(op), key, klen, v,
+        api::absExpiry(exptime, now), api::toFlags(flags), safe != 0, now,
+        &forcible);
+    out->forcible = forcible;
+    return static_cast<int>(s);
+}
+
+LG_EXPORT int luaguard_shdict_incr(void *zone, const char *key, size_t klen,
+                                   double delta, int has_init, double init,
+                                   double init_ttl, luaguard_shdict_out *out)
+{
+    using namespace luaguard;
+    shdict::Zone *z = api::knownZone(zone);
+    if (z == nullptr) {
+        return -1;
+    }
+    uint64_t now = shdict::nowMs();
+    bool forcible = false;
+    double val = 0;
+    shdict::Status s = z->store.incr(key, klen, delta, has_init != 0, init,
+                                     api::absExpiry(init_ttl, now), now,
+                                     &val, &forcible);
+    out->num = val;
+    out->forcible = forcible;
+    return static_cast<int>(s);
+}
+
+}  // extern "C"
