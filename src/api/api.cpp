@@ -19,6 +19,9 @@ bool open(lua_State *L, std::string *err)
     openTime(L);
     openVar(L);
     openHeader(L);
+    openReq(L);
+    openResp(L);
+    openUtil(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

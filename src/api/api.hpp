@@ -18,6 +18,9 @@ void openOutput(lua_State *L);
 void openTime(lua_State *L);
 void openVar(lua_State *L);
 void openHeader(lua_State *L);
+void openReq(lua_State *L);
+void openResp(lua_State *L);
+void openUtil(lua_State *L);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

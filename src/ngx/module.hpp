@@ -126,6 +126,12 @@ struct RequestCtx {
     bool                 filter_eof = false;
     bool                 filter_replaced = false;
 
+    // ngx.req.read_body waiting for the client; ngx.req.init_body's
+    // writer (api/req.cpp).
+    bool                 req_body_waiting = false;
+    bool                 req_body_done = false;
+    void                *req_body_writer = nullptr;
+
     ngx_event_t          sleep_ev;
     bool                 sleeping = false;
     bool                 flush_waiting = false;
