@@ -135,7 +135,8 @@ int encodeBase64(lua_State *L)
     return 1;
 }
 
-int decodeWith(lua_State *L, ngx_int_t (*decode)(ngx_str_t *, ngx_str_t *))
+int decodeWith(lua_State *L, ngx_int_t (*decode)(ngx_str_t *, ngx_str_t *),
+               bool with_err)
 {
     if (lua_type(L, 1) != LUA_TSTRING) {
         return luaL_error(L, "string argument only");
@@ -147,6 +148,10 @@ int decodeWith(lua_State *L, ngx_int_t (*decode)(ngx_str_t *, ngx_str_t *))
     ngx_str_t dst = {0, reinterpret_cast<u_char *>(&out[0])};
     if (decode(&dst, &src) != NGX_OK) {
         lua_pushnil(L);
+        if (with_err) {
+            lua_pushliteral(L, "invalid input");
+            return 2;
+        }
         return 1;
     }
     lua_pushlstring(L, out.data(), dst.len);
@@ -155,7 +160,7 @@ int decodeWith(lua_State *L, ngx_int_t (*decode)(ngx_str_t *, ngx_str_t *))
 
 int decodeBase64(lua_State *L)
 {
-    return decodeWith(L, ngx_decode_base64);
+    return decodeWith(L, ngx_decode_base64, false);
 }
 
 int encodeBase64url(lua_State *L)
@@ -175,7 +180,7 @@ int encodeBase64url(lua_State *L)
 
 int decodeBase64url(lua_State *L)
 {
-    return decodeWith(L, ngx_decode_base64url);
+    return decodeWith(L, ngx_decode_base64url, true);
 }
 
 int md5Hex(lua_State *L)
