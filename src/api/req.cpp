@@ -636,14 +636,6 @@ int setUri(lua_State *L)
 
 // ---- the request body ----
 
-ngx_http_event_handler_pt g_nginx_body_reader = nullptr;
-
-bool inRewriteType(Phase p)
-{
-    return p == Phase::Rewrite || p == Phase::Access
-           || p == Phase::ServerRewrite;
-}
-
 void bodyRead(ngx_http_request_t *r)
 {
     RequestCtx *ctx = getCtx(r);
@@ -655,26 +647,6 @@ void bodyRead(ngx_http_request_t *r)
         ctx->req_body_waiting = false;
         glue::resume(ctx, 0);
     }
-}
-
-// Wraps nginx's body reader while a thread waits: on a client error
-// (413, bad chunked framing) nginx finalizes the request itself and never
-// calls bodyRead, so the reference the suspended thread holds is given
-// back here.
-void bodyReadEvent(ngx_http_request_t *r)
-{
-    RequestCtx *ctx = getCtx(r);
-    r->main->count++;  // r must outlive the call below
-    g_nginx_body_reader(r);
-    if (ctx && ctx->req_body_waiting && !ctx->req_body_done
-        && r->err_status >= NGX_HTTP_SPECIAL_RESPONSE)
-    {
-        ctx->req_body_waiting = false;
-        if (inRewriteType(ctx->co_phase)) {
-            ngx_http_finalize_request(r, NGX_DONE);
-        }
-    }
-    ngx_http_finalize_request(r, NGX_DONE);
 }
 
 int readBody(lua_State *L)
@@ -704,15 +676,11 @@ int readBody(lua_State *L)
     if (ctx->req_body_done) {
         return 0;
     }
+    // On a client error met later (413 found in a chunked body, bad
+    // framing, timeout) nginx finalizes the request itself and bodyRead is
+    // never called: the thread stays suspended until the connection closes
+    // (client close or client_body_timeout), and the pool cleanup frees it.
     ctx->req_body_waiting = true;
-    if (g_nginx_body_reader == nullptr
-        && r->read_event_handler != bodyReadEvent)
-    {
-        g_nginx_body_reader = r->read_event_handler;
-    }
-    if (r->read_event_handler == g_nginx_body_reader) {
-        r->read_event_handler = bodyReadEvent;
-    }
     return glue::yield(L);
 }
 
@@ -1027,8 +995,9 @@ int finishBody(lua_State *L)
     ngx_http_request_t *r = ctx->r;
     ngx_chain_t *cl;
     off_t size;
-    if (w->tf) {
-        if (!spill(r, w)) {
+    // client_body_in_file_only: the new body goes to a file too.
+    if (w->tf || r->request_body_in_file_only) {
+        if (!spill(r, w) || w->tf == nullptr) {
             return luaL_error(L, "failed to write the request body to a "
                               "temporary file");
         }
@@ -1068,7 +1037,9 @@ int getPostArgs(lua_State *L)
                           "on lua_need_request_body?");
     }
     if (rb->temp_file) {
-        return luaL_error(L, "request body in temp file not supported");
+        lua_pushnil(L);
+        lua_pushliteral(L, "request body in temp file not supported");
+        return 2;
     }
     std::string body;
     for (ngx_chain_t *cl = rb->bufs; cl; cl = cl->next) {
