@@ -25,6 +25,9 @@ bool open(lua_State *L, std::string *err)
     openSemaphore(L);
     openProcess(L);
     openShared(L);
+    openReq(L);
+    openResp(L);
+    openUtil(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

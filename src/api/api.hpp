@@ -35,6 +35,9 @@ void openShared(lua_State *L);
 // Fills ngx.shared with the configuration's lua_shared_dict zones
 // (postconfiguration: the VM may exist before the directives are read).
 void bindSharedDicts(lua_State *L, MainConf *mcf);
+void openReq(lua_State *L);
+void openResp(lua_State *L);
+void openUtil(lua_State *L);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

@@ -334,11 +334,8 @@ int workerExiting(lua_State *L)
 // APIs of lua-nginx-module that luaguard does not provide yet: using one
 // raises an error naming it instead of a confusing "attempt to call nil".
 const char *const kPending[] = {
-    "req", "resp", "location", "socket", "re",
-    "on_abort", "escape_uri", "unescape_uri", "encode_args", "decode_args",
-    "encode_base64", "decode_base64", "md5", "md5_bin", "sha1_bin",
-    "hmac_sha1", "crc32_short", "crc32_long", "quote_sql_str",
-    "escape_html", "get_now_ts", "run_worker_thread", "worker_thread"};
+    "location", "socket", "re", "on_abort",
+    "get_now_ts", "run_worker_thread", "worker_thread"};
 
 int pendingIndex(lua_State *L)
 {

@@ -155,6 +155,12 @@ struct RequestCtx {
     budget::Usage        usage;      // Lua time and memory, all phases
 
     LuaThread           *flush_waiter = nullptr; // in ngx.flush(true)
+
+    // ngx.req.read_body waiting for the client; ngx.req.init_body's
+    // writer (api/req.cpp).
+    LuaThread           *req_body_waiter = nullptr;
+    bool                 req_body_done = false;
+    void                *req_body_writer = nullptr;
 };
 
 // The innermost Lua run in progress: which request (null in init, timers

@@ -298,9 +298,23 @@ Verdict judge(RequestCtx *ctx, Outcome out)
     return {Verdict::Continue, NGX_OK};
 }
 
+// A body nobody read is discarded before the response completes: left in
+// the connection, its bytes would be parsed as the next pipelined request.
+// Not done before the Lua code runs, which may call ngx.req.read_body.
+void discardUnreadBody(ngx_http_request_t *r)
+{
+    if (r != r->main || r->request_body || r->discard_body) {
+        return;
+    }
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        r->keepalive = 0;
+    }
+}
+
 ngx_int_t finishOutput(RequestCtx *ctx)
 {
     ngx_int_t rc = NGX_OK;
+    discardUnreadBody(ctx->r);
     if (!ctx->r->header_sent) {
         rc = sendHeader(ctx);
         if (rc == NGX_ERROR || rc > NGX_OK) {
@@ -636,14 +650,6 @@ ngx_int_t contentHandler(ngx_http_request_t *r)
     }
     if (rc != NGX_DECLINED) {
         return rc;
-    }
-    if (!llcf->need_request_body && r == r->main) {
-        // Nobody reads it: drop it so keepalive works, as nginx's own
-        // content handlers do.
-        rc = ngx_http_discard_request_body(r);
-        if (rc != NGX_OK) {
-            return rc;
-        }
     }
     ngx_int_t out = runPhase(r, Phase::Content, llcf->content);
     if (out == NGX_DONE && ctx->content.state == ThreadState::Running) {

@@ -105,6 +105,7 @@ class Nginx:
                  extra_load=""):
         self.prefix = Path(prefix)
         self.module = module
+        self.workers = workers
         self.port = free_port()
         self.log_path = self.prefix / "logs" / "error.log"
         self.conf_path = self.prefix / "conf" / "nginx.conf"
@@ -154,7 +155,17 @@ class Nginx:
                                f"{self.read_log()}")
         self.started = True
         self.wait_ready()
+        self.wait_workers()
         return self
+
+    def wait_workers(self, timeout=15):
+        """The master listens before it forks: wait for the workers too."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.worker_pids()) >= self.workers:
+                return
+            time.sleep(0.02)
+        raise RuntimeError("workers did not start:\n" + self.read_log())
 
     def wait_ready(self, timeout=15):
         deadline = time.monotonic() + timeout

@@ -1,0 +1,1110 @@
+// ngx.req.*: the request line, headers, URI arguments and body.
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "api/api.hpp"
+#include "api/util.hpp"
+#include "ngx/glue.hpp"
+#include "ngx/thread.hpp"
+#include "runtime/codec.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+constexpr PhaseMask kWritePhases = mask(Phase::Set, Phase::ServerRewrite,
+                                        Phase::Rewrite, Phase::Access,
+                                        Phase::Content, Phase::HeaderFilter,
+                                        Phase::BodyFilter);
+constexpr PhaseMask kBodyPhases = mask(Phase::ServerRewrite, Phase::Rewrite,
+                                       Phase::Access, Phase::Content);
+constexpr lua_Integer kDefaultMaxArgs = 100;
+
+const char kHeadersMeta[] = "luaguard.req_headers_mt";
+
+RequestCtx *requestFor(lua_State *L)
+{
+    glue::checkPhase(L, kRequest);
+    return glue::requireRequest(L);
+}
+
+void pushStr(lua_State *L, const ngx_str_t &s)
+{
+    lua_pushlstring(L, reinterpret_cast<const char *>(s.data), s.len);
+}
+
+bool copyToPool(ngx_pool_t *pool, const std::string &s, ngx_str_t *out)
+{
+    auto *p = static_cast<u_char *>(ngx_pnalloc(pool, s.size() + 1));
+    if (p == nullptr) {
+        return false;
+    }
+    ngx_memcpy(p, s.data(), s.size());
+    p[s.size()] = '\0';
+    out->data = p;
+    out->len = s.size();
+    return true;
+}
+
+// Calls f(elt) for every element of an ngx_list_t of ngx_table_elt_t.
+template <typename F>
+void eachHeader(ngx_list_t *list, F f)
+{
+    for (ngx_list_part_t *part = &list->part; part; part = part->next) {
+        auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+        for (ngx_uint_t i = 0; i < part->nelts; i++) {
+            if (!f(&h[i])) {
+                return;
+            }
+        }
+    }
+}
+
+bool keyIs(const ngx_table_elt_t *h, const char *name, size_t len)
+{
+    return h->key.len == len
+           && ngx_strncasecmp(h->key.data,
+                              reinterpret_cast<u_char *>(
+                                  const_cast<char *>(name)),
+                              len) == 0;
+}
+
+// Max-args style optional integer argument.
+lua_Integer maxArg(lua_State *L, int idx)
+{
+    if (lua_isnoneornil(L, idx)) {
+        return kDefaultMaxArgs;
+    }
+    lua_Integer n = luaL_checkinteger(L, idx);
+    return n > 0 ? n : 0;
+}
+
+// ---- request line ----
+
+int getMethod(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    pushStr(L, ctx->r->method_name);
+    return 1;
+}
+
+struct MethodName {
+    ngx_uint_t id;
+    const char *name;
+};
+
+const MethodName kMethods[] = {
+    {NGX_HTTP_GET, "GET"}, {NGX_HTTP_HEAD, "HEAD"}, {NGX_HTTP_POST, "POST"},
+    {NGX_HTTP_PUT, "PUT"}, {NGX_HTTP_DELETE, "DELETE"},
+    {NGX_HTTP_MKCOL, "MKCOL"}, {NGX_HTTP_COPY, "COPY"},
+    {NGX_HTTP_MOVE, "MOVE"}, {NGX_HTTP_OPTIONS, "OPTIONS"},
+    {NGX_HTTP_PROPFIND, "PROPFIND"}, {NGX_HTTP_PROPPATCH, "PROPPATCH"},
+    {NGX_HTTP_LOCK, "LOCK"}, {NGX_HTTP_UNLOCK, "UNLOCK"},
+    {NGX_HTTP_PATCH, "PATCH"}, {NGX_HTTP_TRACE, "TRACE"},
+};
+
+int setMethod(lua_State *L)
+{
+    glue::checkPhase(L, kWritePhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    if (lua_type(L, 1) != LUA_TNUMBER) {
+        return luaL_error(L, "bad method number");
+    }
+    lua_Integer id = lua_tointeger(L, 1);
+    for (const auto &m : kMethods) {
+        if (static_cast<lua_Integer>(m.id) == id) {
+            ctx->r->method = m.id;
+            ctx->r->method_name.data = reinterpret_cast<u_char *>(
+                const_cast<char *>(m.name));
+            ctx->r->method_name.len = std::strlen(m.name);
+            return 0;
+        }
+    }
+    return luaL_error(L, "unsupported HTTP method: %d", static_cast<int>(id));
+}
+
+int httpVersion(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    switch (ctx->r->http_version) {
+    case NGX_HTTP_VERSION_9: lua_pushnumber(L, 0.9); break;
+    case NGX_HTTP_VERSION_10: lua_pushnumber(L, 1.0); break;
+    case NGX_HTTP_VERSION_11: lua_pushnumber(L, 1.1); break;
+    case NGX_HTTP_VERSION_20: lua_pushnumber(L, 2.0); break;
+    default: lua_pushnil(L);
+    }
+    return 1;
+}
+
+int isInternal(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    lua_pushboolean(L, ctx->r->internal);
+    return 1;
+}
+
+// nginx writes a NUL after each header name and value in its input buffer.
+// Copies the header block starting at `p` up to and including the empty
+// line, restoring those bytes; false when the block does not end inside
+// [p, last).
+bool copyHeaderBlock(const u_char *p, const u_char *last, std::string *out)
+{
+    bool colon = false;
+    bool line_empty = true;
+    for (; p < last; p++) {
+        char c = static_cast<char>(*p);
+        if (c == '\0') {
+            if (!colon) {
+                c = ':';
+            } else if (p + 1 < last && p[1] == '\n') {
+                c = '\r';
+            } else if (p + 1 < last
+                       && (p[1] == '\r' || p[1] == ' ' || p[1] == '\t'))
+            {
+                c = ' ';
+            } else {
+                c = '\n';
+            }
+        }
+        out->push_back(c);
+        if (c == '\n') {
+            if (line_empty) {
+                return true;
+            }
+            colon = false;
+            line_empty = true;
+            continue;
+        }
+        if (c == ':') {
+            colon = true;
+        }
+        if (c != '\r') {
+            line_empty = false;
+        }
+    }
+    return false;
+}
+
+int rawHeader(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    bool no_request_line = lua_toboolean(L, 1);
+    ngx_http_request_t *mr = ctx->r->main;
+    if (mr->http_version >= NGX_HTTP_VERSION_20) {
+        return luaL_error(L, "http v2 not supported yet");
+    }
+
+    std::string out;
+    ngx_buf_t *b = mr->header_in;
+    const u_char *start = mr->request_line.data;
+    if (b && start && start >= b->start && start < b->last) {
+        const u_char *p = start;
+        if (no_request_line) {
+            p += mr->request_line.len;
+            while (p < b->last && *p != '\n') {
+                p++;
+            }
+            p++;
+        }
+        if (p <= b->last && copyHeaderBlock(p, b->last, &out)) {
+            lua_pushlstring(L, out.data(), out.size());
+            return 1;
+        }
+        out.clear();
+    }
+
+    // The block spans several buffers (large_client_header_buffers):
+    // rebuild it from what nginx parsed.
+    if (!no_request_line) {
+        out.append(reinterpret_cast<char *>(mr->request_line.data),
+                   mr->request_line.len);
+        out += "\r\n";
+    }
+    eachHeader(&mr->headers_in.headers, [&](ngx_table_elt_t *h) {
+        out.append(reinterpret_cast<char *>(h->key.data), h->key.len);
+        out += ": ";
+        out.append(reinterpret_cast<char *>(h->value.data), h->value.len);
+        out += "\r\n";
+        return true;
+    });
+    out += "\r\n";
+    lua_pushlstring(L, out.data(), out.size());
+    return 1;
+}
+
+// ---- request headers ----
+
+int headersIndex(lua_State *L)
+{
+    if (lua_type(L, 2) != LUA_TSTRING) {
+        return 0;
+    }
+    size_t len;
+    const char *k = lua_tolstring(L, 2, &len);
+    std::string key(k, len);
+    for (char &c : key) {
+        c = c == '_' ? '-' : static_cast<char>(ngx_tolower(c));
+    }
+    lua_pushlstring(L, key.data(), key.size());
+    lua_rawget(L, 1);
+    return 1;
+}
+
+int getHeaders(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    lua_Integer max = maxArg(L, 1);
+    bool raw = lua_toboolean(L, 2);
+    lua_createtable(L, 0, 16);
+    int t = lua_gettop(L);
+    lua_Integer count = 0;
+    bool truncated = false;
+    eachHeader(&ctx->r->headers_in.headers, [&](ngx_table_elt_t *h) {
+        if (max && count == max) {
+            truncated = true;
+            return false;
+        }
+        count++;
+        if (raw) {
+            pushStr(L, h->key);
+        } else {
+            std::string key(reinterpret_cast<char *>(h->key.data),
+                            h->key.len);
+            for (char &c : key) {
+                c = static_cast<char>(ngx_tolower(c));
+            }
+            lua_pushlstring(L, key.data(), key.size());
+        }
+        pushStr(L, h->value);
+        addMultiValue(L, t);
+        return true;
+    });
+    if (!raw) {
+        luaL_getmetatable(L, kHeadersMeta);
+        lua_setmetatable(L, t);
+    }
+    if (truncated) {
+        lua_pushliteral(L, "truncated");
+        return 2;
+    }
+    return 1;
+}
+
+// Removes every `name` header from a list, compacting the parts in place.
+void removeHeaders(ngx_list_t *list, const std::string &name)
+{
+    for (ngx_list_part_t *part = &list->part; part; part = part->next) {
+        auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+        ngx_uint_t j = 0;
+        for (ngx_uint_t i = 0; i < part->nelts; i++) {
+            if (keyIs(&h[i], name.data(), name.size())) {
+                continue;
+            }
+            if (i != j) {
+                h[j] = h[i];
+            }
+            j++;
+        }
+        part->nelts = j;
+    }
+}
+
+bool isArrayField(ngx_uint_t offset)
+{
+    if (offset == offsetof(ngx_http_headers_in_t, cookies)) {
+        return true;
+    }
+#if (NGX_HTTP_X_FORWARDED_FOR)
+    if (offset == offsetof(ngx_http_headers_in_t, x_forwarded_for)) {
+        return true;
+    }
+#endif
+    return false;
+}
+
+// Points nginx's shortcut fields of r->headers_in (host, user_agent,
+// cookies, ...) at the current list entries: removal moves elements, so
+// they are recomputed from scratch after every change.
+bool rebuildSpecial(ngx_http_request_t *r)
+{
+    ngx_http_headers_in_t *in = &r->headers_in;
+    auto *base = reinterpret_cast<char *>(in);
+    for (ngx_http_header_t *hh = ngx_http_headers_in; hh->name.len; hh++) {
+        if (isArrayField(hh->offset)) {
+            auto *a = reinterpret_cast<ngx_array_t *>(base + hh->offset);
+            if (a->elts == nullptr
+                && ngx_array_init(a, r->pool, 2, sizeof(ngx_table_elt_t *))
+                       != NGX_OK)
+            {
+                return false;
+            }
+            a->nelts = 0;
+        } else {
+            *reinterpret_cast<ngx_table_elt_t **>(base + hh->offset) =
+                nullptr;
+        }
+    }
+    bool ok = true;
+    eachHeader(&in->headers, [&](ngx_table_elt_t *h) {
+        for (ngx_http_header_t *hh = ngx_http_headers_in; hh->name.len;
+             hh++)
+        {
+            if (!keyIs(h, reinterpret_cast<char *>(hh->name.data),
+                       hh->name.len))
+            {
+                continue;
+            }
+            if (isArrayField(hh->offset)) {
+                auto *a = reinterpret_cast<ngx_array_t *>(base + hh->offset);
+                auto **slot = static_cast<ngx_table_elt_t **>(
+                    ngx_array_push(a));
+                if (slot == nullptr) {
+                    ok = false;
+                    return false;
+                }
+                *slot = h;
+            } else {
+                auto **slot = reinterpret_cast<ngx_table_elt_t **>(
+                    base + hh->offset);
+                if (*slot == nullptr) {
+                    *slot = h;
+                }
+            }
+            break;
+        }
+        return true;
+    });
+    // $host follows the Host header, as after nginx's own parsing.
+    if (in->host) {
+        ngx_str_t v = in->host->value;
+        size_t n = v.len;
+        if (n && v.data[0] != '[') {
+            for (size_t i = 0; i < v.len; i++) {
+                if (v.data[i] == ':') {
+                    n = i;
+                    break;
+                }
+            }
+        }
+        while (n && v.data[n - 1] == '.') {
+            n--;
+        }
+        auto *p = static_cast<u_char *>(ngx_pnalloc(r->pool, n ? n : 1));
+        if (p == nullptr) {
+            return false;
+        }
+        ngx_strlow(p, v.data, n);
+        in->server.data = p;
+        in->server.len = n;
+    } else {
+        in->server.len = 0;
+    }
+    return ok;
+}
+
+bool pushHeader(ngx_http_request_t *r, const std::string &name,
+                const std::string &value)
+{
+    auto *h = static_cast<ngx_table_elt_t *>(
+        ngx_list_push(&r->headers_in.headers));
+    if (h == nullptr) {
+        return false;
+    }
+    ngx_memzero(h, sizeof(*h));
+    if (!copyToPool(r->pool, name, &h->key)
+        || !copyToPool(r->pool, value, &h->value))
+    {
+        return false;
+    }
+    h->lowcase_key = static_cast<u_char *>(ngx_pnalloc(r->pool,
+                                                       name.size() + 1));
+    if (h->lowcase_key == nullptr) {
+        return false;
+    }
+    ngx_strlow(h->lowcase_key, h->key.data, h->key.len);
+    h->lowcase_key[h->key.len] = '\0';
+    h->hash = ngx_hash_key(h->lowcase_key, h->key.len);
+    return true;
+}
+
+// Replaces the request headers called `name` by `values` (escaped as
+// RFC 7230 requires); no values removes them.
+bool replaceHeaders(ngx_http_request_t *r, const char *name, size_t nlen,
+                    const std::vector<std::string> &values)
+{
+    std::string key = codec::escapeHeaderBytes(name, nlen, true);
+    removeHeaders(&r->headers_in.headers, key);
+    for (const std::string &v : values) {
+        std::string safe = codec::escapeHeaderBytes(v.data(), v.size(),
+                                                    false);
+        if (!pushHeader(r, key, safe)) {
+            return false;
+        }
+    }
+    return rebuildSpecial(r);
+}
+
+bool headerValueText(lua_State *L, int idx, std::string *out)
+{
+    int t = lua_type(L, idx);
+    if (t == LUA_TSTRING || t == LUA_TNUMBER) {
+        size_t len;
+        const char *s = lua_tolstring(L, idx, &len);
+        out->assign(s, len);
+        return true;
+    }
+    if (t == LUA_TBOOLEAN) {
+        *out = lua_toboolean(L, idx) ? "true" : "false";
+        return true;
+    }
+    return false;
+}
+
+int setHeaderCommon(lua_State *L, bool clear)
+{
+    glue::checkPhase(L, kWritePhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    int t = lua_type(L, 1);
+    if (t != LUA_TSTRING && t != LUA_TNUMBER) {
+        return luaL_error(L, "bad 'name' argument: string expected, got %s",
+                          luaL_typename(L, 1));
+    }
+    size_t nlen;
+    const char *name = lua_tolstring(L, 1, &nlen);
+    std::vector<std::string> values;
+    if (!clear && !lua_isnoneornil(L, 2)) {
+        std::string v;
+        if (lua_istable(L, 2)) {
+            size_t n = lua_objlen(L, 2);
+            for (size_t i = 1; i <= n; i++) {
+                lua_rawgeti(L, 2, static_cast<int>(i));
+                if (!headerValueText(L, -1, &v)) {
+                    return luaL_error(L, "bad 'value' argument: string, "
+                                      "number or boolean expected in the "
+                                      "array, got %s", luaL_typename(L, -1));
+                }
+                lua_pop(L, 1);
+                if (!v.empty()) {
+                    values.push_back(v);
+                }
+            }
+        } else if (headerValueText(L, 2, &v)) {
+            // An empty value removes the header, as in lua-nginx-module.
+            if (!v.empty()) {
+                values.push_back(v);
+            }
+        } else {
+            return luaL_error(L, "bad 'value' argument: string or table "
+                              "expected, got %s", luaL_typename(L, 2));
+        }
+    }
+    if (nlen == 14 && ngx_strncasecmp(reinterpret_cast<u_char *>(
+                                         const_cast<char *>(name)),
+                                     reinterpret_cast<u_char *>(
+                                         const_cast<char *>(
+                                             "Content-Length")), 14) == 0)
+    {
+        for (const std::string &v : values) {
+            if (ngx_atoof(reinterpret_cast<u_char *>(
+                                           const_cast<char *>(v.data())),
+                                       v.size()) == NGX_ERROR)
+            {
+                return luaL_error(L, "invalid Content-Length header value");
+            }
+        }
+    }
+    if (!replaceHeaders(ctx->r, name, nlen, values)) {
+        return luaL_error(L, "no memory");
+    }
+    return 0;
+}
+
+int setHeader(lua_State *L)
+{
+    return setHeaderCommon(L, false);
+}
+
+int clearHeader(lua_State *L)
+{
+    return setHeaderCommon(L, true);
+}
+
+// ---- URI and arguments ----
+
+int getUriArgs(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    lua_Integer max = maxArg(L, 1);
+    ngx_str_t args = ctx->r->args;
+    bool truncated = pushArgsTable(L, reinterpret_cast<char *>(args.data),
+                                   args.len, static_cast<size_t>(max));
+    if (truncated) {
+        lua_pushliteral(L, "truncated");
+        return 2;
+    }
+    return 1;
+}
+
+int setUriArgs(lua_State *L)
+{
+    glue::checkPhase(L, kWritePhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    std::string args;
+    switch (lua_type(L, 1)) {
+    case LUA_TSTRING:
+    case LUA_TNUMBER: {
+        size_t len;
+        const char *s = lua_tolstring(L, 1, &len);
+        args = codec::escapeArgsString(s, len);
+        break;
+    }
+    case LUA_TTABLE:
+        lua_settop(L, 1);
+        if (!encodeArgsTable(L, 1, &args)) {
+            return lua_error(L);
+        }
+        break;
+    default:
+        return luaL_error(L, "bad argument #1 to 'set_uri_args' (string, "
+                          "number, or table expected, but got %s)",
+                          luaL_typename(L, 1));
+    }
+    ngx_http_request_t *r = ctx->r;
+    if (!copyToPool(r->pool, args, &r->args)) {
+        return luaL_error(L, "no memory");
+    }
+    r->valid_unparsed_uri = 0;
+    return 0;
+}
+
+int setUri(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, kWritePhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    size_t len;
+    const char *uri = luaL_checklstring(L, 1, &len);
+    if (len == 0) {
+        return luaL_error(L, "attempt to use zero-length uri");
+    }
+    bool jump = lua_toboolean(L, 2);
+    bool binary = lua_toboolean(L, 3);
+    if (!binary) {
+        size_t bad = codec::unsafeUriByte(uri, len);
+        if (bad != std::string::npos) {
+            std::string shown;
+            for (size_t i = 0; i < len && shown.size() < 512; i++) {
+                auto c = static_cast<unsigned char>(uri[i]);
+                if (c < 0x20 || c >= 0x7f || c == '\\') {
+                    char hex[8];
+                    std::snprintf(hex, sizeof(hex), "\\x%02X", c);
+                    shown += hex;
+                } else {
+                    shown.push_back(static_cast<char>(c));
+                }
+            }
+            char byte[4];
+            std::snprintf(byte, sizeof(byte), "%02x",
+                          static_cast<unsigned char>(uri[bad]));
+            return luaL_error(L, "unsafe byte \"0x%s\" in uri \"%s\" (maybe "
+                              "you want to set the 'binary' argument?)",
+                              byte, shown.c_str());
+        }
+    }
+    if (jump && run->phase != Phase::Rewrite
+        && run->phase != Phase::ServerRewrite)
+    {
+        return luaL_error(L, "API disabled in the context of %s_by_lua*",
+                          phaseName(run->phase));
+    }
+    ngx_http_request_t *r = ctx->r;
+    if (!copyToPool(r->pool, std::string(uri, len), &r->uri)) {
+        return luaL_error(L, "no memory");
+    }
+    r->valid_unparsed_uri = 0;
+    ngx_http_set_exten(r);
+    if (jump) {
+        // As `rewrite ... last`: the location is searched again once the
+        // phase handler returns.
+        r->uri_changed = 1;
+        ctx->exit_code = NGX_DECLINED;
+        return glue::exitThread(L, ctx);
+    }
+    return 0;
+}
+
+// ---- the request body ----
+
+void bodyRead(ngx_http_request_t *r)
+{
+    RequestCtx *ctx = getCtx(r);
+    if (ctx == nullptr) {
+        return;
+    }
+    ctx->req_body_done = true;
+    if (LuaThread *t = ctx->req_body_waiter) {
+        ctx->req_body_waiter = nullptr;
+        t->cancel = nullptr;
+        glue::resume(t, 0);
+    }
+}
+
+void cancelBodyWait(LuaThread *t)
+{
+    t->ctx->req_body_waiter = nullptr;
+}
+
+int readBody(lua_State *L)
+{
+    glue::checkPhase(L, kBodyPhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    ngx_http_request_t *r = ctx->r;
+    if (r != r->main || r->request_body || r->discard_body) {
+        return 0;
+    }
+    ctx->req_body_done = false;
+    ctx->req_body_waiter = nullptr;
+    ngx_int_t rc = ngx_http_read_client_request_body(r, bodyRead);
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        // Too large, bad framing: the request ends with that status, as
+        // lua-nginx-module does.
+        ctx->exit_code = rc;
+        return glue::exitThread(L, ctx);
+    }
+    // The reader's reference: nginx handlers give it back by returning
+    // NGX_DONE; the suspended thread holds its own.
+    r->main->count--;
+    if (rc == NGX_ERROR) {
+        ctx->exit_code = NGX_ERROR;
+        return glue::exitThread(L, ctx);
+    }
+    if (ctx->req_body_done) {
+        return 0;
+    }
+    // On a client error met later (413 found in a chunked body, bad
+    // framing, timeout) nginx finalizes the request itself and bodyRead is
+    // never called: the thread stays suspended until the connection closes
+    // (client close or client_body_timeout), and the pool cleanup frees it.
+    LuaThread *t = threads::current();
+    if (t == nullptr) {
+        return luaL_error(L, "no request found");
+    }
+    ctx->req_body_waiter = t;
+    t->cancel = cancelBodyWait;
+    return glue::yield(L);
+}
+
+int discardBody(lua_State *L)
+{
+    glue::checkPhase(L, kBodyPhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    ngx_http_request_t *r = ctx->r;
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        r->keepalive = 0;
+    }
+    return 0;
+}
+
+int getBodyData(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    lua_Integer max = 0;
+    if (!lua_isnoneornil(L, 1)) {
+        max = luaL_checkinteger(L, 1);
+        if (max < 0) {
+            return luaL_error(L, "bad max_bytes argument: %d",
+                              static_cast<int>(max));
+        }
+    }
+    ngx_http_request_body_t *rb = ctx->r->request_body;
+    if (rb == nullptr || rb->bufs == nullptr || rb->temp_file) {
+        lua_pushnil(L);
+        return 1;
+    }
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    size_t total = 0;
+    for (ngx_chain_t *cl = rb->bufs; cl; cl = cl->next) {
+        ngx_buf_t *buf = cl->buf;
+        if (buf->in_file && !ngx_buf_in_memory(buf)) {
+            lua_pushnil(L);
+            return 1;
+        }
+        if (!ngx_buf_in_memory(buf)) {
+            continue;
+        }
+        size_t n = buf->last - buf->pos;
+        if (max && total + n > static_cast<size_t>(max)) {
+            n = static_cast<size_t>(max) - total;
+        }
+        luaL_addlstring(&b, reinterpret_cast<char *>(buf->pos), n);
+        total += n;
+        if (max && total == static_cast<size_t>(max)) {
+            break;
+        }
+    }
+    luaL_pushresult(&b);
+    return 1;
+}
+
+int getBodyFile(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    ngx_http_request_body_t *rb = ctx->r->request_body;
+    if (rb == nullptr || rb->temp_file == nullptr) {
+        lua_pushnil(L);
+        return 1;
+    }
+    pushStr(L, rb->temp_file->file.name);
+    return 1;
+}
+
+ngx_http_request_body_t *requireBody(lua_State *L, RequestCtx *ctx)
+{
+    ngx_http_request_body_t *rb = ctx->r->request_body;
+    if (rb == nullptr) {
+        luaL_error(L, "request body not read yet");
+    }
+    return rb;
+}
+
+// The framing headers describe the new body once it is replaced (the
+// client's body has been read entirely by then).
+bool setBodyLength(ngx_http_request_t *r, off_t n)
+{
+    r->headers_in.content_length_n = n;
+    r->headers_in.chunked = 0;
+    removeHeaders(&r->headers_in.headers, "Transfer-Encoding");
+    removeHeaders(&r->headers_in.headers, "Content-Length");
+    if (!pushHeader(r, "Content-Length", std::to_string(
+                                             static_cast<long long>(n))))
+    {
+        return false;
+    }
+    return rebuildSpecial(r);
+}
+
+ngx_chain_t *memoryChain(ngx_http_request_t *r, const char *data, size_t len)
+{
+    ngx_buf_t *b = ngx_create_temp_buf(r->pool, len ? len : 1);
+    ngx_chain_t *cl = ngx_alloc_chain_link(r->pool);
+    if (b == nullptr || cl == nullptr) {
+        return nullptr;
+    }
+    if (len) {
+        b->last = ngx_cpymem(b->pos, data, len);
+    }
+    b->last_buf = 1;
+    cl->buf = b;
+    cl->next = nullptr;
+    return cl;
+}
+
+ngx_chain_t *fileChain(ngx_http_request_t *r, ngx_temp_file_t *tf, off_t size)
+{
+    auto *b = static_cast<ngx_buf_t *>(ngx_calloc_buf(r->pool));
+    ngx_chain_t *cl = ngx_alloc_chain_link(r->pool);
+    if (b == nullptr || cl == nullptr) {
+        return nullptr;
+    }
+    b->in_file = 1;
+    b->file = &tf->file;
+    b->file_pos = 0;
+    b->file_last = size;
+    b->last_buf = 1;
+    cl->buf = b;
+    cl->next = nullptr;
+    return cl;
+}
+
+int setBodyData(lua_State *L)
+{
+    glue::checkPhase(L, kBodyPhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    ngx_http_request_body_t *rb = requireBody(L, ctx);
+    size_t len;
+    const char *data = luaL_checklstring(L, 1, &len);
+    ngx_chain_t *cl = memoryChain(ctx->r, data, len);
+    if (cl == nullptr || !setBodyLength(ctx->r, static_cast<off_t>(len))) {
+        return luaL_error(L, "no memory");
+    }
+    rb->bufs = cl;
+    rb->buf = cl->buf;
+    rb->temp_file = nullptr;
+    return 0;
+}
+
+int setBodyFile(lua_State *L)
+{
+    glue::checkPhase(L, kBodyPhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    ngx_http_request_body_t *rb = requireBody(L, ctx);
+    ngx_http_request_t *r = ctx->r;
+    size_t len;
+    const char *path = luaL_checklstring(L, 1, &len);
+    bool auto_clean = lua_toboolean(L, 2);
+    if (len == 0 || std::memchr(path, '\0', len) != nullptr) {
+        return luaL_error(L, "bad file name");
+    }
+
+    auto *tf = static_cast<ngx_temp_file_t *>(
+        ngx_pcalloc(r->pool, sizeof(ngx_temp_file_t)));
+    auto *cln = ngx_pool_cleanup_add(r->pool,
+                                     sizeof(ngx_pool_cleanup_file_t));
+    if (tf == nullptr || cln == nullptr
+        || !copyToPool(r->pool, std::string(path, len), &tf->file.name))
+    {
+        return luaL_error(L, "no memory");
+    }
+    // Not ngx_open_file: the macro's bare open() would find api::open.
+    ngx_fd_t fd = ::open(reinterpret_cast<char *>(tf->file.name.data),
+                         O_RDONLY | O_CLOEXEC);
+    if (fd == NGX_INVALID_FILE) {
+        return luaL_error(L, "%s \"%s\" failed", ngx_open_file_n,
+                          tf->file.name.data);
+    }
+    auto *clnf = static_cast<ngx_pool_cleanup_file_t *>(cln->data);
+    clnf->fd = fd;
+    clnf->name = tf->file.name.data;
+    clnf->log = r->pool->log;
+    cln->handler = auto_clean ? ngx_pool_delete_file : ngx_pool_cleanup_file;
+
+    ngx_file_info_t fi;
+    if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR) {
+        return luaL_error(L, "%s \"%s\" failed", ngx_fd_info_n,
+                          tf->file.name.data);
+    }
+    tf->file.fd = fd;
+    tf->file.log = r->connection->log;
+    tf->file.offset = ngx_file_size(&fi);
+    ngx_chain_t *cl = fileChain(r, tf, ngx_file_size(&fi));
+    if (cl == nullptr || !setBodyLength(r, ngx_file_size(&fi))) {
+        return luaL_error(L, "no memory");
+    }
+    rb->bufs = cl;
+    rb->buf = nullptr;
+    rb->temp_file = tf;
+    return 0;
+}
+
+// ngx.req.init_body's state: a memory buffer that spills into a temp file.
+struct BodyWriter {
+    ngx_buf_t        *buf;
+    ngx_temp_file_t  *tf;
+};
+
+bool spill(ngx_http_request_t *r, BodyWriter *w)
+{
+    if (w->buf->last == w->buf->pos) {
+        return true;
+    }
+    if (w->tf == nullptr) {
+        auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+            ngx_http_get_module_loc_conf(r, ngx_http_core_module));
+        w->tf = static_cast<ngx_temp_file_t *>(
+            ngx_pcalloc(r->pool, sizeof(ngx_temp_file_t)));
+        if (w->tf == nullptr) {
+            return false;
+        }
+        w->tf->file.fd = NGX_INVALID_FILE;
+        w->tf->file.log = r->connection->log;
+        w->tf->path = clcf->client_body_temp_path;
+        w->tf->pool = r->pool;
+        w->tf->warn = const_cast<char *>(
+            "a client request body is buffered to a temporary file");
+        w->tf->log_level = r->request_body_file_log_level;
+        // Named on disk for get_body_file, removed with the request.
+        w->tf->persistent = 1;
+        w->tf->clean = 1;
+    }
+    ngx_chain_t cl = {w->buf, nullptr};
+    ssize_t n = ngx_write_chain_to_temp_file(w->tf, &cl);
+    if (n == NGX_ERROR) {
+        return false;
+    }
+    w->tf->offset += n;  // the caller's job, as in nginx's body writer
+    w->buf->pos = w->buf->last = w->buf->start;
+    return true;
+}
+
+BodyWriter *requireWriter(lua_State *L, RequestCtx *ctx)
+{
+    auto *w = static_cast<BodyWriter *>(ctx->req_body_writer);
+    if (w == nullptr) {
+        luaL_error(L, "request_body not initialized");
+    }
+    return w;
+}
+
+int initBody(lua_State *L)
+{
+    glue::checkPhase(L, kBodyPhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    ngx_http_request_t *r = ctx->r;
+    ngx_http_request_body_t *rb = requireBody(L, ctx);
+    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_core_module));
+    lua_Integer size = static_cast<lua_Integer>(
+        clcf->client_body_buffer_size);
+    if (!lua_isnoneornil(L, 1)) {
+        lua_Integer n = luaL_checkinteger(L, 1);
+        if (n < 0) {
+            return luaL_error(L, "bad buffer size");
+        }
+        if (n > 0) {
+            size = n;
+        }
+    }
+    auto *w = static_cast<BodyWriter *>(ngx_pcalloc(r->pool,
+                                                    sizeof(BodyWriter)));
+    if (w == nullptr) {
+        return luaL_error(L, "no memory");
+    }
+    w->buf = ngx_create_temp_buf(r->pool, static_cast<size_t>(size));
+    if (w->buf == nullptr) {
+        return luaL_error(L, "no memory");
+    }
+    rb->bufs = nullptr;
+    rb->buf = nullptr;
+    rb->temp_file = nullptr;
+    ctx->req_body_writer = w;
+    return 0;
+}
+
+int appendBody(lua_State *L)
+{
+    glue::checkPhase(L, kBodyPhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    BodyWriter *w = requireWriter(L, ctx);
+    requireBody(L, ctx);
+    size_t len;
+    const char *data = luaL_checklstring(L, 1, &len);
+    while (len) {
+        size_t room = w->buf->end - w->buf->last;
+        if (room == 0) {
+            if (!spill(ctx->r, w)) {
+                return luaL_error(L, "failed to write the request body to "
+                                  "a temporary file");
+            }
+            continue;
+        }
+        size_t n = len < room ? len : room;
+        w->buf->last = ngx_cpymem(w->buf->last, data, n);
+        data += n;
+        len -= n;
+    }
+    return 0;
+}
+
+int finishBody(lua_State *L)
+{
+    glue::checkPhase(L, kBodyPhases);
+    RequestCtx *ctx = glue::requireRequest(L);
+    BodyWriter *w = requireWriter(L, ctx);
+    ngx_http_request_body_t *rb = requireBody(L, ctx);
+    ngx_http_request_t *r = ctx->r;
+    ngx_chain_t *cl;
+    off_t size;
+    // client_body_in_file_only: the new body goes to a file too.
+    if (w->tf || r->request_body_in_file_only) {
+        if (!spill(r, w) || w->tf == nullptr) {
+            return luaL_error(L, "failed to write the request body to a "
+                              "temporary file");
+        }
+        size = w->tf->offset;
+        cl = fileChain(r, w->tf, size);
+    } else {
+        size = w->buf->last - w->buf->pos;
+        cl = ngx_alloc_chain_link(r->pool);
+        if (cl) {
+            w->buf->last_buf = 1;
+            cl->buf = w->buf;
+            cl->next = nullptr;
+        }
+    }
+    if (cl == nullptr || !setBodyLength(r, size)) {
+        return luaL_error(L, "no memory");
+    }
+    rb->bufs = cl;
+    rb->buf = w->tf ? nullptr : w->buf;
+    rb->temp_file = w->tf;
+    ctx->req_body_writer = nullptr;
+    return 0;
+}
+
+int reqSocket(lua_State *L)
+{
+    return luaL_error(L, "ngx.req.socket is not implemented in luaguard yet");
+}
+
+int getPostArgs(lua_State *L)
+{
+    RequestCtx *ctx = requestFor(L);
+    lua_Integer max = maxArg(L, 1);
+    ngx_http_request_body_t *rb = ctx->r->request_body;
+    if (rb == nullptr) {
+        return luaL_error(L, "no request body found; maybe you should turn "
+                          "on lua_need_request_body?");
+    }
+    if (rb->temp_file) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "request body in temp file not supported");
+        return 2;
+    }
+    std::string body;
+    for (ngx_chain_t *cl = rb->bufs; cl; cl = cl->next) {
+        if (ngx_buf_in_memory(cl->buf)) {
+            body.append(reinterpret_cast<char *>(cl->buf->pos),
+                        cl->buf->last - cl->buf->pos);
+        }
+    }
+    bool truncated = pushArgsTable(L, body.data(), body.size(),
+                                   static_cast<size_t>(max));
+    if (truncated) {
+        lua_pushliteral(L, "truncated");
+        return 2;
+    }
+    return 1;
+}
+
+}  // namespace
+
+void openReq(lua_State *L)
+{
+    luaL_newmetatable(L, kHeadersMeta);
+    lua_pushcfunction(L, headersIndex);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+
+    // ngx.req exists already (openTime adds start_time): add to it.
+    subTable(L, "req");
+    const luaL_Reg fns[] = {{"get_method", getMethod},
+                            {"set_method", setMethod},
+                            {"http_version", httpVersion},
+                            {"is_internal", isInternal},
+                            {"raw_header", rawHeader},
+                            {"get_headers", getHeaders},
+                            {"set_header", setHeader},
+                            {"clear_header", clearHeader},
+                            {"get_uri_args", getUriArgs},
+                            {"set_uri_args", setUriArgs},
+                            {"set_uri", setUri},
+                            {"get_post_args", getPostArgs},
+                            {"read_body", readBody},
+                            {"discard_body", discardBody},
+                            {"get_body_data", getBodyData},
+                            {"get_body_file", getBodyFile},
+                            {"set_body_data", setBodyData},
+                            {"set_body_file", setBodyFile},
+                            {"init_body", initBody},
+                            {"append_body", appendBody},
+                            {"finish_body", finishBody},
+                            {"socket", reqSocket},
+                            {nullptr, nullptr}};
+    setFuncs(L, fns);
+    lua_pop(L, 1);
+}
+
+}  // namespace luaguard::api

@@ -1,0 +1,110 @@
+// ngx.resp.get_headers: the response headers as a table.
+
+#include <cstring>
+#include <string>
+
+#include "api/api.hpp"
+#include "api/util.hpp"
+#include "ngx/glue.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+const char kHeadersMeta[] = "luaguard.req_headers_mt";
+
+int getHeaders(lua_State *L)
+{
+    glue::checkPhase(L, kRequest);
+    RequestCtx *ctx = glue::requireRequest(L);
+    ngx_http_request_t *r = ctx->r;
+    lua_Integer max = 100;
+    if (!lua_isnoneornil(L, 1)) {
+        max = luaL_checkinteger(L, 1);
+        if (max < 0) {
+            max = 0;
+        }
+    }
+    bool raw = lua_toboolean(L, 2);
+    lua_createtable(L, 0, 16);
+    int t = lua_gettop(L);
+    lua_Integer count = 0;
+    bool truncated = false;
+
+    auto add = [&](const char *k, size_t klen, const char *v, size_t vlen) {
+        if (max && count == max) {
+            truncated = true;
+            return false;
+        }
+        count++;
+        std::string key(k, klen);
+        if (!raw) {
+            for (char &c : key) {
+                c = static_cast<char>(ngx_tolower(c));
+            }
+        }
+        lua_pushlstring(L, key.data(), key.size());
+        lua_pushlstring(L, v, vlen);
+        addMultiValue(L, t);
+        return true;
+    };
+
+    ngx_http_headers_out_t &out = r->headers_out;
+    bool go = true;
+    if (out.content_type.len) {
+        go = add("Content-Type", 12,
+                 reinterpret_cast<char *>(out.content_type.data),
+                 out.content_type.len);
+    }
+    if (go && out.content_length == nullptr && out.content_length_n >= 0) {
+        std::string n = std::to_string(
+            static_cast<long long>(out.content_length_n));
+        go = add("Content-Length", 14, n.data(), n.size());
+    }
+    if (go && r->header_sent) {
+        // Added by nginx's header filter, not kept in headers_out.
+        const char *conn = r->keepalive ? "keep-alive" : "close";
+        go = add("Connection", 10, conn, std::strlen(conn));
+        if (go && r->chunked) {
+            go = add("Transfer-Encoding", 17, "chunked", 7);
+        }
+    }
+    for (ngx_list_part_t *part = &out.headers.part; go && part;
+         part = part->next)
+    {
+        auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+        for (ngx_uint_t i = 0; i < part->nelts; i++) {
+            if (h[i].hash == 0) {
+                continue;
+            }
+            if (!add(reinterpret_cast<char *>(h[i].key.data), h[i].key.len,
+                     reinterpret_cast<char *>(h[i].value.data),
+                     h[i].value.len))
+            {
+                go = false;
+                break;
+            }
+        }
+    }
+    if (!raw) {
+        luaL_getmetatable(L, kHeadersMeta);
+        lua_setmetatable(L, t);
+    }
+    if (truncated) {
+        lua_pushliteral(L, "truncated");
+        return 2;
+    }
+    return 1;
+}
+
+}  // namespace
+
+void openResp(lua_State *L)
+{
+    subTable(L, "resp");
+    const luaL_Reg fns[] = {{"get_headers", getHeaders}, {nullptr, nullptr}};
+    setFuncs(L, fns);
+    lua_pop(L, 1);
+}
+
+}  // namespace luaguard::api

@@ -1,0 +1,213 @@
+#include "runtime/codec.hpp"
+
+namespace luaguard::codec {
+
+namespace {
+
+const char kHex[] = "0123456789ABCDEF";
+
+void addEscaped(std::string &out, unsigned char c)
+{
+    out.push_back('%');
+    out.push_back(kHex[c >> 4]);
+    out.push_back(kHex[c & 0xf]);
+}
+
+bool isAlnum(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z')
+           || (c >= 'A' && c <= 'Z');
+}
+
+bool keepFull(unsigned char c)
+{
+    if (c <= 0x20 || c >= 0x7f) {
+        return false;
+    }
+    return c != '#' && c != '%' && c != '?';
+}
+
+bool keepComponent(unsigned char c)
+{
+    if (isAlnum(c)) {
+        return true;
+    }
+    switch (c) {
+    case '-': case '.': case '_': case '~':
+    case '!': case '*': case '\'': case '(': case ')':
+        return true;
+    default:
+        return false;
+    }
+}
+
+int hexValue(unsigned char c)
+{
+    if (c >= '0' && c <= '9') {
+        return c - '0';
+    }
+    c |= 0x20;
+    if (c >= 'a' && c <= 'f') {
+        return c - 'a' + 10;
+    }
+    return -1;
+}
+
+}  // namespace
+
+std::string escapeUri(const char *s, size_t len, UriEscape type)
+{
+    std::string out;
+    out.reserve(len);
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        bool keep = type == UriEscape::Full ? keepFull(c) : keepComponent(c);
+        if (keep) {
+            out.push_back(static_cast<char>(c));
+        } else {
+            addEscaped(out, c);
+        }
+    }
+    return out;
+}
+
+std::string unescapeUri(const char *s, size_t len)
+{
+    std::string out;
+    out.reserve(len);
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if (c == '+') {
+            out.push_back(' ');
+            continue;
+        }
+        if (c == '%' && len - i > 2) {
+            int hi = hexValue(static_cast<unsigned char>(s[i + 1]));
+            int lo = hexValue(static_cast<unsigned char>(s[i + 2]));
+            if (hi >= 0 && lo >= 0) {
+                out.push_back(static_cast<char>(hi << 4 | lo));
+                i += 2;
+                continue;
+            }
+        }
+        out.push_back(static_cast<char>(c));
+    }
+    return out;
+}
+
+bool parseArgs(const char *s, size_t len, size_t max_args,
+               const ArgSink &sink)
+{
+    size_t count = 0;
+    size_t i = 0;
+    while (i < len) {
+        size_t end = i;
+        while (end < len && s[end] != '&') {
+            end++;
+        }
+        size_t eq = i;
+        while (eq < end && s[eq] != '=') {
+            eq++;
+        }
+        // "" (from "&&") and "=value" carry no key: skipped.
+        if (end > i && eq > i) {
+            if (max_args && count == max_args) {
+                return true;
+            }
+            count++;
+            std::string key = unescapeUri(s + i, eq - i);
+            if (eq == end) {
+                sink(key, false, std::string());
+            } else {
+                sink(key, true, unescapeUri(s + eq + 1, end - eq - 1));
+            }
+        }
+        i = end + 1;
+    }
+    return false;
+}
+
+std::string escapeArgsString(const char *s, size_t len)
+{
+    std::string out;
+    out.reserve(len);
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if (c <= 0x20 || c == 0x7f) {
+            addEscaped(out, c);
+        } else {
+            out.push_back(static_cast<char>(c));
+        }
+    }
+    return out;
+}
+
+size_t unsafeUriByte(const char *s, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if ((c < 0x20 && c != '\t') || c == 0x7f) {
+            return i;
+        }
+    }
+    return std::string::npos;
+}
+
+std::string escapeHeaderBytes(const char *s, size_t len, bool name)
+{
+    std::string out;
+    out.reserve(len);
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if ((c < 0x20 && (c != '\t' || name)) || c == 0x7f) {
+            addEscaped(out, c);
+        } else {
+            out.push_back(static_cast<char>(c));
+        }
+    }
+    return out;
+}
+
+std::string quoteSqlStr(const char *s, size_t len)
+{
+    std::string out;
+    out.reserve(len + 2);
+    out.push_back('\'');
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i];
+        switch (c) {
+        case '\0': out += "\\0"; break;
+        case '\b': out += "\\b"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        case '\x1a': out += "\\Z"; break;
+        case '\\': out += "\\\\"; break;
+        case '\'': out += "\\'"; break;
+        case '"': out += "\\\""; break;
+        default: out.push_back(c);
+        }
+    }
+    out.push_back('\'');
+    return out;
+}
+
+std::string escapeHtml(const char *s, size_t len)
+{
+    std::string out;
+    out.reserve(len);
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i];
+        switch (c) {
+        case '&': out += "&amp;"; break;
+        case '<': out += "&lt;"; break;
+        case '>': out += "&gt;"; break;
+        case '"': out += "&quot;"; break;
+        case '\'': out += "&#39;"; break;
+        default: out.push_back(c);
+        }
+    }
+    return out;
+}
+
+}  // namespace luaguard::codec
