@@ -11,6 +11,7 @@
 #include "runtime/code.hpp"
 #include "runtime/package_path.hpp"
 #include "runtime/vm.hpp"
+#include "security/ngx_sandbox.hpp"
 
 namespace luaguard {
 
@@ -595,6 +596,8 @@ ngx_command_t commands[] = {
     LG_CMD("lua_check_client_abort", kAnyLoc | NGX_CONF_FLAG,
            ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(check_client_abort),
            nullptr),
+    LG_CMD("lua_sandbox", kAnyLoc | NGX_CONF_1MORE, sandbox::setDirective,
+           kLocLoc, LG_LOC_OFF(sandbox), nullptr),
 
     ngx_null_command};
 
@@ -672,6 +675,9 @@ char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
     ngx_conf_merge_value(conf->http10_buffering, prev->http10_buffering, 1);
     ngx_conf_merge_value(conf->check_client_abort, prev->check_client_abort,
                          0);
+    if (conf->sandbox == nullptr) {
+        conf->sandbox = prev->sandbox;  // null stays "default"
+    }
     return NGX_CONF_OK;
 }
 

@@ -16,6 +16,7 @@ namespace luaguard {
 
 class Vm;
 struct RequestCtx;
+namespace sandbox { struct Policy; }
 
 // One piece of Lua code attached to a directive. Inline code is compiled
 // while the configuration is parsed (so `nginx -t` sees syntax errors) and
@@ -66,6 +67,7 @@ struct LocConf {
     ngx_flag_t                 transform_underscores;
     ngx_flag_t                 http10_buffering;
     ngx_flag_t                 check_client_abort;
+    const sandbox::Policy     *sandbox;      // lua_sandbox; null: default
 };
 
 // Where a phase's Lua thread is: not started, suspended on an event, or
@@ -88,6 +90,7 @@ struct RequestCtx {
     // Registry references owned by this request.
     int                  ctx_ref = LUA_NOREF;    // ngx.ctx table
     int                  env_ref = LUA_NOREF;    // the request's globals
+    const sandbox::Policy *env_policy = nullptr; // policy env_ref was made for
     int                  co_ref = LUA_NOREF;     // entry thread of the phase
     lua_State           *co = nullptr;           // the anchored thread
     Phase                co_phase = Phase::None; // phase co belongs to
