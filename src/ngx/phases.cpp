@@ -215,7 +215,11 @@ bool pushHandler(lua_State *L, RequestCtx *ctx, Handler *h, lua_State *co,
     instantiate(L, -1);
     lua_remove(L, -2);
     if (ctx && sandbox::policyOf(ctx->llcf)->isolate) {
-        pushRequestEnv(L, ctx);
+        if (!pushRequestEnv(L, ctx)) {
+            lua_pop(L, 1);
+            *err = "failed to create the request's global environment";
+            return false;
+        }
         lua_setfenv(L, -2);
     }
     return true;
@@ -624,7 +628,10 @@ bool pushRequestEnv(lua_State *L, RequestCtx *ctx)
     // First code of the request, or a location with another policy (a
     // rewrite moved the request): globals do not carry across policies.
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
-    sandbox::pushNewEnv(L, p);
+    ctx->env_ref = LUA_NOREF;
+    if (!sandbox::pushNewEnv(L, p)) {
+        return false;
+    }
     lua_pushvalue(L, -1);
     ctx->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     ctx->env_policy = p;

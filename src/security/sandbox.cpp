@@ -318,14 +318,15 @@ bool install(lua_State *L, std::string *err)
 namespace {
 
 // Builds the policy's view in this VM (first request of the worker) and
-// keeps its env metatable by reference.
-void pushMeta(lua_State *L, const Policy *p)
+// keeps its env metatable by reference. False (nothing pushed) when the
+// build fails, which takes running out of memory.
+bool pushMeta(lua_State *L, const Policy *p)
 {
     // The registry's address names the VM (a reload makes a new one).
     const void *vm = lua_topointer(L, LUA_REGISTRYINDEX);
     if (p->vm == vm && p->meta_ref != LUA_NOREF) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, p->meta_ref);
-        return;
+        return true;
     }
     lua_pushlightuserdata(L, &kBuilderKey);
     lua_rawget(L, LUA_REGISTRYINDEX);
@@ -335,23 +336,31 @@ void pushMeta(lua_State *L, const Policy *p)
         lua_setfield(L, -2, kNames[i]);
     }
     lua_pushlstring(L, p->label.data(), p->label.size());
-    lua_call(L, 2, 1);
+    if (lua_pcall(L, 2, 1, 0) != 0) {
+        lua_pop(L, 1);
+        return false;
+    }
     lua_pushvalue(L, -1);
     p->meta_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     p->vm = vm;
+    return true;
 }
 
 }  // namespace
 
-void pushNewEnv(lua_State *L, const Policy *p)
+bool pushNewEnv(lua_State *L, const Policy *p)
 {
+    if (!pushMeta(L, p)) {
+        return false;
+    }
     lua_createtable(L, 0, 4);
-    pushMeta(L, p);
+    lua_insert(L, -2);
     lua_setmetatable(L, -2);
     // `_G` inside the request names the request's own table, so
     // rawset(_G, ...) and _G.x = ... stay private too.
     lua_pushvalue(L, -1);
     lua_setfield(L, -2, "_G");
+    return true;
 }
 
 }  // namespace luaguard::sandbox

@@ -99,7 +99,8 @@ uint64_t totalRefusals();
 bool install(lua_State *L, std::string *err);
 
 // Pushes a fresh request environment for `p` (which must isolate): one
-// table whose metatable is the policy's prebuilt one.
-void pushNewEnv(lua_State *L, const Policy *p);
+// table whose metatable is the policy's prebuilt one. False, pushing
+// nothing, when the view could not be built (out of memory).
+bool pushNewEnv(lua_State *L, const Policy *p);
 
 }  // namespace luaguard::sandbox

@@ -32,6 +32,8 @@ local weak_k = { __mode = "k" }
 local protected = real_setmetatable({}, weak_k)
 -- proxy -> the real table behind it.
 local real_of = real_setmetatable({}, weak_k)
+-- module function -> its wrapper (see method_of).
+local methods = real_setmetatable({}, weak_k)
 
 protected[real_G] = "_G"
 protected[real_getmetatable("")] = "string metatable"
@@ -224,6 +226,25 @@ local function build(caps, label)
         end
     end
 
+    -- Functions read through a module's proxy get their first argument
+    -- unwrapped: `mod:new()` hands the module its own table as `self`
+    -- (classes that do setmetatable(o, self) keep working), never the
+    -- read-only proxy request code holds.
+    local function method_of(f)
+        local w = methods[f]
+        if w == nil then
+            w = function(a1, ...)
+                local r = real_of[a1]
+                if r ~= nil then
+                    a1 = r
+                end
+                return f(a1, ...)
+            end
+            methods[f] = w
+        end
+        return w
+    end
+
     -- Values reached through it become proxies too. Used for modules and
     -- worker-level tables: always live, one function call per access.
     deep_proxy = function(real, name)
@@ -231,8 +252,12 @@ local function build(caps, label)
         local mt = {
             __index = function(_, k)
                 local v = real[k]
-                if type(v) == "table" then
+                local t = type(v)
+                if t == "table" then
                     return to_proxy(v, name .. "." .. tostring(k))
+                end
+                if t == "function" then
+                    return method_of(v)
                 end
                 return v
             end,

@@ -419,6 +419,32 @@ def test_modules_keep_worker_state_and_real_globals(nginx):
     assert n.get("/t").text == "2 42\n"
 
 
+def test_class_style_modules_work_through_the_proxy(nginx):
+    files = {"lua/class.lua": """
+local Class = {}
+function Class:new(o)
+    o = o or {}
+    setmetatable(o, self)
+    self.__index = self
+    return o
+end
+function Class:hello() return "hello " .. (self.name or "?") end
+return Class
+"""}
+    n = nginx(http='lua_package_path "{prefix}/lua/?.lua;;";', files=files,
+              server="""
+        location /t { content_by_lua_block {
+            local Class = require "class"
+            local o = Class:new({ name = "o" })
+            local ok, err = pcall(function() Class.hello = nil end)
+            ngx.say(o:hello(), " ", tostring(ok), " ",
+                    tostring(Class.hello == Class.hello))
+        } }
+""")
+    assert n.get("/t").text == "hello o false true\n"
+    assert n.get("/t").text == "hello o false true\n"
+
+
 def test_module_loaded_by_request_uses_worker_globals(nginx):
     files = {"lua/lazy.lua": "LAZYGLOBAL = 'set-by-lazy'\nreturn {}\n"}
     n = nginx(http='lua_package_path "{prefix}/lua/?.lua;;";', files=files,
