@@ -12,19 +12,27 @@ namespace {
 const Policy *runningPolicy()
 {
     Run *run = g_run;
-    if (run == nullptr || run->ctx == nullptr) {
-        return nullptr;  // init, init_worker, exit_worker: trusted code
+    if (run && run->ctx) {
+        return policyOf(run->ctx->llcf);
     }
-    return policyOf(run->ctx->llcf);
+    if (const Scope *s = Scope::current()) {
+        return s->policy;  // a timer of some request
+    }
+    return nullptr;  // init, init_worker, exit_worker: trusted code
 }
 
 bool pushRunningEnv(lua_State *L)
 {
     Run *run = g_run;
-    if (run == nullptr || run->ctx == nullptr) {
-        return false;
+    if (run && run->ctx) {
+        return glue::pushRequestEnv(L, run->ctx);
     }
-    return glue::pushRequestEnv(L, run->ctx);
+    const Scope *s = Scope::current();
+    if (s && s->env_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->env_ref);
+        return true;
+    }
+    return false;
 }
 
 void destroyPolicy(void *data)
