@@ -32,8 +32,6 @@ local weak_k = { __mode = "k" }
 local protected = real_setmetatable({}, weak_k)
 -- proxy -> the real table behind it.
 local real_of = real_setmetatable({}, weak_k)
--- module function -> its wrapper (see method_of).
-local methods = real_setmetatable({}, weak_k)
 
 protected[real_G] = "_G"
 protected[real_getmetatable("")] = "string metatable"
@@ -227,20 +225,20 @@ local function build(caps, label)
     end
 
     -- Functions read through a module's proxy get their first argument
-    -- unwrapped: `mod:new()` hands the module its own table as `self`
-    -- (classes that do setmetatable(o, self) keep working), never the
-    -- read-only proxy request code holds.
-    local function method_of(f)
-        local w = methods[f]
+    -- unwrapped when it is that same proxy: `mod:new()` hands the module
+    -- its own table as `self` (classes that do setmetatable(o, self) keep
+    -- working). Other proxies stay proxies: a generic helper in a module
+    -- must not become a way to write to `string`.
+    local function method_of(f, real, p, cache)
+        local w = cache[f]
         if w == nil then
             w = function(a1, ...)
-                local r = real_of[a1]
-                if r ~= nil then
-                    a1 = r
+                if a1 == p then
+                    a1 = real
                 end
                 return f(a1, ...)
             end
-            methods[f] = w
+            cache[f] = w
         end
         return w
     end
@@ -249,6 +247,7 @@ local function build(caps, label)
     -- worker-level tables: always live, one function call per access.
     deep_proxy = function(real, name)
         local p = {}
+        local cache = real_setmetatable({}, weak_k)
         local mt = {
             __index = function(_, k)
                 local v = real[k]
@@ -257,7 +256,7 @@ local function build(caps, label)
                     return to_proxy(v, name .. "." .. tostring(k))
                 end
                 if t == "function" then
-                    return method_of(v)
+                    return method_of(v, real, p, cache)
                 end
                 return v
             end,

@@ -429,6 +429,7 @@ function Class:new(o)
     return o
 end
 function Class:hello() return "hello " .. (self.name or "?") end
+function Class.set(t, k, v) t[k] = v end
 return Class
 """}
     n = nginx(http='lua_package_path "{prefix}/lua/?.lua;;";', files=files,
@@ -437,12 +438,16 @@ return Class
             local Class = require "class"
             local o = Class:new({ name = "o" })
             local ok, err = pcall(function() Class.hello = nil end)
+            -- a generic helper of the module cannot write to other
+            -- shared tables for request code
+            local ok2 = pcall(Class.set, string, "format", nil)
             ngx.say(o:hello(), " ", tostring(ok), " ",
-                    tostring(Class.hello == Class.hello))
+                    tostring(Class.hello == Class.hello), " ", tostring(ok2),
+                    " ", type(string.format))
         } }
 """)
-    assert n.get("/t").text == "hello o false true\n"
-    assert n.get("/t").text == "hello o false true\n"
+    assert n.get("/t").text == "hello o false true false function\n"
+    assert n.get("/t").text == "hello o false true false function\n"
 
 
 def test_module_loaded_by_request_uses_worker_globals(nginx):
