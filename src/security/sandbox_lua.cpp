@@ -35,6 +35,7 @@ local real_of = real_setmetatable({}, weak_k)
 
 protected[real_G] = "_G"
 protected[real_getmetatable("")] = "string metatable"
+protected[real_getmetatable(io.stdout)] = "file metatable"
 
 -- ---------------------------------------------------------------------
 -- Dynamic checks, in the worker's own globals: they follow the running
@@ -335,18 +336,38 @@ local function build(caps, label)
 
     -- ---- base functions ----
 
+    -- Proxies whose values are filtered (package.loaded, .preload):
+    -- iteration goes through the same filter, skipping what it hides.
+    local filtered = real_setmetatable({}, weak_k)
+
+    local function next_(t, k)
+        local real = type(t) == "table" and real_of[t]
+        if not real then
+            return next(t, k)
+        end
+        local nk, nv = next(real, k)
+        if filtered[t] then
+            while nk ~= nil do
+                nv = t[nk]
+                if nv ~= nil then
+                    return nk, nv
+                end
+                nk = next(real, nk)
+            end
+            return nil
+        end
+        if type(nv) == "table" then
+            nv = to_proxy(nv, protected[t] .. "." .. tostring(nk))
+        end
+        return nk, nv
+    end
+
     local function pairs_(t)
         local real = type(t) == "table" and real_of[t]
         if not real then
             return real_pairs(t)
         end
-        return function(_, k)
-            local nk, nv = next(real, k)
-            if type(nv) == "table" then
-                nv = to_proxy(nv, protected[t] .. "." .. tostring(nk))
-            end
-            return nk, nv
-        end, t, nil
+        return next_, t, nil
     end
 
     local function ipairs_(t)
@@ -362,15 +383,6 @@ local function build(caps, label)
             end
             return i, to_proxy(v, protected[t] .. "[" .. i .. "]")
         end, t, 0
-    end
-
-    local function next_(t, k)
-        local real = type(t) == "table" and real_of[t]
-        if not real then
-            return next(t, k)
-        end
-        local nk, nv = next(real, k)
-        return nk, to_proxy(nv, protected[t] .. "." .. tostring(nk))
     end
 
     local function getfenv_(f)
@@ -594,6 +606,7 @@ local function build(caps, label)
     })
     real_of[loaded_view] = package.loaded
     protected[loaded_view] = "package.loaded"
+    filtered[loaded_view] = true
 
     local preload_view = real_setmetatable({}, {
         __index = function(_, k)
@@ -606,6 +619,7 @@ local function build(caps, label)
     })
     real_of[preload_view] = package.preload
     protected[preload_view] = "package.preload"
+    filtered[preload_view] = true
 
     local loaders_view = {}
     for i, f in real_ipairs(loaders) do
@@ -620,6 +634,11 @@ local function build(caps, label)
     ov.package = fast_proxy(package, "package", nil, {
         loaded = loaded_view, preload = preload_view,
         loaders = fast_proxy(loaders_view, "package.loaders"),
+        -- the real one hands out the worker's _G as __index
+        seeall = function(m)
+            check_writable(m, "package.seeall")
+            real_setmetatable(m, { __index = env() })
+        end,
     })
 
     -- ---- assemble ----

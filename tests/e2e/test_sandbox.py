@@ -42,6 +42,8 @@ HTTP = """
         cfg = { name = "worker" }
         greeting = "hi"
         require "flag"
+        require "ffi"        -- loaded by the worker: strict code must
+        require "jit.util"   -- still not reach them
     }
 """
 
@@ -325,6 +327,8 @@ def test_monkey_patching_is_refused_and_changes_nothing(nginx):
         ("ngx", "rawset(ngx, 'say', nil)"),
         ("_G metatable", "getmetatable(_G).__index = {}"),
         ("_G", "getmetatable(_G).__index.string = {}"),
+        ("file metatable",
+         "getmetatable(io.stdout).__index.write = nil"),
     ]
     locs = []
     for i, (_, code) in enumerate(attempts):
@@ -480,6 +484,8 @@ ESCAPES = {
     "loaded_G": "return package.loaded._G == _G",
     "mt_index_is_proxy": "return getmetatable('').__index == string",
     "G_mt_is_copy": "return getmetatable(_G).__index.string == string",
+    "seeall": "local t = {} package.seeall(t) return t.string == string "
+              "and t._G == _G",
 }
 
 REFUSED = {
@@ -507,6 +513,15 @@ REFUSED = {
     "dofile": "return dofile('/etc/passwd')",
     "loadlib": "return package.loadlib('libc.so.6', 'system')",
     "setmetatable_G_index": "getmetatable(_G).__index.io = {}",
+    "pairs_loaded": "for k, v in pairs(package.loaded) do "
+                    "if k == 'ffi' or k == 'jit.util' then return v end end "
+                    "assert(false)",
+    "next_loaded": "local k, v = next(package.loaded) while k do "
+                   "if k == 'ffi' then return v end "
+                   "k, v = next(package.loaded, k) end assert(false)",
+    "pairs_preload": "for k, f in pairs(package.preload) do "
+                     "if k == 'ffi' then return f() end end assert(false)",
+    "loaded_jit_util": "return assert(package.loaded['jit.util']).funck",
 }
 
 
