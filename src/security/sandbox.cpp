@@ -355,7 +355,9 @@ bool pushMeta(lua_State *L, const Policy *p)
         lua_pushboolean(L, p->allows(static_cast<Capability>(i)));
         lua_setfield(L, -2, kNames[i]);
     }
-    lua_pushlstring(L, p->label.data(), p->label.size());
+    // Views depend on the capabilities only: locations with the same
+    // set share one.
+    lua_pushinteger(L, static_cast<lua_Integer>(p->allowed));
     if (lua_pcall(L, 2, 1, 0) != 0) {
         lua_pop(L, 1);
         return false;

@@ -147,7 +147,9 @@ local libraries = {
     package = true,
 }
 
-local function build(caps, label)
+local views = {}   -- capability bits -> env metatable
+
+local function build(caps)
     local V = {}                       -- the view
     local M = { __index = V }          -- every request env's metatable
     local map = real_setmetatable({}, weak_k)  -- real -> proxy, this view
@@ -684,7 +686,14 @@ local function build(caps, label)
     return M
 end
 
-return build
+return function(caps, key)
+    local M = views[key]
+    if M == nil then
+        M = build(caps)
+        views[key] = M
+    end
+    return M
+end
 )LUA";
 
 }  // namespace luaguard::sandbox

@@ -118,6 +118,19 @@ def test_capability_matrix(nginx, profile):
             assert r.text == "ok\nfmt-1\n", (cap, r.text)
 
 
+def test_redirect_needs_exec(nginx):
+    n = nginx(server="""
+        location /r { lua_sandbox default -exec; content_by_lua_block {
+            local ok, err = pcall(ngx.redirect, "/x")
+            ngx.say(err)
+        } }
+        location /ok { content_by_lua_block { ngx.redirect("/x") } }
+""")
+    assert "capability 'exec' is not allowed in this location " \
+           "(lua_sandbox default -exec)" in n.get("/r").text
+    assert n.get("/ok").status == 302
+
+
 def test_refused_error_carries_position(nginx):
     n = nginx(http=HTTP, files=MODULES, server="""
         lua_sandbox strict;

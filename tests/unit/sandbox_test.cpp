@@ -249,3 +249,19 @@ TEST(SandboxScope, NestsAndRestores)
     }
     EXPECT_EQ(Scope::current(), nullptr);
 }
+
+TEST_F(SandboxVm, SameCapabilitiesShareAView)
+{
+    Policy a = parsed({"strict", "+shared=a"});
+    Policy b = parsed({"strict", "+shared=b"});
+    Policy c = parsed({"default"});
+    pushNewEnv(L, &a);
+    pushNewEnv(L, &b);
+    pushNewEnv(L, &c);
+    lua_getmetatable(L, 1);
+    lua_getmetatable(L, 2);
+    lua_getmetatable(L, 3);
+    EXPECT_TRUE(lua_rawequal(L, -3, -2));
+    EXPECT_FALSE(lua_rawequal(L, -3, -1));
+    lua_settop(L, 0);
+}
