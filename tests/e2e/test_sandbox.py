@@ -408,7 +408,11 @@ def test_pairs_and_ipairs_over_protected_tables(nginx):
             local items = {}
             for i, v in ipairs(require("flag").items) do items[i] = v end
             local keys = {}
-            for k in pairs(ngx.config) do keys[#keys + 1] = k end
+            for k in pairs(ngx.config) do
+                if k == "prefix" or k == "subsystem" then
+                    keys[#keys + 1] = k
+                end
+            end
             table.sort(keys)
             local k1 = next(math)
             local nested
@@ -422,8 +426,7 @@ def test_pairs_and_ipairs_over_protected_tables(nginx):
         } }
 """)
     assert n.get("/t").text == (
-        "14 a,b debug,is_console,nginx_configure,nginx_version,"
-        "ngx_lua_version,prefix,subsystem string false 1\n")
+        "14 a,b prefix,subsystem string false 1\n")
 
 
 def test_modules_keep_worker_state_and_real_globals(nginx):
