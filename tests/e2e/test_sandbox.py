@@ -384,6 +384,10 @@ def test_assignable_ngx_fields_keep_working(nginx):
                 ngx.say(ngx.ctx.b, ngx.var.myvar, ngx.status)
             }
         }
+        location /set {
+            set_by_lua $res 'return ngx.arg[1] .. "!"' $arg_a;
+            return 200 "$res";
+        }
         location /bf {
             content_by_lua_block { ngx.say("body") }
             body_filter_by_lua_block {
@@ -396,6 +400,7 @@ def test_assignable_ngx_fields_keep_working(nginx):
     assert r.text == "2v201\n"
     assert r.header("X-A") == "1" and r.header("X-B") == "2"
     assert n.get("/bf").text == "filtered\n"
+    assert n.get("/set?a=x").text == "x!"
 
 
 def test_pairs_and_ipairs_over_protected_tables(nginx):
