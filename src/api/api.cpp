@@ -1,7 +1,7 @@
 #include "api/api.hpp"
 
 #include "ngx/glue.hpp"
-#include "runtime/env.hpp"
+#include "security/ngx_sandbox.hpp"
 
 namespace luaguard {
 
@@ -42,8 +42,7 @@ bool open(lua_State *L, std::string *err)
         lua_pop(L, 1);
         return false;
     }
-    env::init(L);
-    return true;
+    return sandbox::installNgx(L, err);
 }
 
 }  // namespace api

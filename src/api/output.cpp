@@ -6,6 +6,7 @@
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
+#include "security/sandbox.hpp"
 
 namespace luaguard::api {
 
@@ -335,6 +336,7 @@ int ngxExec(lua_State *L)
 {
     Run *run = glue::checkPhase(L, mask(Phase::Rewrite, Phase::Access,
                                         Phase::Content));
+    sandbox::require(L, sandbox::Capability::Exec);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
     int n = lua_gettop(L);
@@ -397,6 +399,7 @@ int ngxRedirect(lua_State *L)
 {
     Run *run = glue::checkPhase(L, mask(Phase::Rewrite, Phase::Access,
                                         Phase::Content));
+    sandbox::require(L, sandbox::Capability::Exec);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
     int n = lua_gettop(L);

@@ -45,14 +45,21 @@ shdict::Zone *knownZone(void *p)
     return nullptr;
 }
 
+// A dict object is a userdata holding its zone pointer: unlike a table it
+// cannot be changed by one request under the feet of the others, and the
+// sandbox hands it out as it is.
 shdict::Zone *checkZone(lua_State *L)
 {
-    if (lua_type(L, 1) == LUA_TTABLE) {
-        lua_rawgeti(L, 1, 1);
-        shdict::Zone *z = knownZone(lua_touserdata(L, -1));
-        lua_pop(L, 1);
-        if (z != nullptr) {
-            return z;
+    if (lua_type(L, 1) == LUA_TUSERDATA && lua_getmetatable(L, 1)) {
+        lua_pushlightuserdata(L, &kMetaKey);
+        lua_rawget(L, LUA_REGISTRYINDEX);
+        bool ours = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+        if (ours) {
+            auto *z = knownZone(*static_cast<void **>(lua_touserdata(L, 1)));
+            if (z != nullptr) {
+                return z;
+            }
         }
     }
     luaL_error(L, "bad \"zone\" argument");
@@ -617,14 +624,14 @@ local errs = {"not found", "exists", "no memory", "not a number",
 -- still checks the pointer against the configured zones on every call.
 local ptrs = setmetatable({}, {__mode = "k"})
 local function zone(self)
-    local z = ptrs[self]
-    if z and z.ud == rawget(self, 1) then return z.ptr end
-    if type(self) ~= "table" then error('bad "zone" argument', 3) end
-    local ud = rawget(self, 1)
-    if type(ud) ~= "userdata" then error('bad "zone" argument', 3) end
-    z = {ud = ud, ptr = ffi.cast("void *", ud)}
-    ptrs[self] = z
-    return z.ptr
+    local p = ptrs[self]
+    if p then return p end
+    if type(self) ~= "userdata" then error('bad "zone" argument', 3) end
+    -- The C side validates the pointer on every call: a foreign userdata
+    -- only ever gets 'bad "zone" argument'.
+    p = ffi.cast("void **", self)[0]
+    ptrs[self] = p
+    return p
 end
 
 local function checkKey(key)
@@ -757,7 +764,9 @@ void openShared(lua_State *L)
     lua_pop(L, 1);
 
     lua_pushlightuserdata(L, &kMetaKey);
-    lua_createtable(L, 0, 1);
+    lua_createtable(L, 0, 2);
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");  // getmetatable() gives nothing away
     lua_createtable(L, 0, 24);
     setFuncs(L, kMethods);
 
@@ -791,9 +800,7 @@ void bindSharedDicts(lua_State *L, MainConf *mcf)
         shdict::Zone *z = elts[i];
         lua_pushlstring(L, reinterpret_cast<char *>(z->name.data),
                         z->name.len);
-        lua_createtable(L, 1, 0);
-        lua_pushlightuserdata(L, z);
-        lua_rawseti(L, -2, 1);
+        *static_cast<void **>(lua_newuserdata(L, sizeof(void *))) = z;
         lua_pushlightuserdata(L, &kMetaKey);
         lua_rawget(L, LUA_REGISTRYINDEX);
         lua_setmetatable(L, -2);

@@ -83,6 +83,13 @@ Run *checkPhase(lua_State *L, PhaseMask allowed, const char *api = nullptr);
 // The running request, or a Lua error ("no request found").
 RequestCtx *requireRequest(lua_State *L);
 
+// Pushes the global table code of `ctx` runs with: its own table (made on
+// first use) under an isolating lua_sandbox, the worker's _G under
+// `lua_sandbox off`. False (nothing pushed) only when out of memory.
+// Timers and light threads call this when they are created, to run with
+// the creating request's environment (see docs/ARCHITECTURE.md).
+bool pushRequestEnv(lua_State *L, RequestCtx *ctx);
+
 // ---- output (ngx.say, ngx.print, ngx.flush, ngx.eof, headers) ----
 ngx_int_t sendHeader(RequestCtx *ctx);
 ngx_int_t output(RequestCtx *ctx, ngx_chain_t *cl);

@@ -12,6 +12,7 @@
 #include "runtime/package_path.hpp"
 #include "runtime/vm.hpp"
 #include "shdict/zone.hpp"
+#include "security/ngx_sandbox.hpp"
 
 namespace luaguard {
 
@@ -660,6 +661,8 @@ ngx_command_t commands[] = {
     LG_CMD("lua_check_client_abort", kAnyLoc | NGX_CONF_FLAG,
            ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(check_client_abort),
            nullptr),
+    LG_CMD("lua_sandbox", kAnyLoc | NGX_CONF_1MORE, sandbox::setDirective,
+           kLocLoc, LG_LOC_OFF(sandbox), nullptr),
 
     LG_CMD("lua_budget_slice", kAnyLoc | NGX_CONF_TAKE1, setBudgetTime,
            kLocLoc, LG_LOC_OFF(budget_slice), nullptr),
@@ -792,6 +795,9 @@ char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
     conf->timer_limits.slice_ms = conf->budget_timer_slice;
     conf->timer_limits.total_ms = conf->budget_timer;
     conf->timer_limits.memory = conf->budget_memory;
+    if (conf->sandbox == nullptr) {
+        conf->sandbox = prev->sandbox;  // null stays "default"
+    }
     return NGX_CONF_OK;
 }
 

@@ -18,6 +18,7 @@ namespace luaguard {
 class Vm;
 struct LuaThread;
 struct RequestCtx;
+namespace sandbox { struct Policy; }
 
 // One piece of Lua code attached to a directive. Inline code is compiled
 // while the configuration is parsed (so `nginx -t` sees syntax errors) and
@@ -84,6 +85,7 @@ struct LocConf {
     ngx_msec_t                 budget_timer_slice;
     ngx_msec_t                 budget_timer;
     budget::Limits             timer_limits;
+    const sandbox::Policy     *sandbox;      // lua_sandbox; null: default
 };
 
 // Where a phase's Lua thread is: not started, suspended on an event, or
@@ -117,6 +119,7 @@ struct RequestCtx {
     bool                 is_timer = false;       // a timer's fake request
     void               (*on_done)(RequestCtx *) = nullptr;  // timers
     const budget::Limits *limits = nullptr;      // budgets of its Lua runs
+    const sandbox::Policy *env_policy = nullptr; // policy env_ref was made for
 
     PhaseRun             server_rewrite;
     PhaseRun             rewrite;

@@ -7,9 +7,9 @@
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/code.hpp"
-#include "runtime/env.hpp"
 #include "runtime/vm.hpp"
 #include "security/log_escape.hpp"
+#include "security/ngx_sandbox.hpp"
 
 namespace luaguard {
 
@@ -190,14 +190,29 @@ bool pushHandler(lua_State *L, RequestCtx *ctx, Handler *h, lua_State *co,
         if (!pushFileFactory(L, ctx, h, err)) {
             return false;
         }
+        // Binary chunks have a C factory (see compileFactory).
+        if (ctx && lua_iscfunction(L, -1)) {
+            const sandbox::Policy *p = sandbox::policyOf(ctx->llcf);
+            if (!p->allows(sandbox::Capability::Bytecode)) {
+                lua_pop(L, 1);
+                sandbox::countRefusal(sandbox::Capability::Bytecode);
+                *err = "capability 'bytecode' is not allowed in this "
+                       "location (lua_sandbox " + p->label + ")";
+                return false;
+            }
+        }
     } else {
         lua_rawgeti(L, LUA_REGISTRYINDEX, h->ref);
     }
     instantiate(L, -1);
     lua_remove(L, -2);
-    if (ctx) {
-        env::pushRequestEnv(L, &ctx->env_ref);
-        env::applyEnv(L, co);
+    if (ctx && sandbox::policyOf(ctx->llcf)->isolate) {
+        if (!pushRequestEnv(L, ctx)) {
+            lua_pop(L, 1);
+            *err = "failed to create the request's global environment";
+            return false;
+        }
+        lua_setfenv(L, -2);
     }
     return true;
 }
@@ -524,6 +539,30 @@ Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)
         luaL_error(L, "API disabled in the context of %s", phaseName(p));
     }
     return run;
+}
+
+bool pushRequestEnv(lua_State *L, RequestCtx *ctx)
+{
+    const sandbox::Policy *p = sandbox::policyOf(ctx->llcf);
+    if (!p->isolate) {
+        lua_pushvalue(L, LUA_GLOBALSINDEX);
+        return true;
+    }
+    if (ctx->env_ref != LUA_NOREF && ctx->env_policy == p) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->env_ref);
+        return true;
+    }
+    // First code of the request, or a location with another policy (a
+    // rewrite moved the request): globals do not carry across policies.
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
+    ctx->env_ref = LUA_NOREF;
+    if (!sandbox::pushNewEnv(L, p)) {
+        return false;
+    }
+    lua_pushvalue(L, -1);
+    ctx->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    ctx->env_policy = p;
+    return true;
 }
 
 RequestCtx *requireRequest(lua_State *L)

@@ -26,9 +26,18 @@ const char *readPieces(lua_State *, void *ud, size_t *size)
     return nullptr;
 }
 
-int returnUpvalue(lua_State *L)
+// Factory of a binary chunk: loads it again on every call. The chunk is
+// the handler itself, so this is how each run gets a closure of its own
+// (a shared one would have its environment switched under a suspended
+// request).
+int loadUpvalue(lua_State *L)
 {
-    lua_pushvalue(L, lua_upvalueindex(1));
+    size_t len;
+    const char *code = lua_tolstring(L, lua_upvalueindex(1), &len);
+    const char *name = lua_tostring(L, lua_upvalueindex(2));
+    if (luaL_loadbuffer(L, code, len, name) != 0) {
+        return lua_error(L);
+    }
     return 1;
 }
 
@@ -62,9 +71,12 @@ bool compileFactory(lua_State *L, const char *code, size_t len,
     }
 
     if (bytecode) {
-        // A binary chunk is the handler itself; wrap it so callers see the
-        // same factory shape. Its environment is then shared by requests.
-        lua_pushcclosure(L, returnUpvalue, 1);
+        // Validated; callers get the same factory shape, as a C function
+        // (which is how the sandbox tells binary handlers apart).
+        lua_pop(L, 1);
+        lua_pushlstring(L, code, len);
+        lua_pushstring(L, chunkname);
+        lua_pushcclosure(L, loadUpvalue, 2);
     }
     return true;
 }

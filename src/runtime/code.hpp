@@ -13,6 +13,9 @@ namespace luaguard {
 
 bool isBytecode(const char *code, size_t len);
 
+// A factory made from a binary chunk is a C function; one made from
+// source is a Lua function.
+
 // Pushes the factory on success. On failure pushes nothing and sets *err
 // to Lua's message (chunk name and line included).
 bool compileFactory(lua_State *L, const char *code, size_t len,

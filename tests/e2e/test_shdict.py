@@ -190,7 +190,7 @@ try(d.set, "d", "k", 1)
 try(function() return d.get("k") end)
 try(d.free_space, 1)
 try(function() return ngx.shared.nope end)
-try(function() return type(ngx.shared.d), getmetatable(ngx.shared.d) ~= nil end)
+try(function() return ngx.shared.d ~= nil, getmetatable(ngx.shared.d) ~= nil end)
 try(function() return ngx.shared.d == ngx.shared.d end)
 -- positions of errors raised for the caller
 local function e(f) ngx.say((select(2, pcall(f)):gsub("^content_by_lua%(nginx%.conf:%d+%):", "@:"))) end
@@ -653,3 +653,23 @@ def test_speed_compared_with_reference(nginx):
         times[module] = float(n.get("/t", timeout=120).text)
     print("shdict bench seconds:", times)
     assert times["luaguard"] < 5 * times["reference"] + 0.2, times
+
+
+def test_dict_objects_cannot_be_changed_by_requests(nginx):
+    # luaguard hands out dicts as userdata (lua-nginx-module: a table whose
+    # [1] any request could overwrite for every other request).
+    n = nginx(http="lua_shared_dict d 1m; lua_shared_dict e 1m;", server="""
+        location /t { content_by_lua_block {
+            local d = ngx.shared.d
+            ngx.say(type(d), " ", tostring(getmetatable(d)))
+            ngx.say(pcall(function() d[1] = ngx.shared.e end))
+            ngx.say(pcall(function() d.get = function() return "evil" end end))
+            d:set("k", "v")
+            ngx.say(d:get("k"), " ", ngx.shared.e:get("k"))
+        } }
+    """)
+    lines = n.get("/t").text.splitlines()
+    assert lines[0] == "userdata false"
+    assert lines[1].startswith("false")
+    assert lines[2].startswith("false")
+    assert lines[3] == "v nil"

@@ -1,0 +1,388 @@
+#include "security/sandbox.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace luaguard::sandbox {
+
+extern const char kSandboxLua[];
+
+namespace {
+
+const char *const kNames[kCapabilityCount] = {
+    "io", "os", "ffi", "debug", "bytecode", "loadlib", "cmodule", "socket",
+    "subrequest", "timer", "shared", "exec"};
+
+constexpr uint32_t bit(Capability c)
+{
+    return 1u << static_cast<int>(c);
+}
+
+constexpr uint32_t kAll = (1u << kCapabilityCount) - 1;
+
+// `default`: what a lua-nginx-module script needs, minus loading binary
+// chunks from request code and package.loadlib.
+constexpr uint32_t kDefault = kAll & ~(bit(Capability::Bytecode)
+                                       | bit(Capability::Loadlib));
+
+// `strict`: tenant code. No files, processes, ffi, debug, binary chunks,
+// native code or shared dictionaries unless granted by name.
+constexpr uint32_t kStrict = bit(Capability::Socket)
+                             | bit(Capability::Subrequest)
+                             | bit(Capability::Timer)
+                             | bit(Capability::Exec);
+
+CurrentPolicyFn g_policy_hook = nullptr;
+PushEnvFn g_env_hook = nullptr;
+uint64_t g_refusals[kCapabilityCount];
+
+char kBuilderKey;
+
+const Policy *makeDefault()
+{
+    static Policy p;
+    p.isolate = true;
+    p.allowed = kDefault;
+    p.label = "default";
+    return &p;
+}
+
+[[noreturn]] void raise(lua_State *L, int level, const std::string &msg)
+{
+    luaL_where(L, level);
+    lua_pushlstring(L, msg.data(), msg.size());
+    lua_concat(L, 2);
+    lua_error(L);
+    __builtin_unreachable();
+}
+
+std::string refusalText(Capability c, const Policy *p)
+{
+    return std::string("capability '") + capabilityName(c)
+           + "' is not allowed in this location (lua_sandbox "
+           + p->label + ")";
+}
+
+void refuseAt(lua_State *L, int level, Capability c, const Policy *p)
+{
+    g_refusals[static_cast<int>(c)]++;
+    raise(L, level, refusalText(c, p));
+}
+
+Capability checkCapability(lua_State *L, int idx)
+{
+    Capability c;
+    size_t len;
+    const char *name = luaL_checklstring(L, idx, &len);
+    if (!capabilityFromName(std::string_view(name, len), &c)) {
+        luaL_error(L, "unknown capability '%s'", name);
+    }
+    return c;
+}
+
+// ---- helpers handed to the Lua half ----
+
+int luaAllowed(lua_State *L)
+{
+    Capability c = checkCapability(L, 1);
+    const Policy *p = currentPolicy();
+    lua_pushboolean(L, p == nullptr || p->allows(c));
+    return 1;
+}
+
+// refuse(cap [, level]): raises at `level` (2, the default: the caller of
+// the Lua function that called refuse).
+int luaRefuse(lua_State *L)
+{
+    Capability c = checkCapability(L, 1);
+    int level = static_cast<int>(luaL_optinteger(L, 2, 2));
+    const Policy *p = currentPolicy();
+    if (p == nullptr) {
+        p = &defaultPolicy();  // unreachable in practice: nothing refuses
+    }
+    refuseAt(L, level, c, p);
+    return 0;
+}
+
+int luaCurrentEnv(lua_State *L)
+{
+    if (g_env_hook && g_env_hook(L)) {
+        return 1;
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+std::string capsList()
+{
+    std::string out;
+    for (const char *n : kNames) {
+        out += out.empty() ? "" : ", ";
+        out += n;
+    }
+    return out;
+}
+
+}  // namespace
+
+const char *capabilityName(Capability c)
+{
+    int i = static_cast<int>(c);
+    return i >= 0 && i < kCapabilityCount ? kNames[i] : "?";
+}
+
+bool capabilityFromName(std::string_view name, Capability *out)
+{
+    for (int i = 0; i < kCapabilityCount; i++) {
+        if (name == kNames[i]) {
+            *out = static_cast<Capability>(i);
+            return true;
+        }
+    }
+    return false;
+}
+
+const Policy &defaultPolicy()
+{
+    static const Policy *p = makeDefault();
+    return *p;
+}
+
+bool parse(const std::vector<std::string> &args, Policy *out,
+           std::string *err)
+{
+    if (args.empty()) {
+        *err = "missing profile: off, default or strict";
+        return false;
+    }
+    const std::string &profile = args[0];
+    Policy p;
+    if (profile == "off") {
+        if (args.size() > 1) {
+            *err = "\"off\" takes no capability changes";
+            return false;
+        }
+        p.isolate = false;
+        p.allowed = kAll;
+    } else if (profile == "default") {
+        p.allowed = kDefault;
+    } else if (profile == "strict") {
+        p.allowed = kStrict;
+    } else {
+        *err = "unknown profile \"" + profile
+               + "\": expected off, default or strict";
+        return false;
+    }
+    p.label = profile;
+
+    for (size_t i = 1; i < args.size(); i++) {
+        const std::string &a = args[i];
+        if (a.size() < 2 || (a[0] != '+' && a[0] != '-')) {
+            *err = "invalid capability change \"" + a
+                   + "\": expected +name or -name";
+            return false;
+        }
+        bool grant = a[0] == '+';
+        std::string_view name(a.data() + 1, a.size() - 1);
+        std::string_view list;
+        size_t eq = name.find('=');
+        if (eq != std::string_view::npos) {
+            list = name.substr(eq + 1);
+            name = name.substr(0, eq);
+            if (name != "shared" || !grant || list.empty()) {
+                *err = "invalid capability change \"" + a
+                       + "\": only +shared=dict[,dict...] takes a list";
+                return false;
+            }
+        }
+        Capability c;
+        if (!capabilityFromName(name, &c)) {
+            *err = "unknown capability \"" + std::string(name)
+                   + "\": expected one of " + capsList();
+            return false;
+        }
+        if (grant) {
+            p.allowed |= bit(c);
+        } else {
+            p.allowed &= ~bit(c);
+            if (c == Capability::Shared) {
+                p.shared_dicts.clear();
+            }
+        }
+        while (!list.empty()) {
+            size_t comma = list.find(',');
+            std::string_view dict = list.substr(0, comma);
+            if (dict.empty()) {
+                *err = "empty shared dict name in \"" + a + "\"";
+                return false;
+            }
+            p.shared_dicts.emplace_back(dict);
+            list = comma == std::string_view::npos ? std::string_view()
+                                                   : list.substr(comma + 1);
+        }
+        p.label += " " + a;
+    }
+    *out = std::move(p);
+    return true;
+}
+
+namespace {
+const Scope *g_scope = nullptr;
+}
+
+Scope::Scope(const Policy *p, int ref) : policy(p), env_ref(ref),
+                                         prev_(g_scope)
+{
+    g_scope = this;
+}
+
+Scope::~Scope()
+{
+    g_scope = prev_;
+}
+
+const Scope *Scope::current()
+{
+    return g_scope;
+}
+
+void setHooks(CurrentPolicyFn policy, PushEnvFn env)
+{
+    g_policy_hook = policy;
+    g_env_hook = env;
+}
+
+const Policy *currentPolicy()
+{
+    return g_policy_hook ? g_policy_hook() : nullptr;
+}
+
+void require(lua_State *L, Capability c)
+{
+    const Policy *p = currentPolicy();
+    if (p && !p->allows(c)) {
+        refuseAt(L, 1, c, p);
+    }
+}
+
+void requireShared(lua_State *L, std::string_view dict)
+{
+    const Policy *p = currentPolicy();
+    if (p == nullptr) {
+        return;
+    }
+    if (!p->allows(Capability::Shared)) {
+        refuseAt(L, 1, Capability::Shared, p);
+    }
+    if (!p->shared_dicts.empty()
+        && std::find(p->shared_dicts.begin(), p->shared_dicts.end(), dict)
+               == p->shared_dicts.end())
+    {
+        g_refusals[static_cast<int>(Capability::Shared)]++;
+        raise(L, 1, "shared dict '" + std::string(dict)
+                        + "' is not allowed in this location (lua_sandbox "
+                        + p->label + ")");
+    }
+}
+
+void countRefusal(Capability c)
+{
+    int i = static_cast<int>(c);
+    if (i >= 0 && i < kCapabilityCount) {
+        g_refusals[i]++;
+    }
+}
+
+uint64_t refusals(Capability c)
+{
+    int i = static_cast<int>(c);
+    return i >= 0 && i < kCapabilityCount ? g_refusals[i] : 0;
+}
+
+uint64_t totalRefusals()
+{
+    uint64_t n = 0;
+    for (uint64_t v : g_refusals) {
+        n += v;
+    }
+    return n;
+}
+
+bool install(lua_State *L, std::string *err)
+{
+    if (luaL_loadbuffer(L, kSandboxLua, std::strlen(kSandboxLua),
+                        "=luaguard.sandbox") != 0)
+    {
+        *err = lua_tostring(L, -1);
+        lua_pop(L, 1);
+        return false;
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushcfunction(L, luaAllowed);
+    lua_setfield(L, -2, "allowed");
+    lua_pushcfunction(L, luaRefuse);
+    lua_setfield(L, -2, "refuse");
+    lua_pushcfunction(L, luaCurrentEnv);
+    lua_setfield(L, -2, "current_env");
+    if (lua_pcall(L, 1, 1, 0) != 0) {
+        *err = lua_tostring(L, -1) ? lua_tostring(L, -1) : "sandbox failed";
+        lua_pop(L, 1);
+        return false;
+    }
+    lua_pushlightuserdata(L, &kBuilderKey);
+    lua_insert(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    return true;
+}
+
+namespace {
+
+// Builds the policy's view in this VM (first request of the worker) and
+// keeps its env metatable by reference. False (nothing pushed) when the
+// build fails, which takes running out of memory.
+bool pushMeta(lua_State *L, const Policy *p)
+{
+    // The registry's address names the VM (a reload makes a new one).
+    const void *vm = lua_topointer(L, LUA_REGISTRYINDEX);
+    if (p->vm == vm && p->meta_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, p->meta_ref);
+        return true;
+    }
+    lua_pushlightuserdata(L, &kBuilderKey);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_createtable(L, 0, kCapabilityCount);
+    for (int i = 0; i < kCapabilityCount; i++) {
+        lua_pushboolean(L, p->allows(static_cast<Capability>(i)));
+        lua_setfield(L, -2, kNames[i]);
+    }
+    // Views depend on the capabilities only: locations with the same
+    // set share one.
+    lua_pushinteger(L, static_cast<lua_Integer>(p->allowed));
+    if (lua_pcall(L, 2, 1, 0) != 0) {
+        lua_pop(L, 1);
+        return false;
+    }
+    lua_pushvalue(L, -1);
+    p->meta_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    p->vm = vm;
+    return true;
+}
+
+}  // namespace
+
+bool pushNewEnv(lua_State *L, const Policy *p)
+{
+    if (!pushMeta(L, p)) {
+        return false;
+    }
+    lua_createtable(L, 0, 4);
+    lua_insert(L, -2);
+    lua_setmetatable(L, -2);
+    // `_G` inside the request names the request's own table, so
+    // rawset(_G, ...) and _G.x = ... stay private too.
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -2, "_G");
+    return true;
+}
+
+}  // namespace luaguard::sandbox

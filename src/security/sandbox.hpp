@@ -1,0 +1,127 @@
+// Request isolation and capability profiles (`lua_sandbox`).
+//
+// Two mechanisms, see docs/security.md:
+//  - isolation: request code runs in its own global table whose reads fall
+//    through to a per-profile *view* of the worker's globals (library
+//    tables behind read-only proxies, a few base functions wrapped); built
+//    once per profile and VM, so a request costs one table;
+//  - capabilities: what a location may do. Static ones (ffi, debug,
+//    bytecode) are enforced by the view; dynamic ones are checked when the
+//    API runs, against the policy of the running request (io and os
+//    functions, C modules and binary modules in `require`, ngx.exec, and
+//    later sockets, subrequests, timers, shared dicts via require()).
+//
+// No nginx here: the policy and environment of the running request come
+// through hooks set by src/security/ngx_sandbox.cpp.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "runtime/lua.hpp"
+
+namespace luaguard::sandbox {
+
+enum class Capability : uint8_t {
+    Io,          // io.*, loadfile, dofile: files and process pipes
+    Os,          // os.execute, exit, getenv, remove, rename, tmpname
+    Ffi,         // require "ffi"
+    Debug,       // the debug library beyond traceback/getinfo, jit.*
+    Bytecode,    // binary chunks: load*, require, *_by_lua_file
+    Loadlib,     // package.loadlib
+    Cmodule,     // C modules through require
+    Socket,      // ngx.socket.*
+    Subrequest,  // ngx.location.capture*
+    Timer,       // ngx.timer.*, ngx.thread.*
+    Shared,      // ngx.shared.DICT (optionally a list of names)
+    Exec,        // ngx.exec, ngx.redirect
+    Count
+};
+
+constexpr int kCapabilityCount = static_cast<int>(Capability::Count);
+
+const char *capabilityName(Capability c);
+bool capabilityFromName(std::string_view name, Capability *out);
+
+struct Policy {
+    bool                     isolate = true;    // false: `lua_sandbox off`
+    uint32_t                 allowed = 0;       // bit per Capability
+    std::vector<std::string> shared_dicts;      // empty: every dict
+    std::string              label;             // "strict +socket"
+
+    // The env metatable built for this policy in a VM (per worker).
+    mutable const void      *vm = nullptr;
+    mutable int              meta_ref = LUA_NOREF;
+
+    bool allows(Capability c) const
+    {
+        return allowed & (1u << static_cast<int>(c));
+    }
+};
+
+// The policy a location gets when nothing is configured.
+const Policy &defaultPolicy();
+
+// Parses the arguments of `lua_sandbox` (without the directive name).
+bool parse(const std::vector<std::string> &args, Policy *out,
+           std::string *err);
+
+// ---- the running request (hooks set by the nginx glue) ----
+
+// Null means "not in a request" (init, init_worker): everything allowed.
+using CurrentPolicyFn = const Policy *(*)();
+// Pushes the running request's global table; returns false (pushing
+// nothing) without one.
+using PushEnvFn = bool (*)(lua_State *L);
+
+void setHooks(CurrentPolicyFn policy, PushEnvFn env);
+const Policy *currentPolicy();
+
+// Lua that runs on behalf of a request but outside it (timers, light
+// threads outliving their request): the hooks fall back to the innermost
+// Scope when no request is running. A timer keeps the creating request's
+// policy and a registry reference to its env (glue::pushRequestEnv) and
+// runs its handler inside `Scope scope(policy, env_ref);`.
+class Scope {
+ public:
+    Scope(const Policy *policy, int env_ref);
+    ~Scope();
+    Scope(const Scope &) = delete;
+    Scope &operator=(const Scope &) = delete;
+
+    static const Scope *current();
+
+    const Policy *policy;
+    int           env_ref;   // LUA_NOREF: the worker's _G
+
+ private:
+    const Scope  *prev_;
+};
+
+// Raises "capability 'X' is not allowed in this location (lua_sandbox P)"
+// and counts it when the running request's policy lacks `c`. For APIs
+// implemented in C++: call it first thing.
+void require(lua_State *L, Capability c);
+
+// `shared` plus the dictionary name check, for ngx.shared.DICT.
+void requireShared(lua_State *L, std::string_view dict);
+
+// Per-worker refusal counters, for the metrics endpoint.
+void countRefusal(Capability c);
+uint64_t refusals(Capability c);
+uint64_t totalRefusals();
+
+// ---- the VM side ----
+
+// Wraps the dynamic checks into the worker's globals and prepares the
+// view builder. Once per VM, after the ngx table and the prelude exist.
+bool install(lua_State *L, std::string *err);
+
+// Pushes a fresh request environment for `p` (which must isolate): one
+// table whose metatable is the policy's prebuilt one. False, pushing
+// nothing, when the view could not be built (out of memory).
+bool pushNewEnv(lua_State *L, const Policy *p);
+
+}  // namespace luaguard::sandbox

@@ -1,0 +1,693 @@
+"""Isolation between requests and capability profiles (lua_sandbox)."""
+
+import os
+import re
+import threading
+
+import pytest
+
+CJSON = "/usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so"
+
+
+@pytest.fixture
+def nginx(nginx):
+    """Workers run as root here: the test prefix is private to root, and
+    these tests read modules and files from it at request time."""
+    def start(**kw):
+        kw["main"] = "user root;\n" + kw.get("main", "")
+        return nginx(**kw)
+    return start
+
+# A module with worker-level state, shared on purpose, and a global it
+# defines when loaded (which must land in the worker's _G).
+MODULES = {
+    "lua/flag.lua": """
+local _M = { items = { "a", "b" }, nested = { deep = 1 } }
+local raised = false
+function _M.raise() raised = true end
+function _M.is_raised() return raised end
+local n = 0
+function _M.incr() n = n + 1 return n end
+MODGLOBAL = 42
+return _M
+""",
+    "lua/nonstd.so": "not an ELF file\n",
+    "data.txt": "file-content\n",
+}
+
+HTTP = """
+    lua_package_path "{prefix}/lua/?.lua;;";
+    lua_package_cpath "{prefix}/lua/?.so;/usr/lib/x86_64-linux-gnu/lua/5.1/?.so";
+    init_by_lua_block {
+        cfg = { name = "worker" }
+        greeting = "hi"
+        require "flag"
+        require "ffi"        -- loaded by the worker: strict code must
+        require "jit.util"   -- still not reach them
+    }
+"""
+
+# Snippets printing "ok" when the capability works, or raising.
+CAPS = {
+    "io": 'local f = io.open(ngx.config.prefix() .. "data.txt") '
+          'ngx.say(f:read("*l") == "file-content" and "ok" or "bad") '
+          'f:close()',
+    "os": 'local r = os.getenv("LUAGUARD_NO_SUCH_VAR") '
+          'ngx.say(r == nil and "ok" or "bad")',
+    "ffi": 'local ffi = require "ffi" '
+           'ngx.say(ffi.sizeof("int") == 4 and "ok" or "bad")',
+    "debug": 'ngx.say(type(debug.getregistry()) == "table" and "ok" '
+             'or "bad")',
+    "bytecode": 'local f = loadstring(string.dump(function() return 7 end)) '
+                'ngx.say(f() == 7 and "ok" or "bad")',
+    "loadlib": 'local f, err = package.loadlib("/nonexistent.so", "x") '
+               'ngx.say(f == nil and err and "ok" or "bad")',
+    "cmodule": 'local ok, err = pcall(require, "nonstd") '
+               'if not ok and err:find("capability \'cmodule\'", 1, true) then '
+               'error(err, 0) end '
+               'ngx.say(not ok and err:find("nonstd", 1, true) '
+               'and "ok" or "bad")',
+    "exec": 'ngx.exec("/target")',
+}
+
+EXPECTED = {
+    # profile: capabilities refused
+    "off": set(),
+    "default": {"bytecode", "loadlib"},
+    "strict": {"io", "os", "ffi", "debug", "bytecode", "loadlib", "cmodule"},
+    "strict +io +ffi -exec": {"os", "debug", "bytecode", "loadlib",
+                              "cmodule", "exec"},
+    "default -os +bytecode": {"os", "loadlib"},
+}
+
+
+def cap_server(profile):
+    locs = []
+    for cap, code in CAPS.items():
+        locs.append(f"""
+        location = /cap/{cap} {{
+            content_by_lua_block {{
+                local ok, err = pcall(function() {code} end)
+                if not ok then ngx.say("ERR ", err) end
+                -- nothing else changed: the standard library still works
+                ngx.say(string.format("%s-%d", "fmt", 1))
+            }}
+        }}""")
+    return f"""
+        lua_sandbox {profile};
+        location = /target {{ content_by_lua_block {{ ngx.say("ok") }} }}
+        {''.join(locs)}
+"""
+
+
+@pytest.mark.asan_fast
+@pytest.mark.parametrize("profile", sorted(EXPECTED))
+def test_capability_matrix(nginx, profile):
+    n = nginx(http=HTTP, server=cap_server(profile), files=MODULES)
+    for cap in CAPS:
+        r = n.get(f"/cap/{cap}")
+        assert r.status == 200, (cap, r)
+        if cap in EXPECTED[profile]:
+            msg = (f"capability '{cap}' is not allowed in this location "
+                   f"(lua_sandbox {profile})")
+            assert "ERR " in r.text and msg in r.text, (cap, r.text)
+            assert r.text.endswith("fmt-1\n"), (cap, r.text)
+        elif cap == "exec":
+            assert r.text == "ok\n", r.text
+        else:
+            assert r.text == "ok\nfmt-1\n", (cap, r.text)
+
+
+def test_redirect_needs_exec(nginx):
+    n = nginx(server="""
+        location /r { lua_sandbox default -exec; content_by_lua_block {
+            local ok, err = pcall(ngx.redirect, "/x")
+            ngx.say(err)
+        } }
+        location /ok { content_by_lua_block { ngx.redirect("/x") } }
+""")
+    assert "capability 'exec' is not allowed in this location " \
+           "(lua_sandbox default -exec)" in n.get("/r").text
+    assert n.get("/ok").status == 302
+
+
+def test_refused_error_carries_position(nginx):
+    n = nginx(http=HTTP, files=MODULES, server="""
+        lua_sandbox strict;
+        location /t { content_by_lua_block {
+            local ok, err = pcall(function()
+                local ffi = require("ffi")
+                return ffi
+            end)
+            ngx.say(err)
+        } }
+""")
+    assert re.fullmatch(
+        r"content_by_lua\(nginx\.conf:\d+\):3: capability 'ffi' is not "
+        r"allowed in this location \(lua_sandbox strict\)\n",
+        n.get("/t").text)
+
+
+def test_cmodule_allowed_in_default_loads_real_module(nginx):
+    if not os.path.exists(CJSON):
+        pytest.skip("lua-cjson not installed")
+    n = nginx(http=HTTP, files=MODULES, server="""
+        location /d { content_by_lua_block {
+            local cjson = require "cjson"
+            ngx.say(cjson.encode({ a = 1 }))
+        } }
+        location /s { lua_sandbox strict; content_by_lua_block {
+            local ok, err = pcall(require, "cjson.safe")
+            ngx.say(err)
+        } }
+""")
+    assert n.get("/d").text == '{"a":1}\n'
+    assert "capability 'cmodule' is not allowed" in n.get("/s").text
+
+
+def test_io_refused_for_modules_called_from_strict_code(nginx):
+    """Dynamic capabilities follow the location, not the caller: a module
+    cannot launder io for strict code."""
+    files = dict(MODULES)
+    files["lua/reader.lua"] = """
+local _M = {}
+function _M.read(p) local f = assert(io.open(p)) local s = f:read("*l")
+  f:close() return s end
+return _M
+"""
+    n = nginx(http=HTTP, files=files, server="""
+        location /d { content_by_lua_block {
+            ngx.say(require("reader").read(ngx.config.prefix() .. "data.txt"))
+        } }
+        location /s { lua_sandbox strict; content_by_lua_block {
+            local ok, err = pcall(require("reader").read,
+                                  ngx.config.prefix() .. "data.txt")
+            ngx.say(err)
+        } }
+""")
+    assert n.get("/d").text == "file-content\n"
+    assert "capability 'io' is not allowed" in n.get("/s").text
+    assert n.get("/d").text == "file-content\n"
+
+
+# ---- isolation ----
+
+INTERLEAVED = """
+        location /a { content_by_lua_block {
+            secret = "from-a"
+            ngx.log(ngx.NOTICE, "A has set its global")
+            local flag = require "flag"
+            local waited = 0
+            while not flag.is_raised() and waited < 10 do
+                ngx.sleep(0.01)
+                waited = waited + 0.01
+            end
+            ngx.say(secret, " ", tostring(flag.is_raised()))
+        } }
+        location /b { content_by_lua_block {
+            ngx.say(tostring(secret), " ", tostring(rawget(_G, "secret")))
+            require("flag").raise()
+        } }
+"""
+
+
+@pytest.mark.asan_fast
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_global_never_seen_by_interleaved_request(nginx, profile):
+    n = nginx(http=HTTP, files=MODULES,
+              server=f"lua_sandbox {profile};\n" + INTERLEAVED, workers=1)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("a", n.get("/a")))
+    t.start()
+    n.wait_log(r"A has set its global")
+    rb = n.get("/b")
+    t.join(20)
+    assert rb.text == "nil nil\n"
+    assert out["a"].text == "from-a true\n"
+    # and nothing is left behind for a later request either
+    n.get("/a")  # flag already raised: runs straight through
+    assert n.get("/b").text == "nil nil\n"
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("module", ["luaguard", "reference"])
+def test_off_shares_globals_like_lua_nginx_module(nginx, module):
+    server = """
+        location /t { content_by_lua_block {
+            ngx.say(tostring(leak))
+            leak = (leak or 0) + 1
+            string.shared_patch = true
+        } }
+        location /u { content_by_lua_block {
+            ngx.say(tostring(string.shared_patch))
+        } }
+"""
+    if module == "luaguard":
+        server = "lua_sandbox off;\n" + server
+    n = nginx(server=server, module=module)
+    assert n.get("/t").text == "nil\n"
+    assert n.get("/t").text == "1\n"
+    assert n.get("/u").text == "true\n"
+
+
+def test_default_does_not_share_what_off_shares(nginx):
+    n = nginx(server="""
+        location /t { content_by_lua_block {
+            ngx.say(tostring(leak))
+            leak = (leak or 0) + 1
+            _G.leak2 = 1
+            rawset(_G, "leak3", 1)
+            ngx.say(tostring(leak2), tostring(leak3))
+        } }
+""")
+    assert n.get("/t").text == "nil\n11\n"
+    assert n.get("/t").text == "nil\n11\n"
+
+
+def test_worker_globals_read_through_and_writes_stay_private(nginx):
+    n = nginx(http=HTTP, files=MODULES, server="""
+        location /t { content_by_lua_block {
+            ngx.say(greeting, " ", cfg.name, " ", MODGLOBAL)
+            greeting = "changed"
+            ngx.say(greeting)
+            local ok, err = pcall(function() cfg.name = "evil" end)
+            ngx.say(err)
+        } }
+""")
+    first = n.get("/t").text.splitlines()
+    assert first[:2] == ["hi worker 42", "changed"]
+    assert "attempt to modify read-only table 'cfg' (field 'name')" \
+        in first[2]
+    assert n.get("/t").text.splitlines()[:2] == ["hi worker 42", "changed"]
+
+
+def test_header_filter_and_log_phases_are_isolated(nginx):
+    n = nginx(server="""
+        location /t {
+            content_by_lua_block { ngx.say("x") }
+            header_filter_by_lua_block {
+                ngx.header["X-Seen"] = tostring(hf_seen)
+                hf_seen = true
+                ngx.header["X-Env"] = tostring(getfenv(0) == _G)
+            }
+            log_by_lua_block {
+                ngx.log(ngx.NOTICE, "log saw ", tostring(log_seen))
+                log_seen = true
+            }
+        }
+""")
+    for _ in range(2):
+        r = n.get("/t")
+        assert r.header("X-Seen") == "nil"
+        assert r.header("X-Env") == "true"
+    # the log phase runs after the response went out: await both lines
+    n.wait_log(r"(?s)log saw nil.*log saw nil")
+    assert "log saw true" not in n.read_log()
+
+
+def test_phases_of_one_request_share_its_globals(nginx):
+    n = nginx(server="""
+        location /t {
+            rewrite_by_lua_block { phase_note = "rewrite" }
+            content_by_lua_block { ngx.say(tostring(phase_note)) }
+        }
+""")
+    assert n.get("/t").text == "rewrite\n"
+
+
+# ---- shared tables ----
+
+@pytest.mark.asan_fast
+def test_monkey_patching_is_refused_and_changes_nothing(nginx):
+    attempts = [
+        ("string", "string.format = function() return 'pwned' end"),
+        ("string", "string.upper = nil"),
+        ("table", "table.concat = nil"),
+        ("math", "math.floor = nil"),
+        ("coroutine", "coroutine.wrap = nil"),
+        ("ngx", "ngx.say = nil"),
+        ("ngx", "ngx.print = ngx.say"),
+        ("ngx.config", "ngx.config.prefix = nil"),
+        ("ngx.worker", "ngx.worker.pid = nil"),
+        ("package", "package.path = '/tmp/?.lua'"),
+        ("package.loaded", "package.loaded.flag = {}"),
+        ("module 'flag'", "require('flag').raise = nil"),
+        ("module 'flag'.items", "require('flag').items[1] = 'z'"),
+        ("string", "getmetatable('').__index.format = nil"),
+        ("string metatable", "getmetatable('').__index = {}"),
+        ("string", "rawset(string, 'format', nil)"),
+        ("string", "table.insert(string, 1)"),
+        ("string", "setmetatable(string, nil)"),
+        ("ngx", "rawset(ngx, 'say', nil)"),
+        ("_G metatable", "getmetatable(_G).__index = {}"),
+        ("_G", "getmetatable(_G).__index.string = {}"),
+        ("file metatable",
+         "getmetatable(io.stdout).__index.write = nil"),
+    ]
+    locs = []
+    for i, (_, code) in enumerate(attempts):
+        locs.append(f"""
+        location = /p{i} {{ content_by_lua_block {{
+            local ok, err = pcall(function() {code} end)
+            ngx.say(tostring(ok), " ", tostring(err))
+        }} }}""")
+    n = nginx(http=HTTP, files=MODULES, server="".join(locs) + """
+        location = /check { content_by_lua_block {
+            local flag = require "flag"
+            ngx.say(string.format("%s", "fmt"), ("x"):upper(),
+                    table.concat({ "c", "d" }), math.floor(1.5),
+                    type(coroutine.wrap), type(ngx.print),
+                    type(ngx.config.prefix), type(ngx.worker.pid),
+                    type(flag.raise), flag.items[1], package.path:sub(1, 1))
+        } }
+""")
+    want = n.get("/check").text
+    assert want == "fmtXcd1functionfunctionfunctionfunctionfunctiona/\n"
+    for i, (name, code) in enumerate(attempts):
+        text = n.get(f"/p{i}").text
+        assert text.startswith("false "), (code, text)
+        assert "read-only table '" + name + "'" in text, (code, text)
+        assert n.get("/check").text == want, code
+
+
+def test_assignable_ngx_fields_keep_working(nginx):
+    n = nginx(server="""
+        location /t {
+            set $myvar "";
+            content_by_lua_block {
+                ngx.ctx.a = 1
+                ngx.ctx = { b = 2 }
+                ngx.status = 201
+                ngx.var.myvar = "v"
+                ngx.header["X-A"] = "1"
+                ngx.header.x_b = "2"
+                ngx.say(ngx.ctx.b, ngx.var.myvar, ngx.status)
+            }
+        }
+        location /set {
+            set_by_lua $res 'return ngx.arg[1] .. "!"' $arg_a;
+            return 200 "$res";
+        }
+        location /bf {
+            content_by_lua_block { ngx.say("body") }
+            body_filter_by_lua_block {
+                if ngx.arg[1] ~= "" then ngx.arg[1] = "filtered\\n" end
+            }
+        }
+""")
+    r = n.get("/t")
+    assert r.status == 201
+    assert r.text == "2v201\n"
+    assert r.header("X-A") == "1" and r.header("X-B") == "2"
+    assert n.get("/bf").text == "filtered\n"
+    assert n.get("/set?a=x").text == "x!"
+
+
+def test_pairs_and_ipairs_over_protected_tables(nginx):
+    n = nginx(http=HTTP, files=MODULES, server="""
+        location /t { content_by_lua_block {
+            local n = 0
+            for k, v in pairs(string) do
+                assert(string[k] == v)
+                n = n + 1
+            end
+            local items = {}
+            for i, v in ipairs(require("flag").items) do items[i] = v end
+            local keys = {}
+            for k in pairs(ngx.config) do
+                if k == "prefix" or k == "subsystem" then
+                    keys[#keys + 1] = k
+                end
+            end
+            table.sort(keys)
+            local k1 = next(math)
+            local nested
+            for k, v in pairs(require("flag")) do
+                if k == "nested" then nested = v end
+            end
+            local ok = pcall(function() nested.deep = 2 end)
+            ngx.say(n, " ", table.concat(items, ","), " ",
+                    table.concat(keys, ","), " ", type(k1), " ",
+                    tostring(ok), " ", nested.deep)
+        } }
+""")
+    assert n.get("/t").text == (
+        "14 a,b prefix,subsystem string false 1\n")
+
+
+def test_modules_keep_worker_state_and_real_globals(nginx):
+    n = nginx(http=HTTP, files=MODULES, server="""
+        location /t { content_by_lua_block {
+            ngx.say(require("flag").incr(), " ", MODGLOBAL)
+        } }
+""")
+    assert n.get("/t").text == "1 42\n"
+    assert n.get("/t").text == "2 42\n"
+
+
+def test_class_style_modules_work_through_the_proxy(nginx):
+    files = {"lua/class.lua": """
+local Class = {}
+function Class:new(o)
+    o = o or {}
+    setmetatable(o, self)
+    self.__index = self
+    return o
+end
+function Class:hello() return "hello " .. (self.name or "?") end
+function Class.set(t, k, v) t[k] = v end
+return Class
+"""}
+    n = nginx(http='lua_package_path "{prefix}/lua/?.lua;;";', files=files,
+              server="""
+        location /t { content_by_lua_block {
+            local Class = require "class"
+            local o = Class:new({ name = "o" })
+            local ok, err = pcall(function() Class.hello = nil end)
+            -- a generic helper of the module cannot write to other
+            -- shared tables for request code
+            local ok2 = pcall(Class.set, string, "format", nil)
+            ngx.say(o:hello(), " ", tostring(ok), " ",
+                    tostring(Class.hello == Class.hello), " ", tostring(ok2),
+                    " ", type(string.format))
+        } }
+""")
+    assert n.get("/t").text == "hello o false true false function\n"
+    assert n.get("/t").text == "hello o false true false function\n"
+
+
+def test_module_loaded_by_request_uses_worker_globals(nginx):
+    files = {"lua/lazy.lua": "LAZYGLOBAL = 'set-by-lazy'\nreturn {}\n"}
+    n = nginx(http='lua_package_path "{prefix}/lua/?.lua;;";', files=files,
+              server="""
+        location /load { content_by_lua_block {
+            require "lazy"
+            ngx.say(LAZYGLOBAL)
+        } }
+        location /read { content_by_lua_block { ngx.say(LAZYGLOBAL) } }
+""")
+    assert n.get("/load").text == "set-by-lazy\n"
+    assert n.get("/read").text == "set-by-lazy\n"
+
+
+# ---- escapes a security reviewer would try (strict) ----
+
+ESCAPES = {
+    "getfenv0": "return getfenv(0) == _G",
+    "getfenv1": "return getfenv(1) == _G",
+    "getfenv_print": "return getfenv(print) == _G",
+    "getfenv_format": "return getfenv(string.format) == _G",
+    "getfenv_require": "return getfenv(require) == _G",
+    "cowrap_getfenv0": "return coroutine.wrap(function() "
+                       "return getfenv(0) == _G end)()",
+    "cocreate_getfenv0": "local co = coroutine.create(function() "
+                         "return getfenv(0) end) "
+                         "local _, e = coroutine.resume(co) return e == _G",
+    "loaded_G": "return package.loaded._G == _G",
+    "mt_index_is_proxy": "return getmetatable('').__index == string",
+    "G_mt_is_copy": "return getmetatable(_G).__index.string == string",
+    "seeall": "local t = {} package.seeall(t) return t.string == string "
+              "and t._G == _G",
+}
+
+REFUSED = {
+    "registry": "return debug.getregistry()",
+    "debug_getupvalue": "return debug.getupvalue(require, 1)",
+    "debug_setmetatable": "return debug.setmetatable('', nil)",
+    "setfenv_print": "setfenv(print, {})",
+    "setfenv_format": "setfenv(string.format, {})",
+    "setfenv_0": "setfenv(0, {})",
+    "dump_load": "return load(string.dump(function() end))",
+    "dump_loadstring": "return loadstring(string.dump(function() end))",
+    "dump_reader": "local s = string.dump(function() end) local d = false "
+                   "return load(function() if d then return nil end "
+                   "d = true return s end)",
+    "require_ffi": "return require('ffi')",
+    "loaded_ffi": "return assert(package.loaded.ffi).C",
+    "preload_ffi": "return assert(package.preload.ffi)()",
+    "loaders_ffi": "local l = package.loaders[1]('ffi') "
+                   "return assert(type(l) == 'function' and l)()",
+    "jit_util": "return require('jit.util')",
+    "jit_off": "return jit.off()",
+    "io_stderr": "return io.stderr",
+    "os_execute": "return os.execute('true')",
+    "loadfile": "return loadfile('/etc/passwd')",
+    "dofile": "return dofile('/etc/passwd')",
+    "loadlib": "return package.loadlib('libc.so.6', 'system')",
+    "setmetatable_G_index": "getmetatable(_G).__index.io = {}",
+    "pairs_loaded": "for k, v in pairs(package.loaded) do "
+                    "if k == 'ffi' or k == 'jit.util' then return v end end "
+                    "assert(false)",
+    "next_loaded": "local k, v = next(package.loaded) while k do "
+                   "if k == 'ffi' then return v end "
+                   "k, v = next(package.loaded, k) end assert(false)",
+    "pairs_preload": "for k, f in pairs(package.preload) do "
+                     "if k == 'ffi' then return f() end end assert(false)",
+    "loaded_jit_util": "return assert(package.loaded['jit.util']).funck",
+}
+
+
+def escape_server():
+    locs = []
+    for name, code in list(ESCAPES.items()) + list(REFUSED.items()):
+        locs.append(f"""
+        location = /e/{name} {{ content_by_lua_block {{
+            local ok, res = pcall(function() {code} end)
+            ngx.say(tostring(ok), " ", tostring(res))
+        }} }}""")
+    return "lua_sandbox strict;" + "".join(locs) + """
+        location = /check { content_by_lua_block {
+            ngx.say(type(print), type(string.format), type(require),
+                    tostring(getmetatable("").__index.format == string.format))
+        } }
+"""
+
+
+@pytest.mark.asan_fast
+def test_escape_attempts_in_strict(nginx):
+    n = nginx(http=HTTP, files=MODULES, server=escape_server())
+    clean = n.get("/check").text
+    assert clean == "functionfunctionfunctiontrue\n"
+    for name in ESCAPES:
+        # Each sees the request's own table or proxies, never the worker's.
+        assert n.get(f"/e/{name}").text == "true true\n", name
+    for name in REFUSED:
+        text = n.get(f"/e/{name}").text
+        assert text.startswith("false "), (name, text)
+        # Refused with an error, or hidden (nil: the assert fails).
+        assert ("is not allowed" in text or "read-only" in text
+                or "cannot change the environment" in text
+                or "assertion failed" in text), (name, text)
+    assert n.get("/check").text == clean
+
+
+def test_setmetatable_on_own_globals_is_private(nginx):
+    n = nginx(server="""
+        location /t { content_by_lua_block {
+            ngx.say(tostring(undefined_thing))
+            local base = getmetatable(_G).__index
+            setmetatable(_G, { __index = function(_, k)
+                if k == "undefined_thing" then return "mine" end
+                return base[k]
+            end })
+            ngx.say(undefined_thing)
+        } }
+""")
+    assert n.get("/t").text == "nil\nmine\n"
+    assert n.get("/t").text == "nil\nmine\n"
+
+
+def test_load_text_with_request_env(nginx):
+    n = nginx(server="""
+        lua_sandbox strict;
+        location /t { content_by_lua_block {
+            ngx.say(tostring(from_load))
+            assert(load("from_load = 5"))()
+            assert(loadstring("from_load2 = 6"))()
+            ngx.say(from_load, from_load2, rawget(_G, "from_load"))
+        } }
+        header_filter_by_lua_block { assert(loadstring("hf_load = 1"))() }
+        location /u { content_by_lua_block { ngx.say(tostring(hf_load)) } }
+""")
+    assert n.get("/t").text == "nil\n565\n"
+    assert n.get("/t").text == "nil\n565\n"
+    assert n.get("/u").text == "nil\n"
+
+
+# ---- bytecode files and modules ----
+
+def test_bytecode_files_and_modules(nginx):
+    n = nginx(http='lua_package_path "{prefix}/lua/?.lua;;";',
+              files={"lua/.keep": ""}, server="""
+        location /gen {
+            lua_sandbox off;
+            content_by_lua_block {
+                local p = ngx.config.prefix()
+                local f = io.open(p .. "handler.ljbc", "wb")
+                f:write(string.dump(loadstring("ngx.say('from bytecode')")))
+                f:close()
+                f = io.open(p .. "lua/bcmod.lua", "wb")
+                f:write(string.dump(loadstring("return { v = 'bcmod' }")))
+                f:close()
+                ngx.say("done")
+            }
+        }
+        location /run_default { content_by_lua_file handler.ljbc; }
+        location /run_bc {
+            lua_sandbox default +bytecode;
+            content_by_lua_file handler.ljbc;
+        }
+        location /mod_default { content_by_lua_block {
+            local ok, err = pcall(require, "bcmod")
+            ngx.say(tostring(ok), " ", tostring(err))
+        } }
+        location /mod_bc {
+            lua_sandbox default +bytecode;
+            content_by_lua_block { ngx.say(require("bcmod").v) }
+        }
+""")
+    assert n.get("/gen").text == "done\n"
+    assert n.get("/run_default").status == 500
+    n.wait_log(r"failed to run Lua code: capability 'bytecode' is not "
+               r"allowed in this location \(lua_sandbox default\)")
+    assert n.get("/run_bc").text == "from bytecode\n"
+    assert n.get("/run_bc").text == "from bytecode\n"
+    text = n.get("/mod_default").text
+    assert text.startswith("false ") and "capability 'bytecode'" in text
+    assert n.get("/mod_bc").text == "bcmod\n"
+
+
+# ---- configuration ----
+
+def test_profile_per_server_and_location(nginx):
+    n = nginx(server="""
+        lua_sandbox strict;
+        location /s { content_by_lua_block {
+            ngx.say(pcall(require, "ffi")) } }
+        location /d { lua_sandbox default; content_by_lua_block {
+            ngx.say((pcall(require, "ffi"))) } }
+        location /o { lua_sandbox off; content_by_lua_block {
+            offglobal = 1 ngx.say(tostring(rawget(_G, "offglobal"))) } }
+""")
+    assert n.get("/s").text.startswith("false")
+    assert n.get("/d").text == "true\n"
+    assert n.get("/o").text == "1\n"
+
+
+@pytest.mark.parametrize("args,ok", [
+    ("strict +socket -exec +shared=a,b", True),
+    ("default -io", True),
+    ("off", True),
+    ("bogus", False),
+    ("strict +nope", False),
+    ("off +io", False),
+    ("strict io", False),
+    ("strict -shared=a", False),
+])
+def test_directive_syntax(nginx_conf, args, ok):
+    conf = nginx_conf(server=f"lua_sandbox {args};\n"
+                      "location /t { content_by_lua_block { ngx.say(1) } }")
+    passed, out = conf.test_config()
+    assert passed == ok, out
+    if not ok:
+        assert "invalid lua_sandbox" in out
