@@ -19,6 +19,7 @@ bool open(lua_State *L, std::string *err)
     openTime(L);
     openVar(L);
     openHeader(L);
+    openRegex(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

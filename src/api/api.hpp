@@ -18,6 +18,7 @@ void openOutput(lua_State *L);
 void openTime(lua_State *L);
 void openVar(lua_State *L);
 void openHeader(lua_State *L);
+void openRegex(lua_State *L);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

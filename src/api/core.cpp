@@ -342,7 +342,7 @@ int workerExiting(lua_State *L)
 // APIs of lua-nginx-module that luaguard does not provide yet: using one
 // raises an error naming it instead of a confusing "attempt to call nil".
 const char *const kPending[] = {
-    "req", "resp", "location", "socket", "shared", "timer", "thread", "re",
+    "req", "resp", "location", "socket", "shared", "timer", "thread",
     "on_abort", "escape_uri", "unescape_uri", "encode_args", "decode_args",
     "encode_base64", "decode_base64", "md5", "md5_bin", "sha1_bin",
     "hmac_sha1", "crc32_short", "crc32_long", "quote_sql_str",

@@ -47,6 +47,8 @@ struct MainConf {
     bool                       need_body_filter;
     bool                       need_server_rewrite;
     ngx_uint_t                 http10_buffering_any;
+    ngx_int_t                  regex_cache_max_entries;
+    ngx_int_t                  regex_match_limit;
 };
 
 struct SrvConf {

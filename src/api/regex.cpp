@@ -1,0 +1,1011 @@
+// ngx.re.match / find / gmatch / sub / gsub and require "ngx.re" (split,
+// opt), on PCRE2 with JIT.
+//
+// Compiled patterns live in a `Regex`. With the "o" option they are kept
+// in a per-worker LRU cache (lua_regex_cache_max_entries) and reuse their
+// match data, so the hot path neither compiles nor allocates beyond the
+// result. Every pcre2 call runs with a match limit (lua_regex_match_limit,
+// hardened default below) so catastrophic backtracking fails fast with
+// lua-nginx-module's "pcre_exec() failed: -8".
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "api/api.hpp"
+#include "ngx/module.hpp"
+#include "runtime/regex_cache.hpp"
+#include "runtime/regex_options.hpp"
+#include "runtime/regex_template.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+using regex::Options;
+using regex::ReplTemplate;
+
+// Used when lua_regex_match_limit is not configured: a legitimate pattern
+// stays far below it, while exponential backtracking on hostile input is
+// stopped within milliseconds instead of PCRE2's default 10,000,000 steps.
+constexpr uint32_t kDefaultMatchLimit = 1000000;
+
+constexpr size_t kJitStackStart = 32 * 1024;
+constexpr size_t kJitStackMaxDefault = 1024 * 1024;
+
+struct Regex {
+    pcre2_code        *code = nullptr;
+    pcre2_match_data  *md = nullptr;
+    uint32_t           ncap = 0;        // capture groups, group 0 excluded
+    uint32_t           flags = 0;       // regex::CompileFlag bits
+    struct Name {
+        std::string    name;
+        uint32_t       group;
+    };
+    std::vector<Name>  names;           // name-table order: dupes adjacent
+    int                refs = 0;        // calls and iterators using it
+    bool               cached = false;  // owned by the cache too
+    // Memo of the last replacement template used with this pattern, so
+    // gsub(..., "o") in a loop does not re-parse its template.
+    std::string        tpl_src;
+    ReplTemplate       tpl;
+    bool               tpl_ok = false;
+};
+
+void destroy(Regex *re)
+{
+    if (re->md) {
+        pcre2_match_data_free(re->md);
+    }
+    if (re->code) {
+        pcre2_code_free(re->code);
+    }
+    delete re;
+}
+
+void release(Regex *re)
+{
+    if (--re->refs == 0 && !re->cached) {
+        destroy(re);
+    }
+}
+
+// Holds a reference for the duration of one API call. LuaJIT unwinds
+// errors through C++ frames (external unwinding on x64), so a Lua error
+// raised by a replacement callback still runs this destructor.
+class RegexRef {
+ public:
+    explicit RegexRef(Regex *re) : re_(re) {}
+    ~RegexRef()
+    {
+        if (re_) {
+            release(re_);
+        }
+    }
+    RegexRef(const RegexRef &) = delete;
+    RegexRef &operator=(const RegexRef &) = delete;
+    Regex *get() const { return re_; }
+    Regex *operator->() const { return re_; }
+
+ private:
+    Regex *re_;
+};
+
+void evictRegex(Regex *&re)
+{
+    re->cached = false;
+    if (re->refs == 0) {
+        destroy(re);
+    }
+}
+
+// ---- per-worker state ----
+
+struct State {
+    regex::LruCache<Regex *>  cache{1024};
+    bool                      warned_full = false;
+    pcre2_match_context      *mctx = nullptr;
+    pcre2_jit_stack          *jit_stack = nullptr;
+    size_t                    jit_stack_max = kJitStackMaxDefault;
+    uint32_t                  pcre_default_limit = 10000000;
+    int                       tostring_ref = LUA_NOREF;
+    int                       buf_depth = 0;
+    std::string               bufs[4];
+};
+
+State &state()
+{
+    static State *s = new State;  // never destroyed: used until exit
+    return *s;
+}
+
+size_t cacheCapacity()
+{
+    MainConf *mcf = mainConf();
+    if (mcf == nullptr || mcf->regex_cache_max_entries == NGX_CONF_UNSET) {
+        return 1024;
+    }
+    return static_cast<size_t>(mcf->regex_cache_max_entries);
+}
+
+// The match context with the configured limit and the JIT stack.
+pcre2_match_context *matchContext()
+{
+    State &s = state();
+    if (s.mctx == nullptr) {
+        s.mctx = pcre2_match_context_create(nullptr);
+        uint32_t def = 0;
+        if (pcre2_config(PCRE2_CONFIG_MATCHLIMIT, &def) >= 0 && def > 0) {
+            s.pcre_default_limit = def;
+        }
+        s.jit_stack = pcre2_jit_stack_create(kJitStackStart, s.jit_stack_max,
+                                             nullptr);
+        if (s.mctx && s.jit_stack) {
+            pcre2_jit_stack_assign(s.mctx, nullptr, s.jit_stack);
+        }
+    }
+    if (s.mctx == nullptr) {
+        return nullptr;
+    }
+    MainConf *mcf = mainConf();
+    uint32_t limit = kDefaultMatchLimit;
+    if (mcf && mcf->regex_match_limit != NGX_CONF_UNSET) {
+        // 0 means "the PCRE library's default", as documented.
+        limit = mcf->regex_match_limit == 0
+                    ? s.pcre_default_limit
+                    : static_cast<uint32_t>(mcf->regex_match_limit);
+    }
+    pcre2_set_match_limit(s.mctx, limit);
+    return s.mctx;
+}
+
+uint32_t pcreCompileOptions(uint32_t flags)
+{
+    uint32_t o = 0;
+    if (flags & regex::kAnchored) o |= PCRE2_ANCHORED;
+    if (flags & regex::kCaseless) o |= PCRE2_CASELESS;
+    if (flags & regex::kDupNames) o |= PCRE2_DUPNAMES;
+    if (flags & regex::kMultiline) o |= PCRE2_MULTILINE;
+    if (flags & regex::kDotAll) o |= PCRE2_DOTALL;
+    if (flags & regex::kUtf) o |= PCRE2_UTF;
+    if (flags & regex::kExtended) o |= PCRE2_EXTENDED;
+    if (flags & regex::kJsCompat) {
+        o |= PCRE2_ALT_BSUX | PCRE2_ALLOW_EMPTY_CLASS
+             | PCRE2_MATCH_UNSET_BACKREF;
+    }
+    return o;
+}
+
+// lua-nginx-module reports exec failures with PCRE1's numbers (its docs
+// promise "pcre_exec() failed: -8" for the match limit); the PCRE2 codes
+// with a PCRE1 counterpart are translated, others pass through.
+int pcre1Code(int rc)
+{
+    if (rc <= PCRE2_ERROR_UTF8_ERR1 && rc >= PCRE2_ERROR_UTF8_ERR21) {
+        return -10;                                 // PCRE_ERROR_BADUTF8
+    }
+    switch (rc) {
+    case PCRE2_ERROR_PARTIAL: return -12;
+    case PCRE2_ERROR_BADUTFOFFSET: return -11;
+    case PCRE2_ERROR_MATCHLIMIT: return -8;
+    case PCRE2_ERROR_DEPTHLIMIT: return -21;
+    case PCRE2_ERROR_HEAPLIMIT: return -21;
+    case PCRE2_ERROR_JIT_STACKLIMIT: return -27;
+    case PCRE2_ERROR_NOMEMORY: return -6;
+    case PCRE2_ERROR_DFA_WSSIZE: return -19;
+    case PCRE2_ERROR_DFA_RECURSE: return -20;
+    default: return rc;
+    }
+}
+
+void pushExecError(lua_State *L, int rc)
+{
+    lua_pushfstring(L, "pcre_exec() failed: %d", pcre1Code(rc));
+}
+
+// ---- arguments ----
+
+// The subject: lua-resty-core converts any value with tostring(), so a nil
+// header value matches as "nil" rather than raising; we do the same.
+const char *subjectArg(lua_State *L, int idx, size_t *len)
+{
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        return lua_tolstring(L, idx, len);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, state().tostring_ref);
+    lua_pushvalue(L, idx);
+    lua_call(L, 1, 1);
+    if (!lua_isstring(L, -1)) {
+        luaL_error(L, "'tostring' must return a string");
+    }
+    lua_replace(L, idx);
+    return lua_tolstring(L, idx, len);
+}
+
+Options optionsArg(lua_State *L, int idx)
+{
+    Options o;
+    if (lua_isnoneornil(L, idx)) {
+        return o;
+    }
+    size_t len;
+    const char *s = luaL_checklstring(L, idx, &len);
+    char bad = 0;
+    if (!regex::parseOptions(std::string_view(s, len), &o, &bad)) {
+        luaL_error(L, "unknown flag \"%c\" (flags \"%s\")", bad, s);
+    }
+    return o;
+}
+
+// ctx.pos (1-based) as a 0-based start offset.
+size_t startOffset(lua_State *L, int ctx)
+{
+    if (ctx == 0) {
+        return 0;
+    }
+    lua_getfield(L, ctx, "pos");
+    lua_Integer pos = lua_isnil(L, -1) ? 1 : luaL_checkinteger(L, -1);
+    lua_pop(L, 1);
+    return pos <= 1 ? 0 : static_cast<size_t>(pos - 1);
+}
+
+int ctxArg(lua_State *L, int idx)
+{
+    if (lua_isnoneornil(L, idx)) {
+        return 0;
+    }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    return idx;
+}
+
+// ---- compiling ----
+
+// Returns a referenced Regex, or nullptr with the error message pushed.
+Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
+{
+    State &s = state();
+    bool once = o.once;
+    if (once) {
+        size_t cap = cacheCapacity();
+        if (cap != s.cache.capacity()) {
+            s.cache.setCapacity(cap, evictRegex);
+        }
+        Regex **hit = s.cache.get(std::string_view(pat, len), o.flags);
+        if (hit) {
+            (*hit)->refs++;
+            return *hit;
+        }
+        once = cap > 0;
+    }
+
+    int errcode;
+    PCRE2_SIZE erroff;
+    pcre2_code *code = pcre2_compile(
+        reinterpret_cast<PCRE2_SPTR>(pat), len, pcreCompileOptions(o.flags),
+        &errcode, &erroff, nullptr);
+    if (code == nullptr) {
+        PCRE2_UCHAR msg[256];
+        if (pcre2_get_error_message(errcode, msg, sizeof(msg)) < 0) {
+            std::strcpy(reinterpret_cast<char *>(msg), "unknown error");
+        }
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        luaL_addstring(&b, "pcre_compile() failed: ");
+        luaL_addstring(&b, reinterpret_cast<char *>(msg));
+        luaL_addstring(&b, " in \"");
+        luaL_addlstring(&b, pat, len);
+        luaL_addchar(&b, '"');
+        if (erroff < len) {
+            luaL_addstring(&b, " at \"");
+            luaL_addlstring(&b, pat + erroff, len - erroff);
+            luaL_addchar(&b, '"');
+        }
+        luaL_pushresult(&b);
+        return nullptr;
+    }
+    if ((o.flags & regex::kJit) && !(o.flags & regex::kDfa)) {
+        // Without JIT support the interpreter still gives correct results.
+        pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
+    }
+
+    Regex *re = new Regex;
+    re->code = code;
+    re->flags = o.flags;
+    pcre2_pattern_info(code, PCRE2_INFO_CAPTURECOUNT, &re->ncap);
+    uint32_t count = 0, entry = 0;
+    PCRE2_SPTR table = nullptr;
+    pcre2_pattern_info(code, PCRE2_INFO_NAMECOUNT, &count);
+    if (count > 0) {
+        pcre2_pattern_info(code, PCRE2_INFO_NAMEENTRYSIZE, &entry);
+        pcre2_pattern_info(code, PCRE2_INFO_NAMETABLE, &table);
+        re->names.reserve(count);
+        for (uint32_t i = 0; i < count; i++) {
+            PCRE2_SPTR e = table + i * entry;
+            uint32_t group = (static_cast<uint32_t>(e[0]) << 8) | e[1];
+            re->names.push_back(
+                {std::string(reinterpret_cast<const char *>(e + 2)), group});
+        }
+    }
+    re->md = pcre2_match_data_create_from_pattern(code, nullptr);
+    if (re->md == nullptr) {
+        destroy(re);
+        lua_pushliteral(L, "no memory");
+        return nullptr;
+    }
+    re->refs = 1;
+    if (once) {
+        if (s.cache.size() >= s.cache.capacity() && !s.warned_full) {
+            // Documented: one warning, the first time the limit is hit.
+            s.warned_full = true;
+            ngx_log_error(NGX_LOG_WARN, currentLog(), 0,
+                          "lua exceeding regex cache max entries (%uz)",
+                          s.cache.capacity());
+        }
+        re->cached = s.cache.put(std::string_view(pat, len), o.flags, re,
+                                 evictRegex);
+    }
+    return re;
+}
+
+// ---- matching ----
+
+// One pcre2 run. `check_utf` is false for the follow-up runs of gsub and
+// gmatch over a subject already validated by the first run.
+int exec(Regex *re, const char *subj, size_t len, size_t off, bool check_utf)
+{
+    pcre2_match_context *mctx = matchContext();
+    uint32_t opts = (!check_utf && (re->flags & regex::kUtf))
+                        ? PCRE2_NO_UTF_CHECK : 0;
+    auto *s = reinterpret_cast<PCRE2_SPTR>(subj);
+    if (re->flags & regex::kDfa) {
+        int ws[512];
+        int rc = pcre2_dfa_match(re->code, s, len, off, opts, re->md, mctx,
+                                 ws, sizeof(ws) / sizeof(ws[0]));
+        return rc == 0 ? 1 : rc;  // 0: more matches than ovector pairs
+    }
+    return pcre2_match(re->code, s, len, off, opts, re->md, mctx);
+}
+
+// Captures copied out of the match data, so building Lua values (which
+// may run finalizers that use the same pattern) cannot disturb them.
+struct Captures {
+    size_t              inline_ov[2 * 16];
+    std::vector<size_t> heap;
+    size_t             *ov = inline_ov;
+    uint32_t            n = 0;          // pairs: group 0..n-1
+
+    void take(Regex *re, int rc)
+    {
+        uint32_t groups = (re->flags & regex::kDfa) ? 1 : re->ncap + 1;
+        n = groups;
+        if (groups > 16) {
+            heap.resize(2 * groups);
+            ov = heap.data();
+        }
+        const PCRE2_SIZE *src = pcre2_get_ovector_pointer(re->md);
+        uint32_t have = static_cast<uint32_t>(rc);
+        for (uint32_t i = 0; i < groups; i++) {
+            if (i < have) {
+                ov[2 * i] = src[2 * i];
+                ov[2 * i + 1] = src[2 * i + 1];
+            } else {
+                ov[2 * i] = ov[2 * i + 1] = regex::kUnset;
+            }
+        }
+    }
+    size_t from() const { return ov[0]; }
+    size_t to() const { return ov[1]; }
+};
+
+void pushGroup(lua_State *L, const char *subj, const Captures &c, uint32_t i)
+{
+    if (i >= c.n || c.ov[2 * i] == regex::kUnset
+        || c.ov[2 * i + 1] < c.ov[2 * i]) {
+        lua_pushboolean(L, 0);
+        return;
+    }
+    lua_pushlstring(L, subj + c.ov[2 * i], c.ov[2 * i + 1] - c.ov[2 * i]);
+}
+
+// Fills the match table: [0..n] and named groups. `res` is the reusable
+// table argument (0: create one). Leaves the table on the stack.
+void pushMatch(lua_State *L, Regex *re, const char *subj, const Captures &c,
+               int res)
+{
+    bool dfa = re->flags & regex::kDfa;
+    uint32_t groups = c.n;
+    if (res) {
+        lua_pushvalue(L, res);
+    } else {
+        lua_createtable(L, static_cast<int>(groups - 1),
+                        dfa ? 1 : static_cast<int>(re->names.size() + 1));
+    }
+    for (uint32_t i = 0; i < groups; i++) {
+        pushGroup(L, subj, c, i);
+        lua_rawseti(L, -2, static_cast<int>(i));
+    }
+    if (dfa || re->names.empty()) {
+        return;
+    }
+    if (!(re->flags & regex::kDupNames)) {
+        for (const Regex::Name &n : re->names) {
+            lua_pushlstring(L, n.name.data(), n.name.size());
+            pushGroup(L, subj, c, n.group);
+            lua_rawset(L, -3);
+        }
+        return;
+    }
+    // "D": a name maps to the array of the values its groups matched; a
+    // name none of whose groups matched is left out.
+    size_t i = 0;
+    while (i < re->names.size()) {
+        size_t j = i;
+        int k = 0;
+        while (j < re->names.size()
+               && re->names[j].name == re->names[i].name) {
+            uint32_t g = re->names[j].group;
+            if (g < c.n && c.ov[2 * g] != regex::kUnset) {
+                if (k == 0) {
+                    lua_pushlstring(L, re->names[i].name.data(),
+                                    re->names[i].name.size());
+                    lua_newtable(L);
+                }
+                pushGroup(L, subj, c, g);
+                lua_rawseti(L, -2, ++k);
+            }
+            j++;
+        }
+        if (k > 0) {
+            lua_rawset(L, -3);
+        }
+        i = j;
+    }
+}
+
+// Next search offset after an empty match at `at`: one character on.
+size_t stepOver(const Regex *re, const char *subj, size_t len, size_t at)
+{
+    size_t n = at + 1;
+    if (re->flags & regex::kUtf) {
+        while (n < len && (static_cast<unsigned char>(subj[n]) & 0xC0) == 0x80)
+        {
+            n++;
+        }
+    }
+    return n;
+}
+
+// ---- ngx.re.match / ngx.re.find ----
+
+int reMatch(lua_State *L)
+{
+    size_t len, plen;
+    const char *subj = subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 3);
+    int ctx = ctxArg(L, 4);
+    int res = 0;
+    if (!lua_isnoneornil(L, 5)) {
+        luaL_checktype(L, 5, LUA_TTABLE);
+        res = 5;
+    }
+    size_t off = startOffset(L, ctx);
+    Regex *raw = compile(L, pat, plen, o);
+    if (raw == nullptr) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    RegexRef re(raw);
+    if (off > len) {
+        lua_pushnil(L);
+        return 1;
+    }
+    int rc = exec(raw, subj, len, off, true);
+    if (rc == PCRE2_ERROR_NOMATCH) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (rc < 0) {
+        lua_pushnil(L);
+        pushExecError(L, rc);
+        return 2;
+    }
+    Captures c;
+    c.take(raw, rc);
+    if (ctx) {
+        lua_pushinteger(L, static_cast<lua_Integer>(c.to() + 1));
+        lua_setfield(L, ctx, "pos");
+    }
+    pushMatch(L, raw, subj, c, res);
+    return 1;
+}
+
+int reFind(lua_State *L)
+{
+    size_t len, plen;
+    const char *subj = subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 3);
+    int ctx = ctxArg(L, 4);
+    lua_Integer nth = luaL_optinteger(L, 5, 0);
+    if (nth < 0) {
+        nth = 0;
+    }
+    size_t off = startOffset(L, ctx);
+    Regex *raw = compile(L, pat, plen, o);
+    if (raw == nullptr) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        lua_pushvalue(L, -3);
+        return 3;
+    }
+    RegexRef re(raw);
+    if (off > len) {
+        lua_pushnil(L);
+        return 1;
+    }
+    int rc = exec(raw, subj, len, off, true);
+    if (rc == PCRE2_ERROR_NOMATCH) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (rc < 0) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        pushExecError(L, rc);
+        return 3;
+    }
+    uint32_t groups = (raw->flags & regex::kDfa) ? 1 : raw->ncap + 1;
+    if (static_cast<uint64_t>(nth) >= groups) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        lua_pushliteral(L, "nth out of bound");
+        return 3;
+    }
+    const PCRE2_SIZE *ov = pcre2_get_ovector_pointer(raw->md);
+    if (ctx) {
+        lua_pushinteger(L, static_cast<lua_Integer>(ov[1] + 1));
+        lua_setfield(L, ctx, "pos");
+    }
+    auto n = static_cast<uint32_t>(nth);
+    if (n >= static_cast<uint32_t>(rc) || ov[2 * n] == PCRE2_UNSET) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        return 2;
+    }
+    lua_pushinteger(L, static_cast<lua_Integer>(ov[2 * n] + 1));
+    lua_pushinteger(L, static_cast<lua_Integer>(ov[2 * n + 1]));
+    return 2;
+}
+
+// ---- ngx.re.gmatch ----
+
+struct GmatchState {
+    Regex   *re;
+    size_t   off;
+    bool     done;
+    bool     checked;   // the subject passed the UTF-8 check
+};
+
+const char kGmatchMeta[] = "luaguard.re.gmatch";
+
+int gmatchGc(lua_State *L)
+{
+    auto *st = static_cast<GmatchState *>(lua_touserdata(L, 1));
+    if (st->re) {
+        release(st->re);
+        st->re = nullptr;
+    }
+    return 0;
+}
+
+int gmatchIter(lua_State *L)
+{
+    auto *st = static_cast<GmatchState *>(
+        lua_touserdata(L, lua_upvalueindex(1)));
+    size_t len;
+    const char *subj = lua_tolstring(L, lua_upvalueindex(2), &len);
+    if (st->done || st->re == nullptr || st->off > len) {
+        lua_pushnil(L);
+        return 1;
+    }
+    Regex *re = st->re;
+    re->refs++;
+    RegexRef hold(re);
+    int rc = exec(re, subj, len, st->off, !st->checked);
+    st->checked = true;
+    if (rc < 0) {
+        st->done = true;
+        lua_pushnil(L);
+        if (rc == PCRE2_ERROR_NOMATCH) {
+            return 1;
+        }
+        pushExecError(L, rc);
+        return 2;
+    }
+    Captures c;
+    c.take(re, rc);
+    if (c.to() == c.from()) {
+        if (c.to() >= len) {
+            st->done = true;
+        }
+        st->off = stepOver(re, subj, len, c.to());
+    } else {
+        st->off = c.to();
+    }
+    pushMatch(L, re, subj, c, 0);
+    return 1;
+}
+
+int reGmatch(lua_State *L)
+{
+    size_t len, plen;
+    subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 3);
+    auto *st = static_cast<GmatchState *>(
+        lua_newuserdata(L, sizeof(GmatchState)));
+    *st = GmatchState{nullptr, 0, false, false};
+    luaL_getmetatable(L, kGmatchMeta);
+    lua_setmetatable(L, -2);
+    Regex *re = compile(L, pat, plen, o);
+    if (re == nullptr) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    st->re = re;  // the reference now belongs to the iterator
+    lua_pushvalue(L, 1);
+    lua_pushcclosure(L, gmatchIter, 2);
+    return 1;
+}
+
+// ---- ngx.re.sub / ngx.re.gsub ----
+
+// A string buffer per nesting level (a replacement callback may call gsub
+// again), reused across calls so gsub does not allocate each time.
+class OutBuf {
+ public:
+    OutBuf()
+    {
+        State &s = state();
+        depth_ = s.buf_depth++;
+        buf_ = depth_ < 4 ? &s.bufs[depth_] : &own_;
+        buf_->clear();
+    }
+    ~OutBuf()
+    {
+        State &s = state();
+        s.buf_depth--;
+        if (buf_->capacity() > 64 * 1024) {
+            std::string().swap(*buf_);  // don't pin a huge buffer
+        }
+    }
+    OutBuf(const OutBuf &) = delete;
+    OutBuf &operator=(const OutBuf &) = delete;
+    std::string &operator*() { return *buf_; }
+    std::string *operator->() { return buf_; }
+
+ private:
+    int          depth_;
+    std::string *buf_;
+    std::string  own_;
+};
+
+// Appends a replacement callback's return value as lua-resty-core does:
+// strings and numbers as they are, anything else through tostring().
+void appendValue(lua_State *L, std::string *out)
+{
+    if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, state().tostring_ref);
+        lua_insert(L, -2);
+        lua_call(L, 1, 1);
+    }
+    size_t n;
+    const char *s = lua_tolstring(L, -1, &n);
+    if (s) {
+        out->append(s, n);
+    }
+    lua_pop(L, 1);
+}
+
+int substitute(lua_State *L, bool global)
+{
+    size_t len, plen;
+    const char *subj = subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 4);
+    bool func = lua_type(L, 3) == LUA_TFUNCTION;
+    if (!func && lua_type(L, 3) != LUA_TSTRING) {
+        size_t rlen;
+        subjectArg(L, 3, &rlen);  // tostring() it, as the reference does
+    }
+
+    Regex *raw = compile(L, pat, plen, o);
+    if (raw == nullptr) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        lua_pushvalue(L, -3);
+        return 3;
+    }
+    RegexRef re(raw);
+
+    const ReplTemplate *tpl = nullptr;
+    ReplTemplate local;
+    if (!func) {
+        size_t tlen;
+        const char *t = lua_tolstring(L, 3, &tlen);
+        std::string_view src(t, tlen);
+        if (raw->cached && raw->tpl_ok && raw->tpl_src == src) {
+            tpl = &raw->tpl;
+        } else {
+            ReplTemplate *dst = raw->cached ? &raw->tpl : &local;
+            if (raw->cached) {
+                raw->tpl_ok = false;
+            }
+            if (!dst->compile(src)) {
+                lua_pushnil(L);
+                lua_pushnil(L);
+                lua_pushliteral(L,
+                                "failed to compile the replacement template");
+                return 3;
+            }
+            if (raw->cached) {
+                raw->tpl_src.assign(src);
+                raw->tpl_ok = true;
+            }
+            tpl = dst;
+        }
+    }
+
+    OutBuf out;
+    size_t off = 0, copied = 0;
+    lua_Integer count = 0;
+    bool check = true;
+    Captures c;
+    while (off <= len) {
+        int rc = exec(raw, subj, len, off, check);
+        check = false;
+        if (rc == PCRE2_ERROR_NOMATCH) {
+            break;
+        }
+        if (rc < 0) {
+            lua_pushnil(L);
+            lua_pushnil(L);
+            pushExecError(L, rc);
+            return 3;
+        }
+        c.take(raw, rc);
+        size_t from = c.from(), to = c.to();
+        out->append(subj + copied, from - copied);
+        if (func) {
+            lua_pushvalue(L, 3);
+            pushMatch(L, raw, subj, c, 0);
+            lua_call(L, 1, 1);
+            appendValue(L, &*out);
+        } else if (tpl->literal()) {
+            out->append(tpl->text());
+        } else {
+            tpl->expand(subj, c.ov, c.n, &*out);
+        }
+        count++;
+        copied = to;
+        if (!global) {
+            break;
+        }
+        if (to == from) {
+            if (to >= len) {
+                break;
+            }
+            off = stepOver(raw, subj, len, to);
+            out->append(subj + to, off - to);
+            copied = off;
+        } else {
+            off = to;
+        }
+    }
+    if (count == 0) {
+        lua_pushvalue(L, 1);
+        lua_pushinteger(L, 0);
+        return 2;
+    }
+    out->append(subj + copied, len - copied);
+    lua_pushlstring(L, out->data(), out->size());
+    lua_pushinteger(L, count);
+    return 2;
+}
+
+int reSub(lua_State *L)
+{
+    return substitute(L, false);
+}
+
+int reGsub(lua_State *L)
+{
+    return substitute(L, true);
+}
+
+// ---- require "ngx.re": split, opt ----
+
+int reSplit(lua_State *L)
+{
+    size_t len, plen;
+    const char *subj = subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 3);
+    int ctx = ctxArg(L, 4);
+    lua_Integer max = 0;
+    if (!lua_isnoneornil(L, 5)) {
+        max = luaL_checkinteger(L, 5);
+    }
+    int res = 0;
+    if (!lua_isnoneornil(L, 6)) {
+        if (!lua_istable(L, 6)) {
+            return luaL_error(L, "res is not a table");
+        }
+        res = 6;
+    }
+    size_t start = startOffset(L, ctx);
+    Regex *raw = compile(L, pat, plen, o);
+    if (raw == nullptr) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    RegexRef re(raw);
+    if (res) {
+        lua_pushvalue(L, res);
+    } else {
+        lua_createtable(L, 4, 0);
+    }
+    int t = lua_gettop(L);
+    int n = 0;
+    if (start > len) {
+        start = len;
+    }
+    // Perl's split: a field ends where the pattern matches; an empty match
+    // at the start of a field does not end it; captures are inserted
+    // between fields; trailing empty fields go unless `max` is given.
+    size_t piece = start, off = start;
+    bool check = true;
+    Captures c;
+    while (off < len && (max <= 0 || n < max - 1)) {
+        int rc = exec(raw, subj, len, off, check);
+        check = false;
+        if (rc == PCRE2_ERROR_NOMATCH) {
+            break;
+        }
+        if (rc < 0) {
+            lua_pushnil(L);
+            pushExecError(L, rc);
+            return 2;
+        }
+        c.take(raw, rc);
+        size_t from = c.from(), to = c.to();
+        if (to == from) {
+            if (from >= len) {
+                break;
+            }
+            if (from == piece) {
+                off = stepOver(raw, subj, len, from);
+                continue;
+            }
+        }
+        lua_pushlstring(L, subj + piece, from - piece);
+        lua_rawseti(L, t, ++n);
+        for (uint32_t g = 1; g < c.n; g++) {
+            if (c.ov[2 * g] != regex::kUnset) {
+                pushGroup(L, subj, c, g);
+                lua_rawseti(L, t, ++n);
+            }
+        }
+        piece = to;
+        off = to == from ? stepOver(raw, subj, len, to) : to;
+    }
+    lua_pushlstring(L, subj + piece, len - piece);
+    lua_rawseti(L, t, ++n);
+    if (max <= 0) {
+        while (n > 0) {
+            lua_rawgeti(L, t, n);
+            size_t l = 0;
+            lua_tolstring(L, -1, &l);
+            lua_pop(L, 1);
+            if (l != 0) {
+                break;
+            }
+            lua_pushnil(L);
+            lua_rawseti(L, t, n--);
+        }
+    }
+    if (res) {
+        // Clear what a reused table held beyond the new fields.
+        for (int i = n + 1;; i++) {
+            lua_rawgeti(L, t, i);
+            bool end = lua_isnil(L, -1);
+            lua_pop(L, 1);
+            if (end) {
+                break;
+            }
+            lua_pushnil(L);
+            lua_rawseti(L, t, i);
+        }
+    }
+    return 1;
+}
+
+int reOpt(lua_State *L)
+{
+    const char *name = luaL_checkstring(L, 1);
+    if (std::strcmp(name, "jit_stack_size") != 0) {
+        return luaL_error(L, "unrecognized option name");
+    }
+    lua_Integer size = luaL_checkinteger(L, 2);
+    if (size <= 0) {
+        return luaL_error(L, "bad jit_stack_size: %d", static_cast<int>(size));
+    }
+    State &s = state();
+    matchContext();  // make sure the context exists
+    auto max = static_cast<size_t>(size);
+    pcre2_jit_stack *stack = pcre2_jit_stack_create(
+        max < kJitStackStart ? max : kJitStackStart, max, nullptr);
+    if (stack == nullptr) {
+        return luaL_error(L, "pcre2_jit_stack_create() failed");
+    }
+    if (s.jit_stack) {
+        pcre2_jit_stack_free(s.jit_stack);
+    }
+    s.jit_stack = stack;
+    s.jit_stack_max = max;
+    if (s.mctx) {
+        pcre2_jit_stack_assign(s.mctx, nullptr, stack);
+    }
+    return 0;
+}
+
+int loadNgxRe(lua_State *L)
+{
+    lua_createtable(L, 0, 3);
+    const luaL_Reg fns[] = {{"split", reSplit},
+                            {"opt", reOpt},
+                            {nullptr, nullptr}};
+    setFuncs(L, fns);
+    // The lua-resty-core release whose ngx.re module we follow.
+    lua_pushliteral(L, "0.1.25");
+    lua_setfield(L, -2, "version");
+    return 1;
+}
+
+}  // namespace
+
+void openRegex(lua_State *L)
+{
+    // A registry reference of this VM (a reload makes a new VM).
+    lua_getglobal(L, "tostring");
+    state().tostring_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    luaL_newmetatable(L, kGmatchMeta);
+    lua_pushcfunction(L, gmatchGc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+
+    subTable(L, "re");
+    const luaL_Reg fns[] = {{"match", reMatch},
+                            {"find", reFind},
+                            {"gmatch", reGmatch},
+                            {"sub", reSub},
+                            {"gsub", reGsub},
+                            {nullptr, nullptr}};
+    setFuncs(L, fns);
+    lua_pop(L, 1);
+
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, loadNgxRe);
+    lua_setfield(L, -2, "ngx.re");
+    lua_pop(L, 2);
+}
+
+}  // namespace luaguard::api
