@@ -48,6 +48,9 @@ struct Regex {
     std::vector<Name>  names;           // name-table order: dupes adjacent
     int                refs = 0;        // calls and iterators using it
     bool               cached = false;  // owned by the cache too
+    regex::LruCache<Regex *>::Handle lru;  // its cache entry, when cached
+    int                serial = 0;      // identity while cached, for the
+                                        // FFI side's name tables
     // Memo of the last replacement template used with this pattern, so
     // gsub(..., "o") in a loop does not re-parse its template.
     std::string        tpl_src;
@@ -94,15 +97,17 @@ class RegexRef {
     Regex *re_;
 };
 
-void evictRegex(Regex *&re)
-{
-    re->cached = false;
-    if (re->refs == 0) {
-        destroy(re);
-    }
-}
-
 // ---- per-worker state ----
+
+// Recently used cache entries by the address of the pattern's Lua string:
+// Lua strings are interned, so a loop using one pattern finds it here
+// without hashing it (the bytes are still compared, as the address may
+// have been reused by another string).
+struct MemoSlot {
+    const char  *pat = nullptr;
+    Regex       *re = nullptr;
+};
+constexpr size_t kMemoSlots = 64;
 
 struct State {
     regex::LruCache<Regex *>  cache{1024};
@@ -114,12 +119,34 @@ struct State {
     int                       tostring_ref = LUA_NOREF;
     int                       buf_depth = 0;
     std::string               bufs[4];
+    MemoSlot                  memo[kMemoSlots];
+    ngx_int_t                 limit_conf = -2;   // limit last applied
+    int                       serial = 0;
 };
 
 State &state()
 {
     static State *s = new State;  // never destroyed: used until exit
     return *s;
+}
+
+size_t memoSlot(const char *pat, uint32_t flags)
+{
+    auto h = reinterpret_cast<uintptr_t>(pat) >> 4;
+    return (h ^ (h >> 7) ^ flags) & (kMemoSlots - 1);
+}
+
+void evictRegex(Regex *&re)
+{
+    for (MemoSlot &m : state().memo) {
+        if (m.re == re) {
+            m = MemoSlot{};
+        }
+    }
+    re->cached = false;
+    if (re->refs == 0) {
+        destroy(re);
+    }
 }
 
 size_t cacheCapacity()
@@ -151,14 +178,17 @@ pcre2_match_context *matchContext()
         return nullptr;
     }
     MainConf *mcf = mainConf();
-    uint32_t limit = kDefaultMatchLimit;
-    if (mcf && mcf->regex_match_limit != NGX_CONF_UNSET) {
-        // 0 means "the PCRE library's default", as documented.
-        limit = mcf->regex_match_limit == 0
-                    ? s.pcre_default_limit
-                    : static_cast<uint32_t>(mcf->regex_match_limit);
+    ngx_int_t conf = mcf ? mcf->regex_match_limit : NGX_CONF_UNSET;
+    if (conf != s.limit_conf) {
+        uint32_t limit = kDefaultMatchLimit;
+        if (conf != NGX_CONF_UNSET) {
+            // 0 means "the PCRE library's default", as documented.
+            limit = conf == 0 ? s.pcre_default_limit
+                              : static_cast<uint32_t>(conf);
+        }
+        pcre2_set_match_limit(s.mctx, limit);
+        s.limit_conf = conf;
     }
-    pcre2_set_match_limit(s.mctx, limit);
     return s.mctx;
 }
 
@@ -263,7 +293,9 @@ int ctxArg(lua_State *L, int idx)
 
 // ---- compiling ----
 
-// Returns a referenced Regex, or nullptr with the error message pushed.
+// Returns a referenced Regex, or nullptr with the error message pushed
+// (nothing pushed when L is null: the FFI path then retries through the
+// C API to report it).
 Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
 {
     State &s = state();
@@ -273,10 +305,24 @@ Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
         if (cap != s.cache.capacity()) {
             s.cache.setCapacity(cap, evictRegex);
         }
-        Regex **hit = s.cache.get(std::string_view(pat, len), o.flags);
-        if (hit) {
-            (*hit)->refs++;
-            return *hit;
+        MemoSlot &m = s.memo[memoSlot(pat, o.flags)];
+        Regex *re = m.re;
+        if (re && m.pat == pat && re->flags == o.flags
+            && re->lru->pattern.size() == len
+            && std::memcmp(re->lru->pattern.data(), pat, len) == 0)
+        {
+            s.cache.touch(re->lru);
+            re->refs++;
+            return re;
+        }
+        auto h = s.cache.find(std::string_view(pat, len), o.flags);
+        if (h != s.cache.end()) {
+            s.cache.touch(h);
+            re = h->value;
+            m.pat = pat;
+            m.re = re;
+            re->refs++;
+            return re;
         }
         once = cap > 0;
     }
@@ -287,6 +333,9 @@ Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
         reinterpret_cast<PCRE2_SPTR>(pat), len, pcreCompileOptions(o.flags),
         &errcode, &erroff, nullptr);
     if (code == nullptr) {
+        if (L == nullptr) {
+            return nullptr;
+        }
         PCRE2_UCHAR msg[256];
         if (pcre2_get_error_message(errcode, msg, sizeof(msg)) < 0) {
             std::strcpy(reinterpret_cast<char *>(msg), "unknown error");
@@ -332,7 +381,9 @@ Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
     re->md = pcre2_match_data_create_from_pattern(code, nullptr);
     if (re->md == nullptr) {
         destroy(re);
-        lua_pushliteral(L, "no memory");
+        if (L) {
+            lua_pushliteral(L, "no memory");
+        }
         return nullptr;
     }
     re->refs = 1;
@@ -345,7 +396,11 @@ Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
                           s.cache.capacity());
         }
         re->cached = s.cache.put(std::string_view(pat, len), o.flags, re,
-                                 evictRegex);
+                                 evictRegex, &re->lru);
+        if (re->cached) {
+            s.memo[memoSlot(pat, o.flags)] = MemoSlot{pat, re};
+            re->serial = ++s.serial;
+        }
     }
     return re;
 }
@@ -829,6 +884,285 @@ int reGsub(lua_State *L)
     return substitute(L, true);
 }
 
+
+// ---- the FFI fast path ----
+//
+// Calls from Lua into lua_CFunctions cannot be JIT-compiled, so
+// ngx.re.match and ngx.re.find are Lua functions (kFastPath below) that
+// call luaguard_re_exec() through the FFI and build their results in
+// JIT-compiled Lua. Anything unusual (non-string arguments, a compile
+// error, an unknown option) goes to the C API functions above, which
+// produce the exact errors.
+
+// Mirrored by the cdef in kFastPath.
+struct FfiResult {
+    int     *ov;        // (start, end) pairs for groups 0..ncap, -1 unset
+    int      ncap;      // groups excluding 0 (0 with "d")
+    int      nnames;    // named groups (0 with "d")
+    int      dupnames;  // "D": names map to arrays
+    int      serial;    // identity of a cached pattern, 0 if uncached
+    Regex   *re;        // for luaguard_re_name, until the next exec
+};
+
+constexpr int kFallback = -1000;
+
+FfiResult g_result;
+std::vector<int> g_ov;
+Regex *g_last = nullptr;    // keeps the result's pattern alive
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default")))
+FfiResult *luaguard_re_result(void)
+{
+    return &g_result;
+}
+
+extern "C" __attribute__((visibility("default")))
+int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
+                     size_t olen, const char *subj, size_t len, size_t off)
+{
+    Options o;
+    char bad;
+    if (!regex::parseOptions(std::string_view(opts, olen), &o, &bad)) {
+        return kFallback;
+    }
+    Regex *re = compile(nullptr, pat, plen, o);
+    if (re == nullptr) {
+        return kFallback;
+    }
+    if (g_last) {
+        release(g_last);
+    }
+    g_last = re;  // our reference moves here
+    if (off > len) {
+        return PCRE2_ERROR_NOMATCH;
+    }
+    int rc = exec(re, subj, len, off, true);
+    if (rc < 0) {
+        return rc == PCRE2_ERROR_NOMATCH ? rc : pcre1Code(rc);
+    }
+    bool dfa = re->flags & regex::kDfa;
+    uint32_t groups = dfa ? 1 : re->ncap + 1;
+    if (g_ov.size() < 2 * groups) {
+        g_ov.resize(2 * groups);
+    }
+    const PCRE2_SIZE *src = pcre2_get_ovector_pointer(re->md);
+    auto have = static_cast<uint32_t>(rc);
+    for (uint32_t i = 0; i < groups; i++) {
+        if (i < have && src[2 * i] != PCRE2_UNSET) {
+            g_ov[2 * i] = static_cast<int>(src[2 * i]);
+            g_ov[2 * i + 1] = static_cast<int>(src[2 * i + 1]);
+        } else {
+            g_ov[2 * i] = g_ov[2 * i + 1] = -1;
+        }
+    }
+    g_result.ov = g_ov.data();
+    g_result.ncap = static_cast<int>(groups - 1);
+    g_result.nnames = dfa ? 0 : static_cast<int>(re->names.size());
+    g_result.dupnames = (re->flags & regex::kDupNames) ? 1 : 0;
+    g_result.serial = re->cached ? re->serial : 0;
+    g_result.re = re;
+    return rc;
+}
+
+extern "C" __attribute__((visibility("default")))
+const char *luaguard_re_name(Regex *re, int i, int *group)
+{
+    if (re == nullptr || i < 0 || static_cast<size_t>(i) >= re->names.size())
+    {
+        return nullptr;
+    }
+    *group = static_cast<int>(re->names[i].group);
+    return re->names[i].name.c_str();
+}
+
+namespace {
+
+const char kFastPath[] = R"lua(
+local c_match, c_find = ...
+local ffi = require "ffi"
+local C = ffi.C
+ffi.cdef[[
+typedef struct {
+    int   *ov;
+    int    ncap;
+    int    nnames;
+    int    dupnames;
+    int    serial;
+    void  *re;
+} luaguard_re_result_t;
+luaguard_re_result_t *luaguard_re_result(void);
+int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
+                     size_t olen, const char *subj, size_t len, size_t off);
+const char *luaguard_re_name(void *re, int i, int *group);
+]]
+local R = C.luaguard_re_result()
+local re_exec = C.luaguard_re_exec
+local new_tab = require "table.new"
+local type, sub, ffi_string = type, string.sub, ffi.string
+local FALLBACK = -1000
+local NOMATCH = -1
+
+-- Name tables of cached patterns by serial; bounded by clearing.
+local names_cache, names_count = {}, 0
+local group_out = ffi.new("int[1]")
+
+local function get_names()
+    local serial = R.serial
+    if serial ~= 0 then
+        local t = names_cache[serial]
+        if t then
+            return t
+        end
+    end
+    local n = R.nnames
+    local t = new_tab(2 * n, 0)
+    for i = 0, n - 1 do
+        local p = C.luaguard_re_name(R.re, i, group_out)
+        t[2 * i + 1] = ffi_string(p)
+        t[2 * i + 2] = group_out[0]
+    end
+    if serial ~= 0 then
+        if names_count >= 4096 then
+            names_cache, names_count = {}, 0
+        end
+        names_cache[serial] = t
+        names_count = names_count + 1
+    end
+    return t
+end
+
+-- ctx.pos as a 0-based offset; nil when the C path must handle ctx.
+local function start_offset(ctx)
+    if ctx == nil then
+        return 0
+    end
+    if type(ctx) ~= "table" then
+        return nil
+    end
+    local p = ctx.pos
+    if p == nil then
+        return 0
+    end
+    if type(p) ~= "number" or p % 1 ~= 0 then
+        return nil
+    end
+    if p > 1 then
+        return p - 1
+    end
+    return 0
+end
+
+local function match(subj, regex, opts, ctx, res)
+    if opts == nil then
+        opts = ""
+    end
+    local pos = start_offset(ctx)
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(opts) ~= "string" or pos == nil
+       or (res ~= nil and type(res) ~= "table")
+    then
+        return c_match(subj, regex, opts, ctx, res)
+    end
+    local rc = re_exec(regex, #regex, opts, #opts, subj, #subj, pos)
+    if rc < 0 then
+        if rc == NOMATCH then
+            return nil
+        end
+        if rc == FALLBACK then
+            return c_match(subj, regex, opts, ctx, res)
+        end
+        return nil, "pcre_exec() failed: " .. rc
+    end
+    local ov, ncap, nnames = R.ov, R.ncap, R.nnames
+    local m = res or new_tab(ncap, nnames + 1)
+    for i = 0, ncap do
+        local a = ov[2 * i]
+        if a >= 0 then
+            m[i] = sub(subj, a + 1, ov[2 * i + 1])
+        else
+            m[i] = false
+        end
+    end
+    if ctx then
+        ctx.pos = ov[1] + 1
+    end
+    if nnames > 0 then
+        local names = get_names()
+        local n = #names
+        if R.dupnames == 0 then
+            for j = 1, n, 2 do
+                m[names[j]] = m[names[j + 1]]
+            end
+        else
+            -- "D": each name maps to the values its groups matched.
+            local j = 1
+            while j <= n do
+                local name, t, k = names[j], nil, 0
+                while j <= n and names[j] == name do
+                    local v = m[names[j + 1]]
+                    if v then
+                        t = t or {}
+                        k = k + 1
+                        t[k] = v
+                    end
+                    j = j + 2
+                end
+                if t then
+                    m[name] = t
+                end
+            end
+        end
+    end
+    return m
+end
+
+local function find(subj, regex, opts, ctx, nth)
+    if opts == nil then
+        opts = ""
+    end
+    local pos = start_offset(ctx)
+    if nth == nil then
+        nth = 0
+    end
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(opts) ~= "string" or pos == nil
+       or type(nth) ~= "number" or nth % 1 ~= 0
+    then
+        return c_find(subj, regex, opts, ctx, nth)
+    end
+    local rc = re_exec(regex, #regex, opts, #opts, subj, #subj, pos)
+    if rc < 0 then
+        if rc == NOMATCH then
+            return nil
+        end
+        if rc == FALLBACK then
+            return c_find(subj, regex, opts, ctx, nth)
+        end
+        return nil, nil, "pcre_exec() failed: " .. rc
+    end
+    if nth < 0 then
+        nth = 0
+    end
+    if nth > R.ncap then
+        return nil, nil, "nth out of bound"
+    end
+    local ov = R.ov
+    if ctx then
+        ctx.pos = ov[1] + 1
+    end
+    local a = ov[2 * nth]
+    if a < 0 then
+        return nil, nil
+    end
+    return a + 1, ov[2 * nth + 1]
+end
+
+ngx.re.match = match
+ngx.re.find = find
+)lua";
+
 // ---- require "ngx.re": split, opt ----
 
 int reSplit(lua_State *L)
@@ -1006,6 +1340,21 @@ void openRegex(lua_State *L)
     lua_pushcfunction(L, loadNgxRe);
     lua_setfield(L, -2, "ngx.re");
     lua_pop(L, 2);
+
+    // The FFI wrappers replace match and find; the C functions stay as
+    // their fallbacks. Without the FFI (or if it fails) the C API serves.
+    lua_setglobal(L, "ngx");  // the chunk reaches `ngx` as a global
+    if (luaL_loadbuffer(L, kFastPath, sizeof(kFastPath) - 1,
+                        "=luaguard.regex") == 0) {
+        lua_pushcfunction(L, reMatch);
+        lua_pushcfunction(L, reFind);
+        if (lua_pcall(L, 2, 0, 0) != 0) {
+            lua_pop(L, 1);
+        }
+    } else {
+        lua_pop(L, 1);
+    }
+    lua_getglobal(L, "ngx");
 }
 
 }  // namespace luaguard::api

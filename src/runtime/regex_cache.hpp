@@ -22,24 +22,50 @@ class LruCache {
     size_t size() const { return map_.size(); }
     size_t capacity() const { return capacity_; }
 
+    struct Node {
+        std::string  pattern;   // the key: pattern bytes and flags
+        uint32_t     flags;
+        V            value;
+    };
+    using List = std::list<Node>;
+
+    // Stable until its entry is evicted: a caller that remembers where an
+    // entry is can touch() it without hashing the key again.
+    using Handle = typename List::iterator;
+
+    // Finds an entry without changing its age; end() when absent.
+    Handle find(std::string_view pattern, uint32_t flags)
+    {
+        auto it = map_.find(Key{pattern, flags});
+        return it == map_.end() ? list_.end() : it->second;
+    }
+    Handle end() { return list_.end(); }
+
+    // Marks an entry most recently used.
+    void touch(Handle h)
+    {
+        if (h != list_.begin()) {
+            list_.splice(list_.begin(), list_, h);
+        }
+    }
+
     // Marks the entry most recently used and returns it, or nullptr.
     V *get(std::string_view pattern, uint32_t flags)
     {
-        auto it = map_.find(Key{pattern, flags});
-        if (it == map_.end()) {
+        Handle h = find(pattern, flags);
+        if (h == list_.end()) {
             return nullptr;
         }
-        if (it->second != list_.begin()) {
-            list_.splice(list_.begin(), list_, it->second);
-        }
-        return &it->second->value;
+        touch(h);
+        return &h->value;
     }
 
     // Inserts a new entry (the key must be absent). When the cache is full
     // the least recently used entry is evicted first and handed to `evict`.
     // Returns false, storing nothing, when the capacity is 0.
     template <class Evict>
-    bool put(std::string_view pattern, uint32_t flags, V value, Evict evict)
+    bool put(std::string_view pattern, uint32_t flags, V value, Evict evict,
+             Handle *where = nullptr)
     {
         if (capacity_ == 0) {
             return false;
@@ -50,6 +76,9 @@ class LruCache {
         list_.push_front(Node{std::string(pattern), flags, std::move(value)});
         Node &n = list_.front();
         map_.emplace(Key{n.pattern, n.flags}, list_.begin());
+        if (where) {
+            *where = list_.begin();
+        }
         return true;
     }
 
@@ -81,11 +110,6 @@ class LruCache {
     }
 
  private:
-    struct Node {
-        std::string  pattern;
-        uint32_t     flags;
-        V            value;
-    };
     // Views into the nodes' own strings: list nodes never move.
     struct Key {
         std::string_view pattern;
@@ -102,8 +126,6 @@ class LruCache {
                    ^ (static_cast<size_t>(k.flags) * 0x9e3779b97f4a7c15ull);
         }
     };
-    using List = std::list<Node>;
-
     template <class Evict>
     void evictLast(Evict &evict)
     {
