@@ -901,6 +901,7 @@ struct FfiResult {
     int      nnames;    // named groups (0 with "d")
     int      dupnames;  // "D": names map to arrays
     int      serial;    // identity of a cached pattern, 0 if uncached
+    int      utf;       // "u"/"U": empty matches step over a character
     Regex   *re;        // for luaguard_re_name, until the next exec
 };
 
@@ -920,7 +921,8 @@ FfiResult *luaguard_re_result(void)
 
 extern "C" __attribute__((visibility("default")))
 int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
-                     size_t olen, const char *subj, size_t len, size_t off)
+                     size_t olen, const char *subj, size_t len, size_t off,
+                     int no_utf_check)
 {
     Options o;
     char bad;
@@ -935,10 +937,11 @@ int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
         release(g_last);
     }
     g_last = re;  // our reference moves here
+    g_result.serial = re->cached ? re->serial : 0;
     if (off > len) {
         return PCRE2_ERROR_NOMATCH;
     }
-    int rc = exec(re, subj, len, off, true);
+    int rc = exec(re, subj, len, off, !no_utf_check);
     if (rc < 0) {
         return rc == PCRE2_ERROR_NOMATCH ? rc : pcre1Code(rc);
     }
@@ -962,6 +965,7 @@ int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
     g_result.nnames = dfa ? 0 : static_cast<int>(re->names.size());
     g_result.dupnames = (re->flags & regex::kDupNames) ? 1 : 0;
     g_result.serial = re->cached ? re->serial : 0;
+    g_result.utf = (re->flags & regex::kUtf) ? 1 : 0;
     g_result.re = re;
     return rc;
 }
@@ -980,7 +984,7 @@ const char *luaguard_re_name(Regex *re, int i, int *group)
 namespace {
 
 const char kFastPath[] = R"lua(
-local c_match, c_find = ...
+local c_match, c_find, c_gmatch = ...
 local ffi = require "ffi"
 local C = ffi.C
 ffi.cdef[[
@@ -990,17 +994,20 @@ typedef struct {
     int    nnames;
     int    dupnames;
     int    serial;
+    int    utf;
     void  *re;
 } luaguard_re_result_t;
 luaguard_re_result_t *luaguard_re_result(void);
 int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
-                     size_t olen, const char *subj, size_t len, size_t off);
+                     size_t olen, const char *subj, size_t len, size_t off,
+                     int no_utf_check);
 const char *luaguard_re_name(void *re, int i, int *group);
 ]]
 local R = C.luaguard_re_result()
 local re_exec = C.luaguard_re_exec
 local new_tab = require "table.new"
-local type, sub, ffi_string = type, string.sub, ffi.string
+local type, sub, byte, ffi_string = type, string.sub, string.byte, ffi.string
+local str_find = string.find
 local FALLBACK = -1000
 local NOMATCH = -1
 
@@ -1054,6 +1061,8 @@ local function start_offset(ctx)
     return 0
 end
 
+local build
+
 local function match(subj, regex, opts, ctx, res)
     if opts == nil then
         opts = ""
@@ -1065,7 +1074,7 @@ local function match(subj, regex, opts, ctx, res)
     then
         return c_match(subj, regex, opts, ctx, res)
     end
-    local rc = re_exec(regex, #regex, opts, #opts, subj, #subj, pos)
+    local rc = re_exec(regex, #regex, opts, #opts, subj, #subj, pos, 0)
     if rc < 0 then
         if rc == NOMATCH then
             return nil
@@ -1075,6 +1084,14 @@ local function match(subj, regex, opts, ctx, res)
         end
         return nil, "pcre_exec() failed: " .. rc
     end
+    if ctx then
+        ctx.pos = R.ov[1] + 1
+    end
+    return build(subj, res)
+end
+
+-- The match table for the last exec: [0..ncap] and named groups.
+build = function(subj, res)
     local ov, ncap, nnames = R.ov, R.ncap, R.nnames
     local m = res or new_tab(ncap, nnames + 1)
     for i = 0, ncap do
@@ -1084,9 +1101,6 @@ local function match(subj, regex, opts, ctx, res)
         else
             m[i] = false
         end
-    end
-    if ctx then
-        ctx.pos = ov[1] + 1
     end
     if nnames > 0 then
         local names = get_names()
@@ -1132,7 +1146,7 @@ local function find(subj, regex, opts, ctx, nth)
     then
         return c_find(subj, regex, opts, ctx, nth)
     end
-    local rc = re_exec(regex, #regex, opts, #opts, subj, #subj, pos)
+    local rc = re_exec(regex, #regex, opts, #opts, subj, #subj, pos, 0)
     if rc < 0 then
         if rc == NOMATCH then
             return nil
@@ -1159,8 +1173,64 @@ local function find(subj, regex, opts, ctx, nth)
     return a + 1, ov[2 * nth + 1]
 end
 
+-- Compile-once patterns iterate here; others keep the C iterator, which
+-- holds its compiled pattern instead of compiling it at every step.
+local function gmatch(subj, regex, opts)
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(opts) ~= "string" or not str_find(opts, "o", 1, true)
+    then
+        return c_gmatch(subj, regex, opts)
+    end
+    local len = #subj
+    -- Compiles (or finds) the pattern now, so errors surface here.
+    local rc = re_exec(regex, #regex, opts, #opts, subj, len, len + 1, 0)
+    if rc == FALLBACK then
+        return c_gmatch(subj, regex, opts)
+    end
+    local pos, done, checked = 0, false, 0
+    return function()
+        if done then
+            return nil
+        end
+        local rc = re_exec(regex, #regex, opts, #opts, subj, len, pos,
+                           checked)
+        checked = 1
+        if rc < 0 then
+            done = true
+            if rc == NOMATCH then
+                return nil
+            end
+            if rc == FALLBACK then
+                return nil, "no memory"
+            end
+            return nil, "pcre_exec() failed: " .. rc
+        end
+        local ov = R.ov
+        local from, to = ov[0], ov[1]
+        if from == to then
+            if to >= len then
+                done = true
+            end
+            pos = to + 1
+            if R.utf ~= 0 then
+                while pos < len do
+                    local b = byte(subj, pos + 1)
+                    if b < 0x80 or b >= 0xC0 then
+                        break
+                    end
+                    pos = pos + 1
+                end
+            end
+        else
+            pos = to
+        end
+        return build(subj, nil)
+    end
+end
+
 ngx.re.match = match
 ngx.re.find = find
+ngx.re.gmatch = gmatch
 )lua";
 
 // ---- require "ngx.re": split, opt ----
@@ -1348,7 +1418,8 @@ void openRegex(lua_State *L)
                         "=luaguard.regex") == 0) {
         lua_pushcfunction(L, reMatch);
         lua_pushcfunction(L, reFind);
-        if (lua_pcall(L, 2, 0, 0) != 0) {
+        lua_pushcfunction(L, reGmatch);
+        if (lua_pcall(L, 3, 0, 0) != 0) {
             lua_pop(L, 1);
         }
     } else {
