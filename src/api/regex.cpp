@@ -768,6 +768,83 @@ void appendValue(lua_State *L, std::string *out)
     lua_pop(L, 1);
 }
 
+// The replacement template for `src`, memoized on a cached pattern;
+// nullptr when the template is invalid.
+const ReplTemplate *templateFor(Regex *re, std::string_view src,
+                                ReplTemplate *local)
+{
+    if (re->cached && re->tpl_ok && re->tpl_src == src) {
+        return &re->tpl;
+    }
+    ReplTemplate *dst = re->cached ? &re->tpl : local;
+    re->tpl_ok = false;
+    if (!dst->compile(src)) {
+        return nullptr;
+    }
+    if (re->cached) {
+        re->tpl_src.assign(src);
+        re->tpl_ok = true;
+    }
+    return dst;
+}
+
+// The sub/gsub loop: copies the subject to `out` with each match replaced
+// by what `repl(captures, out)` appends. Returns the number of matches or
+// a negative pcre2 error. An empty match replaces nothing itself: the
+// search goes on one character later.
+template <class Repl>
+int substituteLoop(Regex *re, const char *subj, size_t len, bool global,
+                   std::string *out, Repl repl)
+{
+    size_t off = 0, copied = 0;
+    int count = 0;
+    bool check = true;
+    Captures c;
+    while (off <= len) {
+        int rc = exec(re, subj, len, off, check);
+        check = false;
+        if (rc == PCRE2_ERROR_NOMATCH) {
+            break;
+        }
+        if (rc < 0) {
+            return rc;
+        }
+        c.take(re, rc);
+        size_t from = c.from(), to = c.to();
+        out->append(subj + copied, from - copied);
+        repl(c, out);
+        count++;
+        copied = to;
+        if (!global) {
+            break;
+        }
+        if (to == from) {
+            if (to >= len) {
+                break;
+            }
+            off = stepOver(re, subj, len, to);
+            out->append(subj + to, off - to);
+            copied = off;
+        } else {
+            off = to;
+        }
+    }
+    if (count > 0) {
+        out->append(subj + copied, len - copied);
+    }
+    return count;
+}
+
+void expandInto(const ReplTemplate *tpl, const char *subj, const Captures &c,
+                std::string *out)
+{
+    if (tpl->literal()) {
+        out->append(tpl->text());
+    } else {
+        tpl->expand(subj, c.ov, c.n, out);
+    }
+}
+
 int substitute(lua_State *L, bool global)
 {
     size_t len, plen;
@@ -794,81 +871,42 @@ int substitute(lua_State *L, bool global)
     if (!func) {
         size_t tlen;
         const char *t = lua_tolstring(L, 3, &tlen);
-        std::string_view src(t, tlen);
-        if (raw->cached && raw->tpl_ok && raw->tpl_src == src) {
-            tpl = &raw->tpl;
-        } else {
-            ReplTemplate *dst = raw->cached ? &raw->tpl : &local;
-            if (raw->cached) {
-                raw->tpl_ok = false;
-            }
-            if (!dst->compile(src)) {
-                lua_pushnil(L);
-                lua_pushnil(L);
-                lua_pushliteral(L,
-                                "failed to compile the replacement template");
-                return 3;
-            }
-            if (raw->cached) {
-                raw->tpl_src.assign(src);
-                raw->tpl_ok = true;
-            }
-            tpl = dst;
+        tpl = templateFor(raw, std::string_view(t, tlen), &local);
+        if (tpl == nullptr) {
+            lua_pushnil(L);
+            lua_pushnil(L);
+            lua_pushliteral(L, "failed to compile the replacement template");
+            return 3;
         }
     }
 
     OutBuf out;
-    size_t off = 0, copied = 0;
-    lua_Integer count = 0;
-    bool check = true;
-    Captures c;
-    while (off <= len) {
-        int rc = exec(raw, subj, len, off, check);
-        check = false;
-        if (rc == PCRE2_ERROR_NOMATCH) {
-            break;
-        }
-        if (rc < 0) {
-            lua_pushnil(L);
-            lua_pushnil(L);
-            pushExecError(L, rc);
-            return 3;
-        }
-        c.take(raw, rc);
-        size_t from = c.from(), to = c.to();
-        out->append(subj + copied, from - copied);
-        if (func) {
-            lua_pushvalue(L, 3);
-            pushMatch(L, raw, subj, c, 0);
-            lua_call(L, 1, 1);
-            appendValue(L, &*out);
-        } else if (tpl->literal()) {
-            out->append(tpl->text());
-        } else {
-            tpl->expand(subj, c.ov, c.n, &*out);
-        }
-        count++;
-        copied = to;
-        if (!global) {
-            break;
-        }
-        if (to == from) {
-            if (to >= len) {
-                break;
-            }
-            off = stepOver(raw, subj, len, to);
-            out->append(subj + to, off - to);
-            copied = off;
-        } else {
-            off = to;
-        }
+    int count;
+    if (func) {
+        count = substituteLoop(raw, subj, len, global, &*out,
+            [L, raw, subj](const Captures &c, std::string *o) {
+                lua_pushvalue(L, 3);
+                pushMatch(L, raw, subj, c, 0);
+                lua_call(L, 1, 1);
+                appendValue(L, o);
+            });
+    } else {
+        count = substituteLoop(raw, subj, len, global, &*out,
+            [tpl, subj](const Captures &c, std::string *o) {
+                expandInto(tpl, subj, c, o);
+            });
+    }
+    if (count < 0) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        pushExecError(L, count);
+        return 3;
     }
     if (count == 0) {
         lua_pushvalue(L, 1);
         lua_pushinteger(L, 0);
         return 2;
     }
-    out->append(subj + copied, len - copied);
     lua_pushlstring(L, out->data(), out->size());
     lua_pushinteger(L, count);
     return 2;
@@ -903,13 +941,17 @@ struct FfiResult {
     int      serial;    // identity of a cached pattern, 0 if uncached
     int      utf;       // "u"/"U": empty matches step over a character
     Regex   *re;        // for luaguard_re_name, until the next exec
+    const char *out;    // luaguard_re_subst's result
+    size_t   outlen;
 };
 
 constexpr int kFallback = -1000;
+constexpr int kBadTemplate = -1001;
 
 FfiResult g_result;
 std::vector<int> g_ov;
 Regex *g_last = nullptr;    // keeps the result's pattern alive
+std::string g_out;          // luaguard_re_subst's result buffer
 
 }  // namespace
 
@@ -928,6 +970,9 @@ int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
     char bad;
     if (!regex::parseOptions(std::string_view(opts, olen), &o, &bad)) {
         return kFallback;
+    }
+    if (len > INT32_MAX) {
+        return kFallback;  // offsets travel as int
     }
     Regex *re = compile(nullptr, pat, plen, o);
     if (re == nullptr) {
@@ -970,6 +1015,46 @@ int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
     return rc;
 }
 
+// sub/gsub with a string template: no Lua runs in between, so one static
+// buffer serves. Returns the count, or kBadTemplate, kFallback or a
+// (PCRE1-numbered) exec error.
+extern "C" __attribute__((visibility("default")))
+int luaguard_re_subst(const char *pat, size_t plen, const char *opts,
+                      size_t olen, const char *subj, size_t len,
+                      const char *tpl, size_t tlen, int global)
+{
+    Options o;
+    char bad;
+    if (!regex::parseOptions(std::string_view(opts, olen), &o, &bad)) {
+        return kFallback;
+    }
+    Regex *raw = compile(nullptr, pat, plen, o);
+    if (raw == nullptr) {
+        return kFallback;
+    }
+    RegexRef re(raw);
+    ReplTemplate local;
+    const ReplTemplate *t = templateFor(raw, std::string_view(tpl, tlen),
+                                        &local);
+    if (t == nullptr) {
+        return kBadTemplate;
+    }
+    if (g_out.capacity() > 1024 * 1024) {
+        std::string().swap(g_out);  // the last result was copied out
+    }
+    g_out.clear();
+    int count = substituteLoop(raw, subj, len, global != 0, &g_out,
+        [t, subj](const Captures &c, std::string *out) {
+            expandInto(t, subj, c, out);
+        });
+    if (count < 0) {
+        return pcre1Code(count);
+    }
+    g_result.out = g_out.data();
+    g_result.outlen = g_out.size();
+    return count;
+}
+
 extern "C" __attribute__((visibility("default")))
 const char *luaguard_re_name(Regex *re, int i, int *group)
 {
@@ -984,7 +1069,7 @@ const char *luaguard_re_name(Regex *re, int i, int *group)
 namespace {
 
 const char kFastPath[] = R"lua(
-local c_match, c_find, c_gmatch = ...
+local c_match, c_find, c_gmatch, c_sub, c_gsub = ...
 local ffi = require "ffi"
 local C = ffi.C
 ffi.cdef[[
@@ -996,7 +1081,12 @@ typedef struct {
     int    serial;
     int    utf;
     void  *re;
+    const char *out;
+    size_t outlen;
 } luaguard_re_result_t;
+int luaguard_re_subst(const char *pat, size_t plen, const char *opts,
+                      size_t olen, const char *subj, size_t len,
+                      const char *tpl, size_t tlen, int global);
 luaguard_re_result_t *luaguard_re_result(void);
 int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
                      size_t olen, const char *subj, size_t len, size_t off,
@@ -1228,9 +1318,42 @@ local function gmatch(subj, regex, opts)
     end
 end
 
+-- Function replacements call back into Lua per match: C API path.
+local function substitute(subj, regex, replace, opts, global, c_fn)
+    if opts == nil then
+        opts = ""
+    end
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(replace) ~= "string" or type(opts) ~= "string"
+    then
+        return c_fn(subj, regex, replace, opts)
+    end
+    local n = C.luaguard_re_subst(regex, #regex, opts, #opts, subj, #subj,
+                                  replace, #replace, global)
+    if n < 0 then
+        if n == FALLBACK then
+            return c_fn(subj, regex, replace, opts)
+        end
+        if n == -1001 then
+            return nil, nil, "failed to compile the replacement template"
+        end
+        return nil, nil, "pcre_exec() failed: " .. n
+    end
+    if n == 0 then
+        return subj, 0
+    end
+    return ffi_string(R.out, R.outlen), n
+end
+
 ngx.re.match = match
 ngx.re.find = find
 ngx.re.gmatch = gmatch
+ngx.re.sub = function(subj, regex, replace, opts)
+    return substitute(subj, regex, replace, opts, 0, c_sub)
+end
+ngx.re.gsub = function(subj, regex, replace, opts)
+    return substitute(subj, regex, replace, opts, 1, c_gsub)
+end
 )lua";
 
 // ---- require "ngx.re": split, opt ----
@@ -1419,7 +1542,9 @@ void openRegex(lua_State *L)
         lua_pushcfunction(L, reMatch);
         lua_pushcfunction(L, reFind);
         lua_pushcfunction(L, reGmatch);
-        if (lua_pcall(L, 3, 0, 0) != 0) {
+        lua_pushcfunction(L, reSub);
+        lua_pushcfunction(L, reGsub);
+        if (lua_pcall(L, 5, 0, 0) != 0) {
             lua_pop(L, 1);
         }
     } else {

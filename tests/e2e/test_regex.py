@@ -316,7 +316,7 @@ def test_fast_path_is_active_and_cache_hits(nginx):
         end
         ngx.say(m[1], " ", m.what, " ", m[0])
     """))
-    assert n.get("/t").text == "Lua Lua C\n12345 profile /users/12345/profile\n"
+    assert n.get("/t").text == "Lua Lua Lua\n12345 profile /users/12345/profile\n"
 
 
 @pytest.mark.asan_fast
