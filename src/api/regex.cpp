@@ -7,6 +7,25 @@
 // result. Every pcre2 call runs with a match limit (lua_regex_match_limit,
 // hardened default below) so catastrophic backtracking fails fast with
 // lua-nginx-module's "pcre_exec() failed: -8".
+//
+// Where luaguard differs from lua-nginx-module (with lua-resty-core, the
+// reference), on purpose:
+// - Compile errors carry PCRE2's wording ("missing closing parenthesis"
+//   where PCRE1 said "missing )") in the same `pcre_compile() failed: MSG
+//   in "PATTERN" at "REST"` format. Exec errors keep PCRE1's numbers (-8
+//   match limit, -10 bad UTF-8, -11 bad UTF-8 offset, -19 DFA workspace,
+//   -21 depth/heap limit, -27 JIT stack); others are PCRE2's own codes.
+// - Without lua_regex_match_limit the limit is 1,000,000 steps, not the
+//   PCRE default (10,000,000; still what `lua_regex_match_limit 0` gives).
+// - "U" does not skip UTF-8 validation: invalid input is an error (-10),
+//   never undefined behaviour inside PCRE.
+// - With "u", an empty match moves the search on by a whole character
+//   (the reference moves one byte and fails with -11 inside a character).
+// - When the compile-once cache is full the least recently used pattern
+//   is evicted (lua-resty-core's documented LRU) and the documented
+//   "lua exceeding regex cache max entries" warning is logged once.
+// - ngx.re.split follows Perl for empty matches and captures (unmatched
+//   groups are left out), where lua-resty-core garbles some fields.
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -184,7 +203,8 @@ pcre2_match_context *matchContext()
         if (conf != NGX_CONF_UNSET) {
             // 0 means "the PCRE library's default", as documented.
             limit = conf == 0 ? s.pcre_default_limit
-                              : static_cast<uint32_t>(conf);
+                    : conf > static_cast<ngx_int_t>(UINT32_MAX)
+                        ? UINT32_MAX : static_cast<uint32_t>(conf);
         }
         pcre2_set_match_limit(s.mctx, limit);
         s.limit_conf = conf;
