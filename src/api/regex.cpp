@@ -116,6 +116,22 @@ class RegexRef {
     Regex *re_;
 };
 
+// Mirrored by the cdef in kFastPath.
+struct FfiResult {
+    int     *ov;        // (start, end) pairs for groups 0..ncap, -1 unset
+    int      ncap;      // groups excluding 0 (0 with "d")
+    int      nnames;    // named groups (0 with "d")
+    int      dupnames;  // "D": names map to arrays
+    int      serial;    // identity of a cached pattern, 0 if uncached
+    int      utf;       // "u"/"U": empty matches step over a character
+    Regex   *re;        // for luaguard_re_name, until the next exec
+    const char *out;    // luaguard_re_subst's result
+    size_t   outlen;
+    int      gen;       // bumped whenever a cached pattern is evicted
+};
+
+FfiResult g_result;
+
 // ---- per-worker state ----
 
 // Recently used cache entries by the address of the pattern's Lua string:
@@ -163,6 +179,7 @@ void evictRegex(Regex *&re)
         }
     }
     re->cached = false;
+    g_result.gen++;  // handles the FFI side remembered may be stale now
     if (re->refs == 0) {
         destroy(re);
     }
@@ -943,6 +960,65 @@ int reGsub(lua_State *L)
 }
 
 
+// Perl's split: a field ends where the pattern matches; an empty match at
+// the start of a field does not end it; groups that matched are inserted
+// between fields; trailing empty fields go unless `max` > 0 is given.
+// Appends (start, end) offset pairs of the fields to `fields`; returns 0
+// or a negative pcre2 error.
+int splitFields(Regex *re, const char *subj, size_t len, size_t start,
+                int64_t max, std::vector<size_t> *fields)
+{
+    if (start > len) {
+        start = len;
+    }
+    size_t piece = start, off = start;
+    int64_t n = 0;
+    bool check = true;
+    Captures c;
+    while (off < len && (max <= 0 || n < max - 1)) {
+        int rc = exec(re, subj, len, off, check);
+        check = false;
+        if (rc == PCRE2_ERROR_NOMATCH) {
+            break;
+        }
+        if (rc < 0) {
+            return rc;
+        }
+        c.take(re, rc);
+        size_t from = c.from(), to = c.to();
+        if (to == from) {
+            if (from >= len) {
+                break;
+            }
+            if (from == piece) {
+                off = stepOver(re, subj, len, from);
+                continue;
+            }
+        }
+        fields->push_back(piece);
+        fields->push_back(from);
+        n++;
+        for (uint32_t g = 1; g < c.n; g++) {
+            if (c.ov[2 * g] != regex::kUnset) {
+                fields->push_back(c.ov[2 * g]);
+                fields->push_back(c.ov[2 * g + 1]);
+            }
+        }
+        piece = to;
+        off = to == from ? stepOver(re, subj, len, to) : to;
+    }
+    fields->push_back(piece);
+    fields->push_back(len);
+    if (max <= 0) {
+        while (!fields->empty()
+               && (*fields)[fields->size() - 1]
+                      == (*fields)[fields->size() - 2]) {
+            fields->resize(fields->size() - 2);
+        }
+    }
+    return 0;
+}
+
 // ---- the FFI fast path ----
 //
 // Calls from Lua into lua_CFunctions cannot be JIT-compiled, so
@@ -952,26 +1028,44 @@ int reGsub(lua_State *L)
 // error, an unknown option) goes to the C API functions above, which
 // produce the exact errors.
 
-// Mirrored by the cdef in kFastPath.
-struct FfiResult {
-    int     *ov;        // (start, end) pairs for groups 0..ncap, -1 unset
-    int      ncap;      // groups excluding 0 (0 with "d")
-    int      nnames;    // named groups (0 with "d")
-    int      dupnames;  // "D": names map to arrays
-    int      serial;    // identity of a cached pattern, 0 if uncached
-    int      utf;       // "u"/"U": empty matches step over a character
-    Regex   *re;        // for luaguard_re_name, until the next exec
-    const char *out;    // luaguard_re_subst's result
-    size_t   outlen;
-};
-
 constexpr int kFallback = -1000;
 constexpr int kBadTemplate = -1001;
 
-FfiResult g_result;
 std::vector<int> g_ov;
 Regex *g_last = nullptr;    // keeps the result's pattern alive
 std::string g_out;          // luaguard_re_subst's result buffer
+
+// The pattern for an FFI call: `hint`, a cached pattern the Lua side
+// remembered (valid while no eviction happened, which it checks through
+// `gen`), or the pattern compiled / found from its text. Referenced;
+// nullptr when the C API must take over (bad options, compile error).
+Regex *ffiRegex(Regex *hint, const char *pat, size_t plen, const char *opts,
+                size_t olen)
+{
+    Regex *re = hint;
+    if (re) {
+        state().cache.touch(re->lru);
+        re->refs++;
+    } else {
+        Options o;
+        char bad;
+        if (!regex::parseOptions(std::string_view(opts, olen), &o, &bad)) {
+            return nullptr;
+        }
+        re = compile(nullptr, pat, plen, o);
+        if (re == nullptr) {
+            return nullptr;
+        }
+    }
+    bool dfa = re->flags & regex::kDfa;
+    g_result.re = re;
+    g_result.serial = re->cached ? re->serial : 0;
+    g_result.ncap = dfa ? 0 : static_cast<int>(re->ncap);
+    g_result.nnames = dfa ? 0 : static_cast<int>(re->names.size());
+    g_result.dupnames = (re->flags & regex::kDupNames) ? 1 : 0;
+    g_result.utf = (re->flags & regex::kUtf) ? 1 : 0;
+    return re;
+}
 
 }  // namespace
 
@@ -982,27 +1076,21 @@ FfiResult *luaguard_re_result(void)
 }
 
 extern "C" __attribute__((visibility("default")))
-int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
-                     size_t olen, const char *subj, size_t len, size_t off,
-                     int no_utf_check)
+int luaguard_re_exec(Regex *hint, const char *pat, size_t plen,
+                     const char *opts, size_t olen, const char *subj,
+                     size_t len, size_t off, int no_utf_check)
 {
-    Options o;
-    char bad;
-    if (!regex::parseOptions(std::string_view(opts, olen), &o, &bad)) {
-        return kFallback;
-    }
     if (len > INT32_MAX) {
         return kFallback;  // offsets travel as int
     }
-    Regex *re = compile(nullptr, pat, plen, o);
+    Regex *re = ffiRegex(hint, pat, plen, opts, olen);
     if (re == nullptr) {
         return kFallback;
     }
     if (g_last) {
         release(g_last);
     }
-    g_last = re;  // our reference moves here
-    g_result.serial = re->cached ? re->serial : 0;
+    g_last = re;  // our reference moves here: names stay readable
     if (off > len) {
         return PCRE2_ERROR_NOMATCH;
     }
@@ -1010,8 +1098,7 @@ int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
     if (rc < 0) {
         return rc == PCRE2_ERROR_NOMATCH ? rc : pcre1Code(rc);
     }
-    bool dfa = re->flags & regex::kDfa;
-    uint32_t groups = dfa ? 1 : re->ncap + 1;
+    auto groups = static_cast<uint32_t>(g_result.ncap + 1);
     if (g_ov.size() < 2 * groups) {
         g_ov.resize(2 * groups);
     }
@@ -1026,12 +1113,6 @@ int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
         }
     }
     g_result.ov = g_ov.data();
-    g_result.ncap = static_cast<int>(groups - 1);
-    g_result.nnames = dfa ? 0 : static_cast<int>(re->names.size());
-    g_result.dupnames = (re->flags & regex::kDupNames) ? 1 : 0;
-    g_result.serial = re->cached ? re->serial : 0;
-    g_result.utf = (re->flags & regex::kUtf) ? 1 : 0;
-    g_result.re = re;
     return rc;
 }
 
@@ -1039,16 +1120,11 @@ int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
 // buffer serves. Returns the count, or kBadTemplate, kFallback or a
 // (PCRE1-numbered) exec error.
 extern "C" __attribute__((visibility("default")))
-int luaguard_re_subst(const char *pat, size_t plen, const char *opts,
-                      size_t olen, const char *subj, size_t len,
-                      const char *tpl, size_t tlen, int global)
+int luaguard_re_subst(Regex *hint, const char *pat, size_t plen,
+                      const char *opts, size_t olen, const char *subj,
+                      size_t len, const char *tpl, size_t tlen, int global)
 {
-    Options o;
-    char bad;
-    if (!regex::parseOptions(std::string_view(opts, olen), &o, &bad)) {
-        return kFallback;
-    }
-    Regex *raw = compile(nullptr, pat, plen, o);
+    Regex *raw = ffiRegex(hint, pat, plen, opts, olen);
     if (raw == nullptr) {
         return kFallback;
     }
@@ -1073,6 +1149,37 @@ int luaguard_re_subst(const char *pat, size_t plen, const char *opts,
     g_result.out = g_out.data();
     g_result.outlen = g_out.size();
     return count;
+}
+
+// split: the fields' offsets go to the result's ov as (start, end)
+// pairs. Returns the number of fields, or kFallback or an exec error.
+extern "C" __attribute__((visibility("default")))
+int luaguard_re_split(Regex *hint, const char *pat, size_t plen,
+                      const char *opts, size_t olen, const char *subj,
+                      size_t len, size_t pos, int64_t max)
+{
+    if (len > INT32_MAX) {
+        return kFallback;
+    }
+    Regex *raw = ffiRegex(hint, pat, plen, opts, olen);
+    if (raw == nullptr) {
+        return kFallback;
+    }
+    RegexRef re(raw);
+    static std::vector<size_t> fields;
+    fields.clear();
+    int rc = splitFields(raw, subj, len, pos, max, &fields);
+    if (rc < 0) {
+        return pcre1Code(rc);
+    }
+    if (g_ov.size() < fields.size()) {
+        g_ov.resize(fields.size());
+    }
+    for (size_t i = 0; i < fields.size(); i++) {
+        g_ov[i] = static_cast<int>(fields[i]);
+    }
+    g_result.ov = g_ov.data();
+    return static_cast<int>(fields.size() / 2);
 }
 
 extern "C" __attribute__((visibility("default")))
@@ -1103,14 +1210,18 @@ typedef struct {
     void  *re;
     const char *out;
     size_t outlen;
+    int    gen;
 } luaguard_re_result_t;
-int luaguard_re_subst(const char *pat, size_t plen, const char *opts,
-                      size_t olen, const char *subj, size_t len,
-                      const char *tpl, size_t tlen, int global);
 luaguard_re_result_t *luaguard_re_result(void);
-int luaguard_re_exec(const char *pat, size_t plen, const char *opts,
-                     size_t olen, const char *subj, size_t len, size_t off,
-                     int no_utf_check);
+int luaguard_re_exec(void *hint, const char *pat, size_t plen,
+                     const char *opts, size_t olen, const char *subj,
+                     size_t len, size_t off, int no_utf_check);
+int luaguard_re_subst(void *hint, const char *pat, size_t plen,
+                      const char *opts, size_t olen, const char *subj,
+                      size_t len, const char *tpl, size_t tlen, int global);
+int luaguard_re_split(void *hint, const char *pat, size_t plen,
+                      const char *opts, size_t olen, const char *subj,
+                      size_t len, size_t pos, int64_t max);
 const char *luaguard_re_name(void *re, int i, int *group);
 ]]
 local R = C.luaguard_re_result()
@@ -1150,6 +1261,36 @@ local function get_names()
     return t
 end
 
+-- Handles of compile-once patterns by options and pattern string, so the
+-- hot path finds its compiled pattern with two table lookups. Any
+-- eviction from the C cache bumps R.gen and drops them all.
+local handles, handles_gen = {}, -1
+
+local function handle(regex, opts)
+    if R.gen ~= handles_gen then
+        handles, handles_gen = {}, R.gen
+        return nil
+    end
+    local t = handles[opts]
+    return t and t[regex]
+end
+
+-- After a call that found or compiled `regex`: keep its handle if cached.
+local function remember(regex, opts)
+    if R.serial == 0 then
+        return
+    end
+    if R.gen ~= handles_gen then
+        handles, handles_gen = {}, R.gen
+    end
+    local t = handles[opts]
+    if not t then
+        t = {}
+        handles[opts] = t
+    end
+    t[regex] = R.re
+end
+
 -- ctx.pos as a 0-based offset; nil when the C path must handle ctx.
 local function start_offset(ctx)
     if ctx == nil then
@@ -1184,13 +1325,17 @@ local function match(subj, regex, opts, ctx, res)
     then
         return c_match(subj, regex, opts, ctx, res)
     end
-    local rc = re_exec(regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    local h = handle(regex, opts)
+    local rc = re_exec(h, regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    if rc == FALLBACK then
+        return c_match(subj, regex, opts, ctx, res)
+    end
+    if h == nil then
+        remember(regex, opts)
+    end
     if rc < 0 then
         if rc == NOMATCH then
             return nil
-        end
-        if rc == FALLBACK then
-            return c_match(subj, regex, opts, ctx, res)
         end
         return nil, "pcre_exec() failed: " .. rc
     end
@@ -1256,13 +1401,17 @@ local function find(subj, regex, opts, ctx, nth)
     then
         return c_find(subj, regex, opts, ctx, nth)
     end
-    local rc = re_exec(regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    local h = handle(regex, opts)
+    local rc = re_exec(h, regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    if rc == FALLBACK then
+        return c_find(subj, regex, opts, ctx, nth)
+    end
+    if h == nil then
+        remember(regex, opts)
+    end
     if rc < 0 then
         if rc == NOMATCH then
             return nil
-        end
-        if rc == FALLBACK then
-            return c_find(subj, regex, opts, ctx, nth)
         end
         return nil, nil, "pcre_exec() failed: " .. rc
     end
@@ -1293,17 +1442,25 @@ local function gmatch(subj, regex, opts)
     end
     local len = #subj
     -- Compiles (or finds) the pattern now, so errors surface here.
-    local rc = re_exec(regex, #regex, opts, #opts, subj, len, len + 1, 0)
+    local h = handle(regex, opts)
+    local rc = re_exec(h, regex, #regex, opts, #opts, subj, len, len + 1, 0)
     if rc == FALLBACK then
         return c_gmatch(subj, regex, opts)
+    end
+    if h == nil then
+        remember(regex, opts)
     end
     local pos, done, checked = 0, false, 0
     return function()
         if done then
             return nil
         end
-        local rc = re_exec(regex, #regex, opts, #opts, subj, len, pos,
+        local h = handle(regex, opts)
+        local rc = re_exec(h, regex, #regex, opts, #opts, subj, len, pos,
                            checked)
+        if h == nil and rc ~= FALLBACK then
+            remember(regex, opts)
+        end
         checked = 1
         if rc < 0 then
             done = true
@@ -1348,12 +1505,16 @@ local function substitute(subj, regex, replace, opts, global, c_fn)
     then
         return c_fn(subj, regex, replace, opts)
     end
-    local n = C.luaguard_re_subst(regex, #regex, opts, #opts, subj, #subj,
+    local h = handle(regex, opts)
+    local n = C.luaguard_re_subst(h, regex, #regex, opts, #opts, subj, #subj,
                                   replace, #replace, global)
+    if n == FALLBACK then
+        return c_fn(subj, regex, replace, opts)
+    end
+    if h == nil then
+        remember(regex, opts)
+    end
     if n < 0 then
-        if n == FALLBACK then
-            return c_fn(subj, regex, replace, opts)
-        end
         if n == -1001 then
             return nil, nil, "failed to compile the replacement template"
         end
@@ -1363,6 +1524,60 @@ local function substitute(subj, regex, replace, opts, global, c_fn)
         return subj, 0
     end
     return ffi_string(R.out, R.outlen), n
+end
+
+-- require("ngx.re").split: the fields come from luaguard_re_split();
+-- the C function is the fallback for errors and unusual arguments.
+local c_split
+
+local function split(subj, regex, opts, ctx, max, res)
+    local o, mx = opts, max
+    if o == nil then
+        o = ""
+    end
+    if mx == nil then
+        mx = 0
+    end
+    local pos = start_offset(ctx)
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(o) ~= "string" or pos == nil or type(mx) ~= "number"
+       or mx % 1 ~= 0 or (res ~= nil and type(res) ~= "table")
+    then
+        return c_split(subj, regex, opts, ctx, max, res)
+    end
+    local h = handle(regex, o)
+    local n = C.luaguard_re_split(h, regex, #regex, o, #o, subj, #subj, pos,
+                                  mx)
+    if n == FALLBACK then
+        return c_split(subj, regex, opts, ctx, max, res)
+    end
+    if h == nil then
+        remember(regex, o)
+    end
+    if n < 0 then
+        return nil, "pcre_exec() failed: " .. n
+    end
+    local t = res or new_tab(n, 0)
+    local ov = R.ov
+    for i = 1, n do
+        t[i] = sub(subj, ov[2 * i - 2] + 1, ov[2 * i - 1])
+    end
+    if res then
+        local i = n + 1
+        while t[i] ~= nil do
+            t[i] = nil
+            i = i + 1
+        end
+    end
+    return t
+end
+
+local c_loader = package.preload["ngx.re"]
+package.preload["ngx.re"] = function(...)
+    local m = c_loader(...)
+    c_split = m.split
+    m.split = split
+    return m
 end
 
 ngx.re.match = match
@@ -1377,6 +1592,21 @@ end
 )lua";
 
 // ---- require "ngx.re": split, opt ----
+
+// Clears what a reused result table held beyond its first n entries.
+void clearTail(lua_State *L, int t, int n)
+{
+    for (int i = n + 1;; i++) {
+        lua_rawgeti(L, t, i);
+        bool end = lua_isnil(L, -1);
+        lua_pop(L, 1);
+        if (end) {
+            break;
+        }
+        lua_pushnil(L);
+        lua_rawseti(L, t, i);
+    }
+}
 
 int reSplit(lua_State *L)
 {
@@ -1404,82 +1634,26 @@ int reSplit(lua_State *L)
         return 2;
     }
     RegexRef re(raw);
+    std::vector<size_t> fields;
+    int rc = splitFields(raw, subj, len, start, max, &fields);
+    if (rc < 0) {
+        lua_pushnil(L);
+        pushExecError(L, rc);
+        return 2;
+    }
     if (res) {
         lua_pushvalue(L, res);
     } else {
-        lua_createtable(L, 4, 0);
+        lua_createtable(L, static_cast<int>(fields.size() / 2), 0);
     }
     int t = lua_gettop(L);
     int n = 0;
-    if (start > len) {
-        start = len;
-    }
-    // Perl's split: a field ends where the pattern matches; an empty match
-    // at the start of a field does not end it; captures are inserted
-    // between fields; trailing empty fields go unless `max` is given.
-    size_t piece = start, off = start;
-    bool check = true;
-    Captures c;
-    while (off < len && (max <= 0 || n < max - 1)) {
-        int rc = exec(raw, subj, len, off, check);
-        check = false;
-        if (rc == PCRE2_ERROR_NOMATCH) {
-            break;
-        }
-        if (rc < 0) {
-            lua_pushnil(L);
-            pushExecError(L, rc);
-            return 2;
-        }
-        c.take(raw, rc);
-        size_t from = c.from(), to = c.to();
-        if (to == from) {
-            if (from >= len) {
-                break;
-            }
-            if (from == piece) {
-                off = stepOver(raw, subj, len, from);
-                continue;
-            }
-        }
-        lua_pushlstring(L, subj + piece, from - piece);
+    for (size_t i = 0; i < fields.size(); i += 2) {
+        lua_pushlstring(L, subj + fields[i], fields[i + 1] - fields[i]);
         lua_rawseti(L, t, ++n);
-        for (uint32_t g = 1; g < c.n; g++) {
-            if (c.ov[2 * g] != regex::kUnset) {
-                pushGroup(L, subj, c, g);
-                lua_rawseti(L, t, ++n);
-            }
-        }
-        piece = to;
-        off = to == from ? stepOver(raw, subj, len, to) : to;
-    }
-    lua_pushlstring(L, subj + piece, len - piece);
-    lua_rawseti(L, t, ++n);
-    if (max <= 0) {
-        while (n > 0) {
-            lua_rawgeti(L, t, n);
-            size_t l = 0;
-            lua_tolstring(L, -1, &l);
-            lua_pop(L, 1);
-            if (l != 0) {
-                break;
-            }
-            lua_pushnil(L);
-            lua_rawseti(L, t, n--);
-        }
     }
     if (res) {
-        // Clear what a reused table held beyond the new fields.
-        for (int i = n + 1;; i++) {
-            lua_rawgeti(L, t, i);
-            bool end = lua_isnil(L, -1);
-            lua_pop(L, 1);
-            if (end) {
-                break;
-            }
-            lua_pushnil(L);
-            lua_rawseti(L, t, i);
-        }
+        clearTail(L, t, n);
     }
     return 1;
 }

@@ -522,3 +522,28 @@ def test_directives_config(nginx_conf):
     ok, out = nginx_conf(
         server="location /x { lua_regex_cache_max_entries 1; }").test_config()
     assert not ok and "not allowed here" in out
+
+
+@pytest.mark.asan_fast
+def test_evictions_through_both_paths_invalidate_handles(nginx):
+    # One cache entry: the FFI path (match/find/gmatch, string templates)
+    # and the C path (function replacements) evict each other's patterns;
+    # a stale handle must never be used (ASan would see it).
+    n = nginx(http="lua_regex_cache_max_entries 1;",
+              server=lua_location("/t", r"""
+        local out
+        for i = 1, 50 do
+            local m1 = ngx.re.match("xay", "a", "o")
+            local s = ngx.re.gsub("xby", "b", function(m) return "B" end, "o")
+            local from = ngx.re.find("xcy", "c", "jo")
+            local it = ngx.re.gmatch("d1d2", "d(\\d)", "jo")
+            local g1 = it()[1]
+            local t = ngx.re.sub("xay", "a", "[$0]", "o")
+            local g2 = it()[1]
+            local parts = require("ngx.re").split("p,q", ",", "o")
+            out = m1[0] .. s .. from .. g1 .. t .. g2 .. #parts
+        end
+        ngx.say(out)
+    """))
+    assert n.get("/t").text == "axBy21x[a]y22\n"
+    assert n.get("/t").text == "axBy21x[a]y22\n"
