@@ -105,3 +105,22 @@ TEST(RegexCache, PatternsWithNulBytes)
     EXPECT_EQ(c.get(b, 0), nullptr);
     ASSERT_NE(c.get(a, 0), nullptr);
 }
+
+TEST(RegexCache, HandlesTouchWithoutLookup)
+{
+    LruCache<int> c(2);
+    Evicted ev;
+    LruCache<int>::Handle a, b;
+    ASSERT_TRUE(c.put("a", 0, 1, std::ref(ev), &a));
+    ASSERT_TRUE(c.put("b", 0, 2, std::ref(ev), &b));
+    EXPECT_EQ(a->value, 1);
+    EXPECT_EQ(c.find("b", 0), b);
+    EXPECT_EQ(c.find("zz", 0), c.end());
+    c.touch(a);                           // a is now the most recent
+    c.put("c", 0, 3, std::ref(ev));       // so b goes
+    EXPECT_EQ(ev.values, std::vector<int>{2});
+    EXPECT_EQ(order(c), (std::vector<std::string>{"c/0", "a/0"}));
+    // find() does not change the order.
+    c.find("a", 0);
+    EXPECT_EQ(order(c), (std::vector<std::string>{"c/0", "a/0"}));
+}
