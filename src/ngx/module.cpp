@@ -563,6 +563,12 @@ ngx_command_t commands[] = {
     LG_CMD("access_by_lua_no_postpone", kMain | NGX_CONF_FLAG,
            ngx_conf_set_flag_slot, kMainLoc, LG_MAIN_OFF(access_no_postpone),
            nullptr),
+    LG_CMD("lua_regex_cache_max_entries", kMain | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kMainLoc,
+           LG_MAIN_OFF(regex_cache_max_entries), nullptr),
+    LG_CMD("lua_regex_match_limit", kMain | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kMainLoc, LG_MAIN_OFF(regex_match_limit),
+           nullptr),
 
     LG_CMD("lua_shared_dict", kMain | NGX_CONF_TAKE2,
            shdict::sharedDictDirective, kMainLoc, 0, nullptr),
@@ -704,6 +710,9 @@ void *createMainConf(ngx_conf_t *cf)
     mcf->max_pending_timers = NGX_CONF_UNSET_UINT;
     mcf->max_running_timers = NGX_CONF_UNSET_UINT;
     mcf->watchdog_grace = NGX_CONF_UNSET_MSEC;
+    // Left unset: the regex API applies its defaults (api/regex.cpp).
+    mcf->regex_cache_max_entries = NGX_CONF_UNSET;
+    mcf->regex_match_limit = NGX_CONF_UNSET;
     return mcf;
 }
 

@@ -54,6 +54,8 @@ struct MainConf {
     size_t                     vm_memory_limit;   // 0: none
     ngx_msec_t                 watchdog_grace;    // 0: never end a worker
     void                      *shdict;      // shdict::Zones, or null
+    ngx_int_t                  regex_cache_max_entries;
+    ngx_int_t                  regex_match_limit;
 };
 
 struct SrvConf {

@@ -1,0 +1,1750 @@
+// ngx.re.match / find / gmatch / sub / gsub and require "ngx.re" (split,
+// opt), on PCRE2 with JIT.
+//
+// Compiled patterns live in a `Regex`. With the "o" option they are kept
+// in a per-worker LRU cache (lua_regex_cache_max_entries) and reuse their
+// match data, so the hot path neither compiles nor allocates beyond the
+// result. Every pcre2 call runs with a match limit (lua_regex_match_limit,
+// hardened default below) so catastrophic backtracking fails fast with
+// lua-nginx-module's "pcre_exec() failed: -8".
+//
+// Where luaguard differs from lua-nginx-module (with lua-resty-core, the
+// reference), on purpose:
+// - Compile errors carry PCRE2's wording ("missing closing parenthesis"
+//   where PCRE1 said "missing )") in the same `pcre_compile() failed: MSG
+//   in "PATTERN" at "REST"` format. Exec errors keep PCRE1's numbers (-8
+//   match limit, -10 bad UTF-8, -11 bad UTF-8 offset, -19 DFA workspace,
+//   -21 depth/heap limit, -27 JIT stack); others are PCRE2's own codes.
+// - Without lua_regex_match_limit the limit is 1,000,000 steps, not the
+//   PCRE default (10,000,000; still what `lua_regex_match_limit 0` gives).
+// - "U" does not skip UTF-8 validation: invalid input is an error (-10),
+//   never undefined behaviour inside PCRE.
+// - With "u", an empty match moves the search on by a whole character
+//   (the reference moves one byte and fails with -11 inside a character).
+// - When the compile-once cache is full the least recently used pattern
+//   is evicted (lua-resty-core's documented LRU) and the documented
+//   "lua exceeding regex cache max entries" warning is logged once.
+// - ngx.re.split follows Perl for empty matches and captures (unmatched
+//   groups are left out), where lua-resty-core garbles some fields.
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "api/api.hpp"
+#include "ngx/module.hpp"
+#include "runtime/regex_cache.hpp"
+#include "runtime/regex_options.hpp"
+#include "runtime/regex_template.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+using regex::Options;
+using regex::ReplTemplate;
+
+// Used when lua_regex_match_limit is not configured: a legitimate pattern
+// stays far below it, while exponential backtracking on hostile input is
+// stopped within milliseconds instead of PCRE2's default 10,000,000 steps.
+constexpr uint32_t kDefaultMatchLimit = 1000000;
+
+constexpr size_t kJitStackStart = 32 * 1024;
+constexpr size_t kJitStackMaxDefault = 1024 * 1024;
+
+struct Regex {
+    pcre2_code        *code = nullptr;
+    pcre2_match_data  *md = nullptr;
+    uint32_t           ncap = 0;        // capture groups, group 0 excluded
+    uint32_t           flags = 0;       // regex::CompileFlag bits
+    struct Name {
+        std::string    name;
+        uint32_t       group;
+    };
+    std::vector<Name>  names;           // name-table order: dupes adjacent
+    int                refs = 0;        // calls and iterators using it
+    bool               cached = false;  // owned by the cache too
+    regex::LruCache<Regex *>::Handle lru;  // its cache entry, when cached
+    int                serial = 0;      // identity while cached, for the
+                                        // FFI side's name tables
+    // Memo of the last replacement template used with this pattern, so
+    // gsub(..., "o") in a loop does not re-parse its template.
+    std::string        tpl_src;
+    ReplTemplate       tpl;
+    bool               tpl_ok = false;
+};
+
+void destroy(Regex *re)
+{
+    if (re->md) {
+        pcre2_match_data_free(re->md);
+    }
+    if (re->code) {
+        pcre2_code_free(re->code);
+    }
+    delete re;
+}
+
+void release(Regex *re)
+{
+    if (--re->refs == 0 && !re->cached) {
+        destroy(re);
+    }
+}
+
+// Holds a reference for the duration of one API call. LuaJIT unwinds
+// errors through C++ frames (external unwinding on x64), so a Lua error
+// raised by a replacement callback still runs this destructor.
+class RegexRef {
+ public:
+    explicit RegexRef(Regex *re) : re_(re) {}
+    ~RegexRef()
+    {
+        if (re_) {
+            release(re_);
+        }
+    }
+    RegexRef(const RegexRef &) = delete;
+    RegexRef &operator=(const RegexRef &) = delete;
+    Regex *get() const { return re_; }
+    Regex *operator->() const { return re_; }
+
+ private:
+    Regex *re_;
+};
+
+// Mirrored by the cdef in kFastPath.
+struct FfiResult {
+    int     *ov;        // (start, end) pairs for groups 0..ncap, -1 unset
+    int      ncap;      // groups excluding 0 (0 with "d")
+    int      nnames;    // named groups (0 with "d")
+    int      dupnames;  // "D": names map to arrays
+    int      serial;    // identity of a cached pattern, 0 if uncached
+    int      utf;       // "u"/"U": empty matches step over a character
+    Regex   *re;        // for luaguard_re_name, until the next exec
+    const char *out;    // luaguard_re_subst's result
+    size_t   outlen;
+    int      gen;       // bumped whenever a cached pattern is evicted
+};
+
+FfiResult g_result;
+
+// ---- per-worker state ----
+
+// Recently used cache entries by the address of the pattern's Lua string:
+// Lua strings are interned, so a loop using one pattern finds it here
+// without hashing it (the bytes are still compared, as the address may
+// have been reused by another string).
+struct MemoSlot {
+    const char  *pat = nullptr;
+    Regex       *re = nullptr;
+};
+constexpr size_t kMemoSlots = 64;
+
+struct State {
+    regex::LruCache<Regex *>  cache{1024};
+    bool                      warned_full = false;
+    pcre2_match_context      *mctx = nullptr;
+    pcre2_jit_stack          *jit_stack = nullptr;
+    size_t                    jit_stack_max = kJitStackMaxDefault;
+    uint32_t                  pcre_default_limit = 10000000;
+    int                       tostring_ref = LUA_NOREF;
+    int                       buf_depth = 0;
+    std::string               bufs[4];
+    MemoSlot                  memo[kMemoSlots];
+    ngx_int_t                 limit_conf = -2;   // limit last applied
+    int                       serial = 0;
+};
+
+State &state()
+{
+    static State *s = new State;  // never destroyed: used until exit
+    return *s;
+}
+
+size_t memoSlot(const char *pat, uint32_t flags)
+{
+    auto h = reinterpret_cast<uintptr_t>(pat) >> 4;
+    return (h ^ (h >> 7) ^ flags) & (kMemoSlots - 1);
+}
+
+void evictRegex(Regex *&re)
+{
+    for (MemoSlot &m : state().memo) {
+        if (m.re == re) {
+            m = MemoSlot{};
+        }
+    }
+    re->cached = false;
+    g_result.gen++;  // handles the FFI side remembered may be stale now
+    if (re->refs == 0) {
+        destroy(re);
+    }
+}
+
+size_t cacheCapacity()
+{
+    MainConf *mcf = mainConf();
+    if (mcf == nullptr || mcf->regex_cache_max_entries == NGX_CONF_UNSET) {
+        return 1024;
+    }
+    return static_cast<size_t>(mcf->regex_cache_max_entries);
+}
+
+// The match context with the configured limit and the JIT stack.
+pcre2_match_context *matchContext()
+{
+    State &s = state();
+    if (s.mctx == nullptr) {
+        s.mctx = pcre2_match_context_create(nullptr);
+        uint32_t def = 0;
+        if (pcre2_config(PCRE2_CONFIG_MATCHLIMIT, &def) >= 0 && def > 0) {
+            s.pcre_default_limit = def;
+        }
+        s.jit_stack = pcre2_jit_stack_create(kJitStackStart, s.jit_stack_max,
+                                             nullptr);
+        if (s.mctx && s.jit_stack) {
+            pcre2_jit_stack_assign(s.mctx, nullptr, s.jit_stack);
+        }
+    }
+    if (s.mctx == nullptr) {
+        return nullptr;
+    }
+    MainConf *mcf = mainConf();
+    ngx_int_t conf = mcf ? mcf->regex_match_limit : NGX_CONF_UNSET;
+    if (conf != s.limit_conf) {
+        uint32_t limit = kDefaultMatchLimit;
+        if (conf != NGX_CONF_UNSET) {
+            // 0 means "the PCRE library's default", as documented.
+            limit = conf == 0 ? s.pcre_default_limit
+                    : conf > static_cast<ngx_int_t>(UINT32_MAX)
+                        ? UINT32_MAX : static_cast<uint32_t>(conf);
+        }
+        pcre2_set_match_limit(s.mctx, limit);
+        s.limit_conf = conf;
+    }
+    return s.mctx;
+}
+
+uint32_t pcreCompileOptions(uint32_t flags)
+{
+    uint32_t o = 0;
+    if (flags & regex::kAnchored) o |= PCRE2_ANCHORED;
+    if (flags & regex::kCaseless) o |= PCRE2_CASELESS;
+    if (flags & regex::kDupNames) o |= PCRE2_DUPNAMES;
+    if (flags & regex::kMultiline) o |= PCRE2_MULTILINE;
+    if (flags & regex::kDotAll) o |= PCRE2_DOTALL;
+    if (flags & regex::kUtf) o |= PCRE2_UTF;
+    if (flags & regex::kExtended) o |= PCRE2_EXTENDED;
+    if (flags & regex::kJsCompat) {
+        o |= PCRE2_ALT_BSUX | PCRE2_ALLOW_EMPTY_CLASS
+             | PCRE2_MATCH_UNSET_BACKREF;
+    }
+    return o;
+}
+
+// lua-nginx-module reports exec failures with PCRE1's numbers (its docs
+// promise "pcre_exec() failed: -8" for the match limit); the PCRE2 codes
+// with a PCRE1 counterpart are translated, others pass through.
+int pcre1Code(int rc)
+{
+    if (rc <= PCRE2_ERROR_UTF8_ERR1 && rc >= PCRE2_ERROR_UTF8_ERR21) {
+        return -10;                                 // PCRE_ERROR_BADUTF8
+    }
+    switch (rc) {
+    case PCRE2_ERROR_PARTIAL: return -12;
+    case PCRE2_ERROR_BADUTFOFFSET: return -11;
+    case PCRE2_ERROR_MATCHLIMIT: return -8;
+    case PCRE2_ERROR_DEPTHLIMIT: return -21;
+    case PCRE2_ERROR_HEAPLIMIT: return -21;
+    case PCRE2_ERROR_JIT_STACKLIMIT: return -27;
+    case PCRE2_ERROR_NOMEMORY: return -6;
+    case PCRE2_ERROR_DFA_WSSIZE: return -19;
+    case PCRE2_ERROR_DFA_RECURSE: return -20;
+    default: return rc;
+    }
+}
+
+void pushExecError(lua_State *L, int rc)
+{
+    lua_pushfstring(L, "pcre_exec() failed: %d", pcre1Code(rc));
+}
+
+// ---- arguments ----
+
+// The subject: lua-resty-core converts any value with tostring(), so a nil
+// header value matches as "nil" rather than raising; we do the same.
+const char *subjectArg(lua_State *L, int idx, size_t *len)
+{
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        return lua_tolstring(L, idx, len);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, state().tostring_ref);
+    lua_pushvalue(L, idx);
+    lua_call(L, 1, 1);
+    if (!lua_isstring(L, -1)) {
+        luaL_error(L, "'tostring' must return a string");
+    }
+    lua_replace(L, idx);
+    return lua_tolstring(L, idx, len);
+}
+
+Options optionsArg(lua_State *L, int idx)
+{
+    Options o;
+    if (lua_isnoneornil(L, idx)) {
+        return o;
+    }
+    size_t len;
+    const char *s = luaL_checklstring(L, idx, &len);
+    char bad = 0;
+    if (!regex::parseOptions(std::string_view(s, len), &o, &bad)) {
+        luaL_error(L, "unknown flag \"%c\" (flags \"%s\")", bad, s);
+    }
+    return o;
+}
+
+// ctx.pos (1-based) as a 0-based start offset.
+size_t startOffset(lua_State *L, int ctx)
+{
+    if (ctx == 0) {
+        return 0;
+    }
+    lua_getfield(L, ctx, "pos");
+    lua_Integer pos = lua_isnil(L, -1) ? 1 : luaL_checkinteger(L, -1);
+    lua_pop(L, 1);
+    return pos <= 1 ? 0 : static_cast<size_t>(pos - 1);
+}
+
+int ctxArg(lua_State *L, int idx)
+{
+    if (lua_isnoneornil(L, idx)) {
+        return 0;
+    }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    return idx;
+}
+
+// ---- compiling ----
+
+// Returns a referenced Regex, or nullptr with the error message pushed
+// (nothing pushed when L is null: the FFI path then retries through the
+// C API to report it).
+Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
+{
+    State &s = state();
+    bool once = o.once;
+    if (once) {
+        size_t cap = cacheCapacity();
+        if (cap != s.cache.capacity()) {
+            s.cache.setCapacity(cap, evictRegex);
+        }
+        MemoSlot &m = s.memo[memoSlot(pat, o.flags)];
+        Regex *re = m.re;
+        if (re && m.pat == pat && re->flags == o.flags
+            && re->lru->pattern.size() == len
+            && std::memcmp(re->lru->pattern.data(), pat, len) == 0)
+        {
+            s.cache.touch(re->lru);
+            re->refs++;
+            return re;
+        }
+        auto h = s.cache.find(std::string_view(pat, len), o.flags);
+        if (h != s.cache.end()) {
+            s.cache.touch(h);
+            re = h->value;
+            m.pat = pat;
+            m.re = re;
+            re->refs++;
+            return re;
+        }
+        once = cap > 0;
+    }
+
+    int errcode;
+    PCRE2_SIZE erroff;
+    pcre2_code *code = pcre2_compile(
+        reinterpret_cast<PCRE2_SPTR>(pat), len, pcreCompileOptions(o.flags),
+        &errcode, &erroff, nullptr);
+    if (code == nullptr) {
+        if (L == nullptr) {
+            return nullptr;
+        }
+        PCRE2_UCHAR msg[256];
+        if (pcre2_get_error_message(errcode, msg, sizeof(msg)) < 0) {
+            std::strcpy(reinterpret_cast<char *>(msg), "unknown error");
+        }
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        luaL_addstring(&b, "pcre_compile() failed: ");
+        luaL_addstring(&b, reinterpret_cast<char *>(msg));
+        luaL_addstring(&b, " in \"");
+        luaL_addlstring(&b, pat, len);
+        luaL_addchar(&b, '"');
+        if (erroff < len) {
+            luaL_addstring(&b, " at \"");
+            luaL_addlstring(&b, pat + erroff, len - erroff);
+            luaL_addchar(&b, '"');
+        }
+        luaL_pushresult(&b);
+        return nullptr;
+    }
+    if ((o.flags & regex::kJit) && !(o.flags & regex::kDfa)) {
+        // Without JIT support the interpreter still gives correct results.
+        pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
+    }
+
+    Regex *re = new Regex;
+    re->code = code;
+    re->flags = o.flags;
+    pcre2_pattern_info(code, PCRE2_INFO_CAPTURECOUNT, &re->ncap);
+    uint32_t count = 0, entry = 0;
+    PCRE2_SPTR table = nullptr;
+    pcre2_pattern_info(code, PCRE2_INFO_NAMECOUNT, &count);
+    if (count > 0) {
+        pcre2_pattern_info(code, PCRE2_INFO_NAMEENTRYSIZE, &entry);
+        pcre2_pattern_info(code, PCRE2_INFO_NAMETABLE, &table);
+        re->names.reserve(count);
+        for (uint32_t i = 0; i < count; i++) {
+            PCRE2_SPTR e = table + i * entry;
+            uint32_t group = (static_cast<uint32_t>(e[0]) << 8) | e[1];
+            re->names.push_back(
+                {std::string(reinterpret_cast<const char *>(e + 2)), group});
+        }
+    }
+    re->md = pcre2_match_data_create_from_pattern(code, nullptr);
+    if (re->md == nullptr) {
+        destroy(re);
+        if (L) {
+            lua_pushliteral(L, "no memory");
+        }
+        return nullptr;
+    }
+    re->refs = 1;
+    if (once) {
+        if (s.cache.size() >= s.cache.capacity() && !s.warned_full) {
+            // Documented: one warning, the first time the limit is hit.
+            s.warned_full = true;
+            ngx_log_error(NGX_LOG_WARN, currentLog(), 0,
+                          "lua exceeding regex cache max entries (%uz)",
+                          s.cache.capacity());
+        }
+        re->cached = s.cache.put(std::string_view(pat, len), o.flags, re,
+                                 evictRegex, &re->lru);
+        if (re->cached) {
+            s.memo[memoSlot(pat, o.flags)] = MemoSlot{pat, re};
+            re->serial = ++s.serial;
+        }
+    }
+    return re;
+}
+
+// ---- matching ----
+
+// One pcre2 run. `check_utf` is false for the follow-up runs of gsub and
+// gmatch over a subject already validated by the first run.
+int exec(Regex *re, const char *subj, size_t len, size_t off, bool check_utf)
+{
+    pcre2_match_context *mctx = matchContext();
+    uint32_t opts = (!check_utf && (re->flags & regex::kUtf))
+                        ? PCRE2_NO_UTF_CHECK : 0;
+    auto *s = reinterpret_cast<PCRE2_SPTR>(subj);
+    if (re->flags & regex::kDfa) {
+        int ws[512];
+        int rc = pcre2_dfa_match(re->code, s, len, off, opts, re->md, mctx,
+                                 ws, sizeof(ws) / sizeof(ws[0]));
+        return rc == 0 ? 1 : rc;  // 0: more matches than ovector pairs
+    }
+    return pcre2_match(re->code, s, len, off, opts, re->md, mctx);
+}
+
+// Captures copied out of the match data, so building Lua values (which
+// may run finalizers that use the same pattern) cannot disturb them.
+struct Captures {
+    size_t              inline_ov[2 * 16];
+    std::vector<size_t> heap;
+    size_t             *ov = inline_ov;
+    uint32_t            n = 0;          // pairs: group 0..n-1
+
+    void take(Regex *re, int rc)
+    {
+        uint32_t groups = (re->flags & regex::kDfa) ? 1 : re->ncap + 1;
+        n = groups;
+        if (groups > 16) {
+            heap.resize(2 * groups);
+            ov = heap.data();
+        }
+        const PCRE2_SIZE *src = pcre2_get_ovector_pointer(re->md);
+        uint32_t have = static_cast<uint32_t>(rc);
+        for (uint32_t i = 0; i < groups; i++) {
+            if (i < have) {
+                ov[2 * i] = src[2 * i];
+                ov[2 * i + 1] = src[2 * i + 1];
+            } else {
+                ov[2 * i] = ov[2 * i + 1] = regex::kUnset;
+            }
+        }
+    }
+    size_t from() const { return ov[0]; }
+    size_t to() const { return ov[1]; }
+};
+
+void pushGroup(lua_State *L, const char *subj, const Captures &c, uint32_t i)
+{
+    if (i >= c.n || c.ov[2 * i] == regex::kUnset
+        || c.ov[2 * i + 1] < c.ov[2 * i]) {
+        lua_pushboolean(L, 0);
+        return;
+    }
+    lua_pushlstring(L, subj + c.ov[2 * i], c.ov[2 * i + 1] - c.ov[2 * i]);
+}
+
+// Fills the match table: [0..n] and named groups. `res` is the reusable
+// table argument (0: create one). Leaves the table on the stack.
+void pushMatch(lua_State *L, Regex *re, const char *subj, const Captures &c,
+               int res)
+{
+    bool dfa = re->flags & regex::kDfa;
+    uint32_t groups = c.n;
+    if (res) {
+        lua_pushvalue(L, res);
+    } else {
+        lua_createtable(L, static_cast<int>(groups - 1),
+                        dfa ? 1 : static_cast<int>(re->names.size() + 1));
+    }
+    for (uint32_t i = 0; i < groups; i++) {
+        pushGroup(L, subj, c, i);
+        lua_rawseti(L, -2, static_cast<int>(i));
+    }
+    if (dfa || re->names.empty()) {
+        return;
+    }
+    if (!(re->flags & regex::kDupNames)) {
+        for (const Regex::Name &n : re->names) {
+            lua_pushlstring(L, n.name.data(), n.name.size());
+            pushGroup(L, subj, c, n.group);
+            lua_rawset(L, -3);
+        }
+        return;
+    }
+    // "D": a name maps to the array of the values its groups matched; a
+    // name none of whose groups matched is left out.
+    size_t i = 0;
+    while (i < re->names.size()) {
+        size_t j = i;
+        int k = 0;
+        while (j < re->names.size()
+               && re->names[j].name == re->names[i].name) {
+            uint32_t g = re->names[j].group;
+            if (g < c.n && c.ov[2 * g] != regex::kUnset) {
+                if (k == 0) {
+                    lua_pushlstring(L, re->names[i].name.data(),
+                                    re->names[i].name.size());
+                    lua_newtable(L);
+                }
+                pushGroup(L, subj, c, g);
+                lua_rawseti(L, -2, ++k);
+            }
+            j++;
+        }
+        if (k > 0) {
+            lua_rawset(L, -3);
+        }
+        i = j;
+    }
+}
+
+// Next search offset after an empty match at `at`: one character on.
+size_t stepOver(const Regex *re, const char *subj, size_t len, size_t at)
+{
+    size_t n = at + 1;
+    if (re->flags & regex::kUtf) {
+        while (n < len && (static_cast<unsigned char>(subj[n]) & 0xC0) == 0x80)
+        {
+            n++;
+        }
+    }
+    return n;
+}
+
+// ---- ngx.re.match / ngx.re.find ----
+
+int reMatch(lua_State *L)
+{
+    size_t len, plen;
+    const char *subj = subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 3);
+    int ctx = ctxArg(L, 4);
+    int res = 0;
+    if (!lua_isnoneornil(L, 5)) {
+        luaL_checktype(L, 5, LUA_TTABLE);
+        res = 5;
+    }
+    size_t off = startOffset(L, ctx);
+    Regex *raw = compile(L, pat, plen, o);
+    if (raw == nullptr) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    RegexRef re(raw);
+    if (off > len) {
+        lua_pushnil(L);
+        return 1;
+    }
+    int rc = exec(raw, subj, len, off, true);
+    if (rc == PCRE2_ERROR_NOMATCH) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (rc < 0) {
+        lua_pushnil(L);
+        pushExecError(L, rc);
+        return 2;
+    }
+    Captures c;
+    c.take(raw, rc);
+    if (ctx) {
+        lua_pushinteger(L, static_cast<lua_Integer>(c.to() + 1));
+        lua_setfield(L, ctx, "pos");
+    }
+    pushMatch(L, raw, subj, c, res);
+    return 1;
+}
+
+int reFind(lua_State *L)
+{
+    size_t len, plen;
+    const char *subj = subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 3);
+    int ctx = ctxArg(L, 4);
+    lua_Integer nth = luaL_optinteger(L, 5, 0);
+    if (nth < 0) {
+        nth = 0;
+    }
+    size_t off = startOffset(L, ctx);
+    Regex *raw = compile(L, pat, plen, o);
+    if (raw == nullptr) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        lua_pushvalue(L, -3);
+        return 3;
+    }
+    RegexRef re(raw);
+    if (off > len) {
+        lua_pushnil(L);
+        return 1;
+    }
+    int rc = exec(raw, subj, len, off, true);
+    if (rc == PCRE2_ERROR_NOMATCH) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (rc < 0) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        pushExecError(L, rc);
+        return 3;
+    }
+    uint32_t groups = (raw->flags & regex::kDfa) ? 1 : raw->ncap + 1;
+    if (static_cast<uint64_t>(nth) >= groups) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        lua_pushliteral(L, "nth out of bound");
+        return 3;
+    }
+    const PCRE2_SIZE *ov = pcre2_get_ovector_pointer(raw->md);
+    if (ctx) {
+        lua_pushinteger(L, static_cast<lua_Integer>(ov[1] + 1));
+        lua_setfield(L, ctx, "pos");
+    }
+    auto n = static_cast<uint32_t>(nth);
+    if (n >= static_cast<uint32_t>(rc) || ov[2 * n] == PCRE2_UNSET) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        return 2;
+    }
+    lua_pushinteger(L, static_cast<lua_Integer>(ov[2 * n] + 1));
+    lua_pushinteger(L, static_cast<lua_Integer>(ov[2 * n + 1]));
+    return 2;
+}
+
+// ---- ngx.re.gmatch ----
+
+struct GmatchState {
+    Regex   *re;
+    size_t   off;
+    bool     done;
+    bool     checked;   // the subject passed the UTF-8 check
+};
+
+const char kGmatchMeta[] = "luaguard.re.gmatch";
+
+int gmatchGc(lua_State *L)
+{
+    auto *st = static_cast<GmatchState *>(lua_touserdata(L, 1));
+    if (st->re) {
+        release(st->re);
+        st->re = nullptr;
+    }
+    return 0;
+}
+
+int gmatchIter(lua_State *L)
+{
+    auto *st = static_cast<GmatchState *>(
+        lua_touserdata(L, lua_upvalueindex(1)));
+    size_t len;
+    const char *subj = lua_tolstring(L, lua_upvalueindex(2), &len);
+    if (st->done || st->re == nullptr || st->off > len) {
+        lua_pushnil(L);
+        return 1;
+    }
+    Regex *re = st->re;
+    re->refs++;
+    RegexRef hold(re);
+    int rc = exec(re, subj, len, st->off, !st->checked);
+    st->checked = true;
+    if (rc < 0) {
+        st->done = true;
+        lua_pushnil(L);
+        if (rc == PCRE2_ERROR_NOMATCH) {
+            return 1;
+        }
+        pushExecError(L, rc);
+        return 2;
+    }
+    Captures c;
+    c.take(re, rc);
+    if (c.to() == c.from()) {
+        if (c.to() >= len) {
+            st->done = true;
+        }
+        st->off = stepOver(re, subj, len, c.to());
+    } else {
+        st->off = c.to();
+    }
+    pushMatch(L, re, subj, c, 0);
+    return 1;
+}
+
+int reGmatch(lua_State *L)
+{
+    size_t len, plen;
+    subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 3);
+    auto *st = static_cast<GmatchState *>(
+        lua_newuserdata(L, sizeof(GmatchState)));
+    *st = GmatchState{nullptr, 0, false, false};
+    luaL_getmetatable(L, kGmatchMeta);
+    lua_setmetatable(L, -2);
+    Regex *re = compile(L, pat, plen, o);
+    if (re == nullptr) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    st->re = re;  // the reference now belongs to the iterator
+    lua_pushvalue(L, 1);
+    lua_pushcclosure(L, gmatchIter, 2);
+    return 1;
+}
+
+// ---- ngx.re.sub / ngx.re.gsub ----
+
+// A string buffer per nesting level (a replacement callback may call gsub
+// again), reused across calls so gsub does not allocate each time.
+class OutBuf {
+ public:
+    OutBuf()
+    {
+        State &s = state();
+        depth_ = s.buf_depth++;
+        buf_ = depth_ < 4 ? &s.bufs[depth_] : &own_;
+        buf_->clear();
+    }
+    ~OutBuf()
+    {
+        State &s = state();
+        s.buf_depth--;
+        if (buf_->capacity() > 64 * 1024) {
+            std::string().swap(*buf_);  // don't pin a huge buffer
+        }
+    }
+    OutBuf(const OutBuf &) = delete;
+    OutBuf &operator=(const OutBuf &) = delete;
+    std::string &operator*() { return *buf_; }
+    std::string *operator->() { return buf_; }
+
+ private:
+    int          depth_;
+    std::string *buf_;
+    std::string  own_;
+};
+
+// Appends a replacement callback's return value as lua-resty-core does:
+// strings and numbers as they are, anything else through tostring().
+void appendValue(lua_State *L, std::string *out)
+{
+    if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, state().tostring_ref);
+        lua_insert(L, -2);
+        lua_call(L, 1, 1);
+    }
+    size_t n;
+    const char *s = lua_tolstring(L, -1, &n);
+    if (s) {
+        out->append(s, n);
+    }
+    lua_pop(L, 1);
+}
+
+// The replacement template for `src`, memoized on a cached pattern;
+// nullptr when the template is invalid.
+const ReplTemplate *templateFor(Regex *re, std::string_view src,
+                                ReplTemplate *local)
+{
+    if (re->cached && re->tpl_ok && re->tpl_src == src) {
+        return &re->tpl;
+    }
+    ReplTemplate *dst = re->cached ? &re->tpl : local;
+    re->tpl_ok = false;
+    if (!dst->compile(src)) {
+        return nullptr;
+    }
+    if (re->cached) {
+        re->tpl_src.assign(src);
+        re->tpl_ok = true;
+    }
+    return dst;
+}
+
+// The sub/gsub loop: copies the subject to `out` with each match replaced
+// by what `repl(captures, out)` appends. Returns the number of matches or
+// a negative pcre2 error. An empty match replaces nothing itself: the
+// search goes on one character later.
+template <class Repl>
+int substituteLoop(Regex *re, const char *subj, size_t len, bool global,
+                   std::string *out, Repl repl)
+{
+    size_t off = 0, copied = 0;
+    int count = 0;
+    bool check = true;
+    Captures c;
+    while (off <= len) {
+        int rc = exec(re, subj, len, off, check);
+        check = false;
+        if (rc == PCRE2_ERROR_NOMATCH) {
+            break;
+        }
+        if (rc < 0) {
+            return rc;
+        }
+        c.take(re, rc);
+        size_t from = c.from(), to = c.to();
+        out->append(subj + copied, from - copied);
+        repl(c, out);
+        count++;
+        copied = to;
+        if (!global) {
+            break;
+        }
+        if (to == from) {
+            if (to >= len) {
+                break;
+            }
+            off = stepOver(re, subj, len, to);
+            out->append(subj + to, off - to);
+            copied = off;
+        } else {
+            off = to;
+        }
+    }
+    if (count > 0) {
+        out->append(subj + copied, len - copied);
+    }
+    return count;
+}
+
+void expandInto(const ReplTemplate *tpl, const char *subj, const Captures &c,
+                std::string *out)
+{
+    if (tpl->literal()) {
+        out->append(tpl->text());
+    } else {
+        tpl->expand(subj, c.ov, c.n, out);
+    }
+}
+
+int substitute(lua_State *L, bool global)
+{
+    size_t len, plen;
+    const char *subj = subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 4);
+    bool func = lua_type(L, 3) == LUA_TFUNCTION;
+    if (!func && lua_type(L, 3) != LUA_TSTRING) {
+        size_t rlen;
+        subjectArg(L, 3, &rlen);  // tostring() it, as the reference does
+    }
+
+    Regex *raw = compile(L, pat, plen, o);
+    if (raw == nullptr) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        lua_pushvalue(L, -3);
+        return 3;
+    }
+    RegexRef re(raw);
+
+    const ReplTemplate *tpl = nullptr;
+    ReplTemplate local;
+    if (!func) {
+        size_t tlen;
+        const char *t = lua_tolstring(L, 3, &tlen);
+        tpl = templateFor(raw, std::string_view(t, tlen), &local);
+        if (tpl == nullptr) {
+            lua_pushnil(L);
+            lua_pushnil(L);
+            lua_pushliteral(L, "failed to compile the replacement template");
+            return 3;
+        }
+    }
+
+    OutBuf out;
+    int count;
+    if (func) {
+        count = substituteLoop(raw, subj, len, global, &*out,
+            [L, raw, subj](const Captures &c, std::string *o) {
+                lua_pushvalue(L, 3);
+                pushMatch(L, raw, subj, c, 0);
+                lua_call(L, 1, 1);
+                appendValue(L, o);
+            });
+    } else {
+        count = substituteLoop(raw, subj, len, global, &*out,
+            [tpl, subj](const Captures &c, std::string *o) {
+                expandInto(tpl, subj, c, o);
+            });
+    }
+    if (count < 0) {
+        lua_pushnil(L);
+        lua_pushnil(L);
+        pushExecError(L, count);
+        return 3;
+    }
+    if (count == 0) {
+        lua_pushvalue(L, 1);
+        lua_pushinteger(L, 0);
+        return 2;
+    }
+    lua_pushlstring(L, out->data(), out->size());
+    lua_pushinteger(L, count);
+    return 2;
+}
+
+int reSub(lua_State *L)
+{
+    return substitute(L, false);
+}
+
+int reGsub(lua_State *L)
+{
+    return substitute(L, true);
+}
+
+
+// Perl's split: a field ends where the pattern matches; an empty match at
+// the start of a field does not end it; groups that matched are inserted
+// between fields; trailing empty fields go unless `max` > 0 is given.
+// Appends (start, end) offset pairs of the fields to `fields`; returns 0
+// or a negative pcre2 error.
+int splitFields(Regex *re, const char *subj, size_t len, size_t start,
+                int64_t max, std::vector<size_t> *fields)
+{
+    if (start > len) {
+        start = len;
+    }
+    size_t piece = start, off = start;
+    int64_t n = 0;
+    bool check = true;
+    Captures c;
+    while (off < len && (max <= 0 || n < max - 1)) {
+        int rc = exec(re, subj, len, off, check);
+        check = false;
+        if (rc == PCRE2_ERROR_NOMATCH) {
+            break;
+        }
+        if (rc < 0) {
+            return rc;
+        }
+        c.take(re, rc);
+        size_t from = c.from(), to = c.to();
+        if (to == from) {
+            if (from >= len) {
+                break;
+            }
+            if (from == piece) {
+                off = stepOver(re, subj, len, from);
+                continue;
+            }
+        }
+        fields->push_back(piece);
+        fields->push_back(from);
+        n++;
+        for (uint32_t g = 1; g < c.n; g++) {
+            if (c.ov[2 * g] != regex::kUnset) {
+                fields->push_back(c.ov[2 * g]);
+                fields->push_back(c.ov[2 * g + 1]);
+            }
+        }
+        piece = to;
+        off = to == from ? stepOver(re, subj, len, to) : to;
+    }
+    fields->push_back(piece);
+    fields->push_back(len);
+    if (max <= 0) {
+        while (!fields->empty()
+               && (*fields)[fields->size() - 1]
+                      == (*fields)[fields->size() - 2]) {
+            fields->resize(fields->size() - 2);
+        }
+    }
+    return 0;
+}
+
+// ---- the FFI fast path ----
+//
+// Calls from Lua into lua_CFunctions cannot be JIT-compiled, so
+// ngx.re.match and ngx.re.find are Lua functions (kFastPath below) that
+// call luaguard_re_exec() through the FFI and build their results in
+// JIT-compiled Lua. Anything unusual (non-string arguments, a compile
+// error, an unknown option) goes to the C API functions above, which
+// produce the exact errors.
+
+constexpr int kFallback = -1000;
+constexpr int kBadTemplate = -1001;
+
+std::vector<int> g_ov;
+Regex *g_last = nullptr;    // keeps the result's pattern alive
+std::string g_out;          // luaguard_re_subst's result buffer
+
+// The pattern for an FFI call: `hint`, a cached pattern the Lua side
+// remembered (valid while no eviction happened, which it checks through
+// `gen`), or the pattern compiled / found from its text. Referenced;
+// nullptr when the C API must take over (bad options, compile error).
+Regex *ffiRegex(Regex *hint, const char *pat, size_t plen, const char *opts,
+                size_t olen)
+{
+    Regex *re = hint;
+    if (re) {
+        state().cache.touch(re->lru);
+        re->refs++;
+    } else {
+        Options o;
+        char bad;
+        if (!regex::parseOptions(std::string_view(opts, olen), &o, &bad)) {
+            return nullptr;
+        }
+        re = compile(nullptr, pat, plen, o);
+        if (re == nullptr) {
+            return nullptr;
+        }
+    }
+    bool dfa = re->flags & regex::kDfa;
+    g_result.re = re;
+    g_result.serial = re->cached ? re->serial : 0;
+    g_result.ncap = dfa ? 0 : static_cast<int>(re->ncap);
+    g_result.nnames = dfa ? 0 : static_cast<int>(re->names.size());
+    g_result.dupnames = (re->flags & regex::kDupNames) ? 1 : 0;
+    g_result.utf = (re->flags & regex::kUtf) ? 1 : 0;
+    return re;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default")))
+FfiResult *luaguard_re_result(void)
+{
+    return &g_result;
+}
+
+extern "C" __attribute__((visibility("default")))
+int luaguard_re_exec(Regex *hint, const char *pat, size_t plen,
+                     const char *opts, size_t olen, const char *subj,
+                     size_t len, size_t off, int no_utf_check)
+{
+    if (len > INT32_MAX) {
+        return kFallback;  // offsets travel as int
+    }
+    Regex *re = ffiRegex(hint, pat, plen, opts, olen);
+    if (re == nullptr) {
+        return kFallback;
+    }
+    if (g_last) {
+        release(g_last);
+    }
+    g_last = re;  // our reference moves here: names stay readable
+    if (off > len) {
+        return PCRE2_ERROR_NOMATCH;
+    }
+    int rc = exec(re, subj, len, off, !no_utf_check);
+    if (rc < 0) {
+        return rc == PCRE2_ERROR_NOMATCH ? rc : pcre1Code(rc);
+    }
+    auto groups = static_cast<uint32_t>(g_result.ncap + 1);
+    if (g_ov.size() < 2 * groups) {
+        g_ov.resize(2 * groups);
+    }
+    const PCRE2_SIZE *src = pcre2_get_ovector_pointer(re->md);
+    auto have = static_cast<uint32_t>(rc);
+    for (uint32_t i = 0; i < groups; i++) {
+        if (i < have && src[2 * i] != PCRE2_UNSET) {
+            g_ov[2 * i] = static_cast<int>(src[2 * i]);
+            g_ov[2 * i + 1] = static_cast<int>(src[2 * i + 1]);
+        } else {
+            g_ov[2 * i] = g_ov[2 * i + 1] = -1;
+        }
+    }
+    g_result.ov = g_ov.data();
+    return rc;
+}
+
+// sub/gsub with a string template: no Lua runs in between, so one static
+// buffer serves. Returns the count, or kBadTemplate, kFallback or a
+// (PCRE1-numbered) exec error.
+extern "C" __attribute__((visibility("default")))
+int luaguard_re_subst(Regex *hint, const char *pat, size_t plen,
+                      const char *opts, size_t olen, const char *subj,
+                      size_t len, const char *tpl, size_t tlen, int global)
+{
+    Regex *raw = ffiRegex(hint, pat, plen, opts, olen);
+    if (raw == nullptr) {
+        return kFallback;
+    }
+    RegexRef re(raw);
+    ReplTemplate local;
+    const ReplTemplate *t = templateFor(raw, std::string_view(tpl, tlen),
+                                        &local);
+    if (t == nullptr) {
+        return kBadTemplate;
+    }
+    if (g_out.capacity() > 1024 * 1024) {
+        std::string().swap(g_out);  // the last result was copied out
+    }
+    g_out.clear();
+    int count = substituteLoop(raw, subj, len, global != 0, &g_out,
+        [t, subj](const Captures &c, std::string *out) {
+            expandInto(t, subj, c, out);
+        });
+    if (count < 0) {
+        return pcre1Code(count);
+    }
+    g_result.out = g_out.data();
+    g_result.outlen = g_out.size();
+    return count;
+}
+
+// split: the fields' offsets go to the result's ov as (start, end)
+// pairs. Returns the number of fields, or kFallback or an exec error.
+extern "C" __attribute__((visibility("default")))
+int luaguard_re_split(Regex *hint, const char *pat, size_t plen,
+                      const char *opts, size_t olen, const char *subj,
+                      size_t len, size_t pos, int64_t max)
+{
+    if (len > INT32_MAX) {
+        return kFallback;
+    }
+    Regex *raw = ffiRegex(hint, pat, plen, opts, olen);
+    if (raw == nullptr) {
+        return kFallback;
+    }
+    RegexRef re(raw);
+    static std::vector<size_t> fields;
+    fields.clear();
+    int rc = splitFields(raw, subj, len, pos, max, &fields);
+    if (rc < 0) {
+        return pcre1Code(rc);
+    }
+    if (g_ov.size() < fields.size()) {
+        g_ov.resize(fields.size());
+    }
+    for (size_t i = 0; i < fields.size(); i++) {
+        g_ov[i] = static_cast<int>(fields[i]);
+    }
+    g_result.ov = g_ov.data();
+    return static_cast<int>(fields.size() / 2);
+}
+
+extern "C" __attribute__((visibility("default")))
+const char *luaguard_re_name(Regex *re, int i, int *group)
+{
+    if (re == nullptr || i < 0 || static_cast<size_t>(i) >= re->names.size())
+    {
+        return nullptr;
+    }
+    *group = static_cast<int>(re->names[i].group);
+    return re->names[i].name.c_str();
+}
+
+namespace {
+
+const char kFastPath[] = R"lua(
+local c_match, c_find, c_gmatch, c_sub, c_gsub = ...
+local ffi = require "ffi"
+local C = ffi.C
+ffi.cdef[[
+typedef struct {
+    int   *ov;
+    int    ncap;
+    int    nnames;
+    int    dupnames;
+    int    serial;
+    int    utf;
+    void  *re;
+    const char *out;
+    size_t outlen;
+    int    gen;
+} luaguard_re_result_t;
+luaguard_re_result_t *luaguard_re_result(void);
+int luaguard_re_exec(void *hint, const char *pat, size_t plen,
+                     const char *opts, size_t olen, const char *subj,
+                     size_t len, size_t off, int no_utf_check);
+int luaguard_re_subst(void *hint, const char *pat, size_t plen,
+                      const char *opts, size_t olen, const char *subj,
+                      size_t len, const char *tpl, size_t tlen, int global);
+int luaguard_re_split(void *hint, const char *pat, size_t plen,
+                      const char *opts, size_t olen, const char *subj,
+                      size_t len, size_t pos, int64_t max);
+const char *luaguard_re_name(void *re, int i, int *group);
+]]
+local R = C.luaguard_re_result()
+local re_exec = C.luaguard_re_exec
+local new_tab = require "table.new"
+local type, sub, byte, ffi_string = type, string.sub, string.byte, ffi.string
+local str_find = string.find
+local FALLBACK = -1000
+local NOMATCH = -1
+
+-- Name tables of cached patterns by serial; bounded by clearing.
+local names_cache, names_count = {}, 0
+local group_out = ffi.new("int[1]")
+
+local function get_names()
+    local serial = R.serial
+    if serial ~= 0 then
+        local t = names_cache[serial]
+        if t then
+            return t
+        end
+    end
+    local n = R.nnames
+    local t = new_tab(2 * n, 0)
+    for i = 0, n - 1 do
+        local p = C.luaguard_re_name(R.re, i, group_out)
+        t[2 * i + 1] = ffi_string(p)
+        t[2 * i + 2] = group_out[0]
+    end
+    if serial ~= 0 then
+        if names_count >= 4096 then
+            names_cache, names_count = {}, 0
+        end
+        names_cache[serial] = t
+        names_count = names_count + 1
+    end
+    return t
+end
+
+-- Handles of compile-once patterns by options and pattern string, so the
+-- hot path finds its compiled pattern with two table lookups. Any
+-- eviction from the C cache bumps R.gen and drops them all.
+local handles, handles_gen = {}, -1
+
+local function handle(regex, opts)
+    if R.gen ~= handles_gen then
+        handles, handles_gen = {}, R.gen
+        return nil
+    end
+    local t = handles[opts]
+    return t and t[regex]
+end
+
+-- After a call that found or compiled `regex`: keep its handle if cached.
+local function remember(regex, opts)
+    if R.serial == 0 then
+        return
+    end
+    if R.gen ~= handles_gen then
+        handles, handles_gen = {}, R.gen
+    end
+    local t = handles[opts]
+    if not t then
+        t = {}
+        handles[opts] = t
+    end
+    t[regex] = R.re
+end
+
+-- ctx.pos as a 0-based offset; nil when the C path must handle ctx.
+local function start_offset(ctx)
+    if ctx == nil then
+        return 0
+    end
+    if type(ctx) ~= "table" then
+        return nil
+    end
+    local p = ctx.pos
+    if p == nil then
+        return 0
+    end
+    if type(p) ~= "number" or p % 1 ~= 0 then
+        return nil
+    end
+    if p > 1 then
+        return p - 1
+    end
+    return 0
+end
+
+local build
+
+local function match(subj, regex, opts, ctx, res)
+    if opts == nil then
+        opts = ""
+    end
+    local pos = start_offset(ctx)
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(opts) ~= "string" or pos == nil
+       or (res ~= nil and type(res) ~= "table")
+    then
+        return c_match(subj, regex, opts, ctx, res)
+    end
+    local h = handle(regex, opts)
+    local rc = re_exec(h, regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    if rc == FALLBACK then
+        return c_match(subj, regex, opts, ctx, res)
+    end
+    if h == nil then
+        remember(regex, opts)
+    end
+    if rc < 0 then
+        if rc == NOMATCH then
+            return nil
+        end
+        return nil, "pcre_exec() failed: " .. rc
+    end
+    if ctx then
+        ctx.pos = R.ov[1] + 1
+    end
+    return build(subj, res)
+end
+
+-- The match table for the last exec: [0..ncap] and named groups.
+build = function(subj, res)
+    local ov, ncap, nnames = R.ov, R.ncap, R.nnames
+    local m = res or new_tab(ncap, nnames + 1)
+    for i = 0, ncap do
+        local a = ov[2 * i]
+        if a >= 0 then
+            m[i] = sub(subj, a + 1, ov[2 * i + 1])
+        else
+            m[i] = false
+        end
+    end
+    if nnames > 0 then
+        local names = get_names()
+        local n = #names
+        if R.dupnames == 0 then
+            for j = 1, n, 2 do
+                m[names[j]] = m[names[j + 1]]
+            end
+        else
+            -- "D": each name maps to the values its groups matched.
+            local j = 1
+            while j <= n do
+                local name, t, k = names[j], nil, 0
+                while j <= n and names[j] == name do
+                    local v = m[names[j + 1]]
+                    if v then
+                        t = t or {}
+                        k = k + 1
+                        t[k] = v
+                    end
+                    j = j + 2
+                end
+                if t then
+                    m[name] = t
+                end
+            end
+        end
+    end
+    return m
+end
+
+local function find(subj, regex, opts, ctx, nth)
+    if opts == nil then
+        opts = ""
+    end
+    local pos = start_offset(ctx)
+    if nth == nil then
+        nth = 0
+    end
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(opts) ~= "string" or pos == nil
+       or type(nth) ~= "number" or nth % 1 ~= 0
+    then
+        return c_find(subj, regex, opts, ctx, nth)
+    end
+    local h = handle(regex, opts)
+    local rc = re_exec(h, regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    if rc == FALLBACK then
+        return c_find(subj, regex, opts, ctx, nth)
+    end
+    if h == nil then
+        remember(regex, opts)
+    end
+    if rc < 0 then
+        if rc == NOMATCH then
+            return nil
+        end
+        return nil, nil, "pcre_exec() failed: " .. rc
+    end
+    if nth < 0 then
+        nth = 0
+    end
+    if nth > R.ncap then
+        return nil, nil, "nth out of bound"
+    end
+    local ov = R.ov
+    if ctx then
+        ctx.pos = ov[1] + 1
+    end
+    local a = ov[2 * nth]
+    if a < 0 then
+        return nil, nil
+    end
+    return a + 1, ov[2 * nth + 1]
+end
+
+-- Compile-once patterns iterate here; others keep the C iterator, which
+-- holds its compiled pattern instead of compiling it at every step.
+local function gmatch(subj, regex, opts)
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(opts) ~= "string" or not str_find(opts, "o", 1, true)
+    then
+        return c_gmatch(subj, regex, opts)
+    end
+    local len = #subj
+    -- Compiles (or finds) the pattern now, so errors surface here.
+    local h = handle(regex, opts)
+    local rc = re_exec(h, regex, #regex, opts, #opts, subj, len, len + 1, 0)
+    if rc == FALLBACK then
+        return c_gmatch(subj, regex, opts)
+    end
+    if h == nil then
+        remember(regex, opts)
+    end
+    local pos, done, checked = 0, false, 0
+    return function()
+        if done then
+            return nil
+        end
+        local h = handle(regex, opts)
+        local rc = re_exec(h, regex, #regex, opts, #opts, subj, len, pos,
+                           checked)
+        if h == nil and rc ~= FALLBACK then
+            remember(regex, opts)
+        end
+        checked = 1
+        if rc < 0 then
+            done = true
+            if rc == NOMATCH then
+                return nil
+            end
+            if rc == FALLBACK then
+                return nil, "no memory"
+            end
+            return nil, "pcre_exec() failed: " .. rc
+        end
+        local ov = R.ov
+        local from, to = ov[0], ov[1]
+        if from == to then
+            if to >= len then
+                done = true
+            end
+            pos = to + 1
+            if R.utf ~= 0 then
+                while pos < len do
+                    local b = byte(subj, pos + 1)
+                    if b < 0x80 or b >= 0xC0 then
+                        break
+                    end
+                    pos = pos + 1
+                end
+            end
+        else
+            pos = to
+        end
+        return build(subj, nil)
+    end
+end
+
+-- Function replacements call back into Lua per match: C API path.
+local function substitute(subj, regex, replace, opts, global, c_fn)
+    if opts == nil then
+        opts = ""
+    end
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(replace) ~= "string" or type(opts) ~= "string"
+    then
+        return c_fn(subj, regex, replace, opts)
+    end
+    local h = handle(regex, opts)
+    local n = C.luaguard_re_subst(h, regex, #regex, opts, #opts, subj, #subj,
+                                  replace, #replace, global)
+    if n == FALLBACK then
+        return c_fn(subj, regex, replace, opts)
+    end
+    if h == nil then
+        remember(regex, opts)
+    end
+    if n < 0 then
+        if n == -1001 then
+            return nil, nil, "failed to compile the replacement template"
+        end
+        return nil, nil, "pcre_exec() failed: " .. n
+    end
+    if n == 0 then
+        return subj, 0
+    end
+    return ffi_string(R.out, R.outlen), n
+end
+
+-- require("ngx.re").split: the fields come from luaguard_re_split();
+-- the C function is the fallback for errors and unusual arguments.
+local c_split
+
+local function split(subj, regex, opts, ctx, max, res)
+    local o, mx = opts, max
+    if o == nil then
+        o = ""
+    end
+    if mx == nil then
+        mx = 0
+    end
+    local pos = start_offset(ctx)
+    if type(subj) ~= "string" or type(regex) ~= "string"
+       or type(o) ~= "string" or pos == nil or type(mx) ~= "number"
+       or mx % 1 ~= 0 or (res ~= nil and type(res) ~= "table")
+    then
+        return c_split(subj, regex, opts, ctx, max, res)
+    end
+    local h = handle(regex, o)
+    local n = C.luaguard_re_split(h, regex, #regex, o, #o, subj, #subj, pos,
+                                  mx)
+    if n == FALLBACK then
+        return c_split(subj, regex, opts, ctx, max, res)
+    end
+    if h == nil then
+        remember(regex, o)
+    end
+    if n < 0 then
+        return nil, "pcre_exec() failed: " .. n
+    end
+    local t = res or new_tab(n, 0)
+    local ov = R.ov
+    for i = 1, n do
+        t[i] = sub(subj, ov[2 * i - 2] + 1, ov[2 * i - 1])
+    end
+    if res then
+        local i = n + 1
+        while t[i] ~= nil do
+            t[i] = nil
+            i = i + 1
+        end
+    end
+    return t
+end
+
+local c_loader = package.preload["ngx.re"]
+package.preload["ngx.re"] = function(...)
+    local m = c_loader(...)
+    c_split = m.split
+    m.split = split
+    return m
+end
+
+ngx.re.match = match
+ngx.re.find = find
+ngx.re.gmatch = gmatch
+ngx.re.sub = function(subj, regex, replace, opts)
+    return substitute(subj, regex, replace, opts, 0, c_sub)
+end
+ngx.re.gsub = function(subj, regex, replace, opts)
+    return substitute(subj, regex, replace, opts, 1, c_gsub)
+end
+)lua";
+
+// ---- require "ngx.re": split, opt ----
+
+// Clears what a reused result table held beyond its first n entries.
+void clearTail(lua_State *L, int t, int n)
+{
+    for (int i = n + 1;; i++) {
+        lua_rawgeti(L, t, i);
+        bool end = lua_isnil(L, -1);
+        lua_pop(L, 1);
+        if (end) {
+            break;
+        }
+        lua_pushnil(L);
+        lua_rawseti(L, t, i);
+    }
+}
+
+int reSplit(lua_State *L)
+{
+    size_t len, plen;
+    const char *subj = subjectArg(L, 1, &len);
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    Options o = optionsArg(L, 3);
+    int ctx = ctxArg(L, 4);
+    lua_Integer max = 0;
+    if (!lua_isnoneornil(L, 5)) {
+        max = luaL_checkinteger(L, 5);
+    }
+    int res = 0;
+    if (!lua_isnoneornil(L, 6)) {
+        if (!lua_istable(L, 6)) {
+            return luaL_error(L, "res is not a table");
+        }
+        res = 6;
+    }
+    size_t start = startOffset(L, ctx);
+    Regex *raw = compile(L, pat, plen, o);
+    if (raw == nullptr) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    RegexRef re(raw);
+    std::vector<size_t> fields;
+    int rc = splitFields(raw, subj, len, start, max, &fields);
+    if (rc < 0) {
+        lua_pushnil(L);
+        pushExecError(L, rc);
+        return 2;
+    }
+    if (res) {
+        lua_pushvalue(L, res);
+    } else {
+        lua_createtable(L, static_cast<int>(fields.size() / 2), 0);
+    }
+    int t = lua_gettop(L);
+    int n = 0;
+    for (size_t i = 0; i < fields.size(); i += 2) {
+        lua_pushlstring(L, subj + fields[i], fields[i + 1] - fields[i]);
+        lua_rawseti(L, t, ++n);
+    }
+    if (res) {
+        clearTail(L, t, n);
+    }
+    return 1;
+}
+
+int reOpt(lua_State *L)
+{
+    const char *name = luaL_checkstring(L, 1);
+    if (std::strcmp(name, "jit_stack_size") != 0) {
+        return luaL_error(L, "unrecognized option name");
+    }
+    lua_Integer size = luaL_checkinteger(L, 2);
+    if (size <= 0) {
+        return luaL_error(L, "bad jit_stack_size: %d", static_cast<int>(size));
+    }
+    State &s = state();
+    matchContext();  // make sure the context exists
+    auto max = static_cast<size_t>(size);
+    pcre2_jit_stack *stack = pcre2_jit_stack_create(
+        max < kJitStackStart ? max : kJitStackStart, max, nullptr);
+    if (stack == nullptr) {
+        return luaL_error(L, "pcre2_jit_stack_create() failed");
+    }
+    if (s.jit_stack) {
+        pcre2_jit_stack_free(s.jit_stack);
+    }
+    s.jit_stack = stack;
+    s.jit_stack_max = max;
+    if (s.mctx) {
+        pcre2_jit_stack_assign(s.mctx, nullptr, stack);
+    }
+    return 0;
+}
+
+int loadNgxRe(lua_State *L)
+{
+    lua_createtable(L, 0, 3);
+    const luaL_Reg fns[] = {{"split", reSplit},
+                            {"opt", reOpt},
+                            {nullptr, nullptr}};
+    setFuncs(L, fns);
+    // The lua-resty-core release whose ngx.re module we follow.
+    lua_pushliteral(L, "0.1.25");
+    lua_setfield(L, -2, "version");
+    return 1;
+}
+
+}  // namespace
+
+void openRegex(lua_State *L)
+{
+    // A registry reference of this VM (a reload makes a new VM).
+    lua_getglobal(L, "tostring");
+    state().tostring_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    luaL_newmetatable(L, kGmatchMeta);
+    lua_pushcfunction(L, gmatchGc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+
+    subTable(L, "re");
+    const luaL_Reg fns[] = {{"match", reMatch},
+                            {"find", reFind},
+                            {"gmatch", reGmatch},
+                            {"sub", reSub},
+                            {"gsub", reGsub},
+                            {nullptr, nullptr}};
+    setFuncs(L, fns);
+    lua_pop(L, 1);
+
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, loadNgxRe);
+    lua_setfield(L, -2, "ngx.re");
+    lua_pop(L, 2);
+
+    // The FFI wrappers replace match and find; the C functions stay as
+    // their fallbacks. Without the FFI (or if it fails) the C API serves.
+    lua_setglobal(L, "ngx");  // the chunk reaches `ngx` as a global
+    if (luaL_loadbuffer(L, kFastPath, sizeof(kFastPath) - 1,
+                        "=luaguard.regex") == 0) {
+        lua_pushcfunction(L, reMatch);
+        lua_pushcfunction(L, reFind);
+        lua_pushcfunction(L, reGmatch);
+        lua_pushcfunction(L, reSub);
+        lua_pushcfunction(L, reGsub);
+        if (lua_pcall(L, 5, 0, 0) != 0) {
+            lua_pop(L, 1);
+        }
+    } else {
+        lua_pop(L, 1);
+    }
+    lua_getglobal(L, "ngx");
+}
+
+}  // namespace luaguard::api
