@@ -1,5 +1,8 @@
 // The module table, directives and configuration lifecycle.
 
+#include <pwd.h>
+#include <sys/stat.h>
+
 #include <cstring>
 #include <new>
 #include <string>
@@ -11,6 +14,7 @@
 #include "runtime/code.hpp"
 #include "runtime/package_path.hpp"
 #include "runtime/vm.hpp"
+#include "security/script_path.hpp"
 #include "shdict/zone.hpp"
 #include "security/ngx_sandbox.hpp"
 
@@ -524,6 +528,54 @@ char *setBudgetStatus(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     return NGX_CONF_OK;
 }
 
+// Warns (nginx -t shows it) about search path entries anyone could plant
+// a module in: relative ones (resolved against the worker's current
+// directory) and ones under a world-writable directory.
+void warnUnsafeSearchPath(ngx_conf_t *cf, const ngx_str_t &value)
+{
+    std::string all(reinterpret_cast<char *>(value.data), value.len);
+    size_t start = 0;
+    while (start <= all.size()) {
+        size_t end = all.find(';', start);
+        if (end == std::string::npos) {
+            end = all.size();
+        }
+        std::string entry = all.substr(start, end - start);
+        start = end + 1;
+        if (entry.empty() || entry.compare(0, 7, "$prefix") == 0
+            || entry.compare(0, 9, "${prefix}") == 0)
+        {
+            continue;
+        }
+        if (entry[0] != '/') {
+            ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                               "\"%V\" entry \"%s\" is relative: modules "
+                               "are then looked up in the worker's current "
+                               "directory", &static_cast<ngx_str_t *>(
+                                   cf->args->elts)[0], entry.c_str());
+            continue;
+        }
+        std::string dir = entry.substr(0, entry.find('?'));
+        dir = dir.substr(0, dir.rfind('/') + 1);
+        struct stat st;
+        while (dir.size() > 1) {
+            if (stat(dir.c_str(), &st) == 0) {
+                if ((st.st_mode & S_IWOTH) && !(st.st_mode & S_ISVTX)) {
+                    ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                                       "\"%V\" entry \"%s\" is under the "
+                                       "world-writable directory \"%s\"",
+                                       &static_cast<ngx_str_t *>(
+                                           cf->args->elts)[0],
+                                       entry.c_str(), dir.c_str());
+                }
+                break;  // the closest existing directory decides
+            }
+            dir.pop_back();
+            dir = dir.substr(0, dir.rfind('/') + 1);
+        }
+    }
+}
+
 char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     auto *slot = reinterpret_cast<ngx_str_t *>(static_cast<char *>(conf)
@@ -532,6 +584,7 @@ char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return const_cast<char *>("is duplicate");
     }
     *slot = static_cast<ngx_str_t *>(cf->args->elts)[1];
+    warnUnsafeSearchPath(cf, *slot);
     return NGX_CONF_OK;
 }
 
@@ -540,6 +593,12 @@ char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 #define LG_LOC_OFF(field) offsetof(LocConf, field)
 #define LG_CMD(name, type, set, conf, off, post) \
     {ngx_string(name), type, set, conf, off, post}
+
+ngx_conf_enum_t kWritableEnum[] = {
+    {ngx_string("off"), static_cast<ngx_uint_t>(script::Writable::Off)},
+    {ngx_string("world"), static_cast<ngx_uint_t>(script::Writable::World)},
+    {ngx_string("group"), static_cast<ngx_uint_t>(script::Writable::Group)},
+    {ngx_null_string, 0}};
 
 constexpr ngx_uint_t kMain = NGX_HTTP_MAIN_CONF;
 constexpr ngx_uint_t kAnyLoc = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF
@@ -670,6 +729,14 @@ ngx_command_t commands[] = {
     LG_CMD("lua_sandbox", kAnyLoc | NGX_CONF_1MORE, sandbox::setDirective,
            kLocLoc, LG_LOC_OFF(sandbox), nullptr),
 
+    LG_CMD("lua_file_root", kAnyLoc | NGX_CONF_TAKE1, ngx_conf_set_str_slot,
+           kLocLoc, LG_LOC_OFF(file_root), nullptr),
+    LG_CMD("lua_file_check_writable", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_enum_slot, kLocLoc, LG_LOC_OFF(file_writable),
+           kWritableEnum),
+    LG_CMD("lua_file_owners", kAnyLoc | NGX_CONF_1MORE,
+           ngx_conf_set_str_array_slot, kLocLoc, LG_LOC_OFF(file_owners),
+           nullptr),
     LG_CMD("lua_budget_slice", kAnyLoc | NGX_CONF_TAKE1, setBudgetTime,
            kLocLoc, LG_LOC_OFF(budget_slice), nullptr),
     LG_CMD("lua_budget_request", kAnyLoc | NGX_CONF_TAKE1, setBudgetTime,
@@ -757,6 +824,8 @@ void *createLocConf(ngx_conf_t *cf)
     conf->transform_underscores = NGX_CONF_UNSET;
     conf->http10_buffering = NGX_CONF_UNSET;
     conf->check_client_abort = NGX_CONF_UNSET;
+    conf->file_writable = NGX_CONF_UNSET_UINT;
+    conf->file_owners = static_cast<ngx_array_t *>(NGX_CONF_UNSET_PTR);
     conf->budget_slice = NGX_CONF_UNSET_MSEC;
     conf->budget_request = NGX_CONF_UNSET_MSEC;
     conf->budget_memory = NGX_CONF_UNSET;
@@ -766,7 +835,60 @@ void *createLocConf(ngx_conf_t *cf)
     return conf;
 }
 
-char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
+void destroyScriptPolicy(void *data)
+{
+    static_cast<script::Policy *>(data)->~Policy();
+}
+
+// The *_by_lua_file policy of a location, as a C++ object the loader uses.
+char *mergeScriptPolicy(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
+{
+    ngx_conf_merge_str_value(conf->file_root, prev->file_root, "");
+    ngx_conf_merge_uint_value(conf->file_writable, prev->file_writable,
+                              static_cast<ngx_uint_t>(script::Writable::World));
+    ngx_conf_merge_ptr_value(conf->file_owners, prev->file_owners, nullptr);
+
+    ngx_str_t root = conf->file_root;
+    if (root.len == 0) {
+        root = cf->cycle->prefix;
+    } else if (ngx_get_full_name(cf->pool, &cf->cycle->prefix, &root)
+               != NGX_OK)
+    {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool,
+                                                   sizeof(script::Policy));
+    if (cln == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    auto *p = new (cln->data) script::Policy();
+    cln->handler = destroyScriptPolicy;
+    p->root.assign(reinterpret_cast<char *>(root.data), root.len);
+    while (p->root.size() > 1 && p->root.back() == '/') {
+        p->root.pop_back();
+    }
+    p->writable = static_cast<script::Writable>(conf->file_writable);
+    if (conf->file_owners) {
+        auto *names = static_cast<ngx_str_t *>(conf->file_owners->elts);
+        for (ngx_uint_t i = 0; i < conf->file_owners->nelts; i++) {
+            std::string name(reinterpret_cast<char *>(names[i].data),
+                             names[i].len);
+            struct passwd *pw = getpwnam(name.c_str());
+            if (pw == nullptr) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "lua_file_owners: unknown user \"%V\"",
+                                   &names[i]);
+                return static_cast<char *>(NGX_CONF_ERROR);
+            }
+            p->owners.push_back(pw->pw_uid);
+        }
+    }
+    conf->script_policy = p;
+    return NGX_CONF_OK;
+}
+
+char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
 {
     auto *prev = static_cast<LocConf *>(parent);
     auto *conf = static_cast<LocConf *>(child);
@@ -807,7 +929,7 @@ char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
     if (conf->sandbox == nullptr) {
         conf->sandbox = prev->sandbox;  // null stays "default"
     }
-    return NGX_CONF_OK;
+    return mergeScriptPolicy(cf, prev, conf);
 }
 
 // Adds `h` to a phase: first in the array means last to run (nginx builds

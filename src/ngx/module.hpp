@@ -17,6 +17,7 @@ namespace luaguard {
 
 class Vm;
 struct LuaThread;
+namespace script { struct Policy; }
 struct RequestCtx;
 namespace sandbox { struct Policy; }
 
@@ -76,6 +77,12 @@ struct LocConf {
     ngx_flag_t                 http10_buffering;
     ngx_flag_t                 check_client_abort;
 
+    // *_by_lua_file loading (docs/security.md).
+    ngx_str_t                  file_root;
+    ngx_uint_t                 file_writable;     // script::Writable
+    ngx_array_t               *file_owners;       // of ngx_str_t
+    const script::Policy      *script_policy;     // built at merge
+
     // Execution budgets for request code (0: off).
     ngx_msec_t                 budget_slice;
     ngx_msec_t                 budget_request;
@@ -132,6 +139,7 @@ struct RequestCtx {
     // these record what the driver does once the thread is unwound.
     ngx_int_t            exit_code = 0;
     bool                 exited = false;
+    ngx_int_t            load_status = 0;   // a *_by_lua_file not loaded
     ngx_str_t            exec_uri = ngx_null_string;
     ngx_str_t            exec_args = ngx_null_string;
 

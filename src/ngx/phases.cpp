@@ -9,6 +9,7 @@
 #include "runtime/code.hpp"
 #include "runtime/vm.hpp"
 #include "security/log_escape.hpp"
+#include "security/script_path.hpp"
 #include "security/ngx_sandbox.hpp"
 
 namespace luaguard {
@@ -88,24 +89,53 @@ RequestCtx *ensureCtx(ngx_http_request_t *r)
     return ctx;
 }
 
-bool readFile(const std::string &path, std::string *out, std::string *err)
+// The path may come from request data: escaped like any Lua message.
+void logEscaped(ngx_log_t *log, const std::string &msg)
 {
-    FILE *f = std::fopen(path.c_str(), "rb");
-    if (f == nullptr) {
-        *err = "cannot open " + path;
-        return false;
+    std::string line;
+    appendLogEscaped(line, msg.data(), msg.size());
+    ngx_log_error(NGX_LOG_ERR, log, 0, "%s", line.c_str());
+}
+
+const script::Policy &scriptPolicy(RequestCtx *ctx)
+{
+    if (ctx && ctx->llcf->script_policy) {
+        return *ctx->llcf->script_policy;
     }
-    char buf[16384];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) {
-        out->append(buf, n);
+    // init_by_lua_file and friends: fixed paths of the configuration.
+    static script::Policy fallback;
+    fallback.root.assign(reinterpret_cast<char *>(ngx_cycle->prefix.data),
+                         ngx_cycle->prefix.len);
+    while (fallback.root.size() > 1 && fallback.root.back() == '/') {
+        fallback.root.pop_back();
     }
-    bool ok = !std::ferror(f);
-    std::fclose(f);
-    if (!ok) {
-        *err = "cannot read " + path;
+    return fallback;
+}
+
+// A script that could not be loaded: the status lua-nginx-module answers
+// (404 missing, 503 unreadable), 404 for what the policy refused and 500
+// for unsafe permissions, both logged as luaguard's refusals.
+bool loadRefused(RequestCtx *ctx, const std::string &path, script::Verdict v,
+                 const std::string &why, std::string *err)
+{
+    ngx_int_t status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+    switch (v) {
+    case script::Verdict::NotFound: status = NGX_HTTP_NOT_FOUND; break;
+    case script::Verdict::Forbidden:
+        status = NGX_HTTP_SERVICE_UNAVAILABLE;
+        break;
+    case script::Verdict::Refused: status = NGX_HTTP_NOT_FOUND; break;
+    default: break;
     }
-    return ok;
+    if (ctx) {
+        ctx->load_status = status;
+    }
+    bool policy = v == script::Verdict::Refused
+                  || v == script::Verdict::Unsafe;
+    *err = std::string(policy ? "luaguard refused to load Lua file \""
+                              : "failed to load external Lua file \"")
+           + path + "\": " + why;
+    return false;
 }
 
 // Resolves a *_by_lua_file path for this request (nginx variables
@@ -153,6 +183,19 @@ bool pushFileFactory(lua_State *L, RequestCtx *ctx, Handler *h,
     bool cache = ctx == nullptr || ctx->llcf->code_cache;
     Vm *vm = mainConf()->vm;
 
+    // A path built from request data stays beneath lua_file_root; a path
+    // fixed in the configuration is the administrator's.
+    const script::Policy &policy = scriptPolicy(ctx);
+    bool confined = h->path->lengths != nullptr;
+    std::string relative;
+    if (confined) {
+        std::string why;
+        script::Verdict v = script::confine(path, policy, &relative, &why);
+        if (v != script::Verdict::Ok) {
+            return loadRefused(ctx, path, v, why, err);
+        }
+    }
+
     if (cache) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, vm->fileCacheRef());
         lua_getfield(L, -1, path.c_str());
@@ -164,8 +207,11 @@ bool pushFileFactory(lua_State *L, RequestCtx *ctx, Handler *h,
     }
 
     std::string code;
-    if (!readFile(path, &code, err)) {
-        return false;
+    std::string why;
+    script::Verdict v = script::load(path, relative, confined, policy, &code,
+                                     &why);
+    if (v != script::Verdict::Ok) {
+        return loadRefused(ctx, path, v, why, err);
     }
     std::string chunkname = "@" + path;
     if (!compileFactory(L, code.data(), code.size(), chunkname.c_str(), err)) {
@@ -253,7 +299,7 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
         ok = pushHandler(t->co, ctx, h, t->co, &err);
     }
     if (!ok) {
-        logFailure(ctx->r->connection->log, "failed to run Lua code", err, "");
+        logEscaped(ctx->r->connection->log, err);
         ctx->entry_done = ctx->entry_failed = true;
         threads::endPhase(ctx);
         return Outcome::Failed;
@@ -276,6 +322,9 @@ Verdict judge(RequestCtx *ctx, Outcome out)
         // Headers already out: nothing but closing the connection is honest.
         if (ctx->r->header_sent) {
             return {Verdict::Finalize, NGX_ERROR};
+        }
+        if (ctx->load_status) {
+            return {Verdict::Finalize, ctx->load_status};
         }
         return {Verdict::Finalize,
                 ctx->usage.tripped != budget::Kind::None
@@ -586,7 +635,7 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
     lua_pushcfunction(L, tracebackHandler);
     if (!pushHandler(L, ctx, h, nullptr, &err)) {
         lua_settop(L, base);
-        logFailure(log, "failed to run Lua code", err, "");
+        logEscaped(log, err);
         return NGX_ERROR;
     }
     budget::Usage scratch;

@@ -24,9 +24,10 @@ ASAN = os.environ.get("LUAGUARD_ASAN") == "1"
 # Lines that fail any test: nginx's own alarms, a crashed worker, and any
 # sanitizer report.
 FATAL = re.compile(
-    r"\[alert\]|\[crit\]|\[emerg\]|exited on signal|AddressSanitizer|"
-    r"LeakSanitizer|UndefinedBehaviorSanitizer|"
-    r"\.(?:c|cc|cpp|h|hpp):\d+:\d+: runtime error:")
+    r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[(?:alert|crit|emerg)\]|"
+    r"exited on signal|AddressSanitizer|LeakSanitizer|"
+    r"UndefinedBehaviorSanitizer|\.(?:c|cc|cpp|h|hpp):\d+:\d+: runtime error:")
+
 
 TEMPLATE = """\
 {load}
@@ -230,6 +231,8 @@ class Nginx:
         return out
 
     def fatal_lines(self):
+        # The level is the line's own: request data quoted inside a message
+        # (escaped, on that message's line) does not count.
         lines = [ln for ln in self.read_log().splitlines() if FATAL.search(ln)]
         for f in self.prefix.glob("asan.*"):
             lines.append(f.read_text(errors="replace"))
