@@ -43,7 +43,8 @@ const IntConst kConstants[] = {
     {"HTTP_GONE", 410}, {"HTTP_UPGRADE_REQUIRED", 426},
     {"HTTP_TOO_MANY_REQUESTS", 429}, {"HTTP_CLOSE", 444},
     {"HTTP_ILLEGAL", 451}, {"HTTP_INTERNAL_SERVER_ERROR", 500},
-    {"HTTP_METHOD_NOT_IMPLEMENTED", 501}, {"HTTP_BAD_GATEWAY", 502},
+    {"HTTP_METHOD_NOT_IMPLEMENTED", 501}, {"HTTP_NOT_IMPLEMENTED", 501},
+    {"HTTP_BAD_GATEWAY", 502},
     {"HTTP_SERVICE_UNAVAILABLE", 503}, {"HTTP_GATEWAY_TIMEOUT", 504},
     {"HTTP_VERSION_NOT_SUPPORTED", 505}, {"HTTP_INSUFFICIENT_STORAGE", 507},
 
@@ -73,8 +74,9 @@ void concatArgs(lua_State *L, int first, const char *fname, luaL_Buffer *b)
             luaL_addvalue(b);
             continue;
         }
-        luaL_error(L, "bad argument #%d to '%s' (expected table to have "
-                   "__tostring metamethod)", i, fname);
+        // lua-nginx-module names no function in this message.
+        luaL_error(L, "bad argument #%d to '?' (expected table to have "
+                   "__tostring metamethod)", i - first + 1);
     }
 }
 
@@ -477,8 +479,6 @@ void openCore(lua_State *L)
     // The lua-nginx-module release whose API we follow (0.10.23).
     lua_pushinteger(L, 10023);
     lua_setfield(L, -2, "ngx_lua_version");
-    lua_pushboolean(L, 0);
-    lua_setfield(L, -2, "is_console");
     const luaL_Reg config[] = {{"prefix", configPrefix},
                                {"nginx_configure", configConfigure},
                                {nullptr, nullptr}};

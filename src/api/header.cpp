@@ -78,6 +78,8 @@ bool copySafe(ngx_http_request_t *r, const char *s, size_t len, ngx_str_t *out)
 }
 
 // The pointer nginx keeps for a header it treats specially, if any.
+// Location is deliberately not one: nginx's header filter would turn a
+// relative value into an absolute URL, which lua-nginx-module does not.
 ngx_table_elt_t **specialSlot(ngx_http_request_t *r, const std::string &name)
 {
     ngx_http_headers_out_t &h = r->headers_out;
@@ -88,7 +90,6 @@ ngx_table_elt_t **specialSlot(ngx_http_request_t *r, const std::string &name)
         {"server", &h.server},
         {"date", &h.date},
         {"content-encoding", &h.content_encoding},
-        {"location", &h.location},
         {"refresh", &h.refresh},
         {"last-modified", &h.last_modified},
         {"content-range", &h.content_range},

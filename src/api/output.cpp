@@ -21,8 +21,8 @@ size_t measure(lua_State *L, int idx, int argn, const char *fname, int depth)
     }
     if (lua_type(L, idx) != LUA_TTABLE) {
         luaL_error(L, "bad argument #%d to '%s' (string, number, boolean, "
-                   "nil, ngx.null, or array table expected, got %s)", argn,
-                   fname, luaL_typename(L, idx));
+                   "nil, ngx.null, or array table expected, but got %s)",
+                   argn, fname, luaL_typename(L, idx));
     }
     if (depth > 100) {
         luaL_error(L, "bad argument #%d to '%s' (table nested too deeply)",
@@ -134,12 +134,13 @@ int emit(lua_State *L, bool newline, const char *fname)
 
 int ngxSay(lua_State *L)
 {
-    return emit(L, true, "say");
+    // lua-nginx-module's messages name no function: "to '?'".
+    return emit(L, true, "?");
 }
 
 int ngxPrint(lua_State *L)
 {
-    return emit(L, false, "print");
+    return emit(L, false, "?");
 }
 
 void flushWaitHandler(ngx_http_request_t *r)
@@ -432,6 +433,31 @@ int ngxRedirect(lua_State *L)
         }
     }
 
+    // Any earlier Location goes. The new one stays in the plain header
+    // list, not in headers_out.location: nginx would make a relative value
+    // absolute there, and lua-nginx-module sends it as given.
+    ngx_list_part_t *part = &r->headers_out.headers.part;
+    auto *elts = static_cast<ngx_table_elt_t *>(part->elts);
+    for (ngx_uint_t i = 0;; i++) {
+        if (i >= part->nelts) {
+            if (part->next == nullptr) {
+                break;
+            }
+            part = part->next;
+            elts = static_cast<ngx_table_elt_t *>(part->elts);
+            i = 0;
+        }
+        if (elts[i].key.len == sizeof("location") - 1
+            && ngx_strncasecmp(elts[i].key.data,
+                               reinterpret_cast<u_char *>(
+                                   const_cast<char *>("location")),
+                               sizeof("location") - 1) == 0)
+        {
+            elts[i].hash = 0;
+        }
+    }
+    r->headers_out.location = nullptr;
+
     auto *h = static_cast<ngx_table_elt_t *>(
         ngx_list_push(&r->headers_out.headers));
     if (h == nullptr) {
@@ -441,10 +467,8 @@ int ngxRedirect(lua_State *L)
     ngx_str_set(&h->key, "Location");
     h->value.data = data;
     h->value.len = p - data;
-    if (r->headers_out.location) {
-        r->headers_out.location->hash = 0;
-    }
-    r->headers_out.location = h;
+    h->lowcase_key = reinterpret_cast<u_char *>(const_cast<char *>(
+        "location"));
     r->headers_out.status = static_cast<ngx_uint_t>(status);
 
     ctx->exit_code = static_cast<ngx_int_t>(status);

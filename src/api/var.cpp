@@ -26,7 +26,8 @@ int varIndex(lua_State *L)
 
     if (lua_type(L, 2) == LUA_TNUMBER) {
         auto n = static_cast<ngx_int_t>(lua_tointeger(L, 2));
-        if (n < 0 || r->captures == nullptr
+        // ngx.var[0] is not the whole match in lua-nginx-module: nil.
+        if (n < 1 || r->captures == nullptr
             || static_cast<ngx_uint_t>(n * 2) >= r->ncaptures)
         {
             lua_pushnil(L);

@@ -1,6 +1,8 @@
 // Request contexts, the thread driver and the phase handlers.
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -96,11 +98,18 @@ RequestCtx *ensureCtx(ngx_http_request_t *r)
     return ctx;
 }
 
+// Set when the last *_by_lua_file load failed because the file does not
+// exist: lua-nginx-module answers such a request with 404, not 500.
+bool g_file_missing = false;
+
 bool readFile(const std::string &path, std::string *out, std::string *err)
 {
     FILE *f = std::fopen(path.c_str(), "rb");
     if (f == nullptr) {
-        *err = "cannot open " + path;
+        int e = errno;
+        g_file_missing = e == ENOENT;
+        *err = "failed to load external Lua file \"" + path
+               + "\": cannot open " + path + ": " + std::strerror(e);
         return false;
     }
     char buf[16384];
@@ -310,6 +319,7 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
 
     std::string err;
     bool ok;
+    g_file_missing = false;
     {
         RunScope scope(ctx, phase);
         ok = pushHandler(co, ctx, h, co, &err);
@@ -317,6 +327,11 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
     if (!ok) {
         logFailure(ctx->r->connection->log, "failed to run Lua code", err, "");
         releaseThread(ctx);
+        if (g_file_missing) {
+            ctx->exited = true;
+            ctx->exit_code = NGX_HTTP_NOT_FOUND;
+            return Outcome::Finished;
+        }
         return Outcome::Failed;
     }
     return resumeThread(ctx, 0);
@@ -494,11 +509,16 @@ ngx_int_t runPhase(ngx_http_request_t *r, Phase phase, Handler *h)
     }
     pr.state = ThreadState::Running;
 
+    ngx_http_event_handler_pt write_handler = r->write_event_handler;
     Outcome out = startThread(ctx, phase, h);
     if (out == Outcome::Yielded) {
         r->main->count++;
-        // The thread, not nginx's phase loop, decides when to go on.
-        r->write_event_handler = ngx_http_request_empty_handler;
+        // The thread, not nginx's phase loop, decides when to go on; an
+        // API that waits on the write event (ngx.flush(true)) has set its
+        // own handler, which must stay.
+        if (r->write_event_handler == write_handler) {
+            r->write_event_handler = ngx_http_request_empty_handler;
+        }
         return NGX_DONE;
     }
     return concludeSync(ctx, phase, out);
