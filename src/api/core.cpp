@@ -122,7 +122,7 @@ void sleepDone(ngx_event_t *ev)
 
 int ngxSleep(lua_State *L)
 {
-    glue::checkPhase(L, kYieldable);
+    requestPhase(L, kYieldable, "no request found", false);
     lua_Number sec = luaL_checknumber(L, 1);
     if (sec < 0) {
         return luaL_error(L, "invalid sleep duration \"%f\"", sec);
@@ -156,6 +156,22 @@ void pushCtxTable(lua_State *L, RequestCtx *ctx)
     lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
 }
 
+// ngx.ctx in init_worker_by_lua and exit_worker_by_lua: lua-nginx-module
+// gives these a table of their own (its placeholder request's).
+void pushWorkerCtx(lua_State *L, Phase phase)
+{
+    const char *key = phase == Phase::InitWorker ? "luaguard.init_worker_ctx"
+                                                 : "luaguard.exit_worker_ctx";
+    lua_getfield(L, LUA_REGISTRYINDEX, key);
+    if (lua_istable(L, -1)) {
+        return;
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, key);
+}
+
 int ngxIndex(lua_State *L)
 {
     size_t len;
@@ -164,11 +180,20 @@ int ngxIndex(lua_State *L)
         return 0;
     }
     if (std::strcmp(key, "ctx") == 0) {
+        Run *run = g_run;
+        if (run && run->ctx == nullptr
+            && (run->phase == Phase::InitWorker
+                || run->phase == Phase::ExitWorker))
+        {
+            pushWorkerCtx(L, run->phase);
+            return 1;
+        }
         RequestCtx *ctx = glue::requireRequest(L);
         pushCtxTable(L, ctx);
         return 1;
     }
     if (std::strcmp(key, "status") == 0) {
+        requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         ngx_http_request_t *r = ctx->r;
         lua_pushinteger(L, static_cast<lua_Integer>(
@@ -177,6 +202,7 @@ int ngxIndex(lua_State *L)
         return 1;
     }
     if (std::strcmp(key, "headers_sent") == 0) {
+        requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         lua_pushboolean(L, ctx->r->header_sent || ctx->buffering);
         return 1;
@@ -204,9 +230,9 @@ int ngxNewIndex(lua_State *L)
         return 0;
     }
     if (key && std::strcmp(key, "status") == 0) {
-        glue::checkPhase(L, mask(Phase::Set, Phase::ServerRewrite,
-                                 Phase::Rewrite, Phase::Access,
-                                 Phase::Content, Phase::HeaderFilter));
+        // Allowed in body_filter and log too, where it only logs that the
+        // headers are gone, as lua-nginx-module does.
+        requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         ngx_http_request_t *r = ctx->r;
         if (r->header_sent) {
@@ -389,6 +415,21 @@ void addPending(lua_State *L)
 }
 
 }  // namespace
+
+Run *requestPhase(lua_State *L, PhaseMask allowed, const char *noreq,
+                  bool placeholder)
+{
+    Run *run = g_run;
+    if (run == nullptr || run->phase == Phase::Init
+        || run->phase == Phase::None)
+    {
+        luaL_error(L, "%s", noreq);
+    }
+    if (placeholder && run->ctx == nullptr && !(mask(run->phase) & allowed)) {
+        luaL_error(L, "API disabled in the current context");
+    }
+    return glue::checkPhase(L, allowed);
+}
 
 void setFuncs(lua_State *L, const luaL_Reg *fns)
 {

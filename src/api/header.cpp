@@ -15,9 +15,9 @@ constexpr PhaseMask kReadPhases = mask(Phase::Set, Phase::ServerRewrite,
                                        Phase::Rewrite, Phase::Access,
                                        Phase::Content, Phase::HeaderFilter,
                                        Phase::BodyFilter, Phase::Log);
-constexpr PhaseMask kWritePhases = mask(Phase::Set, Phase::ServerRewrite,
-                                        Phase::Rewrite, Phase::Access,
-                                        Phase::Content, Phase::HeaderFilter);
+// body_filter and log may write too: the headers are gone by then, so the
+// write only logs that, as in lua-nginx-module.
+constexpr PhaseMask kWritePhases = kReadPhases;
 
 // The header name as nginx will send it: underscores become hyphens
 // unless lua_transform_underscores_in_response_headers is off.
@@ -166,7 +166,7 @@ bool addHeader(ngx_http_request_t *r, const std::string &name,
 
 int headerIndex(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kReadPhases);
+    Run *run = requestPhase(L, kReadPhases);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
     size_t len;
@@ -249,7 +249,7 @@ bool valueText(lua_State *L, int idx, const char **s, size_t *len)
 
 int headerNewIndex(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kWritePhases);
+    Run *run = requestPhase(L, kWritePhases);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
     size_t len;

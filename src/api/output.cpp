@@ -77,8 +77,17 @@ u_char *copyOut(lua_State *L, int idx, u_char *p)
     return p;
 }
 
+// init_by_lua has no request: lua-nginx-module says so before anything.
+void noRequestObject(lua_State *L)
+{
+    if (g_run == nullptr || g_run->phase == Phase::Init) {
+        luaL_error(L, "no request object found");
+    }
+}
+
 int emit(lua_State *L, bool newline, const char *fname)
 {
+    noRequestObject(L);
     Run *run = glue::checkPhase(L, kOutput);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
@@ -194,7 +203,7 @@ void flushWaitHandler(ngx_http_request_t *r)
 
 int ngxFlush(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kOutput);
+    Run *run = requestPhase(L, kOutput, "no request found", false);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
     bool wait = lua_toboolean(L, 1);
@@ -233,6 +242,7 @@ int ngxFlush(lua_State *L)
 
 int ngxEof(lua_State *L)
 {
+    noRequestObject(L);
     Run *run = glue::checkPhase(L, kOutput);
     RequestCtx *ctx = run->ctx;
     if (lua_gettop(L) != 0) {
@@ -256,7 +266,7 @@ int ngxEof(lua_State *L)
 
 int sendHeaders(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kOutput);
+    Run *run = requestPhase(L, kOutput, "no request found", false);
     RequestCtx *ctx = run->ctx;
     if (ctx->r->header_sent) {
         lua_pushnil(L);
@@ -275,8 +285,9 @@ int sendHeaders(lua_State *L)
 
 int ngxExit(lua_State *L)
 {
-    Run *run = glue::checkPhase(
-        L, kYieldable | mask(Phase::HeaderFilter, Phase::InitWorker));
+    Run *run = requestPhase(
+        L, kYieldable | mask(Phase::HeaderFilter, Phase::InitWorker),
+        "no request found", false);
     if (run->ctx == nullptr) {
         // init_worker_by_lua / timers without a request: just stop.
         return luaL_error(L, "no request found");
@@ -317,6 +328,7 @@ bool poolCopy(ngx_http_request_t *r, const char *s, size_t len, ngx_str_t *out)
 
 int ngxExec(lua_State *L)
 {
+    noRequestObject(L);
     Run *run = glue::checkPhase(L, mask(Phase::Rewrite, Phase::Access,
                                         Phase::Content));
     RequestCtx *ctx = run->ctx;
@@ -379,6 +391,7 @@ int ngxExec(lua_State *L)
 
 int ngxRedirect(lua_State *L)
 {
+    noRequestObject(L);
     Run *run = glue::checkPhase(L, mask(Phase::Rewrite, Phase::Access,
                                         Phase::Content));
     RequestCtx *ctx = run->ctx;

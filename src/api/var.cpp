@@ -21,7 +21,7 @@ ngx_uint_t lowerKey(const char *name, size_t len, u_char *buf)
 
 int varIndex(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kVarPhases);
+    Run *run = requestPhase(L, kVarPhases);
     ngx_http_request_t *r = run->ctx->r;
 
     if (lua_type(L, 2) == LUA_TNUMBER) {
@@ -66,7 +66,7 @@ int varIndex(lua_State *L)
 
 int varNewIndex(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kVarPhases);
+    Run *run = requestPhase(L, kVarPhases);
     ngx_http_request_t *r = run->ctx->r;
     size_t len;
     const char *name = luaL_checklstring(L, 2, &len);

@@ -614,7 +614,13 @@ Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)
     Run *run = g_run;
     Phase p = run ? run->phase : Phase::None;
     if (!(mask(p) & allowed)) {
-        luaL_error(L, "API disabled in the context of %s", phaseName(p));
+        // lua-nginx-module names the directive family, e.g.
+        // "set_by_lua*", and "ngx.timer" for timers.
+        if (p == Phase::Timer) {
+            luaL_error(L, "API disabled in the context of ngx.timer");
+        }
+        luaL_error(L, "API disabled in the context of %s_by_lua*",
+                   phaseName(p));
     }
     return run;
 }
