@@ -10,13 +10,25 @@ namespace luaguard::api {
 
 namespace {
 
+// The text ngx.say and ngx.print give a scalar. lua-nginx-module writes
+// negative zero as "0".
+bool outputText(lua_State *L, int idx, const char **s, size_t *len)
+{
+    if (lua_type(L, idx) == LUA_TNUMBER && lua_tonumber(L, idx) == 0) {
+        *s = "0";
+        *len = 1;
+        return true;
+    }
+    return scalarText(L, idx, s, len);
+}
+
 // Size of the text of argument `idx` (arrays recursively). -1 with the
 // error raised for a value that cannot be printed.
 size_t measure(lua_State *L, int idx, int argn, const char *fname, int depth)
 {
     const char *s;
     size_t len;
-    if (scalarText(L, idx, &s, &len)) {
+    if (outputText(L, idx, &s, &len)) {
         return len;
     }
     if (lua_type(L, idx) != LUA_TTABLE) {
@@ -49,7 +61,7 @@ size_t measure(lua_State *L, int idx, int argn, const char *fname, int depth)
         int top = lua_gettop(L);
         if (lua_type(L, top) == LUA_TTABLE) {
             total += measure(L, top, argn, fname, depth + 1);
-        } else if (scalarText(L, top, &s, &len)) {
+        } else if (outputText(L, top, &s, &len)) {
             total += len;
         } else {
             luaL_error(L, "bad argument #%d to '%s' (bad data type %s found)",
@@ -65,7 +77,7 @@ u_char *copyOut(lua_State *L, int idx, u_char *p)
     const char *s;
     size_t len;
     if (lua_type(L, idx) != LUA_TTABLE) {
-        scalarText(L, idx, &s, &len);
+        outputText(L, idx, &s, &len);
         return ngx_cpymem(p, s, len);
     }
     size_t n = lua_objlen(L, idx);

@@ -64,6 +64,11 @@ CASES = [
     Case("say_returns", r"""content_by_lua_block {
             ngx.say(ngx.say("x"))
         }""", text="x\n1\n"),
+    Case("say_numbers", r"""content_by_lua_block {
+            ngx.say(3.0, " ", 0.1, " ", 1e100, " ", -0.0, " ", 2^53, " ",
+                    1/0, " ", -1/0, " ", 123456789012, " ", 1/3)
+            ngx.print({1.5, 2}, "\n")
+        }""", diff=True),
     Case("say_non_array", r"""content_by_lua_block {
             local ok, err = pcall(ngx.say, {a = 1})
             ngx.say(ok, " ", err)
@@ -275,6 +280,11 @@ CASES = [
                 r"ngx.HTTP_MOVED_PERMANENTLY, ngx.HTTP_PERMANENT_REDIRECT, "
                 r"ngx.HTTP_SEE_OTHER, and ngx.HTTP_TEMPORARY_REDIRECT are "
                 r"allowed"),
+    # luaguard only: a CR/LF in the target cannot split the header.
+    Case("redirect_crlf", r"""content_by_lua_block {
+            ngx.redirect("/a\r\nX-Evil: 1")
+        }""", ours_only=True, status=302,
+         resp_headers={"Location": "/a%0D%0AX-Evil: 1", "X-Evil": None}),
     Case("redirect_rewrite", r"""
             rewrite_by_lua_block { ngx.redirect("/r", 301) }
             content_by_lua_block { ngx.say("never") }""", status=301,
@@ -371,6 +381,12 @@ CASES = [
          log_re=r"\[warn\] \d+#\d+: \*\d+ \[lua\] content_by_lua\(nginx\.conf:"
                 r"\d+\):2: warnmsg 1 nil true[\s\S]*\[notice\] \d+#\d+: \*\d+ "
                 r"\[lua\] content_by_lua\(nginx\.conf:\d+\):3: printed 2"),
+    # luaguard only: control bytes from Lua never forge log lines.
+    Case("log_escaped", r"""content_by_lua_block {
+            ngx.log(ngx.ERR, "LOGESC a\nFORGED b\r\0c\27[31m")
+            ngx.say("ok")
+        }""", ours_only=True, text="ok\n",
+         log_re=r"LOGESC a\\nFORGED b\\r\\x00c\\x1b\[31m"),
     Case("log_bad_arg", r"""content_by_lua_block {
             local ok, err = pcall(ngx.log, ngx.ERR, {})
             ngx.say(ok, " ", err)
@@ -768,7 +784,7 @@ def fast_marks(c):
              for c in CASES if not c.diff])
 def test_case(servers, module, case):
     if case.ours_only and module == "reference":
-        pytest.skip("lua-nginx-module leaves this request hanging")
+        pytest.skip("luaguard-only behaviour")
     n = servers(module)
     r = fetch(n, case)
     check(case, r)

@@ -230,6 +230,25 @@ def test_syntax_error_main_level(server, conf):
     assert not ok and "nginx.conf:" in out, out
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_init_error_stops_startup(server, module):
+    n = server(start=False, module=module,
+               http='init_by_lua_block { error("init boom") }')
+    r = n.cmd(check=False)
+    out = r.stderr + n.read_log()
+    assert r.returncode != 0
+    assert re.search(r"init_by_lua\(nginx\.conf:\d+\):1: init boom", out), out
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_init_worker_error_keeps_serving(server, module):
+    n = server(module=module, workers=2,
+               http='init_worker_by_lua_block { error("iw boom") }',
+               server='location /x { content_by_lua_block { ngx.say(1) } }')
+    n.wait_log(r"init_worker_by_lua\(nginx\.conf:\d+\):1: iw boom")
+    assert n.get("/x").text == "1\n"
+
+
 def test_unclosed_block(server):
     n = server(start=False, server="""
         location /x {
