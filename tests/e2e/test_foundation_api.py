@@ -651,9 +651,14 @@ CASES = [
          text_re=PAGE_500, log_re=r"set_by_lua\(nginx\.conf:\d+\):1: set boom"),
     Case("err_header_filter", r"""
             header_filter_by_lua_block { error("hf boom") }
-            content_by_lua_block { ngx.say("never") }""", closed=True,
-         ours_only=True,
+            content_by_lua_block { ngx.say("never") }""", status=500,
+         text_re=PAGE_500, ours_only=True,
          log_re=r"header_filter_by_lua\(nginx\.conf:\d+\):1: hf boom"),
+    Case("err_header_filter_static", r"""
+            header_filter_by_lua_block { error("hf static boom") }
+            alias html/static.txt;""", status=500, text_re=PAGE_500,
+         ours_only=True,
+         log_re=r"header_filter_by_lua\(nginx\.conf:\d+\):1: hf static boom"),
     Case("err_log", r"""
             log_by_lua_block { error("log boom") }
             content_by_lua_block { ngx.say("fine") }""", text="fine\n",
