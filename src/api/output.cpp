@@ -225,6 +225,11 @@ int ngxFlush(lua_State *L)
         lua_pushliteral(L, "seen eof");
         return 2;
     }
+    if (!r->header_sent && !ctx->buffering) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "nothing to flush");
+        return 2;
+    }
     if (glue::flush(ctx) == NGX_ERROR) {
         lua_pushnil(L);
         lua_pushliteral(L, "nginx output filter error");
@@ -281,9 +286,9 @@ int sendHeaders(lua_State *L)
     Run *run = requestPhase(L, kOutput, "no request found", false);
     RequestCtx *ctx = run->ctx;
     if (ctx->r->header_sent) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "header already sent");
-        return 2;
+        // Not an error for lua-nginx-module: the headers are out.
+        lua_pushinteger(L, 1);
+        return 1;
     }
     ngx_int_t rc = glue::sendHeader(ctx);
     if (rc == NGX_ERROR || rc > NGX_OK) {

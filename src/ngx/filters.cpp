@@ -45,6 +45,15 @@ ngx_int_t headerFilter(ngx_http_request_t *r)
     if (ctx->exited && ctx->exit_code == NGX_ERROR) {
         return NGX_ERROR;
     }
+    if (ctx->exited && ctx->exit_code >= NGX_HTTP_SPECIAL_RESPONSE) {
+        // ngx.exit(status >= 300): nginx's page for that status replaces
+        // the response, as in lua-nginx-module.
+        ngx_int_t status = ctx->exit_code;
+        ctx->eof = true;
+        ctx->exit_code = NGX_ERROR;
+        return ngx_http_filter_finalize_request(r, &ngx_http_luaguard_module,
+                                                status);
+    }
     return g_next_header(r);
 }
 

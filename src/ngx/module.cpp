@@ -656,10 +656,13 @@ char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
     auto *prev = static_cast<LocConf *>(parent);
     auto *conf = static_cast<LocConf *>(child);
 
-    // Phase handlers inherit like nginx's own handler directives; content
-    // is never inherited (it is the location's content handler).
+    // Phase handlers inherit like nginx's own handler directives. Content
+    // inherits too, for an `if` block inside the location: nginx keeps the
+    // location's content handler there, which must find the code. (Nested
+    // locations do not get nginx's handler, so it never runs there.)
     for (auto field : {&LocConf::rewrite, &LocConf::access, &LocConf::log,
-                       &LocConf::header_filter, &LocConf::body_filter}) {
+                       &LocConf::header_filter, &LocConf::body_filter,
+                       &LocConf::content}) {
         if (conf->*field == nullptr) {
             conf->*field = prev->*field;
         }

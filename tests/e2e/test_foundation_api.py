@@ -111,6 +111,20 @@ CASES = [
             ngx.say("hidden")
         }""", method="HEAD", text=""),
 
+    Case("send_headers_twice", r"""content_by_lua_block {
+            ngx.say(ngx.send_headers())
+            ngx.say(ngx.send_headers())
+            ngx.say(ngx.flush(), ngx.eof())
+            ngx.say("late")
+        }""", diff=True),
+    Case("flush_before_output", r"""content_by_lua_block {
+            local ok, err = ngx.flush(true)
+            ngx.say(ok, " ", err, " ", ngx.headers_sent)
+        }""", diff=True),
+    Case("eof_in_rewrite", r"""
+            rewrite_by_lua_block { ngx.say("rw") ngx.eof() }
+            content_by_lua_block { ngx.say("never") }""", diff=True),
+
     # ---- ngx.exit ----
     Case("exit_404", r"""content_by_lua_block { ngx.exit(404) }""",
          status=404, text_re=r"<html>[\s\S]*404 Not Found[\s\S]*", fast=True),
@@ -162,6 +176,32 @@ CASES = [
             header_filter_by_lua_block { ngx.status = 202 }
             content_by_lua_block { ngx.say("hf") }""", status=202,
          text="hf\n"),
+    Case("exit_ok_header_filter", r"""
+            header_filter_by_lua_block {
+                ngx.header["X-Before"] = "1"
+                ngx.exit(ngx.OK)
+                ngx.header["X-After"] = "1"
+            }
+            content_by_lua_block { ngx.say("body") }""", ours_only=True,
+         text="body\n", resp_headers={"X-Before": "1", "X-After": None}),
+    Case("exit_status_header_filter", r"""
+            header_filter_by_lua_block { ngx.exit(503) }
+            content_by_lua_block { ngx.say("body") }""", diff=True),
+    # The reference leaves this request hanging; nginx's next content
+    # handler (static files) answers here.
+    Case("exit_declined_content", r"""content_by_lua_block {
+            ngx.exit(ngx.DECLINED)
+        }""", ours_only=True, status=404),
+    Case("exit_after_sleep", r"""
+            access_by_lua_block { ngx.sleep(0.01) ngx.exit(401) }
+            content_by_lua_block { ngx.say("never") }""", status=401,
+         text_re=r"<html>[\s\S]*401 Authorization Required[\s\S]*"),
+    Case("set_in_if", r"""
+            if ($arg_x) {
+                set_by_lua_block $v { return "in if " .. ngx.var.arg_x }
+            }
+            content_by_lua_block { ngx.say("[", ngx.var.v, "]") }""",
+         path="?x=1", text="[in if 1]\n"),
     Case("exit_bad_arg", r"""content_by_lua_block {
             local ok, err = pcall(ngx.exit, "abc")
             ngx.say(ok)
