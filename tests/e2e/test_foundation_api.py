@@ -648,6 +648,40 @@ CASES = [
                     package.cpath:find(";./?.so;", 1, true) ~= nil)
         }""", text="from lualib /lualib/?.lua /clib/?.so true true\n"),
 
+    Case("redirect_after_output", r"""content_by_lua_block {
+            ngx.say("x")
+            local ok, err = pcall(ngx.redirect, "/y")
+            ngx.say(err)
+        }""", diff=True),
+    Case("exec_named_args", r"""content_by_lua_block {
+            ngx.exec("@named", "a=1")
+        }""", diff=True),
+    Case("exec_in_access", r"""
+            access_by_lua_block { ngx.exec("/exec_target", "from=access") }
+            content_by_lua_block { ngx.say("never") }""",
+         text="/exec_target from=access nil\n"),
+    Case("err_body_filter", r"""
+            body_filter_by_lua_block { error("bf boom") }
+            content_by_lua_block { ngx.say("partial") }""", closed=True,
+         log_re=r"body_filter_by_lua\(nginx\.conf:\d+\):1: bf boom"),
+    Case("need_body_large", r"""
+            lua_need_request_body on;
+            client_body_buffer_size 1k;
+            content_by_lua_block {
+                ngx.say(tostring(ngx.var.request_body), " ",
+                        ngx.var.request_body_file ~= nil)
+            }""", method="POST", body=b"x" * 5000, diff=True),
+    Case("need_body_access", r"""
+            lua_need_request_body on;
+            access_by_lua_block { ngx.ctx.b = ngx.var.request_body }
+            content_by_lua_block { ngx.say(ngx.ctx.b) }""", method="POST",
+         body=b"in access", text="in access\n"),
+    Case("need_body_get", r"""
+            lua_need_request_body on;
+            rewrite_by_lua_block { ngx.ctx.b = ngx.var.request_body }
+            content_by_lua_block { ngx.say(tostring(ngx.ctx.b)) }""",
+         text="nil\n"),
+
     # ---- code forms ----
     Case("block_tricky", r"""content_by_lua_block {
             local t = { a = "}", b = '{', c = "\"}" }  -- } in a comment {
@@ -660,6 +694,19 @@ CASES = [
         }""", text='}{"} } {  ]] } \'}\n'),
     Case("legacy_string", r"""content_by_lua 'ngx.say("legacy ", [[}]])';""",
          text="legacy }\n"),
+    Case("legacy_escaped", r"""content_by_lua "ngx.say(\"dq\", 'sq')";""",
+         text="dqsq\n"),
+    Case("files_every_phase", r"""
+            set_by_lua_file $sf lua/phase.lua;
+            rewrite_by_lua_file lua/phase.lua;
+            access_by_lua_file lua/phase.lua;
+            header_filter_by_lua_file lua/phase.lua;
+            body_filter_by_lua_file lua/phase.lua;
+            log_by_lua_file lua/phase.lua;
+            content_by_lua_file lua/phase.lua;""",
+         text="set,rewrite,access,content\nbody_filter\n",
+         resp_headers={"X-File-Phase": "header_filter"},
+         log_re=r"FILEPHASE log"),
     Case("file_relative", r"""content_by_lua_file lua/hello.lua;""",
          text="hello from file\n"),
     Case("file_variable", r"""content_by_lua_file lua/$arg_f.lua;""",
@@ -721,6 +768,27 @@ FILES = {
     "lua/hello.lua": 'ngx.say("hello from file")\n',
     "lua/boom.lua": 'local x = 1\nerror("file boom")\n',
     "lua/set.lua": "return ngx.arg[1]:upper()\n",
+    "lua/phase.lua": r"""
+local p = ngx.get_phase()
+if p == "set" then return p end
+if p == "rewrite" then ngx.ctx.t = { ngx.var.sf, p } return end
+if p == "access" then table.insert(ngx.ctx.t, p) return end
+if p == "content" then
+    table.insert(ngx.ctx.t, p)
+    ngx.say(table.concat(ngx.ctx.t, ","))
+    return
+end
+if p == "header_filter" then
+    ngx.header["X-File-Phase"] = p
+    ngx.header.content_length = nil
+    return
+end
+if p == "body_filter" then
+    if ngx.arg[2] then ngx.arg[1] = ngx.arg[1] .. p .. "\n" end
+    return
+end
+ngx.log(ngx.ERR, "FILEPHASE ", p)
+""",
     "lualib/foundation_mod.lua": 'return { hello = "from lualib" }\n',
     "html/static.txt": "static file\n",
 }
