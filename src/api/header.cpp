@@ -296,6 +296,8 @@ int headerNewIndex(lua_State *L)
     }
 
     if (nameIs(name, "content-type")) {
+        // Even a cleared type is a choice: no default type is added then.
+        ctx->mime_set = true;
         if (values.empty()) {
             r->headers_out.content_type.len = 0;
             r->headers_out.content_type_len = 0;

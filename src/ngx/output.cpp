@@ -82,7 +82,8 @@ ngx_int_t sendHeader(RequestCtx *ctx)
     if (r->headers_out.status == 0) {
         r->headers_out.status = NGX_HTTP_OK;
     }
-    if (ctx->llcf->use_default_type && r->headers_out.content_type.len == 0
+    if (ctx->llcf->use_default_type && !ctx->mime_set
+        && r->headers_out.content_type.len == 0
         && ngx_http_set_content_type(r) != NGX_OK)
     {
         return NGX_ERROR;

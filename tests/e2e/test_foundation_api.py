@@ -286,6 +286,53 @@ CASES = [
             ngx.say("x")
         }""", resp_headers={"Cache-Control": "no-store",
                             "Set-Cookie": ["a=1", "b=2"]}),
+    Case("header_edge_values", r"""content_by_lua_block {
+            ngx.header["X-Empty"] = ""
+            ngx.header["X-Bool"] = true
+            ngx.header["X-Float"] = 1.5
+            ngx.header["X-List"] = {"a", "", "b"}
+            ngx.say(tostring(ngx.header["X-Empty"]), " ",
+                    tostring(ngx.header["X-Bool"]), " ",
+                    tostring(ngx.header["X-Float"]))
+        }""", diff=True, diff_headers=("X-Empty", "X-Bool", "X-Float",
+                                       "X-List")),
+    Case("header_clear_type", r"""content_by_lua_block {
+            ngx.header.content_type = nil
+            ngx.say(tostring(ngx.header.content_type))
+        }""", diff=True, diff_headers=("Content-Type",)),
+    Case("header_clear_length", r"""content_by_lua_block {
+            ngx.header.content_length = 100
+            ngx.header.content_length = nil
+            ngx.say(tostring(ngx.header.content_length))
+        }""", diff=True, diff_headers=("Content-Length",)),
+    Case("header_cookie_read", r"""content_by_lua_block {
+            ngx.header["Set-Cookie"] = {"a=1", "b=2"}
+            local c = ngx.header.set_cookie
+            ngx.say(type(c), " ", #c, " ", c[2])
+        }""", diff=True, diff_headers=("Set-Cookie",)),
+    Case("header_builtin_read", r"""content_by_lua_block {
+            ngx.header.cache_control = "no-cache"
+            ngx.header.etag = '"abc"'
+            ngx.header.last_modified = ngx.http_time(1290079655)
+            ngx.say(ngx.header.cache_control, " ", ngx.header.etag, " ",
+                    ngx.header["Last-Modified"], " ",
+                    tostring(ngx.header.server))
+        }""", diff=True, diff_headers=("ETag", "Last-Modified")),
+    Case("status_edge", r"""content_by_lua_block {
+            local r = {}
+            for _, v in ipairs({99, 600, 1000, 299}) do
+                r[#r + 1] = tostring((pcall(function() ngx.status = v end)))
+            end
+            ngx.say(table.concat(r, " "), " ", ngx.status)
+        }""", ours_only=True, status=299, text="false true false true 299\n"),
+    Case("exit_odd_status", r"""content_by_lua_block {
+            ngx.exit(599)
+        }""", diff=True),
+    Case("print_nil_bool", r"""content_by_lua_block {
+            ngx.print(nil, true, false, ngx.null, "\n")
+            ngx.say()
+            ngx.say("")
+        }""", diff=True),
     Case("send_headers", r"""content_by_lua_block {
             local a = ngx.headers_sent
             ngx.header["X-Sh"] = "1"
