@@ -882,14 +882,15 @@ def servers():
     base = Path(tempfile.mkdtemp(prefix="luaguard-foundation-"))
     base.chmod(0o755)
 
-    def get(module):
-        if module not in started:
-            n = Nginx(base / module, server=server_conf(),
-                      http=HTTP, module=module, files=FILES)
+    def get(module, workers=1):
+        key = (module, workers)
+        if key not in started:
+            n = Nginx(base / f"{module}{workers}", server=server_conf(),
+                      http=HTTP, module=module, files=FILES, workers=workers)
             readable(n.prefix)
-            started[module] = n
+            started[key] = n
             n.start()
-        return started[module]
+        return started[key]
 
     yield get
     problems = []
@@ -965,9 +966,10 @@ def test_differential(servers, case):
         assert ours.header(name) == ref.header(name), name
 
 
-def test_sleep_really_yields(servers):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sleep_really_yields(servers, workers):
     """100 concurrent requests each sleeping 0.5 s finish together."""
-    n = servers("luaguard")
+    n = servers("luaguard", workers)
     t0 = time.monotonic()
     with ThreadPoolExecutor(100) as pool:
         results = list(pool.map(lambda _: n.get("/sleep_half", timeout=30),
@@ -981,7 +983,12 @@ CASES.append(Case("sleep_half", r"""content_by_lua_block {
         ngx.sleep(0.5) ngx.say("slept") }""", text="slept\n"))
 
 
-def test_ctx_fresh_per_request(servers):
-    n = servers("luaguard")
-    assert n.get("/ctx_phases").text == "1 rewrite,access,content\n"
-    assert n.get("/ctx_phases").text == "1 rewrite,access,content\n"
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctx_fresh_per_request(servers, workers):
+    n = servers("luaguard", workers)
+    for _ in range(6):
+        assert n.get("/ctx_phases").text == "1 rewrite,access,content\n"
+    # Errors in one request leave the worker serving the next ones.
+    for _ in range(4):
+        assert n.get("/err_content").status == 500
+        assert n.get("/say_returns").text == "x\n1\n"

@@ -147,12 +147,26 @@ def test_code_cache_off_reloads(server):
     n = server(server=r"""
         location /off { lua_code_cache off; content_by_lua_file lua/cc.lua; }
         location /on { content_by_lua_file lua/cc.lua; }
-    """, files={"lua/cc.lua": 'ngx.say("v1")\n'})
+        location /rw {
+            lua_code_cache off;
+            rewrite_by_lua_file lua/rw.lua;
+            content_by_lua_block { ngx.say(ngx.ctx.v) }
+        }
+    """, files={"lua/cc.lua": 'ngx.say("v1")\n',
+                "lua/rw.lua": 'ngx.ctx.v = "r1"\n'})
     assert n.get("/off").text == "v1\n"
     assert n.get("/on").text == "v1\n"
+    assert n.get("/rw").text == "r1\n"
     (n.prefix / "lua/cc.lua").write_text('ngx.say("v2")\n')
+    (n.prefix / "lua/rw.lua").write_text('ngx.ctx.v = "r2"\n')
     assert n.get("/off").text == "v2\n"
     assert n.get("/on").text == "v1\n"  # cached
+    assert n.get("/rw").text == "r2\n"
+    # A file that stops compiling fails its request only.
+    (n.prefix / "lua/cc.lua").write_text('ngx.say("v3"\n')
+    assert n.get("/off").status == 500
+    n.wait_log(r"lua/cc\.lua:\d+: .*expected")
+    assert n.get("/on").text == "v1\n"
 
 
 # ---- code longer than nginx's 4 KiB configuration buffer; nginx -T ----
