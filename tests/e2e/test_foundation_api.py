@@ -564,6 +564,11 @@ CASES = [
                    "Thu, 18 Nov 2010 11:27:35 GMT\n"
                    "Thu, 01-Jan-70 00:00:00 GMT|Tue, 19-Jan-2038 03:14:07 GMT\n"
                    "1290079655 nil\n\n"),
+    Case("time_far", r"""content_by_lua_block {
+            ngx.say(ngx.http_time(253402300799), "|",
+                    ngx.cookie_time(253402300799))
+            ngx.say(ngx.http_time(1.5), "|", ngx.cookie_time(4102444800))
+        }""", diff=True),
     Case("time_clock", r"""content_by_lua_block {
             ngx.say(ngx.time(), " ", ngx.req.start_time() <= ngx.now())
         }""", text_re=r"\d{10} true\n"),
