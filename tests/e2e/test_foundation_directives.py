@@ -134,6 +134,30 @@ def test_worker_lifecycle(server, module, workers):
     assert len(re.findall(r"INITWORKER", log)) == workers
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_main_level_files(server, module):
+    n = server(module=module, workers=2, http=r"""
+        init_by_lua_file lua/init.lua;
+        init_worker_by_lua_file lua/iw.lua;
+        exit_worker_by_lua_file lua/exit.lua;
+    """, server=r"""
+        location /f {
+            content_by_lua_block {
+                ngx.say(FROM_INIT, " ", ngx.config.prefix())
+            }
+        }
+    """, files={
+        "lua/init.lua": 'FROM_INIT = "init:" .. ngx.get_phase()\n',
+        "lua/iw.lua": 'ngx.log(ngx.NOTICE, "IWFILE ", ngx.worker.id())\n',
+        "lua/exit.lua": 'ngx.log(ngx.NOTICE, "EXITFILE ", ngx.worker.id())\n',
+    })
+    n.wait_log(r"IWFILE 0")
+    n.wait_log(r"IWFILE 1")
+    assert n.get("/f").text == f"init:init {n.prefix}/\n"
+    n.stop()
+    assert sorted(re.findall(r"EXITFILE (\d)", n.read_log())) == ["0", "1"]
+
+
 def test_semaphore_not_implemented(server):
     n = server(http=LIFECYCLE_HTTP, server=LIFECYCLE_SERVER)
     assert n.get("/sema").text == (
