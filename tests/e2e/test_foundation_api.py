@@ -715,7 +715,7 @@ CASES = [
     Case("err_body_filter", r"""
             body_filter_by_lua_block { error("bf boom") }
             content_by_lua_block { ngx.say("partial") }""", closed=True,
-         log_re=r"body_filter_by_lua\(nginx\.conf:\d+\):1: bf boom"),
+         log_re=r"body_filter_by_lua\(nginx\.conf:\d+\):1: bf boom\nstack traceback:\n"),
     Case("need_body_large", r"""
             lua_need_request_body on;
             client_body_buffer_size 1k;
@@ -777,31 +777,31 @@ CASES = [
             rewrite_by_lua_block { error("rewrite boom") }
             content_by_lua_block { ngx.say("never") }""", status=500,
          text_re=PAGE_500,
-         log_re=r"rewrite_by_lua\(nginx\.conf:\d+\):1: rewrite boom"),
+         log_re=r"rewrite_by_lua\(nginx\.conf:\d+\):1: rewrite boom\nstack traceback:\n"),
     Case("err_access", r"""
             access_by_lua_block { local x = nil; x.y = 1 }
             content_by_lua_block { ngx.say("never") }""", status=500,
          text_re=PAGE_500,
          log_re=r"access_by_lua\(nginx\.conf:\d+\):1: attempt to index "
-                r"local 'x' \(a nil value\)"),
+                r"local 'x' \(a nil value\)\nstack traceback:\n"),
     Case("err_set", r"""
             set_by_lua_block $e { error("set boom") }
             content_by_lua_block { ngx.say("never") }""", status=500,
-         text_re=PAGE_500, log_re=r"set_by_lua\(nginx\.conf:\d+\):1: set boom"),
+         text_re=PAGE_500, log_re=r"set_by_lua\(nginx\.conf:\d+\):1: set boom\nstack traceback:\n"),
     Case("err_header_filter", r"""
             header_filter_by_lua_block { error("hf boom") }
             content_by_lua_block { ngx.say("never") }""", status=500,
          text_re=PAGE_500, ours_only=True,
-         log_re=r"header_filter_by_lua\(nginx\.conf:\d+\):1: hf boom"),
+         log_re=r"header_filter_by_lua\(nginx\.conf:\d+\):1: hf boom\nstack traceback:\n"),
     Case("err_header_filter_static", r"""
             header_filter_by_lua_block { error("hf static boom") }
             alias html/static.txt;""", status=500, text_re=PAGE_500,
          ours_only=True,
-         log_re=r"header_filter_by_lua\(nginx\.conf:\d+\):1: hf static boom"),
+         log_re=r"header_filter_by_lua\(nginx\.conf:\d+\):1: hf static boom\nstack traceback:\n"),
     Case("err_log", r"""
             log_by_lua_block { error("log boom") }
             content_by_lua_block { ngx.say("fine") }""", text="fine\n",
-         log_re=r"log_by_lua\(nginx\.conf:\d+\):1: log boom"),
+         log_re=r"log_by_lua\(nginx\.conf:\d+\):1: log boom\nstack traceback:\n"),
     Case("err_after_output", r"""content_by_lua_block {
             ngx.say("partial")
             ngx.flush(true)
