@@ -610,6 +610,13 @@ CASES = [
     Case("server_rewrite", r"""content_by_lua_block {
             ngx.say(ngx.ctx.srv)
         }""", text="server_rewrite\n"),
+    Case("server_rewrite_deny", r"""content_by_lua_block {
+            ngx.say("never")
+        }""", status=403, text_re=r"<html>[\s\S]*403 Forbidden[\s\S]*"),
+    Case("server_rewrite_sleep", r"""
+            rewrite_by_lua_block { ngx.ctx.srv = ngx.ctx.srv .. ",rewrite" }
+            content_by_lua_block { ngx.say(ngx.ctx.srv) }""",
+         text="slept,rewrite\n"),
     Case("body_filter_upper", r"""
             body_filter_by_lua_block { ngx.arg[1] = string.upper(ngx.arg[1]) }
             content_by_lua_block { ngx.say("abc") ngx.flush(true)
@@ -857,8 +864,14 @@ HTTP = r"""
 
 SERVER_HEAD = r"""
         server_rewrite_by_lua_block {
-            if ngx.var.uri == "/server_rewrite" then
+            local uri = ngx.var.uri
+            if uri == "/server_rewrite" then
                 ngx.ctx.srv = ngx.get_phase()
+            elseif uri == "/server_rewrite_deny" then
+                ngx.exit(403)
+            elseif uri == "/server_rewrite_sleep" then
+                ngx.sleep(0.01)
+                ngx.ctx.srv = "slept"
             end
         }
         location @named {
