@@ -6,6 +6,7 @@ allows, compared with lua-nginx-module."""
 
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -417,3 +418,29 @@ def test_api_phase_table(server):
         assert ours[(phase, "say")] == \
             f"API disabled in the context of {phase}_by_lua*"
     assert ours[("init", "say")] == "no request object found"
+
+
+# ---- ngx.flush(true) against a client that stops reading ----
+
+@pytest.mark.parametrize("module", MODULES)
+def test_flush_wait_times_out(server, module):
+    n = server(module=module, server=r"""
+        location /slow {
+            send_timeout 1s;
+            content_by_lua_block {
+                ngx.print(string.rep("x", 16 * 1024 * 1024))
+                local ok, err = ngx.flush(true)
+                ngx.log(ngx.ERR, "FLUSHRES ", ok, " ", err)
+            }
+        }
+        location /ok { content_by_lua_block { ngx.say("ok") } }
+    """)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", n.port))
+    s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        n.wait_log(r"FLUSHRES nil timeout")
+    finally:
+        s.close()
+    assert n.get("/ok").text == "ok\n"
