@@ -459,10 +459,11 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
     case Verdict::Finalize:
         return v.rc;
     case Verdict::Output:
-        if (!r->header_sent && !ctx->eof) {
+        if (!ctx->exited && !r->header_sent && !ctx->eof) {
             pr.rc = NGX_DECLINED;
             return NGX_DECLINED;  // a handler that produced nothing
         }
+        // ngx.exit(2xx) ends the request even with nothing written.
         ngx_http_finalize_request(r, finishOutput(ctx));
         return NGX_DONE;
     case Verdict::Exec:

@@ -202,6 +202,23 @@ CASES = [
             }
             content_by_lua_block { ngx.say("[", ngx.var.v, "]") }""",
          path="?x=1", text="[in if 1]\n"),
+    Case("exit_error_rewrite", r"""
+            rewrite_by_lua_block { ngx.exit(ngx.ERROR) }
+            content_by_lua_block { ngx.say("never") }""", closed=True),
+    Case("exit_500_access", r"""
+            access_by_lua_block { ngx.exit(500) }
+            content_by_lua_block { ngx.say("never") }""", status=500,
+         text_re=PAGE_500),
+    Case("exit_200_no_output_rewrite", r"""
+            rewrite_by_lua_block { ngx.exit(ngx.HTTP_OK) }
+            content_by_lua_block { ngx.say("never") }""", diff=True),
+    Case("exit_201_content", r"""content_by_lua_block {
+            ngx.exit(201)
+        }""", diff=True),
+    Case("exit_302_header", r"""content_by_lua_block {
+            ngx.header.location = "/x"
+            ngx.exit(302)
+        }""", diff=True, diff_headers=("Location",)),
     Case("exit_bad_arg", r"""content_by_lua_block {
             local ok, err = pcall(ngx.exit, "abc")
             ngx.say(ok)
