@@ -107,6 +107,23 @@ CASES = [
             local ok, err = ngx.flush(true)
             ngx.say(ok, err)
         }""", text="x" * (4 * 1024 * 1024) + "1nil\n"),
+    Case("many_says", r"""content_by_lua_block {
+            for i = 1, 20000 do
+                ngx.say(i, string.rep(".", i % 50))
+                if i % 5000 == 0 then ngx.flush(i % 10000 == 0) end
+            end
+        }""", text="".join(f"{i}{'.' * (i % 50)}\n" for i in range(1, 20001))),
+    Case("big_table_print", r"""content_by_lua_block {
+            local t = {}
+            for i = 1, 5000 do t[i] = {tostring(i), ","} end
+            ngx.print(t)
+        }""", text="".join(f"{i}," for i in range(1, 5001))),
+    Case("http10_flush", r"""content_by_lua_block {
+            ngx.say("a") ngx.flush() ngx.say("b")
+        }""", version="1.0", diff=True, diff_headers=("Content-Length",)),
+    Case("http10_head", r"""content_by_lua_block { ngx.say("abc") }""",
+         version="1.0", method="HEAD", diff=True,
+         diff_headers=("Content-Length",)),
     Case("head_no_body", r"""content_by_lua_block {
             ngx.say("hidden")
         }""", method="HEAD", text=""),
@@ -1016,6 +1033,19 @@ def test_sleep_really_yields(servers, workers):
 
 CASES.append(Case("sleep_half", r"""content_by_lua_block {
         ngx.sleep(0.5) ngx.say("slept") }""", text="slept\n"))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_keepalive_after_unread_body(servers, module):
+    """A POST whose body Lua never reads leaves the connection usable."""
+    n = servers(module)
+    reqs = (b"POST /say_returns HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 10\r\n\r\n0123456789"
+            b"GET /print_no_newline HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: close\r\n\r\n")
+    out = n.raw(reqs)
+    assert out.count(b"HTTP/1.1 200 OK") == 2, out
+    assert out.endswith(b"1\r\nb\r\n0\r\n\r\n"), out
 
 
 @pytest.mark.parametrize("workers", [1, 2])
