@@ -297,7 +297,16 @@ char *parseHandler(ngx_conf_t *cf, const CodeDirective *d, ngx_str_t *arg,
     if (h->chunkname.data == nullptr) {
         return static_cast<char *>(NGX_CONF_ERROR);
     }
-    char *rv = compileInline(cf, h, first_line);
+    ngx_uint_t code_line = first_line;
+    if (d->source == Source::Inline) {
+        // nginx has read the whole quoted string: the line is its last one.
+        for (size_t i = 0; i < h->code.len; i++) {
+            if (h->code.data[i] == '\n' && code_line > 1) {
+                code_line--;
+            }
+        }
+    }
+    char *rv = compileInline(cf, h, code_line);
     if (rv != NGX_CONF_OK) {
         return rv;
     }

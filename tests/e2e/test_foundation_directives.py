@@ -241,7 +241,8 @@ def test_block_longer_than_buffer(server, module, long_token):
 @pytest.mark.asan_fast
 @pytest.mark.parametrize("directive", [
     "content_by_lua_block", "rewrite_by_lua_block", "access_by_lua_block",
-    "log_by_lua_block", "header_filter_by_lua_block"])
+    "log_by_lua_block", "header_filter_by_lua_block",
+    "body_filter_by_lua_block", "set_by_lua_block $v"])
 def test_syntax_error_fails_nginx_t(server, directive):
     n = server(start=False, server=f"""
         location /x {{
@@ -264,6 +265,7 @@ def test_syntax_error_fails_nginx_t(server, directive):
     "init_worker_by_lua 'if then';",
 ])
 def test_syntax_error_main_level(server, conf):
+    # The reference only notices these at start; luaguard at nginx -t.
     n = server(start=False, http=conf)
     ok, out = n.test_config()
     assert not ok and "nginx.conf:" in out, out
@@ -286,6 +288,20 @@ def test_init_worker_error_keeps_serving(server, module):
                server='location /x { content_by_lua_block { ngx.say(1) } }')
     n.wait_log(r"init_worker_by_lua\(nginx\.conf:\d+\):1: iw boom")
     assert n.get("/x").text == "1\n"
+
+
+def test_syntax_error_legacy_string(server):
+    n = server(start=False, server="""
+        location /x {
+            content_by_lua 'local a = 1
+                            local b = = 2';
+        }
+    """)
+    ok, out = n.test_config()
+    assert not ok
+    line = next(i for i, ln in enumerate(n.conf.splitlines(), 1)
+                if "local b = = 2" in ln)
+    assert re.search(rf"in {re.escape(str(n.conf_path))}:{line}\b", out), out
 
 
 def test_unclosed_block(server):
