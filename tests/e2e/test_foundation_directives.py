@@ -159,6 +159,17 @@ def test_main_level_files(server, module):
     assert sorted(re.findall(r"EXITFILE (\d)", n.read_log())) == ["0", "1"]
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_reload_runs_exit_and_init_worker(server, module):
+    n = server(module=module, http=LIFECYCLE_HTTP, server=LIFECYCLE_SERVER)
+    n.wait_log(r"INITWORKER id=0")
+    old = n.worker_pids()
+    n.reload()
+    n.wait_log(rf"\[notice\] {old[0]}#\d+: .*EXITWORKER id=0 exiting=true")
+    n.wait_log(r"INITWORKER[\s\S]*INITWORKER id=0")
+    assert n.get("/w").text.split()[0] == "0"
+
+
 def test_semaphore_not_implemented(server):
     n = server(http=LIFECYCLE_HTTP, server=LIFECYCLE_SERVER)
     assert n.get("/sema").text == (
