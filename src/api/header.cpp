@@ -183,7 +183,8 @@ int headerIndex(lua_State *L)
         }
         return 1;
     }
-    if (nameIs(name, "content-length") && r->headers_out.content_length == nullptr
+    if (nameIs(name, "content-length")
+        && r->headers_out.content_length == nullptr
         && r->headers_out.content_length_n >= 0)
     {
         lua_pushfstring(L, "%d", static_cast<int>(

@@ -49,6 +49,11 @@ class Case:
         return "/" + self.name + self.path
 
 
+def logged(chunk, msg):
+    """The log of a Lua error: chunk name, line 1, message, traceback."""
+    return rf"{chunk}\(nginx\.conf:\d+\):1: {msg}\nstack traceback:\n"
+
+
 PAGE_500 = (r"<html>\r\n<head><title>500 Internal Server Error</title></head>"
             r"[\s\S]*")
 
@@ -596,7 +601,8 @@ CASES = [
         }""", text="number true true true true\n"
                    "Thu, 01 Jan 1970 00:00:00 GMT|"
                    "Thu, 18 Nov 2010 11:27:35 GMT\n"
-                   "Thu, 01-Jan-70 00:00:00 GMT|Tue, 19-Jan-2038 03:14:07 GMT\n"
+                   "Thu, 01-Jan-70 00:00:00 GMT|"
+                   "Tue, 19-Jan-2038 03:14:07 GMT\n"
                    "1290079655 nil\n\n"),
     Case("time_far", r"""content_by_lua_block {
             ngx.say(ngx.http_time(253402300799), "|",
@@ -704,7 +710,9 @@ CASES = [
     Case("need_body", r"""
             lua_need_request_body on;
             rewrite_by_lua_block { ngx.ctx.b = ngx.var.request_body }
-            content_by_lua_block { ngx.say(ngx.ctx.b, "|", ngx.var.request_body) }
+            content_by_lua_block {
+                ngx.say(ngx.ctx.b, "|", ngx.var.request_body)
+            }
         """, method="POST", body=b"hello=world",
          text="hello=world|hello=world\n"),
     Case("need_body_off", r"""
@@ -756,7 +764,7 @@ CASES = [
     Case("err_body_filter", r"""
             body_filter_by_lua_block { error("bf boom") }
             content_by_lua_block { ngx.say("partial") }""", closed=True,
-         log_re=r"body_filter_by_lua\(nginx\.conf:\d+\):1: bf boom\nstack traceback:\n"),
+         log_re=logged("body_filter_by_lua", "bf boom")),
     Case("need_body_large", r"""
             lua_need_request_body on;
             client_body_buffer_size 1k;
@@ -818,7 +826,7 @@ CASES = [
             rewrite_by_lua_block { error("rewrite boom") }
             content_by_lua_block { ngx.say("never") }""", status=500,
          text_re=PAGE_500,
-         log_re=r"rewrite_by_lua\(nginx\.conf:\d+\):1: rewrite boom\nstack traceback:\n"),
+         log_re=logged("rewrite_by_lua", "rewrite boom")),
     Case("err_access", r"""
             access_by_lua_block { local x = nil; x.y = 1 }
             content_by_lua_block { ngx.say("never") }""", status=500,
@@ -828,21 +836,21 @@ CASES = [
     Case("err_set", r"""
             set_by_lua_block $e { error("set boom") }
             content_by_lua_block { ngx.say("never") }""", status=500,
-         text_re=PAGE_500, log_re=r"set_by_lua\(nginx\.conf:\d+\):1: set boom\nstack traceback:\n"),
+         text_re=PAGE_500, log_re=logged("set_by_lua", "set boom")),
     Case("err_header_filter", r"""
             header_filter_by_lua_block { error("hf boom") }
             content_by_lua_block { ngx.say("never") }""", status=500,
          text_re=PAGE_500, ours_only=True,
-         log_re=r"header_filter_by_lua\(nginx\.conf:\d+\):1: hf boom\nstack traceback:\n"),
+         log_re=logged("header_filter_by_lua", "hf boom")),
     Case("err_header_filter_static", r"""
             header_filter_by_lua_block { error("hf static boom") }
             alias html/static.txt;""", status=500, text_re=PAGE_500,
          ours_only=True,
-         log_re=r"header_filter_by_lua\(nginx\.conf:\d+\):1: hf static boom\nstack traceback:\n"),
+         log_re=logged("header_filter_by_lua", "hf static boom")),
     Case("err_log", r"""
             log_by_lua_block { error("log boom") }
             content_by_lua_block { ngx.say("fine") }""", text="fine\n",
-         log_re=r"log_by_lua\(nginx\.conf:\d+\):1: log boom\nstack traceback:\n"),
+         log_re=logged("log_by_lua", "log boom")),
     Case("err_after_output", r"""content_by_lua_block {
             ngx.say("partial")
             ngx.flush(true)
