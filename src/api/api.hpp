@@ -33,6 +33,10 @@ Run *requestPhase(lua_State *L, PhaseMask allowed,
                   const char *noreq = "no request found",
                   bool placeholder = true);
 
+// Pushes the text ngx.print would write for the value at `idx` (array
+// tables flattened), raising ngx.print's errors naming `fname`.
+void pushPrintable(lua_State *L, int idx, const char *fname);
+
 // Registers functions `fns` into the table at the top of the stack.
 void setFuncs(lua_State *L, const luaL_Reg *fns);
 

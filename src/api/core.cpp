@@ -293,17 +293,21 @@ int argNewIndex(lua_State *L)
     if (i == 1) {
         size_t len = 0;
         const char *data = "";
-        if (lua_istable(L, 3)) {
-            lua_getglobal(L, "table");
-            lua_getfield(L, -1, "concat");
-            lua_pushvalue(L, 3);
-            lua_call(L, 1, 1);
+        switch (lua_type(L, 3)) {
+        case LUA_TNIL:
+            break;
+        case LUA_TSTRING:
+        case LUA_TNUMBER:
+            data = lua_tolstring(L, 3, &len);
+            break;
+        case LUA_TTABLE:
+            // Flattened like ngx.print's argument.
+            pushPrintable(L, 3, "?");
             data = lua_tolstring(L, -1, &len);
-        } else if (!lua_isnil(L, 3)) {
-            if (!scalarText(L, 3, &data, &len)) {
-                return luaL_error(L, "bad argument #3 to '?' (string, "
-                                  "number, boolean, nil, or table expected)");
-            }
+            break;
+        default:
+            return luaL_error(L, "bad chunk data type: %s",
+                              luaL_typename(L, 3));
         }
         if (!glue::replaceFilterData(ctx, data, len)) {
             return luaL_error(L, "no memory");

@@ -97,6 +97,20 @@ void noRequestObject(lua_State *L)
     }
 }
 
+}  // namespace
+
+void pushPrintable(lua_State *L, int idx, const char *fname)
+{
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    size_t size = measure(L, idx, 1, fname, 0);
+    auto *buf = static_cast<u_char *>(lua_newuserdata(L, size ? size : 1));
+    u_char *end = copyOut(L, idx, buf);
+    lua_pushlstring(L, reinterpret_cast<char *>(buf), end - buf);
+    lua_remove(L, -2);
+}
+
+namespace {
+
 int emit(lua_State *L, bool newline, const char *fname)
 {
     noRequestObject(L);

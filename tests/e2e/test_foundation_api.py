@@ -513,6 +513,13 @@ CASES = [
             ngx.say("ok")
         }""", ours_only=True, text="ok\n",
          log_re=r"LOGESC a\\nFORGED b\\r\\x00c\\x1b\[31m"),
+    Case("tostring_meta", r"""content_by_lua_block {
+            local obj = setmetatable({}, {__tostring = function()
+                return "OBJ" end})
+            ngx.log(ngx.ERR, "TOSTRINGLOG ", obj)
+            local ok, err = pcall(ngx.say, obj)
+            ngx.say(ok, " ", err)
+        }""", diff=True),
     Case("log_bad_arg", r"""content_by_lua_block {
             local ok, err = pcall(ngx.log, ngx.ERR, {})
             ngx.say(ok, " ", err)
@@ -686,6 +693,31 @@ CASES = [
                 ngx.say("drop") ngx.flush(true)
                 ngx.print("end")
             }""", text="keep\nendT\n"),
+    Case("body_filter_types", r"""
+            header_filter_by_lua_block { ngx.header.content_length = nil }
+            body_filter_by_lua_block {
+                local d = ngx.arg[1]
+                if d == "n\n" then ngx.arg[1] = 42
+                elseif d == "b\n" then
+                    local ok, err = pcall(function() ngx.arg[1] = true end)
+                    ngx.arg[1] = tostring(ok) .. " " .. err:gsub(".*: ", "")
+                elseif d == "t\n" then ngx.arg[1] = {"x", {"y"}, 1}
+                elseif d == "bad\n" then
+                    local ok = pcall(function() ngx.arg[1] = print end)
+                    ngx.arg[1] = tostring(ok)
+                end
+            }
+            content_by_lua_block {
+                for _, s in ipairs({"n", "b", "t", "bad"}) do
+                    ngx.say(s) ngx.flush(true)
+                end
+            }""", diff=True),
+    Case("set_args_many", r"""
+            set_by_lua $m 'return table.concat({tostring(ngx.arg[0]),
+                ngx.arg[1], ngx.arg[2], ngx.arg[3], tostring(ngx.arg[4])},
+                ",")' $arg_a "lit" "$arg_a-$arg_b";
+            content_by_lua_block { ngx.say(ngx.var.m) }""",
+         path="?a=1&b=2", diff=True),
     Case("body_filter_static", r"""
             body_filter_by_lua_block { ngx.arg[1] = ngx.arg[1]:upper() }
             header_filter_by_lua_block { ngx.header.content_length = nil }
