@@ -735,10 +735,13 @@ CASES = [
     Case("log_by_lua", r"""
             log_by_lua_block {
                 ngx.log(ngx.ERR, "LOGBYLUA status=", ngx.var.status, " ctx=",
-                        ngx.ctx.v)
+                        ngx.ctx.v, " ngx.status=", ngx.status, " hf=",
+                        ngx.ctx.hf)
             }
+            header_filter_by_lua_block { ngx.ctx.hf = ngx.status }
             content_by_lua_block { ngx.ctx.v = "c" ngx.exit(410) }""",
-         status=410, log_re=r"LOGBYLUA status=410 ctx=c"),
+         status=410,
+         log_re=r"LOGBYLUA status=410 ctx=c ngx.status=410 hf=410"),
     Case("need_body", r"""
             lua_need_request_body on;
             rewrite_by_lua_block { ngx.ctx.b = ngx.var.request_body }
