@@ -575,6 +575,19 @@ CASES = [
             local dt = ngx.now() - t0
             ngx.say(dt >= 0.15 and dt < 5, " ", select("#", ngx.sleep(0)))
         }""", text="true 0\n"),
+    Case("user_coroutines", r"""content_by_lua_block {
+            local co = coroutine.create(function(a)
+                local b = coroutine.yield(a + 1)
+                ngx.sleep(0.001)
+                error("co err")
+            end)
+            ngx.say(coroutine.resume(co, 1))
+            local ok, err = coroutine.resume(co, 5)
+            ngx.say(ok, " ", (err:gsub("^.-:%d+: ", "")), " ",
+                    coroutine.status(co))
+            local w = coroutine.wrap(function() ngx.sleep(0) return "w" end)
+            ngx.say(w())
+        }""", diff=True),
     Case("sleep_bad", r"""content_by_lua_block {
             local ok, err = pcall(ngx.sleep, -1)
             ngx.say(ok)
