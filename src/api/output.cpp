@@ -316,11 +316,10 @@ int sendHeaders(lua_State *L)
 
 int ngxExit(lua_State *L)
 {
-    Run *run = requestPhase(
-        L, kYieldable | mask(Phase::HeaderFilter, Phase::InitWorker),
-        "no request found", false);
+    Run *run = requestPhase(L, kYieldable | mask(Phase::HeaderFilter),
+                            "no request found", false);
     if (run->ctx == nullptr) {
-        // init_worker_by_lua / timers without a request: just stop.
+        // Timers without a request: not supported yet.
         return luaL_error(L, "no request found");
     }
     lua_Integer status = luaL_checkinteger(L, 1);

@@ -369,7 +369,9 @@ PROBE_HTTP = r"""
         -- Not ngx.flush: lua-nginx-module 0.10.23 crashes on it here.
         INIT_PROBE = PROBE(NOREQ .. " exit")
     }
-    init_worker_by_lua_block { WORKER_PROBE = PROBE(NOREQ .. " flush") }
+    init_worker_by_lua_block {
+        WORKER_PROBE = PROBE(NOREQ .. " flush exit")
+    }
     exit_worker_by_lua_block {
         ngx.log(ngx.ERR, "PROBE exit_worker ", PROBE(NOREQ .. " flush"))
     }
