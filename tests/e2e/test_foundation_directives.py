@@ -373,7 +373,7 @@ PROBE_HTTP = r"""
         WORKER_PROBE = PROBE(NOREQ .. " flush exit")
     }
     exit_worker_by_lua_block {
-        ngx.log(ngx.ERR, "PROBE exit_worker ", PROBE(NOREQ .. " flush"))
+        ngx.log(ngx.ERR, "PROBE exit_worker ", PROBE(NOREQ .. " flush exit"))
     }
 """
 
