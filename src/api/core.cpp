@@ -208,6 +208,7 @@ int ngxIndex(lua_State *L)
         return 1;
     }
     if (std::strcmp(key, "is_subrequest") == 0) {
+        requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         lua_pushboolean(L, ctx->r != ctx->r->main);
         return 1;
@@ -282,7 +283,11 @@ int argIndex(lua_State *L)
         }
         return 0;
     }
-    return 0;
+    // Elsewhere ngx.arg means nothing: lua-nginx-module refuses the read.
+    if (p == Phase::Init || p == Phase::None) {
+        return luaL_error(L, "no request found");
+    }
+    return luaL_error(L, "API disabled in the current context");
 }
 
 int argNewIndex(lua_State *L)

@@ -349,6 +349,9 @@ PROBE_HTTP = r"""
             ctx = function() return ngx.ctx end,
             headers_sent = function() return ngx.headers_sent end,
             arg_set = function() ngx.arg[1] = "x" end,
+            arg_get = function() return ngx.arg[1] end,
+            is_subrequest = function() return ngx.is_subrequest end,
+            worker_id = function() assert(ngx.worker.id() ~= false) end,
         }
         function PROBE(names)
             local out = {}
@@ -365,7 +368,7 @@ PROBE_HTTP = r"""
         end
         NOREQ = "say print eof send_headers exec redirect sleep var "
                 .. "header_get header_set status_get status_set ctx "
-                .. "headers_sent"
+                .. "headers_sent arg_get is_subrequest worker_id"
         -- Not ngx.flush: lua-nginx-module 0.10.23 crashes on it here.
         INIT_PROBE = PROBE(NOREQ .. " exit")
     }
@@ -383,13 +386,13 @@ PROBE_SERVER = r"""
                 ngx.log(ngx.ERR, "PROBE set ", PROBE(NOREQ .. " exit flush"))
             }
             rewrite_by_lua_block {
-                ngx.log(ngx.ERR, "PROBE rewrite ", PROBE("arg_set"))
+                ngx.log(ngx.ERR, "PROBE rewrite ", PROBE("arg_set arg_get"))
             }
             header_filter_by_lua_block {
                 ngx.log(ngx.ERR, "PROBE header_filter ", PROBE(
                     "say print flush eof send_headers exec redirect sleep "
                     .. "var header_get header_set status_get status_set ctx "
-                    .. "headers_sent"))
+                    .. "headers_sent arg_get"))
             }
             body_filter_by_lua_block {
                 if ngx.arg[2] then
@@ -403,7 +406,7 @@ PROBE_SERVER = r"""
             content_by_lua_block {
                 ngx.say("init: ", INIT_PROBE)
                 ngx.say("init_worker: ", WORKER_PROBE)
-                ngx.say("content: ", PROBE("arg_set"))
+                ngx.say("content: ", PROBE("arg_set arg_get"))
             }
         }
 """
@@ -440,7 +443,7 @@ def test_api_phase_table(server):
         assert ours[key] == f"API disabled in the context of {key[0]}_by_lua*"
     diffs = {k: (ours[k], ref[k]) for k in ours
              if k not in EOF_DISABLED and ours[k] != ref[k]}
-    assert not diffs
+    assert not diffs, "\n".join(f"{k}: {v}" for k, v in sorted(diffs.items()))
     # The table really covers disabled calls in every phase.
     for phase in ("init_worker", "set", "header_filter", "body_filter",
                   "log", "exit_worker"):
