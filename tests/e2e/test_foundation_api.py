@@ -129,6 +129,16 @@ CASES = [
     Case("http10_head", r"""content_by_lua_block { ngx.say("abc") }""",
          version="1.0", method="HEAD", diff=True,
          diff_headers=("Content-Length",)),
+    Case("flush_sync_rewrite", r"""
+            rewrite_by_lua_block {
+                ngx.print(string.rep("r", 2 * 1024 * 1024))
+                ngx.say(ngx.flush(true))
+                ngx.sleep(0.001)
+                ngx.say("done")
+                ngx.exit(200)
+            }
+            content_by_lua_block { ngx.say("never") }""",
+         text="r" * (2 * 1024 * 1024) + "1\ndone\n"),
     Case("head_no_body", r"""content_by_lua_block {
             ngx.say("hidden")
         }""", method="HEAD", text=""),
