@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "ngx/module.hpp"
 #include "runtime/lua.hpp"
 
 namespace luaguard {
@@ -42,6 +43,20 @@ void openRegex(lua_State *L);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);
+
+// The phase check of an API that needs a request: `noreq` is raised in
+// init_by_lua (no request at all). With `placeholder`, where
+// lua-nginx-module has only a placeholder request (init_worker,
+// exit_worker, timers) the error is "API disabled in the current context",
+// as its ngx.var, ngx.header and ngx.status say; otherwise it is
+// glue::checkPhase's error.
+Run *requestPhase(lua_State *L, PhaseMask allowed,
+                  const char *noreq = "no request found",
+                  bool placeholder = true);
+
+// Pushes the text ngx.print would write for the value at `idx` (array
+// tables flattened), raising ngx.print's errors naming `fname`.
+void pushPrintable(lua_State *L, int idx, const char *fname);
 
 // Registers functions `fns` into the table at the top of the stack.
 void setFuncs(lua_State *L, const luaL_Reg *fns);

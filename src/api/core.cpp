@@ -44,7 +44,8 @@ const IntConst kConstants[] = {
     {"HTTP_GONE", 410}, {"HTTP_UPGRADE_REQUIRED", 426},
     {"HTTP_TOO_MANY_REQUESTS", 429}, {"HTTP_CLOSE", 444},
     {"HTTP_ILLEGAL", 451}, {"HTTP_INTERNAL_SERVER_ERROR", 500},
-    {"HTTP_METHOD_NOT_IMPLEMENTED", 501}, {"HTTP_BAD_GATEWAY", 502},
+    {"HTTP_METHOD_NOT_IMPLEMENTED", 501}, {"HTTP_NOT_IMPLEMENTED", 501},
+    {"HTTP_BAD_GATEWAY", 502},
     {"HTTP_SERVICE_UNAVAILABLE", 503}, {"HTTP_GATEWAY_TIMEOUT", 504},
     {"HTTP_VERSION_NOT_SUPPORTED", 505}, {"HTTP_INSUFFICIENT_STORAGE", 507},
 
@@ -74,8 +75,9 @@ void concatArgs(lua_State *L, int first, const char *fname, luaL_Buffer *b)
             luaL_addvalue(b);
             continue;
         }
-        luaL_error(L, "bad argument #%d to '%s' (expected table to have "
-                   "__tostring metamethod)", i, fname);
+        // lua-nginx-module names no function in this message.
+        luaL_error(L, "bad argument #%d to '?' (expected table to have "
+                   "__tostring metamethod)", i - first + 1);
     }
 }
 
@@ -114,7 +116,7 @@ int getPhase(lua_State *L)
 
 int ngxSleep(lua_State *L)
 {
-    glue::checkPhase(L, kYieldable);
+    requestPhase(L, kYieldable, "no request found", false);
     lua_Number sec = luaL_checknumber(L, 1);
     if (sec < 0) {
         return luaL_error(L, "invalid sleep duration \"%f\"", sec);
@@ -146,6 +148,22 @@ void pushCtxTable(lua_State *L, RequestCtx *ctx)
     lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
 }
 
+// ngx.ctx in init_worker_by_lua and exit_worker_by_lua: lua-nginx-module
+// gives these a table of their own (its placeholder request's).
+void pushWorkerCtx(lua_State *L, Phase phase)
+{
+    const char *key = phase == Phase::InitWorker ? "luaguard.init_worker_ctx"
+                                                 : "luaguard.exit_worker_ctx";
+    lua_getfield(L, LUA_REGISTRYINDEX, key);
+    if (lua_istable(L, -1)) {
+        return;
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, key);
+}
+
 int ngxIndex(lua_State *L)
 {
     size_t len;
@@ -154,11 +172,20 @@ int ngxIndex(lua_State *L)
         return 0;
     }
     if (std::strcmp(key, "ctx") == 0) {
+        Run *run = g_run;
+        if (run && run->ctx == nullptr
+            && (run->phase == Phase::InitWorker
+                || run->phase == Phase::ExitWorker))
+        {
+            pushWorkerCtx(L, run->phase);
+            return 1;
+        }
         RequestCtx *ctx = glue::requireRequest(L);
         pushCtxTable(L, ctx);
         return 1;
     }
     if (std::strcmp(key, "status") == 0) {
+        requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         ngx_http_request_t *r = ctx->r;
         lua_pushinteger(L, static_cast<lua_Integer>(
@@ -167,11 +194,13 @@ int ngxIndex(lua_State *L)
         return 1;
     }
     if (std::strcmp(key, "headers_sent") == 0) {
+        requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         lua_pushboolean(L, ctx->r->header_sent || ctx->buffering);
         return 1;
     }
     if (std::strcmp(key, "is_subrequest") == 0) {
+        requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         lua_pushboolean(L, ctx->r != ctx->r->main);
         return 1;
@@ -194,9 +223,9 @@ int ngxNewIndex(lua_State *L)
         return 0;
     }
     if (key && std::strcmp(key, "status") == 0) {
-        glue::checkPhase(L, mask(Phase::Set, Phase::ServerRewrite,
-                                 Phase::Rewrite, Phase::Access,
-                                 Phase::Content, Phase::HeaderFilter));
+        // Allowed in body_filter and log too, where it only logs that the
+        // headers are gone, as lua-nginx-module does.
+        requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         ngx_http_request_t *r = ctx->r;
         if (r->header_sent) {
@@ -246,7 +275,11 @@ int argIndex(lua_State *L)
         }
         return 0;
     }
-    return 0;
+    // Elsewhere ngx.arg means nothing: lua-nginx-module refuses the read.
+    if (p == Phase::Init || p == Phase::None) {
+        return luaL_error(L, "no request found");
+    }
+    return luaL_error(L, "API disabled in the current context");
 }
 
 int argNewIndex(lua_State *L)
@@ -257,17 +290,21 @@ int argNewIndex(lua_State *L)
     if (i == 1) {
         size_t len = 0;
         const char *data = "";
-        if (lua_istable(L, 3)) {
-            lua_getglobal(L, "table");
-            lua_getfield(L, -1, "concat");
-            lua_pushvalue(L, 3);
-            lua_call(L, 1, 1);
+        switch (lua_type(L, 3)) {
+        case LUA_TNIL:
+            break;
+        case LUA_TSTRING:
+        case LUA_TNUMBER:
+            data = lua_tolstring(L, 3, &len);
+            break;
+        case LUA_TTABLE:
+            // Flattened like ngx.print's argument.
+            pushPrintable(L, 3, "?");
             data = lua_tolstring(L, -1, &len);
-        } else if (!lua_isnil(L, 3)) {
-            if (!scalarText(L, 3, &data, &len)) {
-                return luaL_error(L, "bad argument #3 to '?' (string, "
-                                  "number, boolean, nil, or table expected)");
-            }
+            break;
+        default:
+            return luaL_error(L, "bad chunk data type: %s",
+                              luaL_typename(L, 3));
         }
         if (!glue::replaceFilterData(ctx, data, len)) {
             return luaL_error(L, "no memory");
@@ -377,6 +414,21 @@ void addPending(lua_State *L)
 
 }  // namespace
 
+Run *requestPhase(lua_State *L, PhaseMask allowed, const char *noreq,
+                  bool placeholder)
+{
+    Run *run = g_run;
+    if (run == nullptr || run->phase == Phase::Init
+        || run->phase == Phase::None)
+    {
+        luaL_error(L, "%s", noreq);
+    }
+    if (placeholder && run->ctx == nullptr && !(mask(run->phase) & allowed)) {
+        luaL_error(L, "API disabled in the current context");
+    }
+    return glue::checkPhase(L, allowed);
+}
+
 void setFuncs(lua_State *L, const luaL_Reg *fns)
 {
     for (; fns->name; fns++) {
@@ -466,8 +518,6 @@ void openCore(lua_State *L)
     // The lua-nginx-module release whose API we follow (0.10.23).
     lua_pushinteger(L, 10023);
     lua_setfield(L, -2, "ngx_lua_version");
-    lua_pushboolean(L, 0);
-    lua_setfield(L, -2, "is_console");
     const luaL_Reg config[] = {{"prefix", configPrefix},
                                {"nginx_configure", configConfigure},
                                {nullptr, nullptr}};

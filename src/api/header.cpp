@@ -15,9 +15,9 @@ constexpr PhaseMask kReadPhases = mask(Phase::Set, Phase::ServerRewrite,
                                        Phase::Rewrite, Phase::Access,
                                        Phase::Content, Phase::HeaderFilter,
                                        Phase::BodyFilter, Phase::Log);
-constexpr PhaseMask kWritePhases = mask(Phase::Set, Phase::ServerRewrite,
-                                        Phase::Rewrite, Phase::Access,
-                                        Phase::Content, Phase::HeaderFilter);
+// body_filter and log may write too: the headers are gone by then, so the
+// write only logs that, as in lua-nginx-module.
+constexpr PhaseMask kWritePhases = kReadPhases;
 
 // The header name as nginx will send it: underscores become hyphens
 // unless lua_transform_underscores_in_response_headers is off.
@@ -78,6 +78,8 @@ bool copySafe(ngx_http_request_t *r, const char *s, size_t len, ngx_str_t *out)
 }
 
 // The pointer nginx keeps for a header it treats specially, if any.
+// Location is deliberately not one: nginx's header filter would turn a
+// relative value into an absolute URL, which lua-nginx-module does not.
 ngx_table_elt_t **specialSlot(ngx_http_request_t *r, const std::string &name)
 {
     ngx_http_headers_out_t &h = r->headers_out;
@@ -88,7 +90,6 @@ ngx_table_elt_t **specialSlot(ngx_http_request_t *r, const std::string &name)
         {"server", &h.server},
         {"date", &h.date},
         {"content-encoding", &h.content_encoding},
-        {"location", &h.location},
         {"refresh", &h.refresh},
         {"last-modified", &h.last_modified},
         {"content-range", &h.content_range},
@@ -165,7 +166,7 @@ bool addHeader(ngx_http_request_t *r, const std::string &name,
 
 int headerIndex(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kReadPhases);
+    Run *run = requestPhase(L, kReadPhases);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
     size_t len;
@@ -182,7 +183,8 @@ int headerIndex(lua_State *L)
         }
         return 1;
     }
-    if (nameIs(name, "content-length") && r->headers_out.content_length == nullptr
+    if (nameIs(name, "content-length")
+        && r->headers_out.content_length == nullptr
         && r->headers_out.content_length_n >= 0)
     {
         lua_pushfstring(L, "%d", static_cast<int>(
@@ -248,7 +250,7 @@ bool valueText(lua_State *L, int idx, const char **s, size_t *len)
 
 int headerNewIndex(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kWritePhases);
+    Run *run = requestPhase(L, kWritePhases);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
     size_t len;
@@ -295,6 +297,8 @@ int headerNewIndex(lua_State *L)
     }
 
     if (nameIs(name, "content-type")) {
+        // Even a cleared type is a choice: no default type is added then.
+        ctx->mime_set = true;
         if (values.empty()) {
             r->headers_out.content_type.len = 0;
             r->headers_out.content_type_len = 0;

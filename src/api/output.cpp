@@ -12,19 +12,31 @@ namespace luaguard::api {
 
 namespace {
 
+// The text ngx.say and ngx.print give a scalar. lua-nginx-module writes
+// negative zero as "0".
+bool outputText(lua_State *L, int idx, const char **s, size_t *len)
+{
+    if (lua_type(L, idx) == LUA_TNUMBER && lua_tonumber(L, idx) == 0) {
+        *s = "0";
+        *len = 1;
+        return true;
+    }
+    return scalarText(L, idx, s, len);
+}
+
 // Size of the text of argument `idx` (arrays recursively). -1 with the
 // error raised for a value that cannot be printed.
 size_t measure(lua_State *L, int idx, int argn, const char *fname, int depth)
 {
     const char *s;
     size_t len;
-    if (scalarText(L, idx, &s, &len)) {
+    if (outputText(L, idx, &s, &len)) {
         return len;
     }
     if (lua_type(L, idx) != LUA_TTABLE) {
         luaL_error(L, "bad argument #%d to '%s' (string, number, boolean, "
-                   "nil, ngx.null, or array table expected, got %s)", argn,
-                   fname, luaL_typename(L, idx));
+                   "nil, ngx.null, or array table expected, but got %s)",
+                   argn, fname, luaL_typename(L, idx));
     }
     if (depth > 100) {
         luaL_error(L, "bad argument #%d to '%s' (table nested too deeply)",
@@ -51,7 +63,7 @@ size_t measure(lua_State *L, int idx, int argn, const char *fname, int depth)
         int top = lua_gettop(L);
         if (lua_type(L, top) == LUA_TTABLE) {
             total += measure(L, top, argn, fname, depth + 1);
-        } else if (scalarText(L, top, &s, &len)) {
+        } else if (outputText(L, top, &s, &len)) {
             total += len;
         } else {
             luaL_error(L, "bad argument #%d to '%s' (bad data type %s found)",
@@ -67,7 +79,7 @@ u_char *copyOut(lua_State *L, int idx, u_char *p)
     const char *s;
     size_t len;
     if (lua_type(L, idx) != LUA_TTABLE) {
-        scalarText(L, idx, &s, &len);
+        outputText(L, idx, &s, &len);
         return ngx_cpymem(p, s, len);
     }
     size_t n = lua_objlen(L, idx);
@@ -79,8 +91,31 @@ u_char *copyOut(lua_State *L, int idx, u_char *p)
     return p;
 }
 
+// init_by_lua has no request: lua-nginx-module says so before anything.
+void noRequestObject(lua_State *L)
+{
+    if (g_run == nullptr || g_run->phase == Phase::Init) {
+        luaL_error(L, "no request object found");
+    }
+}
+
+}  // namespace
+
+void pushPrintable(lua_State *L, int idx, const char *fname)
+{
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    size_t size = measure(L, idx, 1, fname, 0);
+    auto *buf = static_cast<u_char *>(lua_newuserdata(L, size ? size : 1));
+    u_char *end = copyOut(L, idx, buf);
+    lua_pushlstring(L, reinterpret_cast<char *>(buf), end - buf);
+    lua_remove(L, -2);
+}
+
+namespace {
+
 int emit(lua_State *L, bool newline, const char *fname)
 {
+    noRequestObject(L);
     Run *run = glue::checkPhase(L, kOutput);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
@@ -136,12 +171,13 @@ int emit(lua_State *L, bool newline, const char *fname)
 
 int ngxSay(lua_State *L)
 {
-    return emit(L, true, "say");
+    // lua-nginx-module's messages name no function: "to '?'".
+    return emit(L, true, "?");
 }
 
 int ngxPrint(lua_State *L)
 {
-    return emit(L, false, "print");
+    return emit(L, false, "?");
 }
 
 // Ends a synchronous ngx.flush: the waiting thread gets `ok` or nil, err.
@@ -206,7 +242,7 @@ void flushWaitHandler(ngx_http_request_t *r)
 
 int ngxFlush(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kOutput);
+    Run *run = requestPhase(L, kOutput, "no request found", false);
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
     bool wait = lua_toboolean(L, 1);
@@ -214,6 +250,11 @@ int ngxFlush(lua_State *L)
     if (ctx->eof) {
         lua_pushnil(L);
         lua_pushliteral(L, "seen eof");
+        return 2;
+    }
+    if (!r->header_sent && !ctx->buffering) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "nothing to flush");
         return 2;
     }
     if (glue::flush(ctx) == NGX_ERROR) {
@@ -250,6 +291,7 @@ int ngxFlush(lua_State *L)
 
 int ngxEof(lua_State *L)
 {
+    noRequestObject(L);
     Run *run = glue::checkPhase(L, kOutput);
     RequestCtx *ctx = run->ctx;
     if (lua_gettop(L) != 0) {
@@ -273,12 +315,12 @@ int ngxEof(lua_State *L)
 
 int sendHeaders(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kOutput);
+    Run *run = requestPhase(L, kOutput, "no request found", false);
     RequestCtx *ctx = run->ctx;
     if (ctx->r->header_sent) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "header already sent");
-        return 2;
+        // Not an error for lua-nginx-module: the headers are out.
+        lua_pushinteger(L, 1);
+        return 1;
     }
     ngx_int_t rc = glue::sendHeader(ctx);
     if (rc == NGX_ERROR || rc > NGX_OK) {
@@ -292,10 +334,10 @@ int sendHeaders(lua_State *L)
 
 int ngxExit(lua_State *L)
 {
-    Run *run = glue::checkPhase(
-        L, kYieldable | mask(Phase::HeaderFilter, Phase::InitWorker));
+    Run *run = requestPhase(L, kYieldable | mask(Phase::HeaderFilter),
+                            "no request found", false);
     if (run->ctx == nullptr) {
-        // init_worker_by_lua / timers without a request: just stop.
+        // Timers without a request: not supported yet.
         return luaL_error(L, "no request found");
     }
     lua_Integer status = luaL_checkinteger(L, 1);
@@ -334,6 +376,7 @@ bool poolCopy(ngx_http_request_t *r, const char *s, size_t len, ngx_str_t *out)
 
 int ngxExec(lua_State *L)
 {
+    noRequestObject(L);
     Run *run = glue::checkPhase(L, mask(Phase::Rewrite, Phase::Access,
                                         Phase::Content));
     sandbox::require(L, sandbox::Capability::Exec);
@@ -397,6 +440,7 @@ int ngxExec(lua_State *L)
 
 int ngxRedirect(lua_State *L)
 {
+    noRequestObject(L);
     Run *run = glue::checkPhase(L, mask(Phase::Rewrite, Phase::Access,
                                         Phase::Content));
     sandbox::require(L, sandbox::Capability::Exec);
@@ -452,6 +496,31 @@ int ngxRedirect(lua_State *L)
         }
     }
 
+    // Any earlier Location goes. The new one stays in the plain header
+    // list, not in headers_out.location: nginx would make a relative value
+    // absolute there, and lua-nginx-module sends it as given.
+    ngx_list_part_t *part = &r->headers_out.headers.part;
+    auto *elts = static_cast<ngx_table_elt_t *>(part->elts);
+    for (ngx_uint_t i = 0;; i++) {
+        if (i >= part->nelts) {
+            if (part->next == nullptr) {
+                break;
+            }
+            part = part->next;
+            elts = static_cast<ngx_table_elt_t *>(part->elts);
+            i = 0;
+        }
+        if (elts[i].key.len == sizeof("location") - 1
+            && ngx_strncasecmp(elts[i].key.data,
+                               reinterpret_cast<u_char *>(
+                                   const_cast<char *>("location")),
+                               sizeof("location") - 1) == 0)
+        {
+            elts[i].hash = 0;
+        }
+    }
+    r->headers_out.location = nullptr;
+
     auto *h = static_cast<ngx_table_elt_t *>(
         ngx_list_push(&r->headers_out.headers));
     if (h == nullptr) {
@@ -461,10 +530,8 @@ int ngxRedirect(lua_State *L)
     ngx_str_set(&h->key, "Location");
     h->value.data = data;
     h->value.len = p - data;
-    if (r->headers_out.location) {
-        r->headers_out.location->hash = 0;
-    }
-    r->headers_out.location = h;
+    h->lowcase_key = reinterpret_cast<u_char *>(const_cast<char *>(
+        "location"));
     r->headers_out.status = static_cast<ngx_uint_t>(status);
 
     ctx->exit_code = static_cast<ngx_int_t>(status);

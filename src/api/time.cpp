@@ -66,10 +66,24 @@ int updateTime(lua_State *)
     return 0;
 }
 
+// The seconds argument of http_time / cookie_time. Out-of-range numbers
+// would make the conversion to time_t undefined.
+time_t checkTime(lua_State *L)
+{
+    lua_Number n = luaL_checknumber(L, 1);
+    luaL_argcheck(L, n > -9007199254740992.0 && n < 9007199254740992.0, 1,
+                  "time out of range");
+    return static_cast<time_t>(n);
+}
+
+// Room for any year ngx_gmtime can produce: years past 9999 (and past
+// 2037 in cookie_time's format) are longer than the usual text.
+constexpr size_t kTimeBuf = 64;
+
 int httpTime(lua_State *L)
 {
-    auto t = static_cast<time_t>(luaL_checknumber(L, 1));
-    u_char buf[sizeof("Mon, 28 Sep 1970 06:00:00 GMT")];
+    time_t t = checkTime(L);
+    u_char buf[kTimeBuf];
     u_char *p = ngx_http_time(buf, t);
     lua_pushlstring(L, reinterpret_cast<char *>(buf), p - buf);
     return 1;
@@ -77,8 +91,8 @@ int httpTime(lua_State *L)
 
 int cookieTime(lua_State *L)
 {
-    auto t = static_cast<time_t>(luaL_checknumber(L, 1));
-    u_char buf[sizeof("Thu, 31-Dec-37 23:55:55 GMT")];
+    time_t t = checkTime(L);
+    u_char buf[kTimeBuf];
     u_char *p = ngx_http_cookie_time(buf, t);
     lua_pushlstring(L, reinterpret_cast<char *>(buf), p - buf);
     return 1;

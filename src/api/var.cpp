@@ -21,12 +21,13 @@ ngx_uint_t lowerKey(const char *name, size_t len, u_char *buf)
 
 int varIndex(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kVarPhases);
+    Run *run = requestPhase(L, kVarPhases);
     ngx_http_request_t *r = run->ctx->r;
 
     if (lua_type(L, 2) == LUA_TNUMBER) {
         auto n = static_cast<ngx_int_t>(lua_tointeger(L, 2));
-        if (n < 0 || r->captures == nullptr
+        // ngx.var[0] is not the whole match in lua-nginx-module: nil.
+        if (n < 1 || r->captures == nullptr
             || static_cast<ngx_uint_t>(n * 2) >= r->ncaptures)
         {
             lua_pushnil(L);
@@ -65,7 +66,7 @@ int varIndex(lua_State *L)
 
 int varNewIndex(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kVarPhases);
+    Run *run = requestPhase(L, kVarPhases);
     ngx_http_request_t *r = run->ctx->r;
     size_t len;
     const char *name = luaL_checklstring(L, 2, &len);

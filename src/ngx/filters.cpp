@@ -17,7 +17,9 @@ ngx_int_t headerFilter(ngx_http_request_t *r)
         // body_filter_by_lua sees data, not file regions.
         r->filter_need_in_memory = 1;
     }
-    if (llcf->header_filter == nullptr) {
+    if (llcf->header_filter == nullptr || r->filter_finalize) {
+        // filter_finalize: the response is now nginx's error page standing
+        // in for one a filter failed on; it passes untouched.
         return g_next_header(r);
     }
     RequestCtx *ctx = getCtx(r);
@@ -31,10 +33,26 @@ ngx_int_t headerFilter(ngx_http_request_t *r)
     if (runSync(ctx, Phase::HeaderFilter, llcf->header_filter,
                 r->connection->log, 0) != NGX_OK)
     {
-        return NGX_ERROR;
+        // Nothing is written yet: the client gets nginx's plain 500 page
+        // and the connection closes. Lua still running for this request
+        // sees its output refused and ends the request with an error.
+        ctx->eof = true;
+        ctx->exited = true;
+        ctx->exit_code = NGX_ERROR;
+        return ngx_http_filter_finalize_request(
+            r, &ngx_http_luaguard_module, NGX_HTTP_INTERNAL_SERVER_ERROR);
     }
     if (ctx->exited && ctx->exit_code == NGX_ERROR) {
         return NGX_ERROR;
+    }
+    if (ctx->exited && ctx->exit_code >= NGX_HTTP_SPECIAL_RESPONSE) {
+        // ngx.exit(status >= 300): nginx's page for that status replaces
+        // the response, as in lua-nginx-module.
+        ngx_int_t status = ctx->exit_code;
+        ctx->eof = true;
+        ctx->exit_code = NGX_ERROR;
+        return ngx_http_filter_finalize_request(r, &ngx_http_luaguard_module,
+                                                status);
     }
     return g_next_header(r);
 }

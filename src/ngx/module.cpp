@@ -303,7 +303,16 @@ char *parseHandler(ngx_conf_t *cf, const CodeDirective *d, ngx_str_t *arg,
     if (h->chunkname.data == nullptr) {
         return static_cast<char *>(NGX_CONF_ERROR);
     }
-    char *rv = compileInline(cf, h, first_line);
+    ngx_uint_t code_line = first_line;
+    if (d->source == Source::Inline) {
+        // nginx has read the whole quoted string: the line is its last one.
+        for (size_t i = 0; i < h->code.len; i++) {
+            if (h->code.data[i] == '\n' && code_line > 1) {
+                code_line--;
+            }
+        }
+    }
+    char *rv = compileInline(cf, h, code_line);
     if (rv != NGX_CONF_OK) {
         return rv;
     }
@@ -893,10 +902,13 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
     auto *prev = static_cast<LocConf *>(parent);
     auto *conf = static_cast<LocConf *>(child);
 
-    // Phase handlers inherit like nginx's own handler directives; content
-    // is never inherited (it is the location's content handler).
+    // Phase handlers inherit like nginx's own handler directives. Content
+    // inherits too, for an `if` block inside the location: nginx keeps the
+    // location's content handler there, which must find the code. (Nested
+    // locations do not get nginx's handler, so it never runs there.)
     for (auto field : {&LocConf::rewrite, &LocConf::access, &LocConf::log,
-                       &LocConf::header_filter, &LocConf::body_filter}) {
+                       &LocConf::header_filter, &LocConf::body_filter,
+                       &LocConf::content}) {
         if (conf->*field == nullptr) {
             conf->*field = prev->*field;
         }

@@ -144,6 +144,7 @@ struct RequestCtx {
     ngx_str_t            exec_args = ngx_null_string;
 
     bool                 headers_sent_by_lua = false;
+    bool                 mime_set = false;        // Lua set/cleared the type
     bool                 eof = false;
     bool                 body_read = false;
     bool                 reading_body = false;

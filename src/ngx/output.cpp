@@ -15,7 +15,9 @@ ngx_buf_tag_t bufTag()
 bool wantsHttp10Buffering(RequestCtx *ctx)
 {
     ngx_http_request_t *r = ctx->r;
+    // HEAD has no body to measure: its headers go out as they are.
     return r->http_version < NGX_HTTP_VERSION_11 && ctx->llcf->http10_buffering
+           && r->method != NGX_HTTP_HEAD
            && r->headers_out.content_length_n < 0 && !ctx->eof
            && !ctx->buffering_done;
 }
@@ -82,7 +84,8 @@ ngx_int_t sendHeader(RequestCtx *ctx)
     if (r->headers_out.status == 0) {
         r->headers_out.status = NGX_HTTP_OK;
     }
-    if (ctx->llcf->use_default_type && r->headers_out.content_type.len == 0
+    if (ctx->llcf->use_default_type && !ctx->mime_set
+        && r->headers_out.content_type.len == 0
         && ngx_http_set_content_type(r) != NGX_OK)
     {
         return NGX_ERROR;
@@ -143,10 +146,9 @@ ngx_int_t sendEof(RequestCtx *ctx)
 ngx_int_t flush(RequestCtx *ctx)
 {
     if (ctx->buffering) {
-        ngx_int_t rc = sendBuffered(ctx, false);
-        if (rc == NGX_ERROR || rc > NGX_OK) {
-            return rc;
-        }
+        // Documented: ngx.flush does nothing in HTTP/1.0 buffering mode, so
+        // the response still gets its Content-Length.
+        return NGX_OK;
     }
     if (ctx->eof || !ctx->r->header_sent) {
         return NGX_OK;

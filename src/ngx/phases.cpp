@@ -1,6 +1,8 @@
 // Request contexts, the thread driver and the phase handlers.
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -454,10 +456,11 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
     case Verdict::Finalize:
         return v.rc;
     case Verdict::Output:
-        if (!r->header_sent && !ctx->eof) {
+        if (!ctx->exited && !r->header_sent && !ctx->eof) {
             pr.rc = NGX_DECLINED;
             return NGX_DECLINED;  // a handler that produced nothing
         }
+        // ngx.exit(2xx) ends the request even with nothing written.
         ngx_http_finalize_request(r, finishOutput(ctx));
         return NGX_DONE;
     case Verdict::Exec:
@@ -505,11 +508,16 @@ ngx_int_t runPhase(ngx_http_request_t *r, Phase phase, Handler *h)
     }
     pr.state = ThreadState::Running;
 
+    ngx_http_event_handler_pt write_handler = r->write_event_handler;
     Outcome out = startThread(ctx, phase, h);
     if (out == Outcome::Yielded) {
         r->main->count++;
-        // The thread, not nginx's phase loop, decides when to go on.
-        r->write_event_handler = ngx_http_request_empty_handler;
+        // The thread, not nginx's phase loop, decides when to go on; an
+        // API that waits on the write event (ngx.flush(true)) has set its
+        // own handler, which must stay.
+        if (r->write_event_handler == write_handler) {
+            r->write_event_handler = ngx_http_request_empty_handler;
+        }
         return NGX_DONE;
     }
     return concludeSync(ctx, phase, out);
@@ -585,7 +593,13 @@ Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)
     Run *run = g_run;
     Phase p = run ? run->phase : Phase::None;
     if (!(mask(p) & allowed)) {
-        luaL_error(L, "API disabled in the context of %s", phaseName(p));
+        // lua-nginx-module names the directive family, e.g.
+        // "set_by_lua*", and "ngx.timer" for timers.
+        if (p == Phase::Timer) {
+            luaL_error(L, "API disabled in the context of ngx.timer");
+        }
+        luaL_error(L, "API disabled in the context of %s_by_lua*",
+                   phaseName(p));
     }
     return run;
 }
