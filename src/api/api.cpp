@@ -28,6 +28,7 @@ bool open(lua_State *L, std::string *err)
     openReq(L);
     openResp(L);
     openUtil(L);
+    openLocation(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 
