@@ -245,10 +245,11 @@ bool setFraming(ngx_http_request_t *sr, off_t len)
         if (e == nullptr || v == nullptr) {
             return false;
         }
-        e->hash = 1;
         ngx_str_set(&e->key, "Content-Length");
         e->lowcase_key = reinterpret_cast<u_char *>(
             const_cast<char *>("content-length"));
+        // The real hash: proxy_pass finds the headers it replaces by it.
+        e->hash = ngx_hash_key(e->lowcase_key, e->key.len);
         e->value.data = v;
         e->value.len = ngx_sprintf(v, "%O", len) - v;
         sr->headers_in.content_length = e;
@@ -531,7 +532,9 @@ int issue(lua_State *L, int list)
         ngx_str_t uri = spec.uri;
         ngx_str_t args = spec.args;
         ngx_http_request_t *sr;
-        if (ngx_http_subrequest(r, &uri, &args, &sr, &cap->ps,
+        // No query string at all ($args is nil), not an empty one.
+        if (ngx_http_subrequest(r, &uri, args.len ? &args : nullptr, &sr,
+                                &cap->ps,
                                 NGX_HTTP_SUBREQUEST_BACKGROUND)
             != NGX_OK)
         {

@@ -241,6 +241,29 @@ void watchClientAbort(RequestCtx *ctx)
         return;  // not wanted, or the body reader owns the read side
     }
     r->read_event_handler = abortHandler;
+
+    // nginx may have read the whole request without ever registering the
+    // connection for reads (the data was there at once): register it now,
+    // or look at once when the close already happened.
+    ngx_connection_t *c = r->connection;
+    ngx_event_t *rev = c->read;
+    if (rev->active) {
+        return;
+    }
+    char buf[1];
+    ssize_t n = recv(c->fd, buf, 1, MSG_PEEK);
+    if (n > 0) {
+        return;  // pipelined data: nothing to learn until it is read
+    }
+    if (n == -1 && ngx_socket_errno == NGX_EAGAIN) {
+        rev->ready = 0;
+        if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+            r->read_event_handler = ngx_http_block_reading;
+        }
+        return;
+    }
+    rev->ready = 1;
+    ngx_post_event(rev, &ngx_posted_events);
 }
 
 }  // namespace luaguard::subreq
