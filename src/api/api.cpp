@@ -29,6 +29,7 @@ bool open(lua_State *L, std::string *err)
     openResp(L);
     openUtil(L);
     openRegex(L);
+    openLocation(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

@@ -40,6 +40,7 @@ void openReq(lua_State *L);
 void openResp(lua_State *L);
 void openUtil(lua_State *L);
 void openRegex(lua_State *L);
+void openLocation(lua_State *L);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "api/api.hpp"
+#include "security/sandbox.hpp"
 #include "shdict/zone.hpp"
 
 namespace luaguard::api {
@@ -48,7 +49,7 @@ shdict::Zone *knownZone(void *p)
 // A dict object is a userdata holding its zone pointer: unlike a table it
 // cannot be changed by one request under the feet of the others, and the
 // sandbox hands it out as it is.
-shdict::Zone *checkZone(lua_State *L)
+shdict::Zone *checkZone(lua_State *L, bool write)
 {
     if (lua_type(L, 1) == LUA_TUSERDATA && lua_getmetatable(L, 1)) {
         lua_pushlightuserdata(L, &kMetaKey);
@@ -58,6 +59,12 @@ shdict::Zone *checkZone(lua_State *L)
         if (ours) {
             auto *z = knownZone(*static_cast<void **>(lua_touserdata(L, 1)));
             if (z != nullptr) {
+                // The location's lua_sandbox may limit which dicts its code
+                // uses, and how.
+                sandbox::requireShared(
+                    L, std::string_view(reinterpret_cast<char *>(z->name.data),
+                                        z->name.len),
+                    write);
                 return z;
             }
         }
@@ -212,7 +219,7 @@ bool valueArg(lua_State *L, int idx, Value *v, bool allow_bool_nil)
 
 int getCommon(lua_State *L, bool stale_ok)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, false);
     LG_KEY(L, k, klen);
     Value v;
     int32_t flags = 0;
@@ -255,7 +262,7 @@ int dictGetStale(lua_State *L)
 
 int storeCommon(lua_State *L, StoreOp op, bool safe)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, true);
     LG_KEY(L, k, klen);
     Value v;
     if (!valueArg(L, 3, &v, true)) {
@@ -326,7 +333,7 @@ int dictReplace(lua_State *L)
 
 int dictDelete(lua_State *L)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, true);
     LG_KEY(L, k, klen);
     z->store.remove(k, klen);
     // Same results as set(key, nil).
@@ -338,7 +345,7 @@ int dictDelete(lua_State *L)
 
 int dictIncr(lua_State *L)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, true);
     LG_KEY(L, k, klen);
     if (!lua_isnumber(L, 3)) {
         return luaL_error(L, "bad \"value\" argument: number expected, "
@@ -400,7 +407,7 @@ int dictIncr(lua_State *L)
 int pushCommon(lua_State *L, bool left)
 {
     checkArgs(L, 3);
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, true);
     LG_KEY(L, k, klen);
     Value v;
     if (!valueArg(L, 3, &v, false)) {
@@ -428,7 +435,7 @@ int dictRpush(lua_State *L)
 int popCommon(lua_State *L, bool left)
 {
     checkArgs(L, 2);
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, true);
     LG_KEY(L, k, klen);
     Value v;
     Status s = z->store.pop(k, klen, left, shdict::nowMs(), &v, &g_buf);
@@ -456,7 +463,7 @@ int dictRpop(lua_State *L)
 int dictLlen(lua_State *L)
 {
     checkArgs(L, 2);
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, false);
     LG_KEY(L, k, klen);
     uint64_t len = 0;
     Status s = z->store.llen(k, klen, shdict::nowMs(), &len);
@@ -469,7 +476,7 @@ int dictLlen(lua_State *L)
 
 int dictTtl(lua_State *L)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, false);
     LG_KEY(L, k, klen);
     int64_t ms = 0;
     Status s = z->store.ttl(k, klen, shdict::nowMs(), &ms);
@@ -482,7 +489,7 @@ int dictTtl(lua_State *L)
 
 int dictExpire(lua_State *L)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, true);
     LG_KEY(L, k, klen);
     if (lua_type(L, 3) != LUA_TNUMBER) {
         return luaL_error(L, "bad \"exptime\" argument");
@@ -500,7 +507,7 @@ int dictExpire(lua_State *L)
 
 int dictFlushAll(lua_State *L)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, true);
     z->store.flushAll();
     return 0;
 }
@@ -508,7 +515,7 @@ int dictFlushAll(lua_State *L)
 int dictFlushExpired(lua_State *L)
 {
     checkArgs12(L);
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, true);
     lua_Integer max = luaL_optinteger(L, 2, 0);
     uint64_t n = z->store.flushExpired(
         shdict::nowMs(), max > 0 ? static_cast<uint64_t>(max) : 0);
@@ -519,7 +526,7 @@ int dictFlushExpired(lua_State *L)
 int dictGetKeys(lua_State *L)
 {
     checkArgs12(L);
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, false);
     lua_Integer max = luaL_optinteger(L, 2, 1024);
     uint64_t n = 0;
     if (!z->store.keys(shdict::nowMs(), max > 0 ? static_cast<uint64_t>(max)
@@ -542,14 +549,14 @@ int dictGetKeys(lua_State *L)
 
 int dictCapacity(lua_State *L)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, false);
     lua_pushnumber(L, static_cast<lua_Number>(z->shm_zone->shm.size));
     return 1;
 }
 
 int dictFreeSpace(lua_State *L)
 {
-    shdict::Zone *z = checkZone(L);
+    shdict::Zone *z = checkZone(L, false);
     lua_pushnumber(L, static_cast<lua_Number>(z->store.freeSpace()));
     return 1;
 }
@@ -612,10 +619,14 @@ int luaguard_shdict_incr(void *zone, const char *key, size_t klen,
 ]]
 local C = ffi.C
 if not pcall(function() return C.luaguard_shdict_get end) then return end
+-- The C methods, for what the fast path hands back: a refusal (-2) is
+-- raised by them with the sandbox's message.
+local slow = {}
+for k, v in pairs(methods) do slow[k] = v end
 local out = ffi.new("struct luaguard_shdict_out")
 local ffi_string = ffi.string
-local type, tostring, tonumber, rawget, error =
-      type, tostring, tonumber, rawget, error
+local type, tostring, tonumber, rawget, error, pairs =
+      type, tostring, tonumber, rawget, error, pairs
 local errs = {"not found", "exists", "no memory", "not a number",
               "value not a list", "value is a list"}
 
@@ -655,6 +666,9 @@ local function get(self, key, stale)
     local k, err = checkKey(key)
     if not k then return nil, err end
     local rc = C.luaguard_shdict_get(z, k, #k, stale, out)
+    if rc == -2 then
+        return (stale == 0 and slow.get or slow.get_stale)(self, key)
+    end
     if rc == 1 then return nil end
     if rc < 0 then error('bad "zone" argument', 2) end
     if rc ~= 0 then return nil, errs[rc] end
@@ -669,6 +683,10 @@ end
 
 methods.get = function(self, key) return get(self, key, 0) end
 methods.get_stale = function(self, key) return get(self, key, 1) end
+
+local store_names = {[0] = {[0] = "set", [1] = "safe_set"},
+                     [1] = {[0] = "add", [1] = "safe_add"},
+                     [2] = {[0] = "replace", [1] = "replace"}}
 
 local function store(self, op, safe, key, val, exptime, flags)
     local z = zone(self)
@@ -701,6 +719,9 @@ local function store(self, op, safe, key, val, exptime, flags)
     local rc = C.luaguard_shdict_store(z, op, safe, k, #k, vt, str, len, num,
                                        exptime, flags, out)
     if rc == 0 then return true, nil, out.forcible ~= 0 end
+    if rc == -2 then
+        return slow[store_names[op][safe]](self, key, val, exptime, flags)
+    end
     if rc < 0 then error('bad "zone" argument', 2) end
     return false, errs[rc], out.forcible ~= 0
 end
@@ -748,6 +769,7 @@ methods.incr = function(self, key, delta, init, init_ttl)
     end
     local rc = C.luaguard_shdict_incr(z, k, #k, d, has_init, init, init_ttl,
                                       out)
+    if rc == -2 then return slow.incr(self, key, delta, init, init_ttl) end
     if rc == 0 then
         if has_init == 0 then return out.num end
         return out.num, nil, out.forcible ~= 0
@@ -812,8 +834,27 @@ void bindSharedDicts(lua_State *L, MainConf *mcf)
 }  // namespace luaguard::api
 
 // ---- the FFI entry points of the fast path ----
-// They never raise: a bad zone is -1, otherwise a shdict::Status. Values
-// come back in `out`, strings pointing into the per-process buffer.
+// They never raise: a bad zone is -1, a dict the running location may not
+// use (lua_sandbox) is -2 (the Lua side then calls the C method, which
+// raises the refusal), otherwise a shdict::Status. Values come back in
+// `out`, strings pointing into the per-process buffer.
+
+namespace luaguard::api {
+
+shdict::Zone *usableZone(void *zone, bool write)
+{
+    shdict::Zone *z = knownZone(zone);
+    if (z && !sandbox::sharedAllowed(
+                 std::string_view(reinterpret_cast<char *>(z->name.data),
+                                  z->name.len),
+                 write))
+    {
+        return reinterpret_cast<shdict::Zone *>(-2);
+    }
+    return z;
+}
+
+}  // namespace luaguard::api
 
 extern "C" {
 
@@ -833,9 +874,9 @@ LG_EXPORT int luaguard_shdict_get(void *zone, const char *key, size_t klen,
                                   int stale, luaguard_shdict_out *out)
 {
     using namespace luaguard;
-    shdict::Zone *z = api::knownZone(zone);
-    if (z == nullptr) {
-        return -1;
+    shdict::Zone *z = api::usableZone(zone, false);
+    if (z == nullptr || z == reinterpret_cast<shdict::Zone *>(-2)) {
+        return z ? -2 : -1;
     }
     shdict::Value v;
     int32_t flags = 0;
@@ -862,7 +903,10 @@ LG_EXPORT int luaguard_shdict_store(void *zone, int op, int safe,
                                     luaguard_shdict_out *out)
 {
     using namespace luaguard;
-    shdict::Zone *z = api::knownZone(zone);
+    shdict::Zone *z = api::usableZone(zone, true);
+    if (z == reinterpret_cast<shdict::Zone *>(-2)) {
+        return -2;
+    }
     if (z == nullptr || op < 0 || op > 2) {
         return -1;
     }
@@ -900,9 +944,9 @@ LG_EXPORT int luaguard_shdict_incr(void *zone, const char *key, size_t klen,
                                    double init_ttl, luaguard_shdict_out *out)
 {
     using namespace luaguard;
-    shdict::Zone *z = api::knownZone(zone);
-    if (z == nullptr) {
-        return -1;
+    shdict::Zone *z = api::usableZone(zone, true);
+    if (z == nullptr || z == reinterpret_cast<shdict::Zone *>(-2)) {
+        return z ? -2 : -1;
     }
     uint64_t now = shdict::nowMs();
     bool forcible = false;

@@ -2,6 +2,7 @@
 
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
+#include "security/sandbox.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/vm.hpp"
 
@@ -42,6 +43,7 @@ LuaThread *argThread(lua_State *L, int idx, RequestCtx *ctx)
 int spawn(lua_State *L)
 {
     LuaThread *self = runningThread(L);
+    sandbox::require(L, sandbox::Capability::Timer);
     RequestCtx *ctx = self->ctx;
     if (lua_type(L, 1) != LUA_TFUNCTION) {
         return luaL_argerror(L, 1, "Lua function expected");

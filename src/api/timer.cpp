@@ -9,6 +9,7 @@
 
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
+#include "security/sandbox.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/vm.hpp"
 
@@ -194,6 +195,7 @@ int create(lua_State *L, bool every)
                              Phase::Access, Phase::Content, Phase::Log,
                              Phase::HeaderFilter, Phase::BodyFilter,
                              Phase::Timer));
+    sandbox::require(L, sandbox::Capability::Timer);
     lua_Number delay = luaL_checknumber(L, 1);
     if (every && delay <= 0) {
         return luaL_error(L, "delay cannot be zero");

@@ -1,6 +1,7 @@
 // header_filter_by_lua and body_filter_by_lua.
 
 #include "ngx/glue.hpp"
+#include "ngx/subrequest.hpp"
 
 namespace luaguard::glue {
 
@@ -57,6 +58,16 @@ ngx_int_t headerFilter(ngx_http_request_t *r)
     return g_next_header(r);
 }
 
+// What the filter passes on: a captured subrequest's output goes to its
+// capture record (ngx.location.capture) instead of the postpone filter.
+ngx_int_t passOn(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    if (subreq::captureOf(r)) {
+        return in ? subreq::collect(r, in) : NGX_OK;
+    }
+    return g_next_body(r, in);
+}
+
 bool chainIsLast(ngx_http_request_t *r, ngx_chain_t *in)
 {
     for (ngx_chain_t *cl = in; cl; cl = cl->next) {
@@ -72,7 +83,7 @@ ngx_int_t bodyFilter(ngx_http_request_t *r, ngx_chain_t *in)
     auto *llcf = static_cast<LocConf *>(
         ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
     if (llcf->body_filter == nullptr || in == nullptr) {
-        return g_next_body(r, in);
+        return passOn(r, in);
     }
     RequestCtx *ctx = getCtx(r);
     if (ctx == nullptr) {
@@ -133,22 +144,21 @@ ngx_int_t bodyFilter(ngx_http_request_t *r, ngx_chain_t *in)
     if (out == nullptr) {
         return NGX_OK;
     }
-    return g_next_body(r, out);
+    return passOn(r, out);
 }
 
 }  // namespace
 
 void installFilters(bool header, bool body)
 {
-    if (!header && !body) {
-        return;
+    if (header || body) {
+        g_next_header = ngx_http_top_header_filter;
+        ngx_http_top_header_filter = headerFilter;
     }
-    g_next_header = ngx_http_top_header_filter;
-    ngx_http_top_header_filter = headerFilter;
-    if (body) {
-        g_next_body = ngx_http_top_body_filter;
-        ngx_http_top_body_filter = bodyFilter;
-    }
+    // Always in: it collects the output of captured subrequests (one
+    // pointer test for other requests).
+    g_next_body = ngx_http_top_body_filter;
+    ngx_http_top_body_filter = bodyFilter;
 }
 
 // ngx.arg[1] in body_filter_by_lua: the data of the chain being filtered.

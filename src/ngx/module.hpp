@@ -175,6 +175,11 @@ struct RequestCtx {
     LuaThread           *req_body_waiter = nullptr;
     bool                 req_body_done = false;
     void                *req_body_writer = nullptr;
+
+    // ngx.on_abort's callback (registry ref) and whether the client's
+    // early close was seen (ngx/subrequest.cpp).
+    int                  on_abort_ref = LUA_NOREF;
+    bool                 client_aborted = false;
 };
 
 // The innermost Lua run in progress: which request (null in init, timers

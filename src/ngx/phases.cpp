@@ -28,7 +28,8 @@ void cleanupCtx(void *data)
     lua_State *L = ctx->vm->L();
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
-    ctx->ctx_ref = ctx->env_ref = LUA_NOREF;
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx->on_abort_ref);
+    ctx->ctx_ref = ctx->env_ref = ctx->on_abort_ref = LUA_NOREF;
     ctx->~RequestCtx();
 }
 

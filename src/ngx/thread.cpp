@@ -5,6 +5,7 @@
 #include <string>
 
 #include "ngx/glue.hpp"
+#include "ngx/subrequest.hpp"
 #include "runtime/vm.hpp"
 #include "security/log_escape.hpp"
 
@@ -43,6 +44,9 @@ void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
 
 int yield(lua_State *L)
 {
+    if (g_run && g_run->ctx) {
+        subreq::watchClientAbort(g_run->ctx);  // lua_check_client_abort
+    }
     lua_pushlightuserdata(L, &kYieldSentinel);
     return lua_yield(L, 1);
 }

@@ -216,6 +216,10 @@ bool parse(const std::vector<std::string> &args, Policy *out,
                 *err = "empty shared dict name in \"" + a + "\"";
                 return false;
             }
+            if (dict.size() > 3 && dict.substr(dict.size() - 3) == ":ro") {
+                dict = dict.substr(0, dict.size() - 3);
+                p.shared_readonly.emplace_back(dict);
+            }
             p.shared_dicts.emplace_back(dict);
             list = comma == std::string_view::npos ? std::string_view()
                                                    : list.substr(comma + 1);
@@ -265,7 +269,31 @@ void require(lua_State *L, Capability c)
     }
 }
 
-void requireShared(lua_State *L, std::string_view dict)
+namespace {
+
+bool listed(const std::vector<std::string> &v, std::string_view s)
+{
+    return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+}  // namespace
+
+bool sharedAllowed(std::string_view dict, bool write)
+{
+    const Policy *p = currentPolicy();
+    if (p == nullptr) {
+        return true;
+    }
+    if (!p->allows(Capability::Shared)) {
+        return false;
+    }
+    if (!p->shared_dicts.empty() && !listed(p->shared_dicts, dict)) {
+        return false;
+    }
+    return !write || !listed(p->shared_readonly, dict);
+}
+
+void requireShared(lua_State *L, std::string_view dict, bool write)
 {
     const Policy *p = currentPolicy();
     if (p == nullptr) {
@@ -281,6 +309,12 @@ void requireShared(lua_State *L, std::string_view dict)
         g_refusals[static_cast<int>(Capability::Shared)]++;
         raise(L, 1, "shared dict '" + std::string(dict)
                         + "' is not allowed in this location (lua_sandbox "
+                        + p->label + ")");
+    }
+    if (write && listed(p->shared_readonly, dict)) {
+        g_refusals[static_cast<int>(Capability::Shared)]++;
+        raise(L, 1, "shared dict '" + std::string(dict)
+                        + "' is read-only in this location (lua_sandbox "
                         + p->label + ")");
     }
 }

@@ -49,6 +49,7 @@ struct Policy {
     bool                     isolate = true;    // false: `lua_sandbox off`
     uint32_t                 allowed = 0;       // bit per Capability
     std::vector<std::string> shared_dicts;      // empty: every dict
+    std::vector<std::string> shared_readonly;   // listed as name:ro
     std::string              label;             // "strict +socket"
 
     // The env metatable built for this policy in a VM (per worker).
@@ -105,8 +106,12 @@ class Scope {
 // implemented in C++: call it first thing.
 void require(lua_State *L, Capability c);
 
-// `shared` plus the dictionary name check, for ngx.shared.DICT.
-void requireShared(lua_State *L, std::string_view dict);
+// `shared` plus the dictionary name check, for ngx.shared.DICT: raises
+// when the running code may not use `dict` (or not write to it).
+void requireShared(lua_State *L, std::string_view dict, bool write = true);
+
+// The same check without raising, for the FFI fast path of shared dicts.
+bool sharedAllowed(std::string_view dict, bool write);
 
 // Per-worker refusal counters, for the metrics endpoint.
 void countRefusal(Capability c);

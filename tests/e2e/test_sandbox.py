@@ -694,3 +694,60 @@ def test_directive_syntax(nginx_conf, args, ok):
     assert passed == ok, out
     if not ok:
         assert "invalid lua_sandbox" in out
+
+
+# ---- shared dict allow lists (issue: shared-dict access) ----
+
+def test_shared_dict_allow_list_and_read_only(nginx):
+    n = nginx(http="lua_shared_dict a 1m; lua_shared_dict b 1m;", server="""
+        location /admin { content_by_lua_block {
+            ngx.shared.a:set("k", "a-val") ngx.shared.b:set("k", "b-val")
+            ngx.say("ok")
+        } }
+        location /tenant {
+            lua_sandbox default +shared=a:ro;
+            content_by_lua_block {
+                ngx.say(ngx.shared.a:get("k"))
+                ngx.say(pcall(ngx.shared.a.set, ngx.shared.a, "k", "x"))
+                ngx.say(pcall(ngx.shared.a.incr, ngx.shared.a, "n", 1, 0))
+                ngx.say(pcall(ngx.shared.a.flush_all, ngx.shared.a))
+                ngx.say(pcall(ngx.shared.b.get, ngx.shared.b, "k"))
+                -- the fast path and the C methods agree
+                for i = 1, 200 do assert(ngx.shared.a:get("k") == "a-val") end
+                ngx.say(pcall(function() return ngx.shared.b:get("k") end))
+            }
+        }
+        location /rw {
+            lua_sandbox default +shared=b;
+            content_by_lua_block {
+                ngx.say(ngx.shared.b:set("k", "new"), " ", ngx.shared.b:get("k"))
+                ngx.say(pcall(ngx.shared.a.get, ngx.shared.a, "k"))
+            }
+        }
+    """)
+    assert n.get("/admin").text == "ok\n"
+    lines = n.get("/tenant").text.splitlines()
+    assert lines[0] == "a-val"
+    for line in lines[1:4]:
+        assert line.startswith("false") and "read-only in this location" in line
+    assert lines[4].startswith("false") and "shared dict 'b' is not allowed" in lines[4]
+    assert "shared dict 'b' is not allowed" in lines[5]
+    lines = n.get("/rw").text.splitlines()
+    assert lines[0] == "true new"
+    assert "shared dict 'a' is not allowed" in lines[1]
+
+
+def test_timer_thread_subrequest_capabilities(nginx):
+    n = nginx(server="""
+        location /s {
+            lua_sandbox strict -timer -subrequest;
+            content_by_lua_block {
+                ngx.say(pcall(ngx.timer.at, 0, function() end))
+                ngx.say(pcall(ngx.thread.spawn, function() end))
+                ngx.say(pcall(ngx.location.capture, "/x"))
+            }
+        }
+        location /x { return 200 "x"; }
+    """)
+    lines = n.get("/s").text.splitlines()
+    assert all("capability" in ln and "is not allowed" in ln for ln in lines), lines

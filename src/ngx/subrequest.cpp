@@ -1,0 +1,269 @@
+// Captured subrequests and the client abort watch.
+
+#include "ngx/subrequest.hpp"
+
+#include <sys/socket.h>
+
+#include "ngx/glue.hpp"
+#include "ngx/thread.hpp"
+#include "runtime/vm.hpp"
+
+namespace luaguard::subreq {
+
+namespace {
+
+void wakeBatch(ngx_event_t *ev)
+{
+    auto *b = static_cast<Batch *>(ev->data);
+    if (b->thread) {
+        b->deliver(b);
+    }
+}
+
+bool specialFollows(ngx_int_t rc)
+{
+    // nginx answers these codes with its own response (error page, empty
+    // 201/204) and finalizes the subrequest once more afterwards.
+    return rc == NGX_HTTP_CREATED || rc == NGX_HTTP_NO_CONTENT
+           || (rc >= NGX_HTTP_SPECIAL_RESPONSE && rc != NGX_HTTP_CLOSE
+               && rc != NGX_HTTP_REQUEST_TIME_OUT
+               && rc != NGX_HTTP_CLIENT_CLOSED_REQUEST);
+}
+
+// nginx calls this each time the subrequest is finalized; the last call is
+// the one after which nothing more is sent.
+ngx_int_t subrequestDone(ngx_http_request_t *r, void *data, ngx_int_t rc)
+{
+    auto *cap = static_cast<Capture *>(data);
+    if (cap->done) {
+        return rc;
+    }
+    if (rc == NGX_ERROR || rc == NGX_HTTP_CLOSE
+        || rc == NGX_HTTP_REQUEST_TIME_OUT
+        || rc == NGX_HTTP_CLIENT_CLOSED_REQUEST)
+    {
+        cap->failed = true;
+    } else if (rc == NGX_AGAIN) {
+        return rc;
+    } else if (specialFollows(rc) && !r->header_sent) {
+        // As lua-nginx-module: the status without nginx's error page.
+        cap->status = rc;
+        r->headers_out.status = rc;
+        if (r->headers_out.content_type.len == 0) {
+            ngx_http_set_content_type(r);
+        }
+        rc = NGX_OK;
+    }
+    if (r->buffered || r->postponed) {
+        return rc;  // finalized again once the rest is out
+    }
+
+    cap->done = true;
+    if (r->headers_out.status) {
+        cap->status = r->headers_out.status;
+    } else if (cap->status == 0) {
+        cap->status = rc >= NGX_HTTP_OK && rc < 1000 ? rc
+                      : cap->failed ? NGX_HTTP_INTERNAL_SERVER_ERROR
+                                    : NGX_HTTP_OK;
+    }
+
+    Batch *b = cap->batch;
+    if (--b->pending == 0 && b->thread) {
+        // Not resumed from inside nginx's finalization of the subrequest:
+        // on the next round of posted events.
+        ngx_post_event(&b->wake, &ngx_posted_events);
+    }
+
+    if (cap->failed && !r->connection->error) {
+        // An error in the subrequest (a broken upstream) marks its result
+        // truncated; it must not tear down the parent request with it.
+        return NGX_OK;
+    }
+    return rc;
+}
+
+bool append(ngx_http_request_t *r, Capture *cap, const u_char *p, size_t n)
+{
+    if (n == 0) {
+        return true;
+    }
+    ngx_buf_t *b = ngx_create_temp_buf(r->pool, n);
+    ngx_chain_t *cl = ngx_alloc_chain_link(r->pool);
+    if (b == nullptr || cl == nullptr) {
+        return false;
+    }
+    b->last = ngx_cpymem(b->pos, p, n);
+    cl->buf = b;
+    cl->next = nullptr;
+    *cap->last = cl;
+    cap->last = &cl->next;
+    cap->size += n;
+    return true;
+}
+
+bool appendFile(ngx_http_request_t *r, Capture *cap, ngx_buf_t *buf)
+{
+    off_t n = buf->file_last - buf->file_pos;
+    if (n <= 0) {
+        return true;
+    }
+    ngx_buf_t *b = ngx_create_temp_buf(r->pool, static_cast<size_t>(n));
+    ngx_chain_t *cl = ngx_alloc_chain_link(r->pool);
+    if (b == nullptr || cl == nullptr) {
+        return false;
+    }
+    ssize_t got = ngx_read_file(buf->file, b->pos, static_cast<size_t>(n),
+                                buf->file_pos);
+    if (got != n) {
+        return false;
+    }
+    b->last += n;
+    cl->buf = b;
+    cl->next = nullptr;
+    *cap->last = cl;
+    cap->last = &cl->next;
+    cap->size += n;
+    return true;
+}
+
+// ---- the client abort watch ----
+
+void abortHandler(ngx_http_request_t *r)
+{
+    RequestCtx *ctx = getCtx(r);
+    ngx_connection_t *c = r->connection;
+    if (ctx == nullptr || ctx->threads == nullptr || ctx->client_aborted) {
+        ngx_http_block_reading(r);
+        return;
+    }
+    char buf[1];
+    ssize_t n = recv(c->fd, buf, 1, MSG_PEEK);
+    ngx_err_t err = 0;
+    if (n == -1) {
+        err = ngx_socket_errno;
+        if (err == NGX_EAGAIN) {
+            return;
+        }
+    } else if (n > 0) {
+        return;  // pipelined data, not a close
+    }
+
+    ctx->client_aborted = true;
+    c->read->eof = 1;
+    r->read_event_handler = ngx_http_block_reading;
+    ngx_log_error(NGX_LOG_INFO, c->log, err,
+                  "client prematurely closed connection");
+
+    if (ctx->on_abort_ref != LUA_NOREF) {
+        // The callback runs as a user light thread of the phase.
+        LuaThread *parent = ctx->entry ? ctx->entry : ctx->threads;
+        LuaThread *t = threads::create(ctx, parent);
+        if (t != nullptr) {
+            lua_rawgeti(t->co, LUA_REGISTRYINDEX, ctx->on_abort_ref);
+            glue::resume(t, 0);
+            return;
+        }
+    }
+    // No callback: the request ends here, as with ngx.exit(499).
+    c->error = 1;
+    ctx->exited = true;
+    ctx->exit_code = NGX_HTTP_CLIENT_CLOSED_REQUEST;
+    threads::killAll(ctx, nullptr);
+    glue::phaseFinished(ctx);
+    ngx_http_run_posted_requests(c);
+}
+
+}  // namespace
+
+void prepare(Batch *b, Capture *cap)
+{
+    cap->batch = b;
+    cap->last = &cap->body;
+    cap->ps.handler = subrequestDone;
+    cap->ps.data = cap;
+    b->wake.handler = wakeBatch;
+    b->wake.data = b;
+}
+
+Capture *captureOf(ngx_http_request_t *r)
+{
+    // post_subrequest survives internal redirects inside the subrequest,
+    // where module contexts do not.
+    if (r == r->main || r->post_subrequest == nullptr
+        || r->post_subrequest->handler != subrequestDone)
+    {
+        return nullptr;
+    }
+    return static_cast<Capture *>(r->post_subrequest->data);
+}
+
+ngx_int_t collect(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    Capture *cap = captureOf(r);
+    cap->body_seen = true;
+    for (ngx_chain_t *cl = in; cl; cl = cl->next) {
+        ngx_buf_t *b = cl->buf;
+        bool ok = true;
+        if (ngx_buf_in_memory(b)) {
+            ok = append(r, cap, b->pos, b->last - b->pos);
+        } else if (b->in_file) {
+            ok = appendFile(r, cap, b);
+        }
+        if (!ok) {
+            return NGX_ERROR;
+        }
+        b->pos = b->last;
+        if (b->in_file) {
+            b->file_pos = b->file_last;
+        }
+        if (b->last_buf || b->last_in_chain) {
+            cap->eof = true;
+        }
+    }
+    return NGX_OK;
+}
+
+void cancel(Batch *b)
+{
+    b->thread = nullptr;
+    if (b->wake.posted) {
+        ngx_delete_posted_event(&b->wake);
+    }
+}
+
+void watchClientAbort(RequestCtx *ctx)
+{
+    ngx_http_request_t *r = ctx->r;
+    if (ctx->is_timer || r != r->main || ctx->client_aborted
+        || !ctx->llcf->check_client_abort
+        || r->read_event_handler != ngx_http_block_reading)
+    {
+        return;  // not wanted, or the body reader owns the read side
+    }
+    r->read_event_handler = abortHandler;
+
+    // nginx may have read the whole request without ever registering the
+    // connection for reads (the data was there at once): register it now,
+    // or look at once when the close already happened.
+    ngx_connection_t *c = r->connection;
+    ngx_event_t *rev = c->read;
+    if (rev->active) {
+        return;
+    }
+    char buf[1];
+    ssize_t n = recv(c->fd, buf, 1, MSG_PEEK);
+    if (n > 0) {
+        return;  // pipelined data: nothing to learn until it is read
+    }
+    if (n == -1 && ngx_socket_errno == NGX_EAGAIN) {
+        rev->ready = 0;
+        if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+            r->read_event_handler = ngx_http_block_reading;
+        }
+        return;
+    }
+    rev->ready = 1;
+    ngx_post_event(rev, &ngx_posted_events);
+}
+
+}  // namespace luaguard::subreq

@@ -1,0 +1,54 @@
+// Captured subrequests (ngx.location.capture*) and the client abort watch
+// (lua_check_client_abort, ngx.on_abort): the nginx side.
+#pragma once
+
+#include "ngx/module.hpp"
+
+namespace luaguard::subreq {
+
+// One captured subrequest. Its output never reaches the postpone filter:
+// the body filter hands it to `collect` (see filters.cpp), which copies it
+// into this record, however large it is.
+struct Batch;
+
+struct Capture {
+    Batch                      *batch;
+    ngx_http_request_t         *sr;
+    ngx_chain_t                *body;
+    ngx_chain_t               **last;
+    size_t                      size;
+    ngx_int_t                   status;
+    bool                        done;
+    bool                        eof;          // saw the end of the body
+    bool                        body_seen;    // the body filter was called
+    bool                        failed;       // finalized with an error
+    ngx_http_post_subrequest_t  ps;
+};
+
+// The subrequests one capture/capture_multi call waits for.
+struct Batch {
+    LuaThread   *thread;      // the waiter; null once it is killed
+    Capture     *caps;
+    int          n;
+    int          pending;
+    ngx_event_t  wake;        // posted when the last one is done
+    void       (*deliver)(Batch *b);  // pushes results, resumes the thread
+};
+
+// Sets up the post-subrequest hook of `cap` (call before creating sr).
+void prepare(Batch *b, Capture *cap);
+
+// The capture record of `r` when it is one of our captured subrequests.
+Capture *captureOf(ngx_http_request_t *r);
+
+// Body filter for a captured subrequest: keeps the data, passes nothing on.
+ngx_int_t collect(ngx_http_request_t *r, ngx_chain_t *in);
+
+// Detaches the batch from its (killed) thread: nothing fires for it later.
+void cancel(Batch *b);
+
+// Called when a Lua thread of `ctx` is about to wait: with
+// lua_check_client_abort on, watches the client connection meanwhile.
+void watchClientAbort(RequestCtx *ctx);
+
+}  // namespace luaguard::subreq
