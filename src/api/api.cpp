@@ -28,6 +28,8 @@ bool open(lua_State *L, std::string *err)
     openReq(L);
     openResp(L);
     openUtil(L);
+    openSocketTcp(L);
+    openSocketUdp(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

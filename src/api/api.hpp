@@ -38,6 +38,8 @@ void bindSharedDicts(lua_State *L, MainConf *mcf);
 void openReq(lua_State *L);
 void openResp(lua_State *L);
 void openUtil(lua_State *L);
+void openSocketTcp(lua_State *L);
+void openSocketUdp(lua_State *L);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

@@ -551,6 +551,16 @@ constexpr ngx_uint_t kMainLoc = NGX_HTTP_MAIN_CONF_OFFSET;
 constexpr ngx_uint_t kSrvLoc = NGX_HTTP_SRV_CONF_OFFSET;
 constexpr ngx_uint_t kLocLoc = NGX_HTTP_LOC_CONF_OFFSET;
 
+// lua_ssl_protocols' values (nginx's ssl_protocols names).
+ngx_conf_bitmask_t kSslProtocols[] = {
+    {ngx_string("SSLv2"), NGX_SSL_SSLv2},
+    {ngx_string("SSLv3"), NGX_SSL_SSLv3},
+    {ngx_string("TLSv1"), NGX_SSL_TLSv1},
+    {ngx_string("TLSv1.1"), NGX_SSL_TLSv1_1},
+    {ngx_string("TLSv1.2"), NGX_SSL_TLSv1_2},
+    {ngx_string("TLSv1.3"), NGX_SSL_TLSv1_3},
+    {ngx_null_string, 0}};
+
 ngx_command_t commands[] = {
     LG_CMD("lua_package_path", kMain | NGX_CONF_TAKE1, setPackagePath,
            kMainLoc, LG_MAIN_OFF(package_path), nullptr),
@@ -684,6 +694,42 @@ ngx_command_t commands[] = {
     LG_CMD("lua_watchdog_grace", kMain | NGX_CONF_TAKE1, setBudgetTime,
            kMainLoc, LG_MAIN_OFF(watchdog_grace), nullptr),
 
+    LG_CMD("lua_socket_connect_timeout", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_msec_slot, kLocLoc,
+           LG_LOC_OFF(socket_connect_timeout), nullptr),
+    LG_CMD("lua_socket_send_timeout", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_msec_slot, kLocLoc, LG_LOC_OFF(socket_send_timeout),
+           nullptr),
+    LG_CMD("lua_socket_read_timeout", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_msec_slot, kLocLoc, LG_LOC_OFF(socket_read_timeout),
+           nullptr),
+    LG_CMD("lua_socket_keepalive_timeout", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_msec_slot, kLocLoc,
+           LG_LOC_OFF(socket_keepalive_timeout), nullptr),
+    LG_CMD("lua_socket_buffer_size", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_size_slot, kLocLoc, LG_LOC_OFF(socket_buffer_size),
+           nullptr),
+    LG_CMD("lua_socket_send_lowat", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_size_slot, kLocLoc, LG_LOC_OFF(socket_send_lowat),
+           nullptr),
+    LG_CMD("lua_socket_pool_size", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kLocLoc, LG_LOC_OFF(socket_pool_size),
+           nullptr),
+    LG_CMD("lua_socket_log_errors", kAnyLoc | NGX_CONF_FLAG,
+           ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(socket_log_errors),
+           nullptr),
+    LG_CMD("lua_ssl_trusted_certificate", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_str_slot, kLocLoc,
+           LG_LOC_OFF(ssl_trusted_certificate), nullptr),
+    LG_CMD("lua_ssl_verify_depth", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kLocLoc, LG_LOC_OFF(ssl_verify_depth),
+           nullptr),
+    LG_CMD("lua_ssl_protocols", kAnyLoc | NGX_CONF_1MORE,
+           ngx_conf_set_bitmask_slot, kLocLoc, LG_LOC_OFF(ssl_protocols),
+           kSslProtocols),
+    LG_CMD("lua_ssl_ciphers", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_str_slot, kLocLoc, LG_LOC_OFF(ssl_ciphers), nullptr),
+
     ngx_null_command};
 
 #undef LG_CMD
@@ -751,6 +797,15 @@ void *createLocConf(ngx_conf_t *cf)
     conf->budget_status = NGX_CONF_UNSET_UINT;
     conf->budget_timer_slice = NGX_CONF_UNSET_MSEC;
     conf->budget_timer = NGX_CONF_UNSET_MSEC;
+    conf->socket_connect_timeout = NGX_CONF_UNSET_MSEC;
+    conf->socket_send_timeout = NGX_CONF_UNSET_MSEC;
+    conf->socket_read_timeout = NGX_CONF_UNSET_MSEC;
+    conf->socket_keepalive_timeout = NGX_CONF_UNSET_MSEC;
+    conf->socket_buffer_size = NGX_CONF_UNSET_SIZE;
+    conf->socket_send_lowat = NGX_CONF_UNSET_SIZE;
+    conf->socket_pool_size = NGX_CONF_UNSET_UINT;
+    conf->socket_log_errors = NGX_CONF_UNSET;
+    conf->ssl_verify_depth = NGX_CONF_UNSET;
     return conf;
 }
 
@@ -792,6 +847,35 @@ char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
     conf->timer_limits.slice_ms = conf->budget_timer_slice;
     conf->timer_limits.total_ms = conf->budget_timer;
     conf->timer_limits.memory = conf->budget_memory;
+
+    ngx_conf_merge_msec_value(conf->socket_connect_timeout,
+                              prev->socket_connect_timeout, 60000);
+    ngx_conf_merge_msec_value(conf->socket_send_timeout,
+                              prev->socket_send_timeout, 60000);
+    ngx_conf_merge_msec_value(conf->socket_read_timeout,
+                              prev->socket_read_timeout, 60000);
+    ngx_conf_merge_msec_value(conf->socket_keepalive_timeout,
+                              prev->socket_keepalive_timeout, 60000);
+    ngx_conf_merge_size_value(conf->socket_buffer_size,
+                              prev->socket_buffer_size, ngx_pagesize);
+    ngx_conf_merge_size_value(conf->socket_send_lowat,
+                              prev->socket_send_lowat, 0);
+    ngx_conf_merge_uint_value(conf->socket_pool_size, prev->socket_pool_size,
+                              30);
+    ngx_conf_merge_value(conf->socket_log_errors, prev->socket_log_errors, 1);
+    ngx_conf_merge_str_value(conf->ssl_trusted_certificate,
+                             prev->ssl_trusted_certificate, "");
+    ngx_conf_merge_value(conf->ssl_verify_depth, prev->ssl_verify_depth, 1);
+    // TLS 1.2 and 1.3 only: older protocols are off by default (hardening;
+    // lua_ssl_protocols can still enable them).
+    ngx_conf_merge_bitmask_value(conf->ssl_protocols, prev->ssl_protocols,
+                                 (NGX_CONF_BITMASK_SET | NGX_SSL_TLSv1_2
+                                  | NGX_SSL_TLSv1_3));
+    ngx_conf_merge_str_value(conf->ssl_ciphers, prev->ssl_ciphers,
+                             "DEFAULT");
+    if (conf->socket_buffer_size == 0) {
+        conf->socket_buffer_size = ngx_pagesize;
+    }
     return NGX_CONF_OK;
 }
 

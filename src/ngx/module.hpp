@@ -84,6 +84,21 @@ struct LocConf {
     ngx_msec_t                 budget_timer_slice;
     ngx_msec_t                 budget_timer;
     budget::Limits             timer_limits;
+
+    // Cosockets (api/socket_*.cpp).
+    ngx_msec_t                 socket_connect_timeout;
+    ngx_msec_t                 socket_send_timeout;
+    ngx_msec_t                 socket_read_timeout;
+    ngx_msec_t                 socket_keepalive_timeout;
+    size_t                     socket_buffer_size;
+    size_t                     socket_send_lowat;
+    ngx_uint_t                 socket_pool_size;
+    ngx_flag_t                 socket_log_errors;
+    ngx_str_t                  ssl_trusted_certificate;
+    ngx_int_t                  ssl_verify_depth;
+    ngx_uint_t                 ssl_protocols;
+    ngx_str_t                  ssl_ciphers;
+    void                      *ssl;     // ngx_ssl_t, built on first use
 };
 
 // Where a phase's Lua thread is: not started, suspended on an event, or
