@@ -66,6 +66,10 @@ ngx_int_t connectPeer(ngx_peer_connection_t *pc, Target *t, int type,
                       ngx_addr_t *local, ngx_log_t *log, bool log_errors,
                       std::string *err);
 
+// Appends the fragments of the (nested) array table at `idx` to *out:
+// strings, numbers, booleans, nil; raises "bad data type" on others.
+bool flatten(lua_State *L, int idx, std::string *out, int depth);
+
 // Closes `c`, ending TLS without waiting for the peer.
 void closeConnection(ngx_connection_t *c);
 

@@ -240,8 +240,39 @@ ngx_int_t connectPeer(ngx_peer_connection_t *pc, Target *t, int type,
     return rc;  // NGX_OK or NGX_AGAIN
 }
 
+bool flatten(lua_State *L, int idx, std::string *out, int depth)
+{
+    if (depth > 100) {
+        return false;
+    }
+    size_t n = lua_objlen(L, idx);
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, static_cast<int>(i));
+        int type = lua_type(L, -1);
+        if (type == LUA_TSTRING || type == LUA_TNUMBER) {
+            size_t len;
+            const char *p = lua_tolstring(L, -1, &len);
+            out->append(p, len);
+        } else if (type == LUA_TBOOLEAN) {
+            out->append(lua_toboolean(L, -1) ? "true" : "false");
+        } else if (type == LUA_TNIL) {
+            out->append("nil");
+        } else if (type == LUA_TTABLE) {
+            if (!flatten(L, lua_gettop(L), out, depth + 1)) {
+                lua_pop(L, 1);
+                return false;
+            }
+        } else {
+            luaL_error(L, "bad data type %s found", lua_typename(L, type));
+        }
+        lua_pop(L, 1);
+    }
+    return true;
+}
+
 void closeConnection(ngx_connection_t *c)
 {
+    ngx_pool_t *pool = c->pool;  // TLS state lives there
 #if (NGX_SSL)
     if (c->ssl) {
         c->ssl->no_wait_shutdown = 1;
@@ -250,6 +281,9 @@ void closeConnection(ngx_connection_t *c)
     }
 #endif
     ngx_close_connection(c);
+    if (pool) {
+        ngx_destroy_pool(pool);
+    }
 }
 
 }  // namespace luaguard::api::sock

@@ -103,6 +103,7 @@ struct Tcp {
     LuaThread           *reader = nullptr;
     LuaThread           *writer = nullptr;
     LuaThread           *connector = nullptr;
+    bool                 read_closed = false;  // "*a" met the end
 
     // Connect.
     ngx_peer_connection_t pc;
@@ -271,6 +272,7 @@ void onWrite(ngx_event_t *ev);
 void attach(Tcp *s, ngx_connection_t *c)
 {
     s->c = c;
+    s->read_closed = false;
     c->data = s;
     c->read->handler = onRead;
     c->write->handler = onWrite;
@@ -1019,7 +1021,8 @@ int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
     if (s->rmode == RMode::All && st == RStatus::Closed) {
         lua_pushlstring(dst, s->acc.data(), s->acc.size());
         s->acc.clear();
-        closeSock(s, s->reader);
+        // The read side is over; the connection stays until close().
+        s->read_closed = true;
         return 1;
     }
     lua_pushnil(dst);
@@ -1096,6 +1099,9 @@ void cancelRead(LuaThread *t)
 int startRead(lua_State *L, Tcp *s, RMode m, size_t size, Until *u)
 {
     if (s->c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    if (s->read_closed) {
         return pushNilErr(L, "closed");
     }
     if (s->reader) {
@@ -1268,38 +1274,6 @@ int tcpReceiveUntil(lua_State *L)
 
 // ---- send ----
 
-// Appends the pieces of a (nested) array table to out; false with an
-// error raised text in *bad when a value cannot be sent.
-bool flatten(lua_State *L, int idx, std::string *out, int depth)
-{
-    if (depth > 100) {
-        return false;
-    }
-    size_t n = lua_objlen(L, idx);
-    for (size_t i = 1; i <= n; i++) {
-        lua_rawgeti(L, idx, static_cast<int>(i));
-        int type = lua_type(L, -1);
-        if (type == LUA_TSTRING || type == LUA_TNUMBER) {
-            size_t len;
-            const char *p = lua_tolstring(L, -1, &len);
-            out->append(p, len);
-        } else if (type == LUA_TBOOLEAN) {
-            out->append(lua_toboolean(L, -1) ? "true" : "false");
-        } else if (type == LUA_TNIL) {
-            out->append("nil");
-        } else if (type == LUA_TTABLE) {
-            if (!flatten(L, lua_gettop(L), out, depth + 1)) {
-                lua_pop(L, 1);
-                return false;
-            }
-        } else {
-            luaL_error(L, "bad data type %s found", lua_typename(L, type));
-        }
-        lua_pop(L, 1);
-    }
-    return true;
-}
-
 // Sends s->sbuf[spos..] (or p,len when sbuf is unused); NGX_OK when all
 // went out, NGX_AGAIN, NGX_ERROR with s->err.
 ngx_int_t sendSome(Tcp *s, const char **p, size_t *len)
@@ -1430,7 +1404,7 @@ int tcpSend(lua_State *L)
         break;
     case LUA_TTABLE:
         s->sbuf.clear();
-        flatten(L, 2, &s->sbuf, 0);
+        sock::flatten(L, 2, &s->sbuf, 0);
         p = s->sbuf.data();
         len = s->sbuf.size();
         copied = true;
@@ -1518,7 +1492,9 @@ int tcpSetKeepalive(lua_State *L)
         }
         size = static_cast<ngx_uint_t>(v);
     }
-    if (c->read->eof || c->read->error || c->write->error) {
+    if (s->read_closed || c->read->eof || c->read->error
+        || c->write->error)
+    {
         closeSock(s, nullptr);
         return pushNilErr(L, "connection in dubious state");
     }
@@ -1715,21 +1691,21 @@ void sslCleanup(void *data)
     ngx_ssl_cleanup_ctx(data);
 }
 
-// The client TLS context of a location (lua_ssl_* directives), made on
-// first use and kept for the life of the configuration.
-ngx_ssl_t *sslContext(LocConf *lc, std::string *err)
+// The client TLS context of a location (lua_ssl_* directives). Made
+// while the configuration is read when a trusted certificate is given (the
+// master can read files a worker may not), else on first use; kept for the
+// life of the configuration.
+ngx_ssl_t *makeSslContext(LocConf *lc, ngx_pool_t *pool, ngx_log_t *log,
+                          ngx_str_t *prefix, std::string *err)
 {
-    if (lc->ssl) {
-        return static_cast<ngx_ssl_t *>(lc->ssl);
-    }
-    auto *ssl = static_cast<ngx_ssl_t *>(
-        ngx_pcalloc(ngx_cycle->pool, sizeof(ngx_ssl_t)));
-    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(ngx_cycle->pool, 0);
+    auto *ssl = static_cast<ngx_ssl_t *>(ngx_pcalloc(pool,
+                                                     sizeof(ngx_ssl_t)));
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(pool, 0);
     if (ssl == nullptr || cln == nullptr) {
         *err = "no memory";
         return nullptr;
     }
-    ssl->log = ngx_cycle->log;
+    ssl->log = log;
     if (ngx_ssl_create(ssl, lc->ssl_protocols, nullptr) != NGX_OK) {
         *err = "failed to create the SSL context";
         return nullptr;
@@ -1740,18 +1716,16 @@ ngx_ssl_t *sslContext(LocConf *lc, std::string *err)
     std::string ciphers(reinterpret_cast<char *>(lc->ssl_ciphers.data),
                         lc->ssl_ciphers.len);
     if (SSL_CTX_set_cipher_list(ssl->ctx, ciphers.c_str()) == 0) {
-        ngx_ssl_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+        ngx_ssl_error(NGX_LOG_EMERG, log, 0,
                       const_cast<char *>("SSL_CTX_set_cipher_list(\"%s\") "
                                          "failed"), ciphers.c_str());
+        *err = "bad lua_ssl_ciphers";
+        return nullptr;
     }
     SSL_CTX_set_verify_depth(ssl->ctx, static_cast<int>(lc->ssl_verify_depth));
     if (lc->ssl_trusted_certificate.len) {
         ngx_str_t name = lc->ssl_trusted_certificate;
-        ngx_str_t prefix;
-        prefix.data = ngx_cycle->conf_prefix.data;
-        prefix.len = ngx_cycle->conf_prefix.len;
-        if (ngx_get_full_name(ngx_cycle->pool, &prefix, &name) != NGX_OK)
-        {
+        if (ngx_get_full_name(pool, prefix, &name) != NGX_OK) {
             *err = "no memory";
             return nullptr;
         }
@@ -1759,7 +1733,7 @@ ngx_ssl_t *sslContext(LocConf *lc, std::string *err)
         if (SSL_CTX_load_verify_locations(ssl->ctx, path.c_str(), nullptr)
             == 0)
         {
-            ngx_ssl_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+            ngx_ssl_error(NGX_LOG_EMERG, log, 0,
                           const_cast<char *>("SSL_CTX_load_verify_locations"
                                              "(\"%s\") failed"),
                           path.c_str());
@@ -1768,8 +1742,19 @@ ngx_ssl_t *sslContext(LocConf *lc, std::string *err)
         }
         ERR_clear_error();
     }
-    lc->ssl = ssl;
     return ssl;
+}
+
+ngx_ssl_t *sslContext(LocConf *lc, std::string *err)
+{
+    if (lc->ssl == nullptr) {
+        ngx_str_t prefix;
+        prefix.data = ngx_cycle->conf_prefix.data;
+        prefix.len = ngx_cycle->conf_prefix.len;
+        lc->ssl = makeSslContext(lc, ngx_cycle->pool, ngx_cycle->log,
+                                 &prefix, err);
+    }
+    return static_cast<ngx_ssl_t *>(lc->ssl);
 }
 
 // The handshake is over (or failed): checks, then the results.
@@ -1904,6 +1889,14 @@ int tcpSslHandshake(lua_State *L)
     if (ssl == nullptr) {
         return pushNilErr(L, err.c_str());
     }
+    if (c->pool == nullptr) {
+        // TLS state is allocated from the connection's pool: one of its
+        // own, since the connection may outlive the request (keepalive).
+        c->pool = ngx_create_pool(256, ngx_cycle->log);
+        if (c->pool == nullptr) {
+            return pushNilErr(L, "no memory");
+        }
+    }
     if (ngx_ssl_create_connection(ssl, c, NGX_SSL_CLIENT) != NGX_OK) {
         return pushNilErr(L, "failed to create ssl connection");
     }
@@ -1983,6 +1976,34 @@ int tcpNew(lua_State *L)
 }
 
 }  // namespace
+
+char *mergeSocketSsl(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
+{
+    auto same = [](const ngx_str_t &a, const ngx_str_t &b) {
+        return a.len == b.len
+               && (a.len == 0 || std::memcmp(a.data, b.data, a.len) == 0);
+    };
+    if (prev->ssl && same(prev->ssl_trusted_certificate,
+                          conf->ssl_trusted_certificate)
+        && same(prev->ssl_ciphers, conf->ssl_ciphers)
+        && prev->ssl_protocols == conf->ssl_protocols
+        && prev->ssl_verify_depth == conf->ssl_verify_depth)
+    {
+        conf->ssl = prev->ssl;
+        return NGX_CONF_OK;
+    }
+    if (conf->ssl_trusted_certificate.len == 0) {
+        return NGX_CONF_OK;  // nothing to read: made on first use
+    }
+    std::string err;
+    conf->ssl = makeSslContext(conf, cf->pool, cf->log, &cf->cycle->conf_prefix,
+                               &err);
+    if (conf->ssl == nullptr) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s", err.c_str());
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    return NGX_CONF_OK;
+}
 
 void openSocketTcp(lua_State *L)
 {

@@ -242,12 +242,9 @@ int udpSend(lua_State *L)
     std::string flat;
     if (lua_type(L, 2) == LUA_TTABLE) {
         // A (nested) array of fragments, one datagram.
-        lua_getglobal(L, "table");
-        lua_getfield(L, -1, "concat");
-        lua_remove(L, -2);
-        lua_pushvalue(L, 2);
-        lua_call(L, 1, 1);
-        p = lua_tolstring(L, -1, &len);
+        sock::flatten(L, 2, &flat, 0);
+        p = flat.data();
+        len = flat.size();
     } else {
         p = luaL_checklstring(L, 2, &len);
     }

@@ -809,7 +809,7 @@ void *createLocConf(ngx_conf_t *cf)
     return conf;
 }
 
-char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
+char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
 {
     auto *prev = static_cast<LocConf *>(parent);
     auto *conf = static_cast<LocConf *>(child);
@@ -876,7 +876,7 @@ char *mergeLocConf(ngx_conf_t *, void *parent, void *child)
     if (conf->socket_buffer_size == 0) {
         conf->socket_buffer_size = ngx_pagesize;
     }
-    return NGX_CONF_OK;
+    return api::mergeSocketSsl(cf, prev, conf);
 }
 
 // Adds `h` to a phase: first in the array means last to run (nginx builds
