@@ -430,7 +430,7 @@ def test_no_fd_leak_after_many_requests(nginx):
     for i in range(10000):
         conn.request("GET", "/t" if i % 2 else "/t?close=1")
         resp = conn.getresponse()
-        assert resp.read() == b"HTTP/1.1 200 OK hello from upstream\n"
+        assert resp.read() == b"HTTP/1.1 200 OK hello from upstream\n\n"
     conn.close()
     after = len(os.listdir(f"/proc/{pid}/fd"))
     assert after <= before + 1
