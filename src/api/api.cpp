@@ -30,6 +30,8 @@ bool open(lua_State *L, std::string *err)
     openUtil(L);
     openRegex(L);
     openLocation(L);
+    openSocketTcp(L);
+    openSocketUdp(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

@@ -9,7 +9,10 @@
 
 namespace luaguard {
 struct MainConf;
+struct LocConf;
 }
+
+struct ngx_conf_s;
 
 namespace luaguard::api {
 
@@ -41,6 +44,12 @@ void openResp(lua_State *L);
 void openUtil(lua_State *L);
 void openRegex(lua_State *L);
 void openLocation(lua_State *L);
+void openSocketTcp(lua_State *L);
+void openSocketUdp(lua_State *L);
+
+// lua_ssl_* of a location merged: builds (or shares) its TLS client
+// context while the master can still read the trusted certificates.
+char *mergeSocketSsl(ngx_conf_s *cf, LocConf *prev, LocConf *conf);
 
 // Last: placeholders raising "not implemented" for APIs still missing.
 void openPending(lua_State *L);

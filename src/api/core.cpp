@@ -371,7 +371,6 @@ int workerExiting(lua_State *L)
 // APIs of lua-nginx-module that luaguard does not provide yet: using one
 // raises an error naming it instead of a confusing "attempt to call nil".
 const char *const kPending[] = {
-    "socket",
     "get_now_ts", "run_worker_thread", "worker_thread"};
 
 int pendingIndex(lua_State *L)

@@ -14,6 +14,7 @@
 #include "runtime/code.hpp"
 #include "runtime/package_path.hpp"
 #include "runtime/vm.hpp"
+#include "security/egress.hpp"
 #include "security/script_path.hpp"
 #include "shdict/zone.hpp"
 #include "security/ngx_sandbox.hpp"
@@ -585,6 +586,85 @@ void warnUnsafeSearchPath(ngx_conf_t *cf, const ngx_str_t &value)
     }
 }
 
+void destroyEgressRule(void *data)
+{
+    static_cast<egress::Rule *>(data)->~Rule();
+}
+
+void destroyEgressPolicy(void *data)
+{
+    static_cast<egress::Policy *>(data)->~Policy();
+}
+
+// `lua_egress allow|deny TARGET... [port=LIST]`: one rule, in order.
+char *setEgressRule(ngx_conf_t *cf, ngx_command_t *, void *conf)
+{
+    auto *lcf = static_cast<LocConf *>(conf);
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    std::vector<std::string> words;
+    for (ngx_uint_t i = 1; i < cf->args->nelts; i++) {
+        words.emplace_back(reinterpret_cast<char *>(args[i].data),
+                           args[i].len);
+    }
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool,
+                                                   sizeof(egress::Rule));
+    if (cln == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    auto *rule = new (cln->data) egress::Rule();
+    cln->handler = destroyEgressRule;
+    std::string err;
+    if (!egress::parseRule(words, rule, &err)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "lua_egress: %s",
+                           err.c_str());
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    if (lcf->egress_rules == nullptr) {
+        lcf->egress_rules = ngx_array_create(cf->pool, 4,
+                                             sizeof(egress::Rule *));
+        if (lcf->egress_rules == nullptr) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+    }
+    auto **slot = static_cast<egress::Rule **>(
+        ngx_array_push(lcf->egress_rules));
+    if (slot == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    *slot = rule;
+    return NGX_CONF_OK;
+}
+
+// Rules are inherited as a whole, like nginx's allow/deny: a level with
+// rules of its own does not see its parent's.
+char *mergeEgress(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
+{
+    if (conf->egress_rules == nullptr) {
+        conf->egress_rules = prev->egress_rules;
+    }
+    ngx_conf_merge_value(conf->egress_default, prev->egress_default, 1);
+    if (conf->egress_rules == nullptr && conf->egress_default) {
+        conf->egress = nullptr;  // the built-in default: metadata refused
+        return NGX_CONF_OK;
+    }
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool,
+                                                   sizeof(egress::Policy));
+    if (cln == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    auto *p = new (cln->data) egress::Policy();
+    cln->handler = destroyEgressPolicy;
+    p->default_allow = conf->egress_default;
+    if (conf->egress_rules) {
+        auto **rules = static_cast<egress::Rule **>(conf->egress_rules->elts);
+        for (ngx_uint_t i = 0; i < conf->egress_rules->nelts; i++) {
+            p->rules.push_back(*rules[i]);
+        }
+    }
+    conf->egress = p;
+    return NGX_CONF_OK;
+}
+
 char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     auto *slot = reinterpret_cast<ngx_str_t *>(static_cast<char *>(conf)
@@ -603,6 +683,11 @@ char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 #define LG_CMD(name, type, set, conf, off, post) \
     {ngx_string(name), type, set, conf, off, post}
 
+ngx_conf_enum_t kEgressDefaultEnum[] = {
+    {ngx_string("allow"), 1},
+    {ngx_string("deny"), 0},
+    {ngx_null_string, 0}};
+
 ngx_conf_enum_t kWritableEnum[] = {
     {ngx_string("off"), static_cast<ngx_uint_t>(script::Writable::Off)},
     {ngx_string("world"), static_cast<ngx_uint_t>(script::Writable::World)},
@@ -619,6 +704,16 @@ constexpr ngx_uint_t kBlock = NGX_CONF_BLOCK | NGX_CONF_NOARGS;
 constexpr ngx_uint_t kMainLoc = NGX_HTTP_MAIN_CONF_OFFSET;
 constexpr ngx_uint_t kSrvLoc = NGX_HTTP_SRV_CONF_OFFSET;
 constexpr ngx_uint_t kLocLoc = NGX_HTTP_LOC_CONF_OFFSET;
+
+// lua_ssl_protocols' values (nginx's ssl_protocols names).
+ngx_conf_bitmask_t kSslProtocols[] = {
+    {ngx_string("SSLv2"), NGX_SSL_SSLv2},
+    {ngx_string("SSLv3"), NGX_SSL_SSLv3},
+    {ngx_string("TLSv1"), NGX_SSL_TLSv1},
+    {ngx_string("TLSv1.1"), NGX_SSL_TLSv1_1},
+    {ngx_string("TLSv1.2"), NGX_SSL_TLSv1_2},
+    {ngx_string("TLSv1.3"), NGX_SSL_TLSv1_3},
+    {ngx_null_string, 0}};
 
 ngx_command_t commands[] = {
     LG_CMD("lua_package_path", kMain | NGX_CONF_TAKE1, setPackagePath,
@@ -738,6 +833,11 @@ ngx_command_t commands[] = {
     LG_CMD("lua_sandbox", kAnyLoc | NGX_CONF_1MORE, sandbox::setDirective,
            kLocLoc, LG_LOC_OFF(sandbox), nullptr),
 
+    LG_CMD("lua_egress", kAnyLoc | NGX_CONF_2MORE, setEgressRule, kLocLoc, 0,
+           nullptr),
+    LG_CMD("lua_egress_default", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_enum_slot, kLocLoc, LG_LOC_OFF(egress_default),
+           kEgressDefaultEnum),
     LG_CMD("lua_file_root", kAnyLoc | NGX_CONF_TAKE1, ngx_conf_set_str_slot,
            kLocLoc, LG_LOC_OFF(file_root), nullptr),
     LG_CMD("lua_file_check_writable", kAnyLoc | NGX_CONF_TAKE1,
@@ -768,6 +868,42 @@ ngx_command_t commands[] = {
            kMainLoc, LG_MAIN_OFF(vm_memory_limit), nullptr),
     LG_CMD("lua_watchdog_grace", kMain | NGX_CONF_TAKE1, setBudgetTime,
            kMainLoc, LG_MAIN_OFF(watchdog_grace), nullptr),
+
+    LG_CMD("lua_socket_connect_timeout", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_msec_slot, kLocLoc,
+           LG_LOC_OFF(socket_connect_timeout), nullptr),
+    LG_CMD("lua_socket_send_timeout", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_msec_slot, kLocLoc, LG_LOC_OFF(socket_send_timeout),
+           nullptr),
+    LG_CMD("lua_socket_read_timeout", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_msec_slot, kLocLoc, LG_LOC_OFF(socket_read_timeout),
+           nullptr),
+    LG_CMD("lua_socket_keepalive_timeout", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_msec_slot, kLocLoc,
+           LG_LOC_OFF(socket_keepalive_timeout), nullptr),
+    LG_CMD("lua_socket_buffer_size", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_size_slot, kLocLoc, LG_LOC_OFF(socket_buffer_size),
+           nullptr),
+    LG_CMD("lua_socket_send_lowat", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_size_slot, kLocLoc, LG_LOC_OFF(socket_send_lowat),
+           nullptr),
+    LG_CMD("lua_socket_pool_size", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kLocLoc, LG_LOC_OFF(socket_pool_size),
+           nullptr),
+    LG_CMD("lua_socket_log_errors", kAnyLoc | NGX_CONF_FLAG,
+           ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(socket_log_errors),
+           nullptr),
+    LG_CMD("lua_ssl_trusted_certificate", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_str_slot, kLocLoc,
+           LG_LOC_OFF(ssl_trusted_certificate), nullptr),
+    LG_CMD("lua_ssl_verify_depth", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kLocLoc, LG_LOC_OFF(ssl_verify_depth),
+           nullptr),
+    LG_CMD("lua_ssl_protocols", kAnyLoc | NGX_CONF_1MORE,
+           ngx_conf_set_bitmask_slot, kLocLoc, LG_LOC_OFF(ssl_protocols),
+           kSslProtocols),
+    LG_CMD("lua_ssl_ciphers", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_str_slot, kLocLoc, LG_LOC_OFF(ssl_ciphers), nullptr),
 
     ngx_null_command};
 
@@ -833,6 +969,7 @@ void *createLocConf(ngx_conf_t *cf)
     conf->transform_underscores = NGX_CONF_UNSET;
     conf->http10_buffering = NGX_CONF_UNSET;
     conf->check_client_abort = NGX_CONF_UNSET;
+    conf->egress_default = NGX_CONF_UNSET;
     conf->file_writable = NGX_CONF_UNSET_UINT;
     conf->file_owners = static_cast<ngx_array_t *>(NGX_CONF_UNSET_PTR);
     conf->budget_slice = NGX_CONF_UNSET_MSEC;
@@ -841,6 +978,15 @@ void *createLocConf(ngx_conf_t *cf)
     conf->budget_status = NGX_CONF_UNSET_UINT;
     conf->budget_timer_slice = NGX_CONF_UNSET_MSEC;
     conf->budget_timer = NGX_CONF_UNSET_MSEC;
+    conf->socket_connect_timeout = NGX_CONF_UNSET_MSEC;
+    conf->socket_send_timeout = NGX_CONF_UNSET_MSEC;
+    conf->socket_read_timeout = NGX_CONF_UNSET_MSEC;
+    conf->socket_keepalive_timeout = NGX_CONF_UNSET_MSEC;
+    conf->socket_buffer_size = NGX_CONF_UNSET_SIZE;
+    conf->socket_send_lowat = NGX_CONF_UNSET_SIZE;
+    conf->socket_pool_size = NGX_CONF_UNSET_UINT;
+    conf->socket_log_errors = NGX_CONF_UNSET;
+    conf->ssl_verify_depth = NGX_CONF_UNSET;
     return conf;
 }
 
@@ -941,7 +1087,43 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
     if (conf->sandbox == nullptr) {
         conf->sandbox = prev->sandbox;  // null stays "default"
     }
-    return mergeScriptPolicy(cf, prev, conf);
+
+    ngx_conf_merge_msec_value(conf->socket_connect_timeout,
+                              prev->socket_connect_timeout, 60000);
+    ngx_conf_merge_msec_value(conf->socket_send_timeout,
+                              prev->socket_send_timeout, 60000);
+    ngx_conf_merge_msec_value(conf->socket_read_timeout,
+                              prev->socket_read_timeout, 60000);
+    ngx_conf_merge_msec_value(conf->socket_keepalive_timeout,
+                              prev->socket_keepalive_timeout, 60000);
+    ngx_conf_merge_size_value(conf->socket_buffer_size,
+                              prev->socket_buffer_size, ngx_pagesize);
+    ngx_conf_merge_size_value(conf->socket_send_lowat,
+                              prev->socket_send_lowat, 0);
+    ngx_conf_merge_uint_value(conf->socket_pool_size, prev->socket_pool_size,
+                              30);
+    ngx_conf_merge_value(conf->socket_log_errors, prev->socket_log_errors, 1);
+    ngx_conf_merge_str_value(conf->ssl_trusted_certificate,
+                             prev->ssl_trusted_certificate, "");
+    ngx_conf_merge_value(conf->ssl_verify_depth, prev->ssl_verify_depth, 1);
+    // TLS 1.2 and 1.3 only: older protocols are off by default (hardening;
+    // lua_ssl_protocols can still enable them).
+    ngx_conf_merge_bitmask_value(conf->ssl_protocols, prev->ssl_protocols,
+                                 (NGX_CONF_BITMASK_SET | NGX_SSL_TLSv1_2
+                                  | NGX_SSL_TLSv1_3));
+    ngx_conf_merge_str_value(conf->ssl_ciphers, prev->ssl_ciphers,
+                             "DEFAULT");
+    if (conf->socket_buffer_size == 0) {
+        conf->socket_buffer_size = ngx_pagesize;
+    }
+    char *rv = mergeScriptPolicy(cf, prev, conf);
+    if (rv == NGX_CONF_OK) {
+        rv = mergeEgress(cf, prev, conf);
+    }
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+    return api::mergeSocketSsl(cf, prev, conf);
 }
 
 // Adds `h` to a phase: first in the array means last to run (nginx builds

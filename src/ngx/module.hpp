@@ -18,6 +18,7 @@ namespace luaguard {
 class Vm;
 struct LuaThread;
 namespace script { struct Policy; }
+namespace egress { struct Policy; }
 struct RequestCtx;
 namespace sandbox { struct Policy; }
 
@@ -77,6 +78,11 @@ struct LocConf {
     ngx_flag_t                 http10_buffering;
     ngx_flag_t                 check_client_abort;
 
+    // Cosocket destinations (lua_egress, docs/security.md).
+    ngx_array_t               *egress_rules;      // of egress::Rule *
+    ngx_flag_t                 egress_default;    // 1: allow
+    const egress::Policy      *egress;            // built at merge
+
     // *_by_lua_file loading (docs/security.md).
     ngx_str_t                  file_root;
     ngx_uint_t                 file_writable;     // script::Writable
@@ -95,6 +101,21 @@ struct LocConf {
     ngx_msec_t                 budget_timer;
     budget::Limits             timer_limits;
     const sandbox::Policy     *sandbox;      // lua_sandbox; null: default
+
+    // Cosockets (api/socket_*.cpp).
+    ngx_msec_t                 socket_connect_timeout;
+    ngx_msec_t                 socket_send_timeout;
+    ngx_msec_t                 socket_read_timeout;
+    ngx_msec_t                 socket_keepalive_timeout;
+    size_t                     socket_buffer_size;
+    size_t                     socket_send_lowat;
+    ngx_uint_t                 socket_pool_size;
+    ngx_flag_t                 socket_log_errors;
+    ngx_str_t                  ssl_trusted_certificate;
+    ngx_int_t                  ssl_verify_depth;
+    ngx_uint_t                 ssl_protocols;
+    ngx_str_t                  ssl_ciphers;
+    void                      *ssl;     // ngx_ssl_t, built on first use
 };
 
 // Where a phase's Lua thread is: not started, suspended on an event, or

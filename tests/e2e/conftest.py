@@ -43,3 +43,21 @@ def nginx_conf(tmp_path):
         return n
 
     return make
+
+
+@pytest.fixture
+def netns():
+    """A private network namespace with lo up and the cloud metadata
+    address on it: traffic to it never leaves the machine, even when the
+    code under test is wrong. Yields its name."""
+    import os
+    import subprocess
+    name = f"lgtest{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (["ip", "link", "set", "lo", "up"],
+                    ["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]):
+            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name])

@@ -103,10 +103,13 @@ class Response:
 class Nginx:
     def __init__(self, prefix, *, server="", http="", main="", workers=1,
                  module="luaguard", log_level="info", files=None,
-                 extra_load=""):
+                 extra_load="", netns=None):
         self.prefix = Path(prefix)
         self.module = module
         self.workers = workers
+        # Run inside this network namespace (ip netns): for tests whose
+        # destinations must never be reachable from the host.
+        self.netns = netns
         self.port = free_port()
         self.log_path = self.prefix / "logs" / "error.log"
         self.conf_path = self.prefix / "conf" / "nginx.conf"
@@ -139,9 +142,14 @@ class Nginx:
         return text
 
     # ---- lifecycle ----
+    def wrap(self, argv):
+        return (["ip", "netns", "exec", self.netns] + argv if self.netns
+                else argv)
+
     def cmd(self, *args, check=True):
         return subprocess.run(
-            [NGINX, "-p", str(self.prefix), "-c", str(self.conf_path), *args],
+            self.wrap([NGINX, "-p", str(self.prefix), "-c",
+                       str(self.conf_path), *args]),
             capture_output=True, text=True, env=sanitizer_env(), check=check)
 
     def test_config(self):
@@ -169,6 +177,18 @@ class Nginx:
         raise RuntimeError("workers did not start:\n" + self.read_log())
 
     def wait_ready(self, timeout=15):
+        if self.netns:
+            probe = ("import socket,time,sys\n"
+                     "for _ in range(750):\n"
+                     "    try:\n"
+                     f"        socket.create_connection(('127.0.0.1', {self.port}), 0.5).close(); sys.exit(0)\n"
+                     "    except OSError: time.sleep(0.02)\n"
+                     "sys.exit(1)\n")
+            if subprocess.run(self.wrap(["/usr/bin/python3", "-c", probe])
+                              ).returncode != 0:
+                raise RuntimeError("nginx did not start listening:\n"
+                                   + self.read_log())
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -252,6 +272,8 @@ class Nginx:
     # ---- requests ----
     def request(self, path, method="GET", headers=None, body=None,
                 timeout=10, version=None):
+        if self.netns:
+            return self.netns_get(path, timeout)
         conn = http.client.HTTPConnection("127.0.0.1", self.port,
                                           timeout=timeout)
         if version == "1.0":
@@ -264,6 +286,22 @@ class Nginx:
             return Response(resp.status, resp.getheaders(), data)
         finally:
             conn.close()
+
+    def netns_get(self, path, timeout):
+        """A GET from inside the namespace (a client there, not here)."""
+        script = ("import http.client,json,base64\n"
+                  f"c = http.client.HTTPConnection('127.0.0.1', {self.port}, timeout={timeout})\n"
+                  f"c.request('GET', {path!r})\n"
+                  "r = c.getresponse()\n"
+                  "print(json.dumps([r.status, r.getheaders(), "
+                  "base64.b64encode(r.read()).decode()]))\n")
+        out = subprocess.run(self.wrap(["/usr/bin/python3", "-c", script]),
+                             capture_output=True, text=True, check=True).stdout
+        import base64
+        import json
+        status, headers, body = json.loads(out)
+        return Response(status, [tuple(h) for h in headers],
+                        base64.b64decode(body))
 
     def get(self, path, **kw):
         return self.request(path, **kw)

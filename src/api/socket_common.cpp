@@ -1,0 +1,289 @@
+// Shared cosocket plumbing: see api/socket.hpp.
+
+#include "api/socket.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <cctype>
+#include <cstring>
+
+#include "security/egress.hpp"
+#include "security/log_escape.hpp"
+
+namespace luaguard::api::sock {
+
+namespace {
+
+void setName(Target *t)
+{
+    size_t n = ngx_sock_ntop(reinterpret_cast<struct sockaddr *>(&t->addr),
+                             t->len, t->text, sizeof(t->text) - 1, 1);
+    t->name.data = t->text;
+    t->name.len = n;
+}
+
+void resolved(ngx_resolver_ctx_t *rctx)
+{
+    auto *res = static_cast<Resolve *>(rctx->data);
+    res->rctx = nullptr;
+    if (rctx->state) {
+        // Same shape as lua-nginx-module: name (code: text).
+        res->err.assign(reinterpret_cast<char *>(rctx->name.data),
+                        rctx->name.len);
+        res->err += " could not be resolved (";
+        res->err += std::to_string(rctx->state);
+        res->err += ": ";
+        res->err += reinterpret_cast<const char *>(
+            ngx_resolver_strerror(rctx->state));
+        res->err += ")";
+    } else if (rctx->naddrs == 0) {
+        res->err = "name resolved to no address";
+    } else {
+        // Several addresses: one at random, as documented.
+        ngx_uint_t i = rctx->naddrs > 1
+                           ? static_cast<ngx_uint_t>(ngx_random())
+                                 % rctx->naddrs
+                           : 0;
+        ngx_resolver_addr_t *a = &rctx->addrs[i];
+        Target *t = res->target;
+        std::memcpy(&t->addr, a->sockaddr, a->socklen);
+        t->len = a->socklen;
+        ngx_inet_set_port(reinterpret_cast<struct sockaddr *>(&t->addr),
+                          res->port);
+        setName(t);
+    }
+    ngx_resolve_name_done(rctx);
+    res->finished = true;
+    if (!res->sync) {
+        res->done(res);
+    }
+}
+
+}  // namespace
+
+bool literal(const char *host, size_t len, in_port_t port, Target *t)
+{
+    if (len >= 5 && std::memcmp(host, "unix:", 5) == 0) {
+        auto *sun = reinterpret_cast<struct sockaddr_un *>(&t->addr);
+        size_t plen = len - 5;
+        std::memset(sun, 0, sizeof(*sun));
+        sun->sun_family = AF_UNIX;
+        if (plen >= sizeof(sun->sun_path)) {
+            plen = sizeof(sun->sun_path) - 1;
+        }
+        std::memcpy(sun->sun_path, host + 5, plen);
+        t->len = static_cast<socklen_t>(offsetof(struct sockaddr_un, sun_path)
+                                        + plen + 1);
+        size_t n = len < sizeof(t->text) - 1 ? len : sizeof(t->text) - 1;
+        std::memcpy(t->text, host, n);
+        t->name.data = t->text;
+        t->name.len = n;
+        return true;
+    }
+    char buf[64];
+    if (len == 0 || len >= sizeof(buf)) {
+        return false;
+    }
+    std::memcpy(buf, host, len);
+    buf[len] = '\0';
+    // "[::1]" as nginx writes IPv6 hosts.
+    char *h = buf;
+    if (len > 2 && buf[0] == '[' && buf[len - 1] == ']') {
+        buf[len - 1] = '\0';
+        h = buf + 1;
+    }
+    std::memset(&t->addr, 0, sizeof(t->addr));
+    auto *sin = reinterpret_cast<struct sockaddr_in *>(&t->addr);
+    auto *sin6 = reinterpret_cast<struct sockaddr_in6 *>(&t->addr);
+    if (inet_pton(AF_INET, h, &sin->sin_addr) == 1) {
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons(port);
+        t->len = sizeof(*sin);
+    } else if (inet_pton(AF_INET6, h, &sin6->sin6_addr) == 1) {
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons(port);
+        t->len = sizeof(*sin6);
+    } else {
+        return false;
+    }
+    setName(t);
+    return true;
+}
+
+bool resolveStart(ngx_http_request_t *r, Resolve *res, const char *host,
+                  size_t len, in_port_t port, Target *t)
+{
+    res->err.clear();
+    res->finished = false;
+    res->target = t;
+    res->port = port;
+    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_core_module));
+    ngx_resolver_ctx_t temp;
+    ngx_memzero(&temp, sizeof(temp));
+    temp.name.data = reinterpret_cast<u_char *>(const_cast<char *>(host));
+    temp.name.len = len;
+    ngx_resolver_ctx_t *rctx = nullptr;
+    if (clcf->resolver) {
+        rctx = ngx_resolve_start(clcf->resolver, &temp);
+    }
+    if (clcf->resolver == nullptr || rctx == NGX_NO_RESOLVER) {
+        res->err = "no resolver defined to resolve \"";
+        res->err.append(host, len);
+        res->err += "\"";
+        return true;
+    }
+    if (rctx == nullptr) {
+        res->err = "failed to start the resolver";
+        return true;
+    }
+    rctx->name.data = static_cast<u_char *>(ngx_palloc(r->pool, len));
+    if (rctx->name.data == nullptr) {
+        ngx_resolve_name_done(rctx);
+        res->err = "no memory";
+        return true;
+    }
+    std::memcpy(rctx->name.data, host, len);
+    rctx->name.len = len;
+    rctx->handler = resolved;
+    rctx->data = res;
+    rctx->timeout = clcf->resolver_timeout;
+    res->rctx = rctx;
+    res->sync = true;
+    if (ngx_resolve_name(rctx) != NGX_OK) {
+        // nginx released the context itself.
+        res->rctx = nullptr;
+        res->sync = false;
+        res->err = "failed to resolve";
+        return true;
+    }
+    res->sync = false;
+    return res->finished;
+}
+
+void resolveCancel(Resolve *res)
+{
+    if (res->rctx) {
+        ngx_resolve_name_done(res->rctx);
+        res->rctx = nullptr;
+    }
+}
+
+bool egressCheck(RequestCtx *ctx, const char *kind, Target *t)
+{
+    std::string why;
+    const egress::Policy *loc = ctx ? ctx->llcf->egress : nullptr;
+    auto *sa = reinterpret_cast<const struct sockaddr *>(&t->addr);
+    bool ok;
+    if (sa->sa_family == AF_UNIX) {
+        const auto *sun = reinterpret_cast<const struct sockaddr_un *>(sa);
+        ok = egressAllowedUnix(loc, sun->sun_path,
+                               std::strlen(sun->sun_path), &why)
+             && egressAllowed(loc, sa, t->len, &why);
+    } else {
+        ok = egressAllowed(loc, sa, t->len, &why);
+    }
+    if (!ok) {
+        std::string name;
+        appendLogEscaped(name, reinterpret_cast<char *>(t->name.data),
+                         t->name.len);
+        ngx_log_error(NGX_LOG_ERR,
+                      ctx ? ctx->r->connection->log : ngx_cycle->log, 0,
+                      "lua %s socket: connection to %s refused by the "
+                      "egress policy (%s)", kind, name.c_str(), why.c_str());
+    }
+    return ok;
+}
+
+std::string errnoText(ngx_err_t err)
+{
+    if (err == NGX_ETIMEDOUT) {
+        return "timeout";
+    }
+    std::string s = std::strerror(err);
+    if (!s.empty()) {
+        s[0] = static_cast<char>(std::tolower(static_cast<u_char>(s[0])));
+    }
+    return s;
+}
+
+ngx_int_t connectPeer(ngx_peer_connection_t *pc, Target *t, int type,
+                      ngx_addr_t *local, ngx_log_t *log, bool log_errors,
+                      std::string *err)
+{
+    ngx_memzero(pc, sizeof(*pc));
+    pc->sockaddr = reinterpret_cast<struct sockaddr *>(&t->addr);
+    pc->socklen = t->len;
+    pc->name = &t->name;
+    pc->get = ngx_event_get_peer;
+    pc->log = log;
+    // ECONNRESET and friends at "error", never as alerts.
+    pc->log_error = log_errors ? NGX_ERROR_ERR : NGX_ERROR_INFO;
+    pc->type = type;
+    pc->local = local;
+    ngx_set_socket_errno(0);
+    ngx_int_t rc = ngx_event_connect_peer(pc);
+    if (rc == NGX_ERROR) {
+        *err = "failed to create the socket";
+        return NGX_ERROR;
+    }
+    if (rc == NGX_BUSY) {
+        *err = "no live connection";
+        return NGX_ERROR;
+    }
+    if (rc == NGX_DECLINED) {
+        ngx_err_t e = ngx_socket_errno;
+        *err = e ? errnoText(e) : "connection refused";
+        return NGX_ERROR;
+    }
+    return rc;  // NGX_OK or NGX_AGAIN
+}
+
+bool flatten(lua_State *L, int idx, std::string *out, int depth)
+{
+    if (depth > 100) {
+        return false;
+    }
+    size_t n = lua_objlen(L, idx);
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, static_cast<int>(i));
+        int type = lua_type(L, -1);
+        if (type == LUA_TSTRING || type == LUA_TNUMBER) {
+            size_t len;
+            const char *p = lua_tolstring(L, -1, &len);
+            out->append(p, len);
+        } else if (type == LUA_TBOOLEAN) {
+            out->append(lua_toboolean(L, -1) ? "true" : "false");
+        } else if (type == LUA_TNIL) {
+            out->append("nil");
+        } else if (type == LUA_TTABLE) {
+            if (!flatten(L, lua_gettop(L), out, depth + 1)) {
+                lua_pop(L, 1);
+                return false;
+            }
+        } else {
+            luaL_error(L, "bad data type %s found", lua_typename(L, type));
+        }
+        lua_pop(L, 1);
+    }
+    return true;
+}
+
+void closeConnection(ngx_connection_t *c)
+{
+    ngx_pool_t *pool = c->pool;  // TLS state lives there
+#if (NGX_SSL)
+    if (c->ssl) {
+        c->ssl->no_wait_shutdown = 1;
+        c->ssl->no_send_shutdown = 0;
+        (void) ngx_ssl_shutdown(c);
+    }
+#endif
+    ngx_close_connection(c);
+    if (pool) {
+        ngx_destroy_pool(pool);
+    }
+}
+
+}  // namespace luaguard::api::sock

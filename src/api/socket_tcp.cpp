@@ -1,0 +1,2065 @@
+// ngx.socket.tcp / ngx.socket.stream / ngx.socket.connect: non-blocking TCP
+// and stream unix sockets ("cosockets"), with per-worker keepalive pools.
+//
+// The Lua object is a table {[1] = userdata} like lua-nginx-module's. The
+// userdata (Tcp) owns everything that must outlive a request: buffers are
+// malloc'd, the connection is closed by a cleanup in the pool of the
+// request that connected it, and that cleanup forgets the request so a
+// socket kept in a global fails with "closed" in the next request instead
+// of touching freed memory. Idle pooled connections belong to the worker
+// (malloc'd Idle items, the cycle's log), never to a request.
+//
+// Each operation (connect, read, write) can be pending in one thread at a
+// time (a reader and a writer thread may overlap). A pending operation is
+// undone by the thread's `cancel` when the thread is killed or the request
+// ends: timers removed, the waiter forgotten.
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#include <cstring>
+#include <new>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "api/api.hpp"
+#include "api/socket.hpp"
+#include "ngx/glue.hpp"
+#include "ngx/thread.hpp"
+#include "security/egress.hpp"
+
+namespace luaguard::api {
+
+namespace {
+
+using sock::Target;
+using sock::Resolve;
+
+const char kTcpMeta[] = "luaguard.tcpsock";      // the object table's
+const char kTcpUdMeta[] = "luaguard.tcpsock.ud";  // the userdata's
+const char kUntilMeta[] = "luaguard.tcpsock.until";
+constexpr uint32_t kMagic = 0x7463706bu;
+constexpr int kPending = -1;
+
+enum class RMode : uint8_t { Line, All, Size, Any, Until };
+
+enum class RStatus : uint8_t { Done, Again, Closed, Error };
+
+// receiveuntil's iterator state: pattern, KMP borders, match progress.
+struct Until {
+    size_t    plen;
+    size_t    matched;      // pattern bytes held back, not yet emitted
+    size_t    limit;        // this call's size argument, 0: none
+    bool      inclusive;
+    bool      eof_pending;  // sized reads: boundary seen, next call ends
+    char     *pat() { return reinterpret_cast<char *>(this + 1); }
+    uint32_t *fail()
+    {
+        return reinterpret_cast<uint32_t *>(pat() + ((plen + 3) & ~3u));
+    }
+};
+
+struct Pool;
+
+struct Tcp {
+    uint32_t             magic = kMagic;
+    RequestCtx          *ctx = nullptr;   // the request using the socket
+    ngx_pool_cleanup_t  *cln = nullptr;   // in ctx's pool while it lives
+    ngx_connection_t    *c = nullptr;
+    bool                 log_errors = true;
+
+    ngx_msec_t           connect_timeout = 0;   // 0: the directive's
+    ngx_msec_t           send_timeout = 0;
+    ngx_msec_t           read_timeout = 0;
+    size_t               buffer_size = 0;
+    size_t               lowat = 0;
+
+    ngx_uint_t           reused = 0;
+    std::string          key;             // pool name
+    Pool                *pool = nullptr;  // counted against (backlog)
+    bool                 counted = false;
+    ngx_uint_t           opt_pool_size = 0;
+    ngx_uint_t           opt_backlog = 0;
+    bool                 opt_has_backlog = false;
+
+    // Read side: rbuf[rpos, rlast) is received and not consumed; acc
+    // collects a result that spans several receives.
+    char                *rbuf = nullptr;
+    size_t               rcap = 0, rpos = 0, rlast = 0;
+    std::string          acc;
+    RMode                rmode = RMode::Line;
+    size_t               rsize = 0;
+    Until               *until = nullptr;
+    const char          *res = nullptr;   // the result: into rbuf or acc
+    size_t               res_len = 0;
+    std::string          err;
+
+    // Write side: what is left to send of the current send().
+    std::string          sbuf;
+    size_t               spos = 0;
+    size_t               stotal = 0;
+
+    LuaThread           *reader = nullptr;
+    LuaThread           *writer = nullptr;
+    LuaThread           *connector = nullptr;
+    bool                 read_closed = false;  // "*a" met the end
+
+    // Connect.
+    ngx_peer_connection_t pc;
+    Target               target;
+    Resolve              resolve;
+    std::string          host;
+    in_port_t            port = 0;
+    ngx_addr_t           local;
+    struct sockaddr_storage local_addr;
+    bool                 has_local = false;
+    ngx_queue_t          wait_q;          // in pool->waiters (backlog)
+    bool                 in_wait_q = false;
+    ngx_event_t          wait_ev;         // backlog timeout / wake-up
+    bool                 tcp_nodelay = true;
+
+    // TLS (api/socket_ssl.cpp).
+    LuaThread           *shaker = nullptr;
+    bool                 ssl_ret_session = true;
+    bool                 ssl_verify = false;
+    std::string          sni;
+};
+
+struct Pool {
+    std::string  key;
+    ngx_uint_t   size;
+    ngx_uint_t   backlog;
+    bool         backlog_on;
+    ngx_uint_t   active;      // counted connections in use
+    ngx_queue_t  idle;        // Idle, most recently parked first
+    ngx_uint_t   nidle;
+    ngx_queue_t  waiters;     // Tcp::wait_q
+    ngx_uint_t   nwaiting;
+};
+
+struct Idle {
+    ngx_queue_t        q;
+    ngx_connection_t  *c;
+    Pool              *pool;
+    ngx_uint_t         reused;
+    bool               counted;
+};
+
+std::unordered_map<std::string, Pool *> g_pools;
+std::vector<char *> g_free_bufs;      // read buffers of g_free_size
+size_t g_free_size = 0;
+
+// ---- buffers ----
+
+void getRbuf(Tcp *s)
+{
+    if (s->rbuf) {
+        return;
+    }
+    size_t want = s->buffer_size ? s->buffer_size : ngx_pagesize;
+    if (want == g_free_size && !g_free_bufs.empty()) {
+        s->rbuf = g_free_bufs.back();
+        g_free_bufs.pop_back();
+    } else {
+        s->rbuf = static_cast<char *>(ngx_alloc(want, ngx_cycle->log));
+    }
+    s->rcap = s->rbuf ? want : 0;
+    s->rpos = s->rlast = 0;
+}
+
+void putRbuf(Tcp *s)
+{
+    if (s->rbuf == nullptr) {
+        return;
+    }
+    if (g_free_size == 0) {
+        g_free_size = s->rcap;
+    }
+    if (s->rcap == g_free_size && g_free_bufs.size() < 64) {
+        g_free_bufs.push_back(s->rbuf);
+    } else {
+        ngx_free(s->rbuf);
+    }
+    s->rbuf = nullptr;
+    s->rcap = s->rpos = s->rlast = 0;
+}
+
+// ---- pools ----
+
+Pool *findPool(const std::string &key)
+{
+    auto it = g_pools.find(key);
+    return it == g_pools.end() ? nullptr : it->second;
+}
+
+Pool *createPool(const std::string &key, ngx_uint_t size, bool backlog_on,
+                 ngx_uint_t backlog)
+{
+    auto *p = new (std::nothrow) Pool();
+    if (p == nullptr) {
+        return nullptr;
+    }
+    p->key = key;
+    p->size = size ? size : 1;
+    p->backlog = backlog;
+    p->backlog_on = backlog_on;
+    p->active = 0;
+    ngx_queue_init(&p->idle);
+    p->nidle = 0;
+    ngx_queue_init(&p->waiters);
+    p->nwaiting = 0;
+    g_pools.emplace(key, p);
+    return p;
+}
+
+void closeIdle(Idle *it)
+{
+    ngx_queue_remove(&it->q);
+    it->pool->nidle--;
+    sock::closeConnection(it->c);
+    delete it;
+}
+
+void wakeBacklog(Pool *p);
+
+// Idle pooled connection: any event but "nothing to read yet" (peer
+// closed, stray data, idle timeout, worker shutdown) closes it.
+void idleHandler(ngx_event_t *ev)
+{
+    auto *c = static_cast<ngx_connection_t *>(ev->data);
+    auto *it = static_cast<Idle *>(c->data);
+    if (!c->close && !ev->timedout && ev->write == 0) {
+        char b;
+        ssize_t n = recv(c->fd, &b, 1, MSG_PEEK);
+        if (n == -1 && ngx_socket_errno == NGX_EAGAIN) {
+            ev->ready = 0;
+            if (ngx_handle_read_event(c->read, 0) == NGX_OK) {
+                return;
+            }
+        }
+    } else if (!c->close && !ev->timedout) {
+        return;  // write readiness means nothing here
+    }
+    Pool *p = it->pool;
+    closeIdle(it);
+    wakeBacklog(p);
+}
+
+// ---- event plumbing ----
+
+ngx_msec_t connectTimeout(Tcp *s)
+{
+    return s->connect_timeout ? s->connect_timeout
+                              : s->ctx->llcf->socket_connect_timeout;
+}
+
+ngx_msec_t sendTimeout(Tcp *s)
+{
+    return s->send_timeout ? s->send_timeout
+                           : s->ctx->llcf->socket_send_timeout;
+}
+
+ngx_msec_t readTimeout(Tcp *s)
+{
+    return s->read_timeout ? s->read_timeout
+                           : s->ctx->llcf->socket_read_timeout;
+}
+
+void onRead(ngx_event_t *ev);
+void onWrite(ngx_event_t *ev);
+
+void attach(Tcp *s, ngx_connection_t *c)
+{
+    s->c = c;
+    s->read_closed = false;
+    c->data = s;
+    c->read->handler = onRead;
+    c->write->handler = onWrite;
+    c->idle = 0;
+    ngx_log_t *log = s->ctx->r->connection->log;
+    c->log = log;
+    c->read->log = log;
+    c->write->log = log;
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+}
+
+void releaseCount(Tcp *s)
+{
+    if (s->counted && s->pool) {
+        s->counted = false;
+        s->pool->active--;
+        wakeBacklog(s->pool);
+    }
+}
+
+// Wakes a thread of another operation with nil, "closed" (the socket was
+// closed under it): on the next turn of the event loop.
+void wakeClosed(LuaThread *t)
+{
+    if (t == nullptr) {
+        return;
+    }
+    t->cancel = nullptr;
+    lua_pushnil(t->co);
+    lua_pushliteral(t->co, "closed");
+    t->wake_nargs = 2;
+    threads::post(t);
+}
+
+void closeSock(Tcp *s, LuaThread *self)
+{
+    if (s->c) {
+        sock::closeConnection(s->c);
+        s->c = nullptr;
+    }
+    s->rpos = s->rlast = 0;
+    releaseCount(s);
+    if (s->reader != self) {
+        wakeClosed(s->reader);
+    }
+    if (s->writer != self) {
+        wakeClosed(s->writer);
+    }
+    s->reader = s->writer = nullptr;
+}
+
+// The request that owns the socket ends: nothing may point into it any
+// more.
+void requestGone(void *data)
+{
+    auto *s = static_cast<Tcp *>(data);
+    s->cln = nullptr;
+    sock::resolveCancel(&s->resolve);
+    if (s->in_wait_q) {
+        ngx_queue_remove(&s->wait_q);
+        s->pool->nwaiting--;
+        s->in_wait_q = false;
+    }
+    if (s->wait_ev.timer_set) {
+        ngx_del_timer(&s->wait_ev);
+    }
+    if (s->wait_ev.posted) {
+        ngx_delete_posted_event(&s->wait_ev);
+    }
+    // The threads are being killed: their cancel finds nothing to undo.
+    s->reader = s->writer = s->connector = s->shaker = nullptr;
+    closeSock(s, nullptr);
+    s->ctx = nullptr;
+}
+
+bool bindRequest(Tcp *s, RequestCtx *ctx)
+{
+    if (s->ctx == ctx && s->cln) {
+        return true;
+    }
+    if (s->cln) {
+        s->cln->handler = nullptr;  // a former request still alive
+        s->cln = nullptr;
+    }
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(ctx->r->pool, 0);
+    if (cln == nullptr) {
+        return false;
+    }
+    cln->handler = requestGone;
+    cln->data = s;
+    s->cln = cln;
+    s->ctx = ctx;
+    s->log_errors = ctx->llcf->socket_log_errors;
+    s->buffer_size = ctx->llcf->socket_buffer_size;
+    s->lowat = ctx->llcf->socket_send_lowat;
+    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+        ngx_http_get_module_loc_conf(ctx->r, ngx_http_core_module));
+    s->tcp_nodelay = clcf->tcp_nodelay;
+    return true;
+}
+
+// ---- the object ----
+
+Tcp *self(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_rawgeti(L, 1, 1);
+    auto *s = static_cast<Tcp *>(lua_touserdata(L, -1));
+    if (s == nullptr || lua_objlen(L, -1) != sizeof(Tcp)
+        || s->magic != kMagic)
+    {
+        luaL_error(L, "bad argument #1 (tcp socket object expected)");
+    }
+    lua_pop(L, 1);
+    return s;
+}
+
+// The socket as the running code may use it; raises on a socket of
+// another live request (lua-nginx-module's "bad request").
+Tcp *use(lua_State *L)
+{
+    glue::checkPhase(L, sock::kPhases);
+    Tcp *s = self(L);
+    if (s->ctx && s->c && s->ctx != sock::currentCtx()) {
+        luaL_error(L, "bad request");
+    }
+    return s;
+}
+
+int pushNilErr(lua_State *L, const char *err)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+}
+
+void logError(Tcp *s, const char *what)
+{
+    if (s->log_errors && s->ctx) {
+        ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
+                      "lua tcp socket %s", what);
+    }
+}
+
+// ---- connect ----
+
+int connectTarget(Tcp *s, lua_State *dst);
+void backlogEvent(ngx_event_t *ev);
+
+int finishConnect(Tcp *s)
+{
+    LuaThread *t = s->connector;
+    s->connector = nullptr;
+    t->cancel = nullptr;
+    return 0;
+}
+
+void resumeConnector(Tcp *s, int n)
+{
+    LuaThread *t = s->connector;
+    finishConnect(s);
+    glue::resume(t, n);
+}
+
+int failConnect(Tcp *s, lua_State *dst, const std::string &err)
+{
+    if (s->c) {
+        sock::closeConnection(s->c);
+        s->c = nullptr;
+    }
+    releaseCount(s);
+    lua_pushnil(dst);
+    lua_pushlstring(dst, err.data(), err.size());
+    return 2;
+}
+
+void onConnect(ngx_event_t *ev)
+{
+    auto *c = static_cast<ngx_connection_t *>(ev->data);
+    auto *s = static_cast<Tcp *>(c->data);
+    LuaThread *t = s->connector;
+    if (t == nullptr) {
+        return;
+    }
+    if (ev->timedout) {
+        if (s->log_errors) {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "lua tcp socket connect timed out, when "
+                          "connecting to %V", &s->target.name);
+        }
+        resumeConnector(s, failConnect(s, t->co, "timeout"));
+        return;
+    }
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1) {
+        err = ngx_socket_errno;
+    }
+    if (err) {
+        if (s->log_errors) {
+            ngx_log_error(NGX_LOG_ERR, c->log, err,
+                          "lua tcp socket connect() to %V failed",
+                          &s->target.name);
+        }
+        resumeConnector(s, failConnect(s, t->co, sock::errnoText(err)));
+        return;
+    }
+    attach(s, c);
+    lua_pushinteger(t->co, 1);
+    resumeConnector(s, 1);
+}
+
+int connectTarget(Tcp *s, lua_State *dst)
+{
+    if (!sock::egressCheck(s->ctx, "tcp", &s->target)) {
+        return failConnect(s, dst, kEgressDenied);
+    }
+    ngx_int_t rc = sock::connectPeer(&s->pc, &s->target, SOCK_STREAM,
+                                     s->has_local ? &s->local : nullptr,
+                                     s->ctx->r->connection->log,
+                                     s->log_errors, &s->err);
+    if (rc == NGX_ERROR) {
+        return failConnect(s, dst, s->err);
+    }
+    ngx_connection_t *c = s->pc.connection;
+    c->data = s;
+    c->pool = nullptr;
+    if (s->tcp_nodelay && s->target.addr.ss_family != AF_UNIX) {
+        int on = 1;
+        (void) setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+    }
+    if (rc == NGX_OK) {
+        attach(s, c);
+        lua_pushinteger(dst, 1);
+        return 1;
+    }
+    s->c = c;
+    c->read->handler = onConnect;
+    c->write->handler = onConnect;
+    ngx_add_timer(c->write, connectTimeout(s));
+    return kPending;
+}
+
+void resolved(Resolve *res)
+{
+    auto *s = static_cast<Tcp *>(res->data);
+    LuaThread *t = s->connector;
+    if (t == nullptr) {
+        return;
+    }
+    int n;
+    if (!res->err.empty()) {
+        if (s->log_errors) {
+            ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
+                          "lua tcp socket: %s", res->err.c_str());
+        }
+        n = failConnect(s, t->co, res->err);
+    } else {
+        n = connectTarget(s, t->co);
+    }
+    if (n != kPending) {
+        resumeConnector(s, n);
+    }
+}
+
+// Resolves (when needed) and connects; the pool and backlog are settled.
+int resolveAndConnect(Tcp *s, lua_State *dst)
+{
+    if (sock::literal(s->host.data(), s->host.size(), s->port, &s->target)) {
+        return connectTarget(s, dst);
+    }
+    s->resolve.data = s;
+    s->resolve.done = resolved;
+    if (sock::resolveStart(s->ctx->r, &s->resolve, s->host.data(),
+                           s->host.size(), s->port, &s->target))
+    {
+        if (!s->resolve.err.empty()) {
+            if (s->log_errors) {
+                ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
+                              "lua tcp socket: %s", s->resolve.err.c_str());
+            }
+            return failConnect(s, dst, s->resolve.err);
+        }
+        return connectTarget(s, dst);
+    }
+    return kPending;
+}
+
+bool takeIdle(Tcp *s, Pool *p)
+{
+    if (p == nullptr || p->nidle == 0) {
+        return false;
+    }
+    ngx_queue_t *q = ngx_queue_head(&p->idle);
+    Idle *it = ngx_queue_data(q, Idle, q);
+    ngx_queue_remove(q);
+    p->nidle--;
+    ngx_connection_t *c = it->c;
+    s->reused = it->reused + 1;
+    s->counted = it->counted;
+    s->pool = p;
+    if (it->counted) {
+        p->active++;
+    }
+    delete it;
+    attach(s, c);
+    return true;
+}
+
+// The pool decides: an idle connection, a new one, or a wait in the
+// backlog queue.
+int connectFromPool(Tcp *s, lua_State *dst)
+{
+    Pool *p = findPool(s->key);
+    if (takeIdle(s, p)) {
+        lua_pushinteger(dst, 1);
+        return 1;
+    }
+    if (s->opt_has_backlog) {
+        if (p == nullptr) {
+            p = createPool(s->key, s->opt_pool_size
+                                       ? s->opt_pool_size
+                                       : s->ctx->llcf->socket_pool_size,
+                           true, s->opt_backlog);
+            if (p == nullptr) {
+                return failConnect(s, dst, "no memory");
+            }
+        }
+        if (p->backlog_on && p->active + p->nidle >= p->size) {
+            if (p->nwaiting >= s->opt_backlog) {
+                return failConnect(s, dst,
+                                   "too many waiting connect operations");
+            }
+            ngx_queue_insert_tail(&p->waiters, &s->wait_q);
+            p->nwaiting++;
+            s->in_wait_q = true;
+            s->pool = p;
+            s->wait_ev.handler = backlogEvent;
+            s->wait_ev.data = s;
+            s->wait_ev.log = s->ctx->r->connection->log;
+            ngx_add_timer(&s->wait_ev, connectTimeout(s));
+            return kPending;
+        }
+    } else if (p == nullptr && s->opt_pool_size) {
+        p = createPool(s->key, s->opt_pool_size, false, 0);
+    }
+    if (p && p->backlog_on) {
+        p->active++;
+        s->counted = true;
+        s->pool = p;
+    }
+    return resolveAndConnect(s, dst);
+}
+
+// Backlog: a waiter's turn came (posted) or its connect timeout fired.
+void backlogEvent(ngx_event_t *ev)
+{
+    auto *s = static_cast<Tcp *>(ev->data);
+    LuaThread *t = s->connector;
+    if (t == nullptr) {
+        return;
+    }
+    if (ev->timedout) {
+        ev->timedout = 0;
+        if (s->in_wait_q) {
+            ngx_queue_remove(&s->wait_q);
+            s->pool->nwaiting--;
+            s->in_wait_q = false;
+        }
+        logError(s, "connect timed out while waiting in the backlog queue");
+        resumeConnector(s, failConnect(s, t->co, "timeout"));
+        return;
+    }
+    int n = connectFromPool(s, t->co);
+    if (n != kPending) {
+        resumeConnector(s, n);
+    }
+}
+
+void wakeBacklog(Pool *p)
+{
+    if (!p->backlog_on || ngx_queue_empty(&p->waiters)
+        || (p->nidle == 0 && p->active + p->nidle >= p->size))
+    {
+        return;
+    }
+    ngx_queue_t *q = ngx_queue_head(&p->waiters);
+    Tcp *s = ngx_queue_data(q, Tcp, wait_q);
+    ngx_queue_remove(q);
+    p->nwaiting--;
+    s->in_wait_q = false;
+    if (s->wait_ev.timer_set) {
+        ngx_del_timer(&s->wait_ev);
+    }
+    ngx_post_event(&s->wait_ev, &ngx_posted_events);
+}
+
+void cancelConnect(LuaThread *t)
+{
+    auto *s = static_cast<Tcp *>(t->cancel_data);
+    if (s->connector != t) {
+        return;
+    }
+    s->connector = nullptr;
+    sock::resolveCancel(&s->resolve);
+    if (s->in_wait_q) {
+        ngx_queue_remove(&s->wait_q);
+        s->pool->nwaiting--;
+        s->in_wait_q = false;
+    }
+    if (s->wait_ev.timer_set) {
+        ngx_del_timer(&s->wait_ev);
+    }
+    if (s->wait_ev.posted) {
+        ngx_delete_posted_event(&s->wait_ev);
+    }
+    if (s->c) {
+        sock::closeConnection(s->c);
+        s->c = nullptr;
+    }
+    releaseCount(s);
+}
+
+int tcpConnect(lua_State *L)
+{
+    Run *run = glue::checkPhase(L, sock::kPhases);
+    Tcp *s = self(L);
+    int n = lua_gettop(L);
+    if (n < 2 || n > 4) {
+        return luaL_error(L, "ngx.socket connect: expecting 2, 3, or 4 "
+                          "arguments (including the object), but seen %d",
+                          n);
+    }
+    RequestCtx *ctx = run->ctx;
+    size_t hlen;
+    const char *host = luaL_checklstring(L, 2, &hlen);
+    bool unix_path = hlen >= 5 && std::memcmp(host, "unix:", 5) == 0;
+    int opts = 0;
+    lua_Integer port = 0;
+    if (unix_path) {
+        if (n >= 3 && lua_istable(L, 3)) {
+            opts = 3;
+        }
+    } else {
+        if (n < 3 || !lua_isnumber(L, 3)) {
+            return luaL_error(L, "bad argument #3 to 'connect' (number "
+                              "expected, got %s)",
+                              luaL_typename(L, 3));
+        }
+        port = lua_tointeger(L, 3);
+        if (n == 4) {
+            luaL_checktype(L, 4, LUA_TTABLE);
+            opts = 4;
+        }
+        if (port < 0 || port > 65535) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "bad port number: %d",
+                            static_cast<int>(port));
+            return 2;
+        }
+    }
+    if (s->connector || s->shaker) {
+        return pushNilErr(L, "socket busy connecting");
+    }
+    if (s->c) {
+        // Reconnecting: the old connection goes first.
+        closeSock(s, nullptr);
+    }
+    if (!bindRequest(s, ctx)) {
+        return pushNilErr(L, "no memory");
+    }
+
+    s->host.assign(host, hlen);
+    s->port = static_cast<in_port_t>(port);
+    s->reused = 0;
+    s->counted = false;
+    s->pool = nullptr;
+    s->opt_pool_size = 0;
+    s->opt_backlog = 0;
+    s->opt_has_backlog = false;
+    bool named = false;
+    if (opts) {
+        lua_getfield(L, opts, "pool");
+        if (lua_isstring(L, -1)) {
+            size_t klen;
+            const char *k = lua_tolstring(L, -1, &klen);
+            s->key.assign(k, klen);
+            named = true;
+        } else if (!lua_isnil(L, -1)) {
+            return luaL_error(L, "bad \"pool\" option type: %s",
+                              luaL_typename(L, -1));
+        }
+        lua_pop(L, 1);
+        lua_getfield(L, opts, "pool_size");
+        if (!lua_isnil(L, -1)) {
+            lua_Integer v = luaL_checkinteger(L, -1);
+            if (v <= 0) {
+                return luaL_error(L, "bad \"pool_size\" option value: %d",
+                                  static_cast<int>(v));
+            }
+            s->opt_pool_size = static_cast<ngx_uint_t>(v);
+        }
+        lua_pop(L, 1);
+        lua_getfield(L, opts, "backlog");
+        if (!lua_isnil(L, -1)) {
+            lua_Integer v = luaL_checkinteger(L, -1);
+            if (v < 0) {
+                return luaL_error(L, "bad \"backlog\" option value: %d",
+                                  static_cast<int>(v));
+            }
+            s->opt_backlog = static_cast<ngx_uint_t>(v);
+            s->opt_has_backlog = true;
+        }
+        lua_pop(L, 1);
+    }
+    if (!named) {
+        s->key.assign(host, hlen);
+        if (!unix_path) {
+            s->key += ':';
+            s->key += std::to_string(port);
+        }
+    }
+
+    LuaThread *t = threads::current();
+    int r = connectFromPool(s, L);
+    if (r != kPending) {
+        return r;
+    }
+    s->connector = t;
+    t->cancel = cancelConnect;
+    t->cancel_data = s;
+    return glue::yield(L);
+}
+
+// ---- receive ----
+
+void appendNoCr(std::string &acc, const char *p, size_t n)
+{
+    const char *end = p + n;
+    while (p < end) {
+        const char *cr = static_cast<const char *>(
+            std::memchr(p, '\r', static_cast<size_t>(end - p)));
+        if (cr == nullptr) {
+            acc.append(p, static_cast<size_t>(end - p));
+            return;
+        }
+        acc.append(p, static_cast<size_t>(cr - p));
+        p = cr + 1;
+    }
+}
+
+// An until-read over rbuf: emits data before the pattern into acc.
+// Returns true when the whole pattern was seen.
+bool untilScan(Tcp *s, Until *u)
+{
+    const char *pat = u->pat();
+    uint32_t *fail = u->fail();
+    while (s->rpos < s->rlast) {
+        if (u->limit && s->acc.size() >= u->limit) {
+            return false;
+        }
+        if (u->matched == 0) {
+            const char *p = s->rbuf + s->rpos;
+            size_t n = s->rlast - s->rpos;
+            if (u->limit && n > u->limit - s->acc.size()) {
+                n = u->limit - s->acc.size();
+            }
+            const char *hit = static_cast<const char *>(
+                std::memchr(p, pat[0], n));
+            if (hit == nullptr) {
+                s->acc.append(p, n);
+                s->rpos += n;
+                continue;
+            }
+            s->acc.append(p, static_cast<size_t>(hit - p));
+            s->rpos += static_cast<size_t>(hit - p) + 1;
+            u->matched = 1;
+        } else if (s->rbuf[s->rpos] == pat[u->matched]) {
+            u->matched++;
+            s->rpos++;
+        } else {
+            size_t k = fail[u->matched - 1];
+            s->acc.append(pat, u->matched - k);
+            u->matched = k;
+            continue;
+        }
+        if (u->matched == u->plen) {
+            u->matched = 0;
+            return true;
+        }
+    }
+    return false;
+}
+
+// One step of the pending read: consume what rbuf holds, receive more.
+// Done leaves the result in s->res (null: a nil result).
+RStatus readProgress(Tcp *s)
+{
+    ngx_connection_t *c = s->c;
+    for (;;) {
+        if (s->rpos < s->rlast) {
+            char *p = s->rbuf + s->rpos;
+            size_t avail = s->rlast - s->rpos;
+            switch (s->rmode) {
+            case RMode::Line: {
+                auto *lf = static_cast<char *>(std::memchr(p, '\n', avail));
+                if (lf == nullptr) {
+                    appendNoCr(s->acc, p, avail);
+                    s->rpos = s->rlast;
+                    break;
+                }
+                size_t seg = static_cast<size_t>(lf - p);
+                s->rpos += seg + 1;
+                if (s->acc.empty()) {
+                    auto *cr = static_cast<char *>(std::memchr(p, '\r', seg));
+                    if (cr == nullptr || cr == lf - 1) {
+                        s->res = p;
+                        s->res_len = cr ? seg - 1 : seg;
+                        return RStatus::Done;
+                    }
+                }
+                appendNoCr(s->acc, p, seg);
+                s->res = s->acc.data();
+                s->res_len = s->acc.size();
+                return RStatus::Done;
+            }
+            case RMode::Size: {
+                if (s->acc.empty() && avail >= s->rsize) {
+                    s->res = p;
+                    s->res_len = s->rsize;
+                    s->rpos += s->rsize;
+                    return RStatus::Done;
+                }
+                size_t need = s->rsize - s->acc.size();
+                size_t take = avail < need ? avail : need;
+                s->acc.append(p, take);
+                s->rpos += take;
+                if (s->acc.size() == s->rsize) {
+                    s->res = s->acc.data();
+                    s->res_len = s->acc.size();
+                    return RStatus::Done;
+                }
+                break;
+            }
+            case RMode::Any: {
+                size_t take = avail < s->rsize ? avail : s->rsize;
+                s->res = p;
+                s->res_len = take;
+                s->rpos += take;
+                return RStatus::Done;
+            }
+            case RMode::All:
+                s->acc.append(p, avail);
+                s->rpos = s->rlast;
+                break;
+            case RMode::Until: {
+                Until *u = s->until;
+                bool found = untilScan(s, u);
+                if (found) {
+                    if (u->inclusive) {
+                        s->acc.append(u->pat(), u->plen);
+                    }
+                    if (u->limit) {
+                        if (s->acc.empty()) {
+                            s->res = nullptr;
+                            return RStatus::Done;
+                        }
+                        u->eof_pending = true;
+                    }
+                    s->res = s->acc.data();
+                    s->res_len = s->acc.size();
+                    return RStatus::Done;
+                }
+                if (u->limit && s->acc.size() >= u->limit) {
+                    s->res = s->acc.data();
+                    s->res_len = s->acc.size();
+                    return RStatus::Done;
+                }
+                break;
+            }
+            }
+        }
+
+        // rbuf is used up: receive. Big sized reads go straight into acc.
+        s->rpos = s->rlast = 0;
+        size_t have = s->acc.size();
+        bool direct = s->rmode == RMode::Size && s->rsize - have >= s->rcap;
+        char *dst = s->rbuf;
+        size_t room = s->rcap;
+        if (direct) {
+            s->acc.resize(s->rsize);
+            dst = &s->acc[have];
+            room = s->rsize - have;
+        }
+        ssize_t n = c->recv(c, reinterpret_cast<u_char *>(dst), room);
+        if (direct) {
+            s->acc.resize(have + (n > 0 ? static_cast<size_t>(n) : 0));
+        }
+        if (n == NGX_AGAIN) {
+            return RStatus::Again;
+        }
+        if (n == 0) {
+            return RStatus::Closed;
+        }
+        if (n < 0) {
+            ngx_err_t e = ngx_socket_errno;
+            s->err = e ? sock::errnoText(e) : "error";
+            return RStatus::Error;
+        }
+        if (direct) {
+            if (s->acc.size() == s->rsize) {
+                s->res = s->acc.data();
+                s->res_len = s->acc.size();
+                return RStatus::Done;
+            }
+            continue;
+        }
+        s->rlast = static_cast<size_t>(n);
+    }
+}
+
+// Pushes the outcome of a finished read on dst; returns the count.
+int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
+{
+    if (st == RStatus::Done) {
+        if (s->res == nullptr) {
+            lua_pushnil(dst);
+        } else {
+            lua_pushlstring(dst, s->res, s->res_len);
+        }
+        s->acc.clear();
+        if (s->rmode == RMode::Until && !s->until->eof_pending
+            && s->until->limit == 0)
+        {
+            s->until->matched = 0;
+        }
+        return 1;
+    }
+    const char *err = timeout ? "timeout"
+                      : st == RStatus::Closed ? "closed" : s->err.c_str();
+    if (s->rmode == RMode::All && st == RStatus::Closed) {
+        lua_pushlstring(dst, s->acc.data(), s->acc.size());
+        s->acc.clear();
+        // The read side is over; the connection stays until close().
+        s->read_closed = true;
+        return 1;
+    }
+    lua_pushnil(dst);
+    lua_pushstring(dst, err);
+    if (s->rmode == RMode::Until) {
+        s->acc.append(s->until->pat(), s->until->matched);
+        s->until->matched = 0;
+    }
+    lua_pushlstring(dst, s->acc.data(), s->acc.size());
+    s->acc.clear();
+    if (!timeout) {
+        if (s->log_errors && st == RStatus::Error && s->ctx) {
+            ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
+                          "lua tcp socket read failed: %s", err);
+        }
+        closeSock(s, s->reader);
+    } else {
+        logError(s, "read timed out");
+    }
+    return 3;
+}
+
+void finishReader(Tcp *s, LuaThread *t, int n)
+{
+    if (s->reader == t) {
+        s->reader = nullptr;
+    }
+    t->cancel = nullptr;
+    glue::resume(t, n);
+}
+
+void onRead(ngx_event_t *ev)
+{
+    auto *c = static_cast<ngx_connection_t *>(ev->data);
+    auto *s = static_cast<Tcp *>(c->data);
+    LuaThread *t = s->reader;
+    if (t == nullptr) {
+        return;  // nobody reads now: the data waits in the kernel
+    }
+    if (ev->timedout) {
+        ev->timedout = 0;
+        finishReader(s, t, pushRead(s, t->co, RStatus::Again, true));
+        return;
+    }
+    RStatus st = readProgress(s);
+    if (st == RStatus::Again) {
+        if (ngx_handle_read_event(ev, 0) != NGX_OK) {
+            s->err = "failed to wait for the socket";
+            st = RStatus::Error;
+        } else {
+            return;
+        }
+    }
+    if (ev->timer_set) {
+        ngx_del_timer(ev);
+    }
+    finishReader(s, t, pushRead(s, t->co, st, false));
+}
+
+void cancelRead(LuaThread *t)
+{
+    auto *s = static_cast<Tcp *>(t->cancel_data);
+    if (s->reader != t) {
+        return;
+    }
+    s->reader = nullptr;
+    s->acc.clear();
+    if (s->c && s->c->read->timer_set) {
+        ngx_del_timer(s->c->read);
+    }
+}
+
+// Runs a read of mode `m`; returns the Lua result count or yields.
+int startRead(lua_State *L, Tcp *s, RMode m, size_t size, Until *u)
+{
+    if (s->c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    if (s->read_closed) {
+        return pushNilErr(L, "closed");
+    }
+    if (s->reader) {
+        return pushNilErr(L, "socket busy reading");
+    }
+    if (s->shaker) {
+        return pushNilErr(L, "socket busy");
+    }
+    getRbuf(s);
+    if (s->rbuf == nullptr) {
+        return pushNilErr(L, "no memory");
+    }
+    s->rmode = m;
+    s->rsize = size;
+    s->until = u;
+    s->acc.clear();
+    RStatus st = readProgress(s);
+    if (st != RStatus::Again) {
+        return pushRead(s, L, st, false);
+    }
+    ngx_connection_t *c = s->c;
+    if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+        s->err = "failed to wait for the socket";
+        return pushRead(s, L, RStatus::Error, false);
+    }
+    LuaThread *t = threads::current();
+    s->reader = t;
+    t->cancel = cancelRead;
+    t->cancel_data = s;
+    ngx_add_timer(c->read, readTimeout(s));
+    return glue::yield(L);
+}
+
+int tcpReceive(lua_State *L)
+{
+    Tcp *s = use(L);
+    int n = lua_gettop(L);
+    if (n > 2) {
+        return luaL_error(L, "expecting 1 or 2 arguments (including the "
+                          "object), but got %d", n);
+    }
+    RMode m = RMode::Line;
+    size_t size = 0;
+    if (n == 2) {
+        if (lua_type(L, 2) == LUA_TNUMBER
+            || (lua_type(L, 2) == LUA_TSTRING && lua_isnumber(L, 2)))
+        {
+            lua_Number v = lua_tonumber(L, 2);
+            if (v < 0) {
+                return luaL_argerror(L, 2, "bad pattern argument");
+            }
+            size = static_cast<size_t>(v);
+            if (size == 0) {
+                if (s->c == nullptr) {
+                    return pushNilErr(L, "closed");
+                }
+                lua_pushliteral(L, "");
+                return 1;
+            }
+            m = RMode::Size;
+        } else if (lua_type(L, 2) == LUA_TSTRING) {
+            const char *p = lua_tostring(L, 2);
+            if (p[0] == '*' && p[1] == 'l' && p[2] == '\0') {
+                m = RMode::Line;
+            } else if (p[0] == '*' && p[1] == 'a' && p[2] == '\0') {
+                m = RMode::All;
+            } else {
+                return luaL_argerror(L, 2, "bad pattern argument");
+            }
+        } else if (!lua_isnil(L, 2)) {
+            return luaL_argerror(L, 2, "bad pattern argument");
+        }
+    }
+    return startRead(L, s, m, size, nullptr);
+}
+
+int tcpReceiveAny(lua_State *L)
+{
+    Tcp *s = use(L);
+    if (lua_gettop(L) != 2) {
+        return luaL_error(L, "expecting 2 arguments (including the object), "
+                          "but got %d", lua_gettop(L));
+    }
+    lua_Integer max = luaL_checkinteger(L, 2);
+    if (max <= 0) {
+        return luaL_argerror(L, 2, "bad max argument");
+    }
+    return startRead(L, s, RMode::Any, static_cast<size_t>(max), nullptr);
+}
+
+int untilIterator(lua_State *L)
+{
+    // upvalue 1: the socket table; 2: the Until state.
+    glue::checkPhase(L, sock::kPhases);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    Tcp *s = use(L);
+    auto *u = static_cast<Until *>(lua_touserdata(L, lua_upvalueindex(2)));
+    size_t limit = 0;
+    if (lua_gettop(L) >= 2 && !lua_isnil(L, 2)) {
+        lua_Integer v = luaL_checkinteger(L, 2);
+        if (v < 0) {
+            return luaL_argerror(L, 1, "bad size argument");
+        }
+        limit = static_cast<size_t>(v);
+    }
+    if (u->eof_pending) {
+        u->eof_pending = false;
+        u->matched = 0;
+        lua_pushnil(L);
+        return 1;
+    }
+    u->limit = limit;
+    return startRead(L, s, RMode::Until, 0, u);
+}
+
+int tcpReceiveUntil(lua_State *L)
+{
+    use(L);
+    int n = lua_gettop(L);
+    if (n < 2 || n > 3) {
+        return luaL_error(L, "expecting 2 or 3 arguments (including the "
+                          "object), but got %d", n);
+    }
+    size_t plen;
+    const char *pat = luaL_checklstring(L, 2, &plen);
+    if (plen == 0) {
+        return pushNilErr(L, "pattern is empty");
+    }
+    bool inclusive = false;
+    if (n == 3 && !lua_isnil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_getfield(L, 3, "inclusive");
+        if (!lua_isnil(L, -1)) {
+            if (!lua_isboolean(L, -1)) {
+                return luaL_error(L, "bad \"inclusive\" option value type: "
+                                  "%s", luaL_typename(L, -1));
+            }
+            inclusive = lua_toboolean(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+    size_t bytes = sizeof(Until) + ((plen + 3) & ~size_t(3))
+                   + plen * sizeof(uint32_t);
+    lua_pushvalue(L, 1);
+    auto *u = static_cast<Until *>(lua_newuserdata(L, bytes));
+    u->plen = plen;
+    u->matched = 0;
+    u->limit = 0;
+    u->inclusive = inclusive;
+    u->eof_pending = false;
+    std::memcpy(u->pat(), pat, plen);
+    // KMP borders: fail[i] = longest proper border of pat[0..i].
+    uint32_t *fail = u->fail();
+    fail[0] = 0;
+    for (size_t i = 1, k = 0; i < plen; i++) {
+        while (k > 0 && pat[i] != pat[k]) {
+            k = fail[k - 1];
+        }
+        if (pat[i] == pat[k]) {
+            k++;
+        }
+        fail[i] = static_cast<uint32_t>(k);
+    }
+    luaL_getmetatable(L, kUntilMeta);
+    lua_setmetatable(L, -2);
+    lua_pushcclosure(L, untilIterator, 2);
+    return 1;
+}
+
+// ---- send ----
+
+// Sends s->sbuf[spos..] (or p,len when sbuf is unused); NGX_OK when all
+// went out, NGX_AGAIN, NGX_ERROR with s->err.
+ngx_int_t sendSome(Tcp *s, const char **p, size_t *len)
+{
+    ngx_connection_t *c = s->c;
+    while (*len > 0) {
+        ssize_t n = c->send(c, reinterpret_cast<u_char *>(
+                                   const_cast<char *>(*p)), *len);
+        if (n == NGX_AGAIN || n == 0) {
+            return NGX_AGAIN;
+        }
+        if (n < 0) {
+            ngx_err_t e = ngx_socket_errno;
+            s->err = e ? sock::errnoText(e) : "error";
+            return NGX_ERROR;
+        }
+        *p += n;
+        *len -= static_cast<size_t>(n);
+    }
+    return NGX_OK;
+}
+
+int sendFailed(Tcp *s, lua_State *dst)
+{
+    if (s->log_errors && s->ctx) {
+        ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
+                      "lua tcp socket write failed: %s", s->err.c_str());
+    }
+    std::string err = s->err;
+    closeSock(s, s->writer);
+    lua_pushnil(dst);
+    lua_pushlstring(dst, err.data(), err.size());
+    return 2;
+}
+
+void finishWriter(Tcp *s, LuaThread *t, int n)
+{
+    if (s->writer == t) {
+        s->writer = nullptr;
+    }
+    t->cancel = nullptr;
+    glue::resume(t, n);
+}
+
+void onWrite(ngx_event_t *ev)
+{
+    auto *c = static_cast<ngx_connection_t *>(ev->data);
+    auto *s = static_cast<Tcp *>(c->data);
+    LuaThread *t = s->writer;
+    if (t == nullptr) {
+        return;
+    }
+    if (ev->timedout) {
+        ev->timedout = 0;
+        logError(s, "write timed out");
+        s->err = "timeout";
+        closeSock(s, t);
+        lua_pushnil(t->co);
+        lua_pushliteral(t->co, "timeout");
+        finishWriter(s, t, 2);
+        return;
+    }
+    const char *p = s->sbuf.data() + s->spos;
+    size_t len = s->sbuf.size() - s->spos;
+    ngx_int_t rc = sendSome(s, &p, &len);
+    s->spos = s->sbuf.size() - len;
+    if (rc == NGX_AGAIN) {
+        if (ngx_handle_write_event(ev, s->lowat) == NGX_OK) {
+            return;
+        }
+        s->err = "failed to wait for the socket";
+        rc = NGX_ERROR;
+    }
+    if (ev->timer_set) {
+        ngx_del_timer(ev);
+    }
+    if (rc == NGX_ERROR) {
+        finishWriter(s, t, sendFailed(s, t->co));
+        return;
+    }
+    lua_pushinteger(t->co, static_cast<lua_Integer>(s->stotal));
+    finishWriter(s, t, 1);
+}
+
+void cancelWrite(LuaThread *t)
+{
+    auto *s = static_cast<Tcp *>(t->cancel_data);
+    if (s->writer != t) {
+        return;
+    }
+    s->writer = nullptr;
+    if (s->c && s->c->write->timer_set) {
+        ngx_del_timer(s->c->write);
+    }
+}
+
+int tcpSend(lua_State *L)
+{
+    Tcp *s = use(L);
+    if (lua_gettop(L) != 2) {
+        return luaL_error(L, "expecting 2 arguments (including the object), "
+                          "but got %d", lua_gettop(L));
+    }
+    if (s->c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    if (s->writer) {
+        return pushNilErr(L, "socket busy writing");
+    }
+    if (s->shaker) {
+        return pushNilErr(L, "socket busy");
+    }
+    const char *p;
+    size_t len;
+    bool copied = false;
+    switch (lua_type(L, 2)) {
+    case LUA_TSTRING:
+    case LUA_TNUMBER:
+        p = lua_tolstring(L, 2, &len);
+        break;
+    case LUA_TBOOLEAN:
+        p = lua_toboolean(L, 2) ? "true" : "false";
+        len = std::strlen(p);
+        break;
+    case LUA_TNIL:
+        p = "nil";
+        len = 3;
+        break;
+    case LUA_TTABLE:
+        s->sbuf.clear();
+        sock::flatten(L, 2, &s->sbuf, 0);
+        p = s->sbuf.data();
+        len = s->sbuf.size();
+        copied = true;
+        break;
+    default:
+        return luaL_error(L, "bad argument #1 to 'send' (string, number, "
+                          "boolean, nil, or array table expected, got %s)",
+                          luaL_typename(L, 2));
+    }
+    s->stotal = len;
+    ngx_int_t rc = sendSome(s, &p, &len);
+    if (rc == NGX_OK) {
+        lua_pushinteger(L, static_cast<lua_Integer>(s->stotal));
+        return 1;
+    }
+    if (rc == NGX_ERROR) {
+        return sendFailed(s, L);
+    }
+    // The rest waits in sbuf: the Lua string may not outlive the yield.
+    if (copied) {
+        s->spos = s->sbuf.size() - len;
+    } else {
+        s->sbuf.assign(p, len);
+        s->spos = 0;
+    }
+    ngx_connection_t *c = s->c;
+    if (ngx_handle_write_event(c->write, s->lowat) != NGX_OK) {
+        s->err = "failed to wait for the socket";
+        return sendFailed(s, L);
+    }
+    LuaThread *t = threads::current();
+    s->writer = t;
+    t->cancel = cancelWrite;
+    t->cancel_data = s;
+    ngx_add_timer(c->write, sendTimeout(s));
+    return glue::yield(L);
+}
+
+// ---- the rest ----
+
+int tcpClose(lua_State *L)
+{
+    Tcp *s = use(L);
+    if (s->c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    closeSock(s, nullptr);
+    lua_pushinteger(L, 1);
+    return 1;
+}
+
+int tcpSetKeepalive(lua_State *L)
+{
+    Tcp *s = use(L);
+    int n = lua_gettop(L);
+    if (n > 3) {
+        return luaL_error(L, "expecting 1 to 3 arguments (including the "
+                          "object), but got %d", n);
+    }
+    ngx_connection_t *c = s->c;
+    if (c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    if (s->reader || s->writer || s->connector || s->shaker) {
+        return pushNilErr(L, "socket busy");
+    }
+    if (s->rpos < s->rlast) {
+        return pushNilErr(L, "unread data in buffer");
+    }
+    ngx_msec_t timeout = s->ctx->llcf->socket_keepalive_timeout;
+    if (n >= 2 && !lua_isnil(L, 2)) {
+        lua_Integer v = luaL_checkinteger(L, 2);
+        if (v < 0) {
+            return luaL_error(L, "bad argument #2 to 'setkeepalive' "
+                              "(invalid timeout)");
+        }
+        timeout = static_cast<ngx_msec_t>(v);
+    }
+    ngx_uint_t size = s->ctx->llcf->socket_pool_size;
+    if (n >= 3 && !lua_isnil(L, 3)) {
+        lua_Integer v = luaL_checkinteger(L, 3);
+        if (v <= 0) {
+            return luaL_error(L, "bad argument #3 to 'setkeepalive' (invalid "
+                              "pool size)");
+        }
+        size = static_cast<ngx_uint_t>(v);
+    }
+    if (s->read_closed || c->read->eof || c->read->error
+        || c->write->error)
+    {
+        closeSock(s, nullptr);
+        return pushNilErr(L, "connection in dubious state");
+    }
+
+    Pool *p = s->counted ? s->pool : findPool(s->key);
+    if (p == nullptr) {
+        p = createPool(s->key, size, false, 0);
+        if (p == nullptr) {
+            closeSock(s, nullptr);
+            return pushNilErr(L, "no memory");
+        }
+    }
+    auto *it = new (std::nothrow) Idle();
+    if (it == nullptr) {
+        closeSock(s, nullptr);
+        return pushNilErr(L, "no memory");
+    }
+    if (p->nidle >= p->size) {
+        // Full: the least recently parked one makes room.
+        Idle *old = ngx_queue_data(ngx_queue_last(&p->idle), Idle, q);
+        closeIdle(old);
+    }
+    it->c = c;
+    it->pool = p;
+    it->reused = s->reused;
+    it->counted = s->counted;
+    if (s->counted) {
+        p->active--;
+        s->counted = false;
+    }
+    ngx_queue_insert_head(&p->idle, &it->q);
+    p->nidle++;
+
+    s->c = nullptr;
+    c->data = it;
+    c->idle = 1;
+    c->log = ngx_cycle->log;
+    c->read->log = ngx_cycle->log;
+    c->write->log = ngx_cycle->log;
+    c->read->handler = idleHandler;
+    c->write->handler = idleHandler;
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+    if (timeout) {
+        ngx_add_timer(c->read, timeout);
+    }
+    if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+        closeIdle(it);
+    } else if (c->read->ready) {
+        // Something came in already (a close, stray bytes): check now.
+        idleHandler(c->read);
+    }
+    putRbuf(s);
+    wakeBacklog(p);
+    lua_pushinteger(L, 1);
+    return 1;
+}
+
+int tcpGetReusedTimes(lua_State *L)
+{
+    Tcp *s = use(L);
+    if (s->c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    lua_pushinteger(L, static_cast<lua_Integer>(s->reused));
+    return 1;
+}
+
+ngx_msec_t timeoutArg(lua_State *L, int idx)
+{
+    if (lua_isnil(L, idx)) {
+        return 0;
+    }
+    lua_Number v = luaL_checknumber(L, idx);
+    if (v < 0) {
+        luaL_error(L, "bad timeout value");
+    }
+    return static_cast<ngx_msec_t>(v);
+}
+
+int tcpSetTimeout(lua_State *L)
+{
+    glue::checkPhase(L, sock::kPhases);
+    Tcp *s = self(L);
+    if (lua_gettop(L) != 2) {
+        return luaL_error(L, "ngx.socket settimout: expecting 2 arguments "
+                          "(including the object) but seen %d",
+                          lua_gettop(L));
+    }
+    ngx_msec_t ms = timeoutArg(L, 2);
+    s->connect_timeout = s->send_timeout = s->read_timeout = ms;
+    return 0;
+}
+
+int tcpSetTimeouts(lua_State *L)
+{
+    glue::checkPhase(L, sock::kPhases);
+    Tcp *s = self(L);
+    if (lua_gettop(L) != 4) {
+        return luaL_error(L, "ngx.socket settimout: expecting 4 arguments "
+                          "(including the object) but seen %d",
+                          lua_gettop(L));
+    }
+    s->connect_timeout = timeoutArg(L, 2);
+    s->send_timeout = timeoutArg(L, 3);
+    s->read_timeout = timeoutArg(L, 4);
+    return 0;
+}
+
+int tcpSetOption(lua_State *L)
+{
+    Tcp *s = use(L);
+    const char *opt = luaL_checkstring(L, 2);
+    if (s->c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    int level = SOL_SOCKET, name;
+    if (std::strcmp(opt, "keepalive") == 0) {
+        name = SO_KEEPALIVE;
+    } else if (std::strcmp(opt, "reuseaddr") == 0) {
+        name = SO_REUSEADDR;
+    } else if (std::strcmp(opt, "tcp-nodelay") == 0) {
+        level = IPPROTO_TCP;
+        name = TCP_NODELAY;
+    } else if (std::strcmp(opt, "sndbuf") == 0) {
+        name = SO_SNDBUF;
+    } else if (std::strcmp(opt, "rcvbuf") == 0) {
+        name = SO_RCVBUF;
+    } else {
+        lua_pushnil(L);
+        lua_pushfstring(L, "unsupported option %s", opt);
+        return 2;
+    }
+    int v;
+    if (lua_isboolean(L, 3)) {
+        v = lua_toboolean(L, 3);
+    } else {
+        v = static_cast<int>(luaL_checkinteger(L, 3));
+    }
+    if (setsockopt(s->c->fd, level, name, &v, sizeof(v)) == -1) {
+        lua_pushnil(L);
+        lua_pushstring(L, sock::errnoText(ngx_socket_errno).c_str());
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+int tcpBind(lua_State *L)
+{
+    glue::checkPhase(L, sock::kPhases);
+    Tcp *s = self(L);
+    size_t len;
+    const char *addr = luaL_checklstring(L, 2, &len);
+    Target t;
+    if (!sock::literal(addr, len, 0, &t)
+        || t.addr.ss_family == AF_UNIX)
+    {
+        lua_pushnil(L);
+        lua_pushfstring(L, "bad address");
+        return 2;
+    }
+    std::memcpy(&s->local_addr, &t.addr, t.len);
+    s->local.sockaddr = reinterpret_cast<struct sockaddr *>(&s->local_addr);
+    s->local.socklen = t.len;
+    s->local.name.data = nullptr;
+    s->local.name.len = 0;
+    s->has_local = true;
+    lua_pushinteger(L, 1);
+    return 1;
+}
+
+
+// ---- TLS ----
+
+const char kSessionMeta[] = "luaguard.ssl_session";
+
+int sessionGc(lua_State *L)
+{
+    auto **sp = static_cast<ngx_ssl_session_t **>(lua_touserdata(L, 1));
+    if (sp && *sp) {
+        ngx_ssl_free_session(*sp);
+        *sp = nullptr;
+    }
+    return 0;
+}
+
+void sslCleanup(void *data)
+{
+    ngx_ssl_cleanup_ctx(data);
+}
+
+// The client TLS context of a location (lua_ssl_* directives). Made
+// while the configuration is read when a trusted certificate is given (the
+// master can read files a worker may not), else on first use; kept for the
+// life of the configuration.
+ngx_ssl_t *makeSslContext(LocConf *lc, ngx_pool_t *pool, ngx_log_t *log,
+                          ngx_str_t *prefix, std::string *err)
+{
+    auto *ssl = static_cast<ngx_ssl_t *>(ngx_pcalloc(pool,
+                                                     sizeof(ngx_ssl_t)));
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(pool, 0);
+    if (ssl == nullptr || cln == nullptr) {
+        *err = "no memory";
+        return nullptr;
+    }
+    ssl->log = log;
+    if (ngx_ssl_create(ssl, lc->ssl_protocols, nullptr) != NGX_OK) {
+        *err = "failed to create the SSL context";
+        return nullptr;
+    }
+    cln->handler = sslCleanup;
+    cln->data = ssl;
+    SSL_CTX_set_mode(ssl->ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    std::string ciphers(reinterpret_cast<char *>(lc->ssl_ciphers.data),
+                        lc->ssl_ciphers.len);
+    if (SSL_CTX_set_cipher_list(ssl->ctx, ciphers.c_str()) == 0) {
+        ngx_ssl_error(NGX_LOG_EMERG, log, 0,
+                      const_cast<char *>("SSL_CTX_set_cipher_list(\"%s\") "
+                                         "failed"), ciphers.c_str());
+        *err = "bad lua_ssl_ciphers";
+        return nullptr;
+    }
+    SSL_CTX_set_verify_depth(ssl->ctx, static_cast<int>(lc->ssl_verify_depth));
+    if (lc->ssl_trusted_certificate.len) {
+        ngx_str_t name = lc->ssl_trusted_certificate;
+        if (ngx_get_full_name(pool, prefix, &name) != NGX_OK) {
+            *err = "no memory";
+            return nullptr;
+        }
+        std::string path(reinterpret_cast<char *>(name.data), name.len);
+        if (SSL_CTX_load_verify_locations(ssl->ctx, path.c_str(), nullptr)
+            == 0)
+        {
+            ngx_ssl_error(NGX_LOG_EMERG, log, 0,
+                          const_cast<char *>("SSL_CTX_load_verify_locations"
+                                             "(\"%s\") failed"),
+                          path.c_str());
+            *err = "failed to load lua_ssl_trusted_certificate";
+            return nullptr;
+        }
+        ERR_clear_error();
+    }
+    return ssl;
+}
+
+ngx_ssl_t *sslContext(LocConf *lc, std::string *err)
+{
+    if (lc->ssl == nullptr) {
+        ngx_str_t prefix;
+        prefix.data = ngx_cycle->conf_prefix.data;
+        prefix.len = ngx_cycle->conf_prefix.len;
+        lc->ssl = makeSslContext(lc, ngx_cycle->pool, ngx_cycle->log,
+                                 &prefix, err);
+    }
+    return static_cast<ngx_ssl_t *>(lc->ssl);
+}
+
+// The handshake is over (or failed): checks, then the results.
+int handshakeDone(Tcp *s, lua_State *dst, const char *fail)
+{
+    ngx_connection_t *c = s->c;
+    std::string err;
+    if (fail) {
+        err = fail;
+    } else if (!c->ssl || !c->ssl->handshaked) {
+        err = "handshake failed";
+    } else if (s->ssl_verify) {
+        long rc = SSL_get_verify_result(c->ssl->connection);
+        if (rc != X509_V_OK) {
+            err = std::to_string(rc) + ": "
+                  + X509_verify_cert_error_string(rc);
+        } else if (!s->sni.empty()) {
+            ngx_str_t name;
+            name.data = reinterpret_cast<u_char *>(&s->sni[0]);
+            name.len = s->sni.size();
+            if (ngx_ssl_check_host(c, &name) != NGX_OK) {
+                err = "certificate host mismatch";
+            }
+        }
+    }
+    if (!err.empty()) {
+        if (s->log_errors && s->ctx) {
+            ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
+                          "lua tcp socket SSL handshake failed: %s",
+                          err.c_str());
+        }
+        closeSock(s, s->shaker);
+        lua_pushnil(dst);
+        lua_pushlstring(dst, err.data(), err.size());
+        return 2;
+    }
+    c->read->handler = onRead;
+    c->write->handler = onWrite;
+    if (!s->ssl_ret_session) {
+        lua_pushboolean(dst, 1);
+        return 1;
+    }
+    ngx_ssl_session_t *sess = ngx_ssl_get_session(c);
+    if (sess == nullptr) {
+        lua_pushboolean(dst, 1);  // nothing to reuse (yet)
+        return 1;
+    }
+    auto **sp = static_cast<ngx_ssl_session_t **>(
+        lua_newuserdata(dst, sizeof(ngx_ssl_session_t *)));
+    *sp = sess;
+    luaL_getmetatable(dst, kSessionMeta);
+    lua_setmetatable(dst, -2);
+    return 1;
+}
+
+void onHandshake(ngx_connection_t *c)
+{
+    auto *s = static_cast<Tcp *>(c->data);
+    LuaThread *t = s->shaker;
+    if (t == nullptr) {
+        return;
+    }
+    const char *fail = nullptr;
+    if (c->read->timedout || c->write->timedout) {
+        c->read->timedout = c->write->timedout = 0;
+        fail = "timeout";
+    }
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+    int n = handshakeDone(s, t->co, fail);
+    s->shaker = nullptr;
+    t->cancel = nullptr;
+    glue::resume(t, n);
+}
+
+void cancelHandshake(LuaThread *t)
+{
+    auto *s = static_cast<Tcp *>(t->cancel_data);
+    if (s->shaker != t) {
+        return;
+    }
+    s->shaker = nullptr;
+    if (s->c) {
+        // Half a handshake cannot be picked up again.
+        sock::closeConnection(s->c);
+        s->c = nullptr;
+        releaseCount(s);
+    }
+}
+
+int tcpSslHandshake(lua_State *L)
+{
+    Tcp *s = use(L);
+    int n = lua_gettop(L);
+    if (n < 1 || n > 5) {
+        return luaL_error(L, "ngx.socket sslhandshake: expecting 1 ~ 5 "
+                          "arguments (including the object), but seen %d",
+                          n);
+    }
+    ngx_connection_t *c = s->c;
+    if (c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    if (s->shaker || s->reader || s->writer) {
+        return pushNilErr(L, "socket busy");
+    }
+    ngx_ssl_session_t *reuse = nullptr;
+    s->ssl_ret_session = true;
+    if (n >= 2) {
+        if (lua_isboolean(L, 2) && !lua_toboolean(L, 2)) {
+            s->ssl_ret_session = false;
+        } else if (!lua_isnil(L, 2)) {
+            auto **sp = static_cast<ngx_ssl_session_t **>(
+                luaL_checkudata(L, 2, kSessionMeta));
+            reuse = *sp;
+        }
+    }
+    s->sni.clear();
+    if (n >= 3 && !lua_isnil(L, 3)) {
+        size_t len;
+        const char *name = luaL_checklstring(L, 3, &len);
+        s->sni.assign(name, len);
+    }
+    s->ssl_verify = n >= 4 && lua_toboolean(L, 4);
+
+    if (c->ssl && c->ssl->handshaked) {
+        return handshakeDone(s, L, nullptr);
+    }
+    std::string err;
+    ngx_ssl_t *ssl = sslContext(s->ctx->llcf, &err);
+    if (ssl == nullptr) {
+        return pushNilErr(L, err.c_str());
+    }
+    if (c->pool == nullptr) {
+        // TLS state is allocated from the connection's pool: one of its
+        // own, since the connection may outlive the request (keepalive).
+        c->pool = ngx_create_pool(256, ngx_cycle->log);
+        if (c->pool == nullptr) {
+            return pushNilErr(L, "no memory");
+        }
+    }
+    if (ngx_ssl_create_connection(ssl, c, NGX_SSL_CLIENT) != NGX_OK) {
+        return pushNilErr(L, "failed to create ssl connection");
+    }
+    if (reuse && ngx_ssl_set_session(c, reuse) != NGX_OK) {
+        return pushNilErr(L, "failed to set ssl session");
+    }
+    if (!s->sni.empty()) {
+        SSL_set_tlsext_host_name(c->ssl->connection, s->sni.c_str());
+    }
+    ngx_int_t rc = ngx_ssl_handshake(c);
+    if (rc != NGX_AGAIN) {
+        return handshakeDone(s, L, nullptr);
+    }
+    LuaThread *t = threads::current();
+    s->shaker = t;
+    t->cancel = cancelHandshake;
+    t->cancel_data = s;
+    c->ssl->handler = onHandshake;
+    ngx_add_timer(c->read, connectTimeout(s));
+    return glue::yield(L);
+}
+
+int tcpGc(lua_State *L)
+{
+    auto *s = static_cast<Tcp *>(lua_touserdata(L, 1));
+    if (s == nullptr || s->magic != kMagic) {
+        return 0;
+    }
+    // While cln is set its request (and pool) is alive: detach from it.
+    if (s->cln) {
+        s->cln->handler = nullptr;
+        s->cln = nullptr;
+        sock::resolveCancel(&s->resolve);
+        if (s->in_wait_q) {
+            ngx_queue_remove(&s->wait_q);
+            s->pool->nwaiting--;
+        }
+        if (s->wait_ev.timer_set) {
+            ngx_del_timer(&s->wait_ev);
+        }
+        if (s->wait_ev.posted) {
+            ngx_delete_posted_event(&s->wait_ev);
+        }
+    }
+    s->reader = s->writer = s->connector = s->shaker = nullptr;
+    if (s->c) {
+        sock::closeConnection(s->c);
+        s->c = nullptr;
+    }
+    releaseCount(s);
+    putRbuf(s);
+    s->magic = 0;
+    s->~Tcp();
+    return 0;
+}
+
+int tcpNew(lua_State *L)
+{
+    glue::checkPhase(L, sock::kPhases);
+    if (lua_gettop(L) != 0) {
+        return luaL_error(L, "expecting zero arguments, but got %d",
+                          lua_gettop(L));
+    }
+    lua_createtable(L, 3, 1);
+    void *mem = lua_newuserdata(L, sizeof(Tcp));
+    auto *s = new (mem) Tcp();
+    ngx_memzero(&s->pc, sizeof(s->pc));
+    ngx_memzero(&s->wait_ev, sizeof(s->wait_ev));
+    ngx_queue_init(&s->wait_q);
+    s->resolve.rctx = nullptr;
+    luaL_getmetatable(L, kTcpUdMeta);
+    lua_setmetatable(L, -2);
+    lua_rawseti(L, -2, 1);
+    luaL_getmetatable(L, kTcpMeta);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+}  // namespace
+
+char *mergeSocketSsl(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
+{
+    auto same = [](const ngx_str_t &a, const ngx_str_t &b) {
+        return a.len == b.len
+               && (a.len == 0 || std::memcmp(a.data, b.data, a.len) == 0);
+    };
+    if (prev->ssl && same(prev->ssl_trusted_certificate,
+                          conf->ssl_trusted_certificate)
+        && same(prev->ssl_ciphers, conf->ssl_ciphers)
+        && prev->ssl_protocols == conf->ssl_protocols
+        && prev->ssl_verify_depth == conf->ssl_verify_depth)
+    {
+        conf->ssl = prev->ssl;
+        return NGX_CONF_OK;
+    }
+    if (conf->ssl_trusted_certificate.len == 0) {
+        return NGX_CONF_OK;  // nothing to read: made on first use
+    }
+    std::string err;
+    conf->ssl = makeSslContext(conf, cf->pool, cf->log, &cf->cycle->conf_prefix,
+                               &err);
+    if (conf->ssl == nullptr) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s", err.c_str());
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    return NGX_CONF_OK;
+}
+
+void openSocketTcp(lua_State *L)
+{
+    // The object table's metatable: methods.
+    luaL_newmetatable(L, kTcpMeta);
+    lua_createtable(L, 0, 20);
+    const luaL_Reg methods[] = {{"connect", tcpConnect},
+                                {"send", tcpSend},
+                                {"receive", tcpReceive},
+                                {"receiveany", tcpReceiveAny},
+                                {"receiveuntil", tcpReceiveUntil},
+                                {"close", tcpClose},
+                                {"setkeepalive", tcpSetKeepalive},
+                                {"getreusedtimes", tcpGetReusedTimes},
+                                {"settimeout", tcpSetTimeout},
+                                {"settimeouts", tcpSetTimeouts},
+                                {"setoption", tcpSetOption},
+                                {"bind", tcpBind},
+                                {"sslhandshake", tcpSslHandshake},
+                                {nullptr, nullptr}};
+    setFuncs(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, kTcpUdMeta);
+    lua_pushcfunction(L, tcpGc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, kUntilMeta);
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, kSessionMeta);
+    lua_pushcfunction(L, sessionGc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+
+    subTable(L, "socket");
+    lua_pushcfunction(L, tcpNew);
+    lua_setfield(L, -2, "tcp");
+    lua_pushcfunction(L, tcpNew);
+    lua_setfield(L, -2, "stream");
+    // ngx.socket.connect is documented as tcp() + connect(); in Lua so
+    // the connect may yield.
+    static const char kConnect[] =
+        "local tcp = ... "
+        "return function(...) "
+        "local sock = tcp() "
+        "local ok, err = sock:connect(...) "
+        "if not ok then return nil, err end "
+        "return sock end";
+    luaL_loadbuffer(L, kConnect, sizeof(kConnect) - 1, "=ngx.socket.connect");
+    lua_pushcfunction(L, tcpNew);
+    lua_call(L, 1, 1);
+    lua_setfield(L, -2, "connect");
+    lua_pop(L, 1);
+}
+
+}  // namespace luaguard::api

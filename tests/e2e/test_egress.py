@@ -1,0 +1,337 @@
+"""Egress policy: which destinations cosockets may reach.
+
+Denied destinations here are loopback addresses (127.0.0.2, ...) with a
+listener that records every connection, or, for the cloud metadata
+default, 169.254.169.254 on the loopback of a private network namespace:
+a broken policy never sends anything off this machine.
+"""
+
+import socket
+import struct
+import subprocess
+import threading
+
+import pytest
+
+
+class Recorder:
+    """Accepts TCP connections on (host, port), answers one line, counts."""
+
+    def __init__(self, host="127.0.0.2"):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            c.sendall(b"reached\n")
+            c.close()
+
+    def close(self):
+        self.sock.close()
+
+
+class Dns:
+    """Answers A queries from a table; NXDOMAIN for the rest."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.queries = []
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                q, addr = self.sock.recvfrom(512)
+            except OSError:
+                return
+            qid, = struct.unpack("!H", q[:2])
+            i, labels = 12, []
+            while q[i]:
+                labels.append(q[i + 1:i + 1 + q[i]].decode())
+                i += 1 + q[i]
+            question = q[12:i + 5]
+            name = ".".join(labels)
+            self.queries.append(name)
+            ip = self.answers.get(name)
+            if callable(ip):
+                ip = ip()
+            if ip:
+                ans = (b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 4)
+                       + socket.inet_aton(ip))
+                self.sock.sendto(struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0,
+                                             0) + question + ans, addr)
+            else:
+                self.sock.sendto(struct.pack("!HHHHHH", qid, 0x8183, 1, 0, 0,
+                                             0) + question, addr)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def recorder():
+    r = Recorder()
+    yield r
+    r.close()
+
+
+CONNECT = r"""
+    local function try(host, port)
+        local s = ngx.socket.tcp()
+        s:settimeout(2000)
+        local ok, err = s:connect(host, port)
+        if not ok then return ngx.say(host, ": ", err) end
+        ngx.say(host, ": ", s:receive("*l"))
+        s:close()
+    end
+"""
+
+
+@pytest.mark.asan_fast
+def test_deny_rule_refuses_without_connecting(nginx, recorder):
+    port = recorder.port
+    n = nginx(server=f"""
+        location /t {{
+            lua_egress deny 127.0.0.2;
+            content_by_lua_block {{ {CONNECT}
+                try("127.0.0.2", {port})
+                try("[::ffff:127.0.0.2]", {port})
+                local u = ngx.socket.udp()
+                ngx.say("udp: ", select(2, u:setpeername("127.0.0.2", {port})))
+            }}
+        }}
+        location /free {{ content_by_lua_block {{ {CONNECT}
+            try("127.0.0.2", {port}) }} }}
+    """)
+    assert n.get("/t").text == (
+        "127.0.0.2: destination not allowed by policy\n"
+        "[::ffff:127.0.0.2]: destination not allowed by policy\n"
+        "udp: destination not allowed by policy\n")
+    assert recorder.accepted == 0
+    n.wait_log(r"refused by the egress policy \(lua_egress deny 127\.0\.0\.2\)")
+    # The same destination from a location without the rule: reachable, so
+    # the refusal above was the policy, not the network.
+    assert n.get("/free").text == "127.0.0.2: reached\n"
+    assert recorder.accepted == 1
+
+
+def test_deny_by_default_with_allow_list(nginx, recorder):
+    allowed = Recorder("127.0.0.3")
+    try:
+        n = nginx(server=f"""
+            lua_egress_default deny;
+            lua_egress allow 127.0.0.3/32 port={allowed.port};
+            location /t {{ content_by_lua_block {{ {CONNECT}
+                try("127.0.0.3", {allowed.port})
+                try("127.0.0.2", {recorder.port})
+                try("127.0.0.3", {recorder.port})
+            }} }}
+        """)
+        assert n.get("/t").text == (
+            "127.0.0.3: reached\n"
+            "127.0.0.2: destination not allowed by policy\n"
+            "127.0.0.3: destination not allowed by policy\n")
+        assert recorder.accepted == 0 and allowed.accepted == 1
+    finally:
+        allowed.close()
+
+
+def test_named_groups_and_ranges(nginx, recorder):
+    n = nginx(server=f"""
+        location /loop {{
+            lua_egress deny loopback;
+            content_by_lua_block {{ {CONNECT} try("127.0.0.2", {recorder.port}) }}
+        }}
+        location /ports {{
+            lua_egress deny 127.0.0.0/8 port=1-1023,{recorder.port};
+            content_by_lua_block {{ {CONNECT} try("127.0.0.2", {recorder.port}) }}
+        }}
+        location /first_match {{
+            lua_egress allow 127.0.0.2;
+            lua_egress deny loopback;
+            content_by_lua_block {{ {CONNECT} try("127.0.0.2", {recorder.port}) }}
+        }}
+    """)
+    assert n.get("/loop").text.endswith("destination not allowed by policy\n")
+    assert n.get("/ports").text.endswith("destination not allowed by policy\n")
+    assert recorder.accepted == 0
+    assert n.get("/first_match").text == "127.0.0.2: reached\n"
+
+
+def test_hostname_resolving_to_denied_address(nginx, recorder):
+    # DNS rebinding: the name is checked after resolution, at every
+    # connect, whatever it resolved to before.
+    flip = {"n": 0}
+
+    def rebinding():
+        flip["n"] += 1
+        return "127.0.0.1" if flip["n"] == 1 else "127.0.0.2"
+
+    dns = Dns({"good.test": "127.0.0.1", "evil.test": "127.0.0.2",
+               "rebind.test": rebinding})
+    try:
+        n = nginx(server=f"""
+            resolver 127.0.0.1:{dns.port} ipv6=off valid=1s;
+            resolver_timeout 2s;
+            lua_egress deny 127.0.0.2;
+            location /t {{ content_by_lua_block {{ {CONNECT}
+                try("evil.test", {recorder.port})
+                try("rebind.test", {recorder.port})
+                -- past the resolver's cache: valid=1s, counted in whole
+                -- seconds of nginx's clock
+                ngx.sleep(2.1)
+                try("rebind.test", {recorder.port})
+            }} }}
+        """)
+        text = n.get("/t").text
+        lines = text.splitlines()
+        assert lines[0] == "evil.test: destination not allowed by policy"
+        # First answer 127.0.0.1 (allowed; nothing listens there), then the
+        # name rebinds to the denied address: refused at that connect.
+        assert lines[1] == "rebind.test: connection refused", text
+        assert lines[2] == "rebind.test: destination not allowed by policy"
+        assert recorder.accepted == 0
+        assert dns.queries.count("rebind.test") >= 2
+    finally:
+        dns.close()
+
+
+def run_in(netns, code):
+    return subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3",
+                             "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+RECORD = ("import socket,sys\n"
+          "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+          "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(8)\n"
+          "print('ready', flush=True)\n"
+          "while True:\n"
+          "    c,_=s.accept(); open(sys.argv[3],'a').write('x'); "
+          "c.sendall(b'reached\\n'); c.close()\n")
+
+
+def listen_in(netns, host, port, record):
+    p = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/python3",
+                          "-c", RECORD, host, str(port), str(record)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_numeric_spellings_cannot_bypass(nginx, netns, tmp_path):
+    # Inside a namespace whose only network is lo: whatever a spelling is
+    # read as, nothing can leave. 127.0.0.2 is denied; its other
+    # spellings must not reach the listener there either.
+    rec = tmp_path / "accepted"
+    listener = listen_in(netns, "127.0.0.2", 8080, rec)
+    try:
+        n = nginx(netns=netns, server=f"""
+            location /t {{
+                lua_egress deny 127.0.0.2;
+                content_by_lua_block {{ {CONNECT}
+                try("127.0.0.2", 8080)
+                try("2130706434", 8080)     -- 127.0.0.2 as one decimal
+                try("0177.0.0.2", 8080)     -- octal: nginx reads 177.0.0.2
+                try("0x7f.0.0.2", 8080)
+                try("127.2", 8080)          -- inet_aton's short form
+                try("[::ffff:7f00:2]", 8080)
+            }} }}
+            location /free {{ content_by_lua_block {{ {CONNECT}
+                try("127.0.0.2", 8080) }} }}
+        """)
+        lines = n.get("/t").text.splitlines()
+        assert lines[0] == "127.0.0.2: destination not allowed by policy"
+        assert lines[5] == "[::ffff:7f00:2]: destination not allowed by policy"
+        assert all("reached" not in ln for ln in lines), lines
+        assert not rec.exists()
+        assert n.get("/free").text == "127.0.0.2: reached\n"
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def test_unix_socket_rules(nginx, tmp_path):
+    path = tmp_path / "peer.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(8)
+    got = []
+
+    def loop():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            got.append(1)
+            c.sendall(b"unix reached\n")
+            c.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    try:
+        n = nginx(main="user root;", server=f"""
+            location /deny {{
+                lua_egress deny unix:{tmp_path}/*;
+                content_by_lua_block {{ {CONNECT} try("unix:{path}") }}
+            }}
+            location /allow {{
+                lua_egress_default deny;
+                lua_egress allow unix:{path};
+                content_by_lua_block {{ {CONNECT} try("unix:{path}") }}
+            }}
+        """)
+        assert n.get("/deny").text.endswith("destination not allowed by policy\n")
+        assert got == []
+        assert n.get("/allow").text.endswith("unix reached\n")
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("directive", [
+    "lua_egress allow;", "lua_egress maybe 1.2.3.4;", "lua_egress deny 1.2.3;",
+    "lua_egress deny 10.0.0.0/33;", "lua_egress deny any port=0;",
+    "lua_egress deny unix:relative;", "lua_egress_default sometimes;"])
+def test_bad_egress_directives_fail_nginx_t(nginx_conf, directive):
+    ok, out = nginx_conf(http=directive).test_config()
+    assert not ok and "nginx.conf:" in out, out
+
+
+def test_metadata_default_in_a_private_namespace(nginx, netns, tmp_path):
+    # A listener on 169.254.169.254:80 inside the namespace records any
+    # connection; nginx runs in the same namespace.
+    rec = tmp_path / "accepted"
+    listener = listen_in(netns, "169.254.169.254", 80, rec)
+    try:
+        n = nginx(netns=netns, server=f"""
+            location /default {{ content_by_lua_block {{ {CONNECT}
+                try("169.254.169.254", 80)
+                try("[::ffff:169.254.169.254]", 80)
+            }} }}
+            location /allowed {{
+                lua_egress allow metadata;
+                content_by_lua_block {{ {CONNECT} try("169.254.169.254", 80) }}
+            }}
+        """)
+        assert n.get("/default").text == (
+            "169.254.169.254: destination not allowed by policy\n"
+            "[::ffff:169.254.169.254]: destination not allowed by policy\n")
+        assert not rec.exists()
+        # Explicitly allowed, it is reachable: the refusal was the policy.
+        assert n.get("/allowed").text == "169.254.169.254: reached\n"
+        assert rec.read_text() == "x"
+    finally:
+        listener.kill()
+        listener.wait()
