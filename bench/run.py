@@ -372,6 +372,22 @@ def markdown(res):
                 f"{fmt(a['cpu_us_per_req_median'], '.1f')} | "
                 f"{fmt(b['cpu_us_per_req_median'], '.1f')} | "
                 f"{fmt(row['cpu_ratio'], '.2f')} | {notes} |")
+    cg = res.get("callgrind")
+    if cg:
+        lines += ["", f"Instructions per request under callgrind "
+                  f"({cg['title']}; (Ir at {cg['n2']} requests - Ir at "
+                  f"{cg['n1']}) / {cg['n2'] - cg['n1']}, serving thread; "
+                  "deterministic, not affected by load):", ""]
+        if cg.get("error"):
+            lines.append(f"callgrind failed: {cg['error']}")
+        else:
+            lines += [
+                "| | luaguard | reference | ratio |",
+                "|---|---:|---:|---:|",
+                f"| instructions/request | "
+                f"{cg['luaguard']['ir_main_per_req']:.0f} | "
+                f"{cg['reference']['ir_main_per_req']:.0f} | "
+                f"{cg['ratio']:.2f} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -408,6 +424,9 @@ def main():
                     help="smoke run: 1 round of 2 s, no warm-up")
     ap.add_argument("--no-hardening", action="store_true",
                     help="skip the hardening on/off comparison")
+    ap.add_argument("--callgrind", metavar="SCENARIO", default="",
+                    help="also count instructions per request of SCENARIO "
+                    "under callgrind (bench/callgrind.py, ~1 min)")
     ap.add_argument("--json", action="store_true",
                     help="print JSON on stdout instead of Markdown")
     ap.add_argument("--out", default=str(RESULTS),
@@ -530,6 +549,21 @@ def main():
         for inst in instances.values():
             inst.stop()
     res["load_after"] = os.getloadavg()[0]
+    if args.callgrind:
+        import callgrind
+        s = BY_NAME[args.callgrind]
+        cg = {"scenario": s.name, "title": s.title, "n1": 200, "n2": 1200}
+        try:
+            for label, mod in (("luaguard", module),
+                               ("reference", "reference")):
+                cg[label] = callgrind.per_request(mod, s, 200, 1200,
+                                                  workdir / "callgrind",
+                                                  label)
+            cg["ratio"] = (cg["luaguard"]["ir_main_per_req"]
+                           / cg["reference"]["ir_main_per_req"])
+        except Exception as e:        # noqa: BLE001 - reported
+            cg["error"] = str(e)[:500]
+        res["callgrind"] = cg
 
     md = markdown(res)
     out = Path(args.out)
