@@ -7,7 +7,8 @@ leaves the cost of one request, for luaguard and for the reference
 lua-nginx-module, and their ratio.
 
     bench/callgrind.py --module build/ngx_http_luaguard_module.so \
-        --scenario hello [--n1 200 --n2 1200] [--json]
+        --scenarios hello,shdict|all [--n1 200 --n2 1200] [--hardening-off]
+        [--out bench/results] [--json]
 
 Instructions are counted per thread (--separate-threads=yes): "main" is
 the nginx thread that serves requests; "all" adds luaguard's budget
@@ -16,6 +17,7 @@ with requests.
 """
 
 import argparse
+import datetime
 import http.client
 import json
 import re
@@ -72,8 +74,12 @@ def measure(module, s, n, workdir, label, extra_http=""):
         for i in range(n):
             status, body = common.request(port, s, conn=conn)
             if status != 200 or not body.startswith(s.expect):
-                raise RuntimeError(f"{label}: request {i}: {status} "
-                                   f"{body[:200]!r}")
+                time.sleep(0.5)
+                errlog = (prefix / "logs" / "error.log").read_text(
+                    errors="replace")
+                m = common.PENDING.search(errlog)
+                raise RuntimeError(m.group(0) if m else
+                                   f"request {i}: {status} {body[:100]!r}")
         conn.close()
         elapsed = time.monotonic() - t0
     finally:
@@ -105,51 +111,110 @@ def per_request(module, s, n1, n2, workdir, label, extra_http=""):
     return r
 
 
+def scenario_row(module, s, n1, n2, workdir, off):
+    row = {"name": s.name, "title": s.title, "n1": n1, "n2": n2}
+    runs = [("luaguard", module, ""), ("reference", "reference", "")]
+    if off is not None:
+        runs.append(("luaguard_off", module,
+                     "\n".join("    " + d for d in off)))
+    for label, mod, http in runs:
+        try:
+            row[label] = per_request(mod, s, n1, n2, workdir / s.name,
+                                     label, http)
+        except RuntimeError as e:
+            # A scenario whose API luaguard has not built yet answers 500:
+            # report it, do not stop the other scenarios.
+            row["error"] = str(e).splitlines()[0][:200]
+            if label != "luaguard":
+                row["error"] = f"{label}: {row['error']}"
+            log(row["error"])
+            return row
+    row["ratio"] = (row["luaguard"]["ir_main_per_req"]
+                    / row["reference"]["ir_main_per_req"])
+    if off is not None:
+        row["ratio_on_off"] = (row["luaguard"]["ir_main_per_req"]
+                               / row["luaguard_off"]["ir_main_per_req"])
+    return row
+
+
+def markdown(res):
+    off = res.get("hardening_off") is not None
+    lines = [
+        f"Instructions per request under callgrind, {res['date']}: "
+        f"(Ir at {res['n2']} requests - Ir at {res['n1']}) / "
+        f"{res['n2'] - res['n1']}, nginx's serving thread (luaguard's "
+        "watchdog thread excluded), requests sent one at a time on one "
+        "keep-alive connection. Deterministic: machine load does not "
+        "change it. Ratio = luaguard/reference (lower is better for "
+        "luaguard).", ""]
+    head = "| scenario | luaguard | reference | ratio |"
+    sep = "|---|---:|---:|---:|"
+    tail_head, tail_sep = " notes |", "---|"
+    if off:
+        lines.insert(1, "Hardening off = " + " ".join(
+            f"`{d}`" for d in res["hardening_off"]) + ".")
+        head += " luaguard, hardening off | on/off |"
+        sep += "---:|---:|"
+    lines += [head + tail_head, sep + tail_sep]
+    for row in res["scenarios"]:
+        if row.get("error"):
+            lines.append(f"| {row['title']} | - | - | - |"
+                         + (" - | - |" if off else "")
+                         + f" not available: {row['error']} |")
+            continue
+        line = (f"| {row['title']} | {row['luaguard']['ir_main_per_req']:.0f}"
+                f" | {row['reference']['ir_main_per_req']:.0f} | "
+                f"{row['ratio']:.2f} |")
+        if off:
+            line += (f" {row['luaguard_off']['ir_main_per_req']:.0f} | "
+                     f"{row['ratio_on_off']:.2f} |")
+        lines.append(line + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--module", default=str(common.REPO / "build" /
                                             "ngx_http_luaguard_module.so"))
-    ap.add_argument("--scenario", default="hello",
-                    help="one of " + ",".join(BY_NAME))
+    ap.add_argument("--scenario", "--scenarios", dest="scenarios",
+                    default="hello",
+                    help="comma-separated, or all: " + ",".join(BY_NAME))
     ap.add_argument("--n1", type=int, default=200)
     ap.add_argument("--n2", type=int, default=1200)
     ap.add_argument("--hardening-off", action="store_true",
-                    help="also measure luaguard with its budgets off")
+                    help="also measure luaguard with its hardening off")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", default="",
+                    help="directory to write callgrind.md and "
+                    "callgrind.json to (e.g. bench/results)")
     args = ap.parse_args()
-    s = BY_NAME[args.scenario]
+    names = (list(BY_NAME) if args.scenarios == "all"
+             else [n.strip() for n in args.scenarios.split(",") if n.strip()])
+    bad = [n for n in names if n not in BY_NAME]
+    if bad:
+        log(f"unknown scenarios {bad}; known: {list(BY_NAME)}")
+        return 2
     module = str(Path(args.module).resolve())
     workdir = Path(tempfile.mkdtemp(prefix="luaguard-callgrind-"))
-    res = {"scenario": s.name, "n1": args.n1, "n2": args.n2}
-    res["luaguard"] = per_request(module, s, args.n1, args.n2, workdir,
-                                  "luaguard")
-    res["reference"] = per_request("reference", s, args.n1, args.n2,
-                                   workdir, "reference")
+    off = None
     if args.hardening_off:
         off = common.accepted_hardening_off(module, workdir / "probe")
-        res["luaguard_off"] = per_request(
-            module, s, args.n1, args.n2, workdir, "luaguard-off",
-            "\n".join("    " + d for d in off))
-        res["luaguard_off"]["directives"] = off
-    for k in ("ir_main_per_req", "ir_all_per_req"):
-        res["ratio_" + k] = res["luaguard"][k] / res["reference"][k]
-    if args.json:
-        print(json.dumps(res, indent=1))
-    else:
-        print(f"| {s.title} | luaguard | reference | ratio |")
-        print("|---|---:|---:|---:|")
-        print(f"| instructions/request (serving thread) | "
-              f"{res['luaguard']['ir_main_per_req']:.0f} | "
-              f"{res['reference']['ir_main_per_req']:.0f} | "
-              f"{res['ratio_ir_main_per_req']:.2f} |")
-        print(f"| instructions/request (all threads) | "
-              f"{res['luaguard']['ir_all_per_req']:.0f} | "
-              f"{res['reference']['ir_all_per_req']:.0f} | "
-              f"{res['ratio_ir_all_per_req']:.2f} |")
-        if args.hardening_off:
-            print(f"| luaguard, budgets off (serving thread) | "
-                  f"{res['luaguard_off']['ir_main_per_req']:.0f} | | |")
+    res = {"date": datetime.datetime.now().astimezone().isoformat(
+               timespec="seconds"),
+           "module": module, "n1": args.n1, "n2": args.n2,
+           "hardening_off": off, "scenarios": []}
+    for n in names:
+        log(f"== {n}")
+        res["scenarios"].append(scenario_row(module, BY_NAME[n], args.n1,
+                                             args.n2, workdir, off))
+    md = markdown(res)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "callgrind.md").write_text(md)
+        (out / "callgrind.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1) if args.json else md)
     log(f"callgrind files in {workdir}")
     return 0
 

@@ -393,6 +393,9 @@ def markdown(res):
 
 def update_readme(md_path=RESULTS / "latest.md", readme=README):
     body = Path(md_path).read_text().strip()
+    cg = Path(md_path).with_name("callgrind.md")
+    if cg.exists():
+        body += "\n\n" + cg.read_text().strip()
     text = readme.read_text()
     block = f"{MARK_START}\n{body}\n{MARK_END}"
     if MARK_START in text and MARK_END in text:
