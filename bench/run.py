@@ -267,6 +267,24 @@ def compare(a, b, s, args, workdir, names):
     return {k: summarize(v) for k, v in runs.items()}
 
 
+def paired_ratio(runs_a, runs_b, key):
+    """Median over rounds of a's value / b's value in the same round: the
+    two ran back to back, so a load burst on the shared machine hits the
+    pair, not just one side (more robust than a ratio of medians)."""
+    rs = [a[key] / b[key] for a, b in zip(runs_a, runs_b)
+          if a.get(key) and b.get(key)]
+    return statistics.median(rs) if rs else None
+
+
+def add_ratios(row, a, b):
+    sa, sb = row[a], row[b]
+    row["rps_ratio_of_medians"] = ratio(sa["rps_median"], sb["rps_median"])
+    row["cpu_ratio_of_medians"] = ratio(sa["cpu_us_per_req_median"],
+                                        sb["cpu_us_per_req_median"])
+    row["rps_ratio"] = paired_ratio(sa["runs"], sb["runs"], "rps")
+    row["cpu_ratio"] = paired_ratio(sa["runs"], sb["runs"], "cpu_us_per_req")
+
+
 def ratio(x, y):
     if x is None or y is None or y == 0:
         return None
@@ -319,8 +337,12 @@ def markdown(res):
         "",
         "luaguard vs lua-nginx-module 0.10.23 (Debian, with lua-resty-core); "
         "one worker on core 0, wrk on core 1. Medians. "
-        "CPU = worker utime+stime per request. Ratios are ours/reference "
-        "(req/s: higher is better for luaguard; CPU: lower is better).",
+        "CPU = worker utime+stime per request. Ratios are ours/reference, "
+        "the median over rounds of the ratio within a round (the two runs "
+        "of a round are back to back); req/s: higher is better for "
+        "luaguard; CPU: lower is better. On a busy machine req/s swings "
+        "with the CPU time nginx gets; CPU per request is the steadier "
+        "figure.",
         "",
         "| scenario | luaguard req/s | reference req/s | req/s ratio | "
         "luaguard CPU us/req | reference CPU us/req | CPU ratio | notes |",
@@ -347,7 +369,7 @@ def markdown(res):
             "",
             "luaguard's hardening on (defaults) versus off ("
             + " ".join(f"`{d}`" for d in h["directives"]) + "). "
-            "Ratios are on/off.",
+            "Ratios are on/off (median of per-round ratios).",
             "",
             "| scenario | on req/s | off req/s | req/s ratio | on CPU us/req "
             "| off CPU us/req | CPU ratio | notes |",
@@ -509,11 +531,7 @@ def main():
             sums = compare(lg, ref, s, args, workdir,
                            ("luaguard", "reference"))
             row.update(sums)
-            row["rps_ratio"] = ratio(sums["luaguard"]["rps_median"],
-                                     sums["reference"]["rps_median"])
-            row["cpu_ratio"] = ratio(
-                sums["luaguard"]["cpu_us_per_req_median"],
-                sums["reference"]["cpu_us_per_req_median"])
+            add_ratios(row, "luaguard", "reference")
             log(f"  median: luaguard {sums['luaguard']['rps_median']:.0f} "
                 f"vs reference {sums['reference']['rps_median']:.0f} req/s "
                 f"(ratio {fmt(row['rps_ratio'], '.2f')}), CPU ratio "
@@ -542,11 +560,7 @@ def main():
                     row["status"] = "ok"
                     sums = compare(lg, lgo, s, args, workdir, ("on", "off"))
                     row.update(sums)
-                    row["rps_ratio"] = ratio(sums["on"]["rps_median"],
-                                             sums["off"]["rps_median"])
-                    row["cpu_ratio"] = ratio(
-                        sums["on"]["cpu_us_per_req_median"],
-                        sums["off"]["cpu_us_per_req_median"])
+                    add_ratios(row, "on", "off")
                     h["scenarios"].append(row)
     finally:
         for inst in instances.values():
