@@ -1,0 +1,360 @@
+"""Scenarios and nginx configurations shared by bench/run.py and
+bench/callgrind.py.
+
+Every scenario is one location in one configuration; the configuration of
+luaguard and of the reference (Debian's lua-nginx-module) differ only in
+their load_module lines (and the ports, since both run at once), so the two
+modules serve byte-for-byte the same Lua. Traffic goes to 127.0.0.1 only.
+"""
+
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+NGINX = "/usr/sbin/nginx"
+REFERENCE_MODULES = [
+    "/usr/lib/nginx/modules/ndk_http_module.so",
+    "/usr/lib/nginx/modules/ngx_http_lua_module.so",
+]
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+
+# What luaguard logs for an API another branch has not built yet.
+PENDING = re.compile(
+    r"((?:ngx|require)[\w.\"' ()]*?) is not implemented in luaguard yet")
+
+POST_BODY = "b" * 1024
+
+
+class Scenario:
+    def __init__(self, name, title, location, path, expect, *,
+                 method="GET", headers=None, body=None, api=""):
+        self.name = name
+        self.title = title
+        self.location = location      # nginx location block(s)
+        self.path = path              # what the client requests
+        self.expect = expect          # expected body prefix (bytes)
+        self.method = method
+        self.headers = headers or {}
+        self.body = body
+        self.api = api                # what it exercises, for the table
+
+
+SCENARIOS = [
+    Scenario(
+        "ceiling", "return 200 (no Lua)", """
+        location = /ceiling {
+            return 200 "ok\\n";
+        }""", "/ceiling", b"ok\n", api="nginx alone"),
+    Scenario(
+        "hello", "hello world", """
+        location = /hello {
+            content_by_lua_block {
+                ngx.say("hello world")
+            }
+        }""", "/hello", b"hello world\n", api="ngx.say"),
+    Scenario(
+        "var_header", "ngx.var + ngx.header", """
+        location = /var {
+            content_by_lua_block {
+                local uri = ngx.var.uri
+                local a = ngx.var.arg_a
+                local host = ngx.var.host
+                ngx.header["X-Bench"] = "1"
+                ngx.header.cache_control = "no-store"
+                ngx.header.content_type = "text/plain"
+                ngx.say("var ", uri, " ", a, " ", host)
+            }
+        }""", "/var?a=42", b"var /var 42 ", api="ngx.var, ngx.header"),
+    Scenario(
+        "req_headers_args", "get_headers + get_uri_args", """
+        location = /reqinfo {
+            content_by_lua_block {
+                local h = ngx.req.get_headers()
+                local args = ngx.req.get_uri_args()
+                local n = 0
+                for _ in pairs(h) do n = n + 1 end
+                ngx.say("req ", args.a, " ", args.b, " ", h["x-bench"], " ",
+                        n > 0)
+            }
+        }""", "/reqinfo?a=1&b=two&c=3&d=4", b"req 1 two yes true",
+        headers={"X-Bench": "yes", "Accept": "*/*",
+                 "User-Agent": "luaguard-bench"},
+        api="ngx.req.get_headers, ngx.req.get_uri_args"),
+    Scenario(
+        "shdict", "shared dict set/incr", """
+        location = /shdict {
+            content_by_lua_block {
+                local d = ngx.shared.bench
+                local n = d:incr("hits", 1, 0)
+                d:set("k" .. (n % 128), n)
+                local v = d:get("k" .. (n % 128))
+                ngx.say("shdict ", v == n)
+            }
+        }""", "/shdict", b"shdict true", api="lua_shared_dict"),
+    Scenario(
+        "regex", "ngx.re.match + gsub (jo)", """
+        location /re/ {
+            content_by_lua_block {
+                local m = ngx.re.match(ngx.var.uri, [[^/re/(\\w+)/(\\d+)$]],
+                                       "jo")
+                local s, n = ngx.re.gsub("hello world, hello bench",
+                                         [[hel+o]], "bye", "jo")
+                ngx.say("re ", m[1], " ", m[2], " ", s, " ", n)
+            }
+        }""", "/re/item/12345", b"re item 12345 bye world, bye bench 2",
+        api="ngx.re"),
+    Scenario(
+        "phases_ctx", "4 phases + ngx.ctx", """
+        location = /phases {
+            rewrite_by_lua_block {
+                ngx.ctx.n = 1
+            }
+            access_by_lua_block {
+                ngx.ctx.n = ngx.ctx.n + 1
+            }
+            content_by_lua_block {
+                ngx.ctx.n = ngx.ctx.n + 1
+                ngx.say("phases ", ngx.ctx.n)
+            }
+            log_by_lua_block {
+                local n = ngx.ctx.n + 1
+            }
+        }""", "/phases", b"phases 3", api="rewrite/access/content/log"),
+    Scenario(
+        "cpu_loop", "CPU-bound Lua loop", """
+        location = /loop {
+            content_by_lua_block {
+                local t = {}
+                for i = 1, 1000 do t[i] = i * 3 end
+                local s = 0
+                for j = 1, 50 do
+                    for i = 1, 1000 do s = (s + t[i] * j) % 1000003 end
+                end
+                local parts = {}
+                for i = 1, 50 do parts[i] = tostring(i) end
+                ngx.say("loop ", s, " ", #table.concat(parts, ","))
+            }
+        }""", "/loop", b"loop ", api="plain Lua (JIT)"),
+    Scenario(
+        "cosocket", "cosocket keepalive round trip", """
+        location = /cosocket {
+            content_by_lua_block {
+                local sock = ngx.socket.tcp()
+                sock:settimeout(2000)
+                local ok, err = sock:connect("127.0.0.1", {up_port})
+                if not ok then
+                    ngx.status = 502
+                    ngx.say("connect: ", err)
+                    return
+                end
+                sock:send("GET /pong HTTP/1.1\\r\\nHost: up\\r\\n\\r\\n")
+                local len
+                while true do
+                    local line, err = sock:receive("*l")
+                    if not line then
+                        ngx.status = 502
+                        ngx.say("receive: ", err)
+                        return
+                    end
+                    if line == "" then break end
+                    local n = line:match("^[Cc]ontent%-[Ll]ength:%s*(%d+)")
+                    if n then len = tonumber(n) end
+                end
+                local body = sock:receive(len)
+                sock:setkeepalive(10000, 16)
+                ngx.say("sock ", body)
+            }
+        }""", "/cosocket", b"sock pong", api="ngx.socket.tcp"),
+    Scenario(
+        "capture", "ngx.location.capture", """
+        location = /capture {
+            content_by_lua_block {
+                local res = ngx.location.capture("/sub")
+                ngx.say("cap ", res.status, " ", res.body)
+            }
+        }
+        location = /sub {
+            internal;
+            return 200 "sub";
+        }""", "/capture", b"cap 200 sub", api="ngx.location.capture"),
+    Scenario(
+        "timer", "ngx.timer.at(0) per request", """
+        location = /timer {
+            content_by_lua_block {
+                local ok, err = ngx.timer.at(0, function(premature, n)
+                    local x = n + 1
+                end, 1)
+                ngx.say("timer ", ok and "ok" or err)
+            }
+        }""", "/timer", b"timer ok", api="ngx.timer.at"),
+    Scenario(
+        "body", "read_body + get_body_data (1 KiB POST)", """
+        location = /body {
+            client_body_buffer_size 16k;
+            content_by_lua_block {
+                ngx.req.read_body()
+                local data = ngx.req.get_body_data()
+                ngx.say("body ", data and #data)
+            }
+        }""", "/body", b"body 1024", method="POST", body=POST_BODY,
+        headers={"Content-Type": "application/octet-stream"},
+        api="ngx.req.read_body, ngx.req.get_body_data"),
+]
+
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+# Scenarios also run with luaguard's hardening on versus off.
+HARDENING_SCENARIOS = ["hello", "var_header", "shdict", "phases_ctx",
+                       "cpu_loop"]
+
+# Directives that turn luaguard's hardening off, in the order tried; only
+# those the module under test accepts are used (and reported).
+HARDENING_OFF = [
+    "lua_budget_slice off;",
+    "lua_budget_request off;",
+    "lua_budget_memory off;",
+    "lua_budget_timer_slice off;",
+    "lua_budget_timer off;",
+    "lua_sandbox off;",
+]
+
+TEMPLATE = """\
+{load}
+worker_processes 1;
+{main}
+error_log {prefix}/logs/error.log warn;
+pid {prefix}/nginx.pid;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    default_type text/plain;
+    keepalive_requests 10000000;
+    keepalive_timeout 60s;
+    lua_shared_dict bench 16m;
+{http}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+{locations}
+    }}
+    # The cosocket scenario's upstream: same worker, its own port.
+    server {{
+        listen 127.0.0.1:{up_port};
+        server_name up;
+        location / {{
+            return 200 "pong";
+        }}
+    }}
+}}
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_lines(module):
+    """module: path of luaguard's .so, or "reference"."""
+    if module == "reference":
+        return "\n".join(f"load_module {m};" for m in REFERENCE_MODULES)
+    return f"load_module {module};"
+
+
+def render(module, prefix, port, up_port, scenarios, *, main="", http=""):
+    locs = "\n".join(s.location for s in scenarios)
+    locs = locs.replace("{up_port}", str(up_port))
+    return TEMPLATE.format(load=load_lines(module), main=main, http=http,
+                           prefix=prefix, port=port, up_port=up_port,
+                           locations=locs)
+
+
+def make_prefix(prefix):
+    prefix = Path(prefix)
+    for d in ("logs", "conf", "tmp"):
+        (prefix / d).mkdir(parents=True, exist_ok=True)
+    return prefix
+
+
+def nginx_test(module, prefix, http=""):
+    """`nginx -t` of a minimal configuration: does the module accept the
+    directives in `http`?"""
+    prefix = make_prefix(prefix)
+    conf = prefix / "conf" / "probe.conf"
+    conf.write_text(render(module, prefix, free_port(), free_port(), [],
+                           http=http))
+    r = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(conf)],
+                       capture_output=True, text=True)
+    return r.returncode == 0, r.stderr
+
+
+def accepted_hardening_off(module, workdir):
+    ok = []
+    for i, d in enumerate(HARDENING_OFF):
+        good, _ = nginx_test(module, Path(workdir) / f"probe{i}", http=d)
+        if good:
+            ok.append(d)
+    return ok
+
+
+def wait_port(port, timeout, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def request(port, s, timeout=10, conn=None):
+    """One request of scenario s; returns (status, body bytes)."""
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    hdrs = dict(s.headers)
+    conn.request(s.method, s.path, body=s.body, headers=hdrs)
+    r = conn.getresponse()
+    body = r.read()
+    if own:
+        conn.close()
+    return r.status, body
+
+
+def stop_process(proc, sig=signal.SIGQUIT, timeout=30, resend_every=5):
+    """Stops nginx with `sig`, sending it again while it has not exited
+    (under valgrind the first signal is sometimes not acted on), then
+    SIGKILL as a last resort. Returns how it ended."""
+    if proc.poll() is not None:
+        return "exited"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(resend_every)
+            return "signal"
+        except subprocess.TimeoutExpired:
+            continue
+    proc.kill()
+    proc.wait()
+    return "killed"
