@@ -106,28 +106,23 @@ ngx_table_elt_t **specialSlot(ngx_http_request_t *r, const std::string &name)
     return nullptr;
 }
 
+// A live header of that name (case-insensitive).
+bool isHeader(const ngx_table_elt_t &h, const std::string &name)
+{
+    return h.hash != 0 && h.key.len == name.size()
+           && ngx_strncasecmp(h.key.data,
+                              reinterpret_cast<u_char *>(
+                                  const_cast<char *>(name.data())),
+                              name.size()) == 0;
+}
+
 void clearHeader(ngx_http_request_t *r, const std::string &name)
 {
-    ngx_list_part_t *part = &r->headers_out.headers.part;
-    auto *h = static_cast<ngx_table_elt_t *>(part->elts);
-    for (ngx_uint_t i = 0;; i++) {
-        if (i >= part->nelts) {
-            if (part->next == nullptr) {
-                break;
-            }
-            part = part->next;
-            h = static_cast<ngx_table_elt_t *>(part->elts);
-            i = 0;
+    glue::forEachHeader(&r->headers_out.headers, [&](ngx_table_elt_t &h) {
+        if (isHeader(h, name)) {
+            h.hash = 0;
         }
-        if (h[i].hash != 0 && h[i].key.len == name.size()
-            && ngx_strncasecmp(h[i].key.data,
-                               reinterpret_cast<u_char *>(
-                                   const_cast<char *>(name.data())),
-                               name.size()) == 0)
-        {
-            h[i].hash = 0;
-        }
-    }
+    });
     if (ngx_table_elt_t **slot = specialSlot(r, name)) {
         *slot = nullptr;
     }
@@ -198,25 +193,11 @@ int headerIndex(lua_State *L)
     }
 
     std::vector<ngx_str_t *> found;
-    ngx_list_part_t *part = &r->headers_out.headers.part;
-    auto *h = static_cast<ngx_table_elt_t *>(part->elts);
-    for (ngx_uint_t i = 0;; i++) {
-        if (i >= part->nelts) {
-            if (part->next == nullptr) {
-                break;
-            }
-            part = part->next;
-            h = static_cast<ngx_table_elt_t *>(part->elts);
-            i = 0;
+    glue::forEachHeader(&r->headers_out.headers, [&](ngx_table_elt_t &h) {
+        if (isHeader(h, name)) {
+            found.push_back(&h.value);
         }
-        if (h[i].hash != 0 && h[i].key.len == name.size()
-            && ngx_strncasecmp(h[i].key.data,
-                               reinterpret_cast<u_char *>(name.data()),
-                               name.size()) == 0)
-        {
-            found.push_back(&h[i].value);
-        }
-    }
+    });
     if (found.empty()) {
         lua_pushnil(L);
     } else if (found.size() == 1) {

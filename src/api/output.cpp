@@ -499,26 +499,16 @@ int ngxRedirect(lua_State *L)
     // Any earlier Location goes. The new one stays in the plain header
     // list, not in headers_out.location: nginx would make a relative value
     // absolute there, and lua-nginx-module sends it as given.
-    ngx_list_part_t *part = &r->headers_out.headers.part;
-    auto *elts = static_cast<ngx_table_elt_t *>(part->elts);
-    for (ngx_uint_t i = 0;; i++) {
-        if (i >= part->nelts) {
-            if (part->next == nullptr) {
-                break;
-            }
-            part = part->next;
-            elts = static_cast<ngx_table_elt_t *>(part->elts);
-            i = 0;
-        }
-        if (elts[i].key.len == sizeof("location") - 1
-            && ngx_strncasecmp(elts[i].key.data,
+    glue::forEachHeader(&r->headers_out.headers, [](ngx_table_elt_t &h) {
+        if (h.key.len == sizeof("location") - 1
+            && ngx_strncasecmp(h.key.data,
                                reinterpret_cast<u_char *>(
                                    const_cast<char *>("location")),
                                sizeof("location") - 1) == 0)
         {
-            elts[i].hash = 0;
+            h.hash = 0;
         }
-    }
+    });
     r->headers_out.location = nullptr;
 
     auto *h = static_cast<ngx_table_elt_t *>(

@@ -49,18 +49,11 @@ bool copyToPool(ngx_pool_t *pool, const std::string &s, ngx_str_t *out)
     return true;
 }
 
-// Calls f(elt) for every element of an ngx_list_t of ngx_table_elt_t.
+// Calls f(elt) for every header of the list until f returns false.
 template <typename F>
 void eachHeader(ngx_list_t *list, F f)
 {
-    for (ngx_list_part_t *part = &list->part; part; part = part->next) {
-        auto *h = static_cast<ngx_table_elt_t *>(part->elts);
-        for (ngx_uint_t i = 0; i < part->nelts; i++) {
-            if (!f(&h[i])) {
-                return;
-            }
-        }
-    }
+    glue::forEachHeader(list, [&](ngx_table_elt_t &h) { return f(&h); });
 }
 
 bool keyIs(const ngx_table_elt_t *h, const char *name, size_t len)

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 
 #include "ngx/module.hpp"
 
@@ -101,5 +102,26 @@ ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size);
 // bytes escaped.
 void logFromLua(lua_State *L, ngx_uint_t level, const char *msg, size_t len,
                 int stack_level);
+
+// Calls f(ngx_table_elt_t &) for every element of an nginx list of
+// headers (r->headers_in.headers, r->headers_out.headers), removed ones
+// (hash 0) included: callers decide. An f returning bool stops the walk by
+// returning false.
+template <typename F>
+void forEachHeader(ngx_list_t *list, F &&f)
+{
+    for (ngx_list_part_t *part = &list->part; part; part = part->next) {
+        auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+        for (ngx_uint_t i = 0; i < part->nelts; i++) {
+            if constexpr (std::is_same_v<decltype(f(h[i])), bool>) {
+                if (!f(h[i])) {
+                    return;
+                }
+            } else {
+                f(h[i]);
+            }
+        }
+    }
+}
 
 }  // namespace luaguard::glue

@@ -700,11 +700,14 @@ ngx_int_t serverRewriteHandler(ngx_http_request_t *r)
     return runPhase(r, Phase::ServerRewrite, scf->server_rewrite);
 }
 
-ngx_int_t rewriteHandler(ngx_http_request_t *r)
+// rewrite_by_lua and access_by_lua: the location's handler, after the
+// body when lua_need_request_body asks for it.
+ngx_int_t locationPhase(ngx_http_request_t *r, Phase phase,
+                        Handler *LocConf::*field)
 {
     auto *llcf = static_cast<LocConf *>(
         ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
-    if (llcf->rewrite == nullptr) {
+    if (llcf->*field == nullptr) {
         return NGX_DECLINED;
     }
     RequestCtx *ctx = ensureCtx(r);
@@ -715,25 +718,17 @@ ngx_int_t rewriteHandler(ngx_http_request_t *r)
     if (rc != NGX_DECLINED) {
         return rc;
     }
-    return runPhase(r, Phase::Rewrite, llcf->rewrite);
+    return runPhase(r, phase, llcf->*field);
+}
+
+ngx_int_t rewriteHandler(ngx_http_request_t *r)
+{
+    return locationPhase(r, Phase::Rewrite, &LocConf::rewrite);
 }
 
 ngx_int_t accessHandler(ngx_http_request_t *r)
 {
-    auto *llcf = static_cast<LocConf *>(
-        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
-    if (llcf->access == nullptr) {
-        return NGX_DECLINED;
-    }
-    RequestCtx *ctx = ensureCtx(r);
-    if (ctx == nullptr) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-    ngx_int_t rc = needBody(r, ctx, false);
-    if (rc != NGX_DECLINED) {
-        return rc;
-    }
-    return runPhase(r, Phase::Access, llcf->access);
+    return locationPhase(r, Phase::Access, &LocConf::access);
 }
 
 ngx_int_t contentHandler(ngx_http_request_t *r)
