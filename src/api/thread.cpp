@@ -104,10 +104,7 @@ int wait(lua_State *L)
             lua_pushboolean(L, !t->failed);
             lua_xmove(t->co, L, nres);
             t->reaped = true;
-            if (t->ref != LUA_NOREF) {
-                luaL_unref(ctx->vm->L(), LUA_REGISTRYINDEX, t->ref);
-                t->ref = LUA_NOREF;
-            }
+            threads::release(t);
             return nres + 1;
         }
     }

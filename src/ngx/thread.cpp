@@ -3,6 +3,7 @@
 #include "ngx/thread.hpp"
 
 #include <string>
+#include <tuple>
 
 #include "ngx/glue.hpp"
 #include "ngx/subrequest.hpp"
@@ -89,13 +90,6 @@ void wakeHandler(ngx_event_t *ev)
     glue::resume(t, n);
 }
 
-void release(LuaThread *t)
-{
-    if (t->ref != LUA_NOREF) {
-        luaL_unref(t->ctx->vm->L(), LUA_REGISTRYINDEX, t->ref);
-        t->ref = LUA_NOREF;
-    }
-}
 
 void stopWaiting(LuaThread *w)
 {
@@ -114,6 +108,9 @@ bool finish(LuaThread *t, int rc)
     RequestCtx *ctx = t->ctx;
     lua_State *co = t->co;
     t->dead = true;
+    // Only a coroutine whose function returned is reset and reused; one
+    // left suspended (ngx.exit, killed) or in error is not.
+    t->returned = rc == 0;
 
     if (rc != 0 && rc != LUA_YIELD) {
         t->failed = true;
@@ -161,6 +158,20 @@ bool finish(LuaThread *t, int rc)
 
 }  // namespace
 
+void release(LuaThread *t)
+{
+    if (t->ref == LUA_NOREF) {
+        return;
+    }
+    if (t->returned && !t->running) {
+        // Ended normally: its coroutine serves the next thread.
+        t->ctx->vm->giveThread(t->co, t->ref);
+    } else {
+        luaL_unref(t->ctx->vm->L(), LUA_REGISTRYINDEX, t->ref);
+    }
+    t->ref = LUA_NOREF;
+}
+
 LuaThread *current()
 {
     return g_run ? g_run->thread : nullptr;
@@ -173,10 +184,8 @@ LuaThread *create(RequestCtx *ctx, LuaThread *parent)
     if (t == nullptr) {
         return nullptr;
     }
-    lua_State *L = ctx->vm->L();
     t->ctx = ctx;
-    t->co = lua_newthread(L);
-    t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    std::tie(t->co, t->ref) = ctx->vm->takeThread();
     t->parent = parent;
     t->entry = parent == nullptr;
     t->wake.handler = wakeHandler;

@@ -23,6 +23,7 @@ struct LuaThread {
     bool         failed;         // died with an error (results: false, err)
     bool         reaped;         // results taken by wait(), or killed
     bool         running;        // inside lua_resume: must not be freed
+    bool         returned;       // its function returned: reusable
     ngx_event_t  wake;           // ngx.sleep, coroutine.yield, posts
     int          wake_nargs;     // values pushed on co for the wake-up
     void       (*cancel)(LuaThread *t);  // undoes a pending I/O wait
@@ -54,6 +55,10 @@ void killAll(RequestCtx *ctx, LuaThread *except);
 // user thread is left, or a thread ended the request (ngx.exit & co), or
 // the entry thread failed.
 bool phaseDone(RequestCtx *ctx);
+
+// Drops the thread's anchor on its coroutine (which goes back to the VM's
+// cache when it ended normally).
+void release(LuaThread *t);
 
 // Kills what is left of the phase's threads and releases them all.
 void endPhase(RequestCtx *ctx);

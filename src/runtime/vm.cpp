@@ -66,6 +66,31 @@ bool Vm::open(std::string *err)
     return true;
 }
 
+std::pair<lua_State *, int> Vm::takeThread()
+{
+    if (!thread_cache_.empty()) {
+        auto t = thread_cache_.back();
+        thread_cache_.pop_back();
+        return t;
+    }
+    lua_State *co = lua_newthread(L_);
+    int ref = luaL_ref(L_, LUA_REGISTRYINDEX);
+    return {co, ref};
+}
+
+void Vm::giveThread(lua_State *co, int ref)
+{
+    // As many as a busy worker runs at once is plenty; beyond that the
+    // collector takes them.
+    constexpr size_t kMaxCached = 256;
+    if (thread_cache_.size() >= kMaxCached) {
+        luaL_unref(L_, LUA_REGISTRYINDEX, ref);
+        return;
+    }
+    lua_resetthread(L_, co);
+    thread_cache_.emplace_back(co, ref);
+}
+
 Vm::~Vm()
 {
     if (L_) {

@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "runtime/lua.hpp"
 
@@ -25,6 +27,7 @@ struct MemoryAccount {
     // Told of each refusal; true when the request limit (not the ceiling)
     // refused. Budgets use it to end the run that asked.
     void   (*on_refuse)(bool request_limit) = nullptr;
+
 };
 
 class Vm {
@@ -45,12 +48,21 @@ class Vm {
     // (compiled *_by_lua_file chunks, per worker).
     int fileCacheRef() const { return file_cache_ref_; }
 
+    // Coroutines for Lua threads, reused: creating one per request phase
+    // is a good part of a small handler's cost. take() pushes nothing; it
+    // returns a thread and its registry anchor.
+    std::pair<lua_State *, int> takeThread();
+    // Gives back a thread that finished normally (reset for reuse), or
+    // drops its anchor when the cache is full.
+    void giveThread(lua_State *co, int ref);
+
  private:
     static void *allocate(void *ud, void *ptr, size_t osize, size_t nsize);
 
     lua_State *L_ = nullptr;
     MemoryAccount memory_;
     int file_cache_ref_ = LUA_NOREF;
+    std::vector<std::pair<lua_State *, int>> thread_cache_;
 };
 
 }  // namespace luaguard
