@@ -31,6 +31,7 @@ void openThread(lua_State *L);
 void openTimer(lua_State *L);
 void openSemaphore(lua_State *L);
 void openProcess(lua_State *L);
+void openWorkerPids(lua_State *L);
 
 // At worker exit: runs pending timer callbacks with premature = true.
 void firePendingTimers();

@@ -22,6 +22,11 @@ void pushFilterData(lua_State *L, RequestCtx *ctx);
 bool filterEof(RequestCtx *ctx);
 bool replaceFilterData(RequestCtx *ctx, const char *data, size_t len);
 
+// ngx.worker.pids: the shared zone (postconfiguration) and each worker's
+// entry in it (init_process).
+ngx_int_t addWorkersZone(ngx_conf_t *cf);
+void registerWorker();
+
 // init_by_lua, init_worker_by_lua, exit_worker_by_lua: no request, run to
 // completion on the main state.
 ngx_int_t runWorkerCode(MainConf *mcf, Handler *h, Phase phase,

@@ -1183,6 +1183,9 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
+    if (glue::addWorkersZone(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
     glue::installFilters(mcf->need_header_filter, mcf->need_body_filter);
 
     lua_State *L = mcf->vm->L();
@@ -1241,6 +1244,7 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
         return NGX_OK;
     }
     g_mcf = mcf;
+    glue::registerWorker();
     if (!budget::Guard::instance().start(mcf->vm->L(), &mcf->vm->memory(),
                                          mcf->watchdog_grace, onStuck))
     {

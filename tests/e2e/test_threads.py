@@ -360,3 +360,26 @@ def test_client_abort_kills_sleeping_threads(nginx):
             pass
     time.sleep(0.4)
     assert n.get("/ok").text == "ok\n"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_pids(nginx, workers):
+    n = nginx(workers=workers, server="""
+        location /pids { content_by_lua_block {
+            local pids = ngx.worker.pids()
+            table.sort(pids)
+            ngx.say(table.concat(pids, " "))
+            ngx.say(ngx.worker.pid())
+        } }
+    """)
+    expected = sorted(n.worker_pids())
+    seen = set()
+    for _ in range(20):
+        lines = n.get("/pids").text.splitlines()
+        assert sorted(int(p) for p in lines[0].split()) == expected
+        seen.add(int(lines[1]))
+    assert seen <= set(expected)
+    # After a reload the new workers take over the slots.
+    n.reload()
+    lines = n.get("/pids").text.splitlines()
+    assert sorted(int(p) for p in lines[0].split()) == sorted(n.worker_pids())
