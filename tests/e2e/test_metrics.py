@@ -459,3 +459,16 @@ def test_lua_metrics_is_a_location_directive(nginx_conf):
     n = nginx_conf(http="lua_metrics;")
     ok, out = n.test_config()
     assert not ok and '"lua_metrics" directive is not allowed here' in out
+
+
+def test_dashboard_and_example_use_served_names(srv):
+    import json
+    from harness import REPO
+    dash = json.loads((REPO / "examples" / "grafana-dashboard.json")
+                      .read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"]
+                     for t in p["targets"])
+    used = set(re.findall(r"luaguard_[a-z_]+", exprs))
+    served = {name for name, _ in scrape(srv)}
+    assert used and used <= served, used - served
+    assert "lua_metrics;" in (REPO / "examples" / "nginx.conf").read_text()
