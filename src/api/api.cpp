@@ -33,6 +33,7 @@ bool open(lua_State *L, std::string *err)
     openLocation(L);
     openSocketTcp(L);
     openSocketUdp(L);
+    openMetrics(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

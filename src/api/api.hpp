@@ -35,6 +35,16 @@ void openWorkerPids(lua_State *L);
 
 // At worker exit: runs pending timer callbacks with premature = true.
 void firePendingTimers();
+
+// This worker's ngx.timer.pending_count() / running_count(), for metrics.
+ngx_uint_t timersPending();
+ngx_uint_t timersRunning();
+
+// Idle connections in this worker's cosocket pools, for metrics.
+ngx_uint_t socketPoolIdle();
+
+// package.preload["luaguard.metrics"] (api/metrics.cpp).
+void openMetrics(lua_State *L);
 void openShared(lua_State *L);
 
 // Fills ngx.shared with the configuration's lua_shared_dict zones

@@ -8,6 +8,7 @@
 #include <cctype>
 #include <cstring>
 
+#include "ngx/metrics.hpp"
 #include "security/egress.hpp"
 #include "security/log_escape.hpp"
 
@@ -185,6 +186,7 @@ bool egressCheck(RequestCtx *ctx, const char *kind, Target *t)
         ok = egressAllowed(loc, sa, t->len, &why);
     }
     if (!ok) {
+        metrics::countEgressRefusal(ctx);
         std::string name;
         appendLogEscaped(name, reinterpret_cast<char *>(t->name.data),
                          t->name.len);

@@ -26,6 +26,7 @@
 #include "api/api.hpp"
 #include "api/socket.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
 #include "security/egress.hpp"
 
@@ -502,6 +503,7 @@ int connectTarget(Tcp *s, lua_State *dst)
     if (rc == NGX_ERROR) {
         return failConnect(s, dst, s->err);
     }
+    metrics::countConnect(s->ctx);
     ngx_connection_t *c = s->pc.connection;
     c->data = s;
     c->pool = nullptr;
@@ -584,6 +586,7 @@ bool takeIdle(Tcp *s, Pool *p)
     }
     delete it;
     attach(s, c);
+    metrics::countPoolHit(s->ctx);
     return true;
 }
 
@@ -2060,6 +2063,15 @@ void openSocketTcp(lua_State *L)
     lua_call(L, 1, 1);
     lua_setfield(L, -2, "connect");
     lua_pop(L, 1);
+}
+
+ngx_uint_t socketPoolIdle()
+{
+    ngx_uint_t n = 0;
+    for (const auto &kv : g_pools) {
+        n += kv.second->nidle;
+    }
+    return n;
 }
 
 }  // namespace luaguard::api

@@ -284,6 +284,16 @@ int pendingCount(lua_State *L)
 
 }  // namespace
 
+ngx_uint_t timersPending()
+{
+    return g_pending;
+}
+
+ngx_uint_t timersRunning()
+{
+    return g_running;
+}
+
 void firePendingTimers()
 {
     // nginx drops cancelable timers when a worker exits; lua-nginx-module

@@ -10,6 +10,7 @@
 #include "api/api.hpp"
 #include "ngx/module.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/metrics.hpp"
 #include "runtime/block_scanner.hpp"
 #include "runtime/code.hpp"
 #include "runtime/package_path.hpp"
@@ -735,6 +736,8 @@ ngx_command_t commands[] = {
 
     LG_CMD("lua_shared_dict", kMain | NGX_CONF_TAKE2,
            shdict::sharedDictDirective, kMainLoc, 0, nullptr),
+    LG_CMD("lua_metrics", NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+           metrics::directive, kLocLoc, 0, nullptr),
 
     LG_CMD("init_by_lua", kMain | NGX_CONF_TAKE1, setHandler, kMainLoc,
            LG_MAIN_OFF(init), &kInit),
@@ -1116,6 +1119,7 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
     if (conf->socket_buffer_size == 0) {
         conf->socket_buffer_size = ngx_pagesize;
     }
+    metrics::mergeLoc(cf, conf);
     char *rv = mergeScriptPolicy(cf, prev, conf);
     if (rv == NGX_CONF_OK) {
         rv = mergeEgress(cf, prev, conf);
@@ -1154,6 +1158,9 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
     auto *cmcf = static_cast<ngx_http_core_main_conf_t *>(
         ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module));
 
+    if (metrics::postconfiguration(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
     if (mcf->vm == nullptr) {
         return NGX_OK;  // no Lua in this configuration
     }
@@ -1241,10 +1248,12 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
     auto *mcf = static_cast<MainConf *>(
         ngx_http_cycle_get_module_main_conf(cycle, ngx_http_luaguard_module));
     if (mcf == nullptr || mcf->vm == nullptr) {
+        metrics::initWorker(cycle);
         return NGX_OK;
     }
     g_mcf = mcf;
     glue::registerWorker();
+    metrics::initWorker(cycle);
     if (!budget::Guard::instance().start(mcf->vm->L(), &mcf->vm->memory(),
                                          mcf->watchdog_grace, onStuck))
     {

@@ -58,6 +58,7 @@ struct MainConf {
     void                      *shdict;      // shdict::Zones, or null
     ngx_int_t                  regex_cache_max_entries;
     ngx_int_t                  regex_match_limit;
+    void                      *metrics;     // metrics::Conf (ngx/metrics.*)
 };
 
 struct SrvConf {
@@ -116,6 +117,7 @@ struct LocConf {
     ngx_uint_t                 ssl_protocols;
     ngx_str_t                  ssl_ciphers;
     void                      *ssl;     // ngx_ssl_t, built on first use
+    void                      *metrics;  // metrics::Loc: counters' slot
 };
 
 // Where a phase's Lua thread is: not started, suspended on an event, or

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "ngx/glue.hpp"
+#include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/code.hpp"
 #include "runtime/vm.hpp"
@@ -22,6 +23,7 @@ void cleanupCtx(void *data)
 {
     auto *ctx = static_cast<RequestCtx *>(data);
     ctx->cleaned = true;
+    metrics::requestDone(ctx);
     // Threads still waiting (the request ended under them) must never be
     // woken: their events are cancelled and their coroutines released.
     threads::endPhase(ctx);
@@ -302,6 +304,7 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
         ok = pushHandler(t->co, ctx, h, t->co, &err);
     }
     if (!ok) {
+        metrics::countError(ctx);
         logEscaped(ctx->r->connection->log, err);
         ctx->entry_done = ctx->entry_failed = true;
         threads::endPhase(ctx);
@@ -646,9 +649,11 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
     int base = lua_gettop(L);
     std::string err;
     RunScope scope(ctx, phase);
+    metrics::countRun(ctx);
 
     lua_pushcfunction(L, tracebackHandler);
     if (!pushHandler(L, ctx, h, nullptr, &err)) {
+        metrics::countError(ctx);
         lua_settop(L, base);
         logEscaped(log, err);
         return NGX_ERROR;
@@ -669,6 +674,7 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
         std::string msg = nl == std::string::npos ? text : text.substr(0, nl);
         std::string tb = nl == std::string::npos ? "" : text.substr(nl + 1);
         lua_settop(L, base);
+        metrics::countError(ctx);
         std::string what = std::string("failed to run ") + phaseName(phase)
                            + "_by_lua*";
         logFailure(log, what.c_str(), msg, tb);

@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "ngx/glue.hpp"
+#include "ngx/metrics.hpp"
 #include "ngx/subrequest.hpp"
 #include "runtime/vm.hpp"
 #include "security/log_escape.hpp"
@@ -114,6 +115,7 @@ bool finish(LuaThread *t, int rc)
 
     if (rc != 0 && rc != LUA_YIELD) {
         t->failed = true;
+        metrics::countError(ctx);
         std::string msg = glue::errorText(co, -1);
         luaL_traceback(ctx->vm->L(), co, nullptr, 0);
         std::string tb = lua_tostring(ctx->vm->L(), -1)
@@ -196,6 +198,8 @@ LuaThread *create(RequestCtx *ctx, LuaThread *parent)
     ctx->threads = t;
     if (parent) {
         ctx->live_user++;
+    } else {
+        metrics::countRun(ctx);   // an entry thread: a handler or a timer
     }
     return t;
 }

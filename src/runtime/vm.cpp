@@ -15,6 +15,7 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
     if (nsize == 0) {
         std::free(ptr);
         m->in_use -= osize;
+        m->freed += osize;
         if (m->charge) {
             *m->charge -= static_cast<int64_t>(osize);
         }
@@ -44,6 +45,9 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
     }
 
     m->in_use = m->in_use - osize + nsize;
+    if (nsize < osize) {
+        m->freed += osize - nsize;
+    }
     if (m->in_use > m->peak) {
         m->peak = m->in_use;
     }

@@ -24,6 +24,7 @@ struct MemoryAccount {
     int64_t  charge_limit = 0;     // 0: no per-request limit
     bool     refused = false;      // an allocation was refused since reset
     uint64_t refusals = 0;
+    uint64_t freed = 0;            // bytes given back, for the metrics
     // Told of each refusal; true when the request limit (not the ceiling)
     // refused. Budgets use it to end the run that asked.
     void   (*on_refuse)(bool request_limit) = nullptr;

@@ -35,6 +35,16 @@ constexpr uint32_t kStrict = bit(Capability::Socket)
 CurrentPolicyFn g_policy_hook = nullptr;
 PushEnvFn g_env_hook = nullptr;
 uint64_t g_refusals[kCapabilityCount];
+RefusalHookFn g_refusal_hook = nullptr;
+
+// Every refusal is counted here: the per-worker counter and the metrics.
+void bump(Capability c)
+{
+    g_refusals[static_cast<int>(c)]++;
+    if (g_refusal_hook) {
+        g_refusal_hook(c);
+    }
+}
 
 char kBuilderKey;
 
@@ -65,7 +75,7 @@ std::string refusalText(Capability c, const Policy *p)
 
 void refuseAt(lua_State *L, int level, Capability c, const Policy *p)
 {
-    g_refusals[static_cast<int>(c)]++;
+    bump(c);
     raise(L, level, refusalText(c, p));
 }
 
@@ -306,13 +316,13 @@ void requireShared(lua_State *L, std::string_view dict, bool write)
         && std::find(p->shared_dicts.begin(), p->shared_dicts.end(), dict)
                == p->shared_dicts.end())
     {
-        g_refusals[static_cast<int>(Capability::Shared)]++;
+        bump(Capability::Shared);
         raise(L, 1, "shared dict '" + std::string(dict)
                         + "' is not allowed in this location (lua_sandbox "
                         + p->label + ")");
     }
     if (write && listed(p->shared_readonly, dict)) {
-        g_refusals[static_cast<int>(Capability::Shared)]++;
+        bump(Capability::Shared);
         raise(L, 1, "shared dict '" + std::string(dict)
                         + "' is read-only in this location (lua_sandbox "
                         + p->label + ")");
@@ -323,8 +333,13 @@ void countRefusal(Capability c)
 {
     int i = static_cast<int>(c);
     if (i >= 0 && i < kCapabilityCount) {
-        g_refusals[i]++;
+        bump(c);
     }
+}
+
+void setRefusalHook(RefusalHookFn fn)
+{
+    g_refusal_hook = fn;
 }
 
 uint64_t refusals(Capability c)

@@ -118,6 +118,11 @@ void countRefusal(Capability c);
 uint64_t refusals(Capability c);
 uint64_t totalRefusals();
 
+// Told of every refusal (the metrics of the nginx side, which knows the
+// running request's location).
+using RefusalHookFn = void (*)(Capability c);
+void setRefusalHook(RefusalHookFn fn);
+
 // ---- the VM side ----
 
 // Wraps the dynamic checks into the worker's globals and prepares the
