@@ -16,6 +16,8 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
 
 #include <cstring>
 #include <new>
@@ -124,6 +126,9 @@ struct Tcp {
     bool                 ssl_ret_session = true;
     bool                 ssl_verify = false;
     std::string          sni;
+    // setclientcert: PEM texts (checked when set), applied at handshake.
+    std::string          client_cert;
+    std::string          client_key;
 };
 
 struct Pool {
@@ -1846,6 +1851,112 @@ void cancelHandshake(LuaThread *t)
     }
 }
 
+// ---- client certificates (setclientcert) ----
+
+// OpenResty takes cdata from ngx.ssl.parse_pem_cert/parse_pem_priv_key;
+// luaguard has no ngx.ssl yet, so the PEM texts themselves are accepted
+// and parsed here. `ssl` null: only check that they parse.
+bool useClientCert(SSL *ssl, const std::string &cert, const std::string &key,
+                   std::string *err)
+{
+    BIO *bio = BIO_new_mem_buf(cert.data(), static_cast<int>(cert.size()));
+    if (bio == nullptr) {
+        *err = "no memory";
+        return false;
+    }
+    bool ok = true;
+    X509 *x = PEM_read_bio_X509_AUX(bio, nullptr, nullptr, nullptr);
+    if (x == nullptr) {
+        *err = "PEM_read_bio_X509_AUX() failed";
+        ok = false;
+    } else if (ssl && SSL_use_certificate(ssl, x) == 0) {
+        *err = "SSL_use_certificate() failed";
+        ok = false;
+    }
+    X509_free(x);
+    // The rest of the text is the chain.
+    while (ok) {
+        X509 *ca = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+        if (ca == nullptr) {
+            ERR_clear_error();   // the end of the text
+            break;
+        }
+        if (ssl && SSL_add1_chain_cert(ssl, ca) == 0) {
+            *err = "SSL_add1_chain_cert() failed";
+            ok = false;
+        }
+        X509_free(ca);
+    }
+    BIO_free(bio);
+    if (!ok) {
+        ERR_clear_error();
+        return false;
+    }
+    bio = BIO_new_mem_buf(key.data(), static_cast<int>(key.size()));
+    if (bio == nullptr) {
+        *err = "no memory";
+        return false;
+    }
+    EVP_PKEY *pk = PEM_read_bio_PrivateKey(bio, nullptr, nullptr, nullptr);
+    BIO_free(bio);
+    if (pk == nullptr) {
+        *err = "PEM_read_bio_PrivateKey() failed";
+        ok = false;
+    } else if (ssl && SSL_use_PrivateKey(ssl, pk) == 0) {
+        *err = "SSL_use_PrivateKey() failed";
+        ok = false;
+    } else if (ssl && SSL_check_private_key(ssl) == 0) {
+        *err = "SSL_check_private_key() failed";
+        ok = false;
+    }
+    EVP_PKEY_free(pk);
+    if (!ok) {
+        ERR_clear_error();
+    }
+    return ok;
+}
+
+int tcpSetClientCert(lua_State *L)
+{
+    Tcp *s = use(L);
+    if (lua_gettop(L) != 3) {
+        return luaL_error(L, "ngx.socket setclientcert: expecting 3 "
+                          "arguments (including the object), but seen %d",
+                          lua_gettop(L));
+    }
+    if (lua_isnil(L, 2) && lua_isnil(L, 3)) {
+        s->client_cert.clear();
+        s->client_key.clear();
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (lua_isnil(L, 2) || lua_isnil(L, 3)) {
+        return luaL_error(L, "client certificate must be supplied with "
+                          "corresponding private key");
+    }
+    if (lua_type(L, 2) != LUA_TSTRING) {
+        return luaL_error(L, "bad cert arg: PEM string expected, got %s "
+                          "(ngx.ssl cdata is not implemented in luaguard "
+                          "yet)", luaL_typename(L, 2));
+    }
+    if (lua_type(L, 3) != LUA_TSTRING) {
+        return luaL_error(L, "bad pkey arg: PEM string expected, got %s "
+                          "(ngx.ssl cdata is not implemented in luaguard "
+                          "yet)", luaL_typename(L, 3));
+    }
+    size_t clen, klen;
+    const char *cert = lua_tolstring(L, 2, &clen);
+    const char *key = lua_tolstring(L, 3, &klen);
+    std::string c(cert, clen), k(key, klen), err;
+    if (!useClientCert(nullptr, c, k, &err)) {
+        return pushNilErr(L, err.c_str());
+    }
+    s->client_cert.swap(c);
+    s->client_key.swap(k);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 int tcpSslHandshake(lua_State *L)
 {
     Tcp *s = use(L);
@@ -1902,6 +2013,12 @@ int tcpSslHandshake(lua_State *L)
     }
     if (reuse && ngx_ssl_set_session(c, reuse) != NGX_OK) {
         return pushNilErr(L, "failed to set ssl session");
+    }
+    if (!s->client_cert.empty()
+        && !useClientCert(c->ssl->connection, s->client_cert,
+                          s->client_key, &err))
+    {
+        return pushNilErr(L, err.c_str());
     }
     if (!s->sni.empty()) {
         SSL_set_tlsext_host_name(c->ssl->connection, s->sni.c_str());
@@ -2023,6 +2140,7 @@ void openSocketTcp(lua_State *L)
                                 {"setoption", tcpSetOption},
                                 {"bind", tcpBind},
                                 {"sslhandshake", tcpSslHandshake},
+                                {"setclientcert", tcpSetClientCert},
                                 {nullptr, nullptr}};
     setFuncs(L, methods);
     lua_setfield(L, -2, "__index");
