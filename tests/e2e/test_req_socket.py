@@ -74,11 +74,15 @@ def test_lines_content_length(nginx, module):
 @BOTH
 def test_chunked_and_no_body(nginx, module):
     n = nginx(server=READ, module=module)
-    r = n.request("/t", method="POST", body=iter([b"one\n", b"two\n"]),
-                  headers={"Transfer-Encoding": "chunked"})
-    assert r.status == 200
+    # Sent at once: the reference answers without reading the body and
+    # closes, which could reset a client still sending.
+    data = n.raw(b"POST /t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n4\r\none\n\r\n"
+                 b"0\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    body = data.split(b"\r\n\r\n", 1)[1]
     # Documented: "Chunked request bodies are not yet supported in this API."
-    assert r.text == "err: chunked request bodies not supported yet\n"
+    assert b"err: chunked request bodies not supported yet\n" in body
     r = n.request("/t")
     assert r.text == "err: no body\n"
     r = n.request("/again", method="POST", body=b"abc")
