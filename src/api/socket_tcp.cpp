@@ -921,6 +921,16 @@ bool untilScan(Tcp *s, Until *u)
 
 // One step of the pending read: consume what rbuf holds, receive more.
 // Done leaves the result in s->res (null: a nil result).
+// ngx.req.socket(): nginx discards what the script leaves of the body
+// (keepalive must not take it for the next request), so its length says
+// what is still unread.
+void bodyTaken(Tcp *s)
+{
+    if (s->downstream && !s->raw && s->ctx) {
+        s->ctx->r->headers_in.content_length_n = s->body_left;
+    }
+}
+
 RStatus readProgress(Tcp *s)
 {
     ngx_connection_t *c = s->c;
@@ -1042,6 +1052,7 @@ RStatus readProgress(Tcp *s)
         }
         if (s->body_left > 0) {
             s->body_left -= n;
+            bodyTaken(s);
         }
         if (direct) {
             if (s->acc.size() == s->rsize) {
@@ -2237,9 +2248,10 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
             return pushNilErr(L, "pending data to write");
         }
     }
-    // The body now belongs to the script: nginx must not read or discard
-    // it later.
-    if (r->request_body == nullptr) {
+    // Raw: the connection belongs to the script; nginx must not read or
+    // discard anything on it. (Plain: nginx discards what the script
+    // leaves unread, see bodyTaken.)
+    if (raw && r->request_body == nullptr) {
         auto *rb = static_cast<ngx_http_request_body_t *>(
             ngx_pcalloc(r->pool, sizeof(ngx_http_request_body_t)));
         if (rb == nullptr) {
@@ -2297,6 +2309,7 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
             s->body_left -= static_cast<off_t>(pre);
         }
     }
+    bodyTaken(s);
     ctx->req_socket = s;
     return 1;
 }

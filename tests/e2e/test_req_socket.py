@@ -143,3 +143,44 @@ def test_raw_echo(nginx, module):
         assert f.readline() == b"echo: world\n"
         assert f.readline() == b"bye\n"
         assert f.read() == b""   # nginx closes the connection after
+
+
+def read_chunked_response(f):
+    """Reads one chunked HTTP/1.1 response from file f; returns its body."""
+    assert f.readline().startswith(b"HTTP/1.1 200")
+    while f.readline() != b"\r\n":
+        pass
+    body = b""
+    while True:
+        size = int(f.readline().strip(), 16)
+        chunk = f.read(size + 2)[:-2]
+        if size == 0:
+            return body
+        body += chunk
+
+
+def test_unread_rest_is_discarded(nginx, module="luaguard"):
+    """What the script leaves of the body is not taken for the next request
+    on a keepalive connection, whether it came with the header or later.
+    (The reference parses the rest that comes later as a request: 400;
+    docs/compatibility.md.)"""
+    n = nginx(server=READ + r"""
+        location /three { content_by_lua_block {
+            local sock = assert(ngx.req.socket())
+            ngx.say(sock:receive(3))
+        } }
+        location /next { content_by_lua_block { ngx.say("next ok") } }
+    """, module=module)
+    with socket.create_connection(("127.0.0.1", n.port), 10) as s:
+        f = s.makefile("rb")
+        s.sendall(b"POST /three HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                  b"\r\nabcdefghij"
+                  b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_chunked_response(f) == b"abc\n"
+        assert read_chunked_response(f) == b"next ok\n"
+        s.sendall(b"POST /three HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                  b"\r\nxyz")
+        assert read_chunked_response(f) == b"xyz\n"
+        s.sendall(b"1234567GET /next HTTP/1.1\r\nHost: x\r\n"
+                  b"Connection: close\r\n\r\n")
+        assert read_chunked_response(f) == b"next ok\n"
