@@ -1035,7 +1035,7 @@ int reqSocket(lua_State *L)
                              Phase::Access, Phase::Content));
     int n = lua_gettop(L);
     if (n > 1) {
-        return luaL_error(L, "expecting zero or one arguments, but got %d",
+        return luaL_error(L, "expecting zero arguments, but got %d",
                           n);
     }
     RequestCtx *ctx = sock::currentCtx();

@@ -2217,7 +2217,7 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
 {
     ngx_http_request_t *r = ctx->r;
     if (r != r->main) {
-        return pushNilErr(L, "attempt to read the request body in a "
+        return luaL_error(L, "attempt to read the request body in a "
                           "subrequest");
     }
 #if (NGX_HTTP_V2)
@@ -2226,7 +2226,7 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
     }
 #endif
     if (ctx->req_socket) {
-        return pushNilErr(L, "duplicate call");
+        return pushNilErr(L, "request body already exists");
     }
     off_t body = -1;
     if (!raw) {

@@ -184,3 +184,37 @@ def test_unread_rest_is_discarded(nginx, module="luaguard"):
         s.sendall(b"1234567GET /next HTTP/1.1\r\nHost: x\r\n"
                   b"Connection: close\r\n\r\n")
         assert read_chunked_response(f) == b"next ok\n"
+
+
+@BOTH
+def test_misuse(nginx, module):
+    n = nginx(server=r"""
+        location /dup { content_by_lua_block {
+            local a, e = ngx.req.socket()
+            local b, e2 = ngx.req.socket()
+            ngx.say(type(a), " ", e, " ", type(b), " ", e2)
+            ngx.say(pcall(ngx.req.socket, true, 1))
+            ngx.say(a.send, " ", a.close, " ", a.connect)
+        } }
+        location /sub { content_by_lua_block {
+            ngx.say(pcall(ngx.req.socket))
+        } }
+        location /cap { content_by_lua_block {
+            local r = ngx.location.capture("/sub",
+                {method = ngx.HTTP_POST, body = "abc"})
+            ngx.print(r.body)
+        } }
+        location /log {
+            content_by_lua_block { ngx.say("x") }
+            log_by_lua_block { ngx.log(ngx.ERR, "LOG ",
+                select(2, pcall(ngx.req.socket))) }
+        }
+    """, module=module)
+    assert n.request("/dup", method="POST", body=b"abc").text == (
+        "table nil nil request body already exists\n"
+        "falseexpecting zero arguments, but got 2\n"
+        "nil nil nil\n")
+    assert n.get("/cap").text == (
+        "falseattempt to read the request body in a subrequest\n")
+    n.get("/log")
+    n.wait_log(r"LOG API disabled in the context of log_by_lua\*")
