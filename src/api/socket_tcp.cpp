@@ -2244,6 +2244,20 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
         }
         body = r->headers_in.content_length_n;
     } else {
+        if (ctx->buffering && ctx->buffered_out == nullptr) {
+            // A header held by lua_http10_buffering (ngx.send_headers in
+            // HTTP/1.0; ngx.flush does nothing there): it goes out now,
+            // the raw bytes follow it.
+            ctx->buffering = false;
+            ctx->buffering_done = true;
+            ngx_int_t rc = glue::sendHeader(ctx);
+            if (rc == NGX_OK) {
+                rc = ngx_http_send_special(r, NGX_HTTP_FLUSH);
+            }
+            if (rc == NGX_ERROR || rc > NGX_OK) {
+                return pushNilErr(L, "nginx output filter error");
+            }
+        }
         if (ctx->buffered_out || r->out || r->connection->buffered) {
             return pushNilErr(L, "pending data to write");
         }

@@ -218,3 +218,27 @@ def test_misuse(nginx, module):
         "falseattempt to read the request body in a subrequest\n")
     n.get("/log")
     n.wait_log(r"LOG API disabled in the context of log_by_lua\*")
+
+
+@BOTH
+@pytest.mark.parametrize("version", [b"1.0", b"1.1"])
+def test_raw_after_send_headers(nginx, module, version):
+    """Documented: after ngx.send_headers, ngx.flush(true) leaves nothing
+    pending and the raw socket writes right after the header."""
+    n = nginx(server=r"""
+        location /h { content_by_lua_block {
+            ngx.header["X-Raw"] = "1"
+            ngx.send_headers()
+            ngx.flush(true)
+            local sock, err = ngx.req.socket(true)
+            if not sock then ngx.log(ngx.ERR, "raw: ", err) return end
+            sock:send("raw body\n")
+            sock:settimeout(100)
+            local data, err = sock:receive()
+            sock:send("then: " .. tostring(err) .. "\n")
+        } }
+    """, module=module)
+    data = n.raw(b"GET /h HTTP/" + version + b"\r\nHost: x\r\n\r\n")
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"X-Raw: 1" in head
+    assert body == b"raw body\nthen: timeout\n"
