@@ -1085,6 +1085,9 @@ int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
     }
     const char *err = timeout ? "timeout"
                       : st == RStatus::Closed ? "closed" : s->err.c_str();
+    if (st == RStatus::Closed && s->downstream && s->body_left != 0) {
+        err = "client aborted";   // not the end of the body: the client's
+    }
     if (s->rmode == RMode::All && st == RStatus::Closed) {
         lua_pushlstring(dst, s->acc.data(), s->acc.size());
         s->acc.clear();

@@ -242,3 +242,20 @@ def test_raw_after_send_headers(nginx, module, version):
     head, body = data.split(b"\r\n\r\n", 1)
     assert b"X-Raw: 1" in head
     assert body == b"raw body\nthen: timeout\n"
+
+
+@BOTH
+@pytest.mark.asan_fast
+def test_client_goes_away_mid_body(nginx, module):
+    n = nginx(server=r"""
+        location /t { content_by_lua_block {
+            local sock = assert(ngx.req.socket())
+            local data, err, partial = sock:receive(10)
+            ngx.log(ngx.ERR, "GOT ", data, " ", err, " [", partial, "]")
+        } }
+    """, module=module)
+    with socket.create_connection(("127.0.0.1", n.port), 10) as s:
+        s.sendall(b"POST /t HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                  b"\r\nabc")
+        s.shutdown(socket.SHUT_WR)
+        n.wait_log(r"GOT nil client aborted \[abc\]")
