@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "api/api.hpp"
+#include "api/socket.hpp"
 #include "api/util.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
@@ -1029,7 +1030,19 @@ int finishBody(lua_State *L)
 
 int reqSocket(lua_State *L)
 {
-    return luaL_error(L, "ngx.req.socket is not implemented in luaguard yet");
+    // Documented contexts: rewrite, access, content.
+    glue::checkPhase(L, mask(Phase::ServerRewrite, Phase::Rewrite,
+                             Phase::Access, Phase::Content));
+    int n = lua_gettop(L);
+    if (n > 1) {
+        return luaL_error(L, "expecting zero arguments, but got %d",
+                          n);
+    }
+    RequestCtx *ctx = sock::currentCtx();
+    if (ctx == nullptr) {
+        return luaL_error(L, "no request found");
+    }
+    return sock::reqSocketOpen(L, ctx, n == 1 && lua_toboolean(L, 1));
 }
 
 int getPostArgs(lua_State *L)

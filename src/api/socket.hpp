@@ -73,6 +73,10 @@ bool flatten(lua_State *L, int idx, std::string *out, int depth);
 // Closes `c`, ending TLS without waiting for the peer.
 void closeConnection(ngx_connection_t *c);
 
+// ngx.req.socket([raw]) for ctx (api/socket_tcp.cpp): pushes the object
+// or nil, err; returns the result count.
+int reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw);
+
 // The socket's request still owns it when the running code belongs to it.
 inline RequestCtx *currentCtx()
 {

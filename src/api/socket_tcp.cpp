@@ -16,6 +16,8 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
 
 #include <cstring>
 #include <new>
@@ -39,6 +41,8 @@ using sock::Resolve;
 
 const char kTcpMeta[] = "luaguard.tcpsock";      // the object table's
 const char kTcpUdMeta[] = "luaguard.tcpsock.ud";  // the userdata's
+const char kReqMeta[] = "luaguard.reqsock";      // ngx.req.socket()
+const char kRawMeta[] = "luaguard.reqsock.raw";   // ngx.req.socket(true)
 const char kUntilMeta[] = "luaguard.tcpsock.until";
 constexpr uint32_t kMagic = 0x7463706bu;
 constexpr int kPending = -1;
@@ -125,6 +129,17 @@ struct Tcp {
     bool                 ssl_ret_session = true;
     bool                 ssl_verify = false;
     std::string          sni;
+    // setclientcert: PEM texts (checked when set), applied at handshake.
+    std::string          client_cert;
+    std::string          client_key;
+
+    // ngx.req.socket: the request's own connection, never closed or
+    // pooled here; nginx's request handlers are borrowed while waiting.
+    bool                 downstream = false;
+    bool                 raw = false;
+    off_t                body_left = -1;      // body bytes still unread
+    ngx_http_event_handler_pt saved_read = nullptr;
+    ngx_http_event_handler_pt saved_write = nullptr;
 };
 
 struct Pool {
@@ -313,8 +328,40 @@ void wakeClosed(LuaThread *t)
     threads::post(t);
 }
 
+void detachDownstream(Tcp *s)
+{
+    if (s->ctx == nullptr) {
+        return;
+    }
+    ngx_http_request_t *r = s->ctx->r;
+    if (s->saved_read) {
+        r->read_event_handler = s->saved_read;
+        s->saved_read = nullptr;
+    }
+    if (s->saved_write) {
+        r->write_event_handler = s->saved_write;
+        s->saved_write = nullptr;
+    }
+    if (s->ctx->req_socket == s) {
+        s->ctx->req_socket = nullptr;
+    }
+}
+
 void closeSock(Tcp *s, LuaThread *self)
 {
+    if (s->downstream) {
+        // The connection is the request's: only let go of it.
+        if (s->c) {
+            if (s->c->read->timer_set) {
+                ngx_del_timer(s->c->read);
+            }
+            if (s->c->write->timer_set) {
+                ngx_del_timer(s->c->write);
+            }
+        }
+        detachDownstream(s);
+        s->c = nullptr;
+    }
     if (s->c) {
         sock::closeConnection(s->c);
         s->c = nullptr;
@@ -877,6 +924,16 @@ bool untilScan(Tcp *s, Until *u)
 
 // One step of the pending read: consume what rbuf holds, receive more.
 // Done leaves the result in s->res (null: a nil result).
+// ngx.req.socket(): nginx discards what the script leaves of the body
+// (keepalive must not take it for the next request), so its length says
+// what is still unread.
+void bodyTaken(Tcp *s)
+{
+    if (s->downstream && !s->raw && s->ctx) {
+        s->ctx->r->headers_in.content_length_n = s->body_left;
+    }
+}
+
 RStatus readProgress(Tcp *s)
 {
     ngx_connection_t *c = s->c;
@@ -966,6 +1023,9 @@ RStatus readProgress(Tcp *s)
 
         // rbuf is used up: receive. Big sized reads go straight into acc.
         s->rpos = s->rlast = 0;
+        if (s->body_left == 0) {
+            return RStatus::Closed;   // the request body is over
+        }
         size_t have = s->acc.size();
         bool direct = s->rmode == RMode::Size && s->rsize - have >= s->rcap;
         char *dst = s->rbuf;
@@ -974,6 +1034,9 @@ RStatus readProgress(Tcp *s)
             s->acc.resize(s->rsize);
             dst = &s->acc[have];
             room = s->rsize - have;
+        }
+        if (s->body_left > 0 && static_cast<off_t>(room) > s->body_left) {
+            room = static_cast<size_t>(s->body_left);
         }
         ssize_t n = c->recv(c, reinterpret_cast<u_char *>(dst), room);
         if (direct) {
@@ -989,6 +1052,10 @@ RStatus readProgress(Tcp *s)
             ngx_err_t e = ngx_socket_errno;
             s->err = e ? sock::errnoText(e) : "error";
             return RStatus::Error;
+        }
+        if (s->body_left > 0) {
+            s->body_left -= n;
+            bodyTaken(s);
         }
         if (direct) {
             if (s->acc.size() == s->rsize) {
@@ -1021,6 +1088,9 @@ int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
     }
     const char *err = timeout ? "timeout"
                       : st == RStatus::Closed ? "closed" : s->err.c_str();
+    if (st == RStatus::Closed && s->downstream && s->body_left != 0) {
+        err = "client aborted";   // not the end of the body: the client's
+    }
     if (s->rmode == RMode::All && st == RStatus::Closed) {
         lua_pushlstring(dst, s->acc.data(), s->acc.size());
         s->acc.clear();
@@ -1053,14 +1123,16 @@ void finishReader(Tcp *s, LuaThread *t, int n)
     if (s->reader == t) {
         s->reader = nullptr;
     }
+    if (s->downstream && s->saved_read && s->ctx) {
+        s->ctx->r->read_event_handler = s->saved_read;
+        s->saved_read = nullptr;
+    }
     t->cancel = nullptr;
     glue::resume(t, n);
 }
 
-void onRead(ngx_event_t *ev)
+void readEvent(Tcp *s, ngx_event_t *ev)
 {
-    auto *c = static_cast<ngx_connection_t *>(ev->data);
-    auto *s = static_cast<Tcp *>(c->data);
     LuaThread *t = s->reader;
     if (t == nullptr) {
         return;  // nobody reads now: the data waits in the kernel
@@ -1085,6 +1157,21 @@ void onRead(ngx_event_t *ev)
     finishReader(s, t, pushRead(s, t->co, st, false));
 }
 
+void onRead(ngx_event_t *ev)
+{
+    auto *c = static_cast<ngx_connection_t *>(ev->data);
+    readEvent(static_cast<Tcp *>(c->data), ev);
+}
+
+void reqReadHandler(ngx_http_request_t *r)
+{
+    RequestCtx *ctx = getCtx(r);
+    auto *s = ctx ? static_cast<Tcp *>(ctx->req_socket) : nullptr;
+    if (s && s->c) {
+        readEvent(s, r->connection->read);
+    }
+}
+
 void cancelRead(LuaThread *t)
 {
     auto *s = static_cast<Tcp *>(t->cancel_data);
@@ -1095,6 +1182,10 @@ void cancelRead(LuaThread *t)
     s->acc.clear();
     if (s->c && s->c->read->timer_set) {
         ngx_del_timer(s->c->read);
+    }
+    if (s->downstream && s->saved_read && s->ctx) {
+        s->ctx->r->read_event_handler = s->saved_read;
+        s->saved_read = nullptr;
     }
 }
 
@@ -1132,6 +1223,10 @@ int startRead(lua_State *L, Tcp *s, RMode m, size_t size, Until *u)
     }
     LuaThread *t = threads::current();
     s->reader = t;
+    if (s->downstream && s->saved_read == nullptr) {
+        s->saved_read = s->ctx->r->read_event_handler;
+        s->ctx->r->read_event_handler = reqReadHandler;
+    }
     t->cancel = cancelRead;
     t->cancel_data = s;
     ngx_add_timer(c->read, readTimeout(s));
@@ -1317,14 +1412,16 @@ void finishWriter(Tcp *s, LuaThread *t, int n)
     if (s->writer == t) {
         s->writer = nullptr;
     }
+    if (s->downstream && s->saved_write && s->ctx) {
+        s->ctx->r->write_event_handler = s->saved_write;
+        s->saved_write = nullptr;
+    }
     t->cancel = nullptr;
     glue::resume(t, n);
 }
 
-void onWrite(ngx_event_t *ev)
+void writeEvent(Tcp *s, ngx_event_t *ev)
 {
-    auto *c = static_cast<ngx_connection_t *>(ev->data);
-    auto *s = static_cast<Tcp *>(c->data);
     LuaThread *t = s->writer;
     if (t == nullptr) {
         return;
@@ -1361,6 +1458,21 @@ void onWrite(ngx_event_t *ev)
     finishWriter(s, t, 1);
 }
 
+void onWrite(ngx_event_t *ev)
+{
+    auto *c = static_cast<ngx_connection_t *>(ev->data);
+    writeEvent(static_cast<Tcp *>(c->data), ev);
+}
+
+void reqWriteHandler(ngx_http_request_t *r)
+{
+    RequestCtx *ctx = getCtx(r);
+    auto *s = ctx ? static_cast<Tcp *>(ctx->req_socket) : nullptr;
+    if (s && s->c) {
+        writeEvent(s, r->connection->write);
+    }
+}
+
 void cancelWrite(LuaThread *t)
 {
     auto *s = static_cast<Tcp *>(t->cancel_data);
@@ -1370,6 +1482,10 @@ void cancelWrite(LuaThread *t)
     s->writer = nullptr;
     if (s->c && s->c->write->timer_set) {
         ngx_del_timer(s->c->write);
+    }
+    if (s->downstream && s->saved_write && s->ctx) {
+        s->ctx->r->write_event_handler = s->saved_write;
+        s->saved_write = nullptr;
     }
 }
 
@@ -1440,6 +1556,10 @@ int tcpSend(lua_State *L)
     }
     LuaThread *t = threads::current();
     s->writer = t;
+    if (s->downstream && s->saved_write == nullptr) {
+        s->saved_write = s->ctx->r->write_event_handler;
+        s->ctx->r->write_event_handler = reqWriteHandler;
+    }
     t->cancel = cancelWrite;
     t->cancel_data = s;
     ngx_add_timer(c->write, sendTimeout(s));
@@ -1849,6 +1969,112 @@ void cancelHandshake(LuaThread *t)
     }
 }
 
+// ---- client certificates (setclientcert) ----
+
+// OpenResty takes cdata from ngx.ssl.parse_pem_cert/parse_pem_priv_key;
+// luaguard has no ngx.ssl yet, so the PEM texts themselves are accepted
+// and parsed here. `ssl` null: only check that they parse.
+bool useClientCert(SSL *ssl, const std::string &cert, const std::string &key,
+                   std::string *err)
+{
+    BIO *bio = BIO_new_mem_buf(cert.data(), static_cast<int>(cert.size()));
+    if (bio == nullptr) {
+        *err = "no memory";
+        return false;
+    }
+    bool ok = true;
+    X509 *x = PEM_read_bio_X509_AUX(bio, nullptr, nullptr, nullptr);
+    if (x == nullptr) {
+        *err = "PEM_read_bio_X509_AUX() failed";
+        ok = false;
+    } else if (ssl && SSL_use_certificate(ssl, x) == 0) {
+        *err = "SSL_use_certificate() failed";
+        ok = false;
+    }
+    X509_free(x);
+    // The rest of the text is the chain.
+    while (ok) {
+        X509 *ca = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+        if (ca == nullptr) {
+            ERR_clear_error();   // the end of the text
+            break;
+        }
+        if (ssl && SSL_add1_chain_cert(ssl, ca) == 0) {
+            *err = "SSL_add1_chain_cert() failed";
+            ok = false;
+        }
+        X509_free(ca);
+    }
+    BIO_free(bio);
+    if (!ok) {
+        ERR_clear_error();
+        return false;
+    }
+    bio = BIO_new_mem_buf(key.data(), static_cast<int>(key.size()));
+    if (bio == nullptr) {
+        *err = "no memory";
+        return false;
+    }
+    EVP_PKEY *pk = PEM_read_bio_PrivateKey(bio, nullptr, nullptr, nullptr);
+    BIO_free(bio);
+    if (pk == nullptr) {
+        *err = "PEM_read_bio_PrivateKey() failed";
+        ok = false;
+    } else if (ssl && SSL_use_PrivateKey(ssl, pk) == 0) {
+        *err = "SSL_use_PrivateKey() failed";
+        ok = false;
+    } else if (ssl && SSL_check_private_key(ssl) == 0) {
+        *err = "SSL_check_private_key() failed";
+        ok = false;
+    }
+    EVP_PKEY_free(pk);
+    if (!ok) {
+        ERR_clear_error();
+    }
+    return ok;
+}
+
+int tcpSetClientCert(lua_State *L)
+{
+    Tcp *s = use(L);
+    if (lua_gettop(L) != 3) {
+        return luaL_error(L, "ngx.socket setclientcert: expecting 3 "
+                          "arguments (including the object), but seen %d",
+                          lua_gettop(L));
+    }
+    if (lua_isnil(L, 2) && lua_isnil(L, 3)) {
+        s->client_cert.clear();
+        s->client_key.clear();
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (lua_isnil(L, 2) || lua_isnil(L, 3)) {
+        return luaL_error(L, "client certificate must be supplied with "
+                          "corresponding private key");
+    }
+    if (lua_type(L, 2) != LUA_TSTRING) {
+        return luaL_error(L, "bad cert arg: PEM string expected, got %s "
+                          "(ngx.ssl cdata is not implemented in luaguard "
+                          "yet)", luaL_typename(L, 2));
+    }
+    if (lua_type(L, 3) != LUA_TSTRING) {
+        return luaL_error(L, "bad pkey arg: PEM string expected, got %s "
+                          "(ngx.ssl cdata is not implemented in luaguard "
+                          "yet)", luaL_typename(L, 3));
+    }
+    size_t clen, klen;
+    const char *cert = lua_tolstring(L, 2, &clen);
+    const char *key = lua_tolstring(L, 3, &klen);
+    std::string c(cert, clen), k(key, klen), err;
+    if (!useClientCert(nullptr, c, k, &err)) {
+        return pushNilErr(L, err.c_str());
+    }
+    s->client_cert.swap(c);
+    s->client_key.swap(k);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 int tcpSslHandshake(lua_State *L)
 {
     Tcp *s = use(L);
@@ -1906,6 +2132,12 @@ int tcpSslHandshake(lua_State *L)
     if (reuse && ngx_ssl_set_session(c, reuse) != NGX_OK) {
         return pushNilErr(L, "failed to set ssl session");
     }
+    if (!s->client_cert.empty()
+        && !useClientCert(c->ssl->connection, s->client_cert,
+                          s->client_key, &err))
+    {
+        return pushNilErr(L, err.c_str());
+    }
     if (!s->sni.empty()) {
         SSL_set_tlsext_host_name(c->ssl->connection, s->sni.c_str());
     }
@@ -1928,6 +2160,9 @@ int tcpGc(lua_State *L)
     if (s == nullptr || s->magic != kMagic) {
         return 0;
     }
+    if (s->downstream && s->cln) {
+        closeSock(s, nullptr);   // gives the request its handlers back
+    }
     // While cln is set its request (and pool) is alive: detach from it.
     if (s->cln) {
         s->cln->handler = nullptr;
@@ -1945,6 +2180,9 @@ int tcpGc(lua_State *L)
         }
     }
     s->reader = s->writer = s->connector = s->shaker = nullptr;
+    if (s->downstream) {
+        s->c = nullptr;
+    }
     if (s->c) {
         sock::closeConnection(s->c);
         s->c = nullptr;
@@ -1979,6 +2217,122 @@ int tcpNew(lua_State *L)
 }
 
 }  // namespace
+
+// ngx.req.socket([raw]): the downstream connection as a cosocket.
+int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
+{
+    ngx_http_request_t *r = ctx->r;
+    if (r != r->main) {
+        return luaL_error(L, "attempt to read the request body in a "
+                          "subrequest");
+    }
+#if (NGX_HTTP_V2)
+    if (r->stream) {
+        return pushNilErr(L, "http v2 not supported yet");
+    }
+#endif
+    if (ctx->req_socket) {
+        return pushNilErr(L, "request body already exists");
+    }
+    off_t body = -1;
+    if (!raw) {
+        if (r->request_body) {
+            return pushNilErr(L, "request body already exists");
+        }
+        if (r->discard_body) {
+            return pushNilErr(L, "request body discarded");
+        }
+        if (r->headers_in.chunked) {
+            return pushNilErr(L, "chunked request bodies not supported yet");
+        }
+        if (r->headers_in.content_length_n <= 0) {
+            return pushNilErr(L, "no body");
+        }
+        body = r->headers_in.content_length_n;
+    } else {
+        if (ctx->buffering && ctx->buffered_out == nullptr) {
+            // A header held by lua_http10_buffering (ngx.send_headers in
+            // HTTP/1.0; ngx.flush does nothing there): it goes out now,
+            // the raw bytes follow it.
+            ctx->buffering = false;
+            ctx->buffering_done = true;
+            ngx_int_t rc = glue::sendHeader(ctx);
+            if (rc == NGX_OK) {
+                rc = ngx_http_send_special(r, NGX_HTTP_FLUSH);
+            }
+            if (rc == NGX_ERROR || rc > NGX_OK) {
+                return pushNilErr(L, "nginx output filter error");
+            }
+        }
+        if (ctx->buffered_out || r->out || r->connection->buffered) {
+            return pushNilErr(L, "pending data to write");
+        }
+    }
+    // Raw: the connection belongs to the script; nginx must not read or
+    // discard anything on it. (Plain: nginx discards what the script
+    // leaves unread, see bodyTaken.)
+    if (raw && r->request_body == nullptr) {
+        auto *rb = static_cast<ngx_http_request_body_t *>(
+            ngx_pcalloc(r->pool, sizeof(ngx_http_request_body_t)));
+        if (rb == nullptr) {
+            return pushNilErr(L, "no memory");
+        }
+        r->request_body = rb;
+    }
+    if (raw) {
+        // The script speaks the protocol itself from here on: nginx sends
+        // no header, no final chunk, and closes the connection after.
+        r->header_sent = 1;
+        ctx->eof = true;
+        r->keepalive = 0;
+        r->lingering_close = 0;
+    }
+
+    lua_createtable(L, 3, 1);
+    void *mem = lua_newuserdata(L, sizeof(Tcp));
+    auto *s = new (mem) Tcp();
+    ngx_memzero(&s->pc, sizeof(s->pc));
+    ngx_memzero(&s->wait_ev, sizeof(s->wait_ev));
+    ngx_queue_init(&s->wait_q);
+    s->resolve.rctx = nullptr;
+    luaL_getmetatable(L, kTcpUdMeta);
+    lua_setmetatable(L, -2);
+    lua_rawseti(L, -2, 1);
+    luaL_getmetatable(L, raw ? kRawMeta : kReqMeta);
+    lua_setmetatable(L, -2);
+
+    if (!bindRequest(s, ctx)) {
+        return pushNilErr(L, "no memory");
+    }
+    s->downstream = true;
+    s->raw = raw;
+    s->c = r->connection;
+    s->body_left = body;
+    // Body bytes nginx read together with the header are handed over.
+    ngx_buf_t *hb = r->header_in;
+    size_t pre = hb ? static_cast<size_t>(hb->last - hb->pos) : 0;
+    if (body >= 0 && static_cast<off_t>(pre) > body) {
+        pre = static_cast<size_t>(body);
+    }
+    if (s->buffer_size < pre) {
+        s->buffer_size = pre;
+    }
+    getRbuf(s);
+    if (s->rbuf == nullptr) {
+        return pushNilErr(L, "no memory");
+    }
+    if (pre) {
+        ngx_memcpy(s->rbuf, hb->pos, pre);
+        hb->pos += pre;
+        s->rlast = pre;
+        if (body >= 0) {
+            s->body_left -= static_cast<off_t>(pre);
+        }
+    }
+    bodyTaken(s);
+    ctx->req_socket = s;
+    return 1;
+}
 
 char *mergeSocketSsl(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
 {
@@ -2026,8 +2380,29 @@ void openSocketTcp(lua_State *L)
                                 {"setoption", tcpSetOption},
                                 {"bind", tcpBind},
                                 {"sslhandshake", tcpSslHandshake},
+                                {"setclientcert", tcpSetClientCert},
                                 {nullptr, nullptr}};
     setFuncs(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+
+    // ngx.req.socket objects: the documented subsets of the methods.
+    luaL_newmetatable(L, kReqMeta);
+    lua_createtable(L, 0, 5);
+    const luaL_Reg req_methods[] = {{"receive", tcpReceive},
+                                    {"receiveany", tcpReceiveAny},
+                                    {"receiveuntil", tcpReceiveUntil},
+                                    {"settimeout", tcpSetTimeout},
+                                    {"settimeouts", tcpSetTimeouts},
+                                    {nullptr, nullptr}};
+    setFuncs(L, req_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, kRawMeta);
+    lua_createtable(L, 0, 6);
+    setFuncs(L, req_methods);
+    lua_pushcfunction(L, tcpSend);
+    lua_setfield(L, -2, "send");
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
 

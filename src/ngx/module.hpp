@@ -198,6 +198,7 @@ struct RequestCtx {
     LuaThread           *req_body_waiter = nullptr;
     bool                 req_body_done = false;
     void                *req_body_writer = nullptr;
+    void                *req_socket = nullptr;     // ngx.req.socket's Tcp
 
     // ngx.on_abort's callback (registry ref) and whether the client's
     // early close was seen (ngx/subrequest.cpp).
