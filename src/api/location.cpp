@@ -17,26 +17,12 @@ namespace {
 constexpr PhaseMask kCapturePhases = mask(Phase::Rewrite, Phase::Access,
                                           Phase::Content);
 
-struct MethodName {
-    ngx_uint_t id;
-    const char *name;
-};
-
-const MethodName kMethods[] = {
-    {NGX_HTTP_GET, "GET"}, {NGX_HTTP_HEAD, "HEAD"}, {NGX_HTTP_POST, "POST"},
-    {NGX_HTTP_PUT, "PUT"}, {NGX_HTTP_DELETE, "DELETE"},
-    {NGX_HTTP_MKCOL, "MKCOL"}, {NGX_HTTP_COPY, "COPY"},
-    {NGX_HTTP_MOVE, "MOVE"}, {NGX_HTTP_OPTIONS, "OPTIONS"},
-    {NGX_HTTP_PROPFIND, "PROPFIND"}, {NGX_HTTP_PROPPATCH, "PROPPATCH"},
-    {NGX_HTTP_LOCK, "LOCK"}, {NGX_HTTP_UNLOCK, "UNLOCK"},
-    {NGX_HTTP_PATCH, "PATCH"}, {NGX_HTTP_TRACE, "TRACE"},
-};
 
 // One subrequest as the Lua arguments describe it.
 struct Spec {
     ngx_str_t         uri;
     ngx_str_t         args;
-    const MethodName *method;
+    const glue::HttpMethod *method;
     bool              has_body;
     ngx_str_t         body;
     bool              forward_body;
@@ -93,7 +79,7 @@ void readSpec(lua_State *L, ngx_http_request_t *r, int item, int index,
     lua_pop(L, 1);
 
     *spec = Spec();
-    spec->method = &kMethods[0];
+    spec->method = &glue::kHttpGet;
     lua_rawgeti(L, item, 2);
     int opts = lua_gettop(L);
     if (!lua_isnil(L, opts)) {
@@ -133,12 +119,7 @@ void readSpec(lua_State *L, ngx_http_request_t *r, int item, int index,
                 luaL_error(L, "Bad http request method");
             }
             lua_Integer id = lua_tointeger(L, -1);
-            spec->method = nullptr;
-            for (const auto &m : kMethods) {
-                if (static_cast<lua_Integer>(m.id) == id) {
-                    spec->method = &m;
-                }
-            }
+            spec->method = glue::httpMethod(id);
             if (spec->method == nullptr) {
                 ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                               "unsupported HTTP method: %d",

@@ -85,20 +85,6 @@ int getMethod(lua_State *L)
     return 1;
 }
 
-struct MethodName {
-    ngx_uint_t id;
-    const char *name;
-};
-
-const MethodName kMethods[] = {
-    {NGX_HTTP_GET, "GET"}, {NGX_HTTP_HEAD, "HEAD"}, {NGX_HTTP_POST, "POST"},
-    {NGX_HTTP_PUT, "PUT"}, {NGX_HTTP_DELETE, "DELETE"},
-    {NGX_HTTP_MKCOL, "MKCOL"}, {NGX_HTTP_COPY, "COPY"},
-    {NGX_HTTP_MOVE, "MOVE"}, {NGX_HTTP_OPTIONS, "OPTIONS"},
-    {NGX_HTTP_PROPFIND, "PROPFIND"}, {NGX_HTTP_PROPPATCH, "PROPPATCH"},
-    {NGX_HTTP_LOCK, "LOCK"}, {NGX_HTTP_UNLOCK, "UNLOCK"},
-    {NGX_HTTP_PATCH, "PATCH"}, {NGX_HTTP_TRACE, "TRACE"},
-};
 
 int setMethod(lua_State *L)
 {
@@ -108,14 +94,12 @@ int setMethod(lua_State *L)
         return luaL_error(L, "bad method number");
     }
     lua_Integer id = lua_tointeger(L, 1);
-    for (const auto &m : kMethods) {
-        if (static_cast<lua_Integer>(m.id) == id) {
-            ctx->r->method = m.id;
-            ctx->r->method_name.data = reinterpret_cast<u_char *>(
-                const_cast<char *>(m.name));
-            ctx->r->method_name.len = std::strlen(m.name);
-            return 0;
-        }
+    if (const glue::HttpMethod *m = glue::httpMethod(id)) {
+        ctx->r->method = m->id;
+        ctx->r->method_name.data = reinterpret_cast<u_char *>(
+            const_cast<char *>(m->name));
+        ctx->r->method_name.len = std::strlen(m->name);
+        return 0;
     }
     return luaL_error(L, "unsupported HTTP method: %d", static_cast<int>(id));
 }

@@ -96,6 +96,15 @@ RequestCtx *requireRequest(lua_State *L);
 // the creating request's environment (see docs/ARCHITECTURE.md).
 bool pushRequestEnv(lua_State *L, RequestCtx *ctx);
 
+// The HTTP methods ngx.HTTP_* names, by nginx's method bit: the name nginx
+// gives a request of that method, or null for an id no constant has.
+struct HttpMethod {
+    ngx_uint_t  id;
+    const char *name;
+};
+const HttpMethod *httpMethod(lua_Integer id);
+extern const HttpMethod kHttpGet;
+
 // ---- output (ngx.say, ngx.print, ngx.flush, ngx.eof, headers) ----
 ngx_int_t sendHeader(RequestCtx *ctx);
 ngx_int_t output(RequestCtx *ctx, ngx_chain_t *cl);
