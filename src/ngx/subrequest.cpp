@@ -242,23 +242,24 @@ void watchClientAbort(RequestCtx *ctx)
     }
     r->read_event_handler = abortHandler;
 
-    // nginx may have read the whole request without ever registering the
-    // connection for reads (the data was there at once): register it now,
-    // or look at once when the close already happened.
+    // The close may already have happened, its (edge-triggered) event
+    // swallowed by nginx's block_reading before this watch was installed:
+    // always look once. When nothing is there yet, make sure the
+    // connection is registered for reads (nginx may have read the whole
+    // request at once without registering it).
     ngx_connection_t *c = r->connection;
     ngx_event_t *rev = c->read;
-    if (rev->active) {
-        return;
-    }
     char buf[1];
     ssize_t n = recv(c->fd, buf, 1, MSG_PEEK);
     if (n > 0) {
         return;  // pipelined data: nothing to learn until it is read
     }
     if (n == -1 && ngx_socket_errno == NGX_EAGAIN) {
-        rev->ready = 0;
-        if (ngx_handle_read_event(rev, 0) != NGX_OK) {
-            r->read_event_handler = ngx_http_block_reading;
+        if (!rev->active) {
+            rev->ready = 0;
+            if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+                r->read_event_handler = ngx_http_block_reading;
+            }
         }
         return;
     }
