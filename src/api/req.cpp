@@ -661,10 +661,11 @@ int readBody(lua_State *L)
     if (ctx->req_body_done) {
         return 0;
     }
-    // On a client error met later (413 found in a chunked body, bad
-    // framing, timeout) nginx finalizes the request itself and bodyRead is
-    // never called: the thread stays suspended until the connection closes
-    // (client close or client_body_timeout), and the pool cleanup frees it.
+    // On a client error met later nginx finalizes the request itself and
+    // bodyRead is never called: a timeout or a closed connection frees the
+    // request (the pool cleanup kills the thread); an error page (413 found
+    // in a chunked body, bad framing) passes the header filter, which ends
+    // the waiting phase (glue::bodyWaitAbandoned).
     LuaThread *t = threads::current();
     if (t == nullptr) {
         return luaL_error(L, "no request found");

@@ -12,6 +12,14 @@ ngx_http_output_body_filter_pt g_next_body = nullptr;
 
 ngx_int_t headerFilter(ngx_http_request_t *r)
 {
+    if (r == r->main && g_run == nullptr) {
+        // A response that no Lua code sends, while Lua waits for the body:
+        // nginx's own error page for a body it refused.
+        RequestCtx *ctx = getCtx(r);
+        if (ctx != nullptr && ctx->req_body_waiter != nullptr) {
+            bodyWaitAbandoned(ctx);
+        }
+    }
     auto *llcf = static_cast<LocConf *>(
         ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
     if (llcf->body_filter) {
@@ -149,14 +157,14 @@ ngx_int_t bodyFilter(ngx_http_request_t *r, ngx_chain_t *in)
 
 }  // namespace
 
-void installFilters(bool header, bool body)
+void installFilters()
 {
-    if (header || body) {
-        g_next_header = ngx_http_top_header_filter;
-        ngx_http_top_header_filter = headerFilter;
-    }
-    // Always in: it collects the output of captured subrequests (one
-    // pointer test for other requests).
+    // Both always in: the header filter notices nginx's own error page
+    // ending a request whose Lua waits for the body, the body filter
+    // collects the output of captured subrequests (a few pointer tests for
+    // other requests).
+    g_next_header = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = headerFilter;
     g_next_body = ngx_http_top_body_filter;
     ngx_http_top_body_filter = bodyFilter;
 }

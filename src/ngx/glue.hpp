@@ -15,7 +15,7 @@ ngx_int_t rewriteHandler(ngx_http_request_t *r);
 ngx_int_t accessHandler(ngx_http_request_t *r);
 ngx_int_t contentHandler(ngx_http_request_t *r);
 ngx_int_t logHandler(ngx_http_request_t *r);
-void installFilters(bool header, bool body);
+void installFilters();
 
 // body_filter_by_lua's ngx.arg[1] and ngx.arg[2].
 void pushFilterData(lua_State *L, RequestCtx *ctx);
@@ -68,6 +68,11 @@ void resume(LuaThread *t, int nargs);
 
 // Called when the threads of ctx's phase are all done (event path).
 void phaseFinished(RequestCtx *ctx);
+
+// nginx answered the request itself while a thread waited in
+// ngx.req.read_body (a chunked body found too large, bad framing): the
+// body reader will never call back, so the waiting phase is ended.
+void bodyWaitAbandoned(RequestCtx *ctx);
 
 std::string errorText(lua_State *L, int idx);
 void logFailure(ngx_log_t *log, const char *what, const std::string &msg,

@@ -350,10 +350,6 @@ char *setHandler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         mcf->need_access = true;
     } else if (tag == "log_by_lua") {
         mcf->need_log = true;
-    } else if (tag == "header_filter_by_lua") {
-        mcf->need_header_filter = true;
-    } else if (tag == "body_filter_by_lua") {
-        mcf->need_body_filter = true;
     } else if (tag == "server_rewrite_by_lua") {
         mcf->need_server_rewrite = true;
     } else if (tag == "content_by_lua") {
@@ -1193,7 +1189,7 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
     if (glue::addWorkersZone(cf) != NGX_OK) {
         return NGX_ERROR;
     }
-    glue::installFilters(mcf->need_header_filter, mcf->need_body_filter);
+    glue::installFilters();
 
     lua_State *L = mcf->vm->L();
     api::bindSharedDicts(L, mcf);

@@ -48,8 +48,6 @@ struct MainConf {
     bool                       need_rewrite;
     bool                       need_access;
     bool                       need_log;
-    bool                       need_header_filter;
-    bool                       need_body_filter;
     bool                       need_server_rewrite;
     ngx_uint_t                 max_pending_timers;
     ngx_uint_t                 max_running_timers;

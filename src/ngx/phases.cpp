@@ -580,7 +580,39 @@ ngx_int_t needBody(ngx_http_request_t *r, RequestCtx *ctx, bool content)
     return NGX_DONE;
 }
 
+// The request ended under a thread that nothing will call back (see
+// bodyWaitAbandoned): the phase's threads go, and a rewrite or access
+// phase gives back the reference its yield took, which lets nginx close
+// the request it already answered.
+void abandonedHandler(ngx_event_t *ev)
+{
+    auto *t = static_cast<LuaThread *>(ev->data);
+    threads::resetWake(t);
+    RequestCtx *ctx = t->ctx;
+    ngx_http_request_t *r = ctx->r;
+    ngx_connection_t *c = r->connection;
+    Phase phase = ctx->thread_phase;
+    threads::endPhase(ctx);
+    PhaseRun &pr = phaseRun(ctx, phase);
+    pr.state = ThreadState::Done;
+    pr.rc = NGX_DONE;
+    if (inRewriteType(phase)) {
+        ngx_http_finalize_request(r, NGX_DONE);
+    }
+    ngx_http_run_posted_requests(c);
+}
+
 }  // namespace
+
+void bodyWaitAbandoned(RequestCtx *ctx)
+{
+    LuaThread *t = ctx->req_body_waiter;
+    ctx->req_body_waiter = nullptr;
+    t->cancel = nullptr;
+    // Not from inside nginx's finalization, which is running now.
+    t->wake.handler = abandonedHandler;
+    ngx_post_event(&t->wake, &ngx_posted_events);
+}
 
 void phaseFinished(RequestCtx *ctx)
 {

@@ -258,12 +258,13 @@ class Nginx:
             lines.append(f.read_text(errors="replace"))
         return lines
 
-    def wait_log(self, pattern, timeout=10):
-        """Waits until `pattern` (a regex) appears in the error log."""
+    def wait_log(self, pattern, timeout=10, fresh=False):
+        """Waits until `pattern` (a regex) appears in the error log; with
+        `fresh`, in what was written since the last new_log()."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = rx.search(self.read_log())
+            m = rx.search(self.read_log()[self.log_offset if fresh else 0:])
             if m:
                 return m
             time.sleep(0.02)

@@ -240,6 +240,58 @@ def test_body_limits_413(nginx):
     assert n.get("/ok").text == "ok\n"
 
 
+@pytest.mark.asan_fast
+@pytest.mark.parametrize("module", ["luaguard", "reference"])
+def test_body_refused_after_waiting(nginx, module):
+    """A chunked body found too large (or badly framed) only once more of
+    it arrives: nginx answers on its own while Lua waits in read_body. The
+    request must end there, in every phase, and the connection close."""
+    n = nginx(module=module, server="""
+        client_max_body_size 10;
+        client_body_timeout 60s;
+        location /c { content_by_lua_block {
+            ngx.log(ngx.WARN, "waiting for the body")
+            ngx.req.read_body()
+            ngx.log(ngx.WARN, "body was read") ngx.say("read") } }
+        location /r {
+            rewrite_by_lua_block {
+                ngx.log(ngx.WARN, "waiting for the body")
+                ngx.req.read_body()
+                ngx.log(ngx.WARN, "body was read")
+            }
+            content_by_lua_block { ngx.say("read") }
+        }
+        location /a {
+            access_by_lua_block {
+                ngx.log(ngx.WARN, "waiting for the body")
+                ngx.req.read_body()
+                ngx.log(ngx.WARN, "body was read")
+            }
+            content_by_lua_block { ngx.say("read") }
+        }
+    """)
+    cases = ((b"20\r\n" + b"y" * 32 + b"\r\n0\r\n\r\n", b"413"),
+             (b"zz\r\n", b"400"))
+    for path in ("/r", "/a", "/c"):
+        for rest, status in cases:
+            n.new_log()
+            with socket.create_connection(("127.0.0.1", n.port), 10) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                          "Transfer-Encoding: chunked\r\n\r\n"
+                          "5\r\nhello\r\n".encode())
+                n.wait_log(r"waiting for the body", fresh=True)
+                s.sendall(rest)
+                data = b""
+                while True:  # the server closes: no wait for a timeout
+                    b = s.recv(65536)
+                    if not b:
+                        break
+                    data += b
+            assert data.startswith(b"HTTP/1.1 " + status), (path, data[:80])
+            assert "body was read" not in n.new_log()
+        assert n.request(path, method="POST", body=b"small").text == "read\n"
+
+
 def test_body_buffer_size_spills_to_file(nginx):
     n = nginx(main="user root;", server="""
         client_body_buffer_size 16;
