@@ -49,6 +49,9 @@ uint64_t nowNs();
 class Guard {
  public:
     static Guard &instance();
+    // A process leaving through exit() without stopping the watchdog
+    // must not std::terminate on a joinable thread.
+    ~Guard() { stop(); }
 
     // Per worker: starts the watchdog thread. `grace_ms` is how long code
     // stuck in a C function may go on after its budget ran out before the

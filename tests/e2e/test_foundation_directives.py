@@ -301,6 +301,24 @@ def test_init_worker_error_keeps_serving(server, module):
     assert n.get("/x").text == "1\n"
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_cache_helpers_run_no_lua(server, module):
+    # The cache manager and loader are nginx processes too: init_worker
+    # does not run in them, and they exit cleanly (the fixture fails the
+    # test on a process that "exited on signal").
+    n = server(module=module, main="user root;", http="""
+        proxy_cache_path cache keys_zone=c:1m;
+        init_worker_by_lua_block {
+            ngx.log(ngx.WARN, "init worker ", ngx.worker.pid())
+        }""", server='location /x { content_by_lua_block { ngx.say(1) } }')
+    n.wait_log(r"start cache loader process")
+    assert n.get("/x").text == "1\n"
+    n.stop()
+    lines = re.findall(r"init worker (\d+)", n.read_log())
+    assert len(lines) == 1, lines
+    assert "cache manager process" in n.read_log()
+
+
 def test_syntax_error_legacy_string(server):
     n = server(start=False, server="""
         location /x {
