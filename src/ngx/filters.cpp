@@ -10,8 +10,34 @@ namespace {
 ngx_http_output_header_filter_pt g_next_header = nullptr;
 ngx_http_output_body_filter_pt g_next_body = nullptr;
 
+// A captured subrequest is a background one (so that several run at
+// once), and nginx's buffered upstream writes only to the connection's
+// active request: its response would be spooled to proxy_temp_path until
+// complete, and with no temp file allowed it would stall for good. The
+// capture keeps the body in memory anyway, so the upstream hands it over
+// as it arrives. Cached or stored responses keep their buffering, which
+// the cache needs.
+void unbufferCapture(ngx_http_request_t *r)
+{
+    ngx_http_upstream_t *u = r->upstream;
+    if (u == nullptr || !u->buffering || u->store
+        || subreq::captureOf(r) == nullptr)
+    {
+        return;
+    }
+#if (NGX_HTTP_CACHE)
+    if (u->cacheable) {
+        return;
+    }
+#endif
+    u->buffering = 0;
+}
+
 ngx_int_t headerFilter(ngx_http_request_t *r)
 {
+    if (r != r->main) {
+        unbufferCapture(r);
+    }
     if (r == r->main && g_run == nullptr) {
         // A response that no Lua code sends, while Lua waits for the body:
         // nginx's own error page for a body it refused.

@@ -106,12 +106,13 @@ CASES = {
 }
 
 
-def with_backend(nginx, backend, **kw):
+def with_backend(nginx, backend, http_extra="", **kw):
     """Starts a server whose /proxied location proxies to a second server
     block (on its own loopback port) holding `backend` locations."""
     bport = free_port()
     kw["server"] = (PROXIED + kw["server"]).replace("{bport}", str(bport))
-    kw["http"] = ("client_max_body_size 16m;\nclient_body_buffer_size 16m;\n"
+    kw["http"] = (http_extra + "\n"
+                  "client_max_body_size 16m;\nclient_body_buffer_size 16m;\n"
                   "server {\n listen 127.0.0.1:%d;\n%s\n}\n"
                   % (bport, backend))
     return nginx(**kw)
@@ -352,6 +353,82 @@ location = /t {
 """)
     r = n.get("/t", timeout=30)
     assert r.text == "200 8388608 true false\n8388608 true\n"
+
+
+BIG_PROXIED = r"""
+location = /big {
+    content_by_lua_block {
+        ngx.print(string.rep(ngx.var.arg_c or "x", 4 * 1048576))
+    }
+}
+"""
+
+
+def test_big_proxied_capture_needs_no_temp_file(nginx):
+    # Workers run as nobody and cannot write proxy_temp_path here, and one
+    # location forbids temp files outright: the captured response still
+    # arrives whole, through memory. (lua-nginx-module spools it to a temp
+    # file, failing here, and stalls for good with no temp file allowed.)
+    n = with_backend(nginx, BIG_PROXIED, server=r"""
+location = /buffered { proxy_pass http://127.0.0.1:{bport}/big; }
+location = /no_temp {
+    proxy_max_temp_file_size 0;
+    proxy_buffers 4 4k;
+    proxy_busy_buffers_size 8k;
+    proxy_pass http://127.0.0.1:{bport}/big;
+}
+location = /unbuffered {
+    proxy_buffering off;
+    proxy_pass http://127.0.0.1:{bport}/big;
+}
+location = /t {
+    content_by_lua_block {
+        local function show(res, c)
+            ngx.say(res.status, " ", #res.body, " ", tostring(res.truncated),
+                    " ", tostring(res.body == string.rep(c, 4 * 1048576)))
+        end
+        for _, loc in ipairs({"/buffered", "/no_temp", "/unbuffered"}) do
+            show(ngx.location.capture(loc), "x")
+        end
+        local a, b = ngx.location.capture_multi({
+            {"/no_temp", {args = "c=a"}}, {"/buffered", {args = "c=b"}}})
+        show(a, "a")
+        show(b, "b")
+    }
+}
+""")
+    r = n.get("/t", timeout=60)
+    assert r.text == "200 4194304 false true\n" * 5
+    assert "temp file" not in n.read_log()
+
+
+def test_cached_proxied_capture_still_caches(nginx):
+    # Buffering stays on for responses the cache stores: the second
+    # capture is served from the cache (same body, one backend hit).
+    n = with_backend(nginx, r"""
+location = /backend {
+    content_by_lua_block {
+        ngx.log(ngx.WARN, "backend hit")
+        ngx.header["Cache-Control"] = "max-age=60"
+        ngx.print(string.rep("c", 200000), ngx.now())
+    }
+}
+""", main="user root;", http_extra="proxy_cache_path cache keys_zone=c:1m;",
+        server=r"""
+location = /cached {
+    proxy_cache c;
+    proxy_pass http://127.0.0.1:{bport}/backend;
+}
+location = /t {
+    content_by_lua_block {
+        local one = ngx.location.capture("/cached")
+        local two = ngx.location.capture("/cached")
+        ngx.say(#one.body > 200000, " ", tostring(one.body == two.body))
+    }
+}
+""")
+    assert n.get("/t").text == "true true\n"
+    assert n.read_log().count("backend hit") == 1
 
 
 class RawListener:
