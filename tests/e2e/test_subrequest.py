@@ -331,9 +331,7 @@ location = /backend {
 
 
 def test_big_request_and_response_bodies(nginx):
-    # Workers as root: the proxied response spills to proxy_temp_path in
-    # the test's private directory.
-    n = with_backend(nginx, BIG_BACKEND, main="user root;",
+    n = with_backend(nginx, BIG_BACKEND,
                      server=TARGETS + BIG_BACKEND + r"""
 client_max_body_size 16m;
 client_body_buffer_size 16m;
