@@ -572,6 +572,39 @@ size_t stepOver(const Regex *re, const char *subj, size_t len, size_t at)
 
 // ---- ngx.re.match / ngx.re.find ----
 
+// The failure returns of match and find: `nils` nils, then the message
+// already on the stack.
+int failWith(lua_State *L, int nils)
+{
+    for (int i = 0; i < nils; i++) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+    }
+    return nils + 1;
+}
+
+// One search from `off`, shared by match and find. Returns 0 when it
+// matched (`*rc` as pcre2_match's), else the number of results pushed:
+// nil when nothing matched, `nils` nils and the message on an error.
+int searchOnce(lua_State *L, Regex *re, const char *subj, size_t len,
+               size_t off, int nils, int *rc)
+{
+    if (off > len) {
+        lua_pushnil(L);
+        return 1;
+    }
+    *rc = exec(re, subj, len, off, true);
+    if (*rc == PCRE2_ERROR_NOMATCH) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (*rc < 0) {
+        pushExecError(L, *rc);
+        return failWith(L, nils);
+    }
+    return 0;
+}
+
 int reMatch(lua_State *L)
 {
     size_t len, plen;
@@ -587,24 +620,12 @@ int reMatch(lua_State *L)
     size_t off = startOffset(L, ctx);
     Regex *raw = compile(L, pat, plen, o);
     if (raw == nullptr) {
-        lua_pushnil(L);
-        lua_insert(L, -2);
-        return 2;
+        return failWith(L, 1);
     }
     RegexRef re(raw);
-    if (off > len) {
-        lua_pushnil(L);
-        return 1;
-    }
-    int rc = exec(raw, subj, len, off, true);
-    if (rc == PCRE2_ERROR_NOMATCH) {
-        lua_pushnil(L);
-        return 1;
-    }
-    if (rc < 0) {
-        lua_pushnil(L);
-        pushExecError(L, rc);
-        return 2;
+    int rc;
+    if (int n = searchOnce(L, raw, subj, len, off, 1, &rc)) {
+        return n;
     }
     Captures c;
     c.take(raw, rc);
@@ -630,33 +651,17 @@ int reFind(lua_State *L)
     size_t off = startOffset(L, ctx);
     Regex *raw = compile(L, pat, plen, o);
     if (raw == nullptr) {
-        lua_pushnil(L);
-        lua_pushnil(L);
-        lua_pushvalue(L, -3);
-        return 3;
+        return failWith(L, 2);
     }
     RegexRef re(raw);
-    if (off > len) {
-        lua_pushnil(L);
-        return 1;
-    }
-    int rc = exec(raw, subj, len, off, true);
-    if (rc == PCRE2_ERROR_NOMATCH) {
-        lua_pushnil(L);
-        return 1;
-    }
-    if (rc < 0) {
-        lua_pushnil(L);
-        lua_pushnil(L);
-        pushExecError(L, rc);
-        return 3;
+    int rc;
+    if (int n = searchOnce(L, raw, subj, len, off, 2, &rc)) {
+        return n;
     }
     uint32_t groups = (raw->flags & regex::kDfa) ? 1 : raw->ncap + 1;
     if (static_cast<uint64_t>(nth) >= groups) {
-        lua_pushnil(L);
-        lua_pushnil(L);
         lua_pushliteral(L, "nth out of bound");
-        return 3;
+        return failWith(L, 2);
     }
     const PCRE2_SIZE *ov = pcre2_get_ovector_pointer(raw->md);
     if (ctx) {
