@@ -246,29 +246,15 @@ def test_body_refused_after_waiting(nginx, module):
     """A chunked body found too large (or badly framed) only once more of
     it arrives: nginx answers on its own while Lua waits in read_body. The
     request must end there, in every phase, and the connection close."""
-    n = nginx(module=module, server="""
+    wait = ('ngx.log(ngx.WARN, "waiting for the body") ngx.req.read_body() '
+            'ngx.log(ngx.WARN, "body was read")')
+    read = 'content_by_lua_block { ngx.say("read") }'
+    n = nginx(module=module, server=f"""
         client_max_body_size 10;
         client_body_timeout 60s;
-        location /c { content_by_lua_block {
-            ngx.log(ngx.WARN, "waiting for the body")
-            ngx.req.read_body()
-            ngx.log(ngx.WARN, "body was read") ngx.say("read") } }
-        location /r {
-            rewrite_by_lua_block {
-                ngx.log(ngx.WARN, "waiting for the body")
-                ngx.req.read_body()
-                ngx.log(ngx.WARN, "body was read")
-            }
-            content_by_lua_block { ngx.say("read") }
-        }
-        location /a {
-            access_by_lua_block {
-                ngx.log(ngx.WARN, "waiting for the body")
-                ngx.req.read_body()
-                ngx.log(ngx.WARN, "body was read")
-            }
-            content_by_lua_block { ngx.say("read") }
-        }
+        location /c {{ content_by_lua_block {{ {wait} ngx.say("read") }} }}
+        location /r {{ rewrite_by_lua_block {{ {wait} }} {read} }}
+        location /a {{ access_by_lua_block {{ {wait} }} {read} }}
     """)
     cases = ((b"20\r\n" + b"y" * 32 + b"\r\n0\r\n\r\n", b"413"),
              (b"zz\r\n", b"400"))
