@@ -311,30 +311,43 @@ def test_timer_and_socket_from_previous_request(nginx):
 # ---- faults ----
 
 def test_read_timeout_and_worker_stays_responsive(nginx, peers):
-    silent = peers(lambda c: (c.recv(100), time.sleep(5)))
+    got, release, done = (threading.Event() for _ in range(3))
+
+    def peer(c):
+        c.recv(100)
+        got.set()
+        release.wait(30)   # holds the reply until /ping was answered
+        c.sendall(b"late\n")
+        done.wait(30)      # then silent: the next read times out
+
+    held = peers(peer)
     n = nginx(server=r"""
         location /t { content_by_lua_block {
             local s = ngx.socket.tcp()
-            s:settimeouts(1000, 1000, 200)
+            s:settimeouts(1000, 1000, 30000)
             ngx.say(s:connect("127.0.0.1", %d))
             s:send("hi")
             ngx.say(s:receive())
+            s:settimeouts(1000, 1000, 200)
             ngx.say(s:receive(10))
             ngx.say(s:send("still open"))
         } }
-        location /ping { return 200 "pong"; }""" % silent.port)
+        location /ping { return 200 "pong"; }""" % held.port)
     results = {}
 
     def slow():
-        results["t"] = n.get("/t")
+        results["t"] = n.get("/t", timeout=60)
 
     th = threading.Thread(target=slow)
     th.start()
-    t0 = time.monotonic()
+    assert got.wait(10)
+    # /t waits in a read its peer does not answer yet: the worker serves.
     assert n.get("/ping").text == "pong"
-    assert time.monotonic() - t0 < 1.0
+    assert th.is_alive()
+    release.set()
     th.join()
-    assert results["t"].text == "1\nniltimeout\nniltimeout\n10\n"
+    done.set()
+    assert results["t"].text == "1\nlate\nniltimeout\n10\n"
     assert "lua tcp socket read timed out" in n.read_log()
 
 
