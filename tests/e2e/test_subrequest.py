@@ -4,7 +4,6 @@ compared with lua-nginx-module (module="reference")."""
 import os
 import socket
 import threading
-import time
 
 import pytest
 
@@ -531,15 +530,24 @@ location = /t {
             ngx.sleep(0.05)
             ngx.exit(503)
         end)
-        local res = ngx.location.capture("/sleep")
+        local res = ngx.location.capture("/sub")
         ngx.log(ngx.ERR, "capture returned after exit")
+    }
+}
+location = /sub {
+    content_by_lua_block {
+        ngx.sleep(0.5)
+        ngx.log(ngx.NOTICE, "subrequest done")
+        ngx.say("sub")
     }
 }
 location = /after { return 200 "alive\n"; }
 """)
     assert n.get("/t").status == 503
     # The subrequest still finishes; nothing resumes the killed thread.
-    time.sleep(0.7)
+    # Its end and all it leads to are one event of the worker, handled
+    # before /after is read.
+    n.wait_log("subrequest done")
     assert n.get("/after").text == "alive\n"
     assert "capture returned after exit" not in n.read_log()
 
@@ -639,6 +647,11 @@ location = /t {
         ngx.log(ngx.NOTICE, "on_abort: ", tostring(ok), " ", tostring(err))
         local ok2, err2 = ngx.on_abort(function() end)
         ngx.log(ngx.NOTICE, "second: ", tostring(ok2), " ", tostring(err2))
+        -- Fires just after the sleep below would end: once it is logged,
+        -- "main handler done" would be too, had the thread survived.
+        ngx.timer.at(2.05, function()
+            ngx.log(ngx.NOTICE, "past the sleep")
+        end)
         ngx.sleep(2)
         ngx.log(ngx.NOTICE, "main handler done")
     }
@@ -662,7 +675,7 @@ def test_on_abort_runs_handler(nginx):
     assert "on_abort: 1 nil" in log
     assert "second: nil duplicate call" in log
     assert "client prematurely closed connection" in log
-    time.sleep(2.2)
+    n.wait_log("past the sleep")
     assert "main handler done" not in n.read_log()
 
 
@@ -699,6 +712,9 @@ location = /t {
     lua_check_client_abort on;
     log_by_lua_block { ngx.log(ngx.NOTICE, "logged status ", ngx.status) }
     content_by_lua_block {
+        ngx.timer.at(2.05, function()
+            ngx.log(ngx.NOTICE, "past the sleep")
+        end)
         ngx.log(ngx.NOTICE, "waiting")
         ngx.sleep(2)
         ngx.log(ngx.NOTICE, "main handler done")
@@ -711,7 +727,7 @@ location = /t {
     s.close()
     n.wait_log("client prematurely closed connection")
     n.wait_log("logged status 499")
-    time.sleep(2.2)
+    n.wait_log("past the sleep")
     assert "main handler done" not in n.read_log()
 
 

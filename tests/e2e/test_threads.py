@@ -1,6 +1,7 @@
 """Timers, light threads and semaphores, compared with lua-nginx-module."""
 
 import concurrent.futures
+import socket
 import time
 
 import pytest
@@ -297,6 +298,7 @@ def test_quit_runs_pending_timers_prematurely(nginx):
                 ngx.log(ngx.WARN, "timer ran, premature=", tostring(premature))
             end)
             ngx.timer.at(0, function()
+                ngx.log(ngx.WARN, "running timer sleeps")
                 ngx.sleep(0.3)
                 ngx.log(ngx.WARN, "running timer finished its sleep")
             end)
@@ -304,7 +306,7 @@ def test_quit_runs_pending_timers_prematurely(nginx):
         } }
     """)
     assert n.get("/arm").text == "armed\n"
-    time.sleep(0.05)  # let the second timer start its sleep
+    n.wait_log("running timer sleeps")
     n.stop()
     log = n.read_log()
     assert "timer ran, premature=true" in log
@@ -355,19 +357,26 @@ def test_semaphore_across_requests(nginx):
 
 def test_client_abort_kills_sleeping_threads(nginx):
     n = nginx(server="""
-        location /sleepy { content_by_lua_block {
-            ngx.thread.spawn(function() ngx.sleep(0.3) end)
-            ngx.sleep(0.3)
-            ngx.say("done")
-        } }
+        location /sleepy {
+            content_by_lua_block {
+                ngx.thread.spawn(function() ngx.sleep(0.3) end)
+                ngx.log(ngx.WARN, "sleepy waits")
+                ngx.sleep(0.3)
+                ngx.say("done")
+            }
+            log_by_lua_block { ngx.log(ngx.WARN, "sleepy ended") }
+        }
         location /ok { content_by_lua_block { ngx.say("ok") } }
     """)
+    clients = []
     for _ in range(5):
-        try:
-            n.get("/sleepy", timeout=0.05)
-        except Exception:
-            pass
-    time.sleep(0.4)
+        s = socket.create_connection(("127.0.0.1", n.port), 10)
+        s.sendall(b"GET /sleepy HTTP/1.1\r\nHost: x\r\n\r\n")
+        clients.append(s)
+    n.wait_log(r"(?s)(sleepy waits.*){5}")
+    for s in clients:
+        s.close()   # gone while both threads of each request sleep
+    n.wait_log(r"(?s)(sleepy ended.*){5}")
     assert n.get("/ok").text == "ok\n"
 
 
