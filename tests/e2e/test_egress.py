@@ -18,11 +18,22 @@ class Recorder:
     """Accepts TCP connections on (host, port), answers one line, counts."""
 
     def __init__(self, host="127.0.0.2"):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        while True:
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, 0))
+            self.port = self.sock.getsockname()[1]
+            # The same port on 127.0.0.1 stays bound and not listening:
+            # tests connect there expecting a refusal, so no other server
+            # of the test (nginx's own listener) may be handed that port.
+            self.guard = socket.socket()
+            try:
+                self.guard.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.guard.close()
+                self.sock.close()
         self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.accepted = 0
         threading.Thread(target=self.loop, daemon=True).start()
 
@@ -38,6 +49,7 @@ class Recorder:
 
     def close(self):
         self.sock.close()
+        self.guard.close()
 
 
 class Dns:
