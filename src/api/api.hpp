@@ -82,6 +82,9 @@ void pushPrintable(lua_State *L, int idx, const char *fname);
 // Registers functions `fns` into the table at the top of the stack.
 void setFuncs(lua_State *L, const luaL_Reg *fns);
 
+// package.preload[name] = open: the module `require(name)` returns.
+void preload(lua_State *L, const char *name, lua_CFunction open);
+
 // Gets (creating when absent) the sub-table ngx.<name>; leaves it on top.
 void subTable(lua_State *L, const char *name);
 

@@ -436,6 +436,15 @@ void setFuncs(lua_State *L, const luaL_Reg *fns)
     }
 }
 
+void preload(lua_State *L, const char *name, lua_CFunction open)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, open);
+    lua_setfield(L, -2, name);
+    lua_pop(L, 2);
+}
+
 void subTable(lua_State *L, const char *name)
 {
     lua_getfield(L, -1, name);

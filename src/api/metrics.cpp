@@ -41,11 +41,7 @@ int openModule(lua_State *L)
 
 void openMetrics(lua_State *L)
 {
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, openModule);
-    lua_setfield(L, -2, "luaguard.metrics");
-    lua_pop(L, 2);
+    preload(L, "luaguard.metrics", openModule);
 }
 
 }  // namespace luaguard::api

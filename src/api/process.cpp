@@ -59,11 +59,7 @@ int openModule(lua_State *L)
 
 void openProcess(lua_State *L)
 {
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, openModule);
-    lua_setfield(L, -2, "ngx.process");
-    lua_pop(L, 2);
+    preload(L, "ngx.process", openModule);
 }
 
 }  // namespace luaguard::api

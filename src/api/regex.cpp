@@ -1727,11 +1727,7 @@ void openRegex(lua_State *L)
     setFuncs(L, fns);
     lua_pop(L, 1);
 
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, loadNgxRe);
-    lua_setfield(L, -2, "ngx.re");
-    lua_pop(L, 2);
+    preload(L, "ngx.re", loadNgxRe);
 
     // The FFI wrappers replace match and find; the C functions stay as
     // their fallbacks. Without the FFI (or if it fails) the C API serves.

@@ -193,11 +193,7 @@ void openSemaphore(lua_State *L)
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
 
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, openModule);
-    lua_setfield(L, -2, "ngx.semaphore");
-    lua_pop(L, 2);
+    preload(L, "ngx.semaphore", openModule);
 }
 
 }  // namespace luaguard::api

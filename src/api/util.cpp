@@ -426,11 +426,7 @@ void openUtil(lua_State *L)
                             {nullptr, nullptr}};
     setFuncs(L, fns);
 
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, openBase64Module);
-    lua_setfield(L, -2, "ngx.base64");
-    lua_pop(L, 2);
+    preload(L, "ngx.base64", openBase64Module);
 }
 
 }  // namespace luaguard::api
