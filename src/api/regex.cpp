@@ -1317,6 +1317,17 @@ local function start_offset(ctx)
     return 0
 end
 
+-- One search from `pos`, shared by match and find: pcre2's return code
+-- (the groups in R.ov), or FALLBACK when the C functions must do it.
+local function search(subj, regex, opts, pos)
+    local h = handle(regex, opts)
+    local rc = re_exec(h, regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    if rc ~= FALLBACK and h == nil then
+        remember(regex, opts)
+    end
+    return rc
+end
+
 local build
 
 local function match(subj, regex, opts, ctx, res)
@@ -1330,13 +1341,9 @@ local function match(subj, regex, opts, ctx, res)
     then
         return c_match(subj, regex, opts, ctx, res)
     end
-    local h = handle(regex, opts)
-    local rc = re_exec(h, regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    local rc = search(subj, regex, opts, pos)
     if rc == FALLBACK then
         return c_match(subj, regex, opts, ctx, res)
-    end
-    if h == nil then
-        remember(regex, opts)
     end
     if rc < 0 then
         if rc == NOMATCH then
@@ -1406,13 +1413,9 @@ local function find(subj, regex, opts, ctx, nth)
     then
         return c_find(subj, regex, opts, ctx, nth)
     end
-    local h = handle(regex, opts)
-    local rc = re_exec(h, regex, #regex, opts, #opts, subj, #subj, pos, 0)
+    local rc = search(subj, regex, opts, pos)
     if rc == FALLBACK then
         return c_find(subj, regex, opts, ctx, nth)
-    end
-    if h == nil then
-        remember(regex, opts)
     end
     if rc < 0 then
         if rc == NOMATCH then
