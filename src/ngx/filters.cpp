@@ -37,8 +37,7 @@ ngx_int_t headerFilter(ngx_http_request_t *r)
 {
     if (r != r->main) {
         unbufferCapture(r);
-    }
-    if (r == r->main && g_run == nullptr) {
+    } else if (g_run == nullptr) {
         // A response that no Lua code sends, while Lua waits for the body:
         // nginx's own error page for a body it refused.
         RequestCtx *ctx = getCtx(r);

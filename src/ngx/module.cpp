@@ -1241,14 +1241,14 @@ void onStuck(const char *budget, uint64_t ms)
 
 ngx_int_t initProcess(ngx_cycle_t *cycle)
 {
-    auto *mcf = static_cast<MainConf *>(
-        ngx_http_cycle_get_module_main_conf(cycle, ngx_http_luaguard_module));
     if (ngx_process == NGX_PROCESS_HELPER) {
         // Cache manager and loader: they run no requests, and exit without
         // calling exit_process, so nothing (no watchdog thread, no
         // init_worker_by_lua) is started in them, as in lua-nginx-module.
         return NGX_OK;
     }
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_cycle_get_module_main_conf(cycle, ngx_http_luaguard_module));
     if (mcf == nullptr || mcf->vm == nullptr) {
         metrics::initWorker(cycle);
         return NGX_OK;

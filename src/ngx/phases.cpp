@@ -586,9 +586,7 @@ ngx_int_t needBody(ngx_http_request_t *r, RequestCtx *ctx, bool content)
 // the request it already answered.
 void abandonedHandler(ngx_event_t *ev)
 {
-    auto *t = static_cast<LuaThread *>(ev->data);
-    threads::resetWake(t);
-    RequestCtx *ctx = t->ctx;
+    RequestCtx *ctx = static_cast<LuaThread *>(ev->data)->ctx;
     ngx_http_request_t *r = ctx->r;
     ngx_connection_t *c = r->connection;
     Phase phase = ctx->thread_phase;
