@@ -7,7 +7,9 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +64,50 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Dns:
+    """A DNS server on loopback UDP. `answer(name)` gives the IPv4 address
+    of a name, or None: NXDOMAIN. A known name asked for another record
+    type gets an empty answer. `queries` records (name, qtype)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.queries = []
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                q, addr = self.sock.recvfrom(512)
+            except OSError:
+                return
+            qid, = struct.unpack("!H", q[:2])
+            i, labels = 12, []
+            while q[i]:
+                labels.append(q[i + 1:i + 1 + q[i]].decode())
+                i += 1 + q[i]
+            qtype, = struct.unpack("!H", q[i + 1:i + 3])
+            question = q[12:i + 5]
+            name = ".".join(labels)
+            self.queries.append((name, qtype))
+            ip = self.answer(name)
+            if ip is None:
+                flags, ans = 0x8183, b""
+            elif qtype == 1:
+                flags, ans = 0x8180, (b"\xc0\x0c"
+                                      + struct.pack("!HHIH", 1, 1, 0, 4)
+                                      + socket.inet_aton(ip))
+            else:
+                flags, ans = 0x8180, b""
+            hdr = struct.pack("!HHHHHH", qid, flags, 1, 1 if ans else 0, 0, 0)
+            self.sock.sendto(hdr + question + ans, addr)
+
+    def close(self):
+        self.sock.close()
 
 
 def sanitizer_env():
