@@ -9,6 +9,7 @@
 
 #include "api/api.hpp"
 #include "ngx/module.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
 #include "runtime/block_scanner.hpp"
@@ -105,6 +106,10 @@ Vm *ensureVm(ngx_conf_t *cf)
         delete vm;
         return nullptr;
     }
+
+    // Every entry into Lua is protected (ngx/entry.hpp); an error that
+    // still finds no handler is logged before LuaJIT ends the process.
+    lua_atpanic(vm->L(), entry::panic);
 
     // Owned by the cycle's pool: a reload builds a new VM with the new
     // configuration and the old one goes with the old cycle.

@@ -6,6 +6,7 @@
 #include <new>
 #include <string>
 
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
@@ -291,17 +292,32 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
     ctx->exited = false;
     ctx->exit_code = 0;
 
-    LuaThread *t = threads::create(ctx, nullptr);
+    std::string err;
+    LuaThread *t = nullptr;
+    bool ok = entry::protect(ctx->vm->L(), [&] {
+        t = threads::create(ctx, nullptr);
+    }, &err);
     if (t == nullptr) {
+        if (ok) {
+            err = "no memory";
+        }
+        logEscaped(ctx->r->connection->log,
+                   "failed to create the Lua thread: " + err);
         return Outcome::Failed;
     }
     ctx->entry = t;
 
-    std::string err;
-    bool ok;
     {
-        RunScope scope(ctx, phase, t);
-        ok = pushHandler(t->co, ctx, h, t->co, &err);
+        entry::Scope scope(ctx, phase, t);
+        std::string raised;
+        if (!entry::protect(t->co, [&] {
+                ok = pushHandler(t->co, ctx, h, t->co, &err);
+            }, &raised))
+        {
+            ok = false;
+            err = "failed to run " + std::string(phaseName(phase))
+                  + "_by_lua*: " + raised;
+        }
     }
     if (!ok) {
         metrics::countError(ctx);
@@ -677,21 +693,21 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
 {
     lua_State *L = mainConf()->vm->L();
     int base = lua_gettop(L);
-    std::string err;
-    RunScope scope(ctx, phase);
+    entry::Scope scope(ctx, phase);
     metrics::countRun(ctx);
 
-    lua_pushcfunction(L, tracebackHandler);
-    if (!pushHandler(L, ctx, h, nullptr, &err)) {
+    std::string err;
+    bool pushed = false;
+    if (!entry::protect(L, [&] {
+            lua_pushcfunction(L, tracebackHandler);
+            pushed = pushHandler(L, ctx, h, nullptr, &err);
+        }, &err) || !pushed)
+    {
         metrics::countError(ctx);
         lua_settop(L, base);
         logEscaped(log, err);
         return NGX_ERROR;
     }
-    budget::Usage scratch;
-    budget::Limits none;
-    budget::Scope charge(ctx ? ctx->llcf->limits : none,
-                         ctx ? &ctx->usage : &scratch);
     int rc = lua_pcall(L, 0, nresults, base + 1);
     if (rc != 0) {
         if (lua_touserdata(L, -1) == &kExitSentinel) {
@@ -842,22 +858,35 @@ void runSetStep(ngx_http_script_engine_t *e)
     int base = lua_gettop(L);
 
     // ngx.arg for set_by_lua: the evaluated $arg parameters.
-    lua_createtable(L, static_cast<int>(step->nargs), 0);
-    for (ngx_uint_t i = 0; i < step->nargs; i++) {
-        ngx_str_t val;
-        if (ngx_http_complex_value(r, &step->args[i], &val) != NGX_OK) {
-            lua_settop(L, base);
-            e->ip = scriptExit();
-            e->status = NGX_HTTP_INTERNAL_SERVER_ERROR;
-            return;
+    bool evaluated = true;
+    std::string err;
+    bool built = entry::protect(L, [&] {
+        lua_createtable(L, static_cast<int>(step->nargs), 0);
+        for (ngx_uint_t i = 0; i < step->nargs && evaluated; i++) {
+            ngx_str_t val;
+            if (ngx_http_complex_value(r, &step->args[i], &val) != NGX_OK) {
+                evaluated = false;
+                break;
+            }
+            lua_pushlstring(L, reinterpret_cast<char *>(val.data), val.len);
+            lua_rawseti(L, -2, static_cast<int>(i + 1));
         }
-        lua_pushlstring(L, reinterpret_cast<char *>(val.data), val.len);
-        lua_rawseti(L, -2, static_cast<int>(i + 1));
+        lua_setfield(L, LUA_REGISTRYINDEX, "luaguard.set_args");
+    }, &err);
+    if (!built || !evaluated) {
+        if (!built) {
+            logEscaped(r->connection->log,
+                       "failed to run set_by_lua*: " + err);
+        }
+        lua_settop(L, base);
+        e->ip = scriptExit();
+        e->status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return;
     }
-    lua_setfield(L, LUA_REGISTRYINDEX, "luaguard.set_args");
 
     ngx_int_t rc = runSync(ctx, Phase::Set, step->handler, r->connection->log,
                            1);
+    // Cannot fail: the field exists, so no allocation.
     lua_pushnil(L);
     lua_setfield(L, LUA_REGISTRYINDEX, "luaguard.set_args");
 
@@ -872,7 +901,8 @@ void runSetStep(ngx_http_script_engine_t *e)
     size_t len = 0;
     const char *s = nullptr;
     if (lua_gettop(L) > base && !lua_isnil(L, -1)) {
-        s = lua_tolstring(L, -1, &len);
+        // A number is converted to a string in place: an allocation.
+        entry::protect(L, [&] { s = lua_tolstring(L, -1, &len); }, &err);
     }
     u_char *data = static_cast<u_char *>(ngx_pnalloc(r->pool, len ? len : 1));
     if (data == nullptr) {

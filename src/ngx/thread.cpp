@@ -2,9 +2,11 @@
 
 #include "ngx/thread.hpp"
 
+#include <cstdio>
 #include <string>
 #include <tuple>
 
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
 #include "ngx/subrequest.hpp"
@@ -20,10 +22,17 @@ char kExitSentinel;
 
 std::string errorText(lua_State *L, int idx)
 {
-    if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+    if (lua_type(L, idx) == LUA_TSTRING) {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
         return std::string(s, len);
+    }
+    if (lua_type(L, idx) == LUA_TNUMBER) {
+        // Not lua_tolstring: converting in place allocates, and this runs
+        // where an allocation failure has nowhere to go.
+        char buf[32];
+        std::snprintf(buf, sizeof(buf), "%.14g", lua_tonumber(L, idx));
+        return buf;
     }
     if (lua_isnil(L, idx)) {
         return "unknown reason";
@@ -66,15 +75,7 @@ int exitThread(lua_State *L, RequestCtx *ctx)
 
 void resume(LuaThread *t, int nargs)
 {
-    RequestCtx *ctx = t->ctx;
-    ngx_connection_t *c = ctx->r->connection;
-    bool timer = ctx->is_timer;
-    if (threads::run(t, nargs)) {
-        phaseFinished(ctx);
-    }
-    if (!timer) {
-        ngx_http_run_posted_requests(c);
-    }
+    entry::resumeWith(t, nargs);
 }
 
 }  // namespace glue
@@ -102,33 +103,56 @@ void stopWaiting(LuaThread *w)
     w->nwaiting = 0;
 }
 
+// Where the failed coroutine `co` was, as luaL_traceback tells it; empty
+// when even that could not be allocated.
+std::string traceback(RequestCtx *ctx, lua_State *co)
+{
+    lua_State *L = ctx->vm->L();
+    std::string tb, err;
+    entry::protect(L, [&] {
+        luaL_traceback(L, co, nullptr, 0);
+        size_t len;
+        const char *s = lua_tolstring(L, -1, &len);
+        tb.assign(s ? s : "", s ? len : 0);
+        lua_pop(L, 1);
+    }, &err);
+    return tb;
+}
+
 // The thread just ended: record it, hand its results to a parent blocked
-// in wait(), apply the rules that end the phase.
-bool finish(LuaThread *t, int rc)
+// in wait(), apply the rules that end the phase. `raised` is the error of
+// a thread that failed outside its coroutine (see fail()); otherwise rc
+// and the coroutine's stack tell how it ended.
+bool finish(LuaThread *t, int rc, const std::string *raised = nullptr)
 {
     RequestCtx *ctx = t->ctx;
     lua_State *co = t->co;
     t->dead = true;
     // Only a coroutine whose function returned is reset and reused; one
     // left suspended (ngx.exit, killed) or in error is not.
-    t->returned = rc == 0;
+    t->returned = rc == 0 && raised == nullptr;
 
-    if (rc != 0 && rc != LUA_YIELD) {
+    if (raised || (rc != 0 && rc != LUA_YIELD)) {
         t->failed = true;
         metrics::countError(ctx);
-        std::string msg = glue::errorText(co, -1);
-        luaL_traceback(ctx->vm->L(), co, nullptr, 0);
-        std::string tb = lua_tostring(ctx->vm->L(), -1)
-                             ? lua_tostring(ctx->vm->L(), -1) : "";
-        lua_pop(ctx->vm->L(), 1);
+        std::string msg = raised ? *raised : glue::errorText(co, -1);
+        std::string tb = raised ? std::string() : traceback(ctx, co);
         glue::logFailure(ctx->r->connection->log,
                          t->entry ? "lua entry thread aborted: runtime error"
                                   : "lua user thread aborted: runtime error",
                          msg, tb);
-        // wait() returns false and the error object.
-        lua_pushvalue(co, -1);
-        lua_replace(co, 1);
-        lua_settop(co, 1);
+        // wait() returns false and the error object (the message, for an
+        // error raised outside the coroutine).
+        if (raised) {
+            lua_settop(co, 0);
+            std::string err;
+            entry::protect(co, [&] {
+                lua_pushlstring(co, raised->data(), raised->size());
+            }, &err);
+        } else {
+            lua_insert(co, 1);
+            lua_settop(co, 1);
+        }
     } else if (rc == LUA_YIELD) {
         lua_settop(co, 0);  // ended by ngx.exit and friends
     }
@@ -149,11 +173,14 @@ bool finish(LuaThread *t, int rc)
     if (LuaThread *w = t->waiter) {
         stopWaiting(w);
         int n = lua_gettop(co);
-        lua_pushboolean(w->co, !t->failed);
-        lua_xmove(co, w->co, n);
+        std::string err;
+        bool ok = entry::protect(w->co, [&] {
+            lua_pushboolean(w->co, !t->failed);
+            lua_xmove(co, w->co, n);
+        }, &err);
         t->reaped = true;
         release(t);
-        return run(w, n + 1);
+        return ok ? run(w, n + 1) : fail(w, err);
     }
     return phaseDone(ctx);
 }
@@ -212,8 +239,7 @@ bool run(LuaThread *t, int nargs)
 
     t->running = true;
     {
-        RunScope scope(ctx, ctx->thread_phase, t);
-        budget::Scope charge(*ctx->limits, &ctx->usage);
+        entry::Scope scope(ctx, ctx->thread_phase, t);
         rc = lua_resume(co, nargs);
     }
     t->running = false;
@@ -236,6 +262,25 @@ bool run(LuaThread *t, int nargs)
     if (rc != 0 && rc != LUA_YIELD) {
         budget::Guard::reclaim(ctx->vm->L(), ctx->usage);
     }
+    return done;
+}
+
+bool fail(LuaThread *t, const std::string &msg)
+{
+    // Whatever it waited on is undone first, as when it is killed.
+    if (t->wake.timer_set) {
+        ngx_del_timer(&t->wake);
+    }
+    if (t->wake.posted) {
+        ngx_delete_posted_event(&t->wake);
+    }
+    if (t->cancel) {
+        t->cancel(t);
+        t->cancel = nullptr;
+    }
+    stopWaiting(t);
+    bool done = finish(t, LUA_ERRRUN, &msg);
+    budget::Guard::reclaim(t->ctx->vm->L(), t->ctx->usage);
     return done;
 }
 

@@ -5,6 +5,8 @@
 // its request ends early.
 #pragma once
 
+#include <string>
+
 #include "ngx/module.hpp"
 
 namespace luaguard {
@@ -43,6 +45,11 @@ LuaThread *create(RequestCtx *ctx, LuaThread *parent);
 // consequences: wakes a waiting parent, ends the phase when the rules say
 // it is over. Returns true when the phase's threads are all finished.
 bool run(LuaThread *t, int nargs);
+
+// Ends a waiting thread that cannot be resumed (its results could not be
+// pushed) as if it had raised `msg`: logged, wait() gets false and msg.
+// Returns true when that ended the phase, as run() does.
+bool fail(LuaThread *t, const std::string &msg);
 
 // Ends a thread that is not running: its pending wait is cancelled, its
 // coroutine released.

@@ -4,6 +4,22 @@
 
 namespace luaguard {
 
+namespace {
+
+void *refuse(MemoryAccount *m)
+{
+    m->refused = true;
+    m->refusals++;
+    return nullptr;
+}
+
+size_t hardCeiling(size_t limit)
+{
+    return MemoryAccount::hardCeiling(limit);
+}
+
+}  // namespace
+
 void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     auto *m = static_cast<MemoryAccount *>(ud);
@@ -19,34 +35,53 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
         if (m->charge) {
             *m->charge -= static_cast<int64_t>(osize);
         }
+        if (m->over_ceiling && m->in_use < m->ceiling) {
+            m->over_ceiling = false;  // back under: the next crossing counts
+        }
         return nullptr;
     }
 
     if (nsize > osize) {
         size_t grow = nsize - osize;
-        bool over_request = m->charge && m->charge_limit
-                            && *m->charge + static_cast<int64_t>(grow)
-                                   > m->charge_limit;
-        if (over_request || (m->ceiling && m->in_use + grow > m->ceiling)) {
-            m->refused = true;
-            m->refusals++;
-            if (m->on_refuse) {
-                m->on_refuse(over_request);
+        if (m->fail_countdown && --m->fail_countdown == 0) {
+            return refuse(m);
+        }
+        if (m->ceiling && m->in_use + grow > hardCeiling(m->ceiling)) {
+            return refuse(m);
+        }
+        if (m->charge) {
+            int64_t after = *m->charge + static_cast<int64_t>(grow);
+            if (m->charge_hard && after > m->charge_hard) {
+                return refuse(m);
             }
-            return nullptr;
+            if (m->charge_limit && after > m->charge_limit) {
+                m->charge_limit = 0;  // told once per run
+                if (m->on_over) {
+                    m->on_over(true);
+                }
+            }
+        }
+        if (m->ceiling && !m->over_ceiling
+            && m->in_use + grow > m->ceiling)
+        {
+            m->over_ceiling = true;
+            if (m->on_over) {
+                m->on_over(false);
+            }
         }
     }
 
     void *p = std::realloc(ptr, nsize);
     if (p == nullptr) {
-        m->refused = true;
-        m->refusals++;
-        return nullptr;
+        return refuse(m);
     }
 
     m->in_use = m->in_use - osize + nsize;
     if (nsize < osize) {
         m->freed += osize - nsize;
+    }
+    if (m->over_ceiling && m->in_use < m->ceiling) {
+        m->over_ceiling = false;  // back under: the next crossing counts
     }
     if (m->in_use > m->peak) {
         m->peak = m->in_use;

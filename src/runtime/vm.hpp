@@ -13,22 +13,46 @@
 
 namespace luaguard {
 
-// Counts every byte the VM holds. The ceiling refuses allocations past it
-// ("not enough memory" in Lua); `charge`, when set, points at the running
-// request's net allocation, which has its own limit.
+// Counts every byte the VM holds.
+//
+// Budgets are soft: an allocation that takes the running request past
+// `charge_limit`, or the VM past `ceiling`, goes through and `on_over` is
+// told, which stops the run at its next instruction (a hook). Refusing it
+// instead would raise "not enough memory" from wherever the allocation
+// happened, and LuaJIT 2.1-20230119 mishandles that inside compiled traces
+// that call C (the worker dies with SIGSEGV). Allocations are refused only
+// at the hard limits (hardLimit(), hardCeiling()), far enough above that
+// only one enormous allocation in a single C call (string.rep of a
+// gigabyte) reaches them.
 struct MemoryAccount {
     size_t   in_use = 0;
     size_t   peak = 0;
-    size_t   ceiling = 0;          // 0: no ceiling
+    size_t   ceiling = 0;          // lua_vm_memory_limit; 0: none
     int64_t *charge = nullptr;     // running request's net bytes, or null
-    int64_t  charge_limit = 0;     // 0: no per-request limit
+    int64_t  charge_limit = 0;     // its budget; 0: none (or already over)
+    int64_t  charge_hard = 0;      // refused past this; 0: none
     bool     refused = false;      // an allocation was refused since reset
+    bool     over_ceiling = false; // on_over told of the ceiling already
     uint64_t refusals = 0;
     uint64_t freed = 0;            // bytes given back, for the metrics
-    // Told of each refusal; true when the request limit (not the ceiling)
-    // refused. Budgets use it to end the run that asked.
-    void   (*on_refuse)(bool request_limit) = nullptr;
+    // Test builds only (LUAGUARD_FAULT_INJECTION): refuse the Nth
+    // allocation from now (1: the next one); 0: off.
+    uint64_t fail_countdown = 0;
+    // Told when an allocation took the request past its budget (true) or
+    // the VM past its ceiling (false). Budgets end the run that asked.
+    void   (*on_over)(bool request_limit) = nullptr;
 
+    // The per-request hard limit for a budget of `limit` bytes: twice the
+    // budget plus room for the stop's own error message.
+    static int64_t hardLimit(int64_t limit)
+    {
+        return limit ? 2 * limit + (16 << 20) : 0;
+    }
+    // The VM's hard ceiling for a lua_vm_memory_limit of `limit`.
+    static size_t hardCeiling(size_t limit)
+    {
+        return limit ? limit + limit / 4 + (16u << 20) : 0;
+    }
 };
 
 class Vm {

@@ -67,7 +67,7 @@ bool Guard::start(lua_State *L, MemoryAccount *mem, uint64_t grace_ms,
     on_stuck_ = on_stuck;
     worker_thread_ = pthread_self();
 
-    mem->on_refuse = [](bool request_limit) {
+    mem->on_over = [](bool request_limit) {
         instance().tripMemory(request_limit ? Kind::Memory : Kind::VmMemory);
     };
 
@@ -133,10 +133,11 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage)
     if (mem_) {
         f->prev_charge = mem_->charge;
         f->prev_charge_limit = mem_->charge_limit;
+        f->prev_charge_hard = mem_->charge_hard;
         mem_->charge = &usage->mem_net;
-        // A tripped run gets no limit: its error message must be
-        // allocatable, and the hook ends it anyway.
+        // A tripped run is not told again: the hook ends it anyway.
         mem_->charge_limit = usage->tripped == Kind::None ? limits.memory : 0;
+        mem_->charge_hard = MemoryAccount::hardLimit(limits.memory);
         if (usage->mem_net < 0) {
             usage->mem_net = 0;  // frees of others' garbage earn no credit
         }
@@ -159,6 +160,7 @@ void Guard::leave(Frame *f)
     if (mem_) {
         mem_->charge = f->prev_charge;
         mem_->charge_limit = f->prev_charge_limit;
+        mem_->charge_hard = f->prev_charge_hard;
     }
 
     if (f->prev) {
@@ -211,8 +213,6 @@ void Guard::tripMemory(Kind k)
         tripped_gen_.store(gen, std::memory_order_release);
     }
     markTripped(k);
-    // Room for the error message; the hook ends the run regardless.
-    mem_->charge_limit = 0;
     arm();
 }
 

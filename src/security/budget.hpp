@@ -70,13 +70,15 @@ class Guard {
         Kind         deadline_kind;
         int64_t     *prev_charge;
         int64_t      prev_charge_limit;
+        int64_t      prev_charge_hard;
         Frame       *prev;
     };
     void enter(Frame *f, const Limits &limits, Usage *usage);
     void leave(Frame *f);
 
-    // Called by the allocator's owner when an allocation was refused while
-    // a run is charged: the run is ended like a CPU budget trip.
+    // Called by the allocator's owner when an allocation took the running
+    // request past its memory budget or the VM past its ceiling: the run
+    // is ended like a CPU budget trip, by the hook at its next instruction.
     void tripMemory(Kind k);
 
     // Lua time of `usage` including the runs still in progress.
