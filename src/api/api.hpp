@@ -33,13 +33,6 @@ void openSemaphore(lua_State *L);
 void openProcess(lua_State *L);
 void openWorkerPids(lua_State *L);
 
-// At worker exit: runs pending timer callbacks with premature = true.
-void firePendingTimers();
-
-// This worker's ngx.timer.pending_count() / running_count(), for metrics.
-ngx_uint_t timersPending();
-ngx_uint_t timersRunning();
-
 // Idle connections in this worker's cosocket pools, for metrics.
 ngx_uint_t socketPoolIdle();
 

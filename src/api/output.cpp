@@ -358,8 +358,7 @@ int ngxExit(lua_State *L)
                       "out the response status %ui",
                       static_cast<ngx_int_t>(status), r->headers_out.status);
     }
-    ctx->exit_code = static_cast<ngx_int_t>(status);
-    return glue::exitThread(L, ctx);
+    return glue::exitThread(L, ctx, static_cast<ngx_int_t>(status));
 }
 
 // Copies `s` into the request pool.
@@ -524,8 +523,7 @@ int ngxRedirect(lua_State *L)
         "location"));
     r->headers_out.status = static_cast<ngx_uint_t>(status);
 
-    ctx->exit_code = static_cast<ngx_int_t>(status);
-    return glue::exitThread(L, ctx);
+    return glue::exitThread(L, ctx, static_cast<ngx_int_t>(status));
 }
 
 }  // namespace

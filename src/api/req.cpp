@@ -607,8 +607,7 @@ int setUri(lua_State *L)
         // As `rewrite ... last`: the location is searched again once the
         // phase handler returns.
         r->uri_changed = 1;
-        ctx->exit_code = NGX_DECLINED;
-        return glue::exitThread(L, ctx);
+        return glue::exitThread(L, ctx, NGX_DECLINED);
     }
     return 0;
 }
@@ -648,15 +647,13 @@ int readBody(lua_State *L)
     if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
         // Too large, bad framing: the request ends with that status, as
         // lua-nginx-module does.
-        ctx->exit_code = rc;
-        return glue::exitThread(L, ctx);
+        return glue::exitThread(L, ctx, rc);
     }
     // The reader's reference: nginx handlers give it back by returning
     // NGX_DONE; the suspended thread holds its own.
     r->main->count--;
     if (rc == NGX_ERROR) {
-        ctx->exit_code = NGX_ERROR;
-        return glue::exitThread(L, ctx);
+        return glue::exitThread(L, ctx, NGX_ERROR);
     }
     if (ctx->req_body_done) {
         return 0;

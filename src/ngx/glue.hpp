@@ -78,9 +78,10 @@ std::string errorText(lua_State *L, int idx);
 void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
                 const std::string &traceback);
 
-// ngx.exit / ngx.exec / ngx.redirect: records the decision and unwinds the
+// ngx.exit / ngx.exec / ngx.redirect: records the decision (`code` for
+// the driver's verdict; ngx.exec leaves exec_uri instead) and unwinds the
 // running code (a yield in coroutine phases, an error object elsewhere).
-int exitThread(lua_State *L, RequestCtx *ctx);
+int exitThread(lua_State *L, RequestCtx *ctx, ngx_int_t code = 0);
 
 // Runs `h` to completion with pcall on the main state, leaving `nresults`
 // results on it. Returns NGX_OK, or NGX_ERROR after logging the failure.
@@ -109,6 +110,23 @@ struct HttpMethod {
 };
 const HttpMethod *httpMethod(lua_Integer id);
 extern const HttpMethod kHttpGet;
+
+// ---- timers (ngx/timers.cpp) ----
+enum class TimerAdd { Ok, TooMany, NoMemory };
+
+// Arms a timer whose callback and arguments are the table at registry
+// reference `ref` ({f, arg1, ..., n = N}), which the timer owns from here
+// on (released on failure too). The callback runs with the configuration
+// of `creator`'s location, or the http block's without one.
+TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
+                  RequestCtx *creator);
+
+// This worker's ngx.timer.pending_count() / running_count().
+ngx_uint_t timersPending();
+ngx_uint_t timersRunning();
+
+// At worker exit: runs pending timer callbacks with premature = true.
+void firePendingTimers();
 
 // ---- output (ngx.say, ngx.print, ngx.flush, ngx.eof, headers) ----
 ngx_int_t sendHeader(RequestCtx *ctx);

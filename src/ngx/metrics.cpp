@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "api/api.hpp"
+#include "ngx/glue.hpp"
 #include "runtime/vm.hpp"
 #include "shdict/zone.hpp"
 
@@ -134,8 +135,8 @@ void publish(bool full)
         store(&w.vm_peak, m.peak);
         store(&w.vm_freed, m.freed);
     }
-    store(&w.timers_pending, api::timersPending());
-    store(&w.timers_running, api::timersRunning());
+    store(&w.timers_pending, glue::timersPending());
+    store(&w.timers_running, glue::timersRunning());
     if (full) {
         store(&w.pool_idle, api::socketPoolIdle());
     }

@@ -1283,7 +1283,7 @@ void exitProcess(ngx_cycle_t *cycle)
     if (mcf == nullptr || mcf->vm == nullptr) {
         return;
     }
-    api::firePendingTimers();
+    glue::firePendingTimers();
     budget::Guard::instance().stop();
     if (mcf->exit_worker == nullptr) {
         return;

@@ -62,8 +62,9 @@ int yield(lua_State *L)
     return lua_yield(L, 1);
 }
 
-int exitThread(lua_State *L, RequestCtx *ctx)
+int exitThread(lua_State *L, RequestCtx *ctx, ngx_int_t code)
 {
+    ctx->exit_code = code;
     ctx->exited = true;
     Phase p = g_run ? g_run->phase : Phase::None;
     if ((mask(p) & kYieldable) && g_run->thread) {

@@ -9,16 +9,32 @@ namespace luaguard::sandbox {
 
 namespace {
 
+// Code that runs with no run of ours on the stack (a __gc finalizer called
+// by a collection that nginx-side glue triggered, for example) belongs to
+// nobody: it gets no capability at all, never the trust of init code.
+const Policy &denyAll()
+{
+    static const Policy p = [] {
+        Policy d;
+        d.allowed = 0;
+        d.label = "(no running request: deny-all)";
+        return d;
+    }();
+    return p;
+}
+
 const Policy *runningPolicy()
 {
     Run *run = g_run;
     if (run && run->ctx) {
         return policyOf(run->ctx->llcf);
     }
-    if (const Scope *s = Scope::current()) {
-        return s->policy;  // a timer of some request
+    if (run && (run->phase == Phase::Init || run->phase == Phase::InitWorker
+                || run->phase == Phase::ExitWorker))
+    {
+        return nullptr;  // the configuration's own code: trusted
     }
-    return nullptr;  // init, init_worker, exit_worker: trusted code
+    return &denyAll();
 }
 
 bool pushRunningEnv(lua_State *L)
@@ -26,11 +42,6 @@ bool pushRunningEnv(lua_State *L)
     Run *run = g_run;
     if (run && run->ctx) {
         return glue::pushRequestEnv(L, run->ctx);
-    }
-    const Scope *s = Scope::current();
-    if (s && s->env_ref != LUA_NOREF) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, s->env_ref);
-        return true;
     }
     return false;
 }

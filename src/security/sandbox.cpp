@@ -240,26 +240,6 @@ bool parse(const std::vector<std::string> &args, Policy *out,
     return true;
 }
 
-namespace {
-const Scope *g_scope = nullptr;
-}
-
-Scope::Scope(const Policy *p, int ref) : policy(p), env_ref(ref),
-                                         prev_(g_scope)
-{
-    g_scope = this;
-}
-
-Scope::~Scope()
-{
-    g_scope = prev_;
-}
-
-const Scope *Scope::current()
-{
-    return g_scope;
-}
-
 void setHooks(CurrentPolicyFn policy, PushEnvFn env)
 {
     g_policy_hook = policy;

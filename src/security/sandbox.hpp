@@ -80,27 +80,6 @@ using PushEnvFn = bool (*)(lua_State *L);
 void setHooks(CurrentPolicyFn policy, PushEnvFn env);
 const Policy *currentPolicy();
 
-// Lua that runs on behalf of a request but outside it (timers, light
-// threads outliving their request): the hooks fall back to the innermost
-// Scope when no request is running. A timer keeps the creating request's
-// policy and a registry reference to its env (glue::pushRequestEnv) and
-// runs its handler inside `Scope scope(policy, env_ref);`.
-class Scope {
- public:
-    Scope(const Policy *policy, int env_ref);
-    ~Scope();
-    Scope(const Scope &) = delete;
-    Scope &operator=(const Scope &) = delete;
-
-    static const Scope *current();
-
-    const Policy *policy;
-    int           env_ref;   // LUA_NOREF: the worker's _G
-
- private:
-    const Scope  *prev_;
-};
-
 // Raises "capability 'X' is not allowed in this location (lua_sandbox P)"
 // and counts it when the running request's policy lacks `c`. For APIs
 // implemented in C++: call it first thing.

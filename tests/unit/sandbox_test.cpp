@@ -233,23 +233,6 @@ TEST_F(SandboxVm, OneViewPerPolicyIsReused)
     lua_settop(L, 0);
 }
 
-TEST(SandboxScope, NestsAndRestores)
-{
-    Policy a = parsed({"strict"});
-    Policy b = parsed({"default"});
-    EXPECT_EQ(Scope::current(), nullptr);
-    {
-        Scope s1(&a, 7);
-        EXPECT_EQ(Scope::current()->policy, &a);
-        {
-            Scope s2(&b, LUA_NOREF);
-            EXPECT_EQ(Scope::current()->policy, &b);
-        }
-        EXPECT_EQ(Scope::current()->env_ref, 7);
-    }
-    EXPECT_EQ(Scope::current(), nullptr);
-}
-
 TEST_F(SandboxVm, SameCapabilitiesShareAView)
 {
     Policy a = parsed({"strict", "+shared=a"});
