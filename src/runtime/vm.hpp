@@ -32,7 +32,7 @@ struct MemoryAccount {
     int64_t  charge_limit = 0;     // its budget; 0: none (or already over)
     int64_t  charge_hard = 0;      // refused past this; 0: none
     bool     refused = false;      // an allocation was refused since reset
-    bool     over_ceiling = false; // on_over told of the ceiling already
+    bool     over_ceiling = false; // on_over told of the ceiling in this run
     uint64_t refusals = 0;
     uint64_t freed = 0;            // bytes given back, for the metrics
     // Test builds only (LUAGUARD_FAULT_INJECTION): refuse the Nth

@@ -141,6 +141,11 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage)
         if (usage->mem_net < 0) {
             usage->mem_net = 0;  // frees of others' garbage earn no credit
         }
+        if (f->prev == nullptr) {
+            // Every run that allocates while the VM is over its ceiling is
+            // stopped, not only the one that crossed it.
+            mem_->over_ceiling = false;
+        }
     }
 
     top_ = f;
