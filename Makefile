@@ -25,7 +25,8 @@ build: deps
 
 build-asan: deps
 	@cmake -S . -B $(ASAN_BUILD) -DLUAGUARD_LUAJIT=$(LUAJIT) \
-	    -DLUAGUARD_SANITIZE=ON -DLUAGUARD_CACHE_DIR=$(CURDIR)/$(BUILD) >/dev/null
+	    -DLUAGUARD_SANITIZE=ON -DLUAGUARD_FAULT_INJECTION=ON \
+	    -DLUAGUARD_CACHE_DIR=$(CURDIR)/$(BUILD) >/dev/null
 	@cmake --build $(ASAN_BUILD) -j$(JOBS) --target ngx_http_luaguard_module \
 	    -- --no-print-directory
 

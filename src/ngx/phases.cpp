@@ -20,10 +20,42 @@ namespace luaguard {
 
 namespace {
 
+#ifdef LUAGUARD_FAULT_INJECTION
+// Test builds: "X-Luaguard-Fail-Alloc: N" makes the VM's allocator refuse
+// its Nth allocation from the start of the request on (once).
+RequestCtx *g_fault_owner = nullptr;
+
+void armFault(RequestCtx *ctx)
+{
+    ngx_http_request_t *r = ctx->r;
+    if (r != r->main || r->headers_in.headers.part.elts == nullptr) {
+        return;
+    }
+    glue::forEachHeader(&r->headers_in.headers, [&](ngx_table_elt_t &h) {
+        static const char name[] = "x-luaguard-fail-alloc";
+        if (h.key.len == sizeof(name) - 1
+            && ngx_strncasecmp(h.key.data, (u_char *) name, h.key.len) == 0)
+        {
+            ngx_int_t n = ngx_atoi(h.value.data, h.value.len);
+            if (n > 0) {
+                ctx->vm->memory().fail_countdown = static_cast<uint64_t>(n);
+                g_fault_owner = ctx;
+            }
+        }
+    });
+}
+#endif
+
 void cleanupCtx(void *data)
 {
     auto *ctx = static_cast<RequestCtx *>(data);
     ctx->cleaned = true;
+#ifdef LUAGUARD_FAULT_INJECTION
+    if (g_fault_owner == ctx) {
+        ctx->vm->memory().fail_countdown = 0;
+        g_fault_owner = nullptr;
+    }
+#endif
     metrics::requestDone(ctx);
     // Threads still waiting (the request ended under them) must never be
     // woken: their events are cancelled and their coroutines released.
@@ -65,6 +97,9 @@ RequestCtx *createCtx(ngx_http_request_t *r)
     cln->handler = cleanupCtx;
     cln->data = ctx;
     ngx_http_set_ctx(r, ctx, ngx_http_luaguard_module);
+#ifdef LUAGUARD_FAULT_INJECTION
+    armFault(ctx);
+#endif
     return ctx;
 }
 

@@ -43,9 +43,11 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
 
     if (nsize > osize) {
         size_t grow = nsize - osize;
+#ifdef LUAGUARD_FAULT_INJECTION
         if (m->fail_countdown && --m->fail_countdown == 0) {
             return refuse(m);
         }
+#endif
         if (m->ceiling && m->in_use + grow > hardCeiling(m->ceiling)) {
             return refuse(m);
         }

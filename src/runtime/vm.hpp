@@ -35,8 +35,8 @@ struct MemoryAccount {
     bool     over_ceiling = false; // on_over told of the ceiling in this run
     uint64_t refusals = 0;
     uint64_t freed = 0;            // bytes given back, for the metrics
-    // Test builds only (LUAGUARD_FAULT_INJECTION): refuse the Nth
-    // allocation from now (1: the next one); 0: off.
+    // Test builds only (LUAGUARD_FAULT_INJECTION, ngx/phases.cpp sets
+    // it): refuse the Nth growing allocation from now (1: the next); 0: off.
     uint64_t fail_countdown = 0;
     // Told when an allocation took the request past its budget (true) or
     // the VM past its ceiling (false). Budgets end the run that asked.
