@@ -5,6 +5,7 @@
 
 #include "api/api.hpp"
 #include "api/util.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "security/sandbox.hpp"
 #include "ngx/subrequest.hpp"
@@ -445,17 +446,17 @@ void deliver(subreq::Batch *b)
     b->thread = nullptr;
     t->cancel = nullptr;
     t->cancel_data = nullptr;
-    lua_State *co = t->co;
-    if (!lua_checkstack(co, b->n + 10)) {
-        // Cannot happen below LUAI_MAXCSTACK subrequests (nginx allows 50).
-        lua_pushnil(co);
-        glue::resume(t, 1);
-        return;
-    }
-    for (int i = 0; i < b->n; i++) {
-        pushResult(co, &b->caps[i]);
-    }
-    glue::resume(t, b->n);
+    entry::resume(t, [b](lua_State *co) {
+        if (!lua_checkstack(co, b->n + 10)) {
+            // Not below LUAI_MAXCSTACK subrequests (nginx allows 50).
+            lua_pushnil(co);
+            return 1;
+        }
+        for (int i = 0; i < b->n; i++) {
+            pushResult(co, &b->caps[i]);
+        }
+        return b->n;
+    });
 }
 
 void cancelWait(LuaThread *t)

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "api/api.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
 #include "security/sandbox.hpp"
@@ -186,14 +187,15 @@ void flushDone(RequestCtx *ctx, const char *err)
     LuaThread *t = ctx->flush_waiter;
     ctx->flush_waiter = nullptr;
     ctx->r->write_event_handler = ngx_http_request_empty_handler;
-    if (err) {
-        lua_pushnil(t->co);
-        lua_pushstring(t->co, err);
-        glue::resume(t, 2);
-        return;
-    }
-    lua_pushinteger(t->co, 1);
-    glue::resume(t, 1);
+    entry::resume(t, [err](lua_State *co) {
+        if (err) {
+            lua_pushnil(co);
+            lua_pushstring(co, err);
+            return 2;
+        }
+        lua_pushinteger(co, 1);
+        return 1;
+    });
 }
 
 void cancelFlush(LuaThread *t)

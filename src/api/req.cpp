@@ -8,6 +8,7 @@
 #include "api/api.hpp"
 #include "api/socket.hpp"
 #include "api/util.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/codec.hpp"
@@ -624,7 +625,7 @@ void bodyRead(ngx_http_request_t *r)
     if (LuaThread *t = ctx->req_body_waiter) {
         ctx->req_body_waiter = nullptr;
         t->cancel = nullptr;
-        glue::resume(t, 0);
+        entry::resumeWith(t, 0);
     }
 }
 

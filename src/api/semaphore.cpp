@@ -2,6 +2,7 @@
 // one worker (requests, light threads, timers).
 
 #include "api/api.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
 
@@ -63,9 +64,11 @@ void timedOut(ngx_event_t *ev)
     auto *w = static_cast<Wait *>(t->cancel_data);
     unlink(w->sema, &w->link);
     restore(t);
-    lua_pushboolean(t->co, 0);
-    lua_pushliteral(t->co, "timeout");
-    glue::resume(t, 2);
+    entry::resume(t, [](lua_State *co) {
+        lua_pushboolean(co, 0);
+        lua_pushliteral(co, "timeout");
+        return 2;
+    });
 }
 
 int semaNew(lua_State *L)
@@ -98,10 +101,7 @@ void wakeOne(Semaphore *s)
     }
     // Resumed on a later turn of the event loop, never from inside the
     // poster's call.
-    lua_pushboolean(t->co, 1);
-    lua_pushnil(t->co);
-    t->wake_nargs = 2;
-    threads::post(t);
+    threads::post(t, WakeWith::TrueNil);
 }
 
 int semaPost(lua_State *L)

@@ -27,6 +27,7 @@
 
 #include "api/api.hpp"
 #include "api/socket.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
@@ -322,10 +323,7 @@ void wakeClosed(LuaThread *t)
         return;
     }
     t->cancel = nullptr;
-    lua_pushnil(t->co);
-    lua_pushliteral(t->co, "closed");
-    t->wake_nargs = 2;
-    threads::post(t);
+    threads::post(t, WakeWith::NilClosed);
 }
 
 void detachDownstream(Tcp *s)
@@ -483,11 +481,23 @@ int finishConnect(Tcp *s)
     return 0;
 }
 
-void resumeConnector(Tcp *s, int n)
+// Settles the connect the socket's thread waits for with what `push`
+// pushes (run protected), unless it returns kPending: still connecting.
+template <typename Push>
+void settleConnect(Tcp *s, Push &&push)
 {
     LuaThread *t = s->connector;
-    finishConnect(s);
-    glue::resume(t, n);
+    int n = 0;
+    std::string err;
+    if (!entry::protect(t->co, [&] { n = push(t->co); }, &err)) {
+        finishConnect(s);
+        entry::fail(t, err);
+        return;
+    }
+    if (n != kPending) {
+        finishConnect(s);
+        entry::resumeWith(t, n);
+    }
 }
 
 int failConnect(Tcp *s, lua_State *dst, const std::string &err)
@@ -516,7 +526,9 @@ void onConnect(ngx_event_t *ev)
                           "lua tcp socket connect timed out, when "
                           "connecting to %V", &s->target.name);
         }
-        resumeConnector(s, failConnect(s, t->co, "timeout"));
+        settleConnect(s, [&](lua_State *co) {
+            return failConnect(s, co, "timeout");
+        });
         return;
     }
     int err = 0;
@@ -530,12 +542,16 @@ void onConnect(ngx_event_t *ev)
                           "lua tcp socket connect() to %V failed",
                           &s->target.name);
         }
-        resumeConnector(s, failConnect(s, t->co, sock::errnoText(err)));
+        settleConnect(s, [&](lua_State *co) {
+            return failConnect(s, co, sock::errnoText(err));
+        });
         return;
     }
     attach(s, c);
-    lua_pushinteger(t->co, 1);
-    resumeConnector(s, 1);
+    settleConnect(s, [](lua_State *co) {
+        lua_pushinteger(co, 1);
+        return 1;
+    });
 }
 
 int connectTarget(Tcp *s, lua_State *dst)
@@ -577,19 +593,14 @@ void resolved(Resolve *res)
     if (t == nullptr) {
         return;
     }
-    int n;
-    if (!res->err.empty()) {
-        if (s->log_errors) {
-            ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
-                          "lua tcp socket: %s", res->err.c_str());
-        }
-        n = failConnect(s, t->co, res->err);
-    } else {
-        n = connectTarget(s, t->co);
+    if (!res->err.empty() && s->log_errors) {
+        ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
+                      "lua tcp socket: %s", res->err.c_str());
     }
-    if (n != kPending) {
-        resumeConnector(s, n);
-    }
+    settleConnect(s, [&](lua_State *co) {
+        return res->err.empty() ? connectTarget(s, co)
+                                : failConnect(s, co, res->err);
+    });
 }
 
 // Resolves (when needed) and connects; the pool and backlog are settled.
@@ -698,13 +709,12 @@ void backlogEvent(ngx_event_t *ev)
             s->in_wait_q = false;
         }
         logError(s, "connect timed out while waiting in the backlog queue");
-        resumeConnector(s, failConnect(s, t->co, "timeout"));
+        settleConnect(s, [&](lua_State *co) {
+            return failConnect(s, co, "timeout");
+        });
         return;
     }
-    int n = connectFromPool(s, t->co);
-    if (n != kPending) {
-        resumeConnector(s, n);
-    }
+    settleConnect(s, [&](lua_State *co) { return connectFromPool(s, co); });
 }
 
 void wakeBacklog(Pool *p)
@@ -1118,7 +1128,9 @@ int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
     return 3;
 }
 
-void finishReader(Tcp *s, LuaThread *t, int n)
+// Hands the waiting reader what `push` pushes (data or an error).
+template <typename Push>
+void finishReader(Tcp *s, LuaThread *t, Push &&push)
 {
     if (s->reader == t) {
         s->reader = nullptr;
@@ -1128,7 +1140,7 @@ void finishReader(Tcp *s, LuaThread *t, int n)
         s->saved_read = nullptr;
     }
     t->cancel = nullptr;
-    glue::resume(t, n);
+    entry::resume(t, push);
 }
 
 void readEvent(Tcp *s, ngx_event_t *ev)
@@ -1139,7 +1151,9 @@ void readEvent(Tcp *s, ngx_event_t *ev)
     }
     if (ev->timedout) {
         ev->timedout = 0;
-        finishReader(s, t, pushRead(s, t->co, RStatus::Again, true));
+        finishReader(s, t, [&](lua_State *co) {
+            return pushRead(s, co, RStatus::Again, true);
+        });
         return;
     }
     RStatus st = readProgress(s);
@@ -1154,7 +1168,9 @@ void readEvent(Tcp *s, ngx_event_t *ev)
     if (ev->timer_set) {
         ngx_del_timer(ev);
     }
-    finishReader(s, t, pushRead(s, t->co, st, false));
+    finishReader(s, t, [&](lua_State *co) {
+        return pushRead(s, co, st, false);
+    });
 }
 
 void onRead(ngx_event_t *ev)
@@ -1407,7 +1423,9 @@ int sendFailed(Tcp *s, lua_State *dst)
     return 2;
 }
 
-void finishWriter(Tcp *s, LuaThread *t, int n)
+// Hands the waiting writer what `push` pushes.
+template <typename Push>
+void finishWriter(Tcp *s, LuaThread *t, Push &&push)
 {
     if (s->writer == t) {
         s->writer = nullptr;
@@ -1417,7 +1435,7 @@ void finishWriter(Tcp *s, LuaThread *t, int n)
         s->saved_write = nullptr;
     }
     t->cancel = nullptr;
-    glue::resume(t, n);
+    entry::resume(t, push);
 }
 
 void writeEvent(Tcp *s, ngx_event_t *ev)
@@ -1431,9 +1449,11 @@ void writeEvent(Tcp *s, ngx_event_t *ev)
         logError(s, "write timed out");
         s->err = "timeout";
         closeSock(s, t);
-        lua_pushnil(t->co);
-        lua_pushliteral(t->co, "timeout");
-        finishWriter(s, t, 2);
+        finishWriter(s, t, [](lua_State *co) {
+            lua_pushnil(co);
+            lua_pushliteral(co, "timeout");
+            return 2;
+        });
         return;
     }
     const char *p = s->sbuf.data() + s->spos;
@@ -1451,11 +1471,13 @@ void writeEvent(Tcp *s, ngx_event_t *ev)
         ngx_del_timer(ev);
     }
     if (rc == NGX_ERROR) {
-        finishWriter(s, t, sendFailed(s, t->co));
+        finishWriter(s, t, [&](lua_State *co) { return sendFailed(s, co); });
         return;
     }
-    lua_pushinteger(t->co, static_cast<lua_Integer>(s->stotal));
-    finishWriter(s, t, 1);
+    finishWriter(s, t, [s](lua_State *co) {
+        lua_pushinteger(co, static_cast<lua_Integer>(s->stotal));
+        return 1;
+    });
 }
 
 void onWrite(ngx_event_t *ev)
@@ -1948,10 +1970,18 @@ void onHandshake(ngx_connection_t *c)
     if (c->read->timer_set) {
         ngx_del_timer(c->read);
     }
-    int n = handshakeDone(s, t->co, fail);
+    // handshakeDone closes the socket under s->shaker on failure.
+    int n = 0;
+    std::string err;
+    bool ok = entry::protect(t->co, [&] { n = handshakeDone(s, t->co, fail); },
+                             &err);
     s->shaker = nullptr;
     t->cancel = nullptr;
-    glue::resume(t, n);
+    if (!ok) {
+        entry::fail(t, err);
+        return;
+    }
+    entry::resumeWith(t, n);
 }
 
 void cancelHandshake(LuaThread *t)

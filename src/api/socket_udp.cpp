@@ -10,6 +10,7 @@
 
 #include "api/api.hpp"
 #include "api/socket.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
 #include "security/egress.hpp"
@@ -85,10 +86,7 @@ void closeUdp(Udp *u)
     if (LuaThread *t = u->reader) {
         u->reader = nullptr;
         t->cancel = nullptr;
-        lua_pushnil(t->co);
-        lua_pushliteral(t->co, "closed");
-        t->wake_nargs = 2;
-        threads::post(t);
+        threads::post(t, WakeWith::NilClosed);
     }
 }
 
@@ -156,11 +154,12 @@ void resolved(Resolve *res)
     if (t == nullptr) {
         return;
     }
-    int n = res->err.empty() ? connectTarget(u, t->co)
-                             : pushNilErr(t->co, res->err.c_str());
     u->connector = nullptr;
     t->cancel = nullptr;
-    glue::resume(t, n);
+    entry::resume(t, [&](lua_State *co) {
+        return res->err.empty() ? connectTarget(u, co)
+                                : pushNilErr(co, res->err.c_str());
+    });
 }
 
 void cancelConnect(LuaThread *t)
@@ -279,11 +278,13 @@ int tryRecv(Udp *u, lua_State *dst)
     return 1;
 }
 
-void finishRead(Udp *u, LuaThread *t, int n)
+// Hands the waiting reader what `push` pushes (the datagram or an error).
+template <typename Push>
+void finishRead(Udp *u, LuaThread *t, Push &&push)
 {
     u->reader = nullptr;
     t->cancel = nullptr;
-    glue::resume(t, n);
+    entry::resume(t, push);
 }
 
 void onRead(ngx_event_t *ev)
@@ -300,20 +301,39 @@ void onRead(ngx_event_t *ev)
             ngx_log_error(NGX_LOG_ERR, c->log, 0,
                           "lua udp socket read timed out");
         }
-        finishRead(u, t, pushNilErr(t->co, "timeout"));
+        finishRead(u, t, [](lua_State *co) {
+            return pushNilErr(co, "timeout");
+        });
         return;
     }
-    int n = tryRecv(u, t->co);
+    // The datagram is pushed as it is taken: the receive runs protected.
+    int n = 0;
+    std::string err;
+    if (!entry::protect(t->co, [&] { n = tryRecv(u, t->co); }, &err)) {
+        if (ev->timer_set) {
+            ngx_del_timer(ev);
+        }
+        u->reader = nullptr;
+        t->cancel = nullptr;
+        entry::fail(t, err);
+        return;
+    }
     if (n == kPending) {
         if (ngx_handle_read_event(ev, 0) == NGX_OK) {
             return;
         }
-        n = pushNilErr(t->co, "failed to wait for the socket");
+        if (ev->timer_set) {
+            ngx_del_timer(ev);
+        }
+        finishRead(u, t, [](lua_State *co) {
+            return pushNilErr(co, "failed to wait for the socket");
+        });
+        return;
     }
     if (ev->timer_set) {
         ngx_del_timer(ev);
     }
-    finishRead(u, t, n);
+    finishRead(u, t, [n](lua_State *) { return n; });
 }
 
 void cancelRead(LuaThread *t)

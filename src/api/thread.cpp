@@ -1,6 +1,7 @@
 // ngx.thread.spawn / wait / kill: light threads of a request or timer.
 
 #include "api/api.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "security/sandbox.hpp"
 #include "ngx/thread.hpp"
@@ -54,7 +55,13 @@ int spawn(lua_State *L)
         return luaL_error(L, "no memory");
     }
     int n = lua_gettop(L);
-    lua_xmove(L, t->co, n);
+    // Growing the new thread's stack may fail: caught here, not left to
+    // unwind this coroutine with an error raised on another.
+    std::string err;
+    if (!entry::protect(t->co, [&] { lua_xmove(L, t->co, n); }, &err)) {
+        threads::kill(t);
+        return luaL_error(L, "no memory");
+    }
 
     // The new thread runs until it waits or ends before spawn returns.
     threads::run(t, n - 1);

@@ -61,10 +61,7 @@ extern char kExitSentinel;
 // threads::current() (ngx/thread.hpp) before yielding.
 int yield(lua_State *L);
 
-// Resumes thread `t` with `nargs` values already pushed on `t->co`, then
-// continues or finalizes its request (or timer) if that ended the phase.
-// Called from event handlers.
-void resume(LuaThread *t, int nargs);
+// Resuming a waiting thread: entry::resume (ngx/entry.hpp).
 
 // Called when the threads of ctx's phase are all done (event path).
 void phaseFinished(RequestCtx *ctx);

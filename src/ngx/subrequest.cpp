@@ -4,6 +4,7 @@
 
 #include <sys/socket.h>
 
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/vm.hpp"
@@ -157,10 +158,16 @@ void abortHandler(ngx_http_request_t *r)
     if (ctx->on_abort_ref != LUA_NOREF) {
         // The callback runs as a user light thread of the phase.
         LuaThread *parent = ctx->entry ? ctx->entry : ctx->threads;
-        LuaThread *t = threads::create(ctx, parent);
+        LuaThread *t = nullptr;
+        std::string err;
+        entry::protect(ctx->vm->L(), [&] {
+            t = threads::create(ctx, parent);
+        }, &err);
         if (t != nullptr) {
-            lua_rawgeti(t->co, LUA_REGISTRYINDEX, ctx->on_abort_ref);
-            glue::resume(t, 0);
+            entry::resume(t, [ctx](lua_State *co) {
+                lua_rawgeti(co, LUA_REGISTRYINDEX, ctx->on_abort_ref);
+                return 0;  // the callback itself, called with no argument
+            });
             return;
         }
     }

@@ -74,11 +74,6 @@ int exitThread(lua_State *L, RequestCtx *ctx, ngx_int_t code)
     return lua_error(L);
 }
 
-void resume(LuaThread *t, int nargs)
-{
-    entry::resumeWith(t, nargs);
-}
-
 }  // namespace glue
 
 namespace threads {
@@ -88,9 +83,23 @@ namespace {
 void wakeHandler(ngx_event_t *ev)
 {
     auto *t = static_cast<LuaThread *>(ev->data);
-    int n = t->wake_nargs;
-    t->wake_nargs = 0;
-    glue::resume(t, n);
+    WakeWith with = t->wake_with;
+    t->wake_with = WakeWith::Nothing;
+    entry::resume(t, [with](lua_State *co) {
+        switch (with) {
+        case WakeWith::Nothing:
+            return 0;
+        case WakeWith::TrueNil:
+            lua_pushboolean(co, 1);
+            lua_pushnil(co);
+            return 2;
+        case WakeWith::NilClosed:
+            lua_pushnil(co);
+            lua_pushliteral(co, "closed");
+            return 2;
+        }
+        return 0;
+    });
 }
 
 
@@ -324,8 +333,9 @@ bool phaseDone(RequestCtx *ctx)
            || (ctx->entry_done && ctx->live_user == 0);
 }
 
-void post(LuaThread *t)
+void post(LuaThread *t, WakeWith with)
 {
+    t->wake_with = with;
     t->wake.handler = wakeHandler;
     if (!t->wake.posted && !t->wake.timer_set) {
         ngx_post_event(&t->wake, &ngx_posted_next_events);

@@ -11,6 +11,15 @@
 
 namespace luaguard {
 
+// What a posted wake-up hands its thread. The values are pushed when the
+// thread runs, under entry::resume's protection, never from the poster's
+// call (a failed push there would unwind the poster's coroutine).
+enum class WakeWith : uint8_t {
+    Nothing,      // ngx.sleep, coroutine.yield
+    TrueNil,      // a semaphore's post: true, nil
+    NilClosed,    // a socket closed under a waiting operation: nil, "closed"
+};
+
 struct LuaThread {
     RequestCtx  *ctx;
     lua_State   *co;
@@ -27,7 +36,7 @@ struct LuaThread {
     bool         running;        // inside lua_resume: must not be freed
     bool         returned;       // its function returned: reusable
     ngx_event_t  wake;           // ngx.sleep, coroutine.yield, posts
-    int          wake_nargs;     // values pushed on co for the wake-up
+    WakeWith     wake_with;      // what the posted wake-up hands it
     void       (*cancel)(LuaThread *t);  // undoes a pending I/O wait
     void        *cancel_data;
 };
@@ -70,10 +79,9 @@ void release(LuaThread *t);
 // Kills what is left of the phase's threads and releases them all.
 void endPhase(RequestCtx *ctx);
 
-// Wakes `t` on the next turn of the event loop with the `wake_nargs`
-// values already on its stack (coroutine.yield, ngx.sleep(0), semaphore
-// posts).
-void post(LuaThread *t);
+// Wakes `t` on the next turn of the event loop with `with`'s values
+// (coroutine.yield, ngx.sleep(0), semaphore posts, closed sockets).
+void post(LuaThread *t, WakeWith with = WakeWith::Nothing);
 
 // Wakes `t` after `ms` (ngx.sleep).
 void wakeAfter(LuaThread *t, ngx_msec_t ms);
