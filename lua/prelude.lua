@@ -60,3 +60,30 @@ table.insert(package.loaders, 2, function(name)
     end
     return nil
 end)
+
+-- require marks a module as loading in package.loaded while its chunk
+-- runs, and Lua 5.1 leaves that mark when the chunk fails: every later
+-- require of it in this worker then fails with "loop or previous error
+-- loading module". A failure that belongs to one request (its memory
+-- budget, a refused allocation) must not break the module for the next.
+local real_require, loaded, pcall, rawequal =
+    require, package.loaded, pcall, rawequal
+-- The mark is a private light userdata (which GC64 builds even show as a
+-- number): read it from inside a load.
+local loading_mark
+preload["luaguard.probe"] = function(name) loading_mark = loaded[name] end
+real_require("luaguard.probe")
+preload["luaguard.probe"], loaded["luaguard.probe"] = nil, nil
+
+local function settle(name, ok, ...)
+    if not ok then
+        if rawequal(loaded[name], loading_mark) then
+            loaded[name] = nil
+        end
+        error((...), 0)  -- unchanged: require adds no position either
+    end
+    return ...
+end
+require = function(name)
+    return settle(name, pcall(real_require, name))
+end

@@ -146,7 +146,11 @@ bool finish(LuaThread *t, int rc, const std::string *raised = nullptr)
         t->failed = true;
         metrics::countError(ctx);
         std::string msg = raised ? *raised : glue::errorText(co, -1);
-        std::string tb = raised ? std::string() : traceback(ctx, co);
+        // Not after a memory error: it can be raised while a frame is
+        // half built (a stack that could not grow), and walking the frames
+        // then reads garbage.
+        std::string tb = raised || rc == LUA_ERRMEM ? std::string()
+                                                    : traceback(ctx, co);
         glue::logFailure(ctx->r->connection->log,
                          t->entry ? "lua entry thread aborted: runtime error"
                                   : "lua user thread aborted: runtime error",

@@ -133,10 +133,10 @@ SCENARIOS = {
             ngx.say((ok and res) and "done" or "failed") }""",
     "shdict": """content_by_lua_block {
             local d = ngx.shared.d
-            d:set("k" .. ngx.var.request_id, string.rep("v", 50))
-            local v = d:get("k" .. ngx.var.request_id)
+            d:set("k", string.rep("v", 50))
+            local v = d:get("k")
             d:incr("n", 1, 0)
-            d:delete("k" .. ngx.var.request_id)
+            d:delete("k")
             ngx.say(v and "done" or "failed") }""",
 }
 
