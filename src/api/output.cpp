@@ -272,7 +272,7 @@ int ngxFlush(lua_State *L)
         }
         ctx->flush_waiter = t;
         t->cancel = cancelFlush;
-        r->write_event_handler = flushWaitHandler;
+        r->write_event_handler = entry::edge<flushWaitHandler>;
         auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
             ngx_http_get_module_loc_conf(r, ngx_http_core_module));
         if (!r->connection->write->timer_set) {

@@ -644,7 +644,7 @@ int readBody(lua_State *L)
     }
     ctx->req_body_done = false;
     ctx->req_body_waiter = nullptr;
-    ngx_int_t rc = ngx_http_read_client_request_body(r, bodyRead);
+    ngx_int_t rc = ngx_http_read_client_request_body(r, entry::edge<bodyRead>);
     if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
         // Too large, bad framing: the request ends with that status, as
         // lua-nginx-module does.

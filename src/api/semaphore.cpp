@@ -157,7 +157,7 @@ int semaWait(lua_State *L)
 
     t->cancel = cancelWait;
     t->cancel_data = w;
-    t->wake.handler = timedOut;
+    t->wake.handler = entry::edge<timedOut>;
     ngx_add_timer(&t->wake, static_cast<ngx_msec_t>(timeout * 1000 + 0.5));
     return glue::yield(L);
 }

@@ -8,6 +8,7 @@
 #include <cctype>
 #include <cstring>
 
+#include "ngx/entry.hpp"
 #include "ngx/metrics.hpp"
 #include "security/egress.hpp"
 #include "security/log_escape.hpp"
@@ -147,7 +148,7 @@ bool resolveStart(ngx_http_request_t *r, Resolve *res, const char *host,
     }
     std::memcpy(rctx->name.data, host, len);
     rctx->name.len = len;
-    rctx->handler = resolved;
+    rctx->handler = entry::edge<resolved>;
     rctx->data = res;
     rctx->timeout = clcf->resolver_timeout;
     res->rctx = rctx;

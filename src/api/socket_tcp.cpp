@@ -291,8 +291,8 @@ void attach(Tcp *s, ngx_connection_t *c)
     s->c = c;
     s->read_closed = false;
     c->data = s;
-    c->read->handler = onRead;
-    c->write->handler = onWrite;
+    c->read->handler = entry::edge<onRead>;
+    c->write->handler = entry::edge<onWrite>;
     c->idle = 0;
     ngx_log_t *log = s->ctx->r->connection->log;
     c->log = log;
@@ -412,7 +412,7 @@ bool bindRequest(Tcp *s, RequestCtx *ctx)
     if (cln == nullptr) {
         return false;
     }
-    cln->handler = requestGone;
+    cln->handler = entry::edge<requestGone>;
     cln->data = s;
     s->cln = cln;
     s->ctx = ctx;
@@ -580,8 +580,8 @@ int connectTarget(Tcp *s, lua_State *dst)
         return 1;
     }
     s->c = c;
-    c->read->handler = onConnect;
-    c->write->handler = onConnect;
+    c->read->handler = entry::edge<onConnect>;
+    c->write->handler = entry::edge<onConnect>;
     ngx_add_timer(c->write, connectTimeout(s));
     return kPending;
 }
@@ -676,7 +676,7 @@ int connectFromPool(Tcp *s, lua_State *dst)
             p->nwaiting++;
             s->in_wait_q = true;
             s->pool = p;
-            s->wait_ev.handler = backlogEvent;
+            s->wait_ev.handler = entry::edge<backlogEvent>;
             s->wait_ev.data = s;
             s->wait_ev.log = s->ctx->r->connection->log;
             ngx_add_timer(&s->wait_ev, connectTimeout(s));
@@ -1241,7 +1241,7 @@ int startRead(lua_State *L, Tcp *s, RMode m, size_t size, Until *u)
     s->reader = t;
     if (s->downstream && s->saved_read == nullptr) {
         s->saved_read = s->ctx->r->read_event_handler;
-        s->ctx->r->read_event_handler = reqReadHandler;
+        s->ctx->r->read_event_handler = entry::edge<reqReadHandler>;
     }
     t->cancel = cancelRead;
     t->cancel_data = s;
@@ -1580,7 +1580,7 @@ int tcpSend(lua_State *L)
     s->writer = t;
     if (s->downstream && s->saved_write == nullptr) {
         s->saved_write = s->ctx->r->write_event_handler;
-        s->ctx->r->write_event_handler = reqWriteHandler;
+        s->ctx->r->write_event_handler = entry::edge<reqWriteHandler>;
     }
     t->cancel = cancelWrite;
     t->cancel_data = s;
@@ -1679,8 +1679,8 @@ int tcpSetKeepalive(lua_State *L)
     c->log = ngx_cycle->log;
     c->read->log = ngx_cycle->log;
     c->write->log = ngx_cycle->log;
-    c->read->handler = idleHandler;
-    c->write->handler = idleHandler;
+    c->read->handler = entry::edge<idleHandler>;
+    c->write->handler = entry::edge<idleHandler>;
     if (c->write->timer_set) {
         ngx_del_timer(c->write);
     }
@@ -1936,8 +1936,8 @@ int handshakeDone(Tcp *s, lua_State *dst, const char *fail)
         lua_pushlstring(dst, err.data(), err.size());
         return 2;
     }
-    c->read->handler = onRead;
-    c->write->handler = onWrite;
+    c->read->handler = entry::edge<onRead>;
+    c->write->handler = entry::edge<onWrite>;
     if (!s->ssl_ret_session) {
         lua_pushboolean(dst, 1);
         return 1;
@@ -2179,7 +2179,7 @@ int tcpSslHandshake(lua_State *L)
     s->shaker = t;
     t->cancel = cancelHandshake;
     t->cancel_data = s;
-    c->ssl->handler = onHandshake;
+    c->ssl->handler = entry::edge<onHandshake>;
     ngx_add_timer(c->read, connectTimeout(s));
     return glue::yield(L);
 }

@@ -113,7 +113,7 @@ bool bindRequest(Udp *u, RequestCtx *ctx)
     if (cln == nullptr) {
         return false;
     }
-    cln->handler = requestGone;
+    cln->handler = entry::edge<requestGone>;
     cln->data = u;
     u->cln = cln;
     u->ctx = ctx;
@@ -141,7 +141,7 @@ int connectTarget(Udp *u, lua_State *dst)
     u->c = c;
     c->data = u;
     c->pool = nullptr;
-    c->read->handler = onRead;
+    c->read->handler = entry::edge<onRead>;
     c->write->handler = ignore;
     lua_pushinteger(dst, 1);
     return 1;

@@ -58,6 +58,13 @@ void fail(LuaThread *t, const std::string &msg)
     }
 }
 
+void caught(const char *what) noexcept
+{
+    ngx_log_error(NGX_LOG_ALERT, ngx_cycle->log, 0,
+                  "luaguard: internal error stopped at an nginx callback: %s",
+                  what);
+}
+
 int panic(lua_State *L)
 {
     std::string line;

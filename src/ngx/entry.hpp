@@ -17,6 +17,7 @@
 
 #include <exception>
 #include <string>
+#include <type_traits>
 
 #include "ngx/module.hpp"
 #include "ngx/thread.hpp"
@@ -89,6 +90,53 @@ void resume(LuaThread *t, Push &&push)
     }
     resumeWith(t, n);
 }
+
+// ---- the edges: functions nginx calls ----
+
+// Logs (at alert: it is always a bug) what a callback let escape.
+void caught(const char *what) noexcept;
+
+// What an nginx callback returns when it failed.
+template <typename R>
+R failed() noexcept
+{
+    if constexpr (std::is_same_v<R, char *>) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    } else if constexpr (std::is_pointer_v<R>) {
+        return nullptr;
+    } else {
+        return static_cast<R>(NGX_ERROR);
+    }
+}
+
+template <auto F>
+struct Edge;
+
+template <typename R, typename... A, R (*F)(A...)>
+struct Edge<F> {
+    static R call(A... a) noexcept
+    {
+        try {
+            return F(a...);
+        } catch (const std::exception &e) {
+            caught(e.what());
+        } catch (...) {
+            caught("a Lua error outside a protected call");
+        }
+        if constexpr (!std::is_void_v<R>) {
+            return failed<R>();
+        }
+    }
+};
+
+// `edge<f>` is `f` for nginx: same signature, but nothing it throws (a
+// C++ exception, a Lua error raised outside a protected call) unwinds
+// into nginx's C frames. Every function pointer handed to nginx (event
+// and request handlers, phase handlers, filters, directive setters,
+// configuration and process callbacks, pool cleanups that run Lua) is
+// one.
+template <auto F>
+constexpr auto edge = &Edge<F>::call;
 
 // lua_atpanic's backstop: a Lua error that found no protected call. Logs
 // it and ends the worker (LuaJIT exits once the panic function returns).

@@ -1,5 +1,6 @@
 // header_filter_by_lua and body_filter_by_lua.
 
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/subrequest.hpp"
 
@@ -189,9 +190,9 @@ void installFilters()
     // collects the output of captured subrequests (a few pointer tests for
     // other requests).
     g_next_header = ngx_http_top_header_filter;
-    ngx_http_top_header_filter = headerFilter;
+    ngx_http_top_header_filter = entry::edge<headerFilter>;
     g_next_body = ngx_http_top_body_filter;
-    ngx_http_top_body_filter = bodyFilter;
+    ngx_http_top_body_filter = entry::edge<bodyFilter>;
 }
 
 // ngx.arg[1] in body_filter_by_lua: the data of the chain being filtered.

@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "api/api.hpp"
+#include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "runtime/vm.hpp"
 #include "shdict/zone.hpp"
@@ -422,7 +423,7 @@ char *directive(ngx_conf_t *cf, ngx_command_t *, void *)
 {
     auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
         ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-    clcf->handler = handler;
+    clcf->handler = entry::edge<handler>;
     return confOf(cf) ? NGX_CONF_OK : static_cast<char *>(NGX_CONF_ERROR);
 }
 
@@ -498,7 +499,7 @@ void initWorker(ngx_cycle_t *cycle)
         return;
     }
     publish(true);
-    g_tick.handler = tick;
+    g_tick.handler = entry::edge<tick>;
     g_tick.data = &g_tick;
     g_tick.log = cycle->log;
     // Never holds up a graceful exit.

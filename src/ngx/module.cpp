@@ -360,7 +360,7 @@ char *setHandler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     } else if (tag == "content_by_lua") {
         auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
             ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-        clcf->handler = glue::contentHandler;
+        clcf->handler = entry::edge<glue::contentHandler>;
     }
     return NGX_CONF_OK;
 }
@@ -453,7 +453,7 @@ char *setByLua(ngx_conf_t *cf, ngx_command_t *cmd, void *)
     if (run == nullptr) {
         return static_cast<char *>(NGX_CONF_ERROR);
     }
-    run->code = glue::runSetStep;
+    run->code = entry::edge<glue::runSetStep>;
     run->step = step;
 
     if (v->set_handler) {
@@ -683,7 +683,7 @@ char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 #define LG_SRV_OFF(field) offsetof(SrvConf, field)
 #define LG_LOC_OFF(field) offsetof(LocConf, field)
 #define LG_CMD(name, type, set, conf, off, post) \
-    {ngx_string(name), type, set, conf, off, post}
+    {ngx_string(name), type, entry::edge<set>, conf, off, post}
 
 ngx_conf_enum_t kEgressDefaultEnum[] = {
     {ngx_string("allow"), 1},
@@ -1168,24 +1168,27 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
 
     if (mcf->need_server_rewrite
         && addPhaseHandler(cmcf, NGX_HTTP_SERVER_REWRITE_PHASE,
-                           glue::serverRewriteHandler, false) != NGX_OK)
+                           entry::edge<glue::serverRewriteHandler>, false) != NGX_OK)
     {
         return NGX_ERROR;
     }
     if (mcf->need_rewrite
-        && addPhaseHandler(cmcf, NGX_HTTP_REWRITE_PHASE, glue::rewriteHandler,
+        && addPhaseHandler(cmcf, NGX_HTTP_REWRITE_PHASE,
+                           entry::edge<glue::rewriteHandler>,
                            !mcf->rewrite_no_postpone) != NGX_OK)
     {
         return NGX_ERROR;
     }
     if (mcf->need_access
-        && addPhaseHandler(cmcf, NGX_HTTP_ACCESS_PHASE, glue::accessHandler,
+        && addPhaseHandler(cmcf, NGX_HTTP_ACCESS_PHASE,
+                           entry::edge<glue::accessHandler>,
                            !mcf->access_no_postpone) != NGX_OK)
     {
         return NGX_ERROR;
     }
     if (mcf->need_log
-        && addPhaseHandler(cmcf, NGX_HTTP_LOG_PHASE, glue::logHandler, false)
+        && addPhaseHandler(cmcf, NGX_HTTP_LOG_PHASE,
+                           entry::edge<glue::logHandler>, false)
                != NGX_OK)
     {
         return NGX_ERROR;
@@ -1292,14 +1295,14 @@ void exitProcess(ngx_cycle_t *cycle)
 }
 
 ngx_http_module_t moduleCtx = {
-    nullptr,            // preconfiguration
-    postconfiguration,  // postconfiguration
-    createMainConf,     // create main configuration
-    initMainConf,       // init main configuration
-    createSrvConf,      // create server configuration
-    mergeSrvConf,       // merge server configuration
-    createLocConf,      // create location configuration
-    mergeLocConf,       // merge location configuration
+    nullptr,                          // preconfiguration
+    entry::edge<postconfiguration>,   // postconfiguration
+    entry::edge<createMainConf>,      // create main configuration
+    entry::edge<initMainConf>,        // init main configuration
+    entry::edge<createSrvConf>,       // create server configuration
+    entry::edge<mergeSrvConf>,        // merge server configuration
+    entry::edge<createLocConf>,       // create location configuration
+    entry::edge<mergeLocConf>,        // merge location configuration
 };
 
 }  // namespace
@@ -1318,9 +1321,9 @@ ngx_module_t ngx_http_luaguard_module = {
     NGX_HTTP_MODULE,         // module type
     nullptr,                 // init master
     nullptr,                 // init module
-    luaguard::initProcess,   // init process
+    luaguard::entry::edge<luaguard::initProcess>,  // init process
     nullptr,                 // init thread
     nullptr,                 // exit thread
-    luaguard::exitProcess,   // exit process
+    luaguard::entry::edge<luaguard::exitProcess>,  // exit process
     nullptr,                 // exit master
     NGX_MODULE_V1_PADDING};

@@ -94,7 +94,7 @@ RequestCtx *createCtx(ngx_http_request_t *r)
         ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
     ctx->limits = &ctx->llcf->limits;
     // Destructor registered only once construction succeeded.
-    cln->handler = cleanupCtx;
+    cln->handler = entry::edge<cleanupCtx>;
     cln->data = ctx;
     ngx_http_set_ctx(r, ctx, ngx_http_luaguard_module);
 #ifdef LUAGUARD_FAULT_INJECTION
@@ -612,7 +612,8 @@ ngx_int_t needBody(ngx_http_request_t *r, RequestCtx *ctx, bool content)
     ctx->reading_body = true;
     ctx->in_content_phase = content;
     ctx->body_sync = true;
-    ngx_int_t rc = ngx_http_read_client_request_body(r, bodyReadForPhase);
+    ngx_int_t rc = ngx_http_read_client_request_body(
+        r, entry::edge<bodyReadForPhase>);
     ctx->body_sync = false;
     if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
         return rc;
@@ -659,7 +660,7 @@ void bodyWaitAbandoned(RequestCtx *ctx)
     ctx->req_body_waiter = nullptr;
     t->cancel = nullptr;
     // Not from inside nginx's finalization, which is running now.
-    t->wake.handler = abandonedHandler;
+    t->wake.handler = entry::edge<abandonedHandler>;
     ngx_post_event(&t->wake, &ngx_posted_events);
 }
 

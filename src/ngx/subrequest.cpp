@@ -186,9 +186,9 @@ void prepare(Batch *b, Capture *cap)
 {
     cap->batch = b;
     cap->last = &cap->body;
-    cap->ps.handler = subrequestDone;
+    cap->ps.handler = entry::edge<subrequestDone>;
     cap->ps.data = cap;
-    b->wake.handler = wakeBatch;
+    b->wake.handler = entry::edge<wakeBatch>;
     b->wake.data = b;
 }
 
@@ -197,7 +197,7 @@ Capture *captureOf(ngx_http_request_t *r)
     // post_subrequest survives internal redirects inside the subrequest,
     // where module contexts do not.
     if (r == r->main || r->post_subrequest == nullptr
-        || r->post_subrequest->handler != subrequestDone)
+        || r->post_subrequest->handler != entry::edge<subrequestDone>)
     {
         return nullptr;
     }
@@ -247,7 +247,7 @@ void watchClientAbort(RequestCtx *ctx)
     {
         return;  // not wanted, or the body reader owns the read side
     }
-    r->read_event_handler = abortHandler;
+    r->read_event_handler = entry::edge<abortHandler>;
 
     // The close may already have happened, its (edge-triggered) event
     // swallowed by nginx's block_reading before this watch was installed:

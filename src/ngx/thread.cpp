@@ -156,17 +156,26 @@ bool finish(LuaThread *t, int rc, const std::string *raised = nullptr)
                                   : "lua user thread aborted: runtime error",
                          msg, tb);
         // wait() returns false and the error object (the message, for an
-        // error raised outside the coroutine).
-        if (raised) {
-            lua_settop(co, 0);
-            std::string err;
-            entry::protect(co, [&] {
-                lua_pushlstring(co, raised->data(), raised->size());
-            }, &err);
+        // error raised outside the coroutine). The coroutine itself is
+        // reset: LuaJIT leaves the frames of a coroutine that died of an
+        // error as they were, for tracebacks, and after a memory error in
+        // a fast function (tostring) they are not in a state its collector
+        // can walk (it crashed in gc_traverse_frames).
+        lua_State *L = ctx->vm->L();
+        int top = lua_gettop(L);
+        std::string err;
+        bool kept = !raised && lua_gettop(co) > 0
+                    && entry::protect(L, [&] { lua_xmove(co, L, 1); }, &err);
+        lua_resetthread(L, co);
+        if (kept) {
+            lua_xmove(L, co, 1);  // a reset stack has room: no allocation
         } else {
-            lua_insert(co, 1);
-            lua_settop(co, 1);
+            const std::string &text = raised ? *raised : msg;
+            entry::protect(co, [&] {
+                lua_pushlstring(co, text.data(), text.size());
+            }, &err);
         }
+        lua_settop(L, top);
     } else if (rc == LUA_YIELD) {
         lua_settop(co, 0);  // ended by ngx.exit and friends
     }
@@ -231,7 +240,7 @@ LuaThread *create(RequestCtx *ctx, LuaThread *parent)
     std::tie(t->co, t->ref) = ctx->vm->takeThread();
     t->parent = parent;
     t->entry = parent == nullptr;
-    t->wake.handler = wakeHandler;
+    t->wake.handler = entry::edge<wakeHandler>;
     t->wake.data = t;
     t->wake.log = ctx->r->connection->log;
     lua_setexdata(t->co, t);
@@ -340,7 +349,7 @@ bool phaseDone(RequestCtx *ctx)
 void post(LuaThread *t, WakeWith with)
 {
     t->wake_with = with;
-    t->wake.handler = wakeHandler;
+    t->wake.handler = entry::edge<wakeHandler>;
     if (!t->wake.posted && !t->wake.timer_set) {
         ngx_post_event(&t->wake, &ngx_posted_next_events);
     }
@@ -348,13 +357,13 @@ void post(LuaThread *t, WakeWith with)
 
 void wakeAfter(LuaThread *t, ngx_msec_t ms)
 {
-    t->wake.handler = wakeHandler;
+    t->wake.handler = entry::edge<wakeHandler>;
     ngx_add_timer(&t->wake, ms);
 }
 
 void resetWake(LuaThread *t)
 {
-    t->wake.handler = wakeHandler;
+    t->wake.handler = entry::edge<wakeHandler>;
 }
 
 void endPhase(RequestCtx *ctx)

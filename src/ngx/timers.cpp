@@ -229,7 +229,7 @@ TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
         tm->loc_conf = hc->loc_conf;
     }
 
-    tm->ev.handler = fired;
+    tm->ev.handler = entry::edge<fired>;
     tm->ev.data = tm;
     tm->ev.log = ngx_cycle->log;
     // Pending timers do not hold a worker's graceful exit: they are fired
