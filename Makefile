@@ -9,7 +9,7 @@ ASAN_MODULE := $(ASAN_BUILD)/ngx_http_luaguard_module.so
 PORT       ?= 8080
 
 .PHONY: all deps deps-test build build-asan run test test-unit test-e2e \
-        test-asan-fast test-asan install bench clean
+        test-asan-fast test-asan test-soak soak install bench clean
 
 all: build
 
@@ -34,7 +34,7 @@ run: build
 	@scripts/run-example.sh $(MODULE) $(PORT)
 
 test: deps-test build
-	@$(MAKE) --no-print-directory test-unit test-e2e test-asan-fast
+	@$(MAKE) --no-print-directory test-unit test-e2e test-asan-fast test-soak
 
 test-unit:
 	@cd $(BUILD) && ctest --output-on-failure
@@ -51,6 +51,17 @@ test-asan-fast: build-asan
 test-asan: deps-test build-asan
 	@LUAGUARD_MODULE=$(CURDIR)/$(ASAN_MODULE) LUAGUARD_ASAN=1 \
 	    $(PYTEST) -q -p no:cacheprovider tests/e2e
+
+# Mixed normal and hostile traffic on 4 workers with a reload every 30 s
+# (bench/soak.py); `make soak` runs it for SOAK_SECONDS (30 minutes by
+# default), `make test` for one minute.
+SOAK_SECONDS ?= 1800
+soak: deps-test build
+	@/usr/bin/python3 bench/soak.py --module $(CURDIR)/$(MODULE) \
+	    --seconds $(SOAK_SECONDS) --json $(BUILD)/soak.json
+
+test-soak:
+	@/usr/bin/python3 bench/soak.py --module $(CURDIR)/$(MODULE) --seconds 60
 
 install: build
 	install -D -m 0644 $(MODULE) /usr/lib/nginx/modules/ngx_http_luaguard_module.so

@@ -200,7 +200,10 @@ uint64_t Guard::usedNs(const Usage &usage) const
 
 void Guard::reclaim(lua_State *L, const Usage &usage)
 {
-    if (usage.tripped == Kind::Memory || usage.tripped == Kind::VmMemory) {
+    // Any stopped run: one stopped by its slice can leave as much garbage
+    // as its memory budget allows, which the incremental collector would
+    // give back to malloc only slowly, and malloc to the system never.
+    if (usage.tripped != Kind::None) {
         lua_gc(L, LUA_GCCOLLECT, 0);
         malloc_trim(0);  // hand the pages back, not just to malloc
     }

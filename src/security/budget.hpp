@@ -84,8 +84,8 @@ class Guard {
     // Lua time of `usage` including the runs still in progress.
     uint64_t usedNs(const Usage &usage) const;
 
-    // After a run stopped for memory has released what it anchored: a full
-    // collection, so the worker's memory falls back below the ceiling.
+    // After a stopped run has released what it anchored: a full
+    // collection and malloc_trim, so the worker's memory falls back.
     static void reclaim(lua_State *L, const Usage &usage);
 
     uint64_t stops(Kind k) const { return stops_[static_cast<int>(k)]; }
