@@ -644,6 +644,14 @@ char *mergeEgress(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
         conf->egress = nullptr;  // the built-in default: metadata refused
         return NGX_CONF_OK;
     }
+    if (prev->egress && prev->egress_rules == conf->egress_rules
+        && prev->egress_default == conf->egress_default)
+    {
+        // Inherited as a whole: the same object, so the policy identity
+        // that keys cosocket pools (api/socket_tcp.cpp) is shared too.
+        conf->egress = prev->egress;
+        return NGX_CONF_OK;
+    }
     ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool,
                                                    sizeof(egress::Policy));
     if (cln == nullptr) {
