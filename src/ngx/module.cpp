@@ -11,6 +11,7 @@
 #include "ngx/module.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
+#include "ngx/subrequest.hpp"
 #include "runtime/block_scanner.hpp"
 #include "runtime/code.hpp"
 #include "runtime/package_path.hpp"
@@ -1262,6 +1263,7 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
         return NGX_OK;
     }
     g_mcf = mcf;
+    subreq::installEgressHook(cycle->log);
     glue::registerWorker();
     metrics::initWorker(cycle);
     if (!budget::Guard::instance().start(mcf->vm->L(), &mcf->vm->memory(),

@@ -23,6 +23,9 @@ struct Capture {
     bool                        body_seen;    // the body filter was called
     bool                        failed;       // finalized with an error
     ngx_http_post_subrequest_t  ps;
+    RequestCtx                 *issuer;       // whose egress policy applies
+    ngx_queue_t                 live;         // in the watch list
+    bool                        watched;
 };
 
 // The subrequests one capture/capture_multi call waits for.
@@ -43,6 +46,17 @@ Capture *captureOf(ngx_http_request_t *r);
 
 // Body filter for a captured subrequest: keeps the data, passes nothing on.
 ngx_int_t collect(ngx_http_request_t *r, ngx_chain_t *in);
+
+// Puts a capture under `issuer`'s egress policy (call after prepare and
+// before creating cap->sr): an upstream connection the subrequest (or one
+// nested in it) opens to a target computed from variables is judged by
+// that policy before its socket connects. False (nothing to undo) when
+// that cannot be guaranteed: no hook, no memory.
+bool watch(Capture *cap, RequestCtx *issuer);
+
+// Installs the connection vetting hook (worker start). False when the
+// event method gives no hook (not epoll): subrequests are then refused.
+bool installEgressHook(ngx_log_t *log);
 
 // Detaches the batch from its (killed) thread: nothing fires for it later.
 void cancel(Batch *b);
