@@ -8,6 +8,7 @@
 
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
+#include "ngx/subrequest.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/code.hpp"
 #include "runtime/vm.hpp"
@@ -54,6 +55,7 @@ RequestCtx *createCtx(ngx_http_request_t *r)
     if (mem == nullptr) {
         return nullptr;
     }
+    subreq::noteRequestLog(r->connection->log);
     auto *ctx = new (mem) RequestCtx();
     ctx->r = r;
     ctx->vm = mcf->vm;
@@ -65,6 +67,12 @@ RequestCtx *createCtx(ngx_http_request_t *r)
     cln->data = ctx;
     ngx_http_set_ctx(r, ctx, ngx_http_luaguard_module);
     return ctx;
+}
+
+RequestCtx *ctxOfCleanup(const ngx_pool_cleanup_t *cln)
+{
+    return cln->handler == cleanupCtx ? static_cast<RequestCtx *>(cln->data)
+                                      : nullptr;
 }
 
 ngx_log_t *currentLog()

@@ -15,19 +15,19 @@ namespace luaguard::subreq {
 
 namespace {
 
-// ---- egress of captured subrequests ----
+// ---- egress of upstreams Lua can steer ----
 //
-// A captured location whose proxy_pass (fastcgi_pass, grpc_pass, ...)
-// takes its target from variables lets the script pick the upstream
-// through the URI, args or vars it passes. nginx has no hook between
-// choosing an upstream peer and connecting to it, except the event
-// method's add_conn, called by ngx_event_connect_peer() after the socket
-// is made and before connect(). It is wrapped here: when the new
-// connection is the upstream connection of a captured subrequest (or of
-// a request nested in one) and that upstream was computed from variables
-// (u->resolved), the peer address is judged by the egress policy of each
-// location that issued a capture above it; a refusal fails the connect
-// before any packet is sent (the subrequest answers 500).
+// A location whose proxy_pass (fastcgi_pass, grpc_pass, ...) takes its
+// target from variables lets Lua pick the upstream: through the URI,
+// args or vars of ngx.location.capture, or by setting a variable and
+// ngx.exec'ing there. nginx has no hook between choosing an upstream peer
+// and connecting to it, except the event method's add_conn, called by
+// ngx_event_connect_peer() after socket() and before connect(). It is
+// wrapped here: when the new connection is the upstream of a request
+// with a variable target (u->resolved), the peer address is judged by
+// the egress policy of every location Lua ran in for that request and
+// for each request above it (a capture's issuer among them). A refusal
+// fails the connect before any packet is sent (the request answers 500).
 
 ngx_queue_t g_live;                 // Capture::live, captures not done
 bool g_live_init = false;
@@ -47,8 +47,13 @@ void unwatchCleanup(void *data)
     unwatch(static_cast<Capture *>(data));
 }
 
+bool ownsUpstream(ngx_http_request_t *r, ngx_connection_t *c)
+{
+    return r && r->upstream && r->upstream->peer.connection == c;
+}
+
 // The request whose upstream connection c is, when it is one on an HTTP
-// connection where captures run.
+// connection.
 ngx_http_request_t *upstreamOwner(ngx_connection_t *c)
 {
     if (g_http_log_handler == nullptr || c->log == nullptr
@@ -56,20 +61,22 @@ ngx_http_request_t *upstreamOwner(ngx_connection_t *c)
     {
         return nullptr;  // not opened for an HTTP request
     }
+    // nginx marks the request it runs in the log (every request event
+    // handler does); the main request and live captures cover a connect
+    // made from an event of ours (a Lua thread resuming, then ngx.exec
+    // or the next phase).
     auto *lctx = static_cast<ngx_http_log_ctx_t *>(c->log->data);
-    ngx_http_request_t *r = lctx ? lctx->current_request : nullptr;
-    if (r && r->upstream && r->upstream->peer.connection == c) {
-        return r;
+    if (lctx && ownsUpstream(lctx->current_request, c)) {
+        return lctx->current_request;
     }
-    // Not the request nginx is running now: a capture itself may connect
-    // from an event of our own (a Lua thread of the subrequest calling
-    // ngx.exec, say).
+    if (lctx && ownsUpstream(lctx->request, c)) {
+        return lctx->request;
+    }
     for (ngx_queue_t *q = ngx_queue_head(&g_live);
          q != ngx_queue_sentinel(&g_live); q = ngx_queue_next(q))
     {
         Capture *cap = ngx_queue_data(q, Capture, live);
-        ngx_http_upstream_t *u = cap->sr ? cap->sr->upstream : nullptr;
-        if (u && u->peer.connection == c) {
+        if (ownsUpstream(cap->sr, c)) {
             return cap->sr;
         }
     }
@@ -93,13 +100,18 @@ ngx_int_t vetAddConn(ngx_connection_t *c)
                              ? pc->name->len : sizeof(t.text);
             std::memcpy(t.text, pc->name->data, t.name.len);
         }
+        // Subrequests share the main request's pool: its cleanups hold
+        // the RequestCtx of every location Lua ran in, for all of them.
         for (ngx_http_request_t *p = r; p; p = p->parent) {
-            Capture *cap = captureOf(p);
-            if (cap && cap->issuer
-                && !api::sock::egressCheck(cap->issuer,
-                                           "subrequest upstream", &t))
+            for (ngx_pool_cleanup_t *cln = r->pool->cleanup; cln;
+                 cln = cln->next)
             {
-                return NGX_ERROR;  // ngx_event_connect_peer closes c
+                RequestCtx *ctx = ctxOfCleanup(cln);
+                if (ctx && ctx->r == p
+                    && !api::sock::egressCheck(ctx, "upstream", &t))
+                {
+                    return NGX_ERROR;  // ngx_event_connect_peer closes c
+                }
             }
         }
     }
@@ -332,11 +344,19 @@ bool watch(Capture *cap, RequestCtx *issuer)
     // share it): off the list before that memory goes.
     cln->handler = unwatchCleanup;
     cln->data = cap;
-    cap->issuer = issuer;
-    g_http_log_handler = r->connection->log->handler;
     ngx_queue_insert_tail(&g_live, &cap->live);
     cap->watched = true;
     return true;
+}
+
+void noteRequestLog(const ngx_log_t *log)
+{
+    // nginx's (static) HTTP log handler, learnt from a real request: a
+    // log with it has an ngx_http_log_ctx_t as its data. Fake requests
+    // (timers) have none.
+    if (g_http_log_handler == nullptr && log->handler != nullptr) {
+        g_http_log_handler = log->handler;
+    }
 }
 
 bool installEgressHook(ngx_log_t *log)

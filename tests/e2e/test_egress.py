@@ -644,7 +644,7 @@ def test_subrequest_upstream_from_variables_follows_policy(nginx, recorder):
         assert lines[5] == "/varhost: 500", text
         assert lines[6:] == ["/varfcgi: 500", "/varscgi: 500",
                              "/varuwsgi: 500", "/vargrpc: 500"], text
-        n.wait_log(r"lua subrequest upstream: connection to 127\.0\.0\.2:"
+        n.wait_log(r"lua upstream: connection to 127\.0\.0\.2:"
                    r"\d+ refused by the egress policy \(lua_egress deny "
                    r"127\.0\.0\.2\)")
         # The same capture from a location without the rule connects: the
@@ -686,3 +686,45 @@ def test_subrequest_to_metadata_refused_by_default(nginx, netns, tmp_path):
     finally:
         listener.kill()
         listener.wait()
+
+
+def test_upstream_variable_set_by_lua_follows_policy(nginx, recorder):
+    # Without a capture: Lua sets the variable a proxy_pass reads, in its
+    # own location (rewrite_by_lua) or before ngx.exec into another. The
+    # policy of the locations Lua ran in judges the upstream. A location
+    # where no Lua ran is the configuration's own business.
+    p = recorder.port
+    n = nginx(server=f"""
+        {VARPROXY}
+        location /same {{
+            lua_egress deny 127.0.0.2;
+            set $target "";
+            rewrite_by_lua_block {{ ngx.var.target = "127.0.0.2:{p}" }}
+            proxy_pass http://$target;
+        }}
+        location /jump {{
+            lua_egress deny 127.0.0.2;
+            set $target "";
+            rewrite_by_lua_block {{
+                ngx.var.target = "127.0.0.2:{p}"
+                ngx.exec("/varhost")
+            }}
+        }}
+        location /sleepy {{
+            lua_egress deny 127.0.0.2;
+            set $target "";
+            access_by_lua_block {{
+                ngx.sleep(0.001)  -- the connect then runs from our event
+                ngx.var.target = "127.0.0.2:{p}"
+            }}
+            proxy_pass http://$target;
+        }}
+    """)
+    for loc in ("/same", "/jump", "/sleepy"):
+        assert n.get(loc).status == 500, loc
+    assert recorder.accepted == 0
+    try:
+        n.get(f"/varproxy?h=127.0.0.2&p={p}")
+    except Exception:
+        pass  # the recorder's answer is no HTTP: nginx relays it raw
+    assert recorder.accepted == 1
