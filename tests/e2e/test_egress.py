@@ -15,6 +15,18 @@ import pytest
 from harness import Dns
 
 
+def stop_listener(sock, thread):
+    """Wakes the accept loop of `thread` and waits for it before the fd
+    is closed: a loop still running could otherwise accept on the next
+    socket given the same fd number, another test's listener."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    thread.join(5)
+    sock.close()
+
+
 class Recorder:
     """Accepts TCP connections on (host, port), answers one line, counts."""
 
@@ -36,7 +48,8 @@ class Recorder:
                 self.sock.close()
         self.sock.listen(64)
         self.accepted = 0
-        threading.Thread(target=self.loop, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
 
     def loop(self):
         while True:
@@ -49,7 +62,7 @@ class Recorder:
             c.close()
 
     def close(self):
-        self.sock.close()
+        stop_listener(self.sock, self.thread)
         self.guard.close()
 
 
@@ -253,7 +266,8 @@ def test_unix_socket_rules(nginx, tmp_path):
             c.sendall(b"unix reached\n")
             c.close()
 
-    threading.Thread(target=loop, daemon=True).start()
+    accepter = threading.Thread(target=loop, daemon=True)
+    accepter.start()
     try:
         n = nginx(main="user root;", server=f"""
             location /deny {{
@@ -270,7 +284,7 @@ def test_unix_socket_rules(nginx, tmp_path):
         assert got == []
         assert n.get("/allow").text.endswith("unix reached\n")
     finally:
-        srv.close()
+        stop_listener(srv, accepter)
 
 
 @pytest.mark.parametrize("directive", [
@@ -318,7 +332,6 @@ class LineServer:
     that carried it."""
 
     def __init__(self, host="127.0.0.2"):
-        self.rec = Recorder.__new__(Recorder)
         # Same port discipline as Recorder: 127.0.0.1 on that port stays
         # bound and not listening, so connecting there is refused.
         while True:
@@ -334,7 +347,8 @@ class LineServer:
                 self.sock.close()
         self.sock.listen(16)
         self.accepted = 0
-        threading.Thread(target=self.loop, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
 
     def loop(self):
         while True:
@@ -353,7 +367,7 @@ class LineServer:
         c.close()
 
     def close(self):
-        self.sock.close()
+        stop_listener(self.sock, self.thread)
         self.guard.close()
 
 
@@ -371,6 +385,7 @@ POOLED = r"""
 """
 
 
+@pytest.mark.asan_fast
 def test_pool_named_by_script_never_crosses_policies(nginx):
     # A connection /open may make (127.0.0.2 allowed) is parked in the
     # pool "shared". Locations with another egress policy (/steal denies
@@ -467,7 +482,8 @@ class UnixServer:
         self.sock.listen(8)
         self.name = name
         self.accepted = 0
-        threading.Thread(target=self.loop, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
 
     def loop(self):
         while True:
@@ -480,7 +496,7 @@ class UnixServer:
             c.close()
 
     def close(self):
-        self.sock.close()
+        stop_listener(self.sock, self.thread)
 
 
 @pytest.fixture
@@ -530,6 +546,7 @@ def test_unix_allow_prefix_cannot_be_escaped(nginx, unix_tree):
     assert prize.accepted == 0 and ok.accepted == 2
 
 
+@pytest.mark.asan_fast
 def test_unix_deny_rule_covers_every_spelling(nginx, unix_tree):
     d, ok, prize = unix_tree
     n = nginx(main="user root;", server=f"""
@@ -603,6 +620,7 @@ CAPTURES = r"""
 """
 
 
+@pytest.mark.asan_fast
 def test_subrequest_upstream_from_variables_follows_policy(nginx, recorder):
     # Lua chooses the upstream of a captured proxy_pass through args, vars,
     # a light hop through ngx.exec, or a name the resolver answers: each
