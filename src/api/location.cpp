@@ -512,6 +512,13 @@ int issue(lua_State *L, int list)
         const Spec &spec = specs[i];
         subreq::Capture *cap = &caps[i];
         subreq::prepare(b, cap);
+        if (!subreq::watch(cap, ctx)) {
+            // Fail closed: a subrequest the egress policy cannot follow
+            // is not issued.
+            return luaL_error(L, "failed to issue subrequest: %d (egress "
+                                 "policy unavailable)",
+                              static_cast<int>(i + 1));
+        }
         ngx_str_t uri = spec.uri;
         ngx_str_t args = spec.args;
         ngx_http_request_t *sr;

@@ -52,9 +52,11 @@ bool resolveStart(ngx_http_request_t *r, Resolve *res, const char *host,
 // Abandons a lookup in progress (thread killed, request over).
 void resolveCancel(Resolve *res);
 
-// The egress seam (security/egress.hpp) for `t`: logs and returns false
-// when the destination is refused.
-bool egressCheck(RequestCtx *ctx, const char *kind, Target *t);
+// The egress seam (security/egress.hpp) for `t` under ctx's location
+// policy (null ctx: the built-in default): logs "lua <what>: connection
+// to ... refused" and returns false when the destination is refused. A
+// unix path in `t` is replaced by its resolved form, the one judged.
+bool egressCheck(RequestCtx *ctx, const char *what, Target *t);
 
 // lua-nginx-module's text for a socket error: strerror in lower case
 // ("connection refused", "connection reset by peer").

@@ -172,17 +172,30 @@ void resolveCancel(Resolve *res)
     }
 }
 
-bool egressCheck(RequestCtx *ctx, const char *kind, Target *t)
+bool egressCheck(RequestCtx *ctx, const char *what, Target *t)
 {
     std::string why;
     const egress::Policy *loc = ctx ? ctx->llcf->egress : nullptr;
-    auto *sa = reinterpret_cast<const struct sockaddr *>(&t->addr);
+    auto *sa = reinterpret_cast<struct sockaddr *>(&t->addr);
     bool ok;
     if (sa->sa_family == AF_UNIX) {
-        const auto *sun = reinterpret_cast<const struct sockaddr_un *>(sa);
+        auto *sun = reinterpret_cast<struct sockaddr_un *>(sa);
+        std::string resolved;
         ok = egressAllowedUnix(loc, sun->sun_path,
-                               std::strlen(sun->sun_path), &why)
-             && egressAllowed(loc, sa, t->len, &why);
+                               strnlen(sun->sun_path, sizeof(sun->sun_path)),
+                               &resolved, &why);
+        if (ok && resolved.size() >= sizeof(sun->sun_path)) {
+            ok = false;
+            why = "resolved unix socket path too long";
+        }
+        if (ok) {
+            // Connect to the path that was judged, not to a spelling that
+            // could be re-resolved differently.
+            std::memset(sun->sun_path, 0, sizeof(sun->sun_path));
+            std::memcpy(sun->sun_path, resolved.data(), resolved.size());
+            t->len = static_cast<socklen_t>(
+                offsetof(struct sockaddr_un, sun_path) + resolved.size() + 1);
+        }
     } else {
         ok = egressAllowed(loc, sa, t->len, &why);
     }
@@ -193,8 +206,8 @@ bool egressCheck(RequestCtx *ctx, const char *kind, Target *t)
                          t->name.len);
         ngx_log_error(NGX_LOG_ERR,
                       ctx ? ctx->r->connection->log : ngx_cycle->log, 0,
-                      "lua %s socket: connection to %s refused by the "
-                      "egress policy (%s)", kind, name.c_str(), why.c_str());
+                      "lua %s: connection to %s refused by the egress "
+                      "policy (%s)", what, name.c_str(), why.c_str());
     }
     return ok;
 }

@@ -7,7 +7,11 @@
 // request that connected it, and that cleanup forgets the request so a
 // socket kept in a global fails with "closed" in the next request instead
 // of touching freed memory. Idle pooled connections belong to the worker
-// (malloc'd Idle items, the cycle's log), never to a request.
+// (malloc'd Idle items, the cycle's log), never to a request. A pool
+// belongs to one policy (its key starts with the egress and sandbox policy
+// of the location that connected), and an idle connection keeps the peer
+// it was opened to, judged again before it is handed out: naming a pool
+// never reaches a destination the caller's policy refuses.
 //
 // Each operation (connect, read, write) can be pending in one thread at a
 // time (a reader and a writer thread may overlap). A pending operation is
@@ -19,6 +23,7 @@
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
 
+#include <cstdio>
 #include <cstring>
 #include <new>
 #include <string>
@@ -32,6 +37,7 @@
 #include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
 #include "security/egress.hpp"
+#include "security/ngx_sandbox.hpp"
 
 namespace luaguard::api {
 
@@ -161,7 +167,15 @@ struct Idle {
     Pool              *pool;
     ngx_uint_t         reused;
     bool               counted;
+    Target             peer;      // what c was connected to
 };
+
+// Copies a Target, its name pointing into its own text.
+void copyTarget(Target *to, const Target &from)
+{
+    *to = from;
+    to->name.data = to->text;
+}
 
 std::unordered_map<std::string, Pool *> g_pools;
 std::vector<char *> g_free_bufs;      // read buffers of g_free_size
@@ -556,7 +570,7 @@ void onConnect(ngx_event_t *ev)
 
 int connectTarget(Tcp *s, lua_State *dst)
 {
-    if (!sock::egressCheck(s->ctx, "tcp", &s->target)) {
+    if (!sock::egressCheck(s->ctx, "tcp socket", &s->target)) {
         return failConnect(s, dst, kEgressDenied);
     }
     ngx_int_t rc = sock::connectPeer(&s->pc, &s->target, SOCK_STREAM,
@@ -626,13 +640,23 @@ int resolveAndConnect(Tcp *s, lua_State *dst)
     return kPending;
 }
 
-bool takeIdle(Tcp *s, Pool *p)
+// An idle connection of p for s, when there is one its policy allows
+// (*refused when the one there is not allowed).
+bool takeIdle(Tcp *s, Pool *p, bool *refused)
 {
     if (p == nullptr || p->nidle == 0) {
         return false;
     }
     ngx_queue_t *q = ngx_queue_head(&p->idle);
     Idle *it = ngx_queue_data(q, Idle, q);
+    // The pool key already holds the policy; judging the stored peer
+    // again keeps a pooled connection from outliving a policy's verdict
+    // (a unix path re-resolved, a pool reached by another key).
+    if (!sock::egressCheck(s->ctx, "tcp socket", &it->peer)) {
+        *refused = true;
+        return false;
+    }
+    copyTarget(&s->target, it->peer);
     ngx_queue_remove(q);
     p->nidle--;
     ngx_connection_t *c = it->c;
@@ -653,9 +677,13 @@ bool takeIdle(Tcp *s, Pool *p)
 int connectFromPool(Tcp *s, lua_State *dst)
 {
     Pool *p = findPool(s->key);
-    if (takeIdle(s, p)) {
+    bool refused = false;
+    if (takeIdle(s, p, &refused)) {
         lua_pushinteger(dst, 1);
         return 1;
+    }
+    if (refused) {
+        return failConnect(s, dst, kEgressDenied);
     }
     if (s->opt_has_backlog) {
         if (p == nullptr) {
@@ -860,6 +888,16 @@ int tcpConnect(lua_State *L)
             s->key += std::to_string(port);
         }
     }
+    // Pools of different policies never mix, whatever name the script
+    // gives: the key starts with the policies' identities (inherited
+    // policies are shared objects, so locations with the same settings
+    // share pools). The prefix ends with '|', which no pointer contains.
+    char policy[64];
+    int plen = std::snprintf(policy, sizeof(policy), "%p,%p|",
+                             static_cast<const void *>(ctx->llcf->egress),
+                             static_cast<const void *>(
+                                 sandbox::policyOf(ctx->llcf)));
+    s->key.insert(0, policy, static_cast<size_t>(plen));
 
     LuaThread *t = threads::current();
     int r = connectFromPool(s, L);
@@ -1664,6 +1702,7 @@ int tcpSetKeepalive(lua_State *L)
     }
     it->c = c;
     it->pool = p;
+    copyTarget(&it->peer, s->target);
     it->reused = s->reused;
     it->counted = s->counted;
     if (s->counted) {

@@ -127,7 +127,7 @@ void ignore(ngx_event_t *) {}
 
 int connectTarget(Udp *u, lua_State *dst)
 {
-    if (!sock::egressCheck(u->ctx, "udp", &u->target)) {
+    if (!sock::egressCheck(u->ctx, "udp socket", &u->target)) {
         return pushNilErr(dst, kEgressDenied);
     }
     ngx_int_t rc = sock::connectPeer(&u->pc, &u->target, SOCK_DGRAM, nullptr,

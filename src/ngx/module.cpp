@@ -12,6 +12,7 @@
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
+#include "ngx/subrequest.hpp"
 #include "runtime/block_scanner.hpp"
 #include "runtime/code.hpp"
 #include "runtime/package_path.hpp"
@@ -649,6 +650,14 @@ char *mergeEgress(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
         conf->egress = nullptr;  // the built-in default: metadata refused
         return NGX_CONF_OK;
     }
+    if (prev->egress && prev->egress_rules == conf->egress_rules
+        && prev->egress_default == conf->egress_default)
+    {
+        // Inherited as a whole: the same object, so the policy identity
+        // that keys cosocket pools (api/socket_tcp.cpp) is shared too.
+        conf->egress = prev->egress;
+        return NGX_CONF_OK;
+    }
     ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool,
                                                    sizeof(egress::Policy));
     if (cln == nullptr) {
@@ -1262,6 +1271,7 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
         return NGX_OK;
     }
     g_mcf = mcf;
+    subreq::installEgressHook(cycle->log);
     glue::registerWorker();
     metrics::initWorker(cycle);
     if (!budget::Guard::instance().start(mcf->vm->L(), &mcf->vm->memory(),

@@ -233,6 +233,11 @@ class RunScope {
 
 RequestCtx *getCtx(ngx_http_request_t *r);
 RequestCtx *createCtx(ngx_http_request_t *r);
+// The RequestCtx a cleanup of a request pool holds, or null. Every
+// location Lua ran in for a request left one there (internal redirects
+// clear the module ctx, not the pool): the egress hook in
+// ngx/subrequest.cpp walks them.
+RequestCtx *ctxOfCleanup(const ngx_pool_cleanup_t *cln);
 MainConf *mainConf();
 ngx_log_t *currentLog();
 

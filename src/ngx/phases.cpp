@@ -9,6 +9,7 @@
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
+#include "ngx/subrequest.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/code.hpp"
 #include "runtime/vm.hpp"
@@ -87,6 +88,7 @@ RequestCtx *createCtx(ngx_http_request_t *r)
     if (mem == nullptr) {
         return nullptr;
     }
+    subreq::noteRequestLog(r->connection->log);
     auto *ctx = new (mem) RequestCtx();
     ctx->r = r;
     ctx->vm = mcf->vm;
@@ -101,6 +103,12 @@ RequestCtx *createCtx(ngx_http_request_t *r)
     armFault(ctx);
 #endif
     return ctx;
+}
+
+RequestCtx *ctxOfCleanup(const ngx_pool_cleanup_t *cln)
+{
+    return cln->handler == entry::edge<cleanupCtx>
+               ? static_cast<RequestCtx *>(cln->data) : nullptr;
 }
 
 ngx_log_t *currentLog()

@@ -4,6 +4,9 @@
 
 #include <sys/socket.h>
 
+#include <cstring>
+
+#include "api/socket.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
@@ -12,6 +15,109 @@
 namespace luaguard::subreq {
 
 namespace {
+
+// ---- egress of upstreams Lua can steer ----
+//
+// A location whose proxy_pass (fastcgi_pass, grpc_pass, ...) takes its
+// target from variables lets Lua pick the upstream: through the URI,
+// args or vars of ngx.location.capture, or by setting a variable and
+// ngx.exec'ing there. nginx has no hook between choosing an upstream peer
+// and connecting to it, except the event method's add_conn, called by
+// ngx_event_connect_peer() after socket() and before connect(). It is
+// wrapped here: when the new connection is the upstream of a request
+// with a variable target (u->resolved), the peer address is judged by
+// the egress policy of every location Lua ran in for that request and
+// for each request above it (a capture's issuer among them). A refusal
+// fails the connect before any packet is sent (the request answers 500).
+
+ngx_queue_t g_live;                 // Capture::live, captures not done
+bool g_live_init = false;
+ngx_int_t (*g_add_conn)(ngx_connection_t *c) = nullptr;
+u_char *(*g_http_log_handler)(ngx_log_t *, u_char *, size_t) = nullptr;
+
+void unwatch(Capture *cap)
+{
+    if (cap->watched) {
+        ngx_queue_remove(&cap->live);
+        cap->watched = false;
+    }
+}
+
+void unwatchCleanup(void *data)
+{
+    unwatch(static_cast<Capture *>(data));
+}
+
+bool ownsUpstream(ngx_http_request_t *r, ngx_connection_t *c)
+{
+    return r && r->upstream && r->upstream->peer.connection == c;
+}
+
+// The request whose upstream connection c is, when it is one on an HTTP
+// connection.
+ngx_http_request_t *upstreamOwner(ngx_connection_t *c)
+{
+    if (g_http_log_handler == nullptr || c->log == nullptr
+        || c->log->handler != g_http_log_handler)
+    {
+        return nullptr;  // not opened for an HTTP request
+    }
+    // nginx marks the request it runs in the log (every request event
+    // handler does); the main request and live captures cover a connect
+    // made from an event of ours (a Lua thread resuming, then ngx.exec
+    // or the next phase).
+    auto *lctx = static_cast<ngx_http_log_ctx_t *>(c->log->data);
+    if (lctx && ownsUpstream(lctx->current_request, c)) {
+        return lctx->current_request;
+    }
+    if (lctx && ownsUpstream(lctx->request, c)) {
+        return lctx->request;
+    }
+    for (ngx_queue_t *q = ngx_queue_head(&g_live);
+         q != ngx_queue_sentinel(&g_live); q = ngx_queue_next(q))
+    {
+        Capture *cap = ngx_queue_data(q, Capture, live);
+        if (ownsUpstream(cap->sr, c)) {
+            return cap->sr;
+        }
+    }
+    return nullptr;
+}
+
+ngx_int_t vetAddConn(ngx_connection_t *c)
+{
+    ngx_http_request_t *r = upstreamOwner(c);
+    if (r && r->upstream->resolved) {
+        ngx_peer_connection_t *pc = &r->upstream->peer;
+        api::sock::Target t;
+        std::memset(&t, 0, sizeof(t));
+        socklen_t len = pc->socklen < sizeof(t.addr) ? pc->socklen
+                                                     : sizeof(t.addr);
+        std::memcpy(&t.addr, pc->sockaddr, len);
+        t.len = len;
+        t.name.data = t.text;
+        if (pc->name) {
+            t.name.len = pc->name->len < sizeof(t.text)
+                             ? pc->name->len : sizeof(t.text);
+            std::memcpy(t.text, pc->name->data, t.name.len);
+        }
+        // Subrequests share the main request's pool: its cleanups hold
+        // the RequestCtx of every location Lua ran in, for all of them.
+        for (ngx_http_request_t *p = r; p; p = p->parent) {
+            for (ngx_pool_cleanup_t *cln = r->pool->cleanup; cln;
+                 cln = cln->next)
+            {
+                RequestCtx *ctx = ctxOfCleanup(cln);
+                if (ctx && ctx->r == p
+                    && !api::sock::egressCheck(ctx, "upstream", &t))
+                {
+                    return NGX_ERROR;  // ngx_event_connect_peer closes c
+                }
+            }
+        }
+    }
+    return g_add_conn(c);
+}
 
 void wakeBatch(ngx_event_t *ev)
 {
@@ -60,6 +166,7 @@ ngx_int_t subrequestDone(ngx_http_request_t *r, void *data, ngx_int_t rc)
     }
 
     cap->done = true;
+    unwatch(cap);  // its own upstream is over; nested ones keep the chain
     if (r->headers_out.status) {
         cap->status = r->headers_out.status;
     } else if (cap->status == 0) {
@@ -228,6 +335,56 @@ ngx_int_t collect(ngx_http_request_t *r, ngx_chain_t *in)
         }
     }
     return NGX_OK;
+}
+
+bool watch(Capture *cap, RequestCtx *issuer)
+{
+    if (g_add_conn == nullptr) {
+        return false;
+    }
+    ngx_http_request_t *r = issuer->r;
+    ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == nullptr) {
+        return false;
+    }
+    // The capture record lives in the main request's pool (subrequests
+    // share it): off the list before that memory goes.
+    cln->handler = unwatchCleanup;
+    cln->data = cap;
+    ngx_queue_insert_tail(&g_live, &cap->live);
+    cap->watched = true;
+    return true;
+}
+
+void noteRequestLog(const ngx_log_t *log)
+{
+    // nginx's (static) HTTP log handler, learnt from a real request: a
+    // log with it has an ngx_http_log_ctx_t as its data. Fake requests
+    // (timers) have none.
+    if (g_http_log_handler == nullptr && log->handler != nullptr) {
+        g_http_log_handler = log->handler;
+    }
+}
+
+bool installEgressHook(ngx_log_t *log)
+{
+    if (!g_live_init) {
+        ngx_queue_init(&g_live);
+        g_live_init = true;
+    }
+    if (g_add_conn != nullptr) {
+        return true;
+    }
+    if (ngx_event_actions.add_conn == nullptr) {
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "luaguard: the event method has no add_conn (use "
+                      "epoll): ngx.location.capture is refused, as the "
+                      "egress policy cannot judge its upstreams");
+        return false;
+    }
+    g_add_conn = ngx_event_actions.add_conn;
+    ngx_event_actions.add_conn = entry::edge<vetAddConn>;
+    return true;
 }
 
 void cancel(Batch *b)

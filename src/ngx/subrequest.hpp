@@ -23,6 +23,8 @@ struct Capture {
     bool                        body_seen;    // the body filter was called
     bool                        failed;       // finalized with an error
     ngx_http_post_subrequest_t  ps;
+    ngx_queue_t                 live;         // in the watch list
+    bool                        watched;
 };
 
 // The subrequests one capture/capture_multi call waits for.
@@ -43,6 +45,23 @@ Capture *captureOf(ngx_http_request_t *r);
 
 // Body filter for a captured subrequest: keeps the data, passes nothing on.
 ngx_int_t collect(ngx_http_request_t *r, ngx_chain_t *in);
+
+// Lists a capture issued by `issuer` (call after prepare and before
+// creating cap->sr) so that an upstream connection it opens to a target
+// computed from variables is found and judged by the egress policy of
+// every location Lua ran in, for it and the requests above it, before
+// its socket connects. False (nothing to undo) when that cannot be
+// guaranteed: no hook, no memory.
+bool watch(Capture *cap, RequestCtx *issuer);
+
+// Called for each request Lua runs in (createCtx): learns what an HTTP
+// connection's log looks like, so the hook knows which connections are
+// made for HTTP requests.
+void noteRequestLog(const ngx_log_t *log);
+
+// Installs the connection vetting hook (worker start). False when the
+// event method gives no hook (not epoll): subrequests are then refused.
+bool installEgressHook(ngx_log_t *log);
 
 // Detaches the batch from its (killed) thread: nothing fires for it later.
 void cancel(Batch *b);
