@@ -31,6 +31,7 @@
 #include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
 #include "security/egress.hpp"
+#include "security/log_escape.hpp"
 
 namespace luaguard::api {
 
@@ -580,8 +581,11 @@ void resolved(Resolve *res)
     int n;
     if (!res->err.empty()) {
         if (s->log_errors) {
+            // The text names the host the script chose: escaped.
+            std::string err;
+            appendLogEscaped(err, res->err.data(), res->err.size());
             ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
-                          "lua tcp socket: %s", res->err.c_str());
+                          "lua tcp socket: %s", err.c_str());
         }
         n = failConnect(s, t->co, res->err);
     } else {
@@ -604,10 +608,8 @@ int resolveAndConnect(Tcp *s, lua_State *dst)
                            s->host.size(), s->port, &s->target))
     {
         if (!s->resolve.err.empty()) {
-            if (s->log_errors) {
-                ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
-                              "lua tcp socket: %s", s->resolve.err.c_str());
-            }
+            // Not logged ("no resolver defined to resolve ..."), as in
+            // lua-nginx-module: the script gets the error.
             return failConnect(s, dst, s->resolve.err);
         }
         return connectTarget(s, dst);

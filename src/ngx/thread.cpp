@@ -36,12 +36,14 @@ void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
                 const std::string &traceback)
 {
     // The message may carry request data: escaped. The traceback keeps its
-    // lines, each of which starts with a tab and so cannot pass for a
-    // log line of its own.
+    // lines (escapedTraceback already escaped the names in them), and
+    // safeTraceback makes sure each starts with a tab whatever produced
+    // it, so none can pass for a log line of its own.
     std::string line;
     appendLogEscaped(line, msg.data(), msg.size());
+    std::string tb = traceback.empty() ? "" : safeTraceback(traceback);
     ngx_log_error(NGX_LOG_ERR, log, 0, "%s: %s%s%s", what, line.c_str(),
-                  traceback.empty() ? "" : "\n", traceback.c_str());
+                  tb.empty() ? "" : "\n", tb.c_str());
 }
 
 int yield(lua_State *L)
@@ -117,10 +119,7 @@ bool finish(LuaThread *t, int rc)
         t->failed = true;
         metrics::countError(ctx);
         std::string msg = glue::errorText(co, -1);
-        luaL_traceback(ctx->vm->L(), co, nullptr, 0);
-        std::string tb = lua_tostring(ctx->vm->L(), -1)
-                             ? lua_tostring(ctx->vm->L(), -1) : "";
-        lua_pop(ctx->vm->L(), 1);
+        std::string tb = escapedTraceback(co, 0);
         glue::logFailure(ctx->r->connection->log,
                          t->entry ? "lua entry thread aborted: runtime error"
                                   : "lua user thread aborted: runtime error",
