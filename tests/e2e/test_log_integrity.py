@@ -1,6 +1,10 @@
 """Request data written to the error log can never forge a line."""
 
+import os
 import re
+import shutil
+import socket
+import tempfile
 import urllib.parse
 
 import pytest
@@ -60,3 +64,140 @@ def test_traceback_lines_start_with_a_tab(nginx):
         if line.startswith("20"):   # the next real log line
             break
         assert line.startswith("\t"), line
+
+
+# ---- every log path that writes text a script chose (issue 17) ----
+#
+# Each location takes the attack text from ?msg= and puts it where a log
+# line is written from: chunk names (error tracebacks in a thread, in a
+# synchronous phase, in a timer, in a light thread; ngx.log's prefix),
+# function names in tracebacks, cosocket host names and unix paths,
+# subrequest variable names. Short enough for a chunk name (LuaJIT keeps
+# 59 bytes of it).
+ATTACK = "\n2026/01/01 [emerg] forged by the client\r\n"
+REAL_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\w+\] \d+#\d+: ")
+
+PATHS = r"""
+    location /chunk_thread { content_by_lua_block {
+        local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+        f()
+    } }
+    location /chunk_sync {
+        content_by_lua_block { ngx.say("ok") }
+        log_by_lua_block {
+            local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+            f()
+        }
+    }
+    location /chunk_set {
+        set_by_lua_block $out {
+            local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+            return f()
+        }
+        content_by_lua_block { ngx.say("ok") }
+    }
+    location /function_name { content_by_lua_block {
+        -- A constant key: LuaJIT names the function after it.
+        local code = "local t = {} t[" .. string.format("%q", ngx.unescape_uri(ngx.var.arg_msg))
+                     .. "] = function() error('boom') end t["
+                     .. string.format("%q", ngx.unescape_uri(ngx.var.arg_msg)) .. "]()"
+        load(code, "=fn")()
+    } }
+    location /ngx_log { content_by_lua_block {
+        load("ngx.log(ngx.ERR, 'from a named chunk')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))()
+        ngx.say("ok")
+    } }
+    location /timer { content_by_lua_block {
+        local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+        ngx.timer.at(0, f)
+        ngx.say("ok")
+    } }
+    location /light_thread { content_by_lua_block {
+        local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+        local t = ngx.thread.spawn(f)
+        ngx.say(ngx.thread.wait(t))
+    } }
+    location /no_resolver { content_by_lua_block {
+        local sock = ngx.socket.tcp()
+        ngx.say(sock:connect("x" .. ngx.unescape_uri(ngx.var.arg_msg), 80))
+    } }
+    location /unix_path { content_by_lua_block {
+        local sock = ngx.socket.tcp()
+        ngx.say(sock:connect("unix:" .. ngx.unescape_uri(ngx.var.arg_path)))
+    } }
+    location /capture_var { content_by_lua_block {
+        local ok, err = pcall(ngx.location.capture, "/sub",
+                              {vars = {["v" .. ngx.unescape_uri(ngx.var.arg_msg)] = "1"}})
+        ngx.say(ok)
+    } }
+    location /sub { return 204; }
+"""
+
+MSG_SERVER = PATHS
+
+
+def assert_no_forged_line(log):
+    for ln in log.splitlines():
+        if "forged by the client" in ln or ln.startswith("2026/01/01"):
+            # On the line of a real message, or a traceback line (tab).
+            assert REAL_LINE.match(ln) or ln.startswith("\t"), ln
+
+
+@pytest.mark.asan_fast
+@pytest.mark.parametrize("path", [
+    "/chunk_thread", "/chunk_sync", "/chunk_set", "/function_name",
+    "/ngx_log", "/timer", "/light_thread", "/unix_path", "/capture_var"])
+def test_no_log_path_forges_a_line(nginx, path, request):
+    request_cleanup = request.addfinalizer
+    n = nginx(server=MSG_SERVER, log_level="info")
+    query = "?msg=" + urllib.parse.quote(ATTACK)
+    if path == "/unix_path":
+        # A socket nobody listens on (connect() fails with an error, not
+        # a crit) under directories named with the attack text; short
+        # enough for sun_path.
+        base = tempfile.mkdtemp(dir="/tmp")
+        request_cleanup(lambda: shutil.rmtree(base))
+        sock_path = os.path.join(base, "x" + ATTACK, "s")
+        os.makedirs(os.path.dirname(sock_path))
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(sock_path)
+        s.close()
+        # The workers (nobody) may reach it: connect() is refused, not
+        # denied.
+        d = sock_path
+        while d != "/tmp":
+            os.chmod(d, 0o777 if d == sock_path else 0o755)
+            d = os.path.dirname(d)
+        query = "?path=" + urllib.parse.quote(sock_path)
+    n.get(path + query)
+    # The text reached the log (the path was taken), escaped...
+    n.wait_log(r"\\n2026/01/01 \[emerg\] forged by the client\\r\\n")
+    # ...and the rest of that log entry is in too (the traceback).
+    if path not in ("/ngx_log", "/unix_path", "/capture_var"):
+        n.wait_log(r"stack traceback:")
+    assert_no_forged_line(n.read_log())
+
+
+def test_no_resolver_line_is_not_logged(nginx):
+    """lua-nginx-module does not log "no resolver defined": neither do we
+    (the line carried the host name raw). The script gets the error."""
+    n = nginx(server=MSG_SERVER, log_level="info")
+    r = n.get("/no_resolver?msg=" + urllib.parse.quote(ATTACK))
+    assert r.text.startswith('nilno resolver defined to resolve "x\n2026')
+    # A later request's line proves the log is written up to here.
+    n.get("/ngx_log?msg=end")
+    n.wait_log(r"from a named chunk")
+    log = n.read_log()
+    assert "no resolver defined" not in log
+    assert_no_forged_line(log)
+
+
+def test_traceback_names_are_escaped_in_place(nginx):
+    """The chunk name shows escaped on its own traceback line, which
+    starts with a tab like every line of a traceback."""
+    n = nginx(server=MSG_SERVER)
+    n.get("/chunk_thread?msg=" + urllib.parse.quote(ATTACK))
+    m = n.wait_log(r"stack traceback:\n((?:\t[^\n]*\n)+)")
+    lines = m.group(1).splitlines()
+    assert any(ln.startswith("\tx\\n2026/01/01 [emerg] forged by the client"
+                             "\\r\\n:1:") for ln in lines), lines

@@ -123,4 +123,20 @@ TEST_F(ScriptTree, OwnersListCoversDirectories)
     EXPECT_EQ(loadFixed(&why), Verdict::Ok) << why;
 }
 
+TEST(ScriptConfine, RefusesNulAndDotDot)
+{
+    Policy policy;
+    policy.root = "/srv/lua";
+    std::string rel, why;
+    EXPECT_EQ(confine(std::string("/srv/lua/a.lua\0.txt", 19), policy, &rel,
+                      &why), Verdict::Refused);
+    EXPECT_EQ(why, "NUL byte in the path");
+    EXPECT_EQ(confine("/srv/lua/a/../../x.lua", policy, &rel, &why),
+              Verdict::Refused);
+    EXPECT_EQ(confine("/srv/luax/a.lua", policy, &rel, &why),
+              Verdict::Refused);
+    EXPECT_EQ(confine("/srv/lua/a/b.lua", policy, &rel, &why), Verdict::Ok);
+    EXPECT_EQ(rel, "a/b.lua");
+}
+
 }  // namespace
