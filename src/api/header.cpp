@@ -35,7 +35,12 @@ std::string headerName(RequestCtx *ctx, const char *key, size_t len)
             }
         }
     }
-    return codec::escapeHeaderName(name.data(), name.size());
+    for (char c : name) {
+        if (!codec::isTokenChar(static_cast<unsigned char>(c))) {
+            return codec::escapeHeaderName(name.data(), name.size());
+        }
+    }
+    return name;  // the usual case: nothing to escape, no second copy
 }
 
 bool nameIs(const std::string &name, const char *lower)

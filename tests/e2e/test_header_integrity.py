@@ -114,7 +114,10 @@ def request_server(port):
     locs = "\n".join(f"location /{name} {{ {body} }}"
                      for name, body in REQUEST_SINKS.items())
     return (locs + """
-        location /up { proxy_pass http://127.0.0.1:UP; proxy_set_header X-V $v; }
+        location /up {
+            proxy_pass http://127.0.0.1:UP;
+            proxy_set_header X-V $v;
+        }
     """).replace("UP", str(port))
 
 
@@ -212,7 +215,7 @@ NAME_TABLE = r"""
             if not c:match("[A-Z_]") then
                 ngx.header["a" .. c .. "b"] = string.format("n%02x", b)
             end
-            ngx.header[string.format("v%02x", b)] = "a" .. string.char(b) .. "b"
+            ngx.header[string.format("v%02x", b)] = "a" .. c .. "b"
         end
         ngx.say("ok")
     } }

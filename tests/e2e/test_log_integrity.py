@@ -79,47 +79,47 @@ REAL_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\w+\] \d+#\d+: ")
 
 PATHS = r"""
     location /chunk_thread { content_by_lua_block {
-        local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+        local f = load("error('boom')", "=x" .. MSG)
         f()
     } }
     location /chunk_sync {
         content_by_lua_block { ngx.say("ok") }
         log_by_lua_block {
-            local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+            local f = load("error('boom')", "=x" .. MSG)
             f()
         }
     }
     location /chunk_set {
         set_by_lua_block $out {
-            local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+            local f = load("error('boom')", "=x" .. MSG)
             return f()
         }
         content_by_lua_block { ngx.say("ok") }
     }
     location /function_name { content_by_lua_block {
         -- A constant key: LuaJIT names the function after it.
-        local code = "local t = {} t[" .. string.format("%q", ngx.unescape_uri(ngx.var.arg_msg))
+        local code = "local t = {} t[" .. string.format("%q", MSG)
                      .. "] = function() error('boom') end t["
-                     .. string.format("%q", ngx.unescape_uri(ngx.var.arg_msg)) .. "]()"
+                     .. string.format("%q", MSG) .. "]()"
         load(code, "=fn")()
     } }
     location /ngx_log { content_by_lua_block {
-        load("ngx.log(ngx.ERR, 'from a named chunk')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))()
+        load("ngx.log(ngx.ERR, 'from a named chunk')", "=x" .. MSG)()
         ngx.say("ok")
     } }
     location /timer { content_by_lua_block {
-        local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+        local f = load("error('boom')", "=x" .. MSG)
         ngx.timer.at(0, f)
         ngx.say("ok")
     } }
     location /light_thread { content_by_lua_block {
-        local f = load("error('boom')", "=x" .. ngx.unescape_uri(ngx.var.arg_msg))
+        local f = load("error('boom')", "=x" .. MSG)
         local t = ngx.thread.spawn(f)
         ngx.say(ngx.thread.wait(t))
     } }
     location /no_resolver { content_by_lua_block {
         local sock = ngx.socket.tcp()
-        ngx.say(sock:connect("x" .. ngx.unescape_uri(ngx.var.arg_msg), 80))
+        ngx.say(sock:connect("x" .. MSG, 80))
     } }
     location /unix_path { content_by_lua_block {
         local sock = ngx.socket.tcp()
@@ -127,13 +127,14 @@ PATHS = r"""
     } }
     location /capture_var { content_by_lua_block {
         local ok, err = pcall(ngx.location.capture, "/sub",
-                              {vars = {["v" .. ngx.unescape_uri(ngx.var.arg_msg)] = "1"}})
+                              {vars = {["v" .. MSG] = "1"}})
         ngx.say(ok)
     } }
     location /sub { return 204; }
 """
 
-MSG_SERVER = PATHS
+# MSG: the attack text, from ?msg=
+MSG_SERVER = PATHS.replace("MSG", "ngx.unescape_uri(ngx.var.arg_msg)")
 
 
 def assert_no_forged_line(log):
