@@ -31,7 +31,6 @@
 #include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
 #include "security/egress.hpp"
-#include "security/log_escape.hpp"
 
 namespace luaguard::api {
 
@@ -580,13 +579,8 @@ void resolved(Resolve *res)
     }
     int n;
     if (!res->err.empty()) {
-        if (s->log_errors) {
-            // The text names the host the script chose: escaped.
-            std::string err;
-            appendLogEscaped(err, res->err.data(), res->err.size());
-            ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
-                          "lua tcp socket: %s", err.c_str());
-        }
+        // Not logged ("NAME could not be resolved"), as in
+        // lua-nginx-module: the script gets the error.
         n = failConnect(s, t->co, res->err);
     } else {
         n = connectTarget(s, t->co);

@@ -9,6 +9,8 @@ import urllib.parse
 
 import pytest
 
+from harness import Dns
+
 FORGED = "\n2026/01/01 00:00:00 [emerg] 1#1: forged by the client\r\nX"
 
 SERVER = r"""
@@ -179,17 +181,28 @@ def test_no_log_path_forges_a_line(nginx, path, request):
     assert_no_forged_line(n.read_log())
 
 
-def test_no_resolver_line_is_not_logged(nginx):
-    """lua-nginx-module does not log "no resolver defined": neither do we
-    (the line carried the host name raw). The script gets the error."""
-    n = nginx(server=MSG_SERVER, log_level="info")
-    r = n.get("/no_resolver?msg=" + urllib.parse.quote(ATTACK))
-    assert r.text.startswith('nilno resolver defined to resolve "x\n2026')
+@pytest.mark.parametrize("resolver", [False, True])
+def test_resolver_failures_are_not_logged(nginx, resolver):
+    """lua-nginx-module logs neither "no resolver defined to resolve NAME"
+    nor "NAME could not be resolved": neither do we (the lines carried the
+    host name raw). The script gets the error."""
+    dns = Dns(lambda name: None)     # NXDOMAIN for every name
+    http = f"resolver 127.0.0.1:{dns.port} ipv6=off;" if resolver else ""
+    try:
+        n = nginx(server=MSG_SERVER, http=http, log_level="info")
+        r = n.get("/no_resolver?msg=" + urllib.parse.quote(ATTACK))
+        err = ("could not be resolved (3: Host not found)" if resolver
+               else "no resolver defined to resolve")
+        assert err in r.text and "x\n2026/01/01 [emerg] forged" in r.text
+        if resolver:
+            assert dns.queries[0][0].startswith("x\n2026/01/01 [emerg]")
+    finally:
+        dns.close()
     # A later request's line proves the log is written up to here.
     n.get("/ngx_log?msg=end")
     n.wait_log(r"from a named chunk")
     log = n.read_log()
-    assert "no resolver defined" not in log
+    assert "resolve" not in log
     assert_no_forged_line(log)
 
 
