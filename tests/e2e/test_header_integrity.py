@@ -326,3 +326,20 @@ def test_final_statuses_still_accepted(nginx, status):
     n = nginx(server=STATUS_SERVER)
     head = response_head(n, f"/set?s={status}")
     assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+
+
+def test_exec_path_with_crlf_is_refused(nginx, upstream):
+    """The path of ngx.exec becomes $uri: CR, LF (and NUL) refuse the
+    call; other bytes go on and nginx escapes them when it proxies."""
+    n = nginx(server=f"""
+        location /up {{ proxy_pass http://127.0.0.1:{upstream.port}; }}
+        location /crlf {{ content_by_lua_block {{
+            ngx.exec("/up{INJ}") }} }}
+        location /ctl {{ content_by_lua_block {{
+            ngx.exec("/up\\1x y\\tz") }} }}
+    """)
+    assert n.get("/crlf").status == 500
+    n.wait_log(r'unsafe uri "/up\\r\\nInjected: 1 x" arg to ngx.exec')
+    assert n.get("/ctl").status == 200
+    assert upstream.next_head().startswith(b"GET /up%01x%20y%09z HTTP/1.0")
+    assert upstream.heads.empty()
