@@ -239,6 +239,16 @@ int ngxNewIndex(lua_State *L)
             return luaL_error(L, "invalid HTTP status code %d",
                               static_cast<int>(status));
         }
+        // A 1xx is an interim response: a client that gets one as the
+        // status of this response skips it and parses the body as the
+        // real response, with headers the body chose. lua-nginx-module
+        // sends it (docs/compatibility.md); 600-999 stay allowed, a
+        // client treats them as 5xx (RFC 9110, 15).
+        if (status < 200) {
+            return luaL_error(L, "invalid HTTP status code %d (a 1xx status "
+                              "is not a final response)",
+                              static_cast<int>(status));
+        }
         r->headers_out.status = static_cast<ngx_uint_t>(status);
         r->headers_out.status_line.len = 0;
         return 0;

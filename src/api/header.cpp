@@ -6,6 +6,7 @@
 
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
+#include "runtime/codec.hpp"
 
 namespace luaguard::api {
 
@@ -20,7 +21,10 @@ constexpr PhaseMask kReadPhases = mask(Phase::Set, Phase::ServerRewrite,
 constexpr PhaseMask kWritePhases = kReadPhases;
 
 // The header name as nginx will send it: underscores become hyphens
-// unless lua_transform_underscores_in_response_headers is off.
+// unless lua_transform_underscores_in_response_headers is off, and every
+// byte that is not a token character is percent-encoded (as
+// lua-nginx-module does), so a name can carry no ':' and no line end.
+// Reads and writes use the same spelling, so they find each other.
 std::string headerName(RequestCtx *ctx, const char *key, size_t len)
 {
     std::string name(key, len);
@@ -31,7 +35,12 @@ std::string headerName(RequestCtx *ctx, const char *key, size_t len)
             }
         }
     }
-    return name;
+    for (char c : name) {
+        if (!codec::isTokenChar(static_cast<unsigned char>(c))) {
+            return codec::escapeHeaderName(name.data(), name.size());
+        }
+    }
+    return name;  // the usual case: nothing to escape, no second copy
 }
 
 bool nameIs(const std::string &name, const char *lower)
@@ -44,37 +53,12 @@ bool nameIs(const std::string &name, const char *lower)
                               name.size()) == 0;
 }
 
-// Copies `s` into the pool with the bytes RFC 7230 forbids in a field
-// (CR, LF, other controls) percent-encoded, so a value can never start a
-// header line of its own.
+// Copies a value into the pool through the one header sanitizer
+// (glue::copyHeaderValue): CR, LF and the other controls percent-encoded,
+// so a value can never start a header line of its own.
 bool copySafe(ngx_http_request_t *r, const char *s, size_t len, ngx_str_t *out)
 {
-    static const char hex[] = "0123456789ABCDEF";
-    size_t extra = 0;
-    for (size_t i = 0; i < len; i++) {
-        auto c = static_cast<unsigned char>(s[i]);
-        if ((c < 0x20 && c != '\t') || c == 0x7f) {
-            extra += 2;
-        }
-    }
-    auto *p = static_cast<u_char *>(ngx_pnalloc(r->pool, len + extra + 1));
-    if (p == nullptr) {
-        return false;
-    }
-    out->data = p;
-    for (size_t i = 0; i < len; i++) {
-        auto c = static_cast<unsigned char>(s[i]);
-        if ((c < 0x20 && c != '\t') || c == 0x7f) {
-            *p++ = '%';
-            *p++ = hex[c >> 4];
-            *p++ = hex[c & 0xf];
-        } else {
-            *p++ = c;
-        }
-    }
-    out->len = p - out->data;
-    *p = '\0';
-    return true;
+    return glue::copyHeaderValue(r->pool, s, len, out);
 }
 
 // The pointer nginx keeps for a header it treats specially, if any.
@@ -139,7 +123,8 @@ bool addHeader(ngx_http_request_t *r, const std::string &name,
     if (h == nullptr) {
         return false;
     }
-    if (!copySafe(r, name.data(), name.size(), &h->key)) {
+    // `name` is headerName()'s: already escaped.
+    if (!glue::copyHeaderName(r->pool, name.data(), name.size(), &h->key)) {
         return false;
     }
     h->lowcase_key = static_cast<u_char *>(ngx_pnalloc(r->pool, h->key.len));

@@ -7,6 +7,8 @@
 #include "api/util.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
+#include "runtime/codec.hpp"
+#include "security/log_escape.hpp"
 #include "security/sandbox.hpp"
 #include "ngx/subrequest.hpp"
 #include "ngx/thread.hpp"
@@ -168,6 +170,10 @@ void readSpec(lua_State *L, ngx_http_request_t *r, int item, int index,
         }
     }
 
+    // The query string goes into the subrequest's request line (a
+    // proxy_pass sends it): escaped as ngx.req.set_uri_args escapes a
+    // string. lua-nginx-module passes it raw (docs/compatibility.md).
+    args = codec::escapeArgsString(args.data(), args.size());
     spec->uri = poolCopy(L, r->pool, path.data(), path.size());
     spec->args = poolCopy(L, r->pool, args.data(), args.size());
     ngx_uint_t flags = 0;
@@ -311,9 +317,12 @@ void setVars(lua_State *L, ngx_http_request_t *sr, int vars)
         auto *v = static_cast<ngx_http_variable_t *>(
             ngx_hash_find(&cmcf->variables_hash, hash, low, len));
         if (v == nullptr || !(v->flags & NGX_HTTP_VAR_CHANGEABLE)) {
+            std::string shown;
+            appendLogEscaped(shown, name, len);
             ngx_log_error(NGX_LOG_ERR, sr->connection->log, 0,
                           "variable \"%s\" cannot be assigned a value "
-                          "(maybe you forgot to define it first?) ", name);
+                          "(maybe you forgot to define it first?) ",
+                          shown.c_str());
             luaL_error(L, "failed to adjust the subrequest: -1");
         }
         if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER) {
@@ -327,9 +336,13 @@ void setVars(lua_State *L, ngx_http_request_t *sr, int vars)
         if (vv == nullptr) {
             luaL_error(L, "no memory");
         }
-        ngx_str_t data = poolCopy(L, sr->pool, val, vlen);
+        // Escaped as ngx.var.x = ... escapes it: it may reach a header.
+        ngx_str_t data;
+        if (!glue::copyVariableValue(sr->pool, name, len, val, vlen, &data)) {
+            luaL_error(L, "no memory");
+        }
         vv->data = data.data;
-        vv->len = vlen;
+        vv->len = data.len;
         vv->valid = 1;
         if (v->set_handler) {
             v->set_handler(sr, vv, v->data);

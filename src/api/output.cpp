@@ -1,12 +1,14 @@
 // ngx.say, ngx.print, ngx.flush, ngx.eof, ngx.send_headers, and the
 // request-ending calls ngx.exit, ngx.exec and ngx.redirect.
 
+#include <cstdio>
 #include <cstring>
 
 #include "api/api.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
+#include "runtime/codec.hpp"
 #include "security/sandbox.hpp"
 
 namespace luaguard::api {
@@ -422,12 +424,16 @@ int ngxExec(lua_State *L)
         }
     }
 
-    // No CR or LF may reach a request line built from this.
+    // No CR or LF may reach a request line built from this: the path is
+    // refused, the query string (from the uri or the args argument)
+    // escaped as ngx.req.set_uri_args escapes a string. lua-nginx-module
+    // passes the query string through raw (docs/compatibility.md).
     for (size_t i = 0; i < path_len; i++) {
         if (uri[i] == '\r' || uri[i] == '\n' || uri[i] == '\0') {
             return luaL_error(L, "unsafe uri \"%s\" arg to ngx.exec", uri);
         }
     }
+    args = codec::escapeArgsString(args.data(), args.size());
     if (!poolCopy(r, uri, path_len, &ctx->exec_uri)
         || !poolCopy(r, args.data(), args.size(), &ctx->exec_args))
     {
@@ -471,30 +477,21 @@ int ngxRedirect(lua_State *L)
                           "the headers");
     }
 
-    // Control bytes are percent-encoded so the Location value can never
-    // split into a second header (CVE-2020-36309 territory).
-    size_t extra = 0;
-    for (size_t i = 0; i < len; i++) {
-        auto c = static_cast<unsigned char>(uri[i]);
-        if (c < 0x20 || c == 0x7f) {
-            extra += 2;
-        }
+    // A target with a control byte (CR, LF, ...) is refused with
+    // lua-nginx-module's error: the Location value can never split into a
+    // second header. TAB, space and bytes from 0x80 pass, as there.
+    size_t bad = codec::unsafeUriByte(uri, len);
+    if (bad != std::string::npos) {
+        std::string shown = codec::showUnsafeUri(uri, len);
+        char byte[4];
+        std::snprintf(byte, sizeof(byte), "%02x",
+                      static_cast<unsigned char>(uri[bad]));
+        return luaL_error(L, "unsafe byte \"0x%s\" in redirect uri \"%s\"",
+                          byte, shown.c_str());
     }
-    auto *data = static_cast<u_char *>(ngx_pnalloc(r->pool, len + extra + 1));
-    if (data == nullptr) {
+    ngx_str_t location;
+    if (!poolCopy(r, uri, len, &location)) {
         return luaL_error(L, "no memory");
-    }
-    u_char *p = data;
-    static const char hex[] = "0123456789ABCDEF";
-    for (size_t i = 0; i < len; i++) {
-        auto c = static_cast<unsigned char>(uri[i]);
-        if (c < 0x20 || c == 0x7f) {
-            *p++ = '%';
-            *p++ = hex[c >> 4];
-            *p++ = hex[c & 0xf];
-        } else {
-            *p++ = c;
-        }
     }
 
     // Any earlier Location goes. The new one stays in the plain header
@@ -519,8 +516,7 @@ int ngxRedirect(lua_State *L)
     }
     h->hash = 1;
     ngx_str_set(&h->key, "Location");
-    h->value.data = data;
-    h->value.len = p - data;
+    h->value = location;
     h->lowcase_key = reinterpret_cast<u_char *>(const_cast<char *>(
         "location"));
     r->headers_out.status = static_cast<ngx_uint_t>(status);

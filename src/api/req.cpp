@@ -410,15 +410,14 @@ bool pushHeader(ngx_http_request_t *r, const std::string &name,
 }
 
 // Replaces the request headers called `name` by `values` (escaped as
-// RFC 7230 requires); no values removes them.
+// RFC 9110 requires, codec::escapeHeaderName/Value); no values removes them.
 bool replaceHeaders(ngx_http_request_t *r, const char *name, size_t nlen,
                     const std::vector<std::string> &values)
 {
-    std::string key = codec::escapeHeaderBytes(name, nlen, true);
+    std::string key = codec::escapeHeaderName(name, nlen);
     removeHeaders(&r->headers_in.headers, key);
     for (const std::string &v : values) {
-        std::string safe = codec::escapeHeaderBytes(v.data(), v.size(),
-                                                    false);
+        std::string safe = codec::escapeHeaderValue(v.data(), v.size());
         if (!pushHeader(r, key, safe)) {
             return false;
         }
@@ -573,17 +572,7 @@ int setUri(lua_State *L)
     if (!binary) {
         size_t bad = codec::unsafeUriByte(uri, len);
         if (bad != std::string::npos) {
-            std::string shown;
-            for (size_t i = 0; i < len && shown.size() < 512; i++) {
-                auto c = static_cast<unsigned char>(uri[i]);
-                if (c < 0x20 || c >= 0x7f || c == '\\') {
-                    char hex[8];
-                    std::snprintf(hex, sizeof(hex), "\\x%02X", c);
-                    shown += hex;
-                } else {
-                    shown.push_back(static_cast<char>(c));
-                }
-            }
+            std::string shown = codec::showUnsafeUri(uri, len);
             char byte[4];
             std::snprintf(byte, sizeof(byte), "%02x",
                           static_cast<unsigned char>(uri[bad]));

@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstring>
 
@@ -77,8 +78,12 @@ bool literal(const char *host, size_t len, in_port_t port, Target *t)
         std::memcpy(sun->sun_path, host + 5, plen);
         t->len = static_cast<socklen_t>(offsetof(struct sockaddr_un, sun_path)
                                         + plen + 1);
-        size_t n = len < sizeof(t->text) - 1 ? len : sizeof(t->text) - 1;
-        std::memcpy(t->text, host, n);
+        // The name nginx and we log ("connect() to unix:... failed"):
+        // the path is the script's, escaped.
+        std::string name;
+        appendLogEscaped(name, host, len);
+        size_t n = std::min(name.size(), sizeof(t->text) - 1);
+        std::memcpy(t->text, name.data(), n);
         t->name.data = t->text;
         t->name.len = n;
         return true;

@@ -607,10 +607,8 @@ void resolved(Resolve *res)
     if (t == nullptr) {
         return;
     }
-    if (!res->err.empty() && s->log_errors) {
-        ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
-                      "lua tcp socket: %s", res->err.c_str());
-    }
+    // A failed resolution is not logged ("NAME could not be resolved"), as
+    // in lua-nginx-module: the script gets the error.
     settleConnect(s, [&](lua_State *co) {
         return res->err.empty() ? connectTarget(s, co)
                                 : failConnect(s, co, res->err);
@@ -629,10 +627,8 @@ int resolveAndConnect(Tcp *s, lua_State *dst)
                            s->host.size(), s->port, &s->target))
     {
         if (!s->resolve.err.empty()) {
-            if (s->log_errors) {
-                ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
-                              "lua tcp socket: %s", s->resolve.err.c_str());
-            }
+            // Not logged ("no resolver defined to resolve ..."), as in
+            // lua-nginx-module: the script gets the error.
             return failConnect(s, dst, s->resolve.err);
         }
         return connectTarget(s, dst);

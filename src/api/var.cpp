@@ -104,14 +104,14 @@ int varNewIndex(lua_State *L)
     case LUA_TNUMBER: {
         size_t vlen;
         const char *val = lua_tolstring(L, 3, &vlen);
-        auto *data = static_cast<u_char *>(ngx_pnalloc(r->pool,
-                                                       vlen ? vlen : 1));
-        if (data == nullptr) {
+        // add_header and proxy_set_header may send it, $args goes into a
+        // request line: escaped on the way in (glue::copyVariableValue).
+        ngx_str_t data;
+        if (!glue::copyVariableValue(r->pool, name, len, val, vlen, &data)) {
             return luaL_error(L, "no memory");
         }
-        ngx_memcpy(data, val, vlen);
-        vv->data = data;
-        vv->len = vlen;
+        vv->data = data.data;
+        vv->len = data.len;
         vv->valid = 1;
         break;
     }

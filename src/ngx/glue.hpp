@@ -37,6 +37,7 @@ struct SetStep {
     Handler                   *handler;
     ngx_http_complex_value_t  *args;
     ngx_uint_t                 nargs;
+    ngx_str_t                  target;   // the variable's name, no '$'
 };
 
 struct SetCode {
@@ -136,6 +137,23 @@ ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size);
 // bytes escaped.
 void logFromLua(lua_State *L, ngx_uint_t level, const char *msg, size_t len,
                 int stack_level);
+
+// ---- Lua text that becomes protocol text (field_text.cpp) ----
+// Copies into `pool`, NUL-terminated, with codec::escapeHeaderName or
+// codec::escapeHeaderValue applied: the one sanitizer for headers written
+// from Lua. False when out of memory.
+bool copyHeaderName(ngx_pool_t *pool, const char *s, size_t len,
+                    ngx_str_t *out);
+bool copyHeaderValue(ngx_pool_t *pool, const char *s, size_t len,
+                     ngx_str_t *out);
+
+// A value Lua stores in the nginx variable `name` (ngx.var.x = ...,
+// set_by_lua*, the vars option of ngx.location.capture): $args as a query
+// string (codec::escapeArgsString: it becomes part of a request line),
+// any other as a header value, since add_header or proxy_set_header may
+// send it.
+bool copyVariableValue(ngx_pool_t *pool, const char *name, size_t nlen,
+                       const char *s, size_t len, ngx_str_t *out);
 
 // Calls f(ngx_table_elt_t &) for every element of an nginx list of
 // headers (r->headers_in.headers, r->headers_out.headers), removed ones

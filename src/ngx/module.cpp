@@ -425,6 +425,7 @@ char *setByLua(ngx_conf_t *cf, ngx_command_t *cmd, void *)
         }
     }
     step->nargs = nargs;
+    step->target = target;
 
     ngx_http_variable_t *v = ngx_http_add_variable(cf, &target,
                                                    NGX_HTTP_VAR_CHANGEABLE);

@@ -317,8 +317,14 @@ int tracebackHandler(lua_State *L)
     if (lua_touserdata(L, 1) == &kExitSentinel) {
         return 1;
     }
+    // The message is escaped here so that runSync finds the traceback at
+    // the first "\nstack traceback:": a message cannot fake one.
+    std::string text;
     std::string msg = errorText(L, 1);
-    luaL_traceback(L, L, msg.c_str(), 1);
+    appendLogEscaped(text, msg.data(), msg.size());
+    text += '\n';
+    text += escapedTraceback(L, 1);
+    lua_pushlstring(L, text.data(), text.size());
     return 1;
 }
 
@@ -943,25 +949,26 @@ void runSetStep(ngx_http_script_engine_t *e)
     }
 
     size_t len = 0;
-    const char *s = nullptr;
+    const char *s = "";
     if (lua_gettop(L) > base && !lua_isnil(L, -1)) {
         // A number is converted to a string in place: an allocation.
         entry::protect(L, [&] { s = lua_tolstring(L, -1, &len); }, &err);
     }
-    u_char *data = static_cast<u_char *>(ngx_pnalloc(r->pool, len ? len : 1));
-    if (data == nullptr) {
+    // A Lua-written variable: add_header or proxy_set_header may send it.
+    ngx_str_t data;
+    if (!copyVariableValue(r->pool, reinterpret_cast<char *>(
+                                        step->target.data),
+                           step->target.len, s ? s : "", len, &data))
+    {
         lua_settop(L, base);
         e->ip = scriptExit();
         e->status = NGX_HTTP_INTERNAL_SERVER_ERROR;
         return;
     }
-    if (len) {
-        ngx_memcpy(data, s, len);
-    }
     lua_settop(L, base);
 
-    v->data = data;
-    v->len = len;
+    v->data = data.data;
+    v->len = data.len;
     v->valid = 1;
     v->no_cacheable = 0;
     v->not_found = 0;
@@ -978,8 +985,8 @@ void logFromLua(lua_State *L, ngx_uint_t level, const char *msg, size_t len,
     std::string text;
     lua_Debug ar;
     if (lua_getstack(L, stack_level, &ar) && lua_getinfo(L, "Sl", &ar)) {
-        const char *src = ar.short_src;
-        text.append(src);
+        // The chunk name is the script's choice (load(code, "=...")).
+        appendLogEscaped(text, ar.short_src, std::strlen(ar.short_src));
         text.push_back(':');
         text.append(std::to_string(ar.currentline));
         text.append(": ");

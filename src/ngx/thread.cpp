@@ -45,12 +45,14 @@ void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
                 const std::string &traceback)
 {
     // The message may carry request data: escaped. The traceback keeps its
-    // lines, each of which starts with a tab and so cannot pass for a
-    // log line of its own.
+    // lines (escapedTraceback already escaped the names in them), and
+    // safeTraceback makes sure each starts with a tab whatever produced
+    // it, so none can pass for a log line of its own.
     std::string line;
     appendLogEscaped(line, msg.data(), msg.size());
+    std::string tb = traceback.empty() ? "" : safeTraceback(traceback);
     ngx_log_error(NGX_LOG_ERR, log, 0, "%s: %s%s%s", what, line.c_str(),
-                  traceback.empty() ? "" : "\n", traceback.c_str());
+                  tb.empty() ? "" : "\n", tb.c_str());
 }
 
 int yield(lua_State *L)
@@ -113,22 +115,6 @@ void stopWaiting(LuaThread *w)
     w->nwaiting = 0;
 }
 
-// Where the failed coroutine `co` was, as luaL_traceback tells it; empty
-// when even that could not be allocated.
-std::string traceback(RequestCtx *ctx, lua_State *co)
-{
-    lua_State *L = ctx->vm->L();
-    std::string tb, err;
-    entry::protect(L, [&] {
-        luaL_traceback(L, co, nullptr, 0);
-        size_t len;
-        const char *s = lua_tolstring(L, -1, &len);
-        tb.assign(s ? s : "", s ? len : 0);
-        lua_pop(L, 1);
-    }, &err);
-    return tb;
-}
-
 // The thread just ended: record it, hand its results to a parent blocked
 // in wait(), apply the rules that end the phase. `raised` is the error of
 // a thread that failed outside its coroutine (see fail()); otherwise rc
@@ -149,8 +135,8 @@ bool finish(LuaThread *t, int rc, const std::string *raised = nullptr)
         // Not after a memory error: it can be raised while a frame is
         // half built (a stack that could not grow), and walking the frames
         // then reads garbage.
-        std::string tb = raised || rc == LUA_ERRMEM ? std::string()
-                                                    : traceback(ctx, co);
+        std::string tb = raised || rc == LUA_ERRMEM
+                             ? std::string() : escapedTraceback(co, 0);
         glue::logFailure(ctx->r->connection->log,
                          t->entry ? "lua entry thread aborted: runtime error"
                                   : "lua user thread aborted: runtime error",

@@ -1,5 +1,7 @@
 #include "runtime/codec.hpp"
 
+#include <cstring>
+
 namespace luaguard::codec {
 
 namespace {
@@ -153,13 +155,49 @@ size_t unsafeUriByte(const char *s, size_t len)
     return std::string::npos;
 }
 
-std::string escapeHeaderBytes(const char *s, size_t len, bool name)
+std::string showUnsafeUri(const char *s, size_t len, size_t max)
+{
+    std::string shown;
+    for (size_t i = 0; i < len && shown.size() < max; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if (c < 0x20 || c >= 0x7f || c == '\\') {
+            shown += "\\x";
+            shown.push_back(kHex[c >> 4]);
+            shown.push_back(kHex[c & 0xf]);
+        } else {
+            shown.push_back(static_cast<char>(c));
+        }
+    }
+    return shown;
+}
+
+bool isTokenChar(unsigned char c)
+{
+    return isAlnum(c) || (c != 0 && std::strchr("!#$%&'*+-.^_`|~", c));
+}
+
+std::string escapeHeaderName(const char *s, size_t len)
 {
     std::string out;
     out.reserve(len);
     for (size_t i = 0; i < len; i++) {
         auto c = static_cast<unsigned char>(s[i]);
-        if ((c < 0x20 && (c != '\t' || name)) || c == 0x7f) {
+        if (isTokenChar(c)) {
+            out.push_back(static_cast<char>(c));
+        } else {
+            addEscaped(out, c);
+        }
+    }
+    return out;
+}
+
+std::string escapeHeaderValue(const char *s, size_t len)
+{
+    std::string out;
+    out.reserve(len);
+    for (size_t i = 0; i < len; i++) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if ((c < 0x20 && c != '\t') || c == 0x7f) {
             addEscaped(out, c);
         } else {
             out.push_back(static_cast<char>(c));

@@ -38,14 +38,33 @@ bool parseArgs(const char *s, size_t len, size_t max_args,
 // else stays, so pre-encoded strings keep their meaning.
 std::string escapeArgsString(const char *s, size_t len);
 
-// Index of the first byte set_uri refuses (controls other than TAB, DEL),
-// or npos when the URI is safe to put in a request line.
+// Index of the first byte set_uri and ngx.redirect refuse (controls other
+// than TAB, DEL), or npos when the URI is safe to put in a request line
+// or a Location header.
 size_t unsafeUriByte(const char *s, size_t len);
 
-// Percent-encodes the bytes RFC 7230 forbids in a header field (controls
-// except TAB, DEL; TAB too when `name`), so the text can never start a
-// header line of its own.
-std::string escapeHeaderBytes(const char *s, size_t len, bool name);
+// The text shown for a refused URI in an error message: the bytes below
+// 0x20, from 0x7f and the backslash as \xHH, stopping once `max` bytes
+// are shown (lua-nginx-module's rendering).
+std::string showUnsafeUri(const char *s, size_t len, size_t max = 512);
+
+// Header integrity: every header written from Lua (ngx.header,
+// ngx.req.set_header) and every Lua-written nginx variable (which
+// add_header or proxy_set_header may put in a header) goes through these
+// two, so Lua data can never end a header line or start one of its own.
+//
+// A header name: every byte that is not an RFC 9110 token character
+// (controls, space, separators such as ':' ';' '=' '/', DEL and bytes
+// from 0x80) percent-encoded, as lua-nginx-module does.
+std::string escapeHeaderName(const char *s, size_t len);
+
+// A header value: the bytes RFC 9110 forbids in a field value (controls
+// other than TAB, and DEL) percent-encoded, as lua-nginx-module does;
+// bytes from 0x80 stay.
+std::string escapeHeaderValue(const char *s, size_t len);
+
+// True for an RFC 9110 tchar: ALPHA DIGIT ! # $ % & ' * + - . ^ _ ` | ~
+bool isTokenChar(unsigned char c);
 
 // A MySQL string literal: quoted, with \0 \b \n \r \t \Z \\ \' \" escaped.
 std::string quoteSqlStr(const char *s, size_t len);

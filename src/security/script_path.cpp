@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 
 namespace luaguard::script {
@@ -90,33 +91,77 @@ Verdict checkFile(int fd, const Policy &policy, std::string *why)
     return Verdict::Ok;
 }
 
-// Every directory from the script's up to the root (confined scripts) or
-// its own directory (fixed paths): a writable one lets the script be
-// replaced.
-Verdict checkDirs(int rootfd, const std::string &relative, const Policy &policy,
-                  std::string *why)
+// Every directory from `dir` (absolute) up to "/", as sshd checks the
+// directories above authorized_keys: one that someone other than its
+// owner may write without the sticky bit lets that someone rename the
+// directory below it and serve their own script; with lua_file_owners
+// set, a directory must also belong to root or to a listed owner, who
+// could otherwise do the same.
+Verdict checkAncestors(const std::string &dir, const Policy &policy,
+                       std::string *why)
 {
-    if (policy.writable == Writable::Off) {
+    if (policy.writable == Writable::Off && policy.owners.empty()) {
         return Verdict::Ok;
     }
-    std::string dir = relative;
+    std::string d = dir;
+    while (d.size() > 1 && d.back() == '/') {
+        d.pop_back();
+    }
     for (;;) {
-        size_t slash = dir.rfind('/');
-        dir = slash == std::string::npos ? "." : dir.substr(0, slash);
         struct stat st;
-        if (fstatat(rootfd, dir.c_str(), &st, 0) != 0) {
+        if (stat(d.c_str(), &st) != 0) {
             return fromErrno(errno, why);
         }
         const char *w = (st.st_mode & S_ISVTX) ? nullptr
                                                : writableBy(st, policy.writable);
         if (w) {
-            *why = "directory \"" + dir + "\" is " + w;
+            *why = "directory \"" + d + "\" is " + w;
             return Verdict::Unsafe;
         }
-        if (dir == ".") {
+        if (!policy.owners.empty() && st.st_uid != 0
+            && std::find(policy.owners.begin(), policy.owners.end(),
+                         st.st_uid) == policy.owners.end())
+        {
+            *why = "directory \"" + d + "\" belongs to uid "
+                   + std::to_string(st.st_uid)
+                   + ", neither root nor in lua_file_owners";
+            return Verdict::Unsafe;
+        }
+        size_t slash = d.rfind('/');
+        if (slash == std::string::npos || d == "/") {
             return Verdict::Ok;
         }
+        d = slash == 0 ? "/" : d.substr(0, slash);
     }
+}
+
+std::string parentOf(const std::string &path)
+{
+    size_t slash = path.rfind('/');
+    if (slash == std::string::npos) {
+        return ".";
+    }
+    return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// The directories above the file the kernel opened, symlinks resolved
+// (the path of `fd` in /proc), then those above the path as written, so
+// a symlink and its target are both covered.
+Verdict checkOpenedFile(int fd, const std::string &written,
+                        const Policy &policy, std::string *why)
+{
+    char link[PATH_MAX];
+    std::string proc = "/proc/self/fd/" + std::to_string(fd);
+    ssize_t n = readlink(proc.c_str(), link, sizeof(link) - 1);
+    if (n <= 0 || link[0] != '/') {
+        *why = "cannot tell where the script lives (" + proc + ")";
+        return Verdict::Unsafe;
+    }
+    Verdict v = checkAncestors(parentOf(std::string(link, n)), policy, why);
+    if (v == Verdict::Ok) {
+        v = checkAncestors(parentOf(written), policy, why);
+    }
+    return v;
 }
 
 Verdict readAll(int fd, std::string *code, std::string *why)
@@ -190,20 +235,11 @@ Verdict load(const std::string &full, const std::string &relative,
             return fromErrno(errno, why);
         }
         Verdict v = checkFile(fd.get(), policy, why);
+        if (v == Verdict::Ok) {
+            v = checkOpenedFile(fd.get(), full, policy, why);
+        }
         if (v != Verdict::Ok) {
             return v;
-        }
-        size_t slash = full.rfind('/');
-        std::string dir = slash == 0 ? "/" : full.substr(0, slash);
-        Fd dirfd(::open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
-        if (dirfd.get() >= 0) {
-            struct stat st;
-            if (fstat(dirfd.get(), &st) == 0 && !(st.st_mode & S_ISVTX)) {
-                if (const char *w = writableBy(st, policy.writable)) {
-                    *why = "directory \"" + dir + "\" is " + w;
-                    return Verdict::Unsafe;
-                }
-            }
         }
         return readAll(fd.get(), code, why);
     }
@@ -218,7 +254,8 @@ Verdict load(const std::string &full, const std::string &relative,
     }
     Verdict v = checkFile(fd.get(), policy, why);
     if (v == Verdict::Ok) {
-        v = checkDirs(rootfd.get(), relative, policy, why);
+        v = checkOpenedFile(fd.get(), policy.root + "/" + relative, policy,
+                            why);
     }
     if (v != Verdict::Ok) {
         return v;

@@ -403,7 +403,7 @@ def test_header_integrity_upstream(nginx):
     for ln in lines:
         assert not ln.startswith("Injected"), r.text
     assert "X-V: a%0D%0AInjected-V: 1" in lines
-    assert "X-N%0D%0AInjected-N: 1: v" in lines
+    assert "X-N%0D%0AInjected-N%3A%201: v" in lines
     assert "X-M: 1%0AInjected-M: 1" in lines and "X-M: 2" in lines
 
 

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cctype>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -115,10 +117,41 @@ TEST(Codec, UnsafeUriByte)
     EXPECT_EQ(unsafeUriByte("\0", 1), 0u);
 }
 
-TEST(Codec, EscapeHeaderBytes)
+TEST(Codec, EscapeHeaderValue)
 {
-    EXPECT_EQ(escapeHeaderBytes("v\r\nZ: 1\t", 8, false), "v%0D%0AZ: 1\t");
-    EXPECT_EQ(escapeHeaderBytes("X\tA\x7f", 4, true), "X%09A%7F");
+    // CR, LF, the other controls and DEL encoded; TAB and 0x80+ kept.
+    EXPECT_EQ(escapeHeaderValue("v\r\nZ: 1\t\x01\x7f\xc3\xa9", 12),
+              "v%0D%0AZ: 1\t%01%7F\xc3\xa9");
+    std::string nul("a\0b", 3);
+    EXPECT_EQ(escapeHeaderValue(nul.data(), nul.size()), "a%00b");
+}
+
+TEST(Codec, EscapeHeaderNameKeepsOnlyTokens)
+{
+    EXPECT_EQ(escapeHeaderName("X-Ok_1!#$%&'*+.^`|~", 19),
+              "X-Ok_1!#$%&'*+.^`|~");
+    EXPECT_EQ(escapeHeaderName("Set-Cookie: s=1; x", 18),
+              "Set-Cookie%3A%20s%3D1%3B%20x");
+    EXPECT_EQ(escapeHeaderName("X\tA\x7f\r\n\xc3\xa9", 8),
+              "X%09A%7F%0D%0A%C3%A9");
+    // Every byte: what stays is exactly the RFC 9110 token set.
+    for (int c = 0; c < 256; c++) {
+        char b = static_cast<char>(c);
+        std::string out = escapeHeaderName(&b, 1);
+        bool token = std::isalnum(c) && c < 0x80;
+        token = token || (c != 0 && std::strchr("!#$%&'*+-.^_`|~", c));
+        EXPECT_EQ(out.size(), token ? 1u : 3u) << c;
+    }
+    for (char c : std::string("\"(),/:;<=>?@[\\]{} ")) {
+        EXPECT_FALSE(isTokenChar(static_cast<unsigned char>(c))) << c;
+    }
+}
+
+TEST(Codec, ShowUnsafeUri)
+{
+    EXPECT_EQ(showUnsafeUri("/x\r\nA: b\t\\\xff", 11),
+              "/x\\x0D\\x0AA: b\\x09\\x5C\\xFF");
+    EXPECT_EQ(showUnsafeUri("abcdef", 6, 3), "abc");
 }
 
 TEST(Codec, QuoteSqlStr)
