@@ -72,6 +72,7 @@ struct Tcp {
     RequestCtx          *ctx = nullptr;   // the request using the socket
     ngx_pool_cleanup_t  *cln = nullptr;   // in ctx's pool while it lives
     ngx_connection_t    *c = nullptr;
+    sock::Slot           slot;            // while connecting or connected
     bool                 log_errors = true;
 
     ngx_msec_t           connect_timeout = 0;   // 0: the directive's
@@ -368,6 +369,7 @@ void closeSock(Tcp *s, LuaThread *self)
     }
     s->rpos = s->rlast = 0;
     releaseCount(s);
+    sock::dropSlot(&s->slot);
     if (s->reader != self) {
         wakeClosed(s->reader);
     }
@@ -497,6 +499,7 @@ int failConnect(Tcp *s, lua_State *dst, const std::string &err)
         s->c = nullptr;
     }
     releaseCount(s);
+    sock::dropSlot(&s->slot);
     lua_pushnil(dst);
     lua_pushlstring(dst, err.data(), err.size());
     return 2;
@@ -749,6 +752,7 @@ void cancelConnect(LuaThread *t)
         s->c = nullptr;
     }
     releaseCount(s);
+    sock::dropSlot(&s->slot);
 }
 
 int tcpConnect(lua_State *L)
@@ -851,6 +855,9 @@ int tcpConnect(lua_State *L)
         }
     }
 
+    if (!sock::takeSlot(&s->slot, ctx, "tcp")) {
+        return pushNilErr(L, sock::kTooManyConnections);
+    }
     LuaThread *t = threads::current();
     int r = connectFromPool(s, L);
     if (r != kPending) {
@@ -1652,6 +1659,7 @@ int tcpSetKeepalive(lua_State *L)
     p->nidle++;
 
     s->c = nullptr;
+    sock::dropSlot(&s->slot);  // the pool's now, not the request's
     c->data = it;
     c->idle = 1;
     c->log = ngx_cycle->log;
@@ -1966,6 +1974,7 @@ void cancelHandshake(LuaThread *t)
         sock::closeConnection(s->c);
         s->c = nullptr;
         releaseCount(s);
+        sock::dropSlot(&s->slot);
     }
 }
 
@@ -2188,6 +2197,7 @@ int tcpGc(lua_State *L)
         s->c = nullptr;
     }
     releaseCount(s);
+    sock::dropSlot(&s->slot);
     putRbuf(s);
     s->magic = 0;
     s->~Tcp();

@@ -125,3 +125,97 @@ def test_regex_stop_counts_as_a_slice_stop_per_request(nginx):
     assert n.get("/re?n=10&tail=b&opts=o").text == "done true string\n"
     assert n.get("/pid").text == pid
     assert len(re.findall("lua_budget_slice exceeded", n.read_log())) == 5
+
+
+# ---- connections per request ----
+
+@pytest.fixture
+def listener():
+    """A loopback TCP listener the cosockets connect to; the kernel
+    completes the handshakes (backlog), nothing is accepted."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(512)
+    yield s.getsockname()[1]
+    s.close()
+
+
+def flood_server(port, cap_directive=""):
+    return COMMON + f"""
+    location /flood {{ {cap_directive}
+        content_by_lua_block {{
+            {AWAIT_WAITER}
+            local n = tonumber(ngx.var.arg_n)
+            local socks, ok_count = {{}}, 0
+            for i = 1, n do
+                local s = ngx.socket.tcp()
+                local ok, err = s:connect("127.0.0.1", {port})
+                if ok then
+                    ok_count = ok_count + 1
+                    socks[#socks + 1] = s
+                else
+                    ngx.say("connect ", i, ": ", err)
+                end
+                socks.last = s
+            end
+            local u = ngx.socket.udp()
+            ngx.say("udp: ", select(2, u:setpeername("127.0.0.1", {port})))
+            ngx.say("held ", ok_count)
+            -- The refused objects stay usable once slots are free.
+            socks[1]:close()
+            socks[2]:close()
+            ngx.say("retry: ", socks.last:connect("127.0.0.1", {port}))
+            ngx.say("udp retry: ", (u:setpeername("127.0.0.1", {port})))
+        }}
+    }}
+    """
+
+
+def test_cosocket_flood_is_capped_per_request(nginx, listener):
+    n = nginx(http=HTTP, server=flood_server(
+        listener, "lua_socket_max_per_request 3;"))
+    r = stopped_while_serving(n, "/flood?n=4")
+    assert r.status == 200
+    assert r.text == ("connect 4: too many connections\n"
+                      "udp: too many connections\n"
+                      "held 3\n"
+                      "retry: 1\n"
+                      "udp retry: 1\n"), r.text
+    assert re.search(r"lua tcp socket: too many connections: the request "
+                     r"holds 3 \(lua_socket_max_per_request\)", n.read_log())
+    assert "lua udp socket: too many connections" in n.read_log()
+
+
+def test_cosocket_default_cap_is_64(nginx, listener):
+    # worker_connections is 1024 here: without a cap one request could
+    # hold them all and new clients would be refused.
+    n = nginx(http=HTTP, server=flood_server(listener))
+    r = stopped_while_serving(n, "/flood?n=200")
+    assert r.status == 200
+    lines = r.text.splitlines()
+    assert "held 64" in lines
+    assert lines[0] == "connect 65: too many connections"
+    assert sum("too many connections" in x for x in lines) == 137
+
+
+def test_pooled_connection_gives_its_slot_back(nginx, listener):
+    # A connection put in the pool (setkeepalive) is no longer held by the
+    # request; open ones are.
+    n = nginx(http=HTTP, server=COMMON + f"""
+        location /leave {{ lua_socket_max_per_request 2;
+            content_by_lua_block {{
+                for i = 1, 3 do
+                    local s = ngx.socket.tcp()
+                    ngx.say(i, " ", s:connect("127.0.0.1", {listener}))
+                    s:setkeepalive()  -- pooled: no longer the request's
+                end
+                local a, b = ngx.socket.tcp(), ngx.socket.tcp()
+                a:connect("127.0.0.1", {listener})
+                b:connect("127.0.0.1", {listener})
+                ngx.say("kept ", select(2, ngx.socket.tcp():connect(
+                    "127.0.0.1", {listener})))
+            }} }}
+    """)
+    assert n.get("/leave").text == ("1 1\n2 1\n3 1\n"
+                                    "kept too many connections\n")
