@@ -216,6 +216,24 @@ void Guard::tripMemory(Kind k)
     arm();
 }
 
+bool Guard::chargeExternal(size_t bytes)
+{
+    if (top_ == nullptr) {
+        return true;
+    }
+    Usage *u = top_->usage;
+    int64_t limit = top_->limits.memory;
+    auto n = static_cast<int64_t>(bytes);
+    // Left to Lua, so the caller's error message can still be allocated.
+    constexpr int64_t kHeadroom = 64 * 1024;
+    if (limit && (n > limit - kHeadroom || u->mem_net > limit - kHeadroom - n))
+    {
+        return false;
+    }
+    u->mem_net += n;
+    return true;
+}
+
 bool Guard::overdue()
 {
     uint64_t dl = deadline_.load(std::memory_order_acquire);

@@ -91,6 +91,14 @@ class Guard {
     // here (`sig` stays blocked after a jump). Async-signal-safe code only.
     void (*on_trip_signal)(int sig) = nullptr;
 
+    // Memory allocated outside the Lua allocator on behalf of the running
+    // request (nginx pool copies made by the API, socket buffers), charged
+    // to its net allocation and so to lua_budget_memory. When it would go
+    // over, nothing is charged and false is returned: the caller fails
+    // without allocating (an error a pcall may catch: nothing was taken).
+    // Outside a budgeted run: true, nothing charged.
+    bool chargeExternal(size_t bytes);
+
     // Lua time of `usage` including the runs still in progress.
     uint64_t usedNs(const Usage &usage) const;
 

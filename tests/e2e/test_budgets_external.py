@@ -219,3 +219,117 @@ def test_pooled_connection_gives_its_slot_back(nginx, listener):
     """)
     assert n.get("/leave").text == ("1 1\n2 1\n3 1\n"
                                     "kept too many connections\n")
+
+
+# ---- memory the API allocates outside the Lua VM ----
+
+MEMORY_HTTP = HTTP.replace("200ms", "20s") + """
+    lua_budget_memory 32m;
+"""
+
+# Each loop keeps one 1 MB Lua string and writes it again and again: the
+# Lua heap stays flat while every write copies it into the request's
+# pool. ngx.sleep(0) between writes: no CPU budget can end the loop.
+# (The response headers are cleared before the error: the 500 page would
+# carry them.)
+CLEAR = "ngx.header['X-Grow'] = nil"
+GROWTH = {
+    "var": ("set $x '';", "ngx.var.x = s", ""),
+    "header": ("", "ngx.header['X-Grow'] = s", CLEAR),
+    "header_array": ("", "ngx.header['X-Grow'] = {s, s}", CLEAR),
+    "req_set_header": ("", "ngx.req.set_header('X-Grow', s)", ""),
+    "set_body_data": ("lua_need_request_body on;",
+                      "ngx.req.set_body_data(s)", ""),
+}
+
+
+def growth_server():
+    locs = [COMMON]
+    for name, (directive, write, cleanup) in GROWTH.items():
+        locs.append(f"""
+    location /grow_{name} {{ {directive}
+        content_by_lua_block {{
+            {AWAIT_WAITER}
+            local s = string.rep("x", 1024 * 1024)
+            for i = 1, 200 do
+                local ok, err = pcall(function() {write} end)
+                if not ok then {cleanup} error(err, 0) end
+                ngx.sleep(0)
+            end
+            ngx.say("unreachable")
+        }} }}""")
+    locs.append("""
+    location /init_body { lua_need_request_body on;
+        content_by_lua_block {
+            AWAIT
+            local ok, err = pcall(ngx.req.init_body, 2^40)
+            ngx.log(ngx.ERR, "init_body: ", err)
+            ngx.req.init_body(2^40)
+        } }
+    location /init_body_ok { lua_need_request_body on;
+        content_by_lua_block {
+            ngx.req.init_body(16 * 1024 * 1024)
+            ngx.req.append_body("hello")
+            ngx.req.finish_body()
+            ngx.say(ngx.req.get_body_data())
+        } }""".replace("AWAIT", AWAIT_WAITER))
+    return "\n".join(locs)
+
+
+@pytest.mark.parametrize("name", sorted(GROWTH))
+def test_pool_growth_is_charged_to_the_memory_budget(nginx, name):
+    n = nginx(http=MEMORY_HTTP, server=growth_server())
+    api = {"var": "ngx.var", "header": "ngx.header",
+           "header_array": "ngx.header",
+           "req_set_header": "ngx.req.set_header",
+           "set_body_data": "ngx.req.set_body_data"}[name]
+    r = stopped_while_serving(n, f"/grow_{name}", method="POST", body="b",
+                              timeout=60)
+    assert r.status == 500
+    assert re.search(r"not enough memory \(luaguard: lua_budget_memory "
+                     rf"exceeded by {re.escape(api)}\)", n.read_log())
+
+
+def test_init_body_huge_size_fails_on_the_budget(nginx):
+    n = nginx(http=MEMORY_HTTP, server=growth_server())
+    r = stopped_while_serving(n, "/init_body", method="POST", body="b")
+    assert r.status == 500
+    log = n.read_log()
+    assert ("init_body: not enough memory (luaguard: lua_budget_memory "
+            "exceeded by ngx.req.init_body)") in log
+    # Within the budget it works as documented.
+    r = n.request("/init_body_ok", method="POST", body="b")
+    assert r.text == "hello\n"
+
+
+def test_output_to_a_client_that_does_not_read(nginx):
+    # The client sends its request and never reads: every ngx.print
+    # queues a new buffer. Without a bound the worker grows by the whole
+    # loop (300 MB); the buffers are charged to lua_budget_memory instead.
+    import socket
+    n = nginx(http=MEMORY_HTTP, server=COMMON + """
+        location /stream { content_by_lua_block {
+            local s = string.rep("y", 1024 * 1024)
+            for i = 1, 300 do
+                local ok, err = ngx.print(s)
+                if not ok then ngx.log(ngx.ERR, "print: ", err) return end
+            end
+        } }
+    """)
+    pid = n.get("/pid").text
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", n.port))
+    try:
+        c.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        n.wait_log(r"not enough memory \(luaguard: lua_budget_memory "
+                   r"exceeded by ngx\.print\)", timeout=30)
+        assert n.get("/ok").text == "ok\n"   # the worker serves meanwhile
+        assert n.get("/pid").text == pid
+        rss = 0
+        for line in open(f"/proc/{int(pid)}/status"):
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+        assert rss < 160 * 1024, rss  # budget (32 MB) plus the worker's own
+    finally:
+        c.close()
