@@ -941,6 +941,23 @@ void bodyTaken(Tcp *s)
     }
 }
 
+// What a read collects in acc waits outside the Lua VM, then becomes a
+// Lua string as large: it may not take more than the request's
+// lua_budget_memory still allows (an upstream announcing a huge length
+// must not grow the worker).
+bool accFits(Tcp *s, size_t total)
+{
+    RequestCtx *ctx = s->ctx;
+    if (ctx == nullptr || ctx->limits == nullptr
+        || ctx->limits->memory == 0)
+    {
+        return true;
+    }
+    int64_t used = ctx->usage.mem_net > 0 ? ctx->usage.mem_net : 0;
+    int64_t left = ctx->limits->memory - used;
+    return left > 0 && total <= static_cast<uint64_t>(left);
+}
+
 RStatus readProgress(Tcp *s)
 {
     ngx_connection_t *c = s->c;
@@ -1035,10 +1052,21 @@ RStatus readProgress(Tcp *s)
         }
         size_t have = s->acc.size();
         bool direct = s->rmode == RMode::Size && s->rsize - have >= s->rcap;
+        if (!accFits(s, direct ? s->rsize : have + s->rcap)) {
+            s->err = "not enough memory (luaguard: lua_budget_memory "
+                     "exceeded by a socket receive)";
+            std::string().swap(s->acc);  // no partial result: too big
+            return RStatus::Error;
+        }
         char *dst = s->rbuf;
         size_t room = s->rcap;
         if (direct) {
-            s->acc.resize(s->rsize);
+            try {
+                s->acc.resize(s->rsize);
+            } catch (const std::exception &) {
+                s->err = "no memory";   // never thrown through nginx
+                return RStatus::Error;
+            }
             dst = &s->acc[have];
             room = s->rsize - have;
         }

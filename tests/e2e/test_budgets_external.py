@@ -333,3 +333,59 @@ def test_output_to_a_client_that_does_not_read(nginx):
         assert rss < 160 * 1024, rss  # budget (32 MB) plus the worker's own
     finally:
         c.close()
+
+
+@pytest.fixture
+def firehose():
+    """A loopback server that answers every connection with 160 MB of
+    bytes and no newline (a hostile upstream), then closes; finite, so a
+    regression fails the test instead of exhausting the machine."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+
+    def serve(c):
+        chunk = b"z" * 65536
+        try:
+            for _ in range(160 * 16):
+                if stop.is_set():
+                    break
+                c.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield srv.getsockname()[1]
+    stop.set()
+    srv.close()
+
+
+@pytest.mark.parametrize("pattern", ["'*a'", "2^40", "100 * 1024 * 1024",
+                                     "'*l'"])
+def test_socket_receive_is_bounded_by_the_memory_budget(nginx, firehose,
+                                                        pattern):
+    n = nginx(http=MEMORY_HTTP, server=COMMON + f"""
+        location /recv {{ content_by_lua_block {{
+            {AWAIT_WAITER}
+            local s = ngx.socket.tcp()
+            assert(s:connect("127.0.0.1", {firehose}))
+            local data, err, partial = s:receive({pattern})
+            ngx.say(type(data), " ", err, " ", #partial)
+        }} }}
+    """)
+    r = stopped_while_serving(n, "/recv", timeout=60)
+    assert r.status == 200
+    assert r.text == ("nil not enough memory (luaguard: lua_budget_memory "
+                      "exceeded by a socket receive) 0\n"), r.text
