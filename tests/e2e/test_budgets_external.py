@@ -389,3 +389,11 @@ def test_socket_receive_is_bounded_by_the_memory_budget(nginx, firehose,
     assert r.status == 200
     assert r.text == ("nil not enough memory (luaguard: lua_budget_memory "
                       "exceeded by a socket receive) 0\n"), r.text
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-1"])
+def test_bad_socket_cap_fails_nginx_t(nginx_conf, value):
+    conf = nginx_conf(http=f"    lua_socket_max_per_request {value};\n")
+    ok, out = conf.test_config()
+    assert not ok
+    assert re.search(r"in \S+nginx\.conf:\d+", out), out
