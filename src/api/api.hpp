@@ -72,6 +72,12 @@ Run *requestPhase(lua_State *L, PhaseMask allowed,
 // tables flattened), raising ngx.print's errors naming `fname`.
 void pushPrintable(lua_State *L, int idx, const char *fname);
 
+// Charges `bytes` the API is about to allocate outside the Lua VM for the
+// running request (`what`: "ngx.var", "ngx.header", ...) to its
+// lua_budget_memory; raises an error naming the budget, before anything
+// is allocated, when that would exceed it (api/budget.cpp).
+void chargeMemory(lua_State *L, size_t bytes, const char *what);
+
 // Registers functions `fns` into the table at the top of the stack.
 void setFuncs(lua_State *L, const luaL_Reg *fns);
 

@@ -21,6 +21,14 @@ int luaUsage(lua_State *L)
 
 }  // namespace
 
+void chargeMemory(lua_State *L, size_t bytes, const char *what)
+{
+    if (!budget::Guard::instance().chargeExternal(bytes)) {
+        luaL_error(L, "not enough memory (luaguard: %s exceeded by %s)",
+                   budget::kindName(budget::Kind::Memory), what);
+    }
+}
+
 void openBudget(lua_State *L)
 {
     subTable(L, "req");

@@ -243,6 +243,8 @@ int headerNewIndex(lua_State *L)
                                   "array containing a %s value", key,
                                   luaL_typename(L, -1));
             }
+            chargeMemory(L, len + slen + sizeof(ngx_table_elt_t),
+                         "ngx.header");
             ngx_str_t v;
             if (!copySafe(r, s, slen, &v)) {
                 return luaL_error(L, "no memory");
@@ -255,6 +257,7 @@ int headerNewIndex(lua_State *L)
             return luaL_error(L, "attempt to set ngx.header.%s to a %s value",
                               key, luaL_typename(L, 3));
         }
+        chargeMemory(L, len + slen + sizeof(ngx_table_elt_t), "ngx.header");
         ngx_str_t v;
         if (!copySafe(r, s, slen, &v)) {
             return luaL_error(L, "no memory");

@@ -149,6 +149,11 @@ int emit(lua_State *L, bool newline, const char *fname)
         return 1;
     }
 
+    // Output the client has not taken yet holds its buffers; a new one is
+    // request memory until the request ends.
+    if (!glue::hasFreeBuf(ctx, size)) {
+        chargeMemory(L, size, newline ? "ngx.say" : "ngx.print");
+    }
     ngx_chain_t *cl = glue::allocBuf(ctx, size);
     if (cl == nullptr) {
         return luaL_error(L, "no memory");

@@ -5,8 +5,20 @@
 // in a per-worker LRU cache (lua_regex_cache_max_entries) and reuse their
 // match data, so the hot path neither compiles nor allocates beyond the
 // result. Every pcre2 call runs with a match limit (lua_regex_match_limit,
-// hardened default below) so catastrophic backtracking fails fast with
-// lua-nginx-module's "pcre_exec() failed: -8".
+// hardened default below) so catastrophic backtracking at one start
+// position fails fast with lua-nginx-module's "pcre_exec() failed: -8".
+//
+// The limit does not bound a call's time: PCRE2 restarts the count at
+// every start position, and one step may scan the rest of the subject
+// (`a*a*[^a]` over 57 KB: 0.6 s with JIT, minutes without). Cutting the
+// scan into slices of start positions does not help (one position can
+// take seconds, and JIT's memo of failed positions is lost at every
+// call: ten times slower). So a match is run where the budget's signal
+// handler can leave it: when the run's CPU budget (lua_budget_slice /
+// lua_budget_request) trips during a pcre2 call, the handler jumps back
+// to exec(), which fails with -8 (PcreHeap keeps PCRE2's memory sound
+// across the jump) and the budget's hook ends the script as soon as it
+// is back in Lua. The watchdog never has to end the worker for a regex.
 //
 // Where luaguard differs from lua-nginx-module (with lua-resty-core, the
 // reference), on purpose:
@@ -30,6 +42,8 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
+#include <csetjmp>
+#include <csignal>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -37,8 +51,10 @@
 #include "api/api.hpp"
 #include "ngx/module.hpp"
 #include "runtime/regex_cache.hpp"
+#include "runtime/regex_heap.hpp"
 #include "runtime/regex_options.hpp"
 #include "runtime/regex_template.hpp"
+#include "security/budget.hpp"
 
 namespace luaguard::api {
 
@@ -147,6 +163,9 @@ constexpr size_t kMemoSlots = 64;
 struct State {
     regex::LruCache<Regex *>  cache{1024};
     bool                      warned_full = false;
+    regex::PcreHeap           heap;     // all of PCRE2's memory (exec())
+    pcre2_general_context    *gctx = nullptr;
+    pcre2_compile_context    *cctx = nullptr;
     pcre2_match_context      *mctx = nullptr;
     pcre2_jit_stack          *jit_stack = nullptr;
     size_t                    jit_stack_max = kJitStackMaxDefault;
@@ -161,7 +180,17 @@ struct State {
 
 State &state()
 {
-    static State *s = new State;  // never destroyed: used until exit
+    static State *s = [] {
+        auto *st = new State;  // never destroyed: used until exit
+        // Patterns, match data and contexts take their memory from the
+        // heap that survives an abandoned match. On failure, PCRE2's
+        // defaults (exec() then never jumps).
+        st->gctx = pcre2_general_context_create(regex::PcreHeap::alloc,
+                                                regex::PcreHeap::release,
+                                                &st->heap);
+        st->cctx = pcre2_compile_context_create(st->gctx);
+        return st;
+    }();
     return *s;
 }
 
@@ -199,7 +228,7 @@ pcre2_match_context *matchContext()
 {
     State &s = state();
     if (s.mctx == nullptr) {
-        s.mctx = pcre2_match_context_create(nullptr);
+        s.mctx = pcre2_match_context_create(s.gctx);
         uint32_t def = 0;
         if (pcre2_config(PCRE2_CONFIG_MATCHLIMIT, &def) >= 0 && def > 0) {
             s.pcre_default_limit = def;
@@ -368,7 +397,7 @@ Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
     PCRE2_SIZE erroff;
     pcre2_code *code = pcre2_compile(
         reinterpret_cast<PCRE2_SPTR>(pat), len, pcreCompileOptions(o.flags),
-        &errcode, &erroff, nullptr);
+        &errcode, &erroff, s.cctx);
     if (code == nullptr) {
         if (L == nullptr) {
             return nullptr;
@@ -415,7 +444,7 @@ Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
                 {std::string(reinterpret_cast<const char *>(e + 2)), group});
         }
     }
-    re->md = pcre2_match_data_create_from_pattern(code, nullptr);
+    re->md = pcre2_match_data_create_from_pattern(code, s.gctx);
     if (re->md == nullptr) {
         destroy(re);
         if (L) {
@@ -444,6 +473,68 @@ Regex *compile(lua_State *L, const char *pat, size_t len, const Options &o)
 
 // ---- matching ----
 
+// Where the budget's signal handler jumps to out of a match (exec()).
+sigjmp_buf g_escape;
+volatile sig_atomic_t g_escape_armed = 0;
+volatile sig_atomic_t g_escape_signal = 0;  // blocked after the jump
+
+// Budget's on_trip_signal: the run is out of CPU budget. Inside a pcre2
+// call (and not in its allocator) leave the call; anywhere else the
+// armed hook does the job at the next Lua instruction.
+void escapeMatch(int sig)
+{
+    if (g_escape_armed && !state().heap.busy()) {
+        g_escape_armed = 0;
+        g_escape_signal = sig;
+        siglongjmp(g_escape, 1);
+    }
+}
+
+int runMatch(Regex *re, PCRE2_SPTR s, size_t len, size_t off, uint32_t opts,
+             pcre2_match_context *mctx)
+{
+    if (re->flags & regex::kDfa) {
+        int ws[512];
+        int rc = pcre2_dfa_match(re->code, s, len, off, opts, re->md, mctx,
+                                 ws, sizeof(ws) / sizeof(ws[0]));
+        return rc == 0 ? 1 : rc;  // 0: more matches than ovector pairs
+    }
+    return pcre2_match(re->code, s, len, off, opts, re->md, mctx);
+}
+
+// A match the budget's signal handler may leave: returns false when it
+// did. Only `rc` (written once the call returned) crosses the jump.
+bool runEscapable(Regex *re, PCRE2_SPTR s, size_t len, size_t off,
+                  uint32_t opts, pcre2_match_context *mctx, int *rc)
+{
+    // No signal mask saved: that would cost a system call per match.
+    if (sigsetjmp(g_escape, 0) != 0) {
+        return false;
+    }
+    g_escape_armed = 1;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    *rc = runMatch(re, s, len, off, opts, mctx);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    g_escape_armed = 0;
+    return true;
+}
+
+// The match data of an abandoned match may point at freed frames: it
+// goes (with what the match allocated), and the pattern gets a new one.
+void abandonMatch(Regex *re)
+{
+    // The handler was left by a jump: its signal is still blocked.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, g_escape_signal);
+    pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+
+    State &st = state();
+    pcre2_match_data_free(re->md);
+    st.heap.abandon();
+    re->md = pcre2_match_data_create_from_pattern(re->code, st.gctx);
+}
+
 // One pcre2 run. `check_utf` is false for the follow-up runs of gsub and
 // gmatch over a subject already validated by the first run.
 int exec(Regex *re, const char *subj, size_t len, size_t off, bool check_utf)
@@ -452,13 +543,21 @@ int exec(Regex *re, const char *subj, size_t len, size_t off, bool check_utf)
     uint32_t opts = (!check_utf && (re->flags & regex::kUtf))
                         ? PCRE2_NO_UTF_CHECK : 0;
     auto *s = reinterpret_cast<PCRE2_SPTR>(subj);
-    if (re->flags & regex::kDfa) {
-        int ws[512];
-        int rc = pcre2_dfa_match(re->code, s, len, off, opts, re->md, mctx,
-                                 ws, sizeof(ws) / sizeof(ws[0]));
-        return rc == 0 ? 1 : rc;  // 0: more matches than ovector pairs
+    State &st = state();
+    if (re->md == nullptr) {
+        return PCRE2_ERROR_NOMEMORY;  // lost with an abandoned match
     }
-    return pcre2_match(re->code, s, len, off, opts, re->md, mctx);
+    if (st.gctx == nullptr) {
+        return runMatch(re, s, len, off, opts, mctx);
+    }
+    int rc = PCRE2_ERROR_MATCHLIMIT;
+    st.heap.begin();
+    if (runEscapable(re, s, len, off, opts, mctx, &rc)) {
+        st.heap.end();
+        return rc;
+    }
+    abandonMatch(re);
+    return PCRE2_ERROR_MATCHLIMIT;  // the script ends at its next step
 }
 
 // Captures copied out of the match data, so building Lua values (which
@@ -857,6 +956,9 @@ int substituteLoop(Regex *re, const char *subj, size_t len, bool global,
         repl(c, out);
         count++;
         copied = to;
+        if ((count & 1023) == 0 && budget::Guard::instance().overdue()) {
+            return PCRE2_ERROR_MATCHLIMIT;  // many cheap matches, long scan
+        }
         if (!global) {
             break;
         }
@@ -1003,6 +1105,9 @@ int splitFields(Regex *re, const char *subj, size_t len, size_t start,
         fields->push_back(piece);
         fields->push_back(from);
         n++;
+        if ((n & 1023) == 0 && budget::Guard::instance().overdue()) {
+            return PCRE2_ERROR_MATCHLIMIT;
+        }
         for (uint32_t g = 1; g < c.n; g++) {
             if (c.ov[2 * g] != regex::kUnset) {
                 fields->push_back(c.ov[2 * g]);
@@ -1712,6 +1817,7 @@ int loadNgxRe(lua_State *L)
 
 void openRegex(lua_State *L)
 {
+    budget::Guard::instance().on_trip_signal = escapeMatch;
     // A registry reference of this VM (a reload makes a new VM).
     lua_getglobal(L, "tostring");
     state().tostring_ref = luaL_ref(L, LUA_REGISTRYINDEX);

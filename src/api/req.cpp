@@ -494,6 +494,11 @@ int setHeaderCommon(lua_State *L, bool clear)
             }
         }
     }
+    size_t bytes = 0;
+    for (const std::string &v : values) {
+        bytes += nlen + v.size() + sizeof(ngx_table_elt_t);
+    }
+    chargeMemory(L, bytes, "ngx.req.set_header");
     if (!replaceHeaders(ctx->r, name, nlen, values)) {
         return luaL_error(L, "no memory");
     }
@@ -792,6 +797,7 @@ int setBodyData(lua_State *L)
     ngx_http_request_body_t *rb = requireBody(L, ctx);
     size_t len;
     const char *data = luaL_checklstring(L, 1, &len);
+    chargeMemory(L, len, "ngx.req.set_body_data");
     ngx_chain_t *cl = memoryChain(ctx->r, data, len);
     if (cl == nullptr || !setBodyLength(ctx->r, static_cast<off_t>(len))) {
         return luaL_error(L, "no memory");
@@ -923,6 +929,10 @@ int initBody(lua_State *L)
             size = n;
         }
     }
+    // The buffer is the script's choice of size: its own memory, charged
+    // before it is allocated (a huge size fails on the budget, not on the
+    // worker's memory).
+    chargeMemory(L, static_cast<size_t>(size), "ngx.req.init_body");
     auto *w = static_cast<BodyWriter *>(ngx_pcalloc(r->pool,
                                                     sizeof(BodyWriter)));
     if (w == nullptr) {

@@ -72,6 +72,21 @@ ngx_int_t connectPeer(ngx_peer_connection_t *pc, Target *t, int type,
 // strings, numbers, booleans, nil; raises "bad data type" on others.
 bool flatten(lua_State *L, int idx, std::string *out, int depth);
 
+// lua_socket_max_per_request: a socket's claim on one of the cosockets a
+// request (with its subrequests) or a timer may hold at once. Taken when
+// a connect starts, given back when the connection is closed, fails or
+// goes to the pool.
+struct Slot {
+    RequestCtx  *owner = nullptr;   // whose count it is in, while held
+};
+
+constexpr char kTooManyConnections[] = "too many connections";
+
+// Takes a slot of ctx's request for `slot` (nothing to do when it holds
+// one); false, logged, when the request holds its maximum already.
+bool takeSlot(Slot *slot, RequestCtx *ctx, const char *kind);
+void dropSlot(Slot *slot);
+
 // Closes `c`, ending TLS without waiting for the peer.
 void closeConnection(ngx_connection_t *c);
 

@@ -177,6 +177,39 @@ void resolveCancel(Resolve *res)
     }
 }
 
+bool takeSlot(Slot *slot, RequestCtx *ctx, const char *kind)
+{
+    if (slot->owner) {
+        return true;
+    }
+    // Subrequests count against their main request: capture_multi must
+    // not multiply the cap. Same pool, so the main context outlives them.
+    RequestCtx *owner = ctx;
+    if (ctx->r->main != ctx->r) {
+        if (RequestCtx *main = getCtx(ctx->r->main)) {
+            owner = main;
+        }
+    }
+    if (owner->sockets_held >= ctx->llcf->socket_max_per_request) {
+        ngx_log_error(NGX_LOG_ERR, ctx->r->connection->log, 0,
+                      "lua %s socket: too many connections: the request "
+                      "holds %ui (lua_socket_max_per_request)", kind,
+                      owner->sockets_held);
+        return false;
+    }
+    owner->sockets_held++;
+    slot->owner = owner;
+    return true;
+}
+
+void dropSlot(Slot *slot)
+{
+    if (slot->owner) {
+        slot->owner->sockets_held--;
+        slot->owner = nullptr;
+    }
+}
+
 bool egressCheck(RequestCtx *ctx, const char *what, Target *t)
 {
     std::string why;

@@ -79,6 +79,7 @@ struct Tcp {
     RequestCtx          *ctx = nullptr;   // the request using the socket
     ngx_pool_cleanup_t  *cln = nullptr;   // in ctx's pool while it lives
     ngx_connection_t    *c = nullptr;
+    sock::Slot           slot;            // while connecting or connected
     bool                 log_errors = true;
 
     ngx_msec_t           connect_timeout = 0;   // 0: the directive's
@@ -380,6 +381,7 @@ void closeSock(Tcp *s, LuaThread *self)
     }
     s->rpos = s->rlast = 0;
     releaseCount(s);
+    sock::dropSlot(&s->slot);
     if (s->reader != self) {
         wakeClosed(s->reader);
     }
@@ -521,6 +523,7 @@ int failConnect(Tcp *s, lua_State *dst, const std::string &err)
         s->c = nullptr;
     }
     releaseCount(s);
+    sock::dropSlot(&s->slot);
     lua_pushnil(dst);
     lua_pushlstring(dst, err.data(), err.size());
     return 2;
@@ -783,6 +786,7 @@ void cancelConnect(LuaThread *t)
         s->c = nullptr;
     }
     releaseCount(s);
+    sock::dropSlot(&s->slot);
 }
 
 int tcpConnect(lua_State *L)
@@ -895,6 +899,9 @@ int tcpConnect(lua_State *L)
                                  sandbox::policyOf(ctx->llcf)));
     s->key.insert(0, policy, static_cast<size_t>(plen));
 
+    if (!sock::takeSlot(&s->slot, ctx, "tcp")) {
+        return pushNilErr(L, sock::kTooManyConnections);
+    }
     LuaThread *t = threads::current();
     int r = connectFromPool(s, L);
     if (r != kPending) {
@@ -976,6 +983,23 @@ void bodyTaken(Tcp *s)
     if (s->downstream && !s->raw && s->ctx) {
         s->ctx->r->headers_in.content_length_n = s->body_left;
     }
+}
+
+// What a read collects in acc waits outside the Lua VM, then becomes a
+// Lua string as large: it may not take more than the request's
+// lua_budget_memory still allows (an upstream announcing a huge length
+// must not grow the worker).
+bool accFits(Tcp *s, size_t total)
+{
+    RequestCtx *ctx = s->ctx;
+    if (ctx == nullptr || ctx->limits == nullptr
+        || ctx->limits->memory == 0)
+    {
+        return true;
+    }
+    int64_t used = ctx->usage.mem_net > 0 ? ctx->usage.mem_net : 0;
+    int64_t left = ctx->limits->memory - used;
+    return left > 0 && total <= static_cast<uint64_t>(left);
 }
 
 RStatus readProgress(Tcp *s)
@@ -1072,10 +1096,21 @@ RStatus readProgress(Tcp *s)
         }
         size_t have = s->acc.size();
         bool direct = s->rmode == RMode::Size && s->rsize - have >= s->rcap;
+        if (!accFits(s, direct ? s->rsize : have + s->rcap)) {
+            s->err = "not enough memory (luaguard: lua_budget_memory "
+                     "exceeded by a socket receive)";
+            std::string().swap(s->acc);  // no partial result: too big
+            return RStatus::Error;
+        }
         char *dst = s->rbuf;
         size_t room = s->rcap;
         if (direct) {
-            s->acc.resize(s->rsize);
+            try {
+                s->acc.resize(s->rsize);
+            } catch (const std::exception &) {
+                s->err = "no memory";   // never thrown through nginx
+                return RStatus::Error;
+            }
             dst = &s->acc[have];
             room = s->rsize - have;
         }
@@ -1709,6 +1744,7 @@ int tcpSetKeepalive(lua_State *L)
     p->nidle++;
 
     s->c = nullptr;
+    sock::dropSlot(&s->slot);  // the pool's now, not the request's
     c->data = it;
     c->idle = 1;
     c->log = ngx_cycle->log;
@@ -2031,6 +2067,7 @@ void cancelHandshake(LuaThread *t)
         sock::closeConnection(s->c);
         s->c = nullptr;
         releaseCount(s);
+        sock::dropSlot(&s->slot);
     }
 }
 
@@ -2253,6 +2290,7 @@ int tcpGc(lua_State *L)
         s->c = nullptr;
     }
     releaseCount(s);
+    sock::dropSlot(&s->slot);
     putRbuf(s);
     s->magic = 0;
     s->~Tcp();

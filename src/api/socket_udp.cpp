@@ -33,6 +33,7 @@ struct Udp {
     RequestCtx          *ctx = nullptr;
     ngx_pool_cleanup_t  *cln = nullptr;
     ngx_connection_t    *c = nullptr;
+    sock::Slot           slot;            // while it has a peer
     ngx_msec_t           read_timeout = 0;
     bool                 log_errors = true;
     LuaThread           *reader = nullptr;
@@ -83,6 +84,7 @@ void closeUdp(Udp *u)
         ngx_close_connection(u->c);
         u->c = nullptr;
     }
+    sock::dropSlot(&u->slot);
     if (LuaThread *t = u->reader) {
         u->reader = nullptr;
         t->cancel = nullptr;
@@ -130,10 +132,14 @@ int connectTarget(Udp *u, lua_State *dst)
     if (!sock::egressCheck(u->ctx, "udp socket", &u->target)) {
         return pushNilErr(dst, kEgressDenied);
     }
+    if (!sock::takeSlot(&u->slot, u->ctx, "udp")) {
+        return pushNilErr(dst, sock::kTooManyConnections);
+    }
     ngx_int_t rc = sock::connectPeer(&u->pc, &u->target, SOCK_DGRAM, nullptr,
                                      u->ctx->r->connection->log,
                                      u->log_errors, &u->err);
     if (rc == NGX_ERROR) {
+        sock::dropSlot(&u->slot);
         return pushNilErr(dst, u->err.c_str());
     }
     // A datagram "connect" only names the peer: it is done at once.
@@ -434,6 +440,7 @@ int udpGc(lua_State *L)
         ngx_close_connection(u->c);
         u->c = nullptr;
     }
+    sock::dropSlot(&u->slot);  // its request lives, or it was given back
     u->magic = 0;
     u->~Udp();
     return 0;

@@ -70,6 +70,13 @@ int varNewIndex(lua_State *L)
     ngx_http_request_t *r = run->ctx->r;
     size_t len;
     const char *name = luaL_checklstring(L, 2, &len);
+    // Every write copies into the request's pool until the request ends.
+    size_t vlen = 0;
+    if (lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER) {
+        lua_tolstring(L, 3, &vlen);
+    }
+    chargeMemory(L, len + sizeof(ngx_http_variable_value_t) + vlen,
+                 "ngx.var");
 
     auto *low = static_cast<u_char *>(ngx_pnalloc(r->pool, len));
     if (low == nullptr) {

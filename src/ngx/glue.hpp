@@ -132,6 +132,9 @@ ngx_int_t output(RequestCtx *ctx, ngx_chain_t *cl);
 ngx_int_t sendEof(RequestCtx *ctx);
 ngx_int_t flush(RequestCtx *ctx);
 ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size);
+// Whether allocBuf(ctx, size) can reuse a buffer the client has taken,
+// rather than allocate from the request's pool.
+bool hasFreeBuf(RequestCtx *ctx, size_t size);
 
 // Log with lua-nginx-module's "[lua] chunk:line: " prefix and control
 // bytes escaped.

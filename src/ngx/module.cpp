@@ -695,6 +695,8 @@ char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 #define LG_CMD(name, type, set, conf, off, post) \
     {ngx_string(name), type, entry::edge<set>, conf, off, post}
 
+ngx_conf_num_bounds_t kAtLeastOne = {ngx_conf_check_num_bounds, 1, -1};
+
 ngx_conf_enum_t kEgressDefaultEnum[] = {
     {ngx_string("allow"), 1},
     {ngx_string("deny"), 0},
@@ -904,6 +906,9 @@ ngx_command_t commands[] = {
     LG_CMD("lua_socket_pool_size", kAnyLoc | NGX_CONF_TAKE1,
            ngx_conf_set_num_slot, kLocLoc, LG_LOC_OFF(socket_pool_size),
            nullptr),
+    LG_CMD("lua_socket_max_per_request", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kLocLoc,
+           LG_LOC_OFF(socket_max_per_request), &kAtLeastOne),
     LG_CMD("lua_socket_log_errors", kAnyLoc | NGX_CONF_FLAG,
            ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(socket_log_errors),
            nullptr),
@@ -999,6 +1004,7 @@ void *createLocConf(ngx_conf_t *cf)
     conf->socket_buffer_size = NGX_CONF_UNSET_SIZE;
     conf->socket_send_lowat = NGX_CONF_UNSET_SIZE;
     conf->socket_pool_size = NGX_CONF_UNSET_UINT;
+    conf->socket_max_per_request = NGX_CONF_UNSET_UINT;
     conf->socket_log_errors = NGX_CONF_UNSET;
     conf->ssl_verify_depth = NGX_CONF_UNSET;
     return conf;
@@ -1116,6 +1122,10 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
                               prev->socket_send_lowat, 0);
     ngx_conf_merge_uint_value(conf->socket_pool_size, prev->socket_pool_size,
                               30);
+    // Far below worker_connections (512 by default): one request cannot
+    // take the slots every other client needs.
+    ngx_conf_merge_uint_value(conf->socket_max_per_request,
+                              prev->socket_max_per_request, 64);
     ngx_conf_merge_value(conf->socket_log_errors, prev->socket_log_errors, 1);
     ngx_conf_merge_str_value(conf->ssl_trusted_certificate,
                              prev->ssl_trusted_certificate, "");

@@ -109,6 +109,7 @@ struct LocConf {
     size_t                     socket_buffer_size;
     size_t                     socket_send_lowat;
     ngx_uint_t                 socket_pool_size;
+    ngx_uint_t                 socket_max_per_request;
     ngx_flag_t                 socket_log_errors;
     ngx_str_t                  ssl_trusted_certificate;
     ngx_int_t                  ssl_verify_depth;
@@ -197,6 +198,9 @@ struct RequestCtx {
     bool                 req_body_done = false;
     void                *req_body_writer = nullptr;
     void                *req_socket = nullptr;     // ngx.req.socket's Tcp
+    // Cosockets connected or connecting on this request's behalf
+    // (lua_socket_max_per_request, api/socket_common.cpp).
+    ngx_uint_t           sockets_held = 0;
 
     // ngx.on_abort's callback (registry ref) and whether the client's
     // early close was seen (ngx/subrequest.cpp).

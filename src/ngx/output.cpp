@@ -47,6 +47,16 @@ ngx_int_t sendBuffered(RequestCtx *ctx, bool last)
 
 }  // namespace
 
+bool hasFreeBuf(RequestCtx *ctx, size_t size)
+{
+    for (ngx_chain_t *cl = ctx->free_bufs; cl; cl = cl->next) {
+        if (static_cast<size_t>(cl->buf->end - cl->buf->start) >= size) {
+            return true;
+        }
+    }
+    return false;
+}
+
 ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size)
 {
     ngx_http_request_t *r = ctx->r;

@@ -224,6 +224,46 @@ void Guard::tripMemory(Kind k)
     arm();
 }
 
+bool Guard::chargeExternal(size_t bytes)
+{
+    if (top_ == nullptr) {
+        return true;
+    }
+    Usage *u = top_->usage;
+    int64_t limit = top_->limits.memory;
+    auto n = static_cast<int64_t>(bytes);
+    // Left to Lua, so the caller's error message can still be allocated.
+    constexpr int64_t kHeadroom = 64 * 1024;
+    if (limit && (n > limit - kHeadroom || u->mem_net > limit - kHeadroom - n))
+    {
+        return false;
+    }
+    u->mem_net += n;
+    return true;
+}
+
+bool Guard::overdue()
+{
+    uint64_t dl = deadline_.load(std::memory_order_acquire);
+    if (dl == 0 || top_ == nullptr || L_ == nullptr) {
+        return false;
+    }
+    uint64_t now = nowNs();
+    if (now < dl) {
+        return false;
+    }
+    // The watchdog may not have looked yet (it ticks every 5 ms): trip
+    // here, so the run cannot go on past its deadline meanwhile.
+    uint64_t gen = gen_.load(std::memory_order_relaxed);
+    if (tripped_gen_.load(std::memory_order_acquire) != gen) {
+        tripped_kind_.store(deadline_kind_.load());
+        tripped_at_.store(now);
+        tripped_gen_.store(gen, std::memory_order_release);
+    }
+    arm();
+    return true;
+}
+
 void Guard::markTripped(Kind k)
 {
     for (Frame *f = top_; f; f = f->prev) {
@@ -241,7 +281,7 @@ void Guard::arm()
     lua_sethook(L_, hook, LUA_MASKCOUNT, 1);
 }
 
-void Guard::onSignal(int)
+void Guard::onSignal(int sig)
 {
     int saved = errno;
     Guard &g = instance();
@@ -250,6 +290,9 @@ void Guard::onSignal(int)
                == g.gen_.load(std::memory_order_relaxed))
     {
         g.arm();  // lua_sethook is safe in a signal handler
+        if (g.on_trip_signal) {
+            g.on_trip_signal(sig);
+        }
     }
     errno = saved;
 }

@@ -81,6 +81,26 @@ class Guard {
     // is ended like a CPU budget trip, by the hook at its next instruction.
     void tripMemory(Kind k);
 
+    // For C code that loops on the worker thread without running Lua (a
+    // regex scan): true once the run is past its CPU deadline, which it
+    // then trips as the watchdog would, so the hook ends the run as soon
+    // as the caller returns to Lua. The caller stops its work.
+    bool overdue();
+
+    // Called by the budget's signal handler, on the worker thread, once
+    // the run is tripped and its hook armed: C code stuck in a long call
+    // that can never reach the hook (a regex match) may jump out of it
+    // here (`sig` stays blocked after a jump). Async-signal-safe code only.
+    void (*on_trip_signal)(int sig) = nullptr;
+
+    // Memory allocated outside the Lua allocator on behalf of the running
+    // request (nginx pool copies made by the API, socket buffers), charged
+    // to its net allocation and so to lua_budget_memory. When it would go
+    // over, nothing is charged and false is returned: the caller fails
+    // without allocating (an error a pcall may catch: nothing was taken).
+    // Outside a budgeted run: true, nothing charged.
+    bool chargeExternal(size_t bytes);
+
     // Lua time of `usage` including the runs still in progress.
     uint64_t usedNs(const Usage &usage) const;
 

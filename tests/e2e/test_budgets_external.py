@@ -1,0 +1,399 @@
+"""Budgets over what a request consumes outside the Lua VM: regex time,
+cosockets, memory the API copies into nginx, output a client has not
+taken.
+
+Each stop is checked the way an attacker would go at it: the request is
+stopped (status, error, a log line naming the budget), a request that was
+already waiting on the same worker is served, and the worker is the same
+process before and after (ngx.worker.pid). One worker, so a frozen or
+replaced worker cannot hide behind another.
+"""
+
+import re
+import threading
+
+import pytest
+
+HTTP = """
+    lua_budget_slice 200ms;
+    lua_watchdog_grace 1s;
+    lua_shared_dict rv 1m;
+"""
+
+# A request that is waiting on the worker while the hostile one runs: it
+# marks the rendezvous, then sleeps; the hostile handler starts its work
+# only once the mark is there (await_waiter), so the two overlap.
+COMMON = """
+    location /pid { content_by_lua_block { ngx.say(ngx.worker.pid()) } }
+    location /ok { content_by_lua_block { ngx.say("ok") } }
+    location /waiter { content_by_lua_block {
+        ngx.shared.rv:set("waiting", true)
+        ngx.sleep(0.3)
+        ngx.say("waiter ok")
+    } }
+"""
+
+AWAIT_WAITER = """
+    while not ngx.shared.rv:get("waiting") do ngx.sleep(0.005) end
+    ngx.shared.rv:delete("waiting")
+"""
+
+
+def in_background(fn):
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", fn()))
+    t.start()
+    return t, box
+
+
+def stopped_while_serving(n, path, **kw):
+    """Runs the hostile `path` while /waiter waits on the same worker;
+    returns its response after checking that the others were served and
+    the worker is the same process."""
+    pid = n.get("/pid").text
+    waiter, waiter_box = in_background(lambda: n.get("/waiter"))
+    r = n.request(path, **kw)
+    after = n.get("/ok")
+    waiter.join()
+    assert waiter_box["r"].status == 200
+    assert waiter_box["r"].text == "waiter ok\n"
+    assert after.text == "ok\n"
+    assert n.get("/pid").text == pid  # not replaced by a new worker
+    assert "ending this worker" not in n.read_log()
+    return r
+
+
+# ---- regex time ----
+
+# Quadratic or worse per subject, cheap at each start position: the
+# match limit (per start position in PCRE2) never trips; over 200 KB one
+# pcre2 call runs for many seconds (0.6 s for 57 KB with JIT).
+SLOW_PATTERN = "a*a*[^a]"
+
+REGEX_CALLS = {
+    "match": "r = ngx.re.match(s, P, opts)",
+    "find": "r = ngx.re.find(s, P, opts)",
+    "gmatch": "for m in ngx.re.gmatch(s, P, opts) do r = m end",
+    "sub": "r = ngx.re.sub(s, P, 'x', opts)",
+    "gsub": "r = ngx.re.gsub(s, P, 'x', opts)",
+    "gsub_function": "r = ngx.re.gsub(s, P, function() return 'x' end, "
+                     "opts)",
+    "split": "r = require('ngx.re').split(s, P, opts)",
+}
+
+REGEX_OPTIONS = ["jo", "o", "j", "", "d"]
+
+
+def regex_server(call):
+    return COMMON + f"""
+    location /re {{ content_by_lua_block {{
+        local s = string.rep("a", tonumber(ngx.var.arg_n)) ..
+                  (ngx.var.arg_tail or "")
+        local P, opts = [==[{SLOW_PATTERN}]==], ngx.var.arg_opts or ""
+        if ngx.var.arg_hostile then {AWAIT_WAITER} end
+        local r
+        local ok = pcall(function() {call} end)
+        ngx.say("done ", tostring(ok), " ", type(r))
+    }} }}
+    """
+
+
+@pytest.mark.parametrize("call", sorted(REGEX_CALLS))
+def test_slow_regex_is_stopped_by_the_slice(nginx, call):
+    n = nginx(http=HTTP, server=regex_server(REGEX_CALLS[call]))
+    for opts in REGEX_OPTIONS:
+        r = stopped_while_serving(
+            n, f"/re?n=200000&hostile=1&opts={opts}", timeout=30)
+        assert r.status == 500, (opts, r.text)
+        # pcall cannot keep the script going: the budget's hook ends it.
+        assert "done" not in r.text
+        n.wait_log(r"lua_budget_slice exceeded: Lua ran 200 ms without "
+                   r"yielding, stopped at content_by_lua\(nginx\.conf:\d+\)")
+        # The pattern (cached with "o") still works after the abandoned
+        # match.
+        small = n.get(f"/re?n=10&tail=b&opts={opts}")
+        assert small.status == 200 and small.text.startswith("done true"), \
+            (opts, small.text)
+
+
+def test_regex_stop_counts_as_a_slice_stop_per_request(nginx):
+    # Many stopped matches in a row: the worker neither leaks nor dies.
+    n = nginx(http=HTTP, server=regex_server(REGEX_CALLS["gsub"]))
+    pid = n.get("/pid").text
+    for _ in range(5):
+        assert n.get("/re?n=100000&opts=o", timeout=30).status == 500
+    assert n.get("/re?n=10&tail=b&opts=o").text == "done true string\n"
+    assert n.get("/pid").text == pid
+    assert len(re.findall("lua_budget_slice exceeded", n.read_log())) == 5
+
+
+# ---- connections per request ----
+
+@pytest.fixture
+def listener():
+    """A loopback TCP listener the cosockets connect to; the kernel
+    completes the handshakes (backlog), nothing is accepted."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(512)
+    yield s.getsockname()[1]
+    s.close()
+
+
+def flood_server(port, cap_directive=""):
+    return COMMON + f"""
+    location /flood {{ {cap_directive}
+        content_by_lua_block {{
+            {AWAIT_WAITER}
+            local n = tonumber(ngx.var.arg_n)
+            local socks, ok_count = {{}}, 0
+            for i = 1, n do
+                local s = ngx.socket.tcp()
+                local ok, err = s:connect("127.0.0.1", {port})
+                if ok then
+                    ok_count = ok_count + 1
+                    socks[#socks + 1] = s
+                else
+                    ngx.say("connect ", i, ": ", err)
+                end
+                socks.last = s
+            end
+            local u = ngx.socket.udp()
+            ngx.say("udp: ", select(2, u:setpeername("127.0.0.1", {port})))
+            ngx.say("held ", ok_count)
+            -- The refused objects stay usable once slots are free.
+            socks[1]:close()
+            socks[2]:close()
+            ngx.say("retry: ", socks.last:connect("127.0.0.1", {port}))
+            ngx.say("udp retry: ", (u:setpeername("127.0.0.1", {port})))
+        }}
+    }}
+    """
+
+
+def test_cosocket_flood_is_capped_per_request(nginx, listener):
+    n = nginx(http=HTTP, server=flood_server(
+        listener, "lua_socket_max_per_request 3;"))
+    r = stopped_while_serving(n, "/flood?n=4")
+    assert r.status == 200
+    assert r.text == ("connect 4: too many connections\n"
+                      "udp: too many connections\n"
+                      "held 3\n"
+                      "retry: 1\n"
+                      "udp retry: 1\n"), r.text
+    assert re.search(r"lua tcp socket: too many connections: the request "
+                     r"holds 3 \(lua_socket_max_per_request\)", n.read_log())
+    assert "lua udp socket: too many connections" in n.read_log()
+
+
+def test_cosocket_default_cap_is_64(nginx, listener):
+    # worker_connections is 1024 here: without a cap one request could
+    # hold them all and new clients would be refused.
+    n = nginx(http=HTTP, server=flood_server(listener))
+    r = stopped_while_serving(n, "/flood?n=200")
+    assert r.status == 200
+    lines = r.text.splitlines()
+    assert "held 64" in lines
+    assert lines[0] == "connect 65: too many connections"
+    assert sum("too many connections" in x for x in lines) == 137
+
+
+def test_pooled_connection_gives_its_slot_back(nginx, listener):
+    # A connection put in the pool (setkeepalive) is no longer held by the
+    # request; open ones are.
+    n = nginx(http=HTTP, server=COMMON + f"""
+        location /leave {{ lua_socket_max_per_request 2;
+            content_by_lua_block {{
+                for i = 1, 3 do
+                    local s = ngx.socket.tcp()
+                    ngx.say(i, " ", s:connect("127.0.0.1", {listener}))
+                    s:setkeepalive()  -- pooled: no longer the request's
+                end
+                local a, b = ngx.socket.tcp(), ngx.socket.tcp()
+                a:connect("127.0.0.1", {listener})
+                b:connect("127.0.0.1", {listener})
+                ngx.say("kept ", select(2, ngx.socket.tcp():connect(
+                    "127.0.0.1", {listener})))
+            }} }}
+    """)
+    assert n.get("/leave").text == ("1 1\n2 1\n3 1\n"
+                                    "kept too many connections\n")
+
+
+# ---- memory the API allocates outside the Lua VM ----
+
+MEMORY_HTTP = HTTP.replace("200ms", "20s") + """
+    lua_budget_memory 32m;
+"""
+
+# Each loop keeps one 1 MB Lua string and writes it again and again: the
+# Lua heap stays flat while every write copies it into the request's
+# pool. ngx.sleep(0) between writes: no CPU budget can end the loop.
+# (The response headers are cleared before the error: the 500 page would
+# carry them.)
+CLEAR = "ngx.header['X-Grow'] = nil"
+GROWTH = {
+    "var": ("set $x '';", "ngx.var.x = s", ""),
+    "header": ("", "ngx.header['X-Grow'] = s", CLEAR),
+    "header_array": ("", "ngx.header['X-Grow'] = {s, s}", CLEAR),
+    "req_set_header": ("", "ngx.req.set_header('X-Grow', s)", ""),
+    "set_body_data": ("lua_need_request_body on;",
+                      "ngx.req.set_body_data(s)", ""),
+}
+
+
+def growth_server():
+    locs = [COMMON]
+    for name, (directive, write, cleanup) in GROWTH.items():
+        locs.append(f"""
+    location /grow_{name} {{ {directive}
+        content_by_lua_block {{
+            {AWAIT_WAITER}
+            local s = string.rep("x", 1024 * 1024)
+            for i = 1, 200 do
+                local ok, err = pcall(function() {write} end)
+                if not ok then {cleanup} error(err, 0) end
+                ngx.sleep(0)
+            end
+            ngx.say("unreachable")
+        }} }}""")
+    locs.append("""
+    location /init_body { lua_need_request_body on;
+        content_by_lua_block {
+            AWAIT
+            local ok, err = pcall(ngx.req.init_body, 2^40)
+            ngx.log(ngx.ERR, "init_body: ", err)
+            ngx.req.init_body(2^40)
+        } }
+    location /init_body_ok { lua_need_request_body on;
+        content_by_lua_block {
+            ngx.req.init_body(16 * 1024 * 1024)
+            ngx.req.append_body("hello")
+            ngx.req.finish_body()
+            ngx.say(ngx.req.get_body_data())
+        } }""".replace("AWAIT", AWAIT_WAITER))
+    return "\n".join(locs)
+
+
+@pytest.mark.parametrize("name", sorted(GROWTH))
+def test_pool_growth_is_charged_to_the_memory_budget(nginx, name):
+    n = nginx(http=MEMORY_HTTP, server=growth_server())
+    api = {"var": "ngx.var", "header": "ngx.header",
+           "header_array": "ngx.header",
+           "req_set_header": "ngx.req.set_header",
+           "set_body_data": "ngx.req.set_body_data"}[name]
+    r = stopped_while_serving(n, f"/grow_{name}", method="POST", body="b",
+                              timeout=60)
+    assert r.status == 500
+    assert re.search(r"not enough memory \(luaguard: lua_budget_memory "
+                     rf"exceeded by {re.escape(api)}\)", n.read_log())
+
+
+def test_init_body_huge_size_fails_on_the_budget(nginx):
+    n = nginx(http=MEMORY_HTTP, server=growth_server())
+    r = stopped_while_serving(n, "/init_body", method="POST", body="b")
+    assert r.status == 500
+    log = n.read_log()
+    assert ("init_body: not enough memory (luaguard: lua_budget_memory "
+            "exceeded by ngx.req.init_body)") in log
+    # Within the budget it works as documented.
+    r = n.request("/init_body_ok", method="POST", body="b")
+    assert r.text == "hello\n"
+
+
+def test_output_to_a_client_that_does_not_read(nginx):
+    # The client sends its request and never reads: every ngx.print
+    # queues a new buffer. Without a bound the worker grows by the whole
+    # loop (300 MB); the buffers are charged to lua_budget_memory instead.
+    import socket
+    n = nginx(http=MEMORY_HTTP, server=COMMON + """
+        location /stream { content_by_lua_block {
+            local s = string.rep("y", 1024 * 1024)
+            for i = 1, 300 do
+                local ok, err = ngx.print(s)
+                if not ok then ngx.log(ngx.ERR, "print: ", err) return end
+            end
+        } }
+    """)
+    pid = n.get("/pid").text
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", n.port))
+    try:
+        c.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        n.wait_log(r"not enough memory \(luaguard: lua_budget_memory "
+                   r"exceeded by ngx\.print\)", timeout=30)
+        assert n.get("/ok").text == "ok\n"   # the worker serves meanwhile
+        assert n.get("/pid").text == pid
+        rss = 0
+        for line in open(f"/proc/{int(pid)}/status"):
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+        assert rss < 160 * 1024, rss  # budget (32 MB) plus the worker's own
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def firehose():
+    """A loopback server that answers every connection with 160 MB of
+    bytes and no newline (a hostile upstream), then closes; finite, so a
+    regression fails the test instead of exhausting the machine."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+
+    def serve(c):
+        chunk = b"z" * 65536
+        try:
+            for _ in range(160 * 16):
+                if stop.is_set():
+                    break
+                c.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield srv.getsockname()[1]
+    stop.set()
+    srv.close()
+
+
+@pytest.mark.parametrize("pattern", ["'*a'", "2^40", "100 * 1024 * 1024",
+                                     "'*l'"])
+def test_socket_receive_is_bounded_by_the_memory_budget(nginx, firehose,
+                                                        pattern):
+    n = nginx(http=MEMORY_HTTP, server=COMMON + f"""
+        location /recv {{ content_by_lua_block {{
+            {AWAIT_WAITER}
+            local s = ngx.socket.tcp()
+            assert(s:connect("127.0.0.1", {firehose}))
+            local data, err, partial = s:receive({pattern})
+            ngx.say(type(data), " ", err, " ", #partial)
+        }} }}
+    """)
+    r = stopped_while_serving(n, "/recv", timeout=60)
+    assert r.status == 200
+    assert r.text == ("nil not enough memory (luaguard: lua_budget_memory "
+                      "exceeded by a socket receive) 0\n"), r.text
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-1"])
+def test_bad_socket_cap_fails_nginx_t(nginx_conf, value):
+    conf = nginx_conf(http=f"    lua_socket_max_per_request {value};\n")
+    ok, out = conf.test_config()
+    assert not ok
+    assert re.search(r"in \S+nginx\.conf:\d+", out), out
