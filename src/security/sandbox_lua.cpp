@@ -306,7 +306,7 @@ local strict_libs = {
 local strict_modules = {
     ["table.new"] = true, ["table.clear"] = true, ["table.nkeys"] = true,
     ["table.isarray"] = true, ["table.isempty"] = true,
-    ["table.clone"] = true, ["resty.core"] = true,
+    ["table.clone"] = true, ["resty.core"] = true, _G = true,
 }
 
 local function strict_module_ok(name)
@@ -485,7 +485,7 @@ local function build(caps)
         return current_env() or real_setmetatable({}, M)
     end
 
-    local deep_proxy, inbound, state_value
+    local deep_proxy, inbound, state_value, denied_table
 
     -- The proxy request code sees for a table value, or the value.
     local function to_proxy(v, name)
@@ -503,6 +503,15 @@ local function build(caps)
             return v                   -- already a proxy
         end
         if protected[v] or name then
+            -- A library the location may not use (ffi, jit.*,
+            -- string.buffer), reached through a module that keeps it.
+            for mod, cap in next, module_caps do
+                if not caps[cap] and rawget(package.loaded, mod) == v then
+                    p = denied_table(cap)
+                    map[v] = p
+                    return p
+                end
+            end
             return deep_proxy(v, protected[v] or name)
         end
         return v
@@ -559,6 +568,10 @@ local function build(caps)
     -- return passes it too, tables holding such values come as proxies
     -- that refuse them when read.
 
+    -- Tables of the view itself (libraries, the view): their values are
+    -- vetted, iteration hands them out as they are.
+    local vetted = real_setmetatable({}, weak_k)
+    vetted[V] = true
     local own_mt = real_setmetatable({}, weak_k)   -- set by request code
     local own_env = real_setmetatable({}, weak_k)  -- setfenv by it
     local obj_of = real_setmetatable({}, weak_k)   -- object proxy -> real
@@ -738,7 +751,7 @@ local function build(caps)
                 return v
             end
             if protected[v] then
-                return deep_proxy(v, protected[v])
+                return to_proxy(v, protected[v])
             end
             local mt = dbg_getmetatable(v)
             if mt == M or (mt ~= nil and api_mts[mt]) then
@@ -835,6 +848,7 @@ local function build(caps)
         end
         local p = {}
         map[real] = p
+        vetted[real] = true
         protected[real] = protected[real] or name
         for k, v in next, real do
             if type(v) == "table" and type(k) == "string" and v ~= real_G
@@ -881,6 +895,7 @@ local function build(caps)
             __newindex = function(_, k) readonly_error(name, k) end,
         })
         protected[hidden] = name
+        vetted[hidden] = true
         protected[p] = name
         real_of[p] = hidden
         map[real] = p
@@ -889,7 +904,7 @@ local function build(caps)
     end
 
     -- A table every access to which is refused (a denied library).
-    local function denied_table(cap, keep)
+    denied_table = function(cap, keep)
         local p = {}
         if keep then
             for k, v in next, keep do
@@ -933,7 +948,7 @@ local function build(caps)
             end
             return nil
         end
-        if strict and nk ~= nil then
+        if strict and nk ~= nil and not vetted[real] then
             if foreign(nk) then
                 refuse_foreign(foreign(nk), "a key of " .. protected[t], 3)
             end
@@ -965,7 +980,7 @@ local function build(caps)
             if v == nil then
                 return nil
             end
-            if strict then
+            if strict and not vetted[real] then
                 return i, state_value(v, protected[t] .. "[" .. i .. "]")
             end
             return i, to_proxy(v, protected[t] .. "[" .. i .. "]")
@@ -1124,23 +1139,40 @@ local function build(caps)
     end
 
     -- Strict: what pcall, xpcall and coroutines hand back passes the
-    -- membrane (an error raised by module code may be any value).
+    -- membrane (an error raised by module code may be any value). A
+    -- refused error value becomes a message: catching never raises.
+    local function error_value(e)
+        local kind = foreign(e)
+        if kind then
+            return "an error value was " .. kind .. " (refused in "
+                   .. "lua_sandbox strict)"
+        end
+        return inbound(e, "an error value")
+    end
+
+    local function caught(ok, ...)
+        if ok then
+            return filter_results("a result", true, ...)
+        end
+        return false, error_value((...))
+    end
+
     local function pcall_(f, ...)
-        return filter_results("an error value", pcall(f, ...))
+        return caught(pcall(f, ...))
     end
 
     local function xpcall_(f, handler, ...)
         local h = handler
         if type(handler) == "function" then
             h = function(e)
-                return handler(inbound(e, "an error value"))
+                return handler(error_value(e))
             end
         end
-        return filter_results("an error value", xpcall(f, h, ...))
+        return caught(xpcall(f, h, ...))
     end
 
     local function resume_(co, ...)
-        return filter_results("a coroutine result", co_resume(co, ...))
+        return caught(co_resume(co, ...))
     end
 
     local function wrap_(f)
