@@ -122,6 +122,9 @@ local function opaque(v)
     then
         return real_tostring(v)
     end
+    if t == "userdata" and real_tostring(v) == "userdata: NULL" then
+        return "userdata: NULL"                -- ngx.null
+    end
     local env = current_env() or real_G
     local st = ids[env]
     if st == nil then
@@ -138,9 +141,6 @@ local function opaque(v)
     if t == "cdata" then
         -- "cdata<int *>: 0x..." keeps its type; an int64 prints digits
         return (gsub(real_tostring(v), "0x%x+", s))
-    end
-    if t == "userdata" and real_tostring(v) == "userdata: NULL" then
-        return "userdata: NULL"                -- ngx.null
     end
     return t .. ": " .. s
 end
@@ -401,10 +401,11 @@ end
 
 local function randomseed_(x)
     if type(x) ~= "number" then
+        local given = type(x)
         x = tonumber(x)
         if x == nil then
             error("bad argument #1 to 'randomseed' (number expected, got "
-                  .. type(x) .. ")", 2)
+                  .. given .. ")", 2)
         end
     end
     local s = prng_state()
@@ -463,7 +464,8 @@ local function scan_registry()
             end
         end
     end
-    for _, d in next, ngx.shared do
+    local shared = rawget(ngx, "shared")
+    for _, d in next, type(shared) == "table" and shared or {} do
         local mt = dbg_getmetatable(d)
         if type(d) == "userdata" and mt then
             api_mts[mt] = true
