@@ -396,6 +396,7 @@ def test_no_cdata_or_foreign_userdata_reaches_strict(nginx):
                 or "attempt to call global 'newproxy'" in text
                 or "a nil value" in text), (name, text)
         assert "cdata<" not in text, (name, text)
+        assert SECRET not in text, (name, text)
     want = {"plain": "plain-value", "echo": "x", "add": "5",
             "object_method": "obj-ok", "int64": "17LL",
             "buffer_free_string": "aaa"}
