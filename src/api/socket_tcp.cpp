@@ -447,7 +447,9 @@ Tcp *self(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_rawgeti(L, 1, 1);
-    auto *s = static_cast<Tcp *>(lua_touserdata(L, -1));
+    // The kind first (the userdata's metatable is ours): size and magic
+    // alone would take any userdata of the right size and contents.
+    auto *s = static_cast<Tcp *>(luaL_testudata(L, -1, kTcpUdMeta));
     if (s == nullptr || lua_objlen(L, -1) != sizeof(Tcp)
         || s->magic != kMagic)
     {

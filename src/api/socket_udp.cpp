@@ -51,7 +51,9 @@ Udp *self(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_rawgeti(L, 1, 1);
-    auto *u = static_cast<Udp *>(lua_touserdata(L, -1));
+    // The kind first (the userdata's metatable is ours): size and magic
+    // alone would take any userdata of the right size and contents.
+    auto *u = static_cast<Udp *>(luaL_testudata(L, -1, kUdpUdMeta));
     if (u == nullptr || lua_objlen(L, -1) != sizeof(Udp)
         || u->magic != kMagic)
     {

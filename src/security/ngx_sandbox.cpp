@@ -17,6 +17,7 @@ const Policy &denyAll()
     static const Policy p = [] {
         Policy d;
         d.allowed = 0;
+        d.strict = true;
         d.label = "(no running request: deny-all)";
         return d;
     }();

@@ -1,6 +1,9 @@
 #include "security/sandbox.hpp"
 
+#include <sys/random.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 namespace luaguard::sandbox {
@@ -123,6 +126,39 @@ int luaCurrentEnv(lua_State *L)
     return 1;
 }
 
+// strict(): whether the running code is strict code (its view is the
+// allowlist). For the few worker-wide functions that behave differently
+// for it (string.dump, string.format's %p and addresses).
+int luaStrict(lua_State *L)
+{
+    const Policy *p = currentPolicy();
+    lua_pushboolean(L, p != nullptr && p->strict);
+    return 1;
+}
+
+// seed(): four 32-bit words from the kernel's CSPRNG, for a request's own
+// math.random state: nothing another request can observe predicts them.
+int luaSeed(lua_State *L)
+{
+    uint32_t w[4];
+    size_t got = 0;
+    while (got < sizeof(w)) {
+        ssize_t n = getrandom(reinterpret_cast<char *>(w) + got,
+                              sizeof(w) - got, 0);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return luaL_error(L, "getrandom() failed: %s", strerror(errno));
+        }
+        got += static_cast<size_t>(n);
+    }
+    for (uint32_t v : w) {
+        lua_pushnumber(L, static_cast<lua_Number>(v));
+    }
+    return 4;
+}
+
 std::string capsList()
 {
     std::string out;
@@ -178,6 +214,7 @@ bool parse(const std::vector<std::string> &args, Policy *out,
         p.allowed = kDefault;
     } else if (profile == "strict") {
         p.allowed = kStrict;
+        p.strict = true;
     } else {
         *err = "unknown profile \"" + profile
                + "\": expected off, default or strict";
@@ -346,7 +383,11 @@ bool install(lua_State *L, std::string *err)
         lua_pop(L, 1);
         return false;
     }
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 5);
+    lua_pushcfunction(L, luaStrict);
+    lua_setfield(L, -2, "strict");
+    lua_pushcfunction(L, luaSeed);
+    lua_setfield(L, -2, "seed");
     lua_pushcfunction(L, luaAllowed);
     lua_setfield(L, -2, "allowed");
     lua_pushcfunction(L, luaRefuse);
@@ -379,14 +420,17 @@ bool pushMeta(lua_State *L, const Policy *p)
     }
     lua_pushlightuserdata(L, &kBuilderKey);
     lua_rawget(L, LUA_REGISTRYINDEX);
-    lua_createtable(L, 0, kCapabilityCount);
+    lua_createtable(L, 0, kCapabilityCount + 1);
     for (int i = 0; i < kCapabilityCount; i++) {
         lua_pushboolean(L, p->allows(static_cast<Capability>(i)));
         lua_setfield(L, -2, kNames[i]);
     }
-    // Views depend on the capabilities only: locations with the same
-    // set share one.
-    lua_pushinteger(L, static_cast<lua_Integer>(p->allowed));
+    lua_pushboolean(L, p->strict);
+    lua_setfield(L, -2, "strict");
+    // Views depend on the capabilities and the profile only: locations
+    // with the same set share one.
+    lua_pushinteger(L, static_cast<lua_Integer>(p->allowed)
+                           | (p->strict ? lua_Integer(1) << 31 : 0));
     if (lua_pcall(L, 2, 1, 0) != 0) {
         lua_pop(L, 1);
         return false;

@@ -47,6 +47,7 @@ bool capabilityFromName(std::string_view name, Capability *out);
 
 struct Policy {
     bool                     isolate = true;    // false: `lua_sandbox off`
+    bool                     strict = false;    // the allowlisted view
     uint32_t                 allowed = 0;       // bit per Capability
     std::vector<std::string> shared_dicts;      // empty: every dict
     std::vector<std::string> shared_readonly;   // listed as name:ro

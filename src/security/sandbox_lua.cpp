@@ -9,6 +9,7 @@ extern const char kSandboxLua[];
 const char kSandboxLua[] = R"LUA(
 local C = ...
 local allowed, refuse, current_env = C.allowed, C.refuse, C.current_env
+local strict_now, seed = C.strict, C.seed
 
 local real_G = _G
 local type, next, error, tostring, select, pcall =
@@ -21,6 +22,16 @@ local real_load, real_loadfile, real_require = load, loadfile, require
 local byte, sub, find, concat = string.byte, string.sub, string.find,
                                 table.concat
 local io_open = io.open
+local gsub, real_format, real_dump = string.gsub, string.format,
+                                     string.dump
+local real_tostring, real_unpack = tostring, unpack
+local real_collectgarbage = collectgarbage
+local dbg_getmetatable, getregistry = debug.getmetatable, debug.getregistry
+local real_traceback = debug.traceback
+local bxor, band, rshift, lshift, rol, tobit =
+    bit.bxor, bit.band, bit.rshift, bit.lshift, bit.rol, bit.tobit
+local floor = math.floor
+local co_resume, co_wrap = coroutine.resume, coroutine.wrap
 local tinsert, tremove, tsort = table.insert, table.remove, table.sort
 local package = package
 local searchpath = package.searchpath
@@ -73,6 +84,131 @@ local function first_byte_of_file(file)
     return c
 end
 
+-- What a fresh VM has (LuaJIT's and luaguard's own names): strict code
+-- sees none of it but what its allowlist names, so a name a new LuaJIT
+-- adds stays out. Globals set later (init_by_lua, modules) are not here.
+local builtin_globals, builtin_modules = {}, {}
+for k in next, real_G do
+    builtin_globals[k] = true
+end
+for k in next, package.preload do
+    builtin_modules[k] = true
+end
+for k in next, package.loaded do
+    builtin_modules[k] = true
+end
+
+-- Worker-wide functions strict code reaches by method syntax on strings
+-- (the string metatable is the VM's): they check the running policy.
+-- string.dump hands out the bytecode (and constants) of any function.
+string.dump = function(f, strip)
+    if strict_now() and not allowed("bytecode") then
+        error("string.dump is not available in this location "
+              .. "(lua_sandbox strict)", 2)
+    end
+    return real_dump(f, strip)
+end
+
+-- Per-request ids in place of addresses (tostring and string.format of
+-- tables, functions, threads and userdata in strict code): an address
+-- tells where other requests' objects live.
+local ids = real_setmetatable({}, weak_k)   -- env -> { map, n }
+
+local function opaque(v)
+    local t = type(v)
+    local mt = dbg_getmetatable(v)
+    if t ~= "cdata" and type(mt) == "table"
+        and rawget(mt, "__tostring") ~= nil
+    then
+        return real_tostring(v)
+    end
+    if t == "userdata" and real_tostring(v) == "userdata: NULL" then
+        return "userdata: NULL"                -- ngx.null
+    end
+    local env = current_env() or real_G
+    local st = ids[env]
+    if st == nil then
+        st = { map = real_setmetatable({}, weak_k), n = 0 }
+        ids[env] = st
+    end
+    local id = st.map[v]
+    if id == nil then
+        st.n = st.n + 1
+        id = st.n
+        st.map[v] = id
+    end
+    local s = real_format("0x%08x", id)
+    if t == "cdata" then
+        -- "cdata<int *>: 0x..." keeps its type; an int64 prints digits
+        return (gsub(real_tostring(v), "0x%x+", s))
+    end
+    return t .. ": " .. s
+end
+
+local function strict_tostring(...)
+    local v = ...
+    local t = type(v)
+    if select("#", ...) == 0 or t == "string" or t == "number"
+        or t == "boolean" or t == "nil"
+    then
+        return real_tostring(...)
+    end
+    return opaque(v)
+end
+
+local function plain_args(...)
+    for i = 1, select("#", ...) do
+        local t = type((select(i, ...)))
+        if t ~= "string" and t ~= "number" and t ~= "boolean"
+            and t ~= "nil"
+        then
+            return false
+        end
+    end
+    return true
+end
+
+-- %p prints an address and %s of a table one: for strict code the first
+-- is refused, the second prints the per-request id.
+local function strict_format(fmt, ...)
+    local pos = 1
+    while true do
+        local a, b, spec = find(fmt, "%%[-+ #0]*%d*%.?%d*(.)", pos)
+        if a == nil then
+            break
+        end
+        if spec == "p" then
+            error("bad argument #1 to 'format' (invalid option '%p': "
+                  .. "addresses are not shown in lua_sandbox strict)", 2)
+        end
+        pos = b + 1
+    end
+    local n = select("#", ...)
+    local args = { ... }
+    for i = 1, n do
+        local t = type(args[i])
+        if t ~= "string" and t ~= "number" and t ~= "boolean"
+            and t ~= "nil"
+        then
+            args[i] = opaque(args[i])
+        end
+    end
+    return real_format(fmt, real_unpack(args, 1, n))
+end
+
+-- Tail calls keep the caller's position in format's own errors.
+string.format = function(fmt, ...)
+    if (type(fmt) ~= "string" or not find(fmt, "p", 1, true))
+        and plain_args(...)
+    then
+        return real_format(fmt, ...)
+    end
+    if type(fmt) ~= "string" or not strict_now() then
+        return real_format(fmt, ...)
+    end
+    return strict_format(fmt, ...)
+end
+
 -- require's searchers: binary Lua modules need `bytecode`, C modules
 -- `cmodule`, judged by the running request's policy.
 local loaders = package.loaders
@@ -121,13 +257,178 @@ local function has_newindex(t)
     return type(mt) == "table" and rawget(mt, "__newindex") ~= nil
 end
 
--- Modules whose loading needs a capability.
+-- Modules whose loading needs a capability. string.buffer and
+-- thread.exdata hand out cdata (raw memory) without the ffi table.
 local module_caps = {
-    ffi = "ffi",
+    ffi = "ffi", ["string.buffer"] = "ffi",
+    ["thread.exdata"] = "ffi", ["thread.exdata2"] = "ffi",
     ["jit.util"] = "debug", ["jit.profile"] = "debug",
     ["jit.dump"] = "debug", ["jit.v"] = "debug", ["jit.p"] = "debug",
-    ["jit.bcsave"] = "debug", ["jit.zone"] = "debug",
+    ["jit.bcsave"] = "debug", ["jit.zone"] = "debug", ["jit.opt"] = "debug",
 }
+
+-- ---------------------------------------------------------------------
+-- The strict allowlist. Its view is built from these names only; every
+-- built-in global or module not listed is absent (docs/security.md).
+-- tests/e2e/test_sandbox_adversarial.py walks the result.
+
+local strict_globals = {
+    "assert", "collectgarbage", "dofile", "error", "getfenv",
+    "getmetatable", "ipairs", "load", "loadfile", "loadstring", "next",
+    "pairs", "pcall", "print", "rawequal", "rawget", "rawset", "require",
+    "select", "setfenv", "setmetatable", "tonumber", "tostring", "type",
+    "unpack", "xpcall", "_VERSION",
+    "string", "table", "math", "coroutine", "os", "io", "debug", "jit",
+    "bit", "ngx", "package",
+}
+
+local strict_libs = {
+    string = { "byte", "char", "find", "format", "gmatch", "gsub", "len",
+               "lower", "match", "rep", "reverse", "sub", "upper" },
+    table = { "concat", "foreach", "foreachi", "getn", "insert", "maxn",
+              "move", "remove", "sort" },
+    math = { "abs", "acos", "asin", "atan", "atan2", "ceil", "cos", "cosh",
+             "deg", "exp", "floor", "fmod", "frexp", "huge", "ldexp", "log",
+             "log10", "max", "min", "modf", "pi", "pow", "rad", "random",
+             "randomseed", "sin", "sinh", "sqrt", "tan", "tanh" },
+    coroutine = { "create", "isyieldable", "resume", "running", "status",
+                  "wrap", "yield" },
+    -- execute .. tmpname refuse unless the location grants `os`
+    os = { "clock", "date", "difftime", "time", "execute", "exit",
+           "getenv", "remove", "rename", "tmpname" },
+    bit = { "arshift", "band", "bnot", "bor", "bswap", "bxor", "lshift",
+            "rol", "ror", "rshift", "tobit", "tohex" },
+    package = { "config", "cpath", "loaded", "loadlib", "path", "seeall" },
+}
+
+-- Built-in modules strict code may require (besides the libraries above,
+-- luaguard's ngx.* modules and resty.core).
+local strict_modules = {
+    ["table.new"] = true, ["table.clear"] = true, ["table.nkeys"] = true,
+    ["table.isarray"] = true, ["table.isempty"] = true,
+    ["table.clone"] = true, ["resty.core"] = true, _G = true,
+}
+
+local function strict_module_ok(name)
+    return not builtin_modules[name] or strict_modules[name]
+           or find(name, "^ngx%.") ~= nil
+end
+
+-- collectgarbage options that would switch the worker's collector off or
+-- retune it for every request: refused to request code in every
+-- isolating profile. Strict code keeps "count" only.
+local gc_tuning = { stop = true, setpause = true, setstepmul = true }
+
+local function collectgarbage_for(caps)
+    local label = caps.strict and "strict" or "default"
+    return function(opt, arg)
+        local o = opt
+        if o == nil then
+            o = "collect"
+        end
+        if (caps.strict and o ~= "count") or gc_tuning[o] then
+            error("collectgarbage('" .. tostring(o) .. "') is not allowed "
+                  .. "in request code (lua_sandbox " .. label .. ")", 2)
+        end
+        return real_collectgarbage(opt, arg)
+    end
+end
+
+-- ---- a PRNG per request (strict): xoshiro128** on 32-bit words ----
+-- math.randomseed of one request never makes another's math.random
+-- predictable: each request starts from the kernel's CSPRNG.
+
+local prng = real_setmetatable({}, weak_k)   -- env -> { s0, s1, s2, s3 }
+
+local function next32(s)
+    local s0, s1, s2, s3 = s[1], s[2], s[3], s[4]
+    local r = rol(tobit(s1 * 5), 7)
+    r = tobit(r * 9)
+    local t = lshift(s1, 9)
+    s2 = bxor(s2, s0)
+    s3 = bxor(s3, s1)
+    s1 = bxor(s1, s2)
+    s0 = bxor(s0, s3)
+    s2 = bxor(s2, t)
+    s3 = rol(s3, 11)
+    s[1], s[2], s[3], s[4] = s0, s1, s2, s3
+    return r
+end
+
+local function prng_state()
+    local env = current_env() or real_G
+    local s = prng[env]
+    if s == nil then
+        local a, b, c, d = seed()
+        s = { tobit(a), tobit(b), tobit(c), tobit(d) }
+        if a == 0 and b == 0 and c == 0 and d == 0 then
+            s[1] = 1
+        end
+        prng[env] = s
+    end
+    return s
+end
+
+local function random_(...)
+    local s = prng_state()
+    -- 53 bits: [0, 1)
+    local r = (rshift(next32(s), 5) * 67108864 + rshift(next32(s), 6))
+              / 9007199254740992
+    local n = select("#", ...)
+    if n == 0 then
+        return r
+    end
+    local m, u = ...
+    if type(m) ~= "number" then
+        m = tonumber(m)
+        if m == nil then
+            error("bad argument #1 to 'random' (number expected, got "
+                  .. type((...)) .. ")", 2)
+        end
+    end
+    if n == 1 then
+        m, u = 1, m
+    elseif type(u) ~= "number" then
+        u = tonumber(u)
+        if u == nil then
+            error("bad argument #2 to 'random' (number expected, got "
+                  .. type((select(2, ...))) .. ")", 2)
+        end
+    end
+    m, u = floor(m), floor(u)
+    return floor(r * (u - m + 1)) + m
+end
+
+local function randomseed_(x)
+    if type(x) ~= "number" then
+        local given = type(x)
+        x = tonumber(x)
+        if x == nil then
+            error("bad argument #1 to 'randomseed' (number expected, got "
+                  .. given .. ")", 2)
+        end
+    end
+    local s = prng_state()
+    s[1], s[2] = tobit(x % 4294967296), tobit(floor(x / 4294967296))
+    s[3], s[4] = tobit(0x9E3779B9), tobit(0x7F4A7C15)
+    for _ = 1, 16 do
+        next32(s)
+    end
+end
+
+-- debug.traceback without code addresses ("[C]: at 0x...").
+local function traceback_(a1, a2, a3)
+    local s
+    if type(a1) == "thread" then
+        s = real_traceback(a1, a2, a3)
+    else
+        s = real_traceback(a1, (a2 or 1) + 1)
+    end
+    if type(s) == "string" then
+        s = gsub(s, "0x%x+", "?")
+    end
+    return s
+end
 
 -- Standard names copied into each view (looked up raw: fast and JIT
 -- friendly). Anything else falls through to the live worker globals.
@@ -149,19 +450,44 @@ local libraries = {
 
 local views = {}   -- capability bits -> env metatable
 
+-- Registry tables (luaguard's and LuaJIT's metatables): shared by every
+-- request, read-only to request code. api_mts: the metatables of
+-- luaguard's own API objects, the only userdata strict code is handed.
+local api_mts = real_setmetatable({}, weak_k)
+
+local function scan_registry()
+    for k, v in next, getregistry() do
+        if type(k) == "string" and type(v) == "table" then
+            protected[v] = protected[v] or "metatable '" .. k .. "'"
+            if sub(k, 1, 9) == "luaguard." then
+                api_mts[v] = true
+            end
+        end
+    end
+    local shared = rawget(ngx, "shared")
+    for _, d in next, type(shared) == "table" and shared or {} do
+        local mt = dbg_getmetatable(d)
+        if type(d) == "userdata" and mt then
+            api_mts[mt] = true
+        end
+    end
+end
+
 local function build(caps)
+    local strict = caps.strict
     local V = {}                       -- the view
     local M = { __index = V }          -- every request env's metatable
     local map = real_setmetatable({}, weak_k)  -- real -> proxy, this view
 
     protected[V] = "_G"
     protected[M] = "_G metatable"
+    scan_registry()
 
     local function env()
         return current_env() or real_setmetatable({}, M)
     end
 
-    local deep_proxy
+    local deep_proxy, inbound, state_value, denied_table
 
     -- The proxy request code sees for a table value, or the value.
     local function to_proxy(v, name)
@@ -179,6 +505,15 @@ local function build(caps)
             return v                   -- already a proxy
         end
         if protected[v] or name then
+            -- A library the location may not use (ffi, jit.*,
+            -- string.buffer), reached through a module that keeps it.
+            for mod, cap in next, module_caps do
+                if not caps[cap] and rawget(package.loaded, mod) == v then
+                    p = denied_table(cap)
+                    map[v] = p
+                    return p
+                end
+            end
             return deep_proxy(v, protected[v] or name)
         end
         return v
@@ -227,23 +562,251 @@ local function build(caps)
         end
     end
 
+    -- ---- the strict membrane ----
+    -- Values that come from modules and worker state into strict code
+    -- (fields, function results, errors, callback arguments, coroutine
+    -- results) pass `inbound`: cdata and userdata other than luaguard's
+    -- API objects are refused, functions come wrapped so that what they
+    -- return passes it too, tables holding such values come as proxies
+    -- that refuse them when read.
+
+    -- Tables of the view itself (libraries, the view): their values are
+    -- vetted, iteration hands them out as they are.
+    local vetted = real_setmetatable({}, weak_k)
+    vetted[V] = true
+    local own_mt = real_setmetatable({}, weak_k)   -- set by request code
+    local own_env = real_setmetatable({}, weak_k)  -- setfenv by it
+    local obj_of = real_setmetatable({}, weak_k)   -- object proxy -> real
+    local fn_cache = real_setmetatable({}, weak_k)
+    local cb_cache = real_setmetatable({}, weak_k)
+    local wrapped = real_setmetatable({}, weak_k)  -- wrapper -> function
+
+    local function foreign(v)
+        local t = type(v)
+        if t == "cdata" then
+            return "cdata"
+        end
+        if t == "userdata" then
+            local mt = dbg_getmetatable(v)
+            if mt ~= nil and not api_mts[mt] then
+                return "userdata"
+            end
+        end
+        return nil
+    end
+
+    local function refuse_foreign(kind, name, level)
+        error((name or "a value") .. " is " .. kind .. ": cdata and "
+              .. "foreign userdata do not reach code in lua_sandbox "
+              .. "strict", level or 3)
+    end
+
+    -- Whether a table (or one within reach) holds such values.
+    local function dirty(t, seen, depth)
+        if seen[t] then
+            return false
+        end
+        seen[t] = true
+        local n = 0
+        for k, v in next, t do
+            n = n + 1
+            if n > 4096 or foreign(k) or foreign(v) then
+                return true
+            end
+            if type(v) == "table" and not protected[v] and not map[v]
+                and not real_of[v]
+            then
+                if depth >= 8 or dirty(v, seen, depth + 1) then
+                    return true
+                end
+            end
+        end
+        return false
+    end
+
+    local filter_results, outbound_args
+
     -- Functions read through a module's proxy get their first argument
     -- unwrapped when it is that same proxy: `mod:new()` hands the module
     -- its own table as `self` (classes that do setmetatable(o, self) keep
     -- working). Other proxies stay proxies: a generic helper in a module
     -- must not become a way to write to `string`.
-    local function method_of(f, real, p, cache)
+    local function method_of(f, real, p, cache, name)
         local w = cache[f]
         if w == nil then
-            w = function(a1, ...)
-                if a1 == p then
-                    a1 = real
+            if strict then
+                w = function(...)
+                    return filter_results(name,
+                                          f(outbound_args(real, p, ...)))
                 end
-                return f(a1, ...)
+            else
+                w = function(a1, ...)
+                    if a1 == p then
+                        a1 = real
+                    end
+                    return f(a1, ...)
+                end
             end
             cache[f] = w
+            wrapped[w] = f
         end
         return w
+    end
+
+    -- Strict functions handed to module code: their arguments pass the
+    -- membrane when the module calls them back.
+    local function wrap_cb(f)
+        local orig = wrapped[f]
+        if orig then
+            return orig                -- the module's own function back
+        end
+        local w = cb_cache[f]
+        if w == nil then
+            w = function(...)
+                return f(filter_results("a callback argument", ...))
+            end
+            cb_cache[f] = w
+        end
+        return w
+    end
+
+    outbound_args = function(real, p, ...)
+        local n = select("#", ...)
+        local change = false
+        for i = 1, n do
+            local a = select(i, ...)
+            if (p ~= nil and a == p) or type(a) == "function"
+                or (type(a) == "table" and obj_of[a])
+            then
+                change = true
+                break
+            end
+        end
+        if not change then
+            return ...
+        end
+        local args = { ... }
+        for i = 1, n do
+            local a = args[i]
+            if i == 1 and p ~= nil and a == p then
+                args[i] = real
+            elseif type(a) == "function" then
+                args[i] = wrap_cb(a)
+            elseif type(a) == "table" and obj_of[a] then
+                args[i] = obj_of[a]
+            end
+        end
+        return real_unpack(args, 1, n)
+    end
+
+    -- A writable proxy for an object a module handed out (a table with
+    -- the module's metatable, or holding cdata): methods work, fields
+    -- holding cdata are refused when read.
+    local function object_proxy(real, name)
+        local p = {}
+        local cache = real_setmetatable({}, weak_k)
+        real_setmetatable(p, {
+            __index = function(_, k)
+                local v = real[k]
+                if type(v) == "function" then
+                    return method_of(v, real, p, cache, name)
+                end
+                return inbound(v, name .. "." .. tostring(k))
+            end,
+            __newindex = function(_, k, v)
+                if type(v) == "table" and obj_of[v] then
+                    v = obj_of[v]
+                end
+                real[k] = v
+            end,
+        })
+        protected[p] = name
+        real_of[p] = real
+        obj_of[p] = real
+        map[real] = p
+        return p
+    end
+
+    -- A value a function returned (or raised, or yielded).
+    inbound = function(v, name)
+        local t = type(v)
+        if t == "string" or t == "number" or t == "boolean" or t == "nil"
+            or t == "thread"
+        then
+            return v
+        end
+        if t == "function" then
+            if wrapped[v] or cb_cache[v] then
+                return v
+            end
+            return method_of(v, nil, nil, fn_cache, name)
+        end
+        if t == "table" then
+            local p = map[v]
+            if p then
+                return p
+            end
+            if v == real_G then
+                return env()
+            end
+            if real_of[v] then
+                return v
+            end
+            if protected[v] then
+                return to_proxy(v, protected[v])
+            end
+            local mt = dbg_getmetatable(v)
+            if mt == M or (mt ~= nil and api_mts[mt]) then
+                return v
+            end
+            if (mt ~= nil and not own_mt[mt]) or dirty(v, {}, 0) then
+                return object_proxy(v, name or "a table")
+            end
+            return v
+        end
+        local kind = foreign(v)
+        if kind then
+            refuse_foreign(kind, name, 4)
+        end
+        return v
+    end
+
+    filter_results = function(name, ...)
+        local n = select("#", ...)
+        if n == 0 then
+            return
+        end
+        if n == 1 then
+            return inbound((...), name)
+        end
+        local r = { ... }
+        for i = 1, n do
+            r[i] = inbound(r[i], name)
+        end
+        return real_unpack(r, 1, n)
+    end
+
+    -- A value read from worker state (module fields, worker globals):
+    -- tables come as read-only proxies.
+    state_value = function(v, name)
+        local t = type(v)
+        if t == "table" then
+            local mt = dbg_getmetatable(v)
+            if strict and mt ~= nil and api_mts[mt] then
+                return v
+            end
+            return to_proxy(v, name)
+        end
+        if strict then
+            if t == "function" then
+                return inbound(v, name)
+            end
+            local kind = foreign(v)
+            if kind then
+                refuse_foreign(kind, name, 4)
+            end
+        end
+        return v
     end
 
     -- Values reached through it become proxies too. Used for modules and
@@ -256,10 +819,13 @@ local function build(caps)
                 local v = real[k]
                 local t = type(v)
                 if t == "table" then
-                    return to_proxy(v, name .. "." .. tostring(k))
+                    return state_value(v, name .. "." .. tostring(k))
                 end
                 if t == "function" then
-                    return method_of(v, real, p, cache)
+                    return method_of(v, real, p, cache, name)
+                end
+                if strict then
+                    return state_value(v, name .. "." .. tostring(k))
                 end
                 return v
             end,
@@ -284,6 +850,7 @@ local function build(caps)
         end
         local p = {}
         map[real] = p
+        vetted[real] = true
         protected[real] = protected[real] or name
         for k, v in next, real do
             if type(v) == "table" and type(k) == "string" and v ~= real_G
@@ -313,8 +880,33 @@ local function build(caps)
         return p
     end
 
+    -- Strict: a library from its allowlist. The listed functions are
+    -- copied into a hidden table the proxy reads; nothing else exists.
+    local function listed_proxy(real, name, names, overrides)
+        local hidden = {}
+        for i = 1, #names do
+            local k = names[i]
+            local v = overrides and overrides[k]
+            if v == nil then
+                v = real[k]
+            end
+            hidden[k] = v
+        end
+        local p = real_setmetatable({}, {
+            __index = hidden,
+            __newindex = function(_, k) readonly_error(name, k) end,
+        })
+        protected[hidden] = name
+        vetted[hidden] = true
+        protected[p] = name
+        real_of[p] = hidden
+        map[real] = p
+        protected[real] = protected[real] or name
+        return p
+    end
+
     -- A table every access to which is refused (a denied library).
-    local function denied_table(cap, keep)
+    denied_table = function(cap, keep)
         local p = {}
         if keep then
             for k, v in next, keep do
@@ -348,7 +940,7 @@ local function build(caps)
             return next(t, k)
         end
         local nk, nv = next(real, k)
-        if filtered[t] then
+        if filtered[t] or (strict and obj_of[t]) then
             while nk ~= nil do
                 nv = t[nk]
                 if nv ~= nil then
@@ -357,6 +949,13 @@ local function build(caps)
                 nk = next(real, nk)
             end
             return nil
+        end
+        if strict and nk ~= nil and not vetted[real] then
+            if foreign(nk) then
+                refuse_foreign(foreign(nk), "a key of " .. protected[t], 3)
+            end
+            return nk, state_value(nv, protected[t] .. "."
+                                       .. tostring(nk))
         end
         if type(nv) == "table" then
             nv = to_proxy(nv, protected[t] .. "." .. tostring(nk))
@@ -383,6 +982,9 @@ local function build(caps)
             if v == nil then
                 return nil
             end
+            if strict and not vetted[real] then
+                return i, state_value(v, protected[t] .. "[" .. i .. "]")
+            end
             return i, to_proxy(v, protected[t] .. "[" .. i .. "]")
         end, t, 0
     end
@@ -395,6 +997,13 @@ local function build(caps)
             r = real_getfenv(f > 0 and f + 1 or f)
         else
             r = real_getfenv(f)
+        end
+        if strict and type(r) == "table" and r ~= real_G
+            and real_getmetatable(r) ~= M and not own_env[r]
+        then
+            -- a module's private environment (a stack level below
+            -- module code): worker state
+            return state_value(r, "an environment")
         end
         return to_proxy(r)
     end
@@ -412,14 +1021,30 @@ local function build(caps)
             error("cannot change the environment of a function shared "
                   .. "with other requests", 2)
         end
+        if type(t) == "table" then
+            own_env[t] = true
+        end
         local r = real_setfenv(target, t)
         return r
     end
 
     local function getmetatable_(x)
         local mt = real_getmetatable(x)
-        if type(mt) == "table" and protected[mt] then
-            return to_proxy(mt)
+        if type(x) == "userdata" and type(mt) == "table"
+            and (strict or api_mts[mt])
+        then
+            -- luaguard's objects: their metatables hold __gc and the
+            -- methods of every such object in the worker
+            return nil
+        end
+        if type(mt) == "table" then
+            if protected[mt] then
+                return to_proxy(mt)
+            end
+            if strict and not own_mt[mt] and real_of[mt] == nil then
+                -- set by a module: its class, worker state
+                return state_value(mt, "a metatable")
+            end
         end
         return mt
     end
@@ -428,6 +1053,8 @@ local function build(caps)
         check_writable(t, "setmetatable")
         if type(mt) == "table" and real_of[mt] then
             mt = real_of[mt]           -- metamethods are looked up raw
+        elseif strict and type(mt) == "table" then
+            own_mt[mt] = true
         end
         return real_setmetatable(t, mt)
     end
@@ -469,7 +1096,12 @@ local function build(caps)
         if not fn then
             return nil, err
         end
-        real_setfenv(fn, type(fenv) == "table" and fenv or env())
+        if type(fenv) == "table" and not strict then
+            real_setfenv(fn, fenv)
+        else
+            -- strict: a chunk always gets the request's own table
+            real_setfenv(fn, env())
+        end
         return fn
     end
 
@@ -508,6 +1140,50 @@ local function build(caps)
               .. "write modules as files loaded with require", 2)
     end
 
+    -- Strict: what pcall, xpcall and coroutines hand back passes the
+    -- membrane (an error raised by module code may be any value). A
+    -- refused error value becomes a message: catching never raises.
+    local function error_value(e)
+        local kind = foreign(e)
+        if kind then
+            return "an error value was " .. kind .. " (refused in "
+                   .. "lua_sandbox strict)"
+        end
+        return inbound(e, "an error value")
+    end
+
+    local function caught(ok, ...)
+        if ok then
+            return filter_results("a result", true, ...)
+        end
+        return false, error_value((...))
+    end
+
+    local function pcall_(f, ...)
+        return caught(pcall(f, ...))
+    end
+
+    local function xpcall_(f, handler, ...)
+        local h = handler
+        if type(handler) == "function" then
+            h = function(e)
+                return handler(error_value(e))
+            end
+        end
+        return caught(xpcall(f, h, ...))
+    end
+
+    local function resume_(co, ...)
+        return caught(co_resume(co, ...))
+    end
+
+    local function wrap_(f)
+        local w = co_wrap(f)
+        return function(...)
+            return filter_results("a coroutine result", w(...))
+        end
+    end
+
     -- ---- the library views ----
 
     local guarded_table = {
@@ -534,12 +1210,40 @@ local function build(caps)
 
     local ov = {}   -- names with a view of their own
 
-    ov.string = fast_proxy(string, "string")
-    ov.table = fast_proxy(table, "table", nil, guarded_table)
-    ov.math = fast_proxy(math, "math")
-    ov.coroutine = fast_proxy(coroutine, "coroutine")
-    ov.bit = fast_proxy(bit, "bit")
-    ov.os = fast_proxy(os, "os")
+    local loaded_view, preload_view, loaders_view
+    local function strict_package()
+        return listed_proxy(package, "package", strict_libs.package, {
+            loaded = loaded_view,
+            seeall = function(m)
+                check_writable(m, "package.seeall")
+                real_setmetatable(m, { __index = env() })
+            end,
+        })
+    end
+
+    if strict then
+        local L = strict_libs
+        local names = L.string
+        if caps.bytecode then
+            names = { "dump", real_unpack(names) }
+        end
+        ov.string = listed_proxy(string, "string", names)
+        ov.table = listed_proxy(table, "table", L.table, guarded_table)
+        ov.math = listed_proxy(math, "math", L.math,
+                               { random = random_,
+                                 randomseed = randomseed_ })
+        ov.coroutine = listed_proxy(coroutine, "coroutine", L.coroutine,
+                                    { resume = resume_, wrap = wrap_ })
+        ov.bit = listed_proxy(bit, "bit", L.bit)
+        ov.os = listed_proxy(os, "os", L.os)
+    else
+        ov.string = fast_proxy(string, "string")
+        ov.table = fast_proxy(table, "table", nil, guarded_table)
+        ov.math = fast_proxy(math, "math")
+        ov.coroutine = fast_proxy(coroutine, "coroutine")
+        ov.bit = fast_proxy(bit, "bit")
+        ov.os = fast_proxy(os, "os")
+    end
     ov.ngx = fast_proxy(ngx, "ngx", { ctx = true, status = true })
     if caps.io then
         ov.io = fast_proxy(io, "io")
@@ -549,6 +1253,13 @@ local function build(caps)
     if caps.debug then
         ov.debug = fast_proxy(debug, "debug")
         ov.jit = fast_proxy(jit, "jit")
+    elseif strict then
+        -- Error handlers keep traceback (without code addresses); jit
+        -- keeps its version constants.
+        ov.debug = denied_table("debug", { traceback = traceback_ })
+        ov.jit = denied_table("debug", { version = jit.version,
+                                         version_num = jit.version_num,
+                                         os = jit.os, arch = jit.arch })
     else
         -- What error handlers and log helpers use stays.
         ov.debug = denied_table("debug", { traceback = debug.traceback,
@@ -564,9 +1275,22 @@ local function build(caps)
 
     local function capable_module(name)
         local cap = module_caps[name]
-        if cap and not caps[cap] then
-            refuse(cap, 3)
+        if cap then
+            if not caps[cap] then
+                refuse(cap, 3)
+            end
+        elseif strict and not strict_module_ok(name) and ov[name] == nil
+        then
+            error("module '" .. tostring(name) .. "' is not available in "
+                  .. "this location (lua_sandbox strict)", 3)
         end
+    end
+
+    local function hidden_module(k)
+        if module_caps[k] then
+            return not caps[module_caps[k]]
+        end
+        return strict and not strict_module_ok(k) and ov[k] == nil
     end
 
     local tclear
@@ -584,12 +1308,12 @@ local function build(caps)
             end
             return tclear
         end
-        return to_proxy(v, "module '" .. tostring(name) .. "'")
+        return state_value(v, "module '" .. tostring(name) .. "'")
     end
 
     -- package: path and cpath read-only; loaded, preload and loaders
     -- filtered so they hand out only what require would.
-    local loaded_view = real_setmetatable({}, {
+    loaded_view = real_setmetatable({}, {
         __index = function(_, k)
             local v = ov[k]
             if v ~= nil then
@@ -598,11 +1322,11 @@ local function build(caps)
             if k == "_G" then
                 return env()
             end
-            if module_caps[k] and not caps[module_caps[k]] then
+            if hidden_module(k) then
                 return nil
             end
-            return to_proxy(package.loaded[k], "module '" .. tostring(k)
-                                                .. "'")
+            return state_value(package.loaded[k], "module '"
+                                                  .. tostring(k) .. "'")
         end,
         __newindex = function(_, k) readonly_error("package.loaded", k) end,
     })
@@ -610,38 +1334,46 @@ local function build(caps)
     protected[loaded_view] = "package.loaded"
     filtered[loaded_view] = true
 
-    local preload_view = real_setmetatable({}, {
-        __index = function(_, k)
-            if module_caps[k] and not caps[module_caps[k]] then
-                return nil
-            end
-            return package.preload[k]
-        end,
-        __newindex = function(_, k) readonly_error("package.preload", k) end,
-    })
-    real_of[preload_view] = package.preload
-    protected[preload_view] = "package.preload"
-    filtered[preload_view] = true
+    if strict then
+        -- No preload, loaders or searchpath: a loader called directly
+        -- would hand out a module's table unproxied.
+        ov.package = strict_package()
+    else
+        preload_view = real_setmetatable({}, {
+            __index = function(_, k)
+                if hidden_module(k) then
+                    return nil
+                end
+                return package.preload[k]
+            end,
+            __newindex = function(_, k)
+                readonly_error("package.preload", k)
+            end,
+        })
+        real_of[preload_view] = package.preload
+        protected[preload_view] = "package.preload"
+        filtered[preload_view] = true
 
-    local loaders_view = {}
-    for i, f in real_ipairs(loaders) do
-        loaders_view[i] = function(name, ...)
-            local cap = module_caps[name]
-            if cap and not caps[cap] then
-                return "\n\tcapability '" .. cap .. "' is not allowed"
+        loaders_view = {}
+        for i, f in real_ipairs(loaders) do
+            loaders_view[i] = function(name, ...)
+                local cap = module_caps[name]
+                if cap and not caps[cap] then
+                    return "\n\tcapability '" .. cap .. "' is not allowed"
+                end
+                return f(name, ...)
             end
-            return f(name, ...)
         end
+        ov.package = fast_proxy(package, "package", nil, {
+            loaded = loaded_view, preload = preload_view,
+            loaders = fast_proxy(loaders_view, "package.loaders"),
+            -- the real one hands out the worker's _G as __index
+            seeall = function(m)
+                check_writable(m, "package.seeall")
+                real_setmetatable(m, { __index = env() })
+            end,
+        })
     end
-    ov.package = fast_proxy(package, "package", nil, {
-        loaded = loaded_view, preload = preload_view,
-        loaders = fast_proxy(loaders_view, "package.loaders"),
-        -- the real one hands out the worker's _G as __index
-        seeall = function(m)
-            check_writable(m, "package.seeall")
-            real_setmetatable(m, { __index = env() })
-        end,
-    })
 
     -- ---- assemble ----
     local base = {
@@ -650,10 +1382,16 @@ local function build(caps)
         getmetatable = getmetatable_, setmetatable = setmetatable_,
         rawset = rawset_, load = load_, loadstring = loadstring_,
         loadfile = loadfile_, dofile = dofile_, require = require_,
-        module = module_,
+        module = module_, collectgarbage = collectgarbage_for(caps),
     }
-    for i = 1, #std_names do
-        local k = std_names[i]
+    if strict then
+        base.tostring = strict_tostring
+        base.pcall = pcall_
+        base.xpcall = xpcall_
+    end
+    local names = strict and strict_globals or std_names
+    for i = 1, #names do
+        local k = names[i]
         local v = ov[k] or base[k]
         if v == nil then
             v = real_G[k]
@@ -674,9 +1412,12 @@ local function build(caps)
 
     real_setmetatable(V, {
         __index = function(_, k)
+            if strict and builtin_globals[k] then
+                return nil             -- not on the allowlist
+            end
             local v = real_G[k]
-            if type(v) == "table" then
-                return to_proxy(v, tostring(k))
+            if type(v) == "table" or strict then
+                return state_value(v, tostring(k))
             end
             return v
         end,

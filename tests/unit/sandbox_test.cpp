@@ -212,9 +212,23 @@ TEST_F(SandboxVm, StrictViewRefusesStaticCapabilities)
     EXPECT_EQ(run("return type(debug.traceback)"), "function");
     EXPECT_NE(run("return io.open('/etc/hostname')").find("capability 'io'"),
               std::string::npos);
-    EXPECT_NE(run("return loadstring(string.dump(function() end))")
+    // no string.dump in strict: a hand-made binary chunk is refused
+    EXPECT_EQ(run("return tostring(string.dump)"), "nil");
+    EXPECT_NE(run("return loadstring('\\27LJ\\2')")
                   .find("capability 'bytecode'"),
               std::string::npos);
+    // the allowlist: what LuaJIT has and strict does not
+    EXPECT_EQ(run("return tostring(newproxy) .. tostring(gcinfo) .. "
+                  "tostring(package.preload) .. tostring(os.setlocale)"),
+              "nilnilnilnil");
+    EXPECT_NE(run("return require('string.buffer')")
+                  .find("capability 'ffi'"),
+              std::string::npos);
+    EXPECT_NE(run("return collectgarbage('stop')")
+                  .find("collectgarbage('stop') is not allowed"),
+              std::string::npos);
+    EXPECT_EQ(run("return type(collectgarbage('count'))"), "number");
+    EXPECT_EQ(run("return tostring({})"), "table: 0x00000001");
     EXPECT_EQ(run("return tostring(getfenv(0) == _G)"), "true");
     EXPECT_EQ(run("local n = 0 for _ in pairs(math) do n = n + 1 end "
                   "return tostring(n > 20)"),
