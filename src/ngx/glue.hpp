@@ -110,14 +110,22 @@ const HttpMethod *httpMethod(lua_Integer id);
 extern const HttpMethod kHttpGet;
 
 // ---- timers (ngx/timers.cpp) ----
-enum class TimerAdd { Ok, TooMany, NoMemory };
+enum class TimerAdd { Ok, TooMany, TooMuchMemory, NoMemory };
 
 // Arms a timer whose callback and arguments are the table at registry
 // reference `ref` ({f, arg1, ..., n = N}), which the timer owns from here
 // on (released on failure too). The callback runs with the configuration
-// of `creator`'s location, or the http block's without one.
+// of `creator`'s location, or the http block's without one, and the timer
+// is charged to that location: one of its pending slots and `bytes` (the
+// estimated size of the arguments) until it is freed. TooMany: the
+// worker's or the location's pending slots are taken; TooMuchMemory: the
+// location's lua_timer_memory_per_location would be exceeded.
 TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
-                  RequestCtx *creator);
+                  RequestCtx *creator, size_t bytes);
+
+// Bytes the pending timers of `creator`'s location may still park in
+// arguments (SIZE_MAX: no cap), so the caller can stop measuring there.
+size_t timerMemoryLeft(RequestCtx *creator);
 
 // This worker's ngx.timer.pending_count() / running_count().
 ngx_uint_t timersPending();

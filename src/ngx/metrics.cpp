@@ -31,10 +31,14 @@ const char *const kBucketText[kBuckets] = {
 const char *const kStopText[kStopKinds] = {"slice", "request", "memory",
                                            "vm_memory"};
 
+// Labels of LocSlot::timer_stops, in TimerStop order.
+const char *const kTimerStopText[kTimerStopKinds] = {"pending", "memory",
+                                                     "cpu"};
+
 constexpr int kSlots = 512;         // slot 0: "(other)"
 constexpr int kWorkers = 64;        // gauges of workers 0 .. 63
 constexpr uint64_t kMagic = 0x6c67'6d65'7472'6963ull;   // "lgmetric"
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;   // 2: LocSlot::timer_stops
 const char kOther[] = "(other)";
 
 // A worker's gauges, written by that worker only (plain stores).
@@ -388,8 +392,13 @@ void perWorker(std::string &out, const char *name, F f)
 
 LocSlot *slotOf(const RequestCtx *ctx)
 {
-    if (ctx && ctx->llcf && ctx->llcf->metrics) {
-        LocSlot *s = static_cast<Loc *>(ctx->llcf->metrics)->slot;
+    return slotOf(ctx ? ctx->llcf : nullptr);
+}
+
+LocSlot *slotOf(const LocConf *lcf)
+{
+    if (lcf && lcf->metrics) {
+        LocSlot *s = static_cast<Loc *>(lcf->metrics)->slot;
         if (s) {
             return s;
         }
@@ -535,6 +544,17 @@ std::string render(MainConf *mcf)
                     [k](const LocSlot &s) { return load(&s.stops[k]); });
     }
 
+    header(out, "luaguard_timer_stops_total", "counter",
+           "Timers refused (pending slots, argument memory) or firings "
+           "skipped or delayed (callback Lua time) by the location's "
+           "timer shares.");
+    for (int k = 0; k < kTimerStopKinds; k++) {
+        std::string extra = std::string(",kind=\"") + kTimerStopText[k]
+                            + "\"";
+        perLocation(out, "luaguard_timer_stops_total", extra.c_str(),
+                    [k](const LocSlot &s) { return load(&s.timer_stops[k]); });
+    }
+
     header(out, "luaguard_sandbox_refusals_total", "counter",
            "Uses of a capability the location's lua_sandbox refuses.");
     for (int c = 0; c < sandbox::kCapabilityCount; c++) {
@@ -673,6 +693,11 @@ void pushTable(lua_State *L, MainConf *mcf)
             num(kStopText[k], load(&s.stops[k]));
         }
         lua_setfield(L, -2, "budget_stops");
+        lua_createtable(L, 0, kTimerStopKinds);
+        for (int k = 0; k < kTimerStopKinds; k++) {
+            num(kTimerStopText[k], load(&s.timer_stops[k]));
+        }
+        lua_setfield(L, -2, "timer_stops");
         lua_createtable(L, 0, sandbox::kCapabilityCount);
         for (int c = 0; c < sandbox::kCapabilityCount; c++) {
             num(sandbox::capabilityName(static_cast<sandbox::Capability>(c)),

@@ -23,12 +23,18 @@ extern const uint64_t kBucketNs[kBuckets];
 // The budget kinds counted (budget::Kind minus None), by index kind - 1.
 constexpr int kStopKinds = 4;
 
+// Timer creations and firings stopped by a location's timer shares
+// (ngx/timers.cpp): pending slots, argument memory, callback Lua time.
+enum class TimerStop { Pending, Memory, Cpu };
+constexpr int kTimerStopKinds = 3;
+
 // One location's counters, in shared memory. Written with atomic adds by
 // every worker; the name is written by the master at configuration time.
 struct LocSlot {
     ngx_atomic_t  runs;
     ngx_atomic_t  errors;
     ngx_atomic_t  stops[kStopKinds];
+    ngx_atomic_t  timer_stops[kTimerStopKinds];
     ngx_atomic_t  refusals[sandbox::kCapabilityCount];
     ngx_atomic_t  egress;
     ngx_atomic_t  connects;
@@ -64,6 +70,7 @@ void initWorker(ngx_cycle_t *cycle);
 // ---- events (one call per hook point) ----
 
 LocSlot *slotOf(const RequestCtx *ctx);
+LocSlot *slotOf(const LocConf *lcf);
 
 inline void add(ngx_atomic_t *counter, ngx_atomic_int_t n = 1)
 {
@@ -105,6 +112,13 @@ inline void countPoolHit(const RequestCtx *ctx)
 {
     if (LocSlot *s = slotOf(ctx)) {
         add(&s->pool_hits);
+    }
+}
+
+inline void countTimerStop(const LocConf *lcf, TimerStop k)
+{
+    if (LocSlot *s = slotOf(lcf)) {
+        add(&s->timer_stops[static_cast<int>(k)]);
     }
 }
 

@@ -525,6 +525,38 @@ char *setBudgetSize(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     return NGX_CONF_OK;
 }
 
+// lua_timer_cpu_per_location: "off", or the Lua time a location's timer
+// callbacks may use per interval ("250ms", "250ms 1s").
+char *setTimerCpu(ngx_conf_t *cf, ngx_command_t *, void *conf)
+{
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->timer_cpu != NGX_CONF_UNSET_MSEC) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *v = static_cast<ngx_str_t *>(cf->args->elts);
+    if (v[1].len == 3 && ngx_strncmp(v[1].data, "off", 3) == 0) {
+        if (cf->args->nelts > 2) {
+            return const_cast<char *>("takes no interval when \"off\"");
+        }
+        lcf->timer_cpu = 0;
+        lcf->timer_cpu_interval = 1000;
+        return NGX_CONF_OK;
+    }
+    ngx_int_t cpu = ngx_parse_time(&v[1], 0);
+    ngx_int_t interval = cf->args->nelts > 2 ? ngx_parse_time(&v[2], 0)
+                                             : 1000;
+    if (cpu == NGX_ERROR || cpu == 0 || interval == NGX_ERROR
+        || interval < cpu)
+    {
+        return const_cast<char *>("invalid value: expected a time such as "
+                                  "\"250ms\", an optional interval not "
+                                  "shorter than it, or \"off\"");
+    }
+    lcf->timer_cpu = static_cast<ngx_msec_t>(cpu);
+    lcf->timer_cpu_interval = static_cast<ngx_msec_t>(interval);
+    return NGX_CONF_OK;
+}
+
 char *setBudgetStatus(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     auto *slot = reinterpret_cast<ngx_uint_t *>(static_cast<char *>(conf)
@@ -880,6 +912,13 @@ ngx_command_t commands[] = {
     LG_CMD("lua_max_running_timers", kMain | NGX_CONF_TAKE1,
            ngx_conf_set_num_slot, kMainLoc, LG_MAIN_OFF(max_running_timers),
            nullptr),
+    LG_CMD("lua_max_pending_timers_per_location", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kLocLoc, LG_LOC_OFF(timer_max_pending),
+           &kAtLeastOne),
+    LG_CMD("lua_timer_memory_per_location", kAnyLoc | NGX_CONF_TAKE1,
+           setBudgetSize, kLocLoc, LG_LOC_OFF(timer_max_memory), nullptr),
+    LG_CMD("lua_timer_cpu_per_location", kAnyLoc | NGX_CONF_TAKE12,
+           setTimerCpu, kLocLoc, 0, nullptr),
     LG_CMD("lua_vm_memory_limit", kMain | NGX_CONF_TAKE1, setBudgetSize,
            kMainLoc, LG_MAIN_OFF(vm_memory_limit), nullptr),
     LG_CMD("lua_watchdog_grace", kMain | NGX_CONF_TAKE1, setBudgetTime,
@@ -997,6 +1036,10 @@ void *createLocConf(ngx_conf_t *cf)
     conf->budget_status = NGX_CONF_UNSET_UINT;
     conf->budget_timer_slice = NGX_CONF_UNSET_MSEC;
     conf->budget_timer = NGX_CONF_UNSET_MSEC;
+    conf->timer_max_pending = NGX_CONF_UNSET_UINT;
+    conf->timer_max_memory = NGX_CONF_UNSET;
+    conf->timer_cpu = NGX_CONF_UNSET_MSEC;
+    conf->timer_cpu_interval = NGX_CONF_UNSET_MSEC;
     conf->socket_connect_timeout = NGX_CONF_UNSET_MSEC;
     conf->socket_send_timeout = NGX_CONF_UNSET_MSEC;
     conf->socket_read_timeout = NGX_CONF_UNSET_MSEC;
@@ -1063,6 +1106,33 @@ char *mergeScriptPolicy(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
     return NGX_CONF_OK;
 }
 
+// The shares of the worker's timers one location may take. Defaults: a
+// quarter of lua_max_pending_timers and of lua_vm_memory_limit (256m when
+// that is off), and 250ms of callback Lua time per second (docs/budgets.md
+// says why). The http level's own configuration is never merged: timers
+// of init_worker_by_lua get the same defaults (timersLimits).
+void mergeTimerShares(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
+{
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
+    ngx_uint_t pending = mcf->max_pending_timers / 4;
+    off_t memory = mcf->vm_memory_limit ? mcf->vm_memory_limit / 4
+                                        : 256 * 1024 * 1024;
+    ngx_conf_merge_uint_value(conf->timer_max_pending,
+                              prev->timer_max_pending,
+                              pending ? pending : 1);
+    ngx_conf_merge_off_value(conf->timer_max_memory, prev->timer_max_memory,
+                             memory);
+    if (conf->timer_cpu == NGX_CONF_UNSET_MSEC) {
+        conf->timer_cpu = prev->timer_cpu;
+        conf->timer_cpu_interval = prev->timer_cpu_interval;
+    }
+    if (conf->timer_cpu == NGX_CONF_UNSET_MSEC) {
+        conf->timer_cpu = 250;
+        conf->timer_cpu_interval = 1000;
+    }
+}
+
 char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
 {
     auto *prev = static_cast<LocConf *>(parent);
@@ -1104,6 +1174,7 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
     conf->timer_limits.slice_ms = conf->budget_timer_slice;
     conf->timer_limits.total_ms = conf->budget_timer;
     conf->timer_limits.memory = conf->budget_memory;
+    mergeTimerShares(cf, prev, conf);
     if (conf->sandbox == nullptr) {
         conf->sandbox = prev->sandbox;  // null stays "default"
     }
@@ -1182,6 +1253,11 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
     if (metrics::postconfiguration(cf) != NGX_OK) {
         return NGX_ERROR;
     }
+    // init_worker_by_lua's timers are charged to the http level's own
+    // configuration, which nginx never merges: give it the defaults.
+    auto *hlcf = static_cast<LocConf *>(
+        ngx_http_conf_get_module_loc_conf(cf, ngx_http_luaguard_module));
+    mergeTimerShares(cf, hlcf, hlcf);
     if (mcf->vm == nullptr) {
         return NGX_OK;  // no Lua in this configuration
     }

@@ -99,6 +99,15 @@ struct LocConf {
     ngx_msec_t                 budget_timer_slice;
     ngx_msec_t                 budget_timer;
     budget::Limits             timer_limits;
+    // What the timers created in this location may hold together, per
+    // worker (ngx/timers.cpp, docs/budgets.md "Timers"): pending timers,
+    // bytes parked in their arguments (0: off), and the Lua time their
+    // callbacks may use per interval (0: off).
+    ngx_uint_t                 timer_max_pending;
+    off_t                      timer_max_memory;
+    ngx_msec_t                 timer_cpu;
+    ngx_msec_t                 timer_cpu_interval;
+    void                      *timer_account;  // per worker, lazily made
     const sandbox::Policy     *sandbox;      // lua_sandbox; null: default
 
     // Cosockets (api/socket_*.cpp).

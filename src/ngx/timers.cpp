@@ -6,8 +6,20 @@
 // threads and is destroyed with its pool, which releases everything the
 // callback anchored. api/timer.cpp checks the arguments and calls addTimer.
 
+//
+// Every timer belongs to the location that created it (a timer created by
+// a callback to the same location; init_worker_by_lua's to the http
+// level). Per worker, a location's Account holds what its timers take
+// together: pending slots (lua_max_pending_timers_per_location), bytes
+// parked in their arguments (lua_timer_memory_per_location) and a bucket
+// of callback Lua time refilled at lua_timer_cpu_per_location: once it is
+// empty, ngx.timer.every firings are skipped and ngx.timer.at callbacks
+// delayed until it holds time again, so one location's timers cannot
+// take the worker from the others (docs/budgets.md "Timers").
+
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/vm.hpp"
 
@@ -15,12 +27,35 @@ namespace luaguard::glue {
 
 namespace {
 
+// What one location's timers hold in this worker. Allocated on first use
+// and kept for the worker's life (one per location configuration).
+struct Account {
+    ngx_uint_t   pending;
+    size_t       bytes;        // estimated, of pending timers' arguments
+    int64_t      balance_ns;   // callback Lua time left; below 0: debt
+    uint64_t     refilled_ns;  // when the balance was last topped up
+    bool         over_logged;  // the empty bucket was logged
+    ngx_queue_t  running;      // Running: callbacks not yet fully charged
+};
+
+// A callback in progress, in its fake request's pool: the Lua time it
+// has used is charged to its account as it goes (settle), not only at
+// the end, so a flood of long callbacks empties the bucket while they run.
+struct Running {
+    ngx_queue_t  link;
+    RequestCtx  *ctx;
+    Account     *account;
+    uint64_t     charged_ns;
+};
+
 struct Timer {
     ngx_event_t  ev;
     ngx_queue_t  pending;     // in g_pending_list while armed
     int          ref;         // {f, arg1, ..., n = N}: owned
     ngx_msec_t   delay;
     bool         every;
+    size_t       bytes;       // charged to account->bytes until freed
+    Account     *account;
     void       **main_conf;
     void       **srv_conf;
     void       **loc_conf;
@@ -30,11 +65,68 @@ ngx_uint_t g_pending = 0;
 ngx_uint_t g_running = 0;
 ngx_queue_t g_pending_list;   // armed timers, fired early at worker exit
 
+LocConf *locOf(void **loc_conf)
+{
+    return static_cast<LocConf *>(
+        loc_conf[ngx_http_luaguard_module.ctx_index]);
+}
+
+void **httpLocConf()
+{
+    auto *hc = reinterpret_cast<ngx_http_conf_ctx_t *>(
+        ngx_get_conf(ngx_cycle->conf_ctx, ngx_http_module));
+    return hc->loc_conf;
+}
+
+Account *accountOf(LocConf *lcf)
+{
+    if (lcf->timer_account == nullptr) {
+        auto *a = static_cast<Account *>(ngx_calloc(sizeof(Account),
+                                                    ngx_cycle->log));
+        if (a == nullptr) {
+            return nullptr;
+        }
+        a->balance_ns = static_cast<int64_t>(lcf->timer_cpu) * 1'000'000;
+        a->refilled_ns = budget::nowNs();
+        ngx_queue_init(&a->running);
+        lcf->timer_account = a;
+    }
+    return static_cast<Account *>(lcf->timer_account);
+}
+
+// Tops the bucket up for the time elapsed (lua_timer_cpu_per_location per
+// interval, never above one interval's worth) and charges the Lua time
+// the running callbacks have used since the last look.
+void settle(Account *a, const LocConf *lcf)
+{
+    uint64_t now = budget::nowNs();
+    budget::Guard &guard = budget::Guard::instance();
+    for (ngx_queue_t *q = ngx_queue_head(&a->running);
+         q != ngx_queue_sentinel(&a->running); q = ngx_queue_next(q))
+    {
+        Running *run = ngx_queue_data(q, Running, link);
+        uint64_t used = guard.usedNs(run->ctx->usage);
+        a->balance_ns -= static_cast<int64_t>(used - run->charged_ns);
+        run->charged_ns = used;
+    }
+    if (lcf->timer_cpu == 0) {
+        a->refilled_ns = now;
+        return;
+    }
+    double cap = static_cast<double>(lcf->timer_cpu) * 1e6;
+    double earned = static_cast<double>(now - a->refilled_ns) * cap
+                    / (static_cast<double>(lcf->timer_cpu_interval) * 1e6);
+    double balance = static_cast<double>(a->balance_ns) + earned;
+    a->balance_ns = static_cast<int64_t>(balance < cap ? balance : cap);
+    a->refilled_ns = now;
+}
+
 void freeTimer(Timer *tm)
 {
     if (MainConf *mcf = mainConf()) {
         luaL_unref(mcf->vm->L(), LUA_REGISTRYINDEX, tm->ref);
     }
+    tm->account->bytes -= tm->bytes;
     ngx_free(tm);
 }
 
@@ -49,6 +141,18 @@ void destroyFake(ngx_connection_t *c)
 void runDone(RequestCtx *ctx)
 {
     g_running--;
+    if (Account *a = static_cast<Account *>(ctx->llcf->timer_account)) {
+        for (ngx_queue_t *q = ngx_queue_head(&a->running);
+             q != ngx_queue_sentinel(&a->running); q = ngx_queue_next(q))
+        {
+            Running *run = ngx_queue_data(q, Running, link);
+            if (run->ctx == ctx) {
+                settle(a, ctx->llcf);   // its last run is charged
+                ngx_queue_remove(q);
+                break;
+            }
+        }
+    }
     destroyFake(ctx->r->connection);
 }
 
@@ -107,7 +211,7 @@ RequestCtx *fakeRequest(Timer *tm)
     return ctx;
 }
 
-bool arm(Timer *tm)
+bool arm(Timer *tm, ngx_msec_t delay)
 {
     MainConf *mcf = mainConf();
     if (g_pending >= mcf->max_pending_timers) {
@@ -116,23 +220,68 @@ bool arm(Timer *tm)
     if (g_pending_list.next == nullptr) {
         ngx_queue_init(&g_pending_list);
     }
-    ngx_add_timer(&tm->ev, tm->delay);
+    ngx_add_timer(&tm->ev, delay);
     ngx_queue_insert_tail(&g_pending_list, &tm->pending);
     g_pending++;
+    tm->account->pending++;
     return true;
+}
+
+// True when the location's callbacks have used up their Lua time: this
+// firing does not run (an every timer waits for its next firing, an at
+// timer is armed again for when the bucket holds time).
+bool outOfCpu(Timer *tm, LocConf *lcf)
+{
+    Account *a = tm->account;
+    settle(a, lcf);
+    if (lcf->timer_cpu == 0 || a->balance_ns > 0) {
+        a->over_logged = false;
+        return false;
+    }
+    if (!a->over_logged) {
+        a->over_logged = true;
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "lua timer: the timers of this location used their "
+                      "Lua time (lua_timer_cpu_per_location %Mms per "
+                      "%Mms): firings are skipped or delayed until it is "
+                      "refilled", lcf->timer_cpu, lcf->timer_cpu_interval);
+    }
+    metrics::countTimerStop(lcf, metrics::TimerStop::Cpu);
+    return true;
+}
+
+// How long until the bucket of `lcf` holds time again.
+ngx_msec_t refillDelay(const Account *a, const LocConf *lcf)
+{
+    double debt_ms = static_cast<double>(-a->balance_ns) / 1e6;
+    return static_cast<ngx_msec_t>(debt_ms * lcf->timer_cpu_interval
+                                   / lcf->timer_cpu) + 1;
 }
 
 void fired(ngx_event_t *ev)
 {
     auto *tm = static_cast<Timer *>(ev->data);
     MainConf *mcf = mainConf();
+    LocConf *lcf = locOf(tm->loc_conf);
     g_pending--;
+    tm->account->pending--;
     ngx_queue_remove(&tm->pending);
 
     // Worker shutdown cancels pending timers by firing them: the callback
     // learns it from `premature`.
     bool premature = ngx_exiting || ngx_quit || ngx_terminate;
-    bool keep = tm->every && !premature && arm(tm);
+    bool keep = tm->every && !premature && arm(tm, tm->delay);
+
+    // Premature firings always run: scripts flush their state in them.
+    if (!premature && outOfCpu(tm, lcf)) {
+        if (!tm->every && arm(tm, refillDelay(tm->account, lcf))) {
+            return;
+        }
+        if (!keep) {
+            freeTimer(tm);
+        }
+        return;
+    }
 
     if (g_running >= mcf->max_running_timers) {
         ngx_log_error(NGX_LOG_ALERT, ngx_cycle->log, 0,
@@ -165,6 +314,13 @@ void fired(ngx_event_t *ev)
     }
     ctx->entry = t;
     g_running++;
+    if (auto *run = static_cast<Running *>(ngx_pcalloc(ctx->r->pool,
+                                                       sizeof(Running))))
+    {
+        run->ctx = ctx;
+        run->account = tm->account;
+        ngx_queue_insert_tail(&tm->account->running, &run->link);
+    }
 
     // The thread's stack: callback, premature, the arguments.
     lua_State *co = t->co;
@@ -198,36 +354,80 @@ void fired(ngx_event_t *ev)
 
 }  // namespace
 
+size_t timerMemoryLeft(RequestCtx *creator)
+{
+    LocConf *lcf = locOf(creator ? creator->r->loc_conf : httpLocConf());
+    Account *a = accountOf(lcf);
+    if (lcf->timer_max_memory == 0) {
+        return SIZE_MAX;
+    }
+    auto max = static_cast<size_t>(lcf->timer_max_memory);
+    size_t held = a ? a->bytes : 0;
+    return held < max ? max - held : 0;
+}
+
 TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
-                  RequestCtx *creator)
+                  RequestCtx *creator, size_t bytes)
 {
     MainConf *mcf = mainConf();
+    void **loc_conf = creator ? creator->r->loc_conf : httpLocConf();
+    LocConf *lcf = locOf(loc_conf);
+    Account *a = accountOf(lcf);
+    TimerAdd refused = TimerAdd::Ok;
     if (g_pending >= mcf->max_pending_timers) {
-        luaL_unref(L, LUA_REGISTRYINDEX, ref);
-        return TimerAdd::TooMany;
+        refused = TimerAdd::TooMany;
+    } else if (a == nullptr) {
+        refused = TimerAdd::NoMemory;
+    } else if (a->pending >= lcf->timer_max_pending) {
+        // The location's share is taken; other locations still get slots.
+        ngx_log_error(NGX_LOG_WARN, currentLog(), 0,
+                      "lua timer: too many pending timers: the location "
+                      "holds %ui (lua_max_pending_timers_per_location)",
+                      a->pending);
+        metrics::countTimerStop(lcf, metrics::TimerStop::Pending);
+        refused = TimerAdd::TooMany;
+    } else if (lcf->timer_max_memory
+               && (bytes > static_cast<size_t>(lcf->timer_max_memory)
+                   || a->bytes > static_cast<size_t>(lcf->timer_max_memory)
+                                 - bytes))
+    {
+        ngx_log_error(NGX_LOG_WARN, currentLog(), 0,
+                      "lua timer: arguments of about %uz bytes refused: "
+                      "the location's pending timers hold %uz of %O "
+                      "(lua_timer_memory_per_location)", bytes, a->bytes,
+                      lcf->timer_max_memory);
+        metrics::countTimerStop(lcf, metrics::TimerStop::Memory);
+        refused = TimerAdd::TooMuchMemory;
     }
-    auto *tm = static_cast<Timer *>(ngx_calloc(sizeof(Timer),
-                                               ngx_cycle->log));
-    if (tm == nullptr) {
+    Timer *tm = nullptr;
+    if (refused == TimerAdd::Ok) {
+        tm = static_cast<Timer *>(ngx_calloc(sizeof(Timer), ngx_cycle->log));
+        if (tm == nullptr) {
+            refused = TimerAdd::NoMemory;
+        }
+    }
+    if (refused != TimerAdd::Ok) {
         luaL_unref(L, LUA_REGISTRYINDEX, ref);
-        return TimerAdd::NoMemory;
+        return refused;
     }
     tm->ref = ref;
     tm->delay = delay;
     tm->every = every;
+    tm->account = a;
+    tm->bytes = bytes;
+    a->bytes += bytes;
 
     // The callback runs with the configuration of where it was created.
     if (creator) {
         tm->main_conf = creator->r->main_conf;
         tm->srv_conf = creator->r->srv_conf;
-        tm->loc_conf = creator->r->loc_conf;
     } else {
         auto *hc = reinterpret_cast<ngx_http_conf_ctx_t *>(
             ngx_get_conf(ngx_cycle->conf_ctx, ngx_http_module));
         tm->main_conf = hc->main_conf;
         tm->srv_conf = hc->srv_conf;
-        tm->loc_conf = hc->loc_conf;
     }
+    tm->loc_conf = loc_conf;
 
     tm->ev.handler = entry::edge<fired>;
     tm->ev.data = tm;
@@ -235,7 +435,7 @@ TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
     // Pending timers do not hold a worker's graceful exit: they are fired
     // early, with premature set.
     tm->ev.cancelable = 1;
-    arm(tm);
+    arm(tm, delay);
     return TimerAdd::Ok;
 }
 
