@@ -4,99 +4,15 @@
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
 #include "security/sandbox.hpp"
+#include "security/timer_budget.hpp"
 
 namespace luaguard::api {
 
 namespace {
 
-// The estimate of what a pending timer keeps alive that
-// lua_timer_memory_per_location counts (docs/budgets.md "Timers"): each
-// string argument, and each string reached from a table argument (keys
-// and values, nested tables walked once each), at its length plus the
-// string header; each table at a fixed header plus one hash node per
-// entry; strings held directly as upvalues by the callback or by a
-// function argument (a captured request body). Tables reached through
-// upvalues are not walked: they are usually module state, alive anyway.
-constexpr size_t kStringHeader = 24;    // LuaJIT's GCstr, 64-bit
-constexpr size_t kTableHeader = 64;     // GCtab
-constexpr size_t kEntry = 24;           // Node: key, value, next
-
-struct ParkedSize {
-    lua_State *L;
-    int        seen;       // table: tables already queued
-    int        queue;      // array: tables still to walk
-    int        queued = 0;
-    size_t     total = 0;
-
-    void add(int idx)
-    {
-        switch (lua_type(L, idx)) {
-        case LUA_TSTRING:
-            total += lua_objlen(L, idx) + kStringHeader;
-            break;
-        case LUA_TTABLE:
-            lua_pushvalue(L, idx);
-            lua_rawget(L, seen);
-            if (lua_toboolean(L, -1)) {
-                lua_pop(L, 1);
-                break;
-            }
-            lua_pop(L, 1);
-            lua_pushvalue(L, idx);
-            lua_pushboolean(L, 1);
-            lua_rawset(L, seen);
-            lua_pushvalue(L, idx);
-            lua_rawseti(L, queue, ++queued);
-            total += kTableHeader;
-            break;
-        case LUA_TFUNCTION:
-            for (int i = 1; lua_getupvalue(L, idx, i); i++) {
-                if (lua_type(L, -1) == LUA_TSTRING) {
-                    total += lua_objlen(L, -1) + kStringHeader;
-                }
-                lua_pop(L, 1);
-            }
-            break;
-        default:
-            break;
-        }
-    }
-};
-
-// Measures the values at stack slots [from, to], stopping once past
-// `limit` (the caller refuses then) or past the run's CPU budget (the
-// budget's hook ends the run when we return to Lua).
-size_t parkedSize(lua_State *L, int from, int to, size_t limit)
+bool overdue()
 {
-    lua_newtable(L);
-    lua_newtable(L);
-    ParkedSize ps{L, lua_gettop(L) - 1, lua_gettop(L)};
-    for (int i = from; i <= to && ps.total <= limit; i++) {
-        ps.add(i);
-    }
-    budget::Guard &guard = budget::Guard::instance();
-    size_t steps = 0;
-    for (int next = 1; next <= ps.queued && ps.total <= limit; next++) {
-        lua_rawgeti(L, ps.queue, next);
-        int t = lua_gettop(L);
-        lua_pushnil(L);
-        while (lua_next(L, t) != 0) {
-            ps.total += kEntry;
-            ps.add(t + 1);
-            ps.add(t + 2);
-            lua_pop(L, 1);
-            if (ps.total > limit
-                || (++steps % 1024 == 0 && guard.overdue()))
-            {
-                lua_pop(L, 1);
-                next = ps.queued;
-                break;
-            }
-        }
-        lua_pop(L, 1);
-    }
-    lua_pop(L, 2);
-    return ps.total;
+    return budget::Guard::instance().overdue();
 }
 
 int create(lua_State *L, bool every)
@@ -131,8 +47,11 @@ int create(lua_State *L, bool every)
     int n = lua_gettop(L) - 1;         // the callback and its arguments
     RequestCtx *creator = g_run ? g_run->ctx : nullptr;
     size_t left = glue::timerMemoryLeft(creator);
-    size_t bytes = kTableHeader + sizeof(lua_Number) * (n + 1)
-                   + parkedSize(L, 2, n + 1, left);
+    // The {f, args..., n} table the timer holds, and what it keeps alive
+    // (lua_timer_memory_per_location, docs/budgets.md "Timers").
+    size_t bytes = budget::kParkedTableHeader
+                   + sizeof(lua_Number) * static_cast<size_t>(n + 1)
+                   + budget::parkedSize(L, 2, n + 1, left, overdue);
     lua_createtable(L, n, 1);
     for (int i = 1; i <= n; i++) {
         lua_pushvalue(L, i + 1);

@@ -17,11 +17,14 @@
 // delayed until it holds time again, so one location's timers cannot
 // take the worker from the others (docs/budgets.md "Timers").
 
+#include <new>
+
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/vm.hpp"
+#include "security/timer_budget.hpp"
 
 namespace luaguard::glue {
 
@@ -30,12 +33,11 @@ namespace {
 // What one location's timers hold in this worker. Allocated on first use
 // and kept for the worker's life (one per location configuration).
 struct Account {
-    ngx_uint_t   pending;
-    size_t       bytes;        // estimated, of pending timers' arguments
-    int64_t      balance_ns;   // callback Lua time left; below 0: debt
-    uint64_t     refilled_ns;  // when the balance was last topped up
-    bool         over_logged;  // the empty bucket was logged
-    ngx_queue_t  running;      // Running: callbacks not yet fully charged
+    ngx_uint_t          pending;
+    size_t              bytes;       // estimated, of pending timers' args
+    budget::TimeBucket  cpu;         // lua_timer_cpu_per_location
+    bool                over_logged; // the empty bucket was logged
+    ngx_queue_t         running;     // Running: not yet fully charged
 };
 
 // A callback in progress, in its fake request's pool: the Lua time it
@@ -44,7 +46,6 @@ struct Account {
 struct Running {
     ngx_queue_t  link;
     RequestCtx  *ctx;
-    Account     *account;
     uint64_t     charged_ns;
 };
 
@@ -81,44 +82,37 @@ void **httpLocConf()
 Account *accountOf(LocConf *lcf)
 {
     if (lcf->timer_account == nullptr) {
-        auto *a = static_cast<Account *>(ngx_calloc(sizeof(Account),
-                                                    ngx_cycle->log));
-        if (a == nullptr) {
+        void *p = ngx_alloc(sizeof(Account), ngx_cycle->log);
+        if (p == nullptr) {
             return nullptr;
         }
-        a->balance_ns = static_cast<int64_t>(lcf->timer_cpu) * 1'000'000;
-        a->refilled_ns = budget::nowNs();
+        auto *a = new (p) Account();
+        a->pending = 0;
+        a->bytes = 0;
+        a->over_logged = false;
+        a->cpu.start(lcf->timer_cpu * 1'000'000ull,
+                     lcf->timer_cpu_interval * 1'000'000ull,
+                     budget::nowNs());
         ngx_queue_init(&a->running);
         lcf->timer_account = a;
     }
     return static_cast<Account *>(lcf->timer_account);
 }
 
-// Tops the bucket up for the time elapsed (lua_timer_cpu_per_location per
-// interval, never above one interval's worth) and charges the Lua time
-// the running callbacks have used since the last look.
-void settle(Account *a, const LocConf *lcf)
+// Charges the Lua time the running callbacks have used since the last
+// look, and refills the bucket for the time elapsed.
+void settle(Account *a)
 {
-    uint64_t now = budget::nowNs();
     budget::Guard &guard = budget::Guard::instance();
     for (ngx_queue_t *q = ngx_queue_head(&a->running);
          q != ngx_queue_sentinel(&a->running); q = ngx_queue_next(q))
     {
         Running *run = ngx_queue_data(q, Running, link);
         uint64_t used = guard.usedNs(run->ctx->usage);
-        a->balance_ns -= static_cast<int64_t>(used - run->charged_ns);
+        a->cpu.spend(used - run->charged_ns);
         run->charged_ns = used;
     }
-    if (lcf->timer_cpu == 0) {
-        a->refilled_ns = now;
-        return;
-    }
-    double cap = static_cast<double>(lcf->timer_cpu) * 1e6;
-    double earned = static_cast<double>(now - a->refilled_ns) * cap
-                    / (static_cast<double>(lcf->timer_cpu_interval) * 1e6);
-    double balance = static_cast<double>(a->balance_ns) + earned;
-    a->balance_ns = static_cast<int64_t>(balance < cap ? balance : cap);
-    a->refilled_ns = now;
+    a->cpu.refill(budget::nowNs());
 }
 
 void freeTimer(Timer *tm)
@@ -147,7 +141,7 @@ void runDone(RequestCtx *ctx)
         {
             Running *run = ngx_queue_data(q, Running, link);
             if (run->ctx == ctx) {
-                settle(a, ctx->llcf);   // its last run is charged
+                settle(a);   // its last run is charged
                 ngx_queue_remove(q);
                 break;
             }
@@ -233,8 +227,8 @@ bool arm(Timer *tm, ngx_msec_t delay)
 bool outOfCpu(Timer *tm, LocConf *lcf)
 {
     Account *a = tm->account;
-    settle(a, lcf);
-    if (lcf->timer_cpu == 0 || a->balance_ns > 0) {
+    settle(a);
+    if (!a->cpu.empty()) {
         a->over_logged = false;
         return false;
     }
@@ -248,14 +242,6 @@ bool outOfCpu(Timer *tm, LocConf *lcf)
     }
     metrics::countTimerStop(lcf, metrics::TimerStop::Cpu);
     return true;
-}
-
-// How long until the bucket of `lcf` holds time again.
-ngx_msec_t refillDelay(const Account *a, const LocConf *lcf)
-{
-    double debt_ms = static_cast<double>(-a->balance_ns) / 1e6;
-    return static_cast<ngx_msec_t>(debt_ms * lcf->timer_cpu_interval
-                                   / lcf->timer_cpu) + 1;
 }
 
 void fired(ngx_event_t *ev)
@@ -274,7 +260,8 @@ void fired(ngx_event_t *ev)
 
     // Premature firings always run: scripts flush their state in them.
     if (!premature && outOfCpu(tm, lcf)) {
-        if (!tm->every && arm(tm, refillDelay(tm->account, lcf))) {
+        ngx_msec_t wait = tm->account->cpu.untilRefilled() / 1'000'000 + 1;
+        if (!tm->every && arm(tm, wait)) {
             return;
         }
         if (!keep) {
@@ -318,7 +305,6 @@ void fired(ngx_event_t *ev)
                                                        sizeof(Running))))
     {
         run->ctx = ctx;
-        run->account = tm->account;
         ngx_queue_insert_tail(&tm->account->running, &run->link);
     }
 

@@ -238,7 +238,9 @@ def test_sleeping_requests_overlap(nginx, workers):
 
 
 def test_ten_thousand_timers_no_leak(nginx):
-    n = nginx(http="lua_max_pending_timers 20000;", server="""
+    # One location takes every slot: its share is raised to the whole.
+    n = nginx(http="lua_max_pending_timers 20000; "
+                   "lua_max_pending_timers_per_location 20000;", server="""
         location /fire { content_by_lua_block {
             local box = { n = 0 }
             for i = 1, 10000 do
@@ -263,7 +265,10 @@ def test_ten_thousand_timers_no_leak(nginx):
 
 
 def test_too_many_pending_timers(nginx):
-    n = nginx(http="lua_max_pending_timers 10;", server="""
+    # The worker-wide limit, reached from one location whose share is
+    # above it (the share: test_timer_budgets.py).
+    n = nginx(http="lua_max_pending_timers 10; "
+                   "lua_max_pending_timers_per_location 20;", server="""
         location /t { content_by_lua_block {
             for i = 1, 11 do
                 local ok, err = ngx.timer.at(10, function() end)
