@@ -234,11 +234,16 @@ bool outOfCpu(Timer *tm, LocConf *lcf)
     }
     if (!a->over_logged) {
         a->over_logged = true;
+        auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+            tm->loc_conf[ngx_http_core_module.ctx_index]);
+        static const ngx_str_t kHttp = ngx_string("(http)");
+        ngx_str_t name = clcf->name.len ? clcf->name : kHttp;
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                      "lua timer: the timers of this location used their "
-                      "Lua time (lua_timer_cpu_per_location %Mms per "
-                      "%Mms): firings are skipped or delayed until it is "
-                      "refilled", lcf->timer_cpu, lcf->timer_cpu_interval);
+                      "lua timer: the timers of location \"%V\" used "
+                      "their Lua time (lua_timer_cpu_per_location %Mms "
+                      "per %Mms): firings are skipped or delayed until it "
+                      "is refilled", &name, lcf->timer_cpu,
+                      lcf->timer_cpu_interval);
     }
     metrics::countTimerStop(lcf, metrics::TimerStop::Cpu);
     return true;

@@ -229,9 +229,9 @@ def test_timer_every_flood_is_capped_per_location(nginx):
     n = nginx(http=HTTP, server=CPU)
     pid = n.get("/pid").text
     assert n.get("/spin").text == "armed\n"
-    n.wait_log(r"\[warn\].*lua timer: the timers of this location used "
-               r"their Lua time \(lua_timer_cpu_per_location 100ms per "
-               r"1000ms\): firings are skipped or delayed")
+    n.wait_log(r"\[warn\].*lua timer: the timers of location \"/spin\" "
+               r"used their Lua time \(lua_timer_cpu_per_location 100ms "
+               r"per 1000ms\): firings are skipped or delayed")
     # Another location's timer still fires, a request is served.
     assert n.get("/other").text == "1\n"
     assert await_flag(n, "other_ran") == "yes"
