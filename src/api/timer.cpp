@@ -48,10 +48,14 @@ int create(lua_State *L, bool every)
     RequestCtx *creator = g_run ? g_run->ctx : nullptr;
     size_t left = glue::timerMemoryLeft(creator);
     // The {f, args..., n} table the timer holds, and what it keeps alive
-    // (lua_timer_memory_per_location, docs/budgets.md "Timers").
-    size_t bytes = budget::kParkedTableHeader
-                   + sizeof(lua_Number) * static_cast<size_t>(n + 1)
-                   + budget::parkedSize(L, 2, n + 1, left, overdue);
+    // (lua_timer_memory_per_location, docs/budgets.md "Timers"); not
+    // measured where nothing caps it.
+    size_t bytes = 0;
+    if (left != SIZE_MAX) {
+        bytes = budget::kParkedTableHeader
+                + sizeof(lua_Number) * static_cast<size_t>(n + 1)
+                + budget::parkedSize(L, 2, n + 1, left, overdue);
+    }
     lua_createtable(L, n, 1);
     for (int i = 1; i <= n; i++) {
         lua_pushvalue(L, i + 1);

@@ -42,7 +42,7 @@ namespace {
 
 struct Walk {
     lua_State *L;
-    int        seen;       // table: tables already queued
+    int        seen;       // table: tables already queued (0: none yet)
     int        queue;      // array: tables still to walk
     int        queued;
     size_t     total;
@@ -54,6 +54,14 @@ struct Walk {
             total += lua_objlen(L, idx) + kParkedStringHeader;
             break;
         case LUA_TTABLE:
+            if (seen == 0) {
+                // Made on the first table only: strings alone (the usual
+                // arguments) leave no garbage behind.
+                lua_newtable(L);
+                lua_newtable(L);
+                seen = lua_gettop(L) - 1;
+                queue = seen + 1;
+            }
             lua_pushvalue(L, idx);
             lua_rawget(L, seen);
             if (lua_toboolean(L, -1)) {
@@ -89,9 +97,7 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
 {
     from = from > 0 ? from : lua_gettop(L) + from + 1;
     to = to > 0 ? to : lua_gettop(L) + to + 1;
-    lua_newtable(L);
-    lua_newtable(L);
-    Walk w{L, lua_gettop(L) - 1, lua_gettop(L), 0, 0};
+    Walk w{L, 0, 0, 0, 0};
     for (int i = from; i <= to && w.total <= limit; i++) {
         w.add(i);
     }
@@ -115,7 +121,9 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
         }
         lua_pop(L, 1);
     }
-    lua_pop(L, 2);
+    if (w.seen) {
+        lua_pop(L, 2);
+    }
     return w.total;
 }
 

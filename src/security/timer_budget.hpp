@@ -40,7 +40,8 @@ class TimeBucket {
 // module state, alive anyway). Stops once the estimate passes `limit`
 // (the caller refuses then), and when `overdue` (checked every 1024
 // entries; may be null) says the run is past its CPU budget. Uses two
-// stack slots and a table per walk; raises only on out of memory.
+// stack slots and two tables when a table is among the values; raises
+// only on out of memory.
 size_t parkedSize(lua_State *L, int from, int to, size_t limit,
                   bool (*overdue)());
 

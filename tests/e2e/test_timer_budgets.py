@@ -145,6 +145,13 @@ def park_server():
             end, big)))
         }
     }
+    location /park_off {
+        lua_timer_memory_per_location off;
+        content_by_lua_block {
+            local big = string.rep("x", 400 * 1024) .. ngx.var.arg_i
+            ngx.say(tostring(ngx.timer.at(3600, function() end, big)))
+        }
+    }
     location /park_other { content_by_lua_block {
         local big = string.rep("y", 400 * 1024)
         ngx.say(tostring(ngx.timer.at(3600, function() end, big)))
@@ -172,6 +179,13 @@ def test_memory_parked_in_timers_is_capped_per_location(nginx, how):
     assert n.get("/park_other").text == "1\n"
     assert n.get("/ok").text == "ok\n"
     assert n.get("/pid").text == pid
+
+
+def test_timer_memory_cap_off(nginx):
+    n = nginx(http=HTTP, server=park_server())
+    for i in range(4):
+        assert n.get(f"/park_off?i={i}").text == "1\n"
+    assert "lua_timer_memory_per_location" not in n.read_log()
 
 
 def test_fired_timers_give_their_memory_back(nginx):
