@@ -37,6 +37,9 @@ struct Account {
     size_t              bytes;       // estimated, of pending timers' args
     budget::TimeBucket  cpu;         // lua_timer_cpu_per_location
     bool                over_logged; // the empty bucket was logged
+    // A refusal was logged; cleared by the next timer created, so that a
+    // loop of refused creations logs one line, not one per call.
+    bool                refusal_logged;
     ngx_queue_t         running;     // Running: not yet fully charged
 };
 
@@ -90,6 +93,7 @@ Account *accountOf(LocConf *lcf)
         a->pending = 0;
         a->bytes = 0;
         a->over_logged = false;
+        a->refusal_logged = false;
         a->cpu.start(lcf->timer_cpu * 1'000'000ull,
                      lcf->timer_cpu_interval * 1'000'000ull,
                      budget::nowNs());
@@ -371,10 +375,14 @@ TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
         refused = TimerAdd::NoMemory;
     } else if (a->pending >= lcf->timer_max_pending) {
         // The location's share is taken; other locations still get slots.
-        ngx_log_error(NGX_LOG_WARN, currentLog(), 0,
-                      "lua timer: too many pending timers: the location "
-                      "holds %ui (lua_max_pending_timers_per_location)",
-                      a->pending);
+        if (!a->refusal_logged) {
+            ngx_log_error(NGX_LOG_WARN, currentLog(), 0,
+                          "lua timer: too many pending timers: the "
+                          "location holds %ui "
+                          "(lua_max_pending_timers_per_location)",
+                          a->pending);
+        }
+        a->refusal_logged = true;
         metrics::countTimerStop(lcf, metrics::TimerStop::Pending);
         refused = TimerAdd::TooMany;
     } else if (lcf->timer_max_memory
@@ -382,11 +390,14 @@ TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
                    || a->bytes > static_cast<size_t>(lcf->timer_max_memory)
                                  - bytes))
     {
-        ngx_log_error(NGX_LOG_WARN, currentLog(), 0,
-                      "lua timer: arguments of about %uz bytes refused: "
-                      "the location's pending timers hold %uz of %O "
-                      "(lua_timer_memory_per_location)", bytes, a->bytes,
-                      lcf->timer_max_memory);
+        if (!a->refusal_logged) {
+            ngx_log_error(NGX_LOG_WARN, currentLog(), 0,
+                          "lua timer: arguments of about %uz bytes "
+                          "refused: the location's pending timers hold %uz "
+                          "of %O (lua_timer_memory_per_location)", bytes,
+                          a->bytes, lcf->timer_max_memory);
+        }
+        a->refusal_logged = true;
         metrics::countTimerStop(lcf, metrics::TimerStop::Memory);
         refused = TimerAdd::TooMuchMemory;
     }
@@ -407,6 +418,7 @@ TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
     tm->account = a;
     tm->bytes = bytes;
     a->bytes += bytes;
+    a->refusal_logged = false;
 
     // The callback runs with the configuration of where it was created.
     if (creator) {

@@ -89,6 +89,8 @@ def test_one_location_cannot_take_every_pending_slot(nginx):
     assert n.get("/flood").text == "0 too many pending timers\n"
     n.wait_log(r"\[warn\].*lua timer: too many pending timers: the "
                r"location holds 4 \(lua_max_pending_timers_per_location\)")
+    # 97 refusals, one line: a loop of refused calls does not flood the log.
+    assert n.read_log().count("location holds 4") == 1
     # An explicit share, every timers included.
     assert n.get("/flood2").text == "niltoo many pending timers\n"
     # Another location still gets a slot and its callback runs.
