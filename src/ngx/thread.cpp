@@ -269,7 +269,7 @@ bool run(LuaThread *t, int nargs)
 
     bool done = finish(t, rc);
     if (rc != 0 && rc != LUA_YIELD) {
-        budget::Guard::reclaim(ctx->vm->L(), ctx->usage);
+        budget::Guard::reclaim(ctx->vm->L(), ctx->usage, *ctx->limits);
     }
     return done;
 }
@@ -289,7 +289,7 @@ bool fail(LuaThread *t, const std::string &msg)
     }
     stopWaiting(t);
     bool done = finish(t, LUA_ERRRUN, &msg);
-    budget::Guard::reclaim(t->ctx->vm->L(), t->ctx->usage);
+    budget::Guard::reclaim(t->ctx->vm->L(), t->ctx->usage, *t->ctx->limits);
     return done;
 }
 
