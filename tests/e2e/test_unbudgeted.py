@@ -61,8 +61,10 @@ def test_finalizer_loop_after_a_stop_meets_the_watchdog(nginx):
         location /plant {{ content_by_lua_block {{
             local p = newproxy(true)
             getmetatable(p).__gc = function() while true do end end
-            p = nil
+            -- p stays live on this stack until the stop: the collection
+            -- that reclaims the request is the one that finalizes it.
             local t = {{}} for i = 1, 1e9 do t[i] = string.rep('g', 1000) .. i end
+            ngx.say(tostring(p))
         }} }}
         {OK}
     """)
