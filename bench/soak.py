@@ -45,6 +45,16 @@ HOSTILE = {
     "slow": ("content_by_lua_block { ngx.say('slow client served') }", 200),
 }
 
+# What a request served by a worker that a reload is shutting down may
+# answer, as with lua-nginx-module: an exiting worker refuses new timers,
+# and a pooled upstream connection the exiting upstream worker closed is
+# reset. Counted and reported, not failures; anything else is.
+RELOAD_RACES = {
+    ("timer", 200, b"timer process exiting\n"),
+    ("cosocket", 502, b"receive: connection reset by peer\n"),
+    ("cosocket", 502, b"receive: closed\n"),
+}
+
 COUNTER = """
         location = /soak/count {
             content_by_lua_block {
@@ -86,6 +96,7 @@ class Stats:
         self.hostile = {k: 0 for k in HOSTILE}
         self.hostile_bad = []
         self.counted = 0
+        self.reload_races = []
 
     def add(self, field, key=None, bad=None):
         with self.lock:
@@ -162,6 +173,8 @@ def client(port, deadline, stats, seed):
             status, body = common.request(port, s, conn=conn)
             if status == 200 and body.startswith(s.expect):
                 stats.add("normal")
+            elif (s.name, status, body) in RELOAD_RACES:
+                stats.add("reload_races", bad=(s.name, status, body[:60]))
             else:
                 stats.add("normal_bad", bad=(s.name, status, body[:60]))
         except (OSError, http.client.HTTPException) as e:
@@ -281,6 +294,8 @@ def main():
         "normal_ok": stats.normal,
         "normal_bad": len(stats.normal_bad),
         "normal_bad_examples": [repr(b) for b in stats.normal_bad[:5]],
+        "reload_races": len(stats.reload_races),
+        "reload_race_examples": [repr(b) for b in stats.reload_races[:5]],
         "hostile_stopped": stats.hostile,
         "hostile_bad": [repr(b) for b in stats.hostile_bad[:5]],
         "hostile_bad_count": len(stats.hostile_bad),

@@ -1,6 +1,7 @@
 -- Runs once per VM, before any configuration code. Receives the sentinel
--- value that marks yields owned by the nginx driver (I/O waits, ngx.exit).
-local sentinel = ...
+-- value that marks yields owned by the nginx driver (I/O waits, ngx.exit)
+-- and a probe that tells whether a budget is stopping the running code.
+local sentinel, stopping = ...
 
 -- User coroutines inside a handler may call APIs that wait on nginx
 -- (ngx.sleep, sockets). Such a wait yields the sentinel; the wrappers pass
@@ -86,4 +87,21 @@ local function settle(name, ok, ...)
 end
 require = function(name)
     return settle(name, pcall(real_require, name))
+end
+
+-- A budget stop is not the script's to handle: xpcall's message handler
+-- is not called for it. LuaJIT runs the handler of an error raised in a
+-- hook (where budgets raise theirs) with hooks off, so no budget could
+-- stop a loop in it: the watchdog would end the whole worker.
+local real_xpcall = xpcall
+xpcall = function(f, handler, ...)
+    if type(handler) ~= "function" then
+        return real_xpcall(f, handler, ...)  -- its own argument error
+    end
+    return real_xpcall(f, function(e)
+        if stopping() then
+            return e
+        end
+        return handler(e)
+    end, ...)
 end

@@ -43,7 +43,8 @@ bool open(lua_State *L, std::string *err)
         return false;
     }
     lua_pushlightuserdata(L, &glue::kYieldSentinel);
-    if (lua_pcall(L, 1, 0, 0) != 0) {
+    lua_pushcfunction(L, budgetStopping);
+    if (lua_pcall(L, 2, 0, 0) != 0) {
         *err = lua_tostring(L, -1);
         lua_pop(L, 1);
         return false;

@@ -78,6 +78,10 @@ void pushPrintable(lua_State *L, int idx, const char *fname);
 // is allocated, when that would exceed it (api/budget.cpp).
 void chargeMemory(lua_State *L, size_t bytes, const char *what);
 
+// The prelude's budget probe (lua/prelude.lua): true while the running
+// code is being stopped by a budget.
+int budgetStopping(lua_State *L);
+
 // Registers functions `fns` into the table at the top of the stack.
 void setFuncs(lua_State *L, const luaL_Reg *fns);
 

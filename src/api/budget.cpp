@@ -21,6 +21,12 @@ int luaUsage(lua_State *L)
 
 }  // namespace
 
+int budgetStopping(lua_State *L)
+{
+    lua_pushboolean(L, budget::Guard::instance().stopping());
+    return 1;
+}
+
 void chargeMemory(lua_State *L, size_t bytes, const char *what)
 {
     if (!budget::Guard::instance().chargeExternal(bytes)) {

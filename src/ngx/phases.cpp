@@ -775,7 +775,7 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
                            + "_by_lua*";
         logFailure(log, what.c_str(), msg, tb);
         if (ctx) {
-            budget::Guard::reclaim(L, ctx->usage);
+            budget::Guard::reclaim(L, ctx->usage, *ctx->limits);
         }
         return NGX_ERROR;
     }

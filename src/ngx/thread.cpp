@@ -115,6 +115,23 @@ void stopWaiting(LuaThread *w)
     w->nwaiting = 0;
 }
 
+// Undoes what `t` waits on: its wake-up, its pending I/O, a wait() on
+// other threads.
+void undoWait(LuaThread *t)
+{
+    if (t->wake.timer_set) {
+        ngx_del_timer(&t->wake);
+    }
+    if (t->wake.posted) {
+        ngx_delete_posted_event(&t->wake);
+    }
+    if (t->cancel) {
+        t->cancel(t);
+        t->cancel = nullptr;
+    }
+    stopWaiting(t);
+}
+
 // The thread just ended: record it, hand its results to a parent blocked
 // in wait(), apply the rules that end the phase. `raised` is the error of
 // a thread that failed outside its coroutine (see fail()); otherwise rc
@@ -269,7 +286,7 @@ bool run(LuaThread *t, int nargs)
 
     bool done = finish(t, rc);
     if (rc != 0 && rc != LUA_YIELD) {
-        budget::Guard::reclaim(ctx->vm->L(), ctx->usage);
+        budget::Guard::reclaim(ctx->vm->L(), ctx->usage, *ctx->limits);
     }
     return done;
 }
@@ -277,19 +294,9 @@ bool run(LuaThread *t, int nargs)
 bool fail(LuaThread *t, const std::string &msg)
 {
     // Whatever it waited on is undone first, as when it is killed.
-    if (t->wake.timer_set) {
-        ngx_del_timer(&t->wake);
-    }
-    if (t->wake.posted) {
-        ngx_delete_posted_event(&t->wake);
-    }
-    if (t->cancel) {
-        t->cancel(t);
-        t->cancel = nullptr;
-    }
-    stopWaiting(t);
+    undoWait(t);
     bool done = finish(t, LUA_ERRRUN, &msg);
-    budget::Guard::reclaim(t->ctx->vm->L(), t->ctx->usage);
+    budget::Guard::reclaim(t->ctx->vm->L(), t->ctx->usage, *t->ctx->limits);
     return done;
 }
 
@@ -298,17 +305,7 @@ void kill(LuaThread *t)
     if (t->dead || t->running) {
         return;  // a running thread unwinds by itself (ctx->exited)
     }
-    if (t->wake.timer_set) {
-        ngx_del_timer(&t->wake);
-    }
-    if (t->wake.posted) {
-        ngx_delete_posted_event(&t->wake);
-    }
-    if (t->cancel) {
-        t->cancel(t);
-        t->cancel = nullptr;
-    }
-    stopWaiting(t);
+    undoWait(t);
     t->dead = true;
     t->reaped = true;
     if (!t->entry) {

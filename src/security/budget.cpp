@@ -198,15 +198,24 @@ uint64_t Guard::usedNs(const Usage &usage) const
     return ns;
 }
 
-void Guard::reclaim(lua_State *L, const Usage &usage)
+void Guard::reclaim(lua_State *L, const Usage &usage,
+                    const Limits &limits)
 {
     // Any stopped run: one stopped by its slice can leave as much garbage
     // as its memory budget allows, which the incremental collector would
     // give back to malloc only slowly, and malloc to the system never.
-    if (usage.tripped != Kind::None) {
-        lua_gc(L, LUA_GCCOLLECT, 0);
-        malloc_trim(0);  // hand the pages back, not just to malloc
+    if (usage.tripped == Kind::None) {
+        return;
     }
+    Guard &g = instance();
+    Usage scratch;
+    Frame f;
+    Limits slice;
+    slice.slice_ms = limits.slice_ms;
+    g.enter(&f, slice, &scratch);
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    g.leave(&f);
+    malloc_trim(0);  // hand the pages back, not just to malloc
 }
 
 void Guard::tripMemory(Kind k)
@@ -222,6 +231,13 @@ void Guard::tripMemory(Kind k)
     }
     markTripped(k);
     arm();
+}
+
+bool Guard::stopping() const
+{
+    return top_ != nullptr
+           && tripped_gen_.load(std::memory_order_acquire)
+                  == gen_.load(std::memory_order_relaxed);
 }
 
 bool Guard::chargeExternal(size_t bytes)

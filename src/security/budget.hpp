@@ -87,6 +87,11 @@ class Guard {
     // as the caller returns to Lua. The caller stops its work.
     bool overdue();
 
+    // True while the running run is being stopped by a budget (its hook
+    // raises at every instruction): the xpcall wrapper of the prelude
+    // skips the script's message handler then.
+    bool stopping() const;
+
     // Called by the budget's signal handler, on the worker thread, once
     // the run is tripped and its hook armed: C code stuck in a long call
     // that can never reach the hook (a regex match) may jump out of it
@@ -106,7 +111,11 @@ class Guard {
 
     // After a stopped run has released what it anchored: a full
     // collection and malloc_trim, so the worker's memory falls back.
-    static void reclaim(lua_State *L, const Usage &usage);
+    // The collection runs under `limits`' slice: a finalizer runs with
+    // hooks off, and one that never returns must meet the watchdog's last
+    // resort instead of spinning with no deadline armed.
+    static void reclaim(lua_State *L, const Usage &usage,
+                        const Limits &limits);
 
     uint64_t stops(Kind k) const { return stops_[static_cast<int>(k)]; }
 

@@ -14,6 +14,8 @@ import threading
 
 import pytest
 
+from harness import ASAN
+
 HTTP = """
     lua_budget_slice 200ms;
     lua_watchdog_grace 1s;
@@ -61,6 +63,20 @@ def stopped_while_serving(n, path, **kw):
     assert n.get("/pid").text == pid  # not replaced by a new worker
     assert "ending this worker" not in n.read_log()
     return r
+
+
+# What a worker holds besides a request's budget: its own heap, the Lua
+# VM, nginx's pools and buffers (docs/budgets.md).
+PEAK_OVERHEAD_MB = 48
+
+
+def assert_peak_within(n, budget_mb):
+    """The worker's peak RSS (VmHWM) stayed within the request's memory
+    budget plus PEAK_OVERHEAD_MB."""
+    (pid,) = n.worker_pids()
+    with open(f"/proc/{pid}/status") as f:
+        hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+    assert hwm < (budget_mb + PEAK_OVERHEAD_MB) * 1024, hwm
 
 
 # ---- regex time ----
@@ -288,6 +304,8 @@ def test_pool_growth_is_charged_to_the_memory_budget(nginx, name):
     assert r.status == 500
     assert re.search(r"not enough memory \(luaguard: lua_budget_memory "
                      rf"exceeded by {re.escape(api)}\)", n.read_log())
+    if not ASAN:  # ASan's shadow and quarantine are not the worker's
+        assert_peak_within(n, 32)
 
 
 def test_init_body_huge_size_fails_on_the_budget(nginx):
@@ -389,6 +407,8 @@ def test_socket_receive_is_bounded_by_the_memory_budget(nginx, firehose,
     assert r.status == 200
     assert r.text == ("nil not enough memory (luaguard: lua_budget_memory "
                       "exceeded by a socket receive) 0\n"), r.text
+    if not ASAN:
+        assert_peak_within(n, 32)
 
 
 @pytest.mark.parametrize("value", ["0", "abc", "-1"])
