@@ -1253,18 +1253,26 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
     if (metrics::postconfiguration(cf) != NGX_OK) {
         return NGX_ERROR;
     }
-    // init_worker_by_lua's timers are charged to the http level's own
-    // configuration, which nginx never merges: give it the defaults.
+    // init_worker_by_lua's timers run with the http level's own
+    // configuration, which nginx never merges (its budgets, timeouts and
+    // policies would stay unset, i.e. off): merged here with an empty
+    // parent, as any location is.
     auto *hlcf = static_cast<LocConf *>(
         ngx_http_conf_get_module_loc_conf(cf, ngx_http_luaguard_module));
-    mergeTimerShares(cf, hlcf, hlcf);
+    void *defaults = createLocConf(cf);
+    if (defaults == nullptr
+        || mergeLocConf(cf, defaults, hlcf) != NGX_CONF_OK)
+    {
+        return NGX_ERROR;
+    }
     if (mcf->vm == nullptr) {
         return NGX_OK;  // no Lua in this configuration
     }
 
     if (mcf->need_server_rewrite
         && addPhaseHandler(cmcf, NGX_HTTP_SERVER_REWRITE_PHASE,
-                           entry::edge<glue::serverRewriteHandler>, false) != NGX_OK)
+                           entry::edge<glue::serverRewriteHandler>,
+                           false) != NGX_OK)
     {
         return NGX_ERROR;
     }

@@ -78,3 +78,27 @@ def test_finalizer_loop_after_a_stop_meets_the_watchdog(nginx):
     n.wait_log(rf"{old} exited with code 1", timeout=30)
     assert n.get("/ok").text == "ok\n"
     assert old not in n.worker_pids()
+
+
+@pytest.mark.parametrize("http_budget", ["lua_budget_timer_slice 200ms;", ""])
+def test_init_worker_timer_runs_under_the_http_level_budgets(nginx,
+                                                             http_budget):
+    # A timer armed in init_worker_by_lua runs with the http block's own
+    # configuration, which nginx never merges: it used to have no budget
+    # at all (its limits unset), so this loop spun forever. With no
+    # directive the defaults apply (1 s).
+    n = nginx(http=HTTP + http_budget + """
+        lua_shared_dict d 1m;
+        init_worker_by_lua_block {
+            ngx.timer.at(0, function()
+                ngx.shared.d:set("started", true)
+                while true do end
+            end)
+        }
+    """, server='location /s { content_by_lua_block { '
+                'ngx.say(ngx.shared.d:get("started")) } }')
+    (pid,) = n.worker_pids()
+    n.wait_log(r"lua_budget_slice exceeded: Lua ran \d+ ms without "
+               r"yielding, stopped at init_worker_by_lua", timeout=15)
+    assert n.get("/s").text == "true\n"
+    assert n.worker_pids() == [pid]
