@@ -498,6 +498,12 @@ int setHeaderCommon(lua_State *L, bool clear)
     for (const std::string &v : values) {
         bytes += nlen + v.size() + sizeof(ngx_table_elt_t);
     }
+    if (ctx->r->headers_in.headers.nalloc == 0) {
+        // No header list: an HTTP/0.9 request, or one nginx rejected
+        // before parsing headers (error_page 400 = /loc). Nothing to
+        // change, as in lua-nginx-module.
+        return 0;
+    }
     chargeMemory(L, bytes, "ngx.req.set_header");
     if (!replaceHeaders(ctx->r, name, nlen, values)) {
         return luaL_error(L, "no memory");

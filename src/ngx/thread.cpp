@@ -55,8 +55,26 @@ void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
                   tb.empty() ? "" : "\n", tb.c_str());
 }
 
+void checkYieldable(lua_State *L)
+{
+    if (!lua_isyieldable(L)) {
+        luaL_error(L, "attempt to yield across C-call boundary");
+    }
+}
+
 int yield(lua_State *L)
 {
+    if (!lua_isyieldable(L)) {
+        // Inside an xpcall message handler, a metamethod called from C,
+        // ...: lua_yield would fail after the caller armed its event, and
+        // that event would later resume a thread that is not waiting
+        // (or a finished request). Undo the wait, then raise the error
+        // the script can catch, as lua-nginx-module does.
+        if (LuaThread *t = threads::current()) {
+            threads::undoWait(t);
+        }
+        checkYieldable(L);
+    }
     if (g_run && g_run->ctx) {
         subreq::watchClientAbort(g_run->ctx);  // lua_check_client_abort
     }
@@ -115,8 +133,8 @@ void stopWaiting(LuaThread *w)
     w->nwaiting = 0;
 }
 
-// Undoes what `t` waits on: its wake-up, its pending I/O, a wait() on
-// other threads.
+}  // namespace
+
 void undoWait(LuaThread *t)
 {
     if (t->wake.timer_set) {
@@ -131,6 +149,8 @@ void undoWait(LuaThread *t)
     }
     stopWaiting(t);
 }
+
+namespace {
 
 // The thread just ended: record it, hand its results to a parent blocked
 // in wait(), apply the rules that end the phase. `raised` is the error of
