@@ -226,7 +226,10 @@ def test_append_body_zero_buffer(nginx):
             }
         }
     """
-    got = {m: n.request("/", method="POST", body=b"old").text
-           for m, n in both(nginx, server=server).items()}
+    # No body of its own: reading one with a zero-size buffer is nginx's
+    # business, not what this tests.
+    # user root: the temp file goes under the test's private directory.
+    got = {m: n.get("/").text for m, n in
+           both(nginx, server=server, main="user root;").items()}
     assert got["luaguard"] == got["reference"], got
     assert got["luaguard"] == "nil true new body\n", got
