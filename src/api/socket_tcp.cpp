@@ -78,6 +78,10 @@ struct Tcp {
     uint32_t             magic = kMagic;
     RequestCtx          *ctx = nullptr;   // the request using the socket
     ngx_pool_cleanup_t  *cln = nullptr;   // in ctx's pool while it lives
+    // Bound to a request once (connect): from then on only that request
+    // may connect it again, even after it ended (lua-nginx-module's "bad
+    // request"), so no request takes over another's socket object.
+    bool                 bound = false;
     ngx_connection_t    *c = nullptr;
     sock::Slot           slot;            // while connecting or connected
     bool                 log_errors = true;
@@ -432,6 +436,7 @@ bool bindRequest(Tcp *s, RequestCtx *ctx)
     cln->data = s;
     s->cln = cln;
     s->ctx = ctx;
+    s->bound = true;
     s->log_errors = ctx->llcf->socket_log_errors;
     s->buffer_size = ctx->llcf->socket_buffer_size;
     s->lowat = ctx->llcf->socket_send_lowat;
@@ -795,6 +800,9 @@ int tcpConnect(lua_State *L)
 {
     Run *run = glue::checkPhase(L, sock::kPhases);
     Tcp *s = self(L);
+    if (s->bound && s->ctx != run->ctx) {
+        return luaL_error(L, "bad request");
+    }
     int n = lua_gettop(L);
     if (n < 2 || n > 4) {
         return luaL_error(L, "ngx.socket connect: expecting 2, 3, or 4 "
@@ -818,7 +826,7 @@ int tcpConnect(lua_State *L)
                               luaL_typename(L, 3));
         }
         port = lua_tointeger(L, 3);
-        if (n == 4) {
+        if (n == 4 && !lua_isnil(L, 4)) {  // nil: no options
             luaL_checktype(L, 4, LUA_TTABLE);
             opts = 4;
         }
@@ -1405,7 +1413,10 @@ int untilIterator(lua_State *L)
 
 int tcpReceiveUntil(lua_State *L)
 {
-    use(L);
+    // Only the iterator reads: it checks the request, as in
+    // lua-nginx-module.
+    glue::checkPhase(L, sock::kPhases);
+    self(L);
     int n = lua_gettop(L);
     if (n < 2 || n > 3) {
         return luaL_error(L, "expecting 2 or 3 arguments (including the "
@@ -1777,7 +1788,9 @@ int tcpSetKeepalive(lua_State *L)
 
 int tcpGetReusedTimes(lua_State *L)
 {
-    Tcp *s = use(L);
+    // A count, no I/O: any request may read it, as in lua-nginx-module.
+    glue::checkPhase(L, sock::kPhases);
+    Tcp *s = self(L);
     if (s->c == nullptr) {
         return pushNilErr(L, "closed");
     }
@@ -1830,6 +1843,9 @@ int tcpSetOption(lua_State *L)
 {
     Tcp *s = use(L);
     const char *opt = luaL_checkstring(L, 2);
+    if (!s->bound) {
+        return luaL_error(L, "socket is never created nor connected");
+    }
     if (s->c == nullptr) {
         return pushNilErr(L, "closed");
     }

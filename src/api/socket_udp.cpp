@@ -32,6 +32,7 @@ struct Udp {
     uint32_t             magic = kMagic;
     RequestCtx          *ctx = nullptr;
     ngx_pool_cleanup_t  *cln = nullptr;
+    bool                 bound = false;   // as Tcp::bound (socket_tcp.cpp)
     ngx_connection_t    *c = nullptr;
     sock::Slot           slot;            // while it has a peer
     ngx_msec_t           read_timeout = 0;
@@ -121,6 +122,7 @@ bool bindRequest(Udp *u, RequestCtx *ctx)
     cln->data = u;
     u->cln = cln;
     u->ctx = ctx;
+    u->bound = true;
     u->log_errors = ctx->llcf->socket_log_errors;
     return true;
 }
@@ -183,6 +185,9 @@ int udpSetPeerName(lua_State *L)
 {
     Run *run = glue::checkPhase(L, sock::kPhases);
     Udp *u = self(L);
+    if (u->bound && u->ctx != run->ctx) {
+        return luaL_error(L, "bad request");
+    }
     int n = lua_gettop(L);
     if (n != 2 && n != 3) {
         return luaL_error(L, "ngx.socket.udp setpeername: expecting 2 or 3 "

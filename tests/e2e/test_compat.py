@@ -233,3 +233,167 @@ def test_append_body_zero_buffer(nginx):
            both(nginx, server=server, main="user root;").items()}
     assert got["luaguard"] == got["reference"], got
     assert got["luaguard"] == "nil true new body\n", got
+
+
+# ---- 7. objects bound to the request that created them ----
+
+BOX = """
+    -- Module-level state the way real code keeps it: in the module's
+    -- upvalues (luaguard's sandbox makes the module table read-only).
+    local box, store = {}, {}
+    function box.set(k, v) store[k] = v end
+    function box.get(k) return store[k] end
+    -- Every method of a socket, each called protected: "name=result".
+    function box.drive(kind, s, extra)
+        local out = {}
+        local function try(name, ...)
+            local ok, a, b = pcall(...)
+            if ok then
+                out[#out + 1] = name .. "=" .. tostring(a) .. "," .. tostring(b)
+            else
+                out[#out + 1] = name .. "!" .. tostring(a):gsub("^.-:%d+: ", "")
+            end
+        end
+        if kind == "tcp" then
+            try("settimeout", s.settimeout, s, 500)
+            try("settimeouts", s.settimeouts, s, 500, 500, 500)
+            try("setoption", s.setoption, s, "keepalive", true)
+            try("getreusedtimes", s.getreusedtimes, s)
+            try("send", s.send, s, "x\\n")
+            try("receive", s.receive, s)
+            try("receiveany", s.receiveany, s, 10)
+            local ok, it = pcall(s.receiveuntil, s, "\\n")
+            out[#out + 1] = "receiveuntil=" .. tostring(ok)
+            if ok and type(it) == "function" then try("iterator", it) end
+            try("setkeepalive", s.setkeepalive, s)
+            try("close", s.close, s)
+            try("connect", s.connect, s, "127.0.0.1", extra)
+        elseif kind == "udp" then
+            try("settimeout", s.settimeout, s, 500)
+            try("send", s.send, s, "x")
+            try("receive", s.receive, s)
+            try("close", s.close, s)
+            try("setpeername", s.setpeername, s, "127.0.0.1", extra)
+        elseif kind == "req" then
+            try("settimeout", s.settimeout, s, 500)
+            try("receive", s.receive, s, 1)
+            local ok, it = pcall(s.receiveuntil, s, "\\n")
+            out[#out + 1] = "receiveuntil=" .. tostring(ok)
+            if ok and type(it) == "function" then try("iterator", it) end
+        elseif kind == "sema" then
+            try("wait", s.wait, s, 0.01)
+            try("post", s.post, s)
+            try("count", s.count, s)
+        end
+        return table.concat(out, " ")
+    end
+    return box
+"""
+
+BOUND = r"""
+    location /owner {
+        content_by_lua_block {
+            local box = require "box"
+            local t = ngx.socket.tcp()
+            assert(t:connect("127.0.0.1", tonumber(ngx.var.arg_port)))
+            box.set("tcp", t)
+            box.set("fresh", ngx.socket.tcp())
+            local u = ngx.socket.udp()
+            assert(u:setpeername("127.0.0.1", tonumber(ngx.var.arg_port)))
+            box.set("udp", u)
+            box.set("req", assert(ngx.req.socket()))
+            box.set("sema", require("ngx.semaphore").new(0))
+            box.set("ready", true)
+            while not box.get("done") do ngx.sleep(0.005) end
+            ngx.say("owner done")
+        }
+    }
+    location /other {
+        content_by_lua_block {
+            local box = require "box"
+            local port = tonumber(ngx.var.arg_port)
+            for _, k in ipairs({"tcp", "fresh", "udp", "req", "sema"}) do
+                ngx.say(k, ": ", box.drive(k == "fresh" and "tcp" or k,
+                                           box.get(k), port))
+            end
+            box.set("done", true)
+        }
+    }
+    location /wait_ready {
+        content_by_lua_block {
+            local box = require "box"
+            while not box.get("ready") do ngx.sleep(0.005) end
+            ngx.say("ready")
+        }
+    }
+"""
+
+
+class LineServer:
+    """A TCP server on loopback that answers each line with "pong\\n"."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(c,),
+                             daemon=True).start()
+
+    @staticmethod
+    def serve(c):
+        with c:
+            f = c.makefile("rb")
+            for _ in f:
+                c.sendall(b"pong\n")
+
+
+def drive_from_other_request(n, port):
+    """/owner holds its objects (its request body still unsent) while
+    /other drives them."""
+    owner = socket.create_connection(("127.0.0.1", n.port))
+    owner.sendall(f"POST /owner?port={port} HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Length: 5\r\n\r\n".encode())
+    assert n.get("/wait_ready").text == "ready\n"
+    other = n.get(f"/other?port={port}").text
+    owner.sendall(b"abcde")
+    owner.settimeout(10)
+    answer = owner.recv(65536)
+    owner.close()
+    return other, answer
+
+
+def test_objects_bound_to_their_request(nginx):
+    up = LineServer()
+    got = {}
+    for m in MODULES:
+        n = nginx(module=m, main="user root;", server=BOUND,
+                  http='lua_package_path "{prefix}/?.lua;;";',
+                  files={"box.lua": BOX})
+        other, owner = drive_from_other_request(n, up.port)
+        assert b"owner done" in owner, (m, owner)
+        got[m] = other
+        # After the owner ended: what is left of its objects.
+        got[m + " after"] = n.get(f"/other?port={up.port}").text
+    # Deliberate: the reference lets another request set options on a
+    # live request's connection; luaguard refuses it like the I/O
+    # methods (docs/compatibility.md).
+    ref = got["reference"].replace("setoption=true,nil",
+                                   "setoption!bad request", 1)
+    assert got["luaguard"] == ref, got
+    assert got["luaguard after"] == got["reference after"], got
+    # The hole itself: another request neither drives nor reconnects
+    # the owner's sockets, while the owner lives or after it ended.
+    tcp = got["luaguard"].splitlines()[0]
+    for method in ("send", "receive", "iterator", "close", "connect"):
+        assert f"{method}!bad request" in tcp, tcp
+    assert "connect!bad request" in got["luaguard after"].splitlines()[0]
+    assert "setpeername!bad request" in got["luaguard after"]
