@@ -376,7 +376,7 @@ int udpReceive(lua_State *L)
         return pushNilErr(L, "socket busy reading");
     }
     size_t size = 8192;  // documented maximum: bigger sizes are cut
-    if (nargs == 2) {
+    if (nargs == 2 && !lua_isnil(L, 2)) {  // nil: the default size
         lua_Integer v = luaL_checkinteger(L, 2);
         if (v <= 0) {
             return luaL_argerror(L, 2, "bad size argument");
@@ -423,7 +423,8 @@ int udpSetTimeout(lua_State *L)
                           "(including the object) but seen %d",
                           lua_gettop(L));
     }
-    lua_Number v = luaL_checknumber(L, 2);
+    // nil: back to the directive's timeout (0), as the reference does.
+    lua_Number v = lua_isnil(L, 2) ? 0 : luaL_checknumber(L, 2);
     if (v < 0) {
         return luaL_error(L, "bad timeout value");
     }
