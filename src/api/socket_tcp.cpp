@@ -1195,7 +1195,12 @@ int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
     }
     lua_pushlstring(dst, s->acc.data(), s->acc.size());
     s->acc.clear();
-    if (!timeout) {
+    if (!timeout && st == RStatus::Closed && !s->downstream) {
+        // The peer's FIN ends the read half only: send() still writes and
+        // close() answers 1, as in lua-nginx-module (HTTP/1.0 and
+        // "Connection: close" upstreams).
+        s->read_closed = true;
+    } else if (!timeout) {
         if (s->log_errors && st == RStatus::Error && s->ctx) {
             ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
                           "lua tcp socket read failed: %s", err);

@@ -4,6 +4,7 @@ another request's objects, run on Debian's lua-nginx-module
 itself misbehaves, luaguard's safe behaviour is asserted instead (and
 listed in docs/compatibility.md)."""
 
+import queue
 import re
 import socket
 import threading
@@ -522,3 +523,86 @@ def test_explicit_nil_options(nginx):
 # The reference (0.10.23) raises on nil for these optional arguments.
 LENIENT = ["receive", "receiveuntil", "decode_args", "shared get_keys",
            "sema wait", "flush", "flush_expired", "set_uri"]
+
+
+# ---- 8. half-closed cosockets ----
+
+class HalfCloser:
+    """Answers each connection with "hi\\n", shuts its sending side, and
+    records what the client still sends."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.got = queue.Queue()
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(10)
+                c.sendall(b"hi\n")
+                c.shutdown(socket.SHUT_WR)
+                data = b""
+                try:
+                    while True:
+                        b = c.recv(4096)
+                        if not b:
+                            break
+                        data += b
+                except OSError:
+                    pass
+                self.got.put(data)
+
+
+HALF = r"""
+    location /half {
+        content_by_lua_block {
+            local s = ngx.socket.tcp()
+            assert(s:connect("127.0.0.1", tonumber(ngx.var.arg_port)))
+            local mode = ngx.var.arg_mode
+            local out = {}
+            local function r(a, b, c)
+                out[#out + 1] = tostring(a) .. "," .. tostring(b) .. ","
+                                .. tostring(c)
+            end
+            if mode == "line" then
+                r(s:receive())
+                r(s:receive())
+            elseif mode == "size" then
+                r(s:receive(10))
+            elseif mode == "until" then
+                local it = s:receiveuntil("END")
+                r(it())
+            elseif mode == "any" then
+                r(s:receiveany(10))
+                r(s:receiveany(10))
+            end
+            r(s:receive())
+            r(s:send("after " .. mode .. "\n"))
+            r(s:close())
+            r(s:close())
+            ngx.say(table.concat(out, " | "))
+        }
+    }
+"""
+
+
+@pytest.mark.parametrize("mode", ["line", "size", "until", "any"])
+def test_half_closed_cosocket(nginx, mode):
+    got = {}
+    for m in MODULES:
+        up = HalfCloser()
+        n = nginx(module=m, server=HALF)
+        got[m] = n.get(f"/half?port={up.port}&mode={mode}").text
+        got[m + " upstream"] = up.got.get(timeout=15)
+    assert got["luaguard"] == got["reference"], got
+    # The write half still works after the read half met the end.
+    for m in MODULES:
+        assert got[m + " upstream"] == f"after {mode}\n".encode(), got
