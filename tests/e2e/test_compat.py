@@ -606,3 +606,49 @@ def test_half_closed_cosocket(nginx, mode):
     # The write half still works after the read half met the end.
     for m in MODULES:
         assert got[m + " upstream"] == f"after {mode}\n".encode(), got
+
+
+TIMER_BOUND = r"""
+    location /start {
+        content_by_lua_block {
+            local box = require "box"
+            local port = tonumber(ngx.var.arg_port)
+            assert(ngx.timer.at(0, function()
+                local t = ngx.socket.tcp()
+                assert(t:connect("127.0.0.1", port))
+                box.set("tcp", t)
+                box.set("ready", true)
+                while not box.get("done") do ngx.sleep(0.005) end
+                box.set("timer over", true)
+            end))
+            ngx.say("started")
+        }
+    }
+    location /other {
+        content_by_lua_block {
+            local box = require "box"
+            while not box.get("ready") do ngx.sleep(0.005) end
+            ngx.say(box.drive("tcp", box.get("tcp"),
+                              tonumber(ngx.var.arg_port)))
+            box.set("done", true)
+            while not box.get("timer over") do ngx.sleep(0.005) end
+        }
+    }
+"""
+
+
+def test_timer_socket_bound_to_its_timer(nginx):
+    up = LineServer()
+    got = {}
+    for m in MODULES:
+        n = nginx(module=m, main="user root;", server=TIMER_BOUND,
+                  http='lua_package_path "{prefix}/?.lua;;";',
+                  files={"box.lua": BOX})
+        assert n.get(f"/start?port={up.port}").text == "started\n"
+        got[m] = n.get(f"/other?port={up.port}").text
+    # Deliberate difference as in test_objects_bound_to_their_request.
+    ref = got["reference"].replace("setoption=true,nil",
+                                   "setoption!bad request", 1)
+    assert got["luaguard"] == ref, got
+    assert "send!bad request" in got["luaguard"], got
+    assert "connect!bad request" in got["luaguard"], got
