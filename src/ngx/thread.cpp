@@ -55,16 +55,32 @@ void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
                   tb.empty() ? "" : "\n", tb.c_str());
 }
 
+namespace {
+
+// The sentinel travels up through user coroutines (the prelude's
+// wrappers) to the thread's coroutine: every one must be able to yield,
+// the thread's too (a coroutine.wrap called in an xpcall handler).
+bool canYield(lua_State *L)
+{
+    LuaThread *t = threads::current();
+    return lua_isyieldable(L)
+           && (t == nullptr || t->co == L || lua_isyieldable(t->co));
+}
+
+}  // namespace
+
 void checkYieldable(lua_State *L)
 {
-    if (!lua_isyieldable(L)) {
-        luaL_error(L, "attempt to yield across C-call boundary");
+    if (!canYield(L)) {
+        // No position prefix, as LuaJIT's own message.
+        lua_pushliteral(L, "attempt to yield across C-call boundary");
+        lua_error(L);
     }
 }
 
 int yield(lua_State *L)
 {
-    if (!lua_isyieldable(L)) {
+    if (!canYield(L)) {
         // Inside an xpcall message handler, a metamethod called from C,
         // ...: lua_yield would fail after the caller armed its event, and
         // that event would later resume a thread that is not waiting

@@ -118,6 +118,28 @@ NOYIELD = r"""
             ngx.req.set_uri("/target", true)
         }
     }
+    location /wrap {
+        content_by_lua_block {
+            -- The wait starts in a user coroutine: the thread's own
+            -- coroutine (in the message handler) is what cannot yield.
+            local _, err = xpcall(function() error("boom") end,
+                function(e)
+                    local co = coroutine.wrap(function()
+                        ngx.sleep(0.05)
+                        return "slept"
+                    end)
+                    local ok, r = pcall(co)
+                    return tostring(ok) .. " " .. tostring(r)
+                end)
+            ngx.exec("/said", {err = err})
+        }
+    }
+    location /said {
+        content_by_lua_block {
+            ngx.sleep(0.2)
+            ngx.say(ngx.var.arg_err)
+        }
+    }
     location /target {
         content_by_lua_block {
             ngx.sleep(0.2)
@@ -129,7 +151,7 @@ NOYIELD = r"""
 
 def test_sleep_not_yieldable(nginx):
     servers = both(nginx, server=NOYIELD)
-    for path in ("/exit", "/exec", "/seturi"):
+    for path in ("/exit", "/exec", "/seturi", "/wrap"):
         got = {m: norm(n.get(path).text) for m, n in servers.items()}
         assert got["luaguard"] == got["reference"], (path, got)
     assert "attempt to yield across C-call boundary" in \
