@@ -320,6 +320,13 @@ bool run(LuaThread *t, int nargs)
         return false;
     }
 
+    if (rc == LUA_YIELD) {
+        // Ended by ngx.exit/ngx.exec; when that call could not yield (an
+        // xpcall message handler) the exit is carried out at the thread's
+        // next yield, which may be a wait that armed an event: undone, it
+        // would fire on a finished request.
+        disarm(t);
+    }
     bool done = finish(t, rc);
     if (rc != 0 && rc != LUA_YIELD) {
         budget::Guard::reclaim(ctx->vm->L(), ctx->usage, *ctx->limits);

@@ -118,6 +118,20 @@ NOYIELD = r"""
             ngx.req.set_uri("/target", true)
         }
     }
+    location /exit_in_handler {
+        content_by_lua_block {
+            -- ngx.exit cannot yield here either: the exit is carried out
+            -- at the next yield, a sleep whose timer must not outlive it.
+            local ok, err = xpcall(function() error("boom") end,
+                function(e)
+                    local ok, err = pcall(ngx.exit, 201)
+                    return tostring(ok) .. " " .. tostring(err)
+                end)
+            ngx.say(ok, " ", err)
+            ngx.sleep(0.05)
+            ngx.say("after")
+        }
+    }
     location /wrap {
         content_by_lua_block {
             -- The wait starts in a user coroutine: the thread's own
@@ -151,7 +165,7 @@ NOYIELD = r"""
 
 def test_sleep_not_yieldable(nginx):
     servers = both(nginx, server=NOYIELD)
-    for path in ("/exit", "/exec", "/seturi", "/wrap"):
+    for path in ("/exit", "/exec", "/seturi", "/wrap", "/exit_in_handler"):
         got = {m: norm(n.get(path).text) for m, n in servers.items()}
         assert got["luaguard"] == got["reference"], (path, got)
     assert "attempt to yield across C-call boundary" in \
