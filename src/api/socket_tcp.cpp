@@ -120,7 +120,9 @@ struct Tcp {
     LuaThread           *reader = nullptr;
     LuaThread           *writer = nullptr;
     LuaThread           *connector = nullptr;
-    bool                 read_closed = false;  // "*a" met the end
+    bool                 read_closed = false;  // the peer's end was read
+    bool                 all_ended = false;    // "*a" met it: the next
+                                               // read reports it
 
     // Connect.
     ngx_peer_connection_t pc;
@@ -309,6 +311,7 @@ void attach(Tcp *s, ngx_connection_t *c)
 {
     s->c = c;
     s->read_closed = false;
+    s->all_ended = false;
     c->data = s;
     c->read->handler = entry::edge<onRead>;
     c->write->handler = entry::edge<onWrite>;
@@ -1184,7 +1187,8 @@ int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
         lua_pushlstring(dst, s->acc.data(), s->acc.size());
         s->acc.clear();
         // The read side is over; the connection stays until close().
-        s->read_closed = true;
+        // The next read answers nil, "closed", "" as lua-nginx-module's.
+        s->all_ended = true;
         return 1;
     }
     lua_pushnil(dst);
@@ -1297,6 +1301,14 @@ int startRead(lua_State *L, Tcp *s, RMode m, size_t size, Until *u)
     }
     if (s->read_closed) {
         return pushNilErr(L, "closed");
+    }
+    if (s->all_ended) {
+        s->all_ended = false;
+        s->read_closed = true;
+        lua_pushnil(L);
+        lua_pushliteral(L, "closed");
+        lua_pushliteral(L, "");
+        return 3;
     }
     if (s->reader) {
         return pushNilErr(L, "socket busy reading");
@@ -1724,9 +1736,12 @@ int tcpSetKeepalive(lua_State *L)
         }
         size = static_cast<ngx_uint_t>(v);
     }
-    if (s->read_closed || c->read->eof || c->read->error
-        || c->write->error)
-    {
+    if (s->read_closed || s->all_ended) {
+        // The read half met the peer's end: the reference answers
+        // "closed" and leaves the connection to close().
+        return pushNilErr(L, "closed");
+    }
+    if (c->read->eof || c->read->error || c->write->error) {
         closeSock(s, nullptr);
         return pushNilErr(L, "connection in dubious state");
     }

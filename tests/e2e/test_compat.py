@@ -616,12 +616,20 @@ HALF = r"""
             elseif mode == "until" then
                 local it = s:receiveuntil("END")
                 r(it())
+            elseif mode == "all" then
+                r(s:receive("*a"))
+            elseif mode == "allka" then
+                r(s:receive("*a"))
+                r(s:setkeepalive())
             elseif mode == "any" then
                 r(s:receiveany(10))
                 r(s:receiveany(10))
             end
             r(s:receive())
             r(s:send("after " .. mode .. "\n"))
+            if ngx.var.arg_keepalive then
+                r(s:setkeepalive())
+            end
             r(s:close())
             r(s:close())
             ngx.say(table.concat(out, " | "))
@@ -630,7 +638,9 @@ HALF = r"""
 """
 
 
-@pytest.mark.parametrize("mode", ["line", "size", "until", "any"])
+@pytest.mark.parametrize("mode", ["line", "size", "until", "any", "all",
+                                  "allka", "line&keepalive=1",
+                                  "all&keepalive=1"])
 def test_half_closed_cosocket(nginx, mode):
     got = {}
     for m in MODULES:
@@ -641,7 +651,8 @@ def test_half_closed_cosocket(nginx, mode):
     assert got["luaguard"] == got["reference"], got
     # The write half still works after the read half met the end.
     for m in MODULES:
-        assert got[m + " upstream"] == f"after {mode}\n".encode(), got
+        want = "after " + mode.split("&")[0] + "\n"
+        assert got[m + " upstream"] == want.encode(), got
 
 
 TIMER_BOUND = r"""
