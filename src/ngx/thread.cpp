@@ -325,7 +325,7 @@ bool run(LuaThread *t, int nargs)
         // xpcall message handler) the exit is carried out at the thread's
         // next yield, which may be a wait that armed an event: undone, it
         // would fire on a finished request.
-        disarm(t);
+        undoWait(t);
     }
     bool done = finish(t, rc);
     if (rc != 0 && rc != LUA_YIELD) {
