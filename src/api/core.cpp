@@ -125,6 +125,7 @@ int ngxSleep(lua_State *L)
     if (t == nullptr) {
         return luaL_error(L, "no request found");
     }
+    glue::checkYieldable(L);   // before the timer is armed
     auto ms = static_cast<ngx_msec_t>(sec * 1000 + 0.5);
     if (ms == 0) {
         // Still a real yield: other requests run before this one goes on.
@@ -364,6 +365,19 @@ int workerId(lua_State *L)
 
 int workerCount(lua_State *L)
 {
+    if (g_run && g_run->phase == Phase::Init && configCycle()) {
+        // init_by_lua: ngx_cycle is the previous cycle (at first start a
+        // placeholder without configuration); the count is the one being
+        // configured, as in lua-nginx-module.
+        auto *ccf = reinterpret_cast<ngx_core_conf_t *>(
+            ngx_get_conf(configCycle()->conf_ctx, ngx_core_module));
+        ngx_int_t n = ccf ? ccf->worker_processes : NGX_CONF_UNSET;
+        if (n == NGX_CONF_UNSET || (ccf && ccf->master == 0)) {
+            n = 1;   // nginx's default, or no workers but the master
+        }
+        lua_pushinteger(L, static_cast<lua_Integer>(n));
+        return 1;
+    }
     auto *ccf = reinterpret_cast<ngx_core_conf_t *>(
         ngx_get_conf(ngx_cycle->conf_ctx, ngx_core_module));
     lua_pushinteger(L, static_cast<lua_Integer>(

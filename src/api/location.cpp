@@ -244,6 +244,12 @@ bool setFraming(ngx_http_request_t *sr, off_t len)
         sr->headers_in.content_length = e;
     }
     sr->headers_in.headers = fresh;
+    // The copy's `last` still points at the local `fresh.part` while the
+    // list has one part: a later push (ngx.req.set_header in the
+    // subrequest) would write through a dead stack frame.
+    if (fresh.last == &fresh.part) {
+        sr->headers_in.headers.last = &sr->headers_in.headers.part;
+    }
     return true;
 }
 

@@ -223,8 +223,13 @@ void flushWaitHandler(ngx_http_request_t *r)
 
     if (wev->timedout) {
         wev->timedout = 0;
-        flushDone(ctx, "timeout");
-        return;
+        if (!wev->delayed) {
+            flushDone(ctx, "timeout");
+            return;
+        }
+        // limit_rate's pause is over (the write filter armed the timer):
+        // send on, as nginx's upstream does with a delayed event.
+        wev->delayed = 0;
     }
     if (ngx_http_output_filter(r, nullptr) == NGX_ERROR) {
         flushDone(ctx, "nginx output filter error");
@@ -243,7 +248,10 @@ void flushWaitHandler(ngx_http_request_t *r)
         ctx->flush_waiter->cancel = cancelFlush;
         return;
     }
-    if (wev->timer_set) {
+    // Not limit_rate's timer: it ends the pause the write filter started
+    // for what was just sent, and without it the next output would wait
+    // for ever.
+    if (wev->timer_set && !wev->delayed) {
         ngx_del_timer(wev);
     }
     flushDone(ctx, nullptr);

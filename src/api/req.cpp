@@ -498,6 +498,12 @@ int setHeaderCommon(lua_State *L, bool clear)
     for (const std::string &v : values) {
         bytes += nlen + v.size() + sizeof(ngx_table_elt_t);
     }
+    if (ctx->r->headers_in.headers.nalloc == 0) {
+        // No header list: an HTTP/0.9 request, or one nginx rejected
+        // before parsing headers (error_page 400 = /loc). Nothing to
+        // change, as in lua-nginx-module.
+        return 0;
+    }
     chargeMemory(L, bytes, "ngx.req.set_header");
     if (!replaceHeaders(ctx->r, name, nlen, values)) {
         return luaL_error(L, "no memory");
@@ -867,9 +873,11 @@ struct BodyWriter {
     ngx_temp_file_t  *tf;
 };
 
-bool spill(ngx_http_request_t *r, BodyWriter *w)
+// Writes `b` (the writer's buffer, or data that cannot fit in it) to the
+// writer's temp file, made on first use.
+bool spill(ngx_http_request_t *r, BodyWriter *w, ngx_buf_t *b)
 {
-    if (w->buf->last == w->buf->pos) {
+    if (b->last == b->pos) {
         return true;
     }
     if (w->tf == nullptr) {
@@ -891,14 +899,19 @@ bool spill(ngx_http_request_t *r, BodyWriter *w)
         w->tf->persistent = 1;
         w->tf->clean = 1;
     }
-    ngx_chain_t cl = {w->buf, nullptr};
+    ngx_chain_t cl = {b, nullptr};
     ssize_t n = ngx_write_chain_to_temp_file(w->tf, &cl);
     if (n == NGX_ERROR) {
         return false;
     }
     w->tf->offset += n;  // the caller's job, as in nginx's body writer
-    w->buf->pos = w->buf->last = w->buf->start;
+    b->pos = b->last = b->start;
     return true;
+}
+
+bool spill(ngx_http_request_t *r, BodyWriter *w)
+{
+    return spill(r, w, w->buf);
 }
 
 BodyWriter *requireWriter(lua_State *L, RequestCtx *ctx)
@@ -957,6 +970,22 @@ int appendBody(lua_State *L)
     requireBody(L, ctx);
     size_t len;
     const char *data = luaL_checklstring(L, 1, &len);
+    if (len && w->buf->start == w->buf->end) {
+        // A zero-size buffer (client_body_buffer_size 0): straight to the
+        // temp file, as lua-nginx-module does; the loop below would never
+        // make room.
+        ngx_buf_t b;
+        ngx_memzero(&b, sizeof(b));
+        b.start = b.pos = reinterpret_cast<u_char *>(
+            const_cast<char *>(data));
+        b.last = b.end = b.start + len;
+        b.temporary = 1;
+        if (!spill(ctx->r, w, &b)) {
+            return luaL_error(L, "failed to write the request body to a "
+                              "temporary file");
+        }
+        return 0;
+    }
     while (len) {
         size_t room = w->buf->end - w->buf->last;
         if (room == 0) {

@@ -78,6 +78,10 @@ struct Tcp {
     uint32_t             magic = kMagic;
     RequestCtx          *ctx = nullptr;   // the request using the socket
     ngx_pool_cleanup_t  *cln = nullptr;   // in ctx's pool while it lives
+    // Bound to a request once (connect): from then on only that request
+    // may connect it again, even after it ended (lua-nginx-module's "bad
+    // request"), so no request takes over another's socket object.
+    bool                 bound = false;
     ngx_connection_t    *c = nullptr;
     sock::Slot           slot;            // while connecting or connected
     bool                 log_errors = true;
@@ -116,7 +120,9 @@ struct Tcp {
     LuaThread           *reader = nullptr;
     LuaThread           *writer = nullptr;
     LuaThread           *connector = nullptr;
-    bool                 read_closed = false;  // "*a" met the end
+    bool                 read_closed = false;  // the peer's end was read
+    bool                 all_ended = false;    // "*a" met it: the next
+                                               // read reports it
 
     // Connect.
     ngx_peer_connection_t pc;
@@ -305,6 +311,7 @@ void attach(Tcp *s, ngx_connection_t *c)
 {
     s->c = c;
     s->read_closed = false;
+    s->all_ended = false;
     c->data = s;
     c->read->handler = entry::edge<onRead>;
     c->write->handler = entry::edge<onWrite>;
@@ -432,6 +439,7 @@ bool bindRequest(Tcp *s, RequestCtx *ctx)
     cln->data = s;
     s->cln = cln;
     s->ctx = ctx;
+    s->bound = true;
     s->log_errors = ctx->llcf->socket_log_errors;
     s->buffer_size = ctx->llcf->socket_buffer_size;
     s->lowat = ctx->llcf->socket_send_lowat;
@@ -795,6 +803,9 @@ int tcpConnect(lua_State *L)
 {
     Run *run = glue::checkPhase(L, sock::kPhases);
     Tcp *s = self(L);
+    if (s->bound && s->ctx != run->ctx) {
+        return luaL_error(L, "bad request");
+    }
     int n = lua_gettop(L);
     if (n < 2 || n > 4) {
         return luaL_error(L, "ngx.socket connect: expecting 2, 3, or 4 "
@@ -818,7 +829,7 @@ int tcpConnect(lua_State *L)
                               luaL_typename(L, 3));
         }
         port = lua_tointeger(L, 3);
-        if (n == 4) {
+        if (n == 4 && !lua_isnil(L, 4)) {  // nil: no options
             luaL_checktype(L, 4, LUA_TTABLE);
             opts = 4;
         }
@@ -1176,7 +1187,8 @@ int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
         lua_pushlstring(dst, s->acc.data(), s->acc.size());
         s->acc.clear();
         // The read side is over; the connection stays until close().
-        s->read_closed = true;
+        // The next read answers nil, "closed", "" as lua-nginx-module's.
+        s->all_ended = true;
         return 1;
     }
     lua_pushnil(dst);
@@ -1187,7 +1199,12 @@ int pushRead(Tcp *s, lua_State *dst, RStatus st, bool timeout)
     }
     lua_pushlstring(dst, s->acc.data(), s->acc.size());
     s->acc.clear();
-    if (!timeout) {
+    if (!timeout && st == RStatus::Closed && !s->downstream) {
+        // The peer's FIN ends the read half only: send() still writes and
+        // close() answers 1, as in lua-nginx-module (HTTP/1.0 and
+        // "Connection: close" upstreams).
+        s->read_closed = true;
+    } else if (!timeout) {
         if (s->log_errors && st == RStatus::Error && s->ctx) {
             ngx_log_error(NGX_LOG_ERR, s->ctx->r->connection->log, 0,
                           "lua tcp socket read failed: %s", err);
@@ -1284,6 +1301,14 @@ int startRead(lua_State *L, Tcp *s, RMode m, size_t size, Until *u)
     }
     if (s->read_closed) {
         return pushNilErr(L, "closed");
+    }
+    if (s->all_ended) {
+        s->all_ended = false;
+        s->read_closed = true;
+        lua_pushnil(L);
+        lua_pushliteral(L, "closed");
+        lua_pushliteral(L, "");
+        return 3;
     }
     if (s->reader) {
         return pushNilErr(L, "socket busy reading");
@@ -1405,7 +1430,10 @@ int untilIterator(lua_State *L)
 
 int tcpReceiveUntil(lua_State *L)
 {
-    use(L);
+    // Only the iterator reads: it checks the request, as in
+    // lua-nginx-module.
+    glue::checkPhase(L, sock::kPhases);
+    self(L);
     int n = lua_gettop(L);
     if (n < 2 || n > 3) {
         return luaL_error(L, "expecting 2 or 3 arguments (including the "
@@ -1708,9 +1736,12 @@ int tcpSetKeepalive(lua_State *L)
         }
         size = static_cast<ngx_uint_t>(v);
     }
-    if (s->read_closed || c->read->eof || c->read->error
-        || c->write->error)
-    {
+    if (s->read_closed || s->all_ended) {
+        // The read half met the peer's end: the reference answers
+        // "closed" and leaves the connection to close().
+        return pushNilErr(L, "closed");
+    }
+    if (c->read->eof || c->read->error || c->write->error) {
         closeSock(s, nullptr);
         return pushNilErr(L, "connection in dubious state");
     }
@@ -1777,7 +1808,9 @@ int tcpSetKeepalive(lua_State *L)
 
 int tcpGetReusedTimes(lua_State *L)
 {
-    Tcp *s = use(L);
+    // A count, no I/O: any request may read it, as in lua-nginx-module.
+    glue::checkPhase(L, sock::kPhases);
+    Tcp *s = self(L);
     if (s->c == nullptr) {
         return pushNilErr(L, "closed");
     }
@@ -1830,6 +1863,9 @@ int tcpSetOption(lua_State *L)
 {
     Tcp *s = use(L);
     const char *opt = luaL_checkstring(L, 2);
+    if (!s->bound) {
+        return luaL_error(L, "socket is never created nor connected");
+    }
     if (s->c == nullptr) {
         return pushNilErr(L, "closed");
     }

@@ -32,6 +32,7 @@ struct Udp {
     uint32_t             magic = kMagic;
     RequestCtx          *ctx = nullptr;
     ngx_pool_cleanup_t  *cln = nullptr;
+    bool                 bound = false;   // as Tcp::bound (socket_tcp.cpp)
     ngx_connection_t    *c = nullptr;
     sock::Slot           slot;            // while it has a peer
     ngx_msec_t           read_timeout = 0;
@@ -121,6 +122,7 @@ bool bindRequest(Udp *u, RequestCtx *ctx)
     cln->data = u;
     u->cln = cln;
     u->ctx = ctx;
+    u->bound = true;
     u->log_errors = ctx->llcf->socket_log_errors;
     return true;
 }
@@ -183,6 +185,9 @@ int udpSetPeerName(lua_State *L)
 {
     Run *run = glue::checkPhase(L, sock::kPhases);
     Udp *u = self(L);
+    if (u->bound && u->ctx != run->ctx) {
+        return luaL_error(L, "bad request");
+    }
     int n = lua_gettop(L);
     if (n != 2 && n != 3) {
         return luaL_error(L, "ngx.socket.udp setpeername: expecting 2 or 3 "
@@ -371,7 +376,7 @@ int udpReceive(lua_State *L)
         return pushNilErr(L, "socket busy reading");
     }
     size_t size = 8192;  // documented maximum: bigger sizes are cut
-    if (nargs == 2) {
+    if (nargs == 2 && !lua_isnil(L, 2)) {  // nil: the default size
         lua_Integer v = luaL_checkinteger(L, 2);
         if (v <= 0) {
             return luaL_argerror(L, 2, "bad size argument");
@@ -418,7 +423,8 @@ int udpSetTimeout(lua_State *L)
                           "(including the object) but seen %d",
                           lua_gettop(L));
     }
-    lua_Number v = luaL_checknumber(L, 2);
+    // nil: back to the directive's timeout (0), as the reference does.
+    lua_Number v = lua_isnil(L, 2) ? 0 : luaL_checknumber(L, 2);
     if (v < 0) {
         return luaL_error(L, "bad timeout value");
     }

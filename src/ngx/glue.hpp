@@ -61,6 +61,10 @@ extern char kExitSentinel;
 // Must be the return expression of a lua_CFunction. Take the thread with
 // threads::current() (ngx/thread.hpp) before yielding.
 int yield(lua_State *L);
+// Raises lua-nginx-module's "attempt to yield across C-call boundary"
+// where the running coroutine cannot yield (an xpcall message handler):
+// call it before arming a wait. yield() checks too, and undoes the wait.
+void checkYieldable(lua_State *L);
 
 // Resuming a waiting thread: entry::resume (ngx/entry.hpp).
 

@@ -29,6 +29,9 @@ Run *g_run = nullptr;
 namespace {
 
 MainConf *g_mcf = nullptr;
+// The cycle whose configuration is being read, while init_by_lua may run
+// (ngx_cycle is still the previous one, or a placeholder at first start).
+ngx_cycle_t *g_conf_cycle = nullptr;
 
 // How a code directive takes its code.
 enum class Source { Inline, Block, File };
@@ -1330,6 +1333,7 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
 
     mcf->vm->memory().ceiling = mcf->vm_memory_limit;
     g_mcf = mcf;
+    g_conf_cycle = cf->cycle;
     // With lua_shared_dict zones, init_by_lua runs from the last zone's
     // init callback, once the dictionaries exist.
     if (mcf->init && !shdict::deferInit(mcf)
@@ -1415,6 +1419,11 @@ ngx_http_module_t moduleCtx = {
 MainConf *mainConf()
 {
     return g_mcf;
+}
+
+ngx_cycle_t *configCycle()
+{
+    return g_conf_cycle;
 }
 
 }  // namespace luaguard

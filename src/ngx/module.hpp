@@ -252,6 +252,8 @@ RequestCtx *createCtx(ngx_http_request_t *r);
 // ngx/subrequest.cpp walks them.
 RequestCtx *ctxOfCleanup(const ngx_pool_cleanup_t *cln);
 MainConf *mainConf();
+// The cycle being configured (set before init_by_lua runs).
+ngx_cycle_t *configCycle();
 ngx_log_t *currentLog();
 
 }  // namespace luaguard

@@ -55,8 +55,42 @@ void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
                   tb.empty() ? "" : "\n", tb.c_str());
 }
 
+namespace {
+
+// The sentinel travels up through user coroutines (the prelude's
+// wrappers) to the thread's coroutine: every one must be able to yield,
+// the thread's too (a coroutine.wrap called in an xpcall handler).
+bool canYield(lua_State *L)
+{
+    LuaThread *t = threads::current();
+    return lua_isyieldable(L)
+           && (t == nullptr || t->co == L || lua_isyieldable(t->co));
+}
+
+}  // namespace
+
+void checkYieldable(lua_State *L)
+{
+    if (!canYield(L)) {
+        // No position prefix, as LuaJIT's own message.
+        lua_pushliteral(L, "attempt to yield across C-call boundary");
+        lua_error(L);
+    }
+}
+
 int yield(lua_State *L)
 {
+    if (!canYield(L)) {
+        // Inside an xpcall message handler, a metamethod called from C,
+        // ...: lua_yield would fail after the caller armed its event, and
+        // that event would later resume a thread that is not waiting
+        // (or a finished request). Undo the wait, then raise the error
+        // the script can catch, as lua-nginx-module does.
+        if (LuaThread *t = threads::current()) {
+            threads::undoWait(t);
+        }
+        checkYieldable(L);
+    }
     if (g_run && g_run->ctx) {
         subreq::watchClientAbort(g_run->ctx);  // lua_check_client_abort
     }
@@ -115,8 +149,8 @@ void stopWaiting(LuaThread *w)
     w->nwaiting = 0;
 }
 
-// Undoes what `t` waits on: its wake-up, its pending I/O, a wait() on
-// other threads.
+}  // namespace
+
 void undoWait(LuaThread *t)
 {
     if (t->wake.timer_set) {
@@ -131,6 +165,8 @@ void undoWait(LuaThread *t)
     }
     stopWaiting(t);
 }
+
+namespace {
 
 // The thread just ended: record it, hand its results to a parent blocked
 // in wait(), apply the rules that end the phase. `raised` is the error of
@@ -284,6 +320,13 @@ bool run(LuaThread *t, int nargs)
         return false;
     }
 
+    if (rc == LUA_YIELD) {
+        // Ended by ngx.exit/ngx.exec; when that call could not yield (an
+        // xpcall message handler) the exit is carried out at the thread's
+        // next yield, which may be a wait that armed an event: undone, it
+        // would fire on a finished request.
+        undoWait(t);
+    }
     bool done = finish(t, rc);
     if (rc != 0 && rc != LUA_YIELD) {
         budget::Guard::reclaim(ctx->vm->L(), ctx->usage, *ctx->limits);

@@ -60,6 +60,10 @@ bool run(LuaThread *t, int nargs);
 // Returns true when that ended the phase, as run() does.
 bool fail(LuaThread *t, const std::string &msg);
 
+// Undoes what `t` waits on: its wake-up, its pending I/O, a wait() on
+// other threads.
+void undoWait(LuaThread *t);
+
 // Ends a thread that is not running: its pending wait is cancelled, its
 // coroutine released.
 void kill(LuaThread *t);
