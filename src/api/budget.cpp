@@ -3,6 +3,7 @@
 
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/metrics.hpp"
 
 namespace luaguard::api {
 
@@ -30,6 +31,8 @@ int budgetStopping(lua_State *L)
 void chargeMemory(lua_State *L, size_t bytes, const char *what)
 {
     if (!budget::Guard::instance().chargeExternal(bytes)) {
+        metrics::countBudgetRefusal(g_run ? g_run->ctx : nullptr,
+                                    metrics::BudgetRefusal::Memory);
         luaL_error(L, "not enough memory (luaguard: %s exceeded by %s)",
                    budget::kindName(budget::Kind::Memory), what);
     }

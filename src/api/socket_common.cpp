@@ -191,6 +191,7 @@ bool takeSlot(Slot *slot, RequestCtx *ctx, const char *kind)
         }
     }
     if (owner->sockets_held >= ctx->llcf->socket_max_per_request) {
+        metrics::countBudgetRefusal(ctx, metrics::BudgetRefusal::Connections);
         ngx_log_error(NGX_LOG_ERR, ctx->r->connection->log, 0,
                       "lua %s socket: too many connections: the request "
                       "holds %ui (lua_socket_max_per_request)", kind,

@@ -31,6 +31,10 @@ const char *const kBucketText[kBuckets] = {
 const char *const kStopText[kStopKinds] = {"slice", "request", "memory",
                                            "vm_memory"};
 
+// Labels of LocSlot::budget_refusals, in BudgetRefusal order.
+const char *const kRefusalText[kBudgetRefusalKinds] = {"memory",
+                                                       "connections"};
+
 // Labels of LocSlot::timer_stops, in TimerStop order.
 const char *const kTimerStopText[kTimerStopKinds] = {"pending", "memory",
                                                      "cpu"};
@@ -38,7 +42,7 @@ const char *const kTimerStopText[kTimerStopKinds] = {"pending", "memory",
 constexpr int kSlots = 512;         // slot 0: "(other)"
 constexpr int kWorkers = 64;        // gauges of workers 0 .. 63
 constexpr uint64_t kMagic = 0x6c67'6d65'7472'6963ull;   // "lgmetric"
-constexpr uint32_t kVersion = 2;   // 2: LocSlot::timer_stops
+constexpr uint32_t kVersion = 3;   // 3: LocSlot::budget_refusals
 const char kOther[] = "(other)";
 
 // A worker's gauges, written by that worker only (plain stores).
@@ -544,6 +548,17 @@ std::string render(MainConf *mcf)
                     [k](const LocSlot &s) { return load(&s.stops[k]); });
     }
 
+    header(out, "luaguard_budget_refusals_total", "counter",
+           "API calls refused by a budget without stopping the run "
+           "(memory outside Lua, cosockets per request).");
+    for (int k = 0; k < kBudgetRefusalKinds; k++) {
+        std::string extra = std::string(",kind=\"") + kRefusalText[k] + "\"";
+        perLocation(out, "luaguard_budget_refusals_total", extra.c_str(),
+                    [k](const LocSlot &s) {
+                        return load(&s.budget_refusals[k]);
+                    });
+    }
+
     header(out, "luaguard_timer_stops_total", "counter",
            "Timers refused (pending slots, argument memory) or firings "
            "skipped or delayed (callback Lua time) by the location's "
@@ -698,6 +713,11 @@ void pushTable(lua_State *L, MainConf *mcf)
             num(kTimerStopText[k], load(&s.timer_stops[k]));
         }
         lua_setfield(L, -2, "timer_stops");
+        lua_createtable(L, 0, kBudgetRefusalKinds);
+        for (int k = 0; k < kBudgetRefusalKinds; k++) {
+            num(kRefusalText[k], load(&s.budget_refusals[k]));
+        }
+        lua_setfield(L, -2, "budget_refusals");
         lua_createtable(L, 0, sandbox::kCapabilityCount);
         for (int c = 0; c < sandbox::kCapabilityCount; c++) {
             num(sandbox::capabilityName(static_cast<sandbox::Capability>(c)),

@@ -28,6 +28,13 @@ constexpr int kStopKinds = 4;
 enum class TimerStop { Pending, Memory, Cpu };
 constexpr int kTimerStopKinds = 3;
 
+// What a request was refused by a budget without its run being stopped:
+// memory the API would have allocated outside Lua (ngx.var, ngx.header,
+// output, bodies, socket receives) and cosockets past
+// lua_socket_max_per_request. The script sees the error.
+enum class BudgetRefusal { Memory, Connections };
+constexpr int kBudgetRefusalKinds = 2;
+
 // One location's counters, in shared memory. Written with atomic adds by
 // every worker; the name is written by the master at configuration time.
 struct LocSlot {
@@ -35,6 +42,7 @@ struct LocSlot {
     ngx_atomic_t  errors;
     ngx_atomic_t  stops[kStopKinds];
     ngx_atomic_t  timer_stops[kTimerStopKinds];
+    ngx_atomic_t  budget_refusals[kBudgetRefusalKinds];
     ngx_atomic_t  refusals[sandbox::kCapabilityCount];
     ngx_atomic_t  egress;
     ngx_atomic_t  connects;
@@ -112,6 +120,13 @@ inline void countPoolHit(const RequestCtx *ctx)
 {
     if (LocSlot *s = slotOf(ctx)) {
         add(&s->pool_hits);
+    }
+}
+
+inline void countBudgetRefusal(const RequestCtx *ctx, BudgetRefusal k)
+{
+    if (LocSlot *s = slotOf(ctx)) {
+        add(&s->budget_refusals[static_cast<int>(k)]);
     }
 }
 

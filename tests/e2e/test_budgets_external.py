@@ -33,6 +33,12 @@ COMMON = """
         ngx.sleep(0.3)
         ngx.say("waiter ok")
     } }
+    location /refusals { content_by_lua_block {
+        local loc = require("luaguard.metrics").get()
+                        .locations[ngx.var.arg_loc]
+        local r = loc and loc.budget_refusals or {}
+        ngx.say(r.memory, " ", r.connections)
+    } }
 """
 
 AWAIT_WAITER = """
@@ -198,6 +204,8 @@ def test_cosocket_flood_is_capped_per_request(nginx, listener):
                       "held 3\n"
                       "retry: 1\n"
                       "udp retry: 1\n"), r.text
+    # Counted where the operator looks (luaguard_budget_refusals_total).
+    assert n.get("/refusals?loc=/flood").text == "0 2\n"
     assert re.search(r"lua tcp socket: too many connections: the request "
                      r"holds 3 \(lua_socket_max_per_request\)", n.read_log())
     assert "lua udp socket: too many connections" in n.read_log()
@@ -304,6 +312,8 @@ def test_pool_growth_is_charged_to_the_memory_budget(nginx, name):
     assert r.status == 500
     assert re.search(r"not enough memory \(luaguard: lua_budget_memory "
                      rf"exceeded by {re.escape(api)}\)", n.read_log())
+    refused = n.get(f"/refusals?loc=/grow_{name}").text.split()
+    assert int(refused[0]) >= 1 and refused[1] == "0"
     if not ASAN:  # ASan's shadow and quarantine are not the worker's
         assert_peak_within(n, 32)
 
