@@ -66,6 +66,52 @@ def free_port():
         return s.getsockname()[1]
 
 
+class TcpServer:
+    """A TCP server on loopback for tests: accepts in a thread of its own
+    and hands each connection to `serve(conn)`, in the accept loop
+    (`threaded = False`) or in a thread per connection. `accepted` counts
+    connections. Subclasses define serve()."""
+
+    threaded = True
+
+    def __init__(self, host="127.0.0.1", backlog=64):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
+        self.thread.start()
+
+    def accept_loop(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.threaded:
+                threading.Thread(target=self.serve, args=(c,),
+                                 daemon=True).start()
+            else:
+                self.serve(c)
+
+    def serve(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        """Wakes the accept loop and waits for it before the fd is closed:
+        a loop still running could accept on the next socket given the
+        same fd number, another test's listener."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(5)
+        self.sock.close()
+
+
 class Dns:
     """A DNS server on loopback UDP. `answer(name)` gives the IPv4 address
     of a name, or None: NXDOMAIN. A known name asked for another record

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from harness import ASAN
+from harness import ASAN, TcpServer
 
 pytestmark = pytest.mark.skipif(
     not ASAN, reason="needs the fault-injection (ASan) build")
@@ -25,33 +25,19 @@ SWEEP = list(range(1, 81)) + [100, 130, 170, 220, 300, 400, 550, 750,
                               1000, 1500, 2500, 5000]
 
 
-class Echo:
+class Echo(TcpServer):
     """A loopback line echo, over TCP and UDP on the same port number."""
 
     def __init__(self):
-        self.tcp = socket.socket()
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(("127.0.0.1", 0))
-        self.port = self.tcp.getsockname()[1]
-        self.tcp.listen(64)
+        super().__init__()
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", self.port))
-        threading.Thread(target=self.accept, daemon=True).start()
         threading.Thread(target=self.datagrams, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                c, _ = self.tcp.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
 
     @staticmethod
     def serve(c):
         with c:
-            f = c.makefile("rb")
-            for line in f:
+            for line in c.makefile("rb"):
                 c.sendall(line)
 
     def datagrams(self):
@@ -63,7 +49,7 @@ class Echo:
             self.udp.sendto(data, addr)
 
     def close(self):
-        self.tcp.close()
+        super().close()
         self.udp.close()
 
 

@@ -7,9 +7,10 @@ listed in docs/compatibility.md)."""
 import queue
 import re
 import socket
-import threading
 
 import pytest
+
+from harness import TcpServer
 
 MODULES = ["luaguard", "reference"]
 
@@ -366,24 +367,8 @@ BOUND = r"""
 """
 
 
-class LineServer:
+class LineServer(TcpServer):
     """A TCP server on loopback that answers each line with "pong\\n"."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.loop, daemon=True).start()
-
-    def loop(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(c,),
-                             daemon=True).start()
 
     @staticmethod
     def serve(c):
@@ -563,38 +548,31 @@ LENIENT = ["receive", "receiveuntil", "decode_args", "shared get_keys",
 
 # ---- 8. half-closed cosockets ----
 
-class HalfCloser:
+class HalfCloser(TcpServer):
     """Answers each connection with "hi\\n", shuts its sending side, and
     records what the client still sends."""
 
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.got = queue.Queue()
-        threading.Thread(target=self.loop, daemon=True).start()
+    threaded = False
 
-    def loop(self):
-        while True:
+    def __init__(self):
+        self.got = queue.Queue()
+        super().__init__()
+
+    def serve(self, c):
+        with c:
+            c.settimeout(10)
+            c.sendall(b"hi\n")
+            c.shutdown(socket.SHUT_WR)
+            data = b""
             try:
-                c, _ = self.sock.accept()
+                while True:
+                    b = c.recv(4096)
+                    if not b:
+                        break
+                    data += b
             except OSError:
-                return
-            with c:
-                c.settimeout(10)
-                c.sendall(b"hi\n")
-                c.shutdown(socket.SHUT_WR)
-                data = b""
-                try:
-                    while True:
-                        b = c.recv(4096)
-                        if not b:
-                            break
-                        data += b
-                except OSError:
-                    pass
-                self.got.put(data)
+                pass
+            self.got.put(data)
 
 
 HALF = r"""

@@ -7,45 +7,35 @@ values, ngx.redirect) the answers are compared with it byte for byte."""
 
 import queue
 import re
-import socket
-import threading
 
 import pytest
 
+from harness import TcpServer
 
-class Upstream:
+
+class Upstream(TcpServer):
     """A loopback HTTP server that records the raw head of every request
     it receives and answers 200 "ok"."""
 
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.heads = queue.Queue()
-        threading.Thread(target=self.loop, daemon=True).start()
+    threaded = False
 
-    def loop(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            with c:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = c.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                self.heads.put(data.split(b"\r\n\r\n")[0])
-                c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    def __init__(self):
+        self.heads = queue.Queue()
+        super().__init__()
+
+    def serve(self, c):
+        with c:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            self.heads.put(data.split(b"\r\n\r\n")[0])
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     def next_head(self):
         return self.heads.get(timeout=10)
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture

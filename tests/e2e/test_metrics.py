@@ -8,11 +8,11 @@ strict parser of the text format (version 0.0.4).
 
 import math
 import re
-import socket
-import threading
 import time
 
 import pytest
+
+from harness import TcpServer
 
 # ---- a strict reader of the Prometheus text exposition format ----
 
@@ -148,25 +148,8 @@ def test_parser_rejects_what_the_format_forbids():
 
 # ---- the server ----
 
-class LineEcho:
+class LineEcho(TcpServer):
     """Echoes lines back on loopback; keeps connections open."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self.loop, daemon=True).start()
-
-    def loop(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
 
     @staticmethod
     def serve(c):
@@ -178,9 +161,6 @@ class LineEcho:
             pass
         finally:
             c.close()
-
-    def close(self):
-        self.sock.close()
 
 
 SERVER = r"""
