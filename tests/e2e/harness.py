@@ -326,6 +326,10 @@ class Nginx:
             except ProcessLookupError:
                 return
             time.sleep(0.02)
+        # Its workers too: one spinning in a test that failed would
+        # otherwise outlive the master and take a core for good.
+        for worker in self.worker_pids():
+            os.kill(worker, signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
         raise RuntimeError("nginx did not stop in time")
 
