@@ -873,6 +873,18 @@ struct BodyWriter {
     ngx_temp_file_t  *tf;
 };
 
+// RequestCtx keeps the writer as an opaque slot: only these two read and
+// write it, typed.
+BodyWriter *bodyWriter(const RequestCtx *ctx)
+{
+    return static_cast<BodyWriter *>(ctx->req_body_writer);
+}
+
+void setBodyWriter(RequestCtx *ctx, BodyWriter *w)
+{
+    ctx->req_body_writer = w;
+}
+
 // Writes `b` (the writer's buffer, or data that cannot fit in it) to the
 // writer's temp file, made on first use.
 bool spill(ngx_http_request_t *r, BodyWriter *w, ngx_buf_t *b)
@@ -916,7 +928,7 @@ bool spill(ngx_http_request_t *r, BodyWriter *w)
 
 BodyWriter *requireWriter(lua_State *L, RequestCtx *ctx)
 {
-    auto *w = static_cast<BodyWriter *>(ctx->req_body_writer);
+    BodyWriter *w = bodyWriter(ctx);
     if (w == nullptr) {
         luaL_error(L, "request_body not initialized");
     }
@@ -958,7 +970,7 @@ int initBody(lua_State *L)
     rb->bufs = nullptr;
     rb->buf = nullptr;
     rb->temp_file = nullptr;
-    ctx->req_body_writer = w;
+    setBodyWriter(ctx, w);
     return 0;
 }
 
@@ -1035,7 +1047,7 @@ int finishBody(lua_State *L)
     rb->bufs = cl;
     rb->buf = w->tf ? nullptr : w->buf;
     rb->temp_file = w->tf;
-    ctx->req_body_writer = nullptr;
+    setBodyWriter(ctx, nullptr);
     return 0;
 }
 

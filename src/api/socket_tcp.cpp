@@ -156,6 +156,18 @@ struct Tcp {
     ngx_http_event_handler_pt saved_write = nullptr;
 };
 
+// RequestCtx keeps ngx.req.socket's object as an opaque slot: only these
+// two read and write it, typed.
+Tcp *reqSocket(const RequestCtx *ctx)
+{
+    return ctx ? static_cast<Tcp *>(ctx->req_socket) : nullptr;
+}
+
+void setReqSocket(RequestCtx *ctx, Tcp *s)
+{
+    ctx->req_socket = s;
+}
+
 struct Pool {
     std::string  key;
     ngx_uint_t   size;
@@ -362,8 +374,8 @@ void detachDownstream(Tcp *s)
         r->write_event_handler = s->saved_write;
         s->saved_write = nullptr;
     }
-    if (s->ctx->req_socket == s) {
-        s->ctx->req_socket = nullptr;
+    if (reqSocket(s->ctx) == s) {
+        setReqSocket(s->ctx, nullptr);
     }
 }
 
@@ -1272,7 +1284,7 @@ void onRead(ngx_event_t *ev)
 void reqReadHandler(ngx_http_request_t *r)
 {
     RequestCtx *ctx = getCtx(r);
-    auto *s = ctx ? static_cast<Tcp *>(ctx->req_socket) : nullptr;
+    Tcp *s = reqSocket(ctx);
     if (s && s->c) {
         readEvent(s, r->connection->read);
     }
@@ -1590,7 +1602,7 @@ void onWrite(ngx_event_t *ev)
 void reqWriteHandler(ngx_http_request_t *r)
 {
     RequestCtx *ctx = getCtx(r);
-    auto *s = ctx ? static_cast<Tcp *>(ctx->req_socket) : nullptr;
+    Tcp *s = reqSocket(ctx);
     if (s && s->c) {
         writeEvent(s, r->connection->write);
     }
@@ -2374,7 +2386,7 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
         return pushNilErr(L, "http v2 not supported yet");
     }
 #endif
-    if (ctx->req_socket) {
+    if (reqSocket(ctx)) {
         return pushNilErr(L, "request body already exists");
     }
     off_t body = -1;
@@ -2473,7 +2485,7 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
         }
     }
     bodyTaken(s);
-    ctx->req_socket = s;
+    setReqSocket(ctx, s);
     return 1;
 }
 

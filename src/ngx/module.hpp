@@ -205,6 +205,8 @@ struct RequestCtx {
     // writer (api/req.cpp).
     LuaThread           *req_body_waiter = nullptr;
     bool                 req_body_done = false;
+    // Opaque to the glue: api/req.cpp (bodyWriter/setBodyWriter) and
+    // api/socket_tcp.cpp (reqSocket/setReqSocket) reach them, typed.
     void                *req_body_writer = nullptr;
     void                *req_socket = nullptr;     // ngx.req.socket's Tcp
     // Cosockets connected or connecting on this request's behalf
