@@ -82,6 +82,11 @@ void chargeMemory(lua_State *L, size_t bytes, const char *what);
 // code is being stopped by a budget.
 int budgetStopping(lua_State *L);
 
+// Raises lua-nginx-module's error for the control byte at `bad` in a URI:
+// unsafe byte "0xNN" in <what> "<uri, escaped>"<hint>.
+int unsafeUriError(lua_State *L, const char *uri, size_t len, size_t bad,
+                   const char *what, const char *hint = "");
+
 // Registers functions `fns` into the table at the top of the stack.
 void setFuncs(lua_State *L, const luaL_Reg *fns);
 

@@ -495,12 +495,7 @@ int ngxRedirect(lua_State *L)
     // second header. TAB, space and bytes from 0x80 pass, as there.
     size_t bad = codec::unsafeUriByte(uri, len);
     if (bad != std::string::npos) {
-        std::string shown = codec::showUnsafeUri(uri, len);
-        char byte[4];
-        std::snprintf(byte, sizeof(byte), "%02x",
-                      static_cast<unsigned char>(uri[bad]));
-        return luaL_error(L, "unsafe byte \"0x%s\" in redirect uri \"%s\"",
-                          byte, shown.c_str());
+        return unsafeUriError(L, uri, len, bad, "redirect uri");
     }
     ngx_str_t location;
     if (!poolCopy(r, uri, len, &location)) {

@@ -583,13 +583,9 @@ int setUri(lua_State *L)
     if (!binary) {
         size_t bad = codec::unsafeUriByte(uri, len);
         if (bad != std::string::npos) {
-            std::string shown = codec::showUnsafeUri(uri, len);
-            char byte[4];
-            std::snprintf(byte, sizeof(byte), "%02x",
-                          static_cast<unsigned char>(uri[bad]));
-            return luaL_error(L, "unsafe byte \"0x%s\" in uri \"%s\" (maybe "
-                              "you want to set the 'binary' argument?)",
-                              byte, shown.c_str());
+            return unsafeUriError(L, uri, len, bad, "uri",
+                                  " (maybe you want to set the 'binary' "
+                                  "argument?)");
         }
     }
     if (jump && run->phase != Phase::Rewrite

@@ -9,6 +9,7 @@
 #include <openssl/sha.h>
 #include <zlib.h>
 
+#include <cstdio>
 #include <string>
 
 #include "api/api.hpp"
@@ -427,6 +428,17 @@ void openUtil(lua_State *L)
     setFuncs(L, fns);
 
     preload(L, "ngx.base64", openBase64Module);
+}
+
+int unsafeUriError(lua_State *L, const char *uri, size_t len, size_t bad,
+                   const char *what, const char *hint)
+{
+    std::string shown = codec::showUnsafeUri(uri, len);
+    char byte[4];
+    std::snprintf(byte, sizeof(byte), "%02x",
+                  static_cast<unsigned char>(uri[bad]));
+    return luaL_error(L, "unsafe byte \"0x%s\" in %s \"%s\"%s", byte, what,
+                      shown.c_str(), hint);
 }
 
 }  // namespace luaguard::api
