@@ -160,6 +160,9 @@ struct MemoSlot {
 };
 constexpr size_t kMemoSlots = 64;
 
+// The original tostring, in each VM's registry.
+constexpr const char *kToString = "luaguard.re.tostring";
+
 struct State {
     regex::LruCache<Regex *>  cache{1024};
     bool                      warned_full = false;
@@ -170,7 +173,6 @@ struct State {
     pcre2_jit_stack          *jit_stack = nullptr;
     size_t                    jit_stack_max = kJitStackMaxDefault;
     uint32_t                  pcre_default_limit = 10000000;
-    int                       tostring_ref = LUA_NOREF;
     int                       buf_depth = 0;
     std::string               bufs[4];
     MemoSlot                  memo[kMemoSlots];
@@ -311,7 +313,7 @@ const char *subjectArg(lua_State *L, int idx, size_t *len)
     if (lua_type(L, idx) == LUA_TSTRING) {
         return lua_tolstring(L, idx, len);
     }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, state().tostring_ref);
+    lua_getfield(L, LUA_REGISTRYINDEX, kToString);
     lua_pushvalue(L, idx);
     lua_call(L, 1, 1);
     if (!lua_isstring(L, -1)) {
@@ -897,7 +899,7 @@ class OutBuf {
 void appendValue(lua_State *L, std::string *out)
 {
     if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, state().tostring_ref);
+        lua_getfield(L, LUA_REGISTRYINDEX, kToString);
         lua_insert(L, -2);
         lua_call(L, 1, 1);
     }
@@ -1818,9 +1820,9 @@ int loadNgxRe(lua_State *L)
 void openRegex(lua_State *L)
 {
     budget::Guard::instance().on_trip_signal = escapeMatch;
-    // A registry reference of this VM (a reload makes a new VM).
+    // In each VM's registry (lua_vm, and a reload makes new VMs).
     lua_getglobal(L, "tostring");
-    state().tostring_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_setfield(L, LUA_REGISTRYINDEX, kToString);
     luaL_newmetatable(L, kGmatchMeta);
     lua_pushcfunction(L, gmatchGc);
     lua_setfield(L, -2, "__gc");

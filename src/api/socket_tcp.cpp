@@ -913,15 +913,18 @@ int tcpConnect(lua_State *L)
             s->key += std::to_string(port);
         }
     }
-    // Pools of different policies never mix, whatever name the script
-    // gives: the key starts with the policies' identities (inherited
+    // Pools of different policies or VMs never mix, whatever name the
+    // script gives: the key starts with their identities (inherited
     // policies are shared objects, so locations with the same settings
-    // share pools). The prefix ends with '|', which no pointer contains.
-    char policy[64];
-    int plen = std::snprintf(policy, sizeof(policy), "%p,%p|",
+    // share pools; a lua_vm tenant never gets a connection another
+    // tenant authenticated). The prefix ends with '|', which no pointer
+    // contains.
+    char policy[96];
+    int plen = std::snprintf(policy, sizeof(policy), "%p,%p,%p|",
                              static_cast<const void *>(ctx->llcf->egress),
                              static_cast<const void *>(
-                                 sandbox::policyOf(ctx->llcf)));
+                                 sandbox::policyOf(ctx->llcf)),
+                             static_cast<const void *>(ctx->vm));
     s->key.insert(0, policy, static_cast<size_t>(plen));
 
     if (!sock::takeSlot(&s->slot, ctx, "tcp")) {

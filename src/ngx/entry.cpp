@@ -1,6 +1,7 @@
 #include "ngx/entry.hpp"
 
 #include "ngx/glue.hpp"
+#include "runtime/vm.hpp"
 #include "security/log_escape.hpp"
 
 // The unwinding contract above holds only where LuaJIT unwinds through the
@@ -18,9 +19,15 @@ const budget::Limits &Scope::limitsOf(RequestCtx *ctx)
     return ctx && ctx->limits ? *ctx->limits : none;
 }
 
-Scope::Scope(RequestCtx *ctx, Phase phase, LuaThread *thread)
+Vm *Scope::vmOf(RequestCtx *ctx, Vm *vm)
+{
+    return ctx ? ctx->vm : vm ? vm : mainConf()->vm;
+}
+
+Scope::Scope(RequestCtx *ctx, Phase phase, LuaThread *thread, Vm *vm)
     : run_(ctx, phase, thread),
-      charge_(limitsOf(ctx), ctx ? &ctx->usage : &scratch_)
+      charge_(limitsOf(ctx), ctx ? &ctx->usage : &scratch_,
+              vmOf(ctx, vm)->L(), &vmOf(ctx, vm)->memory())
 {
 }
 

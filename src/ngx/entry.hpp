@@ -26,16 +26,19 @@ namespace luaguard::entry {
 
 // What one run of Lua needs in force while it runs, set up in this
 // order and torn down in reverse: g_run (request, phase, thread) and the
-// budget frame charging `ctx`'s usage under ctx->limits. Without a
-// request (init, init_worker, exit_worker) nothing is charged.
+// budget frame charging `ctx`'s usage under ctx->limits, in the request's
+// VM. Without a request (init, init_worker, exit_worker: in `vm`, the
+// default VM when null) nothing is charged.
 class Scope {
  public:
-    Scope(RequestCtx *ctx, Phase phase, LuaThread *thread = nullptr);
+    Scope(RequestCtx *ctx, Phase phase, LuaThread *thread = nullptr,
+          Vm *vm = nullptr);
     Scope(const Scope &) = delete;
     Scope &operator=(const Scope &) = delete;
 
  private:
     static const budget::Limits &limitsOf(RequestCtx *ctx);
+    static Vm *vmOf(RequestCtx *ctx, Vm *vm);
 
     RunScope       run_;
     budget::Usage  scratch_;

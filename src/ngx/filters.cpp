@@ -57,12 +57,9 @@ ngx_int_t headerFilter(ngx_http_request_t *r)
         // in for one a filter failed on; it passes untouched.
         return g_next_header(r);
     }
-    RequestCtx *ctx = getCtx(r);
+    RequestCtx *ctx = glue::ensureCtx(r);
     if (ctx == nullptr) {
-        ctx = createCtx(r);
-        if (ctx == nullptr) {
-            return NGX_ERROR;
-        }
+        return NGX_ERROR;
     }
     ctx->exited = false;
     if (runSync(ctx, Phase::HeaderFilter, llcf->header_filter,
@@ -119,12 +116,9 @@ ngx_int_t bodyFilter(ngx_http_request_t *r, ngx_chain_t *in)
     if (llcf->body_filter == nullptr || in == nullptr) {
         return passOn(r, in);
     }
-    RequestCtx *ctx = getCtx(r);
+    RequestCtx *ctx = glue::ensureCtx(r);
     if (ctx == nullptr) {
-        ctx = createCtx(r);
-        if (ctx == nullptr) {
-            return NGX_ERROR;
-        }
+        return NGX_ERROR;
     }
     if (ctx->filter_eof) {
         // ngx.arg[2] = true ended the body earlier: drop what follows.

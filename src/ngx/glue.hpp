@@ -28,9 +28,10 @@ ngx_int_t addWorkersZone(ngx_conf_t *cf);
 void registerWorker();
 
 // init_by_lua, init_worker_by_lua, exit_worker_by_lua: no request, run to
-// completion on the main state.
-ngx_int_t runWorkerCode(MainConf *mcf, Handler *h, Phase phase,
-                        ngx_log_t *log);
+// completion on the main state of `vm`.
+ngx_int_t runWorkerCode(Vm *vm, Handler *h, Phase phase, ngx_log_t *log);
+// init_by_lua in every VM: the default one, then each lua_vm.
+ngx_int_t runInit(MainConf *mcf, ngx_log_t *log);
 
 // ---- set_by_lua as a step of the rewrite module's script ----
 struct SetStep {
@@ -85,10 +86,16 @@ void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
 // running code (a yield in coroutine phases, an error object elsewhere).
 int exitThread(lua_State *L, RequestCtx *ctx, ngx_int_t code = 0);
 
-// Runs `h` to completion with pcall on the main state, leaving `nresults`
-// results on it. Returns NGX_OK, or NGX_ERROR after logging the failure.
+// The request's context, made on first use; brought up to date with the
+// request's location (and that location's VM) when it changed. Null when
+// out of memory.
+RequestCtx *ensureCtx(ngx_http_request_t *r);
+
+// Runs `h` to completion with pcall on the main state of the request's VM
+// (`vm` without a request), leaving `nresults` results on it. Returns
+// NGX_OK, or NGX_ERROR after logging the failure.
 ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
-                  int nresults);
+                  int nresults, Vm *vm = nullptr);
 
 // Raises the lua-nginx-module error for an API used in the wrong phase.
 // Returns the current run when the phase is allowed.

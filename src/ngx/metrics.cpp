@@ -138,11 +138,28 @@ void publish(bool full)
     WorkerSlot &w = g_table->workers[ngx_worker];
     MainConf *mcf = mainConf();
     if (mcf && mcf->vm) {
-        MemoryAccount &m = mcf->vm->memory();
-        store(&w.vm_in_use, m.in_use);
-        store(&w.vm_ceiling, m.ceiling);
-        store(&w.vm_peak, m.peak);
-        store(&w.vm_freed, m.freed);
+        // The worker's VMs together (lua_vm): what the worker holds.
+        MemoryAccount total;
+        bool unbounded = false;  // a VM with no ceiling: none in all
+        auto add = [&](Vm *vm) {
+            MemoryAccount &m = vm->memory();
+            total.in_use += m.in_use;
+            total.ceiling += m.ceiling;
+            unbounded = unbounded || m.ceiling == 0;
+            total.peak += m.peak;
+            total.freed += m.freed;
+        };
+        add(mcf->vm);
+        if (mcf->vms) {
+            auto **slots = static_cast<VmSlot **>(mcf->vms->elts);
+            for (ngx_uint_t i = 0; i < mcf->vms->nelts; i++) {
+                add(slots[i]->vm);
+            }
+        }
+        store(&w.vm_in_use, total.in_use);
+        store(&w.vm_ceiling, unbounded ? 0 : total.ceiling);
+        store(&w.vm_peak, total.peak);
+        store(&w.vm_freed, total.freed);
     }
     store(&w.timers_pending, glue::timersPending());
     store(&w.timers_running, glue::timersRunning());

@@ -3,6 +3,7 @@
 #include <pwd.h>
 #include <sys/stat.h>
 
+#include <cctype>
 #include <cstring>
 #include <new>
 #include <string>
@@ -85,14 +86,10 @@ void closeVm(void *data)
     delete static_cast<Vm *>(data);
 }
 
-Vm *ensureVm(ngx_conf_t *cf)
+// A started VM, owned by the cycle's pool: a reload builds new VMs with the
+// new configuration and the old ones go with the old cycle.
+Vm *openVm(ngx_conf_t *cf)
 {
-    auto *mcf = static_cast<MainConf *>(
-        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
-    if (mcf->vm) {
-        return mcf->vm;
-    }
-
     ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(cf->pool, 0);
     if (cln == nullptr) {
         return nullptr;
@@ -114,13 +111,23 @@ Vm *ensureVm(ngx_conf_t *cf)
     // Every entry into Lua is protected (ngx/entry.hpp); an error that
     // still finds no handler is logged before LuaJIT ends the process.
     lua_atpanic(vm->L(), entry::panic);
+    vm->memory().on_over = budget::Guard::memoryOver;
 
-    // Owned by the cycle's pool: a reload builds a new VM with the new
-    // configuration and the old one goes with the old cycle.
     cln->handler = closeVm;
     cln->data = vm;
-    mcf->vm = vm;
     return vm;
+}
+
+// The default VM, started by the first Lua directive: inline code is
+// compiled into it while the configuration is parsed.
+Vm *ensureVm(ngx_conf_t *cf)
+{
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
+    if (mcf->vm == nullptr) {
+        mcf->vm = openVm(cf);
+    }
+    return mcf->vm;
 }
 
 ngx_str_t chunkName(ngx_conf_t *cf, const char *tag, ngx_uint_t line)
@@ -724,6 +731,96 @@ char *setPackagePath(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     return NGX_CONF_OK;
 }
 
+// lua_vm NAME [memory=SIZE]: the locations that name a VM run in it;
+// "default" names the VM of every location that names none. A memory
+// limit is given once per name (its ceiling, lua_vm_memory_limit's by
+// default).
+char *setVm(ngx_conf_t *cf, ngx_command_t *, void *conf)
+{
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->vm_slot != NGX_CONF_UNSET_PTR) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
+    auto *v = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_str_t name = v[1];
+    size_t memory = NGX_CONF_UNSET_SIZE;
+    if (cf->args->nelts > 2) {
+        static const char kMem[] = "memory=";
+        ngx_str_t arg = v[2];
+        if (arg.len <= sizeof(kMem) - 1
+            || ngx_strncmp(arg.data, kMem, sizeof(kMem) - 1) != 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\"", &arg);
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        arg.data += sizeof(kMem) - 1;
+        arg.len -= sizeof(kMem) - 1;
+        if (arg.len == 3 && ngx_strncmp(arg.data, "off", 3) == 0) {
+            memory = 0;
+        } else {
+            ssize_t size = ngx_parse_size(&arg);
+            if (size == NGX_ERROR || size < 1024 * 1024) {
+                return const_cast<char *>("invalid memory: expected a size "
+                                          "of at least 1m, or \"off\"");
+            }
+            memory = static_cast<size_t>(size);
+        }
+    }
+    if (name.len == 7 && ngx_strncmp(name.data, "default", 7) == 0) {
+        if (memory != NGX_CONF_UNSET_SIZE) {
+            return const_cast<char *>("sets no memory for the default VM: "
+                                      "use lua_vm_memory_limit");
+        }
+        lcf->vm_slot = nullptr;
+        return NGX_CONF_OK;
+    }
+    for (u_char *p = name.data; p < name.data + name.len; p++) {
+        if (!(std::isalnum(*p) || *p == '_' || *p == '-' || *p == '.')) {
+            return const_cast<char *>("invalid name: letters, digits, "
+                                      "\"_\", \"-\" and \".\" only");
+        }
+    }
+    if (mcf->vms == nullptr) {
+        mcf->vms = ngx_array_create(cf->pool, 4, sizeof(VmSlot *));
+        if (mcf->vms == nullptr) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+    }
+    auto **slots = static_cast<VmSlot **>(mcf->vms->elts);
+    VmSlot *slot = nullptr;
+    for (ngx_uint_t i = 0; i < mcf->vms->nelts; i++) {
+        if (slots[i]->name.len == name.len
+            && ngx_strncmp(slots[i]->name.data, name.data, name.len) == 0)
+        {
+            slot = slots[i];
+        }
+    }
+    if (slot == nullptr) {
+        slot = static_cast<VmSlot *>(ngx_pcalloc(cf->pool, sizeof(VmSlot)));
+        auto **at = static_cast<VmSlot **>(ngx_array_push(mcf->vms));
+        if (slot == nullptr || at == nullptr) {
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        slot->name = name;
+        slot->memory_limit = NGX_CONF_UNSET_SIZE;
+        *at = slot;
+    }
+    if (memory != NGX_CONF_UNSET_SIZE) {
+        if (slot->memory_limit != NGX_CONF_UNSET_SIZE
+            && slot->memory_limit != memory)
+        {
+            return const_cast<char *>("gives this VM a second memory "
+                                      "limit");
+        }
+        slot->memory_limit = memory;
+    }
+    lcf->vm_slot = slot;
+    return NGX_CONF_OK;
+}
+
 #define LG_MAIN_OFF(field) offsetof(MainConf, field)
 #define LG_SRV_OFF(field) offsetof(SrvConf, field)
 #define LG_LOC_OFF(field) offsetof(LocConf, field)
@@ -883,6 +980,7 @@ ngx_command_t commands[] = {
            nullptr),
     LG_CMD("lua_sandbox", kAnyLoc | NGX_CONF_1MORE, sandbox::setDirective,
            kLocLoc, LG_LOC_OFF(sandbox), nullptr),
+    LG_CMD("lua_vm", kAnyLoc | NGX_CONF_TAKE12, setVm, kLocLoc, 0, nullptr),
 
     LG_CMD("lua_egress", kAnyLoc | NGX_CONF_2MORE, setEgressRule, kLocLoc, 0,
            nullptr),
@@ -1053,6 +1151,7 @@ void *createLocConf(ngx_conf_t *cf)
     conf->socket_max_per_request = NGX_CONF_UNSET_UINT;
     conf->socket_log_errors = NGX_CONF_UNSET;
     conf->ssl_verify_depth = NGX_CONF_UNSET;
+    conf->vm_slot = static_cast<VmSlot *>(NGX_CONF_UNSET_PTR);
     return conf;
 }
 
@@ -1181,6 +1280,7 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
     if (conf->sandbox == nullptr) {
         conf->sandbox = prev->sandbox;  // null stays "default"
     }
+    ngx_conf_merge_ptr_value(conf->vm_slot, prev->vm_slot, nullptr);
 
     ngx_conf_merge_msec_value(conf->socket_connect_timeout,
                               prev->socket_connect_timeout, 60000);
@@ -1246,6 +1346,38 @@ ngx_int_t addPhaseHandler(ngx_http_core_main_conf_t *cmcf, ngx_uint_t phase,
     return NGX_OK;
 }
 
+// What every VM gets before init_by_lua runs in it: the shared
+// dictionaries, lua_package_path/cpath and its memory ceiling.
+ngx_int_t setUpVm(ngx_conf_t *cf, MainConf *mcf, Vm *vm, size_t ceiling)
+{
+    lua_State *L = vm->L();
+    api::bindSharedDicts(L, mcf);
+    std::string prefix(reinterpret_cast<char *>(cf->cycle->prefix.data),
+                       cf->cycle->prefix.len);
+    struct {
+        ngx_str_t  *conf;
+        const char *field;
+    } paths[] = {{&mcf->package_path, "path"}, {&mcf->package_cpath, "cpath"}};
+    for (auto &p : paths) {
+        if (p.conf->len == 0) {
+            continue;
+        }
+        lua_getglobal(L, "package");
+        lua_getfield(L, -1, p.field);
+        std::string defaults = lua_tostring(L, -1) ? lua_tostring(L, -1) : "";
+        lua_pop(L, 1);
+        std::string expanded = expandPackagePath(
+            std::string_view(reinterpret_cast<char *>(p.conf->data),
+                             p.conf->len),
+            defaults, prefix);
+        lua_pushlstring(L, expanded.data(), expanded.size());
+        lua_setfield(L, -2, p.field);
+        lua_pop(L, 1);
+    }
+    vm->memory().ceiling = ceiling;
+    return NGX_OK;
+}
+
 ngx_int_t postconfiguration(ngx_conf_t *cf)
 {
     auto *mcf = static_cast<MainConf *>(
@@ -1306,39 +1438,29 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
     }
     glue::installFilters();
 
-    lua_State *L = mcf->vm->L();
-    api::bindSharedDicts(L, mcf);
-    std::string prefix(reinterpret_cast<char *>(cf->cycle->prefix.data),
-                       cf->cycle->prefix.len);
-    struct {
-        ngx_str_t  *conf;
-        const char *field;
-    } paths[] = {{&mcf->package_path, "path"}, {&mcf->package_cpath, "cpath"}};
-    for (auto &p : paths) {
-        if (p.conf->len == 0) {
-            continue;
-        }
-        lua_getglobal(L, "package");
-        lua_getfield(L, -1, p.field);
-        std::string defaults = lua_tostring(L, -1) ? lua_tostring(L, -1) : "";
-        lua_pop(L, 1);
-        std::string expanded = expandPackagePath(
-            std::string_view(reinterpret_cast<char *>(p.conf->data),
-                             p.conf->len),
-            defaults, prefix);
-        lua_pushlstring(L, expanded.data(), expanded.size());
-        lua_setfield(L, -2, p.field);
-        lua_pop(L, 1);
+    if (setUpVm(cf, mcf, mcf->vm, mcf->vm_memory_limit) != NGX_OK) {
+        return NGX_ERROR;
     }
-
-    mcf->vm->memory().ceiling = mcf->vm_memory_limit;
+    if (mcf->vms) {
+        auto **slots = static_cast<VmSlot **>(mcf->vms->elts);
+        for (ngx_uint_t i = 0; i < mcf->vms->nelts; i++) {
+            VmSlot *slot = slots[i];
+            slot->vm = openVm(cf);
+            size_t limit = slot->memory_limit == NGX_CONF_UNSET_SIZE
+                               ? mcf->vm_memory_limit : slot->memory_limit;
+            if (slot->vm == nullptr
+                || setUpVm(cf, mcf, slot->vm, limit) != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+        }
+    }
     g_mcf = mcf;
     g_conf_cycle = cf->cycle;
     // With lua_shared_dict zones, init_by_lua runs from the last zone's
     // init callback, once the dictionaries exist.
     if (mcf->init && !shdict::deferInit(mcf)
-        && glue::runWorkerCode(mcf, mcf->init, Phase::Init, cf->log)
-                         != NGX_OK)
+        && glue::runInit(mcf, cf->log) != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -1373,8 +1495,7 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
     subreq::installEgressHook(cycle->log);
     glue::registerWorker();
     metrics::initWorker(cycle);
-    if (!budget::Guard::instance().start(mcf->vm->L(), &mcf->vm->memory(),
-                                         mcf->watchdog_grace, onStuck))
+    if (!budget::Guard::instance().start(mcf->watchdog_grace, onStuck))
     {
         ngx_log_error(NGX_LOG_ERR, cycle->log, ngx_errno,
                       "luaguard: the budget watchdog did not start; "
@@ -1383,7 +1504,7 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
     if (mcf->init_worker) {
         // A failing init_worker_by_lua is logged, the worker still serves,
         // as in lua-nginx-module.
-        glue::runWorkerCode(mcf, mcf->init_worker, Phase::InitWorker,
+        glue::runWorkerCode(mcf->vm, mcf->init_worker, Phase::InitWorker,
                             cycle->log);
     }
     return NGX_OK;
@@ -1400,7 +1521,8 @@ void exitProcess(ngx_cycle_t *cycle)
     if (mcf->exit_worker == nullptr) {
         return;
     }
-    glue::runWorkerCode(mcf, mcf->exit_worker, Phase::ExitWorker, cycle->log);
+    glue::runWorkerCode(mcf->vm, mcf->exit_worker, Phase::ExitWorker,
+                        cycle->log);
 }
 
 ngx_http_module_t moduleCtx = {

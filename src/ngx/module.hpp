@@ -35,8 +35,18 @@ struct Handler {
 
 inline bool handlerSet(const Handler *h) { return h != nullptr; }
 
+// A named VM (`lua_vm NAME`): the locations that name it run in a
+// lua_State of their own in every worker, with its own memory ceiling,
+// collector, PRNG, module cache, timers and cosocket pools.
+struct VmSlot {
+    ngx_str_t                  name;
+    size_t                     memory_limit;  // unset: lua_vm_memory_limit
+    Vm                        *vm;            // made at postconfiguration
+};
+
 struct MainConf {
-    Vm                        *vm;
+    Vm                        *vm;          // the default VM
+    ngx_array_t               *vms;         // of VmSlot *: named VMs
     ngx_str_t                  package_path;
     ngx_str_t                  package_cpath;
     Handler                   *init;
@@ -109,6 +119,7 @@ struct LocConf {
     ngx_msec_t                 timer_cpu_interval;
     void                      *timer_account;  // per worker, lazily made
     const sandbox::Policy     *sandbox;      // lua_sandbox; null: default
+    VmSlot                    *vm_slot;      // lua_vm; null: default VM
 
     // Cosockets (api/socket_*.cpp).
     ngx_msec_t                 socket_connect_timeout;
@@ -247,7 +258,10 @@ class RunScope {
 };
 
 RequestCtx *getCtx(ngx_http_request_t *r);
-RequestCtx *createCtx(ngx_http_request_t *r);
+// `vm`: the VM the request's Lua runs in; null: its location's.
+RequestCtx *createCtx(ngx_http_request_t *r, Vm *vm = nullptr);
+// The VM a location's code runs in.
+Vm *vmOf(const LocConf *lcf);
 // The RequestCtx a cleanup of a request pool holds, or null. Every
 // location Lua ran in for a request left one there (internal redirects
 // clear the module ctx, not the pool): the egress hook in

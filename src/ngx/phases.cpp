@@ -77,7 +77,12 @@ RequestCtx *getCtx(ngx_http_request_t *r)
         ngx_http_get_module_ctx(r, ngx_http_luaguard_module));
 }
 
-RequestCtx *createCtx(ngx_http_request_t *r)
+Vm *vmOf(const LocConf *lcf)
+{
+    return lcf->vm_slot ? lcf->vm_slot->vm : mainConf()->vm;
+}
+
+RequestCtx *createCtx(ngx_http_request_t *r, Vm *vm)
 {
     MainConf *mcf = mainConf();
     ngx_pool_cleanup_t *cln = ngx_pool_cleanup_add(r->pool, 0);
@@ -91,9 +96,9 @@ RequestCtx *createCtx(ngx_http_request_t *r)
     subreq::noteRequestLog(r->connection->log);
     auto *ctx = new (mem) RequestCtx();
     ctx->r = r;
-    ctx->vm = mcf->vm;
     ctx->llcf = static_cast<LocConf *>(
         ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    ctx->vm = vm ? vm : vmOf(ctx->llcf);
     ctx->limits = &ctx->llcf->limits;
     // Destructor registered only once construction succeeded.
     cln->handler = entry::edge<cleanupCtx>;
@@ -123,20 +128,46 @@ namespace glue {
 
 namespace {
 
+// A request whose location changed to one of another lua_vm leaves
+// what it held in the old VM (ngx.ctx, its environment, an on_abort
+// callback) behind: no value crosses from one VM to another.
+bool moveToVm(RequestCtx *ctx, Vm *vm)
+{
+    if (g_run && g_run->ctx == ctx) {
+        return false;  // its Lua is running: cannot happen, refuse
+    }
+    threads::endPhase(ctx);
+    lua_State *L = ctx->vm->L();
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ctx->on_abort_ref);
+    ctx->ctx_ref = ctx->env_ref = ctx->on_abort_ref = LUA_NOREF;
+    ctx->env_policy = nullptr;
+    ctx->vm = vm;
+    return true;
+}
+
+}  // namespace
+
 RequestCtx *ensureCtx(ngx_http_request_t *r)
 {
     RequestCtx *ctx = getCtx(r);
     if (ctx == nullptr) {
-        ctx = createCtx(r);
-    } else {
-        // The location may have changed since (internal redirect keeps no
-        // module ctx, but a rewrite to another location does).
-        ctx->llcf = static_cast<LocConf *>(
-            ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
-        ctx->limits = &ctx->llcf->limits;
+        return createCtx(r);
+    }
+    // The location may have changed since (internal redirect keeps no
+    // module ctx, but a rewrite to another location does).
+    ctx->llcf = static_cast<LocConf *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_luaguard_module));
+    ctx->limits = &ctx->llcf->limits;
+    Vm *vm = vmOf(ctx->llcf);
+    if (vm != ctx->vm && !moveToVm(ctx, vm)) {
+        return nullptr;
     }
     return ctx;
 }
+
+namespace {
 
 // The path may come from request data: escaped like any Lua message.
 void logEscaped(ngx_log_t *log, const std::string &msg)
@@ -222,7 +253,7 @@ bool filePath(RequestCtx *ctx, Handler *h, std::string *out, std::string *err)
 
 // Pushes the factory of a file handler: from the per-worker cache, or
 // compiled now (and cached unless lua_code_cache is off).
-bool pushFileFactory(lua_State *L, RequestCtx *ctx, Handler *h,
+bool pushFileFactory(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
                      std::string *err)
 {
     std::string path;
@@ -230,7 +261,6 @@ bool pushFileFactory(lua_State *L, RequestCtx *ctx, Handler *h,
         return false;
     }
     bool cache = ctx == nullptr || ctx->llcf->code_cache;
-    Vm *vm = mainConf()->vm;
 
     // A path built from request data stays beneath lua_file_root; a path
     // fixed in the configuration is the administrator's.
@@ -246,7 +276,7 @@ bool pushFileFactory(lua_State *L, RequestCtx *ctx, Handler *h,
     }
 
     if (cache) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, vm->fileCacheRef());
+        lua_rawgeti(L, LUA_REGISTRYINDEX, vm->codeCacheRef());
         lua_getfield(L, -1, path.c_str());
         if (!lua_isnil(L, -1)) {
             lua_remove(L, -2);
@@ -268,7 +298,7 @@ bool pushFileFactory(lua_State *L, RequestCtx *ctx, Handler *h,
         return false;
     }
     if (cache) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, vm->fileCacheRef());
+        lua_rawgeti(L, LUA_REGISTRYINDEX, vm->codeCacheRef());
         lua_pushvalue(L, -2);
         lua_setfield(L, -2, path.c_str());
         lua_pop(L, 1);
@@ -276,13 +306,46 @@ bool pushFileFactory(lua_State *L, RequestCtx *ctx, Handler *h,
     return true;
 }
 
-// Pushes a fresh closure of handler `h` onto L, with the request's
-// environment when there is a request. `co` is the thread it will run in.
-bool pushHandler(lua_State *L, RequestCtx *ctx, Handler *h, lua_State *co,
-                 std::string *err)
+// Pushes the factory of inline handler `h` in `vm`: compiled while the
+// configuration was parsed in the default VM, on first use in a lua_vm.
+bool pushInlineFactory(lua_State *L, Vm *vm, Handler *h, std::string *err)
+{
+    if (vm == mainConf()->vm) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->ref);
+        return true;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->codeCacheRef());
+    lua_pushlightuserdata(L, h);
+    lua_rawget(L, -2);
+    if (!lua_isnil(L, -1)) {
+        lua_remove(L, -2);
+        return true;
+    }
+    lua_pop(L, 1);
+    if (!compileFactory(L, reinterpret_cast<const char *>(h->code.data),
+                        h->code.len,
+                        reinterpret_cast<const char *>(h->chunkname.data),
+                        err))
+    {
+        lua_pop(L, 1);
+        *err = "failed to load inline Lua code: " + *err;
+        return false;
+    }
+    lua_pushlightuserdata(L, h);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
+    lua_remove(L, -2);
+    return true;
+}
+
+// Pushes a fresh closure of handler `h` onto L (a state of `vm`), with the
+// request's environment when there is a request. `co` is the thread it
+// will run in.
+bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
+                 lua_State *co, std::string *err)
 {
     if (h->path) {
-        if (!pushFileFactory(L, ctx, h, err)) {
+        if (!pushFileFactory(L, vm, ctx, h, err)) {
             return false;
         }
         // Binary chunks have a C factory (see compileFactory).
@@ -296,8 +359,8 @@ bool pushHandler(lua_State *L, RequestCtx *ctx, Handler *h, lua_State *co,
                 return false;
             }
         }
-    } else {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, h->ref);
+    } else if (!pushInlineFactory(L, vm, h, err)) {
+        return false;
     }
     instantiate(L, -1);
     lua_remove(L, -2);
@@ -360,7 +423,7 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
         entry::Scope scope(ctx, phase, t);
         std::string raised;
         if (!entry::protect(t->co, [&] {
-                ok = pushHandler(t->co, ctx, h, t->co, &err);
+                ok = pushHandler(t->co, ctx->vm, ctx, h, t->co, &err);
             }, &raised))
         {
             ok = false;
@@ -739,18 +802,21 @@ RequestCtx *requireRequest(lua_State *L)
 // Runs `h` to completion with pcall on the main state. Returns NGX_OK, or
 // NGX_ERROR after logging. `nargs` values below the function are passed.
 ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
-                  int nresults)
+                  int nresults, Vm *vm)
 {
-    lua_State *L = mainConf()->vm->L();
+    if (ctx) {
+        vm = ctx->vm;
+    }
+    lua_State *L = vm->L();
     int base = lua_gettop(L);
-    entry::Scope scope(ctx, phase);
+    entry::Scope scope(ctx, phase, nullptr, vm);
     metrics::countRun(ctx);
 
     std::string err;
     bool pushed = false;
     if (!entry::protect(L, [&] {
             lua_pushcfunction(L, tracebackHandler);
-            pushed = pushHandler(L, ctx, h, nullptr, &err);
+            pushed = pushHandler(L, vm, ctx, h, nullptr, &err);
         }, &err) || !pushed)
     {
         metrics::countError(ctx);
@@ -775,7 +841,8 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
                            + "_by_lua*";
         logFailure(log, what.c_str(), msg, tb);
         if (ctx) {
-            budget::Guard::reclaim(L, ctx->usage, *ctx->limits);
+            budget::Guard::reclaim(L, &vm->memory(), ctx->usage,
+                                   *ctx->limits);
         }
         return NGX_ERROR;
     }
@@ -783,13 +850,31 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
     return NGX_OK;
 }
 
-ngx_int_t runWorkerCode(MainConf *mcf, Handler *h, Phase phase, ngx_log_t *log)
+ngx_int_t runWorkerCode(Vm *vm, Handler *h, Phase phase, ngx_log_t *log)
 {
-    lua_State *L = mcf->vm->L();
+    lua_State *L = vm->L();
     int base = lua_gettop(L);
-    ngx_int_t rc = runSync(nullptr, phase, h, log, 0);
+    ngx_int_t rc = runSync(nullptr, phase, h, log, 0, vm);
     lua_settop(L, base);
     return rc;
+}
+
+ngx_int_t runInit(MainConf *mcf, ngx_log_t *log)
+{
+    if (runWorkerCode(mcf->vm, mcf->init, Phase::Init, log) != NGX_OK) {
+        return NGX_ERROR;
+    }
+    if (mcf->vms) {
+        auto **slots = static_cast<VmSlot **>(mcf->vms->elts);
+        for (ngx_uint_t i = 0; i < mcf->vms->nelts; i++) {
+            if (runWorkerCode(slots[i]->vm, mcf->init, Phase::Init, log)
+                != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+        }
+    }
+    return NGX_OK;
 }
 
 ngx_int_t serverRewriteHandler(ngx_http_request_t *r)

@@ -329,7 +329,8 @@ bool run(LuaThread *t, int nargs)
     }
     bool done = finish(t, rc);
     if (rc != 0 && rc != LUA_YIELD) {
-        budget::Guard::reclaim(ctx->vm->L(), ctx->usage, *ctx->limits);
+        budget::Guard::reclaim(ctx->vm->L(), &ctx->vm->memory(), ctx->usage,
+                               *ctx->limits);
     }
     return done;
 }
@@ -339,7 +340,8 @@ bool fail(LuaThread *t, const std::string &msg)
     // Whatever it waited on is undone first, as when it is killed.
     undoWait(t);
     bool done = finish(t, LUA_ERRRUN, &msg);
-    budget::Guard::reclaim(t->ctx->vm->L(), t->ctx->usage, *t->ctx->limits);
+    budget::Guard::reclaim(t->ctx->vm->L(), &t->ctx->vm->memory(),
+                           t->ctx->usage, *t->ctx->limits);
     return done;
 }
 

@@ -60,6 +60,7 @@ struct Timer {
     bool         every;
     size_t       bytes;       // charged to account->bytes until freed
     Account     *account;
+    Vm          *vm;          // where the callback and its arguments live
     void       **main_conf;
     void       **srv_conf;
     void       **loc_conf;
@@ -121,9 +122,7 @@ void settle(Account *a)
 
 void freeTimer(Timer *tm)
 {
-    if (MainConf *mcf = mainConf()) {
-        luaL_unref(mcf->vm->L(), LUA_REGISTRYINDEX, tm->ref);
-    }
+    luaL_unref(tm->vm->L(), LUA_REGISTRYINDEX, tm->ref);
     tm->account->bytes -= tm->bytes;
     ngx_free(tm);
 }
@@ -197,7 +196,7 @@ RequestCtx *fakeRequest(Timer *tm)
     r->srv_conf = tm->srv_conf;
     r->loc_conf = tm->loc_conf;
 
-    RequestCtx *ctx = createCtx(r);
+    RequestCtx *ctx = createCtx(r, tm->vm);
     if (ctx == nullptr) {
         destroyFake(c);
         return nullptr;
@@ -293,7 +292,7 @@ void fired(ngx_event_t *ev)
     LuaThread *t = nullptr;
     std::string err = "no memory or no free connection for the callback";
     if (ctx) {
-        entry::protect(mcf->vm->L(), [&] {
+        entry::protect(ctx->vm->L(), [&] {
             t = threads::create(ctx, nullptr);
         }, &err);
     }
@@ -416,6 +415,7 @@ TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
     tm->delay = delay;
     tm->every = every;
     tm->account = a;
+    tm->vm = creator ? creator->vm : mcf->vm;
     tm->bytes = bytes;
     a->bytes += bytes;
     a->refusal_logged = false;

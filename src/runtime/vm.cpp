@@ -103,7 +103,7 @@ bool Vm::open(std::string *err)
     }
     luaL_openlibs(L_);
     lua_newtable(L_);
-    file_cache_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
+    code_cache_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
     return true;
 }
 

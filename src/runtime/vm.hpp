@@ -69,9 +69,12 @@ class Vm {
     lua_State *L() const { return L_; }
     MemoryAccount &memory() { return memory_; }
 
-    // Registry reference to a table mapping file path -> factory function
-    // (compiled *_by_lua_file chunks, per worker).
-    int fileCacheRef() const { return file_cache_ref_; }
+    // Registry reference to the table of compiled code of this VM: file
+    // path -> factory (*_by_lua_file chunks, per worker), and, in a
+    // lua_vm, Handler address -> factory (inline code is compiled into
+    // the default VM while the configuration is parsed, into the others
+    // on first use).
+    int codeCacheRef() const { return code_cache_ref_; }
 
     // Coroutines for Lua threads, reused: creating one per request phase
     // is a good part of a small handler's cost. take() pushes nothing; it
@@ -86,7 +89,7 @@ class Vm {
 
     lua_State *L_ = nullptr;
     MemoryAccount memory_;
-    int file_cache_ref_ = LUA_NOREF;
+    int code_cache_ref_ = LUA_NOREF;
     std::vector<std::pair<lua_State *, int>> thread_cache_;
 };
 

@@ -58,18 +58,12 @@ Guard &Guard::instance()
     return g;
 }
 
-bool Guard::start(lua_State *L, MemoryAccount *mem, uint64_t grace_ms,
-                  void (*on_stuck)(const char *, uint64_t))
+bool Guard::start(uint64_t grace_ms, void (*on_stuck)(const char *, uint64_t))
 {
-    L_ = L;
-    mem_ = mem;
+    started_ = true;
     grace_ns_ = grace_ms * 1'000'000ull;
     on_stuck_ = on_stuck;
     worker_thread_ = pthread_self();
-
-    mem->on_over = [](bool request_limit) {
-        instance().tripMemory(request_limit ? Kind::Memory : Kind::VmMemory);
-    };
 
     struct sigaction sa {};
     sa.sa_handler = onSignal;
@@ -101,9 +95,17 @@ void Guard::stop()
     }
 }
 
-void Guard::enter(Frame *f, const Limits &limits, Usage *usage)
+void Guard::memoryOver(bool request_limit)
+{
+    instance().tripMemory(request_limit ? Kind::Memory : Kind::VmMemory);
+}
+
+void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
+                  MemoryAccount *mem)
 {
     uint64_t now = nowNs();
+    f->L = L;
+    f->mem = mem;
     f->usage = usage;
     f->limits = limits;
     f->entered = now;
@@ -130,24 +132,26 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage)
     f->deadline = dl;
     f->deadline_kind = kind;
 
-    if (mem_) {
-        f->prev_charge = mem_->charge;
-        f->prev_charge_limit = mem_->charge_limit;
-        f->prev_charge_hard = mem_->charge_hard;
-        mem_->charge = &usage->mem_net;
+    if (mem) {
+        f->prev_charge = mem->charge;
+        f->prev_charge_limit = mem->charge_limit;
+        f->prev_charge_hard = mem->charge_hard;
+        mem->charge = &usage->mem_net;
         // A tripped run is not told again: the hook ends it anyway.
-        mem_->charge_limit = usage->tripped == Kind::None ? limits.memory : 0;
-        mem_->charge_hard = MemoryAccount::hardLimit(limits.memory);
+        mem->charge_limit = usage->tripped == Kind::None ? limits.memory : 0;
+        mem->charge_hard = MemoryAccount::hardLimit(limits.memory);
         if (usage->mem_net < 0) {
             usage->mem_net = 0;  // frees of others' garbage earn no credit
         }
-        if (f->prev == nullptr) {
+        if (f->prev == nullptr || f->prev->mem != mem) {
             // Every run that allocates while the VM is over its ceiling is
             // stopped, not only the one that crossed it.
-            mem_->over_ceiling = false;
+            mem->over_ceiling = false;
         }
     }
 
+    L_ = started_ ? L : nullptr;
+    std::atomic_signal_fence(std::memory_order_release);
     top_ = f;
     if (f->prev == nullptr) {
         gen_.fetch_add(1, std::memory_order_acq_rel);
@@ -161,17 +165,23 @@ void Guard::leave(Frame *f)
     uint64_t now = nowNs();
     f->usage->lua_ns += now - f->entered;
     top_ = f->prev;
+    std::atomic_signal_fence(std::memory_order_release);
+    L_ = f->prev && started_ ? f->prev->L : nullptr;
 
-    if (mem_) {
-        mem_->charge = f->prev_charge;
-        mem_->charge_limit = f->prev_charge_limit;
-        mem_->charge_hard = f->prev_charge_hard;
+    if (f->mem) {
+        f->mem->charge = f->prev_charge;
+        f->mem->charge_limit = f->prev_charge_limit;
+        f->mem->charge_hard = f->prev_charge_hard;
     }
 
     if (f->prev) {
         deadline_kind_.store(static_cast<uint8_t>(f->prev->deadline_kind),
                              std::memory_order_relaxed);
         deadline_.store(f->prev->deadline, std::memory_order_release);
+        if (f->prev->L != f->L && stopping()) {
+            // The outer run, in another VM, is stopped too: its hook.
+            arm();
+        }
         return;
     }
 
@@ -181,7 +191,7 @@ void Guard::leave(Frame *f)
     {
         // The run that tripped is over: disarm, and give memory back if
         // memory was what it took.
-        lua_sethook(L_, nullptr, 0, 0);
+        lua_sethook(f->L, nullptr, 0, 0);
         tripped_gen_.store(~0ull, std::memory_order_release);
     }
 }
@@ -198,7 +208,7 @@ uint64_t Guard::usedNs(const Usage &usage) const
     return ns;
 }
 
-void Guard::reclaim(lua_State *L, const Usage &usage,
+void Guard::reclaim(lua_State *L, MemoryAccount *mem, const Usage &usage,
                     const Limits &limits)
 {
     // Any stopped run: one stopped by its slice can leave as much garbage
@@ -212,7 +222,7 @@ void Guard::reclaim(lua_State *L, const Usage &usage,
     Frame f;
     Limits slice;
     slice.slice_ms = limits.slice_ms;
-    g.enter(&f, slice, &scratch);
+    g.enter(&f, slice, &scratch, L, mem);
     lua_gc(L, LUA_GCCOLLECT, 0);
     g.leave(&f);
     malloc_trim(0);  // hand the pages back, not just to malloc
@@ -294,7 +304,9 @@ void Guard::markTripped(Kind k)
 
 void Guard::arm()
 {
-    lua_sethook(L_, hook, LUA_MASKCOUNT, 1);
+    if (L_) {
+        lua_sethook(L_, hook, LUA_MASKCOUNT, 1);
+    }
 }
 
 void Guard::onSignal(int sig)

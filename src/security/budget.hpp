@@ -57,12 +57,16 @@ class Guard {
     // stuck in a C function may go on after its budget ran out before the
     // worker is ended; `on_stuck` logs why, then the process exits so the
     // master starts a new worker.
-    bool start(lua_State *L, MemoryAccount *mem, uint64_t grace_ms,
+    bool start(uint64_t grace_ms,
                void (*on_stuck)(const char *where, uint64_t ms));
     void stop();
 
-    // Worker thread only. Runs nest (Lua -> nginx -> Lua): see Scope.
+    // Worker thread only. Runs nest (Lua -> nginx -> Lua): see Scope. A
+    // run belongs to one VM (lua_vm): its state, hooked when the run is
+    // stopped, and its memory account, charged while it runs.
     struct Frame {
+        lua_State     *L;
+        MemoryAccount *mem;
         Usage       *usage;
         Limits       limits;
         uint64_t     entered;
@@ -73,13 +77,16 @@ class Guard {
         int64_t      prev_charge_hard;
         Frame       *prev;
     };
-    void enter(Frame *f, const Limits &limits, Usage *usage);
+    void enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
+               MemoryAccount *mem);
     void leave(Frame *f);
 
     // Called by the allocator's owner when an allocation took the running
     // request past its memory budget or the VM past its ceiling: the run
     // is ended like a CPU budget trip, by the hook at its next instruction.
     void tripMemory(Kind k);
+    // The MemoryAccount::on_over of every VM.
+    static void memoryOver(bool request_limit);
 
     // For C code that loops on the worker thread without running Lua (a
     // regex scan): true once the run is past its CPU deadline, which it
@@ -114,7 +121,7 @@ class Guard {
     // The collection runs under `limits`' slice: a finalizer runs with
     // hooks off, and one that never returns must meet the watchdog's last
     // resort instead of spinning with no deadline armed.
-    static void reclaim(lua_State *L, const Usage &usage,
+    static void reclaim(lua_State *L, MemoryAccount *mem, const Usage &usage,
                         const Limits &limits);
 
     uint64_t stops(Kind k) const { return stops_[static_cast<int>(k)]; }
@@ -127,9 +134,12 @@ class Guard {
     void arm();
     void markTripped(Kind k);
 
+    // The innermost run's VM (the signal handler arms its hook); null
+    // outside Lua and until start(): init_by_lua in the master is not
+    // stopped by the VM's ceiling.
     lua_State *L_ = nullptr;
-    MemoryAccount *mem_ = nullptr;
     Frame *top_ = nullptr;
+    bool started_ = false;
     uint64_t grace_ns_ = 0;
     void (*on_stuck_)(const char *, uint64_t) = nullptr;
     uint64_t stops_[kKinds] = {};
@@ -149,9 +159,10 @@ class Guard {
 // RAII: charges the enclosed Lua run to `usage` under `limits`.
 class Scope {
  public:
-    Scope(const Limits &limits, Usage *usage)
+    Scope(const Limits &limits, Usage *usage, lua_State *L,
+          MemoryAccount *mem)
     {
-        Guard::instance().enter(&frame_, limits, usage);
+        Guard::instance().enter(&frame_, limits, usage, L, mem);
     }
     ~Scope() { Guard::instance().leave(&frame_); }
     Scope(const Scope &) = delete;

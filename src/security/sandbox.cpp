@@ -408,16 +408,18 @@ bool install(lua_State *L, std::string *err)
 namespace {
 
 // Builds the policy's view in this VM (first request of the worker) and
-// keeps its env metatable by reference. False (nothing pushed) when the
-// build fails, which takes running out of memory.
+// keeps its env metatable in the VM's registry under the policy's
+// address: a policy inherited by locations of several lua_vm has one view
+// in each. False (nothing pushed) when the build fails, which takes
+// running out of memory.
 bool pushMeta(lua_State *L, const Policy *p)
 {
-    // The registry's address names the VM (a reload makes a new one).
-    const void *vm = lua_topointer(L, LUA_REGISTRYINDEX);
-    if (p->vm == vm && p->meta_ref != LUA_NOREF) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, p->meta_ref);
+    lua_pushlightuserdata(L, const_cast<Policy *>(p));
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (!lua_isnil(L, -1)) {
         return true;
     }
+    lua_pop(L, 1);
     lua_pushlightuserdata(L, &kBuilderKey);
     lua_rawget(L, LUA_REGISTRYINDEX);
     lua_createtable(L, 0, kCapabilityCount + 1);
@@ -435,9 +437,9 @@ bool pushMeta(lua_State *L, const Policy *p)
         lua_pop(L, 1);
         return false;
     }
-    lua_pushvalue(L, -1);
-    p->meta_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    p->vm = vm;
+    lua_pushlightuserdata(L, const_cast<Policy *>(p));
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
     return true;
 }
 

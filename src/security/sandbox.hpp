@@ -53,10 +53,6 @@ struct Policy {
     std::vector<std::string> shared_readonly;   // listed as name:ro
     std::string              label;             // "strict +socket"
 
-    // The env metatable built for this policy in a VM (per worker).
-    mutable const void      *vm = nullptr;
-    mutable int              meta_ref = LUA_NOREF;
-
     bool allows(Capability c) const
     {
         return allowed & (1u << static_cast<int>(c));

@@ -82,8 +82,7 @@ ngx_int_t initZone(ngx_shm_zone_t *shm_zone, void *data)
         zs->run_init = false;
         MainConf *mcf = zone->mcf;
         if (mcf->vm && mcf->init
-            && glue::runWorkerCode(mcf, mcf->init, Phase::Init,
-                                   shm_zone->shm.log) != NGX_OK)
+            && glue::runInit(mcf, shm_zone->shm.log) != NGX_OK)
         {
             return NGX_ERROR;
         }
