@@ -391,6 +391,22 @@ int tracebackHandler(lua_State *L)
     return 1;
 }
 
+// The handler, made once per VM and kept in its registry: a fresh C
+// closure per synchronous run cost an allocation and its collection.
+void pushTracebackHandler(lua_State *L)
+{
+    static const char kKey = 0;
+    lua_pushlightuserdata(L, const_cast<char *>(&kKey));
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushcfunction(L, tracebackHandler);
+        lua_pushlightuserdata(L, const_cast<char *>(&kKey));
+        lua_pushvalue(L, -2);
+        lua_rawset(L, LUA_REGISTRYINDEX);
+    }
+}
+
 enum class Outcome { Yielded, Finished, Failed };
 
 // Starts the entry thread of `phase` with handler `h`.
@@ -815,7 +831,7 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
     std::string err;
     bool pushed = false;
     if (!entry::protect(L, [&] {
-            lua_pushcfunction(L, tracebackHandler);
+            pushTracebackHandler(L);
             pushed = pushHandler(L, vm, ctx, h, nullptr, &err);
         }, &err) || !pushed)
     {
