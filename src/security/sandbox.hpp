@@ -53,6 +53,14 @@ struct Policy {
     std::vector<std::string> shared_readonly;   // listed as name:ro
     std::string              label;             // "strict +socket"
 
+    // The env metatable built for this policy in each VM (per worker):
+    // the registry reference in the VM named by its registry's address.
+    // Bounded; VMs past it find the table in their registry (slower:
+    // a light userdata key costs an intern in LuaJIT's GC64 mode).
+    static constexpr int kCachedVms = 8;
+    mutable const void      *meta_vm[kCachedVms] = {};
+    mutable int              meta_ref[kCachedVms] = {};
+
     bool allows(Capability c) const
     {
         return allowed & (1u << static_cast<int>(c));
