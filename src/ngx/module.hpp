@@ -7,6 +7,7 @@
 #include "ngx/nginx.hpp"
 #include "runtime/lua.hpp"
 #include "runtime/phase.hpp"
+#include "runtime/vm.hpp"
 #include "security/budget.hpp"
 
 extern "C" ngx_module_t ngx_http_rewrite_module;
@@ -31,6 +32,7 @@ struct Handler {
     ngx_str_t                  code;        // inline source, empty for files
     ngx_http_complex_value_t  *path;        // *_by_lua_file path template
     int                        ref;         // LUA_NOREF until compiled
+    VmRefs                     vm_refs;     // its factory in each lua_vm
 };
 
 inline bool handlerSet(const Handler *h) { return h != nullptr; }

@@ -314,6 +314,9 @@ bool pushInlineFactory(lua_State *L, Vm *vm, Handler *h, std::string *err)
         lua_rawgeti(L, LUA_REGISTRYINDEX, h->ref);
         return true;
     }
+    if (h->vm_refs.push(L)) {
+        return true;
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, vm->codeCacheRef());
     lua_pushlightuserdata(L, h);
     lua_rawget(L, -2);
@@ -331,9 +334,11 @@ bool pushInlineFactory(lua_State *L, Vm *vm, Handler *h, std::string *err)
         *err = "failed to load inline Lua code: " + *err;
         return false;
     }
-    lua_pushlightuserdata(L, h);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, -4);
+    if (!h->vm_refs.keep(L)) {
+        lua_pushlightuserdata(L, h);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, -4);
+    }
     lua_remove(L, -2);
     return true;
 }

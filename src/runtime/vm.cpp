@@ -20,6 +20,31 @@ size_t hardCeiling(size_t limit)
 
 }  // namespace
 
+bool VmRefs::push(lua_State *L) const
+{
+    const void *key = lua_topointer(L, LUA_REGISTRYINDEX);
+    for (int i = 0; i < kSlots && vm[i]; i++) {
+        if (vm[i] == key) {
+            lua_rawgeti(L, LUA_REGISTRYINDEX, ref[i]);
+            return true;
+        }
+    }
+    return false;
+}
+
+bool VmRefs::keep(lua_State *L)
+{
+    for (int i = 0; i < kSlots; i++) {
+        if (vm[i] == nullptr) {
+            lua_pushvalue(L, -1);
+            ref[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+            vm[i] = lua_topointer(L, LUA_REGISTRYINDEX);
+            return true;
+        }
+    }
+    return false;
+}
+
 void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     auto *m = static_cast<MemoryAccount *>(ud);

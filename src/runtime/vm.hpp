@@ -55,6 +55,23 @@ struct MemoryAccount {
     }
 };
 
+// Registry references of one object (a sandbox view, a compiled handler)
+// in up to kSlots VMs, each named by its registry's address. Cheaper than
+// a registry table keyed by the object's address: a light userdata key
+// costs an intern at every lookup in LuaJIT's GC64 mode. Zero-initialised
+// memory is an empty cache.
+struct VmRefs {
+    static constexpr int kSlots = 8;
+    const void *vm[kSlots];
+    int         ref[kSlots];
+
+    // Pushes the value kept for L's VM; false (nothing pushed) if none.
+    bool push(lua_State *L) const;
+    // Keeps the value on top of L (left there) for L's VM; false when
+    // every slot is taken.
+    bool keep(lua_State *L);
+};
+
 class Vm {
  public:
     Vm() = default;
@@ -71,9 +88,9 @@ class Vm {
 
     // Registry reference to the table of compiled code of this VM: file
     // path -> factory (*_by_lua_file chunks, per worker), and, in a
-    // lua_vm, Handler address -> factory (inline code is compiled into
-    // the default VM while the configuration is parsed, into the others
-    // on first use).
+    // lua_vm, Handler address -> factory for handlers whose VmRefs are
+    // full (inline code is compiled into the default VM while the
+    // configuration is parsed, into the others on first use).
     int codeCacheRef() const { return code_cache_ref_; }
 
     // Coroutines for Lua threads, reused: creating one per request phase

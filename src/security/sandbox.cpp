@@ -414,16 +414,8 @@ namespace {
 // running out of memory.
 bool pushMeta(lua_State *L, const Policy *p)
 {
-    const void *vm = lua_topointer(L, LUA_REGISTRYINDEX);
-    int slot = -1;
-    for (int i = 0; i < Policy::kCachedVms; i++) {
-        if (p->meta_vm[i] == vm) {
-            lua_rawgeti(L, LUA_REGISTRYINDEX, p->meta_ref[i]);
-            return true;
-        }
-        if (p->meta_vm[i] == nullptr && slot < 0) {
-            slot = i;
-        }
+    if (p->metas.push(L)) {
+        return true;
     }
     lua_pushlightuserdata(L, const_cast<Policy *>(p));
     lua_rawget(L, LUA_REGISTRYINDEX);
@@ -448,11 +440,7 @@ bool pushMeta(lua_State *L, const Policy *p)
         lua_pop(L, 1);
         return false;
     }
-    if (slot >= 0) {
-        lua_pushvalue(L, -1);
-        p->meta_ref[slot] = luaL_ref(L, LUA_REGISTRYINDEX);
-        p->meta_vm[slot] = vm;
-    } else {
+    if (!p->metas.keep(L)) {
         lua_pushlightuserdata(L, const_cast<Policy *>(p));
         lua_pushvalue(L, -2);
         lua_rawset(L, LUA_REGISTRYINDEX);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "runtime/lua.hpp"
+#include "runtime/vm.hpp"
 
 namespace luaguard::sandbox {
 
@@ -53,13 +54,9 @@ struct Policy {
     std::vector<std::string> shared_readonly;   // listed as name:ro
     std::string              label;             // "strict +socket"
 
-    // The env metatable built for this policy in each VM (per worker):
-    // the registry reference in the VM named by its registry's address.
-    // Bounded; VMs past it find the table in their registry (slower:
-    // a light userdata key costs an intern in LuaJIT's GC64 mode).
-    static constexpr int kCachedVms = 8;
-    mutable const void      *meta_vm[kCachedVms] = {};
-    mutable int              meta_ref[kCachedVms] = {};
+    // The env metatable built for this policy, per VM (per worker); VMs
+    // past the cache find it in their registry under the policy's address.
+    mutable VmRefs           metas = {};
 
     bool allows(Capability c) const
     {
