@@ -138,7 +138,7 @@ struct Tcp {
     ngx_event_t          wait_ev;         // backlog timeout / wake-up
     bool                 tcp_nodelay = true;
 
-    // TLS (api/socket_ssl.cpp).
+    // TLS (tcpSslHandshake and the lua_ssl_* contexts, below).
     LuaThread           *shaker = nullptr;
     bool                 ssl_ret_session = true;
     bool                 ssl_verify = false;
