@@ -7,9 +7,10 @@ PYTEST     := /usr/bin/python3 -m pytest
 MODULE     := $(BUILD)/ngx_http_luaguard_module.so
 ASAN_MODULE := $(ASAN_BUILD)/ngx_http_luaguard_module.so
 PORT       ?= 8080
+VERSION    ?= 0.1.0
 
 .PHONY: all deps deps-test build build-asan run test test-unit test-e2e \
-        test-asan-fast test-asan test-soak soak install bench clean
+        test-asan-fast test-asan test-soak soak install deb bench clean
 
 all: build
 
@@ -67,7 +68,13 @@ install: build
 	install -D -m 0644 $(MODULE) /usr/lib/nginx/modules/ngx_http_luaguard_module.so
 	install -D -m 0644 packaging/mod-http-luaguard.conf \
 	    /usr/share/nginx/modules-available/mod-http-luaguard.conf
-	@echo "enable with: ln -s /usr/share/nginx/modules-available/mod-http-luaguard.conf /etc/nginx/modules-enabled/50-mod-http-luaguard.conf"
+	@echo "enable with: ln -s /usr/share/nginx/modules-available/mod-http-luaguard.conf /etc/nginx/modules-enabled/40-mod-http-luaguard.conf"
+
+# libnginx-mod-http-luaguard_$(VERSION)_amd64.deb, laid out as Debian's
+# libnginx-mod-* packages and checked with lintian (packaging/build-deb.sh).
+deb: build
+	@scripts/install-deps.sh deb
+	@packaging/build-deb.sh $(MODULE) $(VERSION) $(BUILD)
 
 bench: build
 	@scripts/install-deps.sh bench

@@ -8,15 +8,18 @@ set -euo pipefail
 BUILD_PKGS=(g++ make cmake pkg-config dpkg-dev nginx nginx-dev
   libluajit2-5.1-dev libpcre2-dev libssl-dev zlib1g-dev libgtest-dev)
 TEST_PKGS=(python3 python3-pytest libnginx-mod-http-lua lua-cjson
-  redis-server memcached openssl iproute2 util-linux procps valgrind)
+  redis-server memcached openssl iproute2 util-linux procps valgrind
+  lintian)
 BENCH_PKGS=(wrk)
+DEB_PKGS=(lintian)
 
 want=("${BUILD_PKGS[@]}")
 case "${1:-build}" in
   build) ;;
   test) want+=("${TEST_PKGS[@]}") ;;
+  deb) want+=("${DEB_PKGS[@]}") ;;
   bench|all) want+=("${TEST_PKGS[@]}" "${BENCH_PKGS[@]}") ;;
-  *) echo "usage: $0 [build|test|bench|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build|test|deb|bench|all]" >&2; exit 2 ;;
 esac
 
 missing=()
