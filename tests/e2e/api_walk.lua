@@ -3,7 +3,8 @@
 -- members of every module in `modules` that `require` finds. The caller
 -- defines `modules` and `method_names` (the dictionary methods to look
 -- for) before this chunk. kind: "value", "pending" (luaguard's placeholder for
--- an API it does not have yet) or "missing" (a module require refused).
+-- an API it does not have yet), "missing" (a module require refused) or
+-- "member" (a field of a module table).
 local out, seen = {}, {}
 -- Filled per request or per configuration, not API names.
 local skip = {["ngx.shared"] = true, ["ngx.var"] = true, ["ngx.ctx"] = true,
@@ -68,7 +69,7 @@ for _, m in ipairs(modules) do
         if m:sub(1, 4) == "ngx." and type(mod) == "table" then
             for k in pairs(mod) do
                 if type(k) == "string" and k:sub(1, 1) ~= "_" then
-                    out[#out + 1] = m .. "." .. k .. " value"
+                    out[#out + 1] = m .. "." .. k .. " member"
                 end
             end
         end

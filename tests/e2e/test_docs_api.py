@@ -88,8 +88,14 @@ def test_every_luaguard_name_is_on_the_page_with_its_status(nginx,
     assert "ngx.say" in ours
     missing = sorted(set(ours) - set(statuses))
     assert not missing, f"names missing from docs/api.md: {missing}"
+    # Members of a module the page marks absent come with that module,
+    # which another change may be adding: tolerated like the module.
+    late = {m[len('require "'):-1] for m, st in statuses.items()
+            if m.startswith("require ") and st in ABSENT}
     for name, kind in ours.items():
         status = statuses[name]
+        if kind == "member" and name.rsplit(".", 1)[0] in late:
+            continue
         if kind == "pending":
             assert status == "not yet", (
                 f"{name} raises 'not implemented', the page says {status}")
