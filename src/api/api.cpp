@@ -24,6 +24,7 @@ bool open(lua_State *L, std::string *err)
     openTimer(L);
     openSemaphore(L);
     openProcess(L);
+    openBalancer(L);
     openWorkerPids(L);
     openShared(L);
     openReq(L);

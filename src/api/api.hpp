@@ -31,6 +31,7 @@ void openThread(lua_State *L);
 void openTimer(lua_State *L);
 void openSemaphore(lua_State *L);
 void openProcess(lua_State *L);
+void openBalancer(lua_State *L);
 void openWorkerPids(lua_State *L);
 
 // Idle connections in this worker's cosocket pools, for metrics.

@@ -15,7 +15,8 @@ namespace {
 constexpr PhaseMask kReadPhases = mask(Phase::Set, Phase::ServerRewrite,
                                        Phase::Rewrite, Phase::Access,
                                        Phase::Content, Phase::HeaderFilter,
-                                       Phase::BodyFilter, Phase::Log);
+                                       Phase::BodyFilter, Phase::Log,
+                                       Phase::Balancer);
 // body_filter and log may write too: the headers are gone by then, so the
 // write only logs that, as in lua-nginx-module.
 constexpr PhaseMask kWritePhases = kReadPhases;

@@ -6,6 +6,7 @@
 
 #include "api/api.hpp"
 #include "ngx/entry.hpp"
+#include "ngx/balancer.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/codec.hpp"
@@ -351,13 +352,20 @@ int sendHeaders(lua_State *L)
 
 int ngxExit(lua_State *L)
 {
-    Run *run = requestPhase(L, kYieldable | mask(Phase::HeaderFilter),
+    Run *run = requestPhase(L, kYieldable | mask(Phase::HeaderFilter,
+                                                 Phase::Balancer),
                             "no request found", false);
     if (run->ctx == nullptr) {
         // Timers without a request: not supported yet.
         return luaL_error(L, "no request found");
     }
     lua_Integer status = luaL_checkinteger(L, 1);
+    if (run->phase == Phase::Balancer) {
+        if (balancer::State *s = balancer::current()) {
+            balancer::recordExit(s, static_cast<ngx_int_t>(status));
+        }
+        return 0;
+    }
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
 

@@ -20,9 +20,12 @@ namespace {
 constexpr PhaseMask kWritePhases = mask(Phase::Set, Phase::ServerRewrite,
                                         Phase::Rewrite, Phase::Access,
                                         Phase::Content, Phase::HeaderFilter,
-                                        Phase::BodyFilter);
+                                        Phase::BodyFilter, Phase::Balancer);
 constexpr PhaseMask kBodyPhases = mask(Phase::ServerRewrite, Phase::Rewrite,
                                        Phase::Access, Phase::Content);
+// In balancer_by_lua a new body goes to the next try with
+// ngx.balancer.recreate_request(); reading one needs the event loop.
+constexpr PhaseMask kBodyWritePhases = kBodyPhases | mask(Phase::Balancer);
 constexpr lua_Integer kDefaultMaxArgs = 100;
 
 const char kHeadersMeta[] = "luaguard.req_headers_mt";
@@ -671,7 +674,7 @@ int readBody(lua_State *L)
 
 int discardBody(lua_State *L)
 {
-    glue::checkPhase(L, kBodyPhases);
+    glue::checkPhase(L, kBodyWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     ngx_http_request_t *r = ctx->r;
     if (ngx_http_discard_request_body(r) != NGX_OK) {
@@ -794,7 +797,7 @@ ngx_chain_t *fileChain(ngx_http_request_t *r, ngx_temp_file_t *tf, off_t size)
 
 int setBodyData(lua_State *L)
 {
-    glue::checkPhase(L, kBodyPhases);
+    glue::checkPhase(L, kBodyWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     ngx_http_request_body_t *rb = requireBody(L, ctx);
     size_t len;
@@ -812,7 +815,7 @@ int setBodyData(lua_State *L)
 
 int setBodyFile(lua_State *L)
 {
-    glue::checkPhase(L, kBodyPhases);
+    glue::checkPhase(L, kBodyWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     ngx_http_request_body_t *rb = requireBody(L, ctx);
     ngx_http_request_t *r = ctx->r;
@@ -933,7 +936,7 @@ BodyWriter *requireWriter(lua_State *L, RequestCtx *ctx)
 
 int initBody(lua_State *L)
 {
-    glue::checkPhase(L, kBodyPhases);
+    glue::checkPhase(L, kBodyWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     ngx_http_request_t *r = ctx->r;
     ngx_http_request_body_t *rb = requireBody(L, ctx);
@@ -972,7 +975,7 @@ int initBody(lua_State *L)
 
 int appendBody(lua_State *L)
 {
-    glue::checkPhase(L, kBodyPhases);
+    glue::checkPhase(L, kBodyWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     BodyWriter *w = requireWriter(L, ctx);
     requireBody(L, ctx);
@@ -1013,7 +1016,7 @@ int appendBody(lua_State *L)
 
 int finishBody(lua_State *L)
 {
-    glue::checkPhase(L, kBodyPhases);
+    glue::checkPhase(L, kBodyWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     BodyWriter *w = requireWriter(L, ctx);
     ngx_http_request_body_t *rb = requireBody(L, ctx);

@@ -138,7 +138,14 @@ int semaWait(lua_State *L)
         lua_pushliteral(L, "timeout");
         return 2;
     }
-    glue::checkPhase(L, kYieldable);
+    Phase p = g_run ? g_run->phase : Phase::None;
+    if (!(mask(p) & kYieldable)) {
+        // A wait that would have to yield: an error value, as in
+        // lua-nginx-module, not a raised error.
+        lua_pushnil(L);
+        glue::pushDisabled(L, p);
+        return 2;
+    }
     LuaThread *t = threads::current();
     if (t == nullptr) {
         return luaL_error(L, "no request found");

@@ -97,6 +97,10 @@ RequestCtx *ensureCtx(ngx_http_request_t *r);
 ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
                   int nresults, Vm *vm = nullptr);
 
+// Pushes lua-nginx-module's text for an API used in phase `p`, where it
+// is not allowed.
+void pushDisabled(lua_State *L, Phase p);
+
 // Raises the lua-nginx-module error for an API used in the wrong phase.
 // Returns the current run when the phase is allowed.
 Run *checkPhase(lua_State *L, PhaseMask allowed, const char *api = nullptr);

@@ -10,6 +10,7 @@
 
 #include "api/api.hpp"
 #include "ngx/module.hpp"
+#include "ngx/balancer.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
@@ -66,6 +67,8 @@ LG_CODE_DIRECTIVE(kAccessFile, "access_by_lua", File);
 LG_CODE_DIRECTIVE(kContent, "content_by_lua", Inline);
 LG_CODE_DIRECTIVE(kContentBlock, "content_by_lua", Block);
 LG_CODE_DIRECTIVE(kContentFile, "content_by_lua", File);
+LG_CODE_DIRECTIVE(kBalancerBlock, "balancer_by_lua", Block);
+LG_CODE_DIRECTIVE(kBalancerFile, "balancer_by_lua", File);
 LG_CODE_DIRECTIVE(kLog, "log_by_lua", Inline);
 LG_CODE_DIRECTIVE(kLogBlock, "log_by_lua", Block);
 LG_CODE_DIRECTIVE(kLogFile, "log_by_lua", File);
@@ -374,6 +377,25 @@ char *setHandler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         clcf->handler = entry::edge<glue::contentHandler>;
     }
     return NGX_CONF_OK;
+}
+
+// balancer_by_lua* in an upstream block: the code, then the wrapper
+// around the block's balancer.
+char *setBalancer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    auto *srv = static_cast<SrvConf *>(conf);
+    if (srv->balancer != nullptr) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *d = static_cast<const CodeDirective *>(cmd->post);
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_str_t empty = ngx_null_string;
+    ngx_str_t *arg = d->source == Source::Block ? &empty : &args[1];
+    char *rv = parseHandler(cf, d, arg, &srv->balancer);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+    return balancer::install(cf, srv);
 }
 
 // set_by_lua* appends a step to the rewrite module's script, so it runs in
@@ -931,6 +953,10 @@ ngx_command_t commands[] = {
            LG_LOC_OFF(content), &kContentBlock),
     LG_CMD("content_by_lua_file", kContentLoc | NGX_CONF_TAKE1, setHandler,
            kLocLoc, LG_LOC_OFF(content), &kContentFile),
+    LG_CMD("balancer_by_lua_block", NGX_HTTP_UPS_CONF | kBlock, setBalancer,
+           kSrvLoc, 0, &kBalancerBlock),
+    LG_CMD("balancer_by_lua_file", NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1,
+           setBalancer, kSrvLoc, 0, &kBalancerFile),
     LG_CMD("log_by_lua", kPhaseLoc | NGX_CONF_TAKE1, setHandler, kLocLoc,
            LG_LOC_OFF(log), &kLog),
     LG_CMD("log_by_lua_block", kPhaseLoc | kBlock, setHandler, kLocLoc,

@@ -73,6 +73,11 @@ struct MainConf {
 
 struct SrvConf {
     Handler                   *server_rewrite;
+    // balancer_by_lua* of an upstream block (ngx/balancer.cpp): the
+    // handler and the balancer it wraps.
+    Handler                   *balancer;
+    ngx_http_upstream_init_pt  balancer_init_upstream;
+    ngx_http_upstream_init_peer_pt balancer_init_peer;
 };
 
 struct LocConf {

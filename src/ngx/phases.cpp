@@ -772,18 +772,27 @@ void phaseFinished(RequestCtx *ctx)
                   ctx->entry_failed ? Outcome::Failed : Outcome::Finished);
 }
 
+void pushDisabled(lua_State *L, Phase p)
+{
+    // lua-nginx-module names the directive family, e.g. "set_by_lua*",
+    // and "ngx.timer" for timers.
+    if (p == Phase::Timer) {
+        lua_pushliteral(L, "API disabled in the context of ngx.timer");
+    } else {
+        lua_pushfstring(L, "API disabled in the context of %s_by_lua*",
+                        phaseName(p));
+    }
+}
+
 Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)
 {
     Run *run = g_run;
     Phase p = run ? run->phase : Phase::None;
     if (!(mask(p) & allowed)) {
-        // lua-nginx-module names the directive family, e.g.
-        // "set_by_lua*", and "ngx.timer" for timers.
-        if (p == Phase::Timer) {
-            luaL_error(L, "API disabled in the context of ngx.timer");
-        }
-        luaL_error(L, "API disabled in the context of %s_by_lua*",
-                   phaseName(p));
+        luaL_where(L, 1);
+        pushDisabled(L, p);
+        lua_concat(L, 2);
+        lua_error(L);
     }
     return run;
 }

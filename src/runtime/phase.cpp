@@ -17,6 +17,7 @@ const char *phaseName(Phase p)
     case Phase::BodyFilter: return "body_filter";
     case Phase::Timer: return "timer";
     case Phase::ExitWorker: return "exit_worker";
+    case Phase::Balancer: return "balancer";
     case Phase::None: break;
     }
     return "unknown";

@@ -20,6 +20,7 @@ enum class Phase : uint16_t {
     BodyFilter = 1 << 9,
     Timer = 1 << 10,
     ExitWorker = 1 << 11,
+    Balancer = 1 << 12,
 };
 
 using PhaseMask = uint16_t;
@@ -41,7 +42,8 @@ constexpr PhaseMask kYieldable = mask(Phase::ServerRewrite, Phase::Rewrite,
 constexpr PhaseMask kRequest = mask(Phase::Set, Phase::ServerRewrite,
                                     Phase::Rewrite, Phase::Access,
                                     Phase::Content, Phase::Log,
-                                    Phase::HeaderFilter, Phase::BodyFilter);
+                                    Phase::HeaderFilter, Phase::BodyFilter,
+                                    Phase::Balancer);
 
 // Phases in which output may be produced with ngx.say and friends.
 constexpr PhaseMask kOutput = mask(Phase::ServerRewrite, Phase::Rewrite,
