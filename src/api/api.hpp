@@ -16,6 +16,10 @@ struct ngx_conf_s;
 
 namespace luaguard::api {
 
+// The lua-resty-core release whose modules (ngx.re, ngx.semaphore,
+// ngx.balancer, ...) luaguard follows: their `version` field.
+constexpr char kRestyCoreVersion[] = "0.1.25";
+
 // Builds the global `ngx` table, the embedded Lua prelude and the
 // per-request environment machinery. False with *err on failure.
 bool open(lua_State *L, std::string *err);

@@ -1809,8 +1809,7 @@ int loadNgxRe(lua_State *L)
                             {"opt", reOpt},
                             {nullptr, nullptr}};
     setFuncs(L, fns);
-    // The lua-resty-core release whose ngx.re module we follow.
-    lua_pushliteral(L, "0.1.25");
+    lua_pushstring(L, kRestyCoreVersion);
     lua_setfield(L, -2, "version");
     return 1;
 }

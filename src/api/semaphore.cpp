@@ -181,7 +181,7 @@ int openModule(lua_State *L)
     lua_createtable(L, 0, 2);
     lua_pushcfunction(L, semaNew);
     lua_setfield(L, -2, "new");
-    lua_pushliteral(L, "0.1.25");
+    lua_pushstring(L, kRestyCoreVersion);
     lua_setfield(L, -2, "version");
     return 1;
 }
