@@ -25,6 +25,7 @@ bool open(lua_State *L, std::string *err)
     openSemaphore(L);
     openProcess(L);
     openBalancer(L);
+    openSsl(L);
     openWorkerPids(L);
     openShared(L);
     openReq(L);

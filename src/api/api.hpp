@@ -36,6 +36,7 @@ void openTimer(lua_State *L);
 void openSemaphore(lua_State *L);
 void openProcess(lua_State *L);
 void openBalancer(lua_State *L);
+void openSsl(lua_State *L);
 void openWorkerPids(lua_State *L);
 
 // Idle connections in this worker's cosocket pools, for metrics.

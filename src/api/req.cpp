@@ -594,8 +594,8 @@ int setUri(lua_State *L)
     if (jump && run->phase != Phase::Rewrite
         && run->phase != Phase::ServerRewrite)
     {
-        return luaL_error(L, "API disabled in the context of %s_by_lua*",
-                          phaseName(run->phase));
+        return luaL_error(L, "API disabled in the context of %s",
+                          directiveName(run->phase));
     }
     ngx_http_request_t *r = ctx->r;
     if (!copyToPool(r->pool, std::string(uri, len), &r->uri)) {

@@ -13,10 +13,10 @@
 namespace luaguard::api::sock {
 
 // The phases in which cosockets work (lua-nginx-module: rewrite, access,
-// content, timers; server_rewrite runs like rewrite).
+// content, timers, ssl_certificate; server_rewrite runs like rewrite).
 constexpr PhaseMask kPhases = mask(Phase::ServerRewrite, Phase::Rewrite,
                                    Phase::Access, Phase::Content,
-                                   Phase::Timer);
+                                   Phase::Timer, Phase::SslCert);
 
 // A peer's address while it is being resolved and connected to.
 struct Target {

@@ -21,7 +21,8 @@ int create(lua_State *L, bool every)
                              Phase::ServerRewrite, Phase::Rewrite,
                              Phase::Access, Phase::Content, Phase::Log,
                              Phase::HeaderFilter, Phase::BodyFilter,
-                             Phase::Timer, Phase::Balancer));
+                             Phase::Timer, Phase::Balancer,
+                             Phase::SslCert));
     sandbox::require(L, sandbox::Capability::Timer);
     lua_Number delay = luaL_checknumber(L, 1);
     if (every && delay <= 0) {

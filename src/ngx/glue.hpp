@@ -91,6 +91,19 @@ int exitThread(lua_State *L, RequestCtx *ctx, ngx_int_t code = 0);
 // out of memory.
 RequestCtx *ensureCtx(ngx_http_request_t *r);
 
+// A request of our own for Lua that runs outside any HTTP request
+// (timers, TLS handshakes): a connection slot with no socket and a pool of
+// its own, carrying the given configuration; its ctx is marked is_timer.
+// Destroyed with destroyFake, which releases everything it anchored.
+RequestCtx *fakeRequest(void **main_conf, void **srv_conf, void **loc_conf,
+                        Vm *vm, ngx_log_t *log);
+void destroyFake(ngx_connection_t *c);
+
+// Runs `h` for `phase` in a new entry thread of a fake request's ctx:
+// 1 when it finished, 0 when it failed (logged), -1 when it yielded (the
+// ctx's on_done is called once it ends).
+int startDetached(RequestCtx *ctx, Phase phase, Handler *h);
+
 // Runs `h` to completion with pcall on the main state of the request's VM
 // (`vm` without a request), leaving `nresults` results on it. Returns
 // NGX_OK, or NGX_ERROR after logging the failure.

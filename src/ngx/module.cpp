@@ -12,6 +12,7 @@
 #include "ngx/module.hpp"
 #include "ngx/balancer.hpp"
 #include "ngx/entry.hpp"
+#include "ngx/tls.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
 #include "ngx/subrequest.hpp"
@@ -67,6 +68,8 @@ LG_CODE_DIRECTIVE(kAccessFile, "access_by_lua", File);
 LG_CODE_DIRECTIVE(kContent, "content_by_lua", Inline);
 LG_CODE_DIRECTIVE(kContentBlock, "content_by_lua", Block);
 LG_CODE_DIRECTIVE(kContentFile, "content_by_lua", File);
+LG_CODE_DIRECTIVE(kSslCertBlock, "ssl_certificate_by_lua", Block);
+LG_CODE_DIRECTIVE(kSslCertFile, "ssl_certificate_by_lua", File);
 LG_CODE_DIRECTIVE(kBalancerBlock, "balancer_by_lua", Block);
 LG_CODE_DIRECTIVE(kBalancerFile, "balancer_by_lua", File);
 LG_CODE_DIRECTIVE(kLog, "log_by_lua", Inline);
@@ -953,6 +956,12 @@ ngx_command_t commands[] = {
            LG_LOC_OFF(content), &kContentBlock),
     LG_CMD("content_by_lua_file", kContentLoc | NGX_CONF_TAKE1, setHandler,
            kLocLoc, LG_LOC_OFF(content), &kContentFile),
+    LG_CMD("ssl_certificate_by_lua_block",
+           NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | kBlock, setHandler,
+           kSrvLoc, LG_SRV_OFF(ssl_cert), &kSslCertBlock),
+    LG_CMD("ssl_certificate_by_lua_file",
+           NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_CONF_TAKE1, setHandler,
+           kSrvLoc, LG_SRV_OFF(ssl_cert), &kSslCertFile),
     LG_CMD("balancer_by_lua_block", NGX_HTTP_UPS_CONF | kBlock, setBalancer,
            kSrvLoc, 0, &kBalancerBlock),
     LG_CMD("balancer_by_lua_file", NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1,
@@ -1131,12 +1140,18 @@ void *createSrvConf(ngx_conf_t *cf)
     return ngx_pcalloc(cf->pool, sizeof(SrvConf));
 }
 
-char *mergeSrvConf(ngx_conf_t *, void *parent, void *child)
+char *mergeSrvConf(ngx_conf_t *cf, void *parent, void *child)
 {
     auto *prev = static_cast<SrvConf *>(parent);
     auto *conf = static_cast<SrvConf *>(child);
     if (conf->server_rewrite == nullptr) {
         conf->server_rewrite = prev->server_rewrite;
+    }
+    if (conf->ssl_cert == nullptr) {
+        conf->ssl_cert = prev->ssl_cert;
+    }
+    if (!tls::installCertHook(cf, conf)) {
+        return static_cast<char *>(NGX_CONF_ERROR);
     }
     return NGX_CONF_OK;
 }

@@ -22,6 +22,7 @@ namespace script { struct Policy; }
 namespace egress { struct Policy; }
 struct RequestCtx;
 namespace sandbox { struct Policy; }
+namespace tls { struct Handshake; }
 
 // One piece of Lua code attached to a directive. Inline code is compiled
 // while the configuration is parsed (so `nginx -t` sees syntax errors) and
@@ -76,6 +77,7 @@ struct SrvConf {
     // balancer_by_lua* of an upstream block (ngx/balancer.cpp): the
     // handler and the balancer it wraps.
     Handler                   *balancer;
+    Handler                   *ssl_cert;    // ssl_certificate_by_lua*
     ngx_http_upstream_init_pt  balancer_init_upstream;
     ngx_http_upstream_init_peer_pt balancer_init_peer;
 };
@@ -174,7 +176,9 @@ struct RequestCtx {
     int                  live_user = 0;          // user threads not dead
     bool                 entry_done = false;
     bool                 entry_failed = false;
-    bool                 is_timer = false;       // a timer's fake request
+    bool                 is_timer = false;       // a fake request (timers,
+                                                 // TLS handshakes)
+    tls::Handshake      *handshake = nullptr;    // ssl_certificate_by_lua
     void               (*on_done)(RequestCtx *) = nullptr;  // timers
     const budget::Limits *limits = nullptr;      // budgets of its Lua runs
     const sandbox::Policy *env_policy = nullptr; // policy env_ref was made for

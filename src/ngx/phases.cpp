@@ -448,8 +448,8 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
             }, &raised))
         {
             ok = false;
-            err = "failed to run " + std::string(phaseName(phase))
-                  + "_by_lua*: " + raised;
+            err = "failed to run " + std::string(directiveName(phase))
+                  + ": " + raised;
         }
     }
     if (!ok) {
@@ -762,6 +762,16 @@ void bodyWaitAbandoned(RequestCtx *ctx)
     ngx_post_event(&t->wake, &ngx_posted_events);
 }
 
+int startDetached(RequestCtx *ctx, Phase phase, Handler *h)
+{
+    switch (startThread(ctx, phase, h)) {
+    case Outcome::Yielded: return -1;
+    case Outcome::Finished: return 1;
+    case Outcome::Failed: break;
+    }
+    return 0;
+}
+
 void phaseFinished(RequestCtx *ctx)
 {
     if (ctx->is_timer) {
@@ -774,14 +784,8 @@ void phaseFinished(RequestCtx *ctx)
 
 void pushDisabled(lua_State *L, Phase p)
 {
-    // lua-nginx-module names the directive family, e.g. "set_by_lua*",
-    // and "ngx.timer" for timers.
-    if (p == Phase::Timer) {
-        lua_pushliteral(L, "API disabled in the context of ngx.timer");
-    } else {
-        lua_pushfstring(L, "API disabled in the context of %s_by_lua*",
-                        phaseName(p));
-    }
+    lua_pushfstring(L, "API disabled in the context of %s",
+                    directiveName(p));
 }
 
 Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)
@@ -867,8 +871,8 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
         std::string tb = nl == std::string::npos ? "" : text.substr(nl + 1);
         lua_settop(L, base);
         metrics::countError(ctx);
-        std::string what = std::string("failed to run ") + phaseName(phase)
-                           + "_by_lua*";
+        std::string what = std::string("failed to run ")
+                           + directiveName(phase);
         logFailure(log, what.c_str(), msg, tb);
         if (ctx) {
             budget::Guard::reclaim(L, &vm->memory(), ctx->usage,

@@ -127,14 +127,6 @@ void freeTimer(Timer *tm)
     ngx_free(tm);
 }
 
-void destroyFake(ngx_connection_t *c)
-{
-    // Destroying the pool runs the ctx cleanup: threads killed, refs
-    // released.
-    ngx_destroy_pool(c->pool);
-    ngx_free_connection(c);
-}
-
 void runDone(RequestCtx *ctx)
 {
     g_running--;
@@ -155,53 +147,11 @@ void runDone(RequestCtx *ctx)
 
 RequestCtx *fakeRequest(Timer *tm)
 {
-    ngx_log_t *log = ngx_cycle->log;
-    ngx_connection_t *c = ngx_get_connection(static_cast<ngx_socket_t>(-1),
-                                             log);
-    if (c == nullptr) {
-        return nullptr;
-    }
-    c->pool = ngx_create_pool(4096, log);
-    if (c->pool == nullptr) {
-        ngx_free_connection(c);
-        return nullptr;
-    }
-    auto *clog = static_cast<ngx_log_t *>(ngx_palloc(c->pool,
-                                                     sizeof(ngx_log_t)));
-    auto *r = static_cast<ngx_http_request_t *>(
-        ngx_pcalloc(c->pool, sizeof(ngx_http_request_t)));
-    void **modctx = static_cast<void **>(
-        ngx_pcalloc(c->pool, sizeof(void *) * ngx_http_max_module));
-    if (clog == nullptr || r == nullptr || modctx == nullptr) {
-        destroyFake(c);
-        return nullptr;
-    }
-    *clog = *log;
-    clog->data = nullptr;
-    clog->handler = nullptr;
-    c->log = clog;
-    c->read->log = clog;
-    c->write->log = clog;
-    c->number = ngx_atomic_fetch_add(ngx_connection_counter, 1);
-    c->fd = static_cast<ngx_socket_t>(-1);
-    c->data = r;
-
-    r->pool = c->pool;
-    r->connection = c;
-    r->main = r;
-    r->count = 1;
-    r->ctx = modctx;
-    r->signature = NGX_HTTP_MODULE;
-    r->main_conf = tm->main_conf;
-    r->srv_conf = tm->srv_conf;
-    r->loc_conf = tm->loc_conf;
-
-    RequestCtx *ctx = createCtx(r, tm->vm);
+    RequestCtx *ctx = glue::fakeRequest(tm->main_conf, tm->srv_conf,
+                                        tm->loc_conf, tm->vm, ngx_cycle->log);
     if (ctx == nullptr) {
-        destroyFake(c);
         return nullptr;
     }
-    ctx->is_timer = true;
     ctx->on_done = runDone;
     ctx->limits = &ctx->llcf->timer_limits;
     ctx->thread_phase = Phase::Timer;
@@ -347,6 +297,66 @@ void fired(ngx_event_t *ev)
 }
 
 }  // namespace
+
+void destroyFake(ngx_connection_t *c)
+{
+    // Destroying the pool runs the ctx cleanup: threads killed, refs
+    // released.
+    ngx_destroy_pool(c->pool);
+    ngx_free_connection(c);
+}
+
+RequestCtx *fakeRequest(void **main_conf, void **srv_conf, void **loc_conf,
+                        Vm *vm, ngx_log_t *log)
+{
+    ngx_connection_t *c = ngx_get_connection(static_cast<ngx_socket_t>(-1),
+                                             log);
+    if (c == nullptr) {
+        return nullptr;
+    }
+    c->pool = ngx_create_pool(4096, log);
+    if (c->pool == nullptr) {
+        ngx_free_connection(c);
+        return nullptr;
+    }
+    auto *clog = static_cast<ngx_log_t *>(ngx_palloc(c->pool,
+                                                     sizeof(ngx_log_t)));
+    auto *r = static_cast<ngx_http_request_t *>(
+        ngx_pcalloc(c->pool, sizeof(ngx_http_request_t)));
+    void **modctx = static_cast<void **>(
+        ngx_pcalloc(c->pool, sizeof(void *) * ngx_http_max_module));
+    if (clog == nullptr || r == nullptr || modctx == nullptr) {
+        destroyFake(c);
+        return nullptr;
+    }
+    *clog = *log;
+    clog->data = nullptr;
+    clog->handler = nullptr;
+    c->log = clog;
+    c->read->log = clog;
+    c->write->log = clog;
+    c->number = ngx_atomic_fetch_add(ngx_connection_counter, 1);
+    c->fd = static_cast<ngx_socket_t>(-1);
+    c->data = r;
+
+    r->pool = c->pool;
+    r->connection = c;
+    r->main = r;
+    r->count = 1;
+    r->ctx = modctx;
+    r->signature = NGX_HTTP_MODULE;
+    r->main_conf = main_conf;
+    r->srv_conf = srv_conf;
+    r->loc_conf = loc_conf;
+
+    RequestCtx *ctx = createCtx(r, vm);
+    if (ctx == nullptr) {
+        destroyFake(c);
+        return nullptr;
+    }
+    ctx->is_timer = true;
+    return ctx;
+}
 
 size_t timerMemoryLeft(RequestCtx *creator)
 {

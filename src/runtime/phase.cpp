@@ -18,6 +18,29 @@ const char *phaseName(Phase p)
     case Phase::Timer: return "timer";
     case Phase::ExitWorker: return "exit_worker";
     case Phase::Balancer: return "balancer";
+    case Phase::SslCert: return "ssl_cert";
+    case Phase::None: break;
+    }
+    return "unknown";
+}
+
+const char *directiveName(Phase p)
+{
+    switch (p) {
+    case Phase::Init: return "init_by_lua*";
+    case Phase::InitWorker: return "init_worker_by_lua*";
+    case Phase::Set: return "set_by_lua*";
+    case Phase::ServerRewrite: return "server_rewrite_by_lua*";
+    case Phase::Rewrite: return "rewrite_by_lua*";
+    case Phase::Access: return "access_by_lua*";
+    case Phase::Content: return "content_by_lua*";
+    case Phase::Log: return "log_by_lua*";
+    case Phase::HeaderFilter: return "header_filter_by_lua*";
+    case Phase::BodyFilter: return "body_filter_by_lua*";
+    case Phase::Timer: return "ngx.timer";
+    case Phase::ExitWorker: return "exit_worker_by_lua*";
+    case Phase::Balancer: return "balancer_by_lua*";
+    case Phase::SslCert: return "ssl_certificate_by_lua*";
     case Phase::None: break;
     }
     return "unknown";

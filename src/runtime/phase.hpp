@@ -6,7 +6,7 @@
 
 namespace luaguard {
 
-enum class Phase : uint16_t {
+enum class Phase : uint32_t {
     None = 0,
     Init = 1 << 0,
     InitWorker = 1 << 1,
@@ -21,9 +21,10 @@ enum class Phase : uint16_t {
     Timer = 1 << 10,
     ExitWorker = 1 << 11,
     Balancer = 1 << 12,
+    SslCert = 1 << 13,
 };
 
-using PhaseMask = uint16_t;
+using PhaseMask = uint32_t;
 
 constexpr PhaseMask mask(Phase p) { return static_cast<PhaseMask>(p); }
 
@@ -36,7 +37,7 @@ constexpr PhaseMask mask(Phase p, P... rest)
 // Phases whose Lua runs in a coroutine that may yield to nginx.
 constexpr PhaseMask kYieldable = mask(Phase::ServerRewrite, Phase::Rewrite,
                                       Phase::Access, Phase::Content,
-                                      Phase::Timer);
+                                      Phase::Timer, Phase::SslCert);
 
 // Phases with a request (ngx.var, ngx.req.*).
 constexpr PhaseMask kRequest = mask(Phase::Set, Phase::ServerRewrite,
@@ -50,5 +51,10 @@ constexpr PhaseMask kOutput = mask(Phase::ServerRewrite, Phase::Rewrite,
                                    Phase::Access, Phase::Content);
 
 const char *phaseName(Phase p);
+
+// The directive family lua-nginx-module names in its messages
+// ("ssl_certificate_by_lua*" for the phase ngx.get_phase() calls
+// "ssl_cert").
+const char *directiveName(Phase p);
 
 }  // namespace luaguard
