@@ -32,6 +32,10 @@ const char kHeadersMeta[] = "luaguard.req_headers_mt";
 
 RequestCtx *requestFor(lua_State *L)
 {
+    if (g_run && g_run->phase == Phase::SslCert) {
+        // A handshake has no request yet, as lua-nginx-module says.
+        luaL_error(L, "API disabled in the current context");
+    }
     glue::checkPhase(L, kRequest);
     return glue::requireRequest(L);
 }
