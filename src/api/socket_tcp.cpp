@@ -2209,20 +2209,24 @@ int tcpSetClientCert(lua_State *L)
         return luaL_error(L, "client certificate must be supplied with "
                           "corresponding private key");
     }
-    if (lua_type(L, 2) != LUA_TSTRING) {
-        return luaL_error(L, "bad cert arg: PEM string expected, got %s "
-                          "(ngx.ssl cdata is not implemented in luaguard "
-                          "yet)", luaL_typename(L, 2));
+    // PEM strings, or the objects of ngx.ssl.parse_pem_cert/_priv_key.
+    std::string c, k, err;
+    if (lua_type(L, 2) == LUA_TSTRING) {
+        size_t len;
+        const char *p = lua_tolstring(L, 2, &len);
+        c.assign(p, len);
+    } else if (!sslObjectPem(L, 2, false, &c)) {
+        return luaL_error(L, "bad cert arg: PEM string or ngx.ssl "
+                          "certificate expected, got %s", luaL_typename(L, 2));
     }
-    if (lua_type(L, 3) != LUA_TSTRING) {
-        return luaL_error(L, "bad pkey arg: PEM string expected, got %s "
-                          "(ngx.ssl cdata is not implemented in luaguard "
-                          "yet)", luaL_typename(L, 3));
+    if (lua_type(L, 3) == LUA_TSTRING) {
+        size_t len;
+        const char *p = lua_tolstring(L, 3, &len);
+        k.assign(p, len);
+    } else if (!sslObjectPem(L, 3, true, &k)) {
+        return luaL_error(L, "bad pkey arg: PEM string or ngx.ssl private "
+                          "key expected, got %s", luaL_typename(L, 3));
     }
-    size_t clen, klen;
-    const char *cert = lua_tolstring(L, 2, &clen);
-    const char *key = lua_tolstring(L, 3, &klen);
-    std::string c(cert, clen), k(key, klen), err;
     if (!useClientCert(nullptr, c, k, &err)) {
         return pushNilErr(L, err.c_str());
     }

@@ -498,6 +498,43 @@ int openModule(lua_State *L)
 
 }  // namespace
 
+bool sslObjectPem(lua_State *L, int idx, bool key, std::string *out)
+{
+    void *ud = luaL_testudata(L, idx, key ? kKeyMeta : kCertMeta);
+    if (ud == nullptr) {
+        return false;
+    }
+    BIO *bio = BIO_new(BIO_s_mem());
+    bool ok = bio != nullptr;
+    if (ok && key) {
+        EVP_PKEY *k = *static_cast<EVP_PKEY **>(ud);
+        ok = k && PEM_write_bio_PrivateKey(bio, k, nullptr, nullptr, 0,
+                                           nullptr, nullptr) == 1;
+    } else if (ok) {
+        STACK_OF(X509) *chain = *static_cast<STACK_OF(X509) **>(ud);
+        for (int i = 0; ok && chain && i < sk_X509_num(chain); i++) {
+            ok = PEM_write_bio_X509(bio, sk_X509_value(chain, i)) == 1;
+        }
+        ok = ok && chain;
+    }
+    char *data = nullptr;
+    long n = ok ? BIO_get_mem_data(bio, &data) : 0;
+    if (ok && n > 0) {
+        out->assign(data, static_cast<size_t>(n));
+    }
+    if (bio) {
+        // The buffer may hold a private key.
+        BUF_MEM *mem = nullptr;
+        BIO_get_mem_ptr(bio, &mem);
+        if (mem && mem->data) {
+            OPENSSL_cleanse(mem->data, mem->max);
+        }
+        BIO_free(bio);
+    }
+    ERR_clear_error();
+    return ok && n > 0;
+}
+
 void openSsl(lua_State *L)
 {
     // Registered with the VM (not on first require): the sandbox knows

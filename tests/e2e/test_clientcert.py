@@ -1,6 +1,7 @@
 """tcpsock:setclientcert against an nginx TLS server that requires a
-client certificate from a test CA (made by openssl in the test). luaguard
-has no ngx.ssl yet, so the certificate and key are given as PEM strings."""
+client certificate from a test CA (made by openssl in the test): the
+certificate and key as PEM strings (luaguard's extension) or as the
+objects of ngx.ssl.parse_pem_cert/parse_pem_priv_key."""
 
 import subprocess
 
@@ -60,6 +61,8 @@ def test_setclientcert(nginx, tmp_path):
         ngx.say(s:setclientcert(cert, "junk"))
         ngx.say(pcall(s.setclientcert, s, cert, nil))
         ngx.say(pcall(s.setclientcert, s, {}, key))
+        local ssl = require "ngx.ssl"
+        ngx.say(fetch(ssl.parse_pem_cert(cert), ssl.parse_pem_priv_key(key)))
     """ % ((tmp_path / "cli.crt").read_text(),
            (tmp_path / "cli.key").read_text(), tls)
     n = nginx(http=http, server=r"""
@@ -75,4 +78,6 @@ def test_setclientcert(nginx, tmp_path):
     assert lines[4] == "nilPEM_read_bio_PrivateKey() failed"
     assert lines[5] == ("falseclient certificate must be supplied with "
                         "corresponding private key")
-    assert lines[6].startswith("falsebad cert arg: PEM string expected")
+    assert lines[6].startswith("falsebad cert arg: PEM string or ngx.ssl "
+                               "certificate expected")
+    assert lines[7] == lines[0]
