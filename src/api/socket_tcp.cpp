@@ -1966,6 +1966,73 @@ void sslCleanup(void *data)
 // while the configuration is read when a trusted certificate is given (the
 // master can read files a worker may not), else on first use; kept for the
 // life of the configuration.
+// lua_ssl_crl: peers' certificates are checked against the list, the
+// whole chain as nginx's ssl_crl does.
+bool loadCrl(ngx_ssl_t *ssl, ngx_str_t file, ngx_pool_t *pool, ngx_log_t *log,
+             ngx_str_t *prefix, std::string *err)
+{
+    if (ngx_get_full_name(pool, prefix, &file) != NGX_OK) {
+        *err = "no memory";
+        return false;
+    }
+    std::string path(reinterpret_cast<char *>(file.data), file.len);
+    X509_STORE *store = SSL_CTX_get_cert_store(ssl->ctx);
+    X509_LOOKUP *lookup = store ? X509_STORE_add_lookup(store,
+                                                        X509_LOOKUP_file())
+                                : nullptr;
+    if (lookup == nullptr
+        || X509_LOOKUP_load_file(lookup, path.c_str(), X509_FILETYPE_PEM)
+               != 1)
+    {
+        ngx_ssl_error(NGX_LOG_EMERG, log, 0,
+                      const_cast<char *>("X509_LOOKUP_load_file(\"%s\") "
+                                         "failed"), path.c_str());
+        *err = "failed to load lua_ssl_crl";
+        return false;
+    }
+    X509_STORE_set_flags(store,
+                         X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL);
+    ERR_clear_error();
+    return true;
+}
+
+// lua_ssl_conf_command: OpenSSL's SSL_CONF commands, as nginx's
+// ssl_conf_command applies them to a server context.
+bool applyConfCommands(ngx_ssl_t *ssl, ngx_array_t *commands, ngx_log_t *log,
+                       std::string *err)
+{
+    SSL_CONF_CTX *cctx = SSL_CONF_CTX_new();
+    if (cctx == nullptr) {
+        *err = "SSL_CONF_CTX_new() failed";
+        return false;
+    }
+    SSL_CONF_CTX_set_flags(cctx, SSL_CONF_FLAG_FILE | SSL_CONF_FLAG_CLIENT
+                                 | SSL_CONF_FLAG_CERTIFICATE
+                                 | SSL_CONF_FLAG_SHOW_ERRORS);
+    SSL_CONF_CTX_set_ssl_ctx(cctx, ssl->ctx);
+    auto *kv = static_cast<ngx_keyval_t *>(commands->elts);
+    bool ok = true;
+    for (ngx_uint_t i = 0; ok && i < commands->nelts; i++) {
+        std::string k(reinterpret_cast<char *>(kv[i].key.data), kv[i].key.len);
+        std::string v(reinterpret_cast<char *>(kv[i].value.data),
+                      kv[i].value.len);
+        if (SSL_CONF_cmd(cctx, k.c_str(), v.c_str()) <= 0) {
+            ngx_ssl_error(NGX_LOG_EMERG, log, 0,
+                          const_cast<char *>("SSL_CONF_cmd(\"%s\", \"%s\") "
+                                             "failed"), k.c_str(), v.c_str());
+            *err = "bad lua_ssl_conf_command \"" + k + "\"";
+            ok = false;
+        }
+    }
+    if (ok && SSL_CONF_CTX_finish(cctx) != 1) {
+        *err = "SSL_CONF_CTX_finish() failed";
+        ok = false;
+    }
+    SSL_CONF_CTX_free(cctx);
+    ERR_clear_error();
+    return ok;
+}
+
 ngx_ssl_t *makeSslContext(LocConf *lc, ngx_pool_t *pool, ngx_log_t *log,
                           ngx_str_t *prefix, std::string *err)
 {
@@ -2012,6 +2079,15 @@ ngx_ssl_t *makeSslContext(LocConf *lc, ngx_pool_t *pool, ngx_log_t *log,
             return nullptr;
         }
         ERR_clear_error();
+    }
+    if (lc->ssl_crl.len && !loadCrl(ssl, lc->ssl_crl, pool, log, prefix, err))
+    {
+        return nullptr;
+    }
+    if (lc->ssl_conf_commands
+        && !applyConfCommands(ssl, lc->ssl_conf_commands, log, err))
+    {
+        return nullptr;
     }
     return ssl;
 }
@@ -2506,13 +2582,17 @@ char *mergeSocketSsl(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
                           conf->ssl_trusted_certificate)
         && same(prev->ssl_ciphers, conf->ssl_ciphers)
         && prev->ssl_protocols == conf->ssl_protocols
-        && prev->ssl_verify_depth == conf->ssl_verify_depth)
+        && prev->ssl_verify_depth == conf->ssl_verify_depth
+        && same(prev->ssl_crl, conf->ssl_crl)
+        && prev->ssl_conf_commands == conf->ssl_conf_commands)
     {
         conf->ssl = prev->ssl;
         return NGX_CONF_OK;
     }
-    if (conf->ssl_trusted_certificate.len == 0) {
-        return NGX_CONF_OK;  // nothing to read: made on first use
+    if (conf->ssl_trusted_certificate.len == 0 && conf->ssl_crl.len == 0
+        && conf->ssl_conf_commands == nullptr)
+    {
+        return NGX_CONF_OK;  // nothing to read or check: made on first use
     }
     std::string err;
     conf->ssl = makeSslContext(conf, cf->pool, cf->log, &cf->cycle->conf_prefix,

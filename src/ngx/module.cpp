@@ -1098,6 +1098,11 @@ ngx_command_t commands[] = {
            kSslProtocols),
     LG_CMD("lua_ssl_ciphers", kAnyLoc | NGX_CONF_TAKE1,
            ngx_conf_set_str_slot, kLocLoc, LG_LOC_OFF(ssl_ciphers), nullptr),
+    LG_CMD("lua_ssl_crl", kAnyLoc | NGX_CONF_TAKE1, ngx_conf_set_str_slot,
+           kLocLoc, LG_LOC_OFF(ssl_crl), nullptr),
+    LG_CMD("lua_ssl_conf_command", kAnyLoc | NGX_CONF_TAKE2,
+           ngx_conf_set_keyval_slot, kLocLoc, LG_LOC_OFF(ssl_conf_commands),
+           nullptr),
 
     ngx_null_command};
 
@@ -1192,6 +1197,7 @@ void *createLocConf(ngx_conf_t *cf)
     conf->socket_max_per_request = NGX_CONF_UNSET_UINT;
     conf->socket_log_errors = NGX_CONF_UNSET;
     conf->ssl_verify_depth = NGX_CONF_UNSET;
+    conf->ssl_conf_commands = static_cast<ngx_array_t *>(NGX_CONF_UNSET_PTR);
     conf->vm_slot = static_cast<VmSlot *>(NGX_CONF_UNSET_PTR);
     return conf;
 }
@@ -1352,6 +1358,9 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
                                   | NGX_SSL_TLSv1_3));
     ngx_conf_merge_str_value(conf->ssl_ciphers, prev->ssl_ciphers,
                              "DEFAULT");
+    ngx_conf_merge_str_value(conf->ssl_crl, prev->ssl_crl, "");
+    ngx_conf_merge_ptr_value(conf->ssl_conf_commands, prev->ssl_conf_commands,
+                             nullptr);
     if (conf->socket_buffer_size == 0) {
         conf->socket_buffer_size = ngx_pagesize;
     }

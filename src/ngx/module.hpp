@@ -144,6 +144,8 @@ struct LocConf {
     ngx_int_t                  ssl_verify_depth;
     ngx_uint_t                 ssl_protocols;
     ngx_str_t                  ssl_ciphers;
+    ngx_str_t                  ssl_crl;           // lua_ssl_crl
+    ngx_array_t               *ssl_conf_commands; // of ngx_keyval_t
     void                      *ssl;     // ngx_ssl_t, built on first use
     void                      *metrics;  // metrics::Loc: counters' slot
 };
