@@ -166,7 +166,7 @@ def test_every_line_of_the_readme_works(nginx, tmp_path):
 
     def tenant_loop(out):
         assert Http(out).status == 503
-        n.wait_log(r"lua_budget_slice exceeded: Lua ran 50 ms without "
+        n.wait_log(r"lua_budget_slice exceeded: Lua ran 100 ms without "
                    r"yielding, stopped at \S+/tenants/acme/loop\.lua:3")
 
     def tenant_hog(out):
