@@ -34,6 +34,7 @@
 #include "api/socket.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
+#include "security/sandbox.hpp"
 #include "ngx/metrics.hpp"
 #include "ngx/thread.hpp"
 #include "security/egress.hpp"
@@ -2435,6 +2436,7 @@ int tcpGc(lua_State *L)
 int tcpNew(lua_State *L)
 {
     glue::checkPhase(L, sock::kPhases);
+    sandbox::require(L, sandbox::Capability::Socket);
     if (lua_gettop(L) != 0) {
         return luaL_error(L, "expecting zero arguments, but got %d",
                           lua_gettop(L));

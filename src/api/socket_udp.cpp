@@ -12,6 +12,7 @@
 #include "api/socket.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
+#include "security/sandbox.hpp"
 #include "ngx/thread.hpp"
 #include "security/egress.hpp"
 
@@ -457,6 +458,7 @@ int udpGc(lua_State *L)
 int udpNew(lua_State *L)
 {
     glue::checkPhase(L, sock::kPhases);
+    sandbox::require(L, sandbox::Capability::Socket);
     if (lua_gettop(L) != 0) {
         return luaL_error(L, "expecting zero arguments, but got %d",
                           lua_gettop(L));

@@ -765,3 +765,31 @@ def test_timer_thread_subrequest_capabilities(nginx):
     """)
     lines = n.get("/s").text.splitlines()
     assert all("capability" in ln and "is not allowed" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("profile", ["default -socket", "strict -socket"])
+def test_socket_capability_is_enforced(nginx, profile):
+    # Found by the example gateway's review: nothing checked the socket
+    # capability, so `-socket` left cosockets open.
+    n = nginx(server=f"""
+        location /s {{
+            lua_sandbox {profile};
+            content_by_lua_block {{
+                ngx.say(pcall(ngx.socket.tcp))
+                ngx.say(pcall(ngx.socket.udp))
+                ngx.say(pcall(ngx.socket.connect, "127.0.0.1",
+                              ngx.var.server_port))
+            }}
+        }}
+        location /free {{
+            content_by_lua_block {{
+                local s = ngx.socket.tcp()
+                ngx.say(s:connect("127.0.0.1", ngx.var.server_port))
+            }}
+        }}
+    """)
+    lines = n.get("/s").text.splitlines()
+    assert len(lines) == 3
+    assert all(ln.startswith("false") and "capability 'socket' is not "
+               "allowed" in ln for ln in lines), lines
+    assert n.get("/free").text == "1\n"
