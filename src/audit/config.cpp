@@ -311,6 +311,10 @@ bool Config::parseText(const std::string &text, const std::string &file,
             cur.args.push_back(word);
         }
     }
+    // nginx names the last line of the file, not the one after it.
+    if (!text.empty() && text.back() == '\n') {
+        line--;
+    }
     if (have) {
         return fail("unexpected end of file, expecting \";\" or \"}\"");
     }
@@ -430,6 +434,7 @@ void Config::addChunk(const Directive &d, const std::shared_ptr<Scope> &scope)
         c->line = 1;
         if (hasVariable(c->path)) {
             c->loaded = false;
+            c->line = d.line;
         } else {
             std::string full = joinPath(prefix, c->path);
             bool ok = false;

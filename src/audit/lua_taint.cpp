@@ -216,6 +216,7 @@ struct Val {
     int func = -1;       // Func: index into Analyzer::funcs_
     bool is_str = false;
     std::string str;
+    std::string name;    // the name it was reached by, for sanitizers
 };
 
 struct Var {
@@ -412,14 +413,18 @@ class Analyzer {
 
     Val lookup(const std::string &name)
     {
-        if (Var *v = findLocal(name)) {
-            return v->val;
-        }
-        auto g = globals_.find(name);
-        if (g != globals_.end()) {
-            return g->second;
-        }
         Val v;
+        if (Var *var = findLocal(name)) {
+            v = var->val;
+        } else if (globals_.count(name)) {
+            v = globals_[name];
+        }
+        if (v.name.empty()) {
+            v.name = name;
+        }
+        if (findLocal(name) || globals_.count(name)) {
+            return v;
+        }
         v.path = name == "_G" ? "" : name;
         if (name == "_G" || name == "_ENV") {
             v.path = "_G";
@@ -462,6 +467,16 @@ class Analyzer {
     // -- indexing --
     Val index(const Val &base, const std::string *key, const Val &keyval,
               int line)
+    {
+        Val r = indexOf(base, key, keyval, line);
+        if (key && r.name.empty()) {
+            r.name = *key;
+        }
+        return r;
+    }
+
+    Val indexOf(const Val &base, const std::string *key, const Val &keyval,
+                int line)
     {
         std::string k = key ? *key : "?";
         if (!base.path.empty()) {
@@ -522,7 +537,9 @@ class Analyzer {
             return false;
         };
         std::string why;
-        std::string last = lower(lastPart(path));
+        std::string last = lower(self ? method : (fn.name.empty()
+                                                      ? lastPart(path)
+                                                      : fn.name));
 
         // Sources.
         if (kSourceCalls.count(path)) {
@@ -638,8 +655,12 @@ class Analyzer {
             v.path = arg(1).str;
             return v;
         }
-        if (path == "pcall" && arg(0).kind == Val::Func) {
-            std::vector<Val> rest(args.begin() + 1, args.end());
+        if ((path == "pcall" || path == "xpcall")
+            && (arg(0).kind == Val::Func || !arg(0).path.empty()))
+        {
+            size_t skip = path == "xpcall" ? 2 : 1;  // f [, handler]
+            std::vector<Val> rest(args.begin() + std::min(skip, args.size()),
+                                  args.end());
             return call(arg(0), nullptr, "", rest, line);
         }
 

@@ -260,6 +260,12 @@ class Auditor {
         for (const auto &c : cfg_.chunks) {
             lua_scopes.insert(c->scope.get());
         }
+        // A sandbox that is off where request data becomes code gets the
+        // stronger rule instead.
+        std::set<const Directive *> hot;
+        for (const Scope *scope : request_code_) {
+            hot.insert(scope->settings.get("lua_sandbox"));
+        }
         for (const auto &scope : cfg_.scopes) {
             for (const Directive *d : scope->directives) {
                 std::string a0 = d->args.empty() ? "" : d->args[0];
@@ -284,7 +290,7 @@ class Auditor {
                         }
                     }
                 } else if (d->name == "lua_sandbox" && a0 == "off"
-                           && !request_code_.count(scope.get()))
+                           && !hot.count(d))
                 {
                     pend("sandbox-off", d, "lua_sandbox off in " + scope->label
                          + ": shared globals, writable libraries, bytecode and "
