@@ -41,8 +41,9 @@ class Auditor {
             add("config-error", p.file, p.line, p.message);
         }
         L_ = luaL_newstate();
-        for (auto &c : cfg_.chunks) {
-            chunk(*c);
+        // By index: modules found by require are appended as we go.
+        for (size_t i = 0; i < cfg_.chunks.size(); i++) {
+            chunk(*cfg_.chunks[i]);
         }
         lua_close(L_);
         settings();
@@ -87,6 +88,7 @@ class Auditor {
     std::set<const Scope *> request_code_;
     std::set<std::string> tainted_vars_;
     std::string init_globals_;   // for luacheck: set by init handlers
+    std::set<std::string> modules_;  // audited already
 
     void add(const std::string &rule, const std::string &file, int line,
              const std::string &msg, int severity = -1)
@@ -220,6 +222,63 @@ class Auditor {
         }
         if (opts_.luacheck) {
             luacheck(c);
+        }
+        for (const auto &name : f.requires) {
+            module(name, c);
+        }
+    }
+
+    // A module the chunk requires from the configuration's
+    // lua_package_path (LuaJIT's default path, ";;", is the system's
+    // libraries: not audited) is audited as one more chunk, in the place
+    // of the first chunk that requires it.
+    void module(const std::string &name, const Chunk &by)
+    {
+        std::string path;
+        for (const Directive *d : cfg_.http_directives) {
+            if (d->name != "lua_package_path" || d->args.empty()) {
+                continue;
+            }
+            std::string rel = name;
+            std::replace(rel.begin(), rel.end(), '.', '/');
+            std::string v = d->args[0] + ";";
+            for (size_t start = 0, semi; path.empty()
+                 && (semi = v.find(';', start)) != std::string::npos;
+                 start = semi + 1)
+            {
+                std::string e = v.substr(start, semi - start);
+                if (e.empty()) {
+                    continue;
+                }
+                if (e.compare(0, 7, "$prefix") == 0) {
+                    e = cfg_.prefix + e.substr(7);
+                }
+                for (size_t q; (q = e.find('?')) != std::string::npos;) {
+                    e.replace(q, 1, rel);
+                }
+                if (e[0] != '/') {
+                    e = cfg_.prefix + "/" + e;
+                }
+                if (access(e.c_str(), R_OK) == 0) {
+                    path = e;
+                }
+            }
+        }
+        if (path.empty() || !modules_.insert(path).second) {
+            return;
+        }
+        auto m = std::make_unique<Chunk>();
+        m->directive = "require \"" + name + "\"";
+        m->phase = "module";
+        m->kind = "module";
+        m->file = path;
+        m->line = 1;
+        m->scope = by.scope;
+        m->location = "module " + name + ", required in " + by.location;
+        bool ok = false;
+        m->code = readFile(path, &ok);
+        if (ok) {
+            cfg_.chunks.push_back(std::move(m));
         }
     }
 

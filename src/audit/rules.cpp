@@ -28,9 +28,9 @@ const std::vector<Rule> kRules = {
      "script into a page served from your origin. Reported high when the "
      "response is HTML (ngx.header.content_type or default_type says so), "
      "low otherwise (browsers that sniff content types may still render it).",
-     "Escape with an HTML escaper (a function named escape_html or "
-     "html_escape: ngx has none built in), or ngx.escape_uri, or send a "
-     "non-HTML Content-Type."},
+     "Escape with ngx.escape_html (luaguard; lua-nginx-module has none, any "
+     "function named escape_html or html_escape is trusted), or "
+     "ngx.escape_uri, or send a non-HTML Content-Type."},
     {"ssrf", Severity::High, "request data chooses an outgoing connection",
      "A cosocket connect/setpeername, ngx.socket.connect, an HTTP client's "
      "request_uri or ngx.location.capture whose target comes from the "

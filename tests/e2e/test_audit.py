@@ -69,6 +69,10 @@ def files_of(conf):
     for p in re.findall(r"_by_lua_file\s+['\"]?([^;'\"$]+?)['\"]?\s*;", text):
         if os.path.isfile(os.path.join(CASES, p)):
             files.append(os.path.join(CASES, p))
+    for m in re.findall(r"require[ (]*[\"']([\w.]+)[\"']", text):
+        p = os.path.join(CASES, "lua", m.replace(".", "/") + ".lua")
+        if os.path.isfile(p):
+            files.append(p)
     return files
 
 
