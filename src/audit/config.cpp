@@ -2,6 +2,8 @@
 
 #include <glob.h>
 
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -105,6 +107,11 @@ bool Config::load(const std::string &path)
     conf_dir = dirName(path);
     if (prefix.empty()) {
         prefix = conf_dir;
+    }
+    // $prefix must expand to an absolute path, as nginx's -p does.
+    char real[PATH_MAX];
+    if (realpath(prefix.c_str(), real)) {
+        prefix = real;
     }
     if (!parseFile(path, &root, 0)) {
         return false;
@@ -309,6 +316,7 @@ bool Config::parseText(const std::string &text, const std::string &file,
             have = true;
         } else {
             cur.args.push_back(word);
+            cur.arg_lines.push_back(word_line);
         }
     }
     // nginx names the last line of the file, not the one after it.
@@ -449,9 +457,7 @@ void Config::addChunk(const Directive &d, const std::shared_ptr<Scope> &scope)
     } else {
         c->kind = "string";
         c->code = d.args[first];
-        // nginx counts the directive's line; a long string starting on
-        // a later line than the name is rare enough to ignore.
-        c->line = d.line;
+        c->line = d.arg_lines[first];
     }
     if (c->phase == "set") {
         for (size_t k = first + 1; k < d.args.size(); k++) {

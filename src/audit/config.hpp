@@ -14,6 +14,7 @@ namespace luaguard::audit {
 struct Directive {
     std::string name;
     std::vector<std::string> args;
+    std::vector<int> arg_lines;           // where each argument starts
     std::string file;
     int line = 0;
     bool block = false;                   // had a { } body

@@ -178,6 +178,16 @@ def test_text_output_names_file_line_severity_rule_and_fix():
     assert lines[1].startswith("    fix: ")
 
 
+def test_relative_config_path_and_prefix():
+    # $prefix and the default prefix are absolute, as nginx -p makes them,
+    # whatever path the configuration was given by.
+    r = audit("--no-luacheck", "--fail-on", "never",
+              "tests/audit/cases/code-injection_module.conf")
+    assert "package-path-relative" not in r.stdout, r.stdout
+    assert "/tests/audit/cases/lua/handlers.lua:10: high code-injection:" \
+        in r.stdout, r.stdout
+
+
 def test_exit_status_follows_fail_on():
     vuln = os.path.join(CASES, "code-injection_vuln.conf")
     medium = os.path.join(CASES, "code-cache-off_vuln.conf")
