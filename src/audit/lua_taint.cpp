@@ -494,6 +494,14 @@ class Analyzer {
                 return {Val::Plain, kAll, "ngx.arg (set_by_lua arguments)",
                         v.path};
             }
+            if (base.path == "ngx.ctx") {
+                for (const auto &c : opts_.tainted_ctx) {
+                    if (!key || c == k || c == "?") {
+                        return {Val::Plain, kAll, "ngx.ctx." + c
+                                + " (set from request data)", v.path};
+                    }
+                }
+            }
             if (base.path == "ngx.shared" && key) {
                 facts_.shared_dicts.push_back({k, line});
             }
@@ -1233,6 +1241,12 @@ class Analyzer {
             } else if (taintOf(r.keyval) & kHeader) {
                 report("header-injection", line,
                        "response header name comes from " + whyOf(r.keyval));
+            }
+            return;
+        }
+        if (r.base.path == "ngx.ctx") {
+            if (taintOf(v)) {
+                facts_.tainted_ctx.push_back(r.key_known ? r.key : "?");
             }
             return;
         }

@@ -28,10 +28,15 @@ struct LuaFacts {
     std::vector<std::pair<std::string, int>> tainted_var_writes;
     std::vector<std::pair<std::string, int>> shared_dicts;  // ngx.shared.X
     std::vector<std::string> requires;
+    // ngx.ctx.NAME = request data: other phases of the request read it.
+    std::vector<std::string> tainted_ctx;
 };
 
 struct LuaOptions {
     bool args_tainted = false;  // set_by_lua with $variables as ngx.arg
+    // ngx.ctx fields another chunk of the request fills with request
+    // data ("?" for a computed key).
+    std::vector<std::string> tainted_ctx;
 };
 
 LuaFacts analyzeLua(const std::string &code, const LuaOptions &opts);

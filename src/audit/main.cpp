@@ -45,6 +45,14 @@ class Auditor {
         for (size_t i = 0; i < cfg_.chunks.size(); i++) {
             chunk(*cfg_.chunks[i]);
         }
+        // ngx.ctx carries data between the phases of a request: chunks
+        // that read what another filled are looked at again with it.
+        if (!ctx_.empty()) {
+            second_pass_ = true;
+            for (size_t i = 0; i < cfg_.chunks.size(); i++) {
+                chunk(*cfg_.chunks[i]);
+            }
+        }
         lua_close(L_);
         settings();
         packagePaths();
@@ -89,6 +97,8 @@ class Auditor {
     std::set<std::string> tainted_vars_;
     std::string init_globals_;   // for luacheck: set by init handlers
     std::set<std::string> modules_;  // audited already
+    std::map<const Scope *, std::vector<std::string>> ctx_;
+    bool second_pass_ = false;
 
     void add(const std::string &rule, const std::string &file, int line,
              const std::string &msg, int severity = -1)
@@ -172,6 +182,33 @@ class Auditor {
         }
         LuaOptions lo;
         lo.args_tainted = c.args_from_vars;
+        if (second_pass_) {
+            // Fields set in this place or in a place enclosing it (a
+            // server's rewrite_by_lua runs for its locations).
+            for (const Scope *s = c.scope.get(); s; s = s->parent.get()) {
+                auto it = ctx_.find(s);
+                if (it != ctx_.end()) {
+                    lo.tainted_ctx.insert(lo.tainted_ctx.end(),
+                                          it->second.begin(),
+                                          it->second.end());
+                }
+            }
+            for (const auto &e : ctx_) {
+                // A location's fields are seen by the server-level chunks
+                // that run for it too.
+                for (const Scope *s = e.first; s; s = s->parent.get()) {
+                    if (s == c.scope.get()) {
+                        lo.tainted_ctx.insert(lo.tainted_ctx.end(),
+                                              e.second.begin(),
+                                              e.second.end());
+                        break;
+                    }
+                }
+            }
+            if (lo.tainted_ctx.empty()) {
+                return;
+            }
+        }
         LuaFacts f = analyzeLua(c.code, lo);
         auto at = [&](int l) { return c.line + l - 1; };
         std::string ct = f.content_type;
@@ -199,6 +236,12 @@ class Auditor {
             }
             add(lf.rule, c.file, at(lf.line), msg + " [" + c.location + "]",
                 sev);
+        }
+        for (const auto &k : f.tainted_ctx) {
+            ctx_[c.scope.get()].push_back(k);
+        }
+        if (second_pass_) {
+            return;  // the rest was recorded by the first pass
         }
         for (const auto &w : f.tainted_var_writes) {
             tainted_vars_.insert(w.first);
