@@ -672,7 +672,25 @@ class Analyzer {
             return call(arg(0), nullptr, "", rest, line);
         }
 
+        // Callbacks run with the arguments given here.
+        if ((path == "ngx.timer.at" || path == "ngx.timer.every")
+            && arg(1).kind == Val::Func)
+        {
+            std::vector<Val> rest{Val()};  // premature
+            rest.insert(rest.end(), args.begin() + 2, args.end());
+            call(arg(1), nullptr, "", rest, line);
+            return Val();
+        }
+        if (path == "ngx.thread.spawn" && arg(0).kind == Val::Func) {
+            std::vector<Val> rest(args.begin() + 1, args.end());
+            call(arg(0), nullptr, "", rest, line);
+            return Val();
+        }
+
         // Sanitizers.
+        if (self && (method == "len" || method == "byte" || method == "find")) {
+            return Val();  // numbers
+        }
         if (kClean.count(path) || path.compare(0, 5, "math.") == 0) {
             return Val();
         }
