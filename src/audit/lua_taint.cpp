@@ -227,7 +227,6 @@ struct Var {
 struct FuncDef {
     size_t body;  // token index of the first statement
     std::vector<std::string> params;
-    std::vector<Val> upvals_unused;
 };
 
 const std::set<std::string> kSafeVars = {
@@ -241,8 +240,7 @@ const std::set<std::string> kSafeVars = {
 
 const std::set<std::string> kSourceCalls = {
     "ngx.req.get_uri_args", "ngx.req.get_post_args", "ngx.req.get_headers",
-    "ngx.req.get_body_data", "ngx.req.raw_header", "ngx.req.get_method",
-    "ngx.decode_args",
+    "ngx.req.get_body_data", "ngx.req.raw_header", "ngx.decode_args",
 };
 
 // Results that carry no request-chosen text whatever the arguments.
@@ -513,12 +511,11 @@ class Analyzer {
                 return f->second;
             }
         }
+        // A table from the request, or a field we do not know: anything
+        // in it may come out.
         Val v;
         v.taint = taintOf(base);
         v.why = whyOf(base);
-        if (v.taint && !key && base.kind == Val::Table) {
-            v.taint = taintOf(base);
-        }
         return v;
     }
 
@@ -636,15 +633,12 @@ class Analyzer {
             {
                 facts_.cosocket_line = line;
             }
-            // args[0] is the receiver.
+            // Any object's connect: resty.http, resty.redis and friends
+            // connect where their caller says. args[0] is the receiver.
             Val target = arg(1);
-            if (method == "request_uri" || self->kind == Val::Socket
-                || (taintOf(target) & kTarget))
-            {
-                if (taintOf(target) & kTarget) {
-                    report("ssrf", line, method + "() target comes from "
-                                             + whyOf(target));
-                }
+            if (taintOf(target) & kTarget) {
+                report("ssrf", line, method + "() target comes from "
+                                         + whyOf(target));
             }
             return Val();
         }
@@ -801,8 +795,7 @@ class Analyzer {
             v = lookup(cur().text);
             next();
         } else if (accept("(")) {
-            v = expr();
-            v.path = v.path;  // (f)() is still f
+            v = expr();  // (f)() is still f: the value keeps its path
             accept(")");
             r.kind = Ref::None;
         } else {
