@@ -4,6 +4,7 @@
 
 #include <climits>
 #include <cstdio>
+#include <cstring>
 #include <set>
 
 namespace luaguard::audit {
@@ -185,17 +186,33 @@ const char *securitySeverity(Severity s)
 }
 
 
+std::string percentEncode(const std::string &path)
+{
+    std::string out;
+    for (unsigned char c : path) {
+        if (isalnum(c) || strchr("/-._~", c)) {
+            out += static_cast<char>(c);
+        } else {
+            char buf[4];
+            snprintf(buf, sizeof buf, "%%%02X", c);
+            out += buf;
+        }
+    }
+    return out;
+}
+
+
 std::string uriOf(const std::string &path)
 {
     char cwd[PATH_MAX];
     if (!path.empty() && path[0] == '/' && getcwd(cwd, sizeof cwd)) {
         std::string base = std::string(cwd) + "/";
         if (path.compare(0, base.size(), base) == 0) {
-            return path.substr(base.size());
+            return percentEncode(path.substr(base.size()));
         }
-        return "file://" + path;
+        return "file://" + percentEncode(path);
     }
-    return path;
+    return percentEncode(path);
 }
 
 }  // namespace
