@@ -113,9 +113,13 @@ bool Config::load(const std::string &path)
     if (realpath(prefix.c_str(), real)) {
         prefix = real;
     }
-    if (!parseFile(path, &root, 0)) {
+    bool ok = false;
+    readFile(path, &ok);
+    if (!ok) {
         return false;
     }
+    // A parse error is a finding; what was read before it is audited.
+    parseFile(path, &root, 0);
     auto top = std::make_shared<Scope>();
     top->kind = "main";
     top->label = "main";

@@ -81,6 +81,7 @@ class Config {
     std::vector<std::pair<std::string, std::string>> defines;
     std::string prefix;        // nginx -p; where *_by_lua_file resolve
 
+    // False when the file cannot be read at all.
     bool load(const std::string &path);
 
     std::vector<Directive> root;

@@ -727,7 +727,11 @@ int auditMain(int argc, char **argv)
         usage();
         return 2;
     }
-    cfg.load(opts.config);
+    if (!cfg.load(opts.config)) {
+        std::cerr << "luaguard-audit: cannot read " << opts.config << ": "
+                  << strerror(errno) << "\n";
+        return 2;
+    }
     Auditor auditor(cfg, opts);
     std::vector<Finding> findings = auditor.run();
     if (opts.format == "sarif") {

@@ -201,6 +201,8 @@ def test_exit_status_follows_fail_on():
                  medium).returncode == 1
     assert audit("--fail-on", "severe", vuln).returncode == 2
     assert audit().returncode == 2
+    missing = audit("tests/audit/cases/no-such.conf")
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
 def test_explain_prints_why_and_fix():
