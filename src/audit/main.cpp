@@ -164,6 +164,8 @@ class Auditor {
         const Settings &s = c.scope->settings;
         if (!c.loaded) {
             if (hasVariable(c.path)) {
+                // The request picks the script: request-derived code.
+                request_code_.insert(c.scope.get());
                 if (!s.get("lua_file_root")) {
                     add("lua-file-variable-path", c.file, c.line,
                         c.directive + " " + c.path + " in " + c.location
