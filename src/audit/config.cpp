@@ -361,9 +361,9 @@ void Config::walk(const std::vector<Directive> &list,
         }
     }
     for (const auto &d : list) {
-        if (d.lua_block || (!d.block && d.name.find("_by_lua") != std::string::npos
-                            && d.name.find("_no_postpone") == std::string::npos))
-        {
+        bool handler = d.name.find("_by_lua") != std::string::npos
+                       && d.name.find("_no_postpone") == std::string::npos;
+        if (d.lua_block || (!d.block && handler)) {
             addChunk(d, scope);
             continue;
         }

@@ -1,5 +1,6 @@
 #include "audit/lua_taint.hpp"
 
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -18,6 +19,12 @@ struct Token {
     std::string text;  // a string's decoded value
     int line;
 };
+
+unsigned char uc(char c)
+{
+    return static_cast<unsigned char>(c);
+}
+
 
 // Long bracket at s[i] ('[' followed by '='s and '['): its level, or -1.
 int longBracket(const std::string &s, size_t i)
@@ -130,19 +137,17 @@ std::vector<Token> tokenize(const std::string &s)
                     case 'v': v += '\v'; break;
                     case '\n': v += '\n'; line++; break;
                     case 'x': {
-                        int val = 0;
-                        for (int k = 0; k < 2 && j < n && isxdigit(
-                                 static_cast<unsigned char>(s[j])); k++, j++)
-                        {
-                            val = val * 16 + (isdigit(static_cast<unsigned char>(
-                                                  s[j])) ? s[j] - '0'
-                                              : (tolower(s[j]) - 'a' + 10));
+                        size_t k = j;
+                        while (k < n && k < j + 2 && isxdigit(uc(s[k]))) {
+                            k++;
                         }
-                        v += static_cast<char>(val);
+                        v += static_cast<char>(
+                            strtol(s.substr(j, k - j).c_str(), nullptr, 16));
+                        j = k;
                         break;
                     }
                     case 'z':
-                        while (j < n && isspace(static_cast<unsigned char>(s[j]))) {
+                        while (j < n && isspace(uc(s[j]))) {
                             if (s[j] == '\n') {
                                 line++;
                             }
@@ -150,10 +155,10 @@ std::vector<Token> tokenize(const std::string &s)
                         }
                         break;
                     default:
-                        if (isdigit(static_cast<unsigned char>(e))) {
+                        if (isdigit(uc(e))) {
                             int val = e - '0';
-                            for (int k = 0; k < 2 && j < n && isdigit(
-                                     static_cast<unsigned char>(s[j])); k++, j++)
+                            for (int k = 0; k < 2 && j < n && isdigit(uc(s[j]));
+                                 k++, j++)
                             {
                                 val = val * 10 + (s[j] - '0');
                             }

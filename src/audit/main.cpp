@@ -377,7 +377,9 @@ class Auditor {
                     pend("budget-off", d, d->name + " off in " + scope->label
                          + ": runaway loops and memory bombs run unchecked",
                          "");
-                } else if (d->name == "lua_file_check_writable" && a0 == "off") {
+                } else if (d->name == "lua_file_check_writable"
+                           && a0 == "off")
+                {
                     pend("file-check-writable-off", d,
                          "lua_file_check_writable off in " + scope->label
                              + ": scripts others can write are run", "");
@@ -528,7 +530,8 @@ class Auditor {
             }
             bool everywhere = true;
             for (const Scope *s : handlers) {
-                everywhere = everywhere && grantsShared(s->settings, d->args[0]);
+                everywhere = everywhere
+                             && grantsShared(s->settings, d->args[0]);
             }
             if (everywhere) {
                 add("shared-dict-everywhere", d->file, d->line,
@@ -573,7 +576,8 @@ class Auditor {
     {
         static int available = -1;
         if (available < 0) {
-            std::string probe = opts_.luacheck_bin + " --version >/dev/null 2>&1";
+            std::string probe = opts_.luacheck_bin
+                                + " --version >/dev/null 2>&1";
             available = system(probe.c_str()) == 0;
         }
         if (!available) {
@@ -649,8 +653,8 @@ void usage()
         "default: the config's directory\n"
         "  -D, --define NAME=VAL  replace NAME in the config text first\n"
         "  --format text|sarif    output format (default text)\n"
-        "  --fail-on SEVERITY     exit 1 on findings at or above it: info, low,\n"
-        "                         medium, high (default) or never\n"
+        "  --fail-on SEVERITY     exit 1 on findings at or above it: info,\n"
+        "                         low, medium, high (default) or never\n"
         "  --no-luacheck          do not run luacheck even when installed\n"
         "  --luacheck PATH        the luacheck to run (default: luacheck)\n";
 }

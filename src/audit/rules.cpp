@@ -17,14 +17,16 @@ const std::vector<Rule> kRules = {
      "inline block that does not compile; a *_by_lua_file script fails at "
      "its first request with a 500.",
      "Fix the syntax error at the reported line."},
-    {"code-injection", Severity::High, "request data reaches load/loadstring/dofile",
+    {"code-injection", Severity::High,
+     "request data reaches load/loadstring/dofile",
      "Code built from ngx.var, request arguments, headers, bodies or cosocket "
      "replies runs with the rights of the handler: the client writes the "
      "Lua. With lua_sandbox off that is every capability of the worker "
      "(io, os.execute, ffi).",
      "Never compile request data. Select among fixed handlers with a table "
      "lookup (handlers[name]) instead of load/loadstring."},
-    {"xss", Severity::High, "request data written into an HTML response unescaped",
+    {"xss", Severity::High,
+     "request data written into an HTML response unescaped",
      "ngx.say/ngx.print of request data lets a client inject markup and "
      "script into a page served from your origin. Reported high when the "
      "response is HTML (ngx.header.content_type or default_type says so), "
@@ -41,17 +43,20 @@ const std::vector<Rule> kRules = {
      "Map request values to a fixed list of targets; restrict what the "
      "location may reach with `lua_egress_default deny;` and `lua_egress "
      "allow ...` rules."},
-    {"ssrf-proxy-pass", Severity::High, "proxy_pass target set from request data by Lua",
+    {"ssrf-proxy-pass", Severity::High,
+     "proxy_pass target set from request data by Lua",
      "Lua sets the variable a *_pass directive computes its upstream from, "
      "with request data: the client picks the upstream.",
      "Set the variable from a fixed map of upstreams; luaguard judges such "
      "connections by the egress policy, so also deny by default there."},
-    {"header-injection", Severity::Medium, "request data written to a response header",
+    {"header-injection", Severity::Medium,
+     "request data written to a response header",
      "A header value or name taken from the request can carry CR/LF "
      "(response splitting under lua-nginx-module; luaguard refuses control "
      "bytes) or attacker-chosen cookies and cache directives.",
      "Validate against a fixed pattern, or escape with ngx.escape_uri."},
-    {"open-redirect", Severity::Medium, "ngx.redirect to a request-chosen target",
+    {"open-redirect", Severity::Medium,
+     "ngx.redirect to a request-chosen target",
      "A redirect target taken from the request sends your users to any "
      "site with your origin's credibility (phishing), or to javascript: "
      "URIs in some clients.",
@@ -62,7 +67,8 @@ const std::vector<Rule> kRules = {
      "lua-nginx-module (luaguard escapes control bytes in log messages), "
      "and floods logs.",
      "Log a bounded, escaped form (ngx.escape_uri(s):sub(1, 200))."},
-    {"lua-file-variable-path", Severity::Medium, "*_by_lua_file path built from variables, no lua_file_root",
+    {"lua-file-variable-path", Severity::Medium,
+     "*_by_lua_file path built from variables, no lua_file_root",
      "The client chooses which script runs. lua-nginx-module lets the path "
      "leave any directory; luaguard confines it to nginx's prefix when "
      "lua_file_root is absent, which is usually much more than the scripts.",
@@ -77,12 +83,14 @@ const std::vector<Rule> kRules = {
      "costs CPU per request and picks up any change on disk immediately "
      "(a write to the script directory becomes code at once).",
      "Remove `lua_code_cache off;` in production."},
-    {"package-path-relative", Severity::Medium, "relative lua_package_path/cpath entry",
+    {"package-path-relative", Severity::Medium,
+     "relative lua_package_path/cpath entry",
      "A relative entry is resolved against the worker's working directory, "
      "not the configuration: require may load a module from wherever nginx "
      "was started.",
      "Use absolute paths, or $prefix/..."},
-    {"package-path-writable", Severity::High, "world-writable lua_package_path/cpath directory",
+    {"package-path-writable", Severity::High,
+     "world-writable lua_package_path/cpath directory",
      "Anyone on the host can drop a module (or a C library for cpath) "
      "that require then loads into the workers.",
      "Keep module directories owned by root and not writable by others "
@@ -92,7 +100,8 @@ const std::vector<Rule> kRules = {
      "requests, writable library tables, bytecode loading, package.loadlib.",
      "Use `lua_sandbox default;` (or strict for tenant code) and grant "
      "what a handler needs with +cap."},
-    {"sandbox-off-request-code", Severity::High, "lua_sandbox off where request data becomes code",
+    {"sandbox-off-request-code", Severity::High,
+     "lua_sandbox off where request data becomes code",
      "The location compiles request-derived code and runs it with every "
      "capability (io, os, ffi, bytecode): remote code execution in the "
      "worker.",
@@ -104,16 +113,19 @@ const std::vector<Rule> kRules = {
      "reaches internal services.",
      "Add `lua_egress_default deny;` and `lua_egress allow TARGET "
      "port=...;` for what the handler needs."},
-    {"egress-default-allow", Severity::Medium, "lua_egress_default allow with cosockets",
+    {"egress-default-allow", Severity::Medium,
+     "lua_egress_default allow with cosockets",
      "The egress rules only deny what they name: everything else the "
      "handler reaches is allowed.",
      "Write `lua_egress_default deny;` and allow rules."},
-    {"egress-metadata", Severity::High, "lua_egress allows the cloud metadata service",
+    {"egress-metadata", Severity::High,
+     "lua_egress allows the cloud metadata service",
      "Lua in the location may reach instance metadata and credential "
      "endpoints (169.254.169.254 ...), the usual prize of an SSRF.",
      "Remove `allow metadata` (or the metadata address) unless the handler "
      "truly needs the instance credentials."},
-    {"shared-dict-everywhere", Severity::Low, "shared dict reachable from every location",
+    {"shared-dict-everywhere", Severity::Low,
+     "shared dict reachable from every location",
      "Every location that runs Lua can read and overwrite this dictionary "
      "(sessions, rate-limit counters, cached tokens).",
      "Use `lua_sandbox strict +shared=NAME` (or `default -shared` plus "
@@ -126,7 +138,8 @@ const std::vector<Rule> kRules = {
      "Scripts writable by other users (or in directories they can write) "
      "are run: a local user can replace a handler.",
      "Fix the permissions and keep the check (world, or group)."},
-    {"client-abort", Severity::Low, "long-running handler without lua_check_client_abort",
+    {"client-abort", Severity::Low,
+     "long-running handler without lua_check_client_abort",
      "A handler that sleeps or reads in a loop keeps running after the "
      "client left, holding a connection slot and its budgets.",
      "Add `lua_check_client_abort on;` and an ngx.on_abort handler."},
@@ -284,7 +297,6 @@ std::string formatSarif(const std::vector<Finding> &findings)
         "      \"tool\": {\n        \"driver\": {\n"
         "          \"name\": \"luaguard-audit\",\n"
         "          \"version\": \"0.1.0\",\n"
-        "          \"informationUri\": \"https://example.invalid/luaguard/docs/audit.md\",\n"
         "          \"rules\": [\n";
     for (size_t i = 0; i < kRules.size(); i++) {
         const Rule &r = kRules[i];
