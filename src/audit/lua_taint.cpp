@@ -297,6 +297,10 @@ class Analyzer {
         scopes_.emplace_back();
         returns_.emplace_back();
         block();
+        for (const auto &v : returns_.back()) {
+            facts_.returns_tainted = facts_.returns_tainted
+                                     || (taintOf(v) & kTarget);
+        }
         return std::move(facts_);
     }
 

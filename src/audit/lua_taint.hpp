@@ -30,6 +30,7 @@ struct LuaFacts {
     std::vector<std::string> requires;
     // ngx.ctx.NAME = request data: other phases of the request read it.
     std::vector<std::string> tainted_ctx;
+    bool returns_tainted = false;  // the chunk returns request data
 };
 
 struct LuaOptions {

@@ -248,6 +248,12 @@ class Auditor {
         for (const auto &w : f.tainted_var_writes) {
             tainted_vars_.insert(w.first);
         }
+        // set_by_lua* $var: what the chunk returns goes to $var.
+        if (c.phase == "set" && f.returns_tainted && !c.where->args.empty()
+            && c.where->args[0].size() > 1)
+        {
+            tainted_vars_.insert(c.where->args[0].substr(1));
+        }
         LuaFacts &m = facts_[c.scope.get()];
         for (const auto &d : f.shared_dicts) {
             m.shared_dicts.push_back(d);
