@@ -509,9 +509,6 @@ class Analyzer {
                     }
                 }
             }
-            if (base.path == "ngx.shared" && key) {
-                facts_.shared_dicts.push_back({k, line});
-            }
             return v;
         }
         if (base.kind == Val::Table && base.fields && key) {

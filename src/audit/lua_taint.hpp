@@ -26,7 +26,6 @@ struct LuaFacts {
     std::string content_type;   // its literal value, "" when unknown
     // ngx.var.NAME = request data (NAME, line): steers proxy_pass $NAME.
     std::vector<std::pair<std::string, int>> tainted_var_writes;
-    std::vector<std::pair<std::string, int>> shared_dicts;  // ngx.shared.X
     std::vector<std::string> requires;
     // ngx.ctx.NAME = request data: other phases of the request read it.
     std::vector<std::string> tainted_ctx;

@@ -2,7 +2,6 @@
 // they run. docs/audit.md lists the rules.
 
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +11,7 @@
 #include <iostream>
 #include <map>
 #include <set>
+#include <tuple>
 
 #include "audit/config.hpp"
 #include "audit/lua_taint.hpp"
@@ -92,7 +92,7 @@ class Auditor {
     std::set<std::tuple<std::string, std::string, int>> seen_;
     // Findings about one directive, listing the locations it affects.
     std::map<std::pair<std::string, const Directive *>, Pending> pending_;
-    std::map<const Scope *, LuaFacts> facts_;   // merged per scope
+    std::set<const Scope *> cosocket_scopes_;  // egress judged already
     std::set<const Scope *> request_code_;
     std::set<std::string> tainted_vars_;
     std::string init_globals_;   // for luacheck: set by init handlers
@@ -126,11 +126,16 @@ class Auditor {
             p.message = msg;
             p.severity = findRule(rule)->severity;
         }
+        affects(&p, location);
+    }
+
+    static void affects(Pending *p, const std::string &location)
+    {
         if (!location.empty()
-            && std::find(p.locations.begin(), p.locations.end(), location)
-                   == p.locations.end())
+            && std::find(p->locations.begin(), p->locations.end(), location)
+                   == p->locations.end())
         {
-            p.locations.push_back(location);
+            p->locations.push_back(location);
         }
     }
 
@@ -187,8 +192,8 @@ class Auditor {
         if (second_pass_) {
             // Fields set in this place or in a place enclosing it (a
             // server's rewrite_by_lua runs for its locations).
-            for (const Scope *s = c.scope.get(); s; s = s->parent.get()) {
-                auto it = ctx_.find(s);
+            for (const Scope *sc = c.scope.get(); sc; sc = sc->parent.get()) {
+                auto it = ctx_.find(sc);
                 if (it != ctx_.end()) {
                     lo.tainted_ctx.insert(lo.tainted_ctx.end(),
                                           it->second.begin(),
@@ -198,8 +203,8 @@ class Auditor {
             for (const auto &e : ctx_) {
                 // A location's fields are seen by the server-level chunks
                 // that run for it too.
-                for (const Scope *s = e.first; s; s = s->parent.get()) {
-                    if (s == c.scope.get()) {
+                for (const Scope *sc = e.first; sc; sc = sc->parent.get()) {
+                    if (sc == c.scope.get()) {
                         lo.tainted_ctx.insert(lo.tainted_ctx.end(),
                                               e.second.begin(),
                                               e.second.end());
@@ -254,12 +259,7 @@ class Auditor {
         {
             tainted_vars_.insert(c.where->args[0].substr(1));
         }
-        LuaFacts &m = facts_[c.scope.get()];
-        for (const auto &d : f.shared_dicts) {
-            m.shared_dicts.push_back(d);
-        }
-        if (f.cosocket_line && !m.cosocket_line) {
-            m.cosocket_line = 1;
+        if (f.cosocket_line && cosocket_scopes_.insert(c.scope.get()).second) {
             cosocket(c, at(f.cosocket_line));
         }
         if (f.sleep_loop_line
@@ -423,7 +423,7 @@ class Auditor {
                                != s.egress_rules.end();
                 }
                 if (inherits) {
-                    e.second.locations.push_back(scope->label);
+                    affects(&e.second, scope->label);
                 }
             }
             const Directive *sb = s.get("lua_sandbox");
