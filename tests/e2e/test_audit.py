@@ -186,6 +186,63 @@ def test_sarif_has_the_required_fields_of_2_1_0():
         "uri"] == "tests/audit/cases/code-injection_vuln.conf"
 
 
+# The parts of the SARIF 2.1.0 schema (sarif-schema-2.1.0.json, OASIS) a
+# result needs, transcribed: the official file needs the network.
+SARIF_SUBSET = {
+    "type": "object",
+    "required": ["version", "runs"],
+    "properties": {
+        "version": {"enum": ["2.1.0"]},
+        "runs": {"type": "array", "items": {
+            "type": "object", "required": ["tool"],
+            "properties": {
+                "tool": {"type": "object", "required": ["driver"],
+                         "properties": {"driver": {
+                             "type": "object", "required": ["name"],
+                             "properties": {
+                                 "name": {"type": "string"},
+                                 "rules": {"type": "array", "items": {
+                                     "type": "object", "required": ["id"],
+                                 }},
+                             }}}},
+                "results": {"type": "array", "items": {
+                    "type": "object", "required": ["message"],
+                    "properties": {
+                        "ruleId": {"type": "string"},
+                        "ruleIndex": {"type": "integer", "minimum": -1},
+                        "level": {"enum": ["none", "note", "warning",
+                                           "error"]},
+                        "message": {"anyOf": [{"required": ["text"]},
+                                              {"required": ["id"]}]},
+                        "locations": {"type": "array", "items": {
+                            "type": "object", "properties": {
+                                "physicalLocation": {
+                                    "type": "object", "properties": {
+                                        "artifactLocation": {
+                                            "type": "object",
+                                            "properties": {"uri": {
+                                                "type": "string",
+                                                "format": "uri-reference",
+                                            }}},
+                                        "region": {
+                                            "type": "object",
+                                            "properties": {"startLine": {
+                                                "type": "integer",
+                                                "minimum": 1}}},
+                                    }}}}},
+                    }}},
+            }}},
+    },
+}
+
+
+def test_sarif_validates_against_the_schema_subset():
+    jsonschema = pytest.importorskip("jsonschema")
+    for name in ("code-injection_vuln.conf", "config-error_vuln.conf",
+                 "shared-dict-everywhere_vuln.conf"):
+        jsonschema.validate(sarif(os.path.join(CASES, name)), SARIF_SUBSET)
+
+
 def test_text_output_names_file_line_severity_rule_and_fix():
     r = audit("--no-luacheck", os.path.join(CASES, "xss_vuln.conf"))
     lines = r.stdout.splitlines()
