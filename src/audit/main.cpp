@@ -17,6 +17,7 @@
 #include "audit/lua_taint.hpp"
 #include "audit/rules.hpp"
 #include "runtime/lua.hpp"
+#include "runtime/package_path.hpp"
 
 namespace luaguard::audit {
 
@@ -292,7 +293,8 @@ class Auditor {
             }
             std::string rel = name;
             std::replace(rel.begin(), rel.end(), '.', '/');
-            std::string v = d->args[0] + ";";
+            std::string v = expandPackagePath(d->args[0], "", cfg_.prefix)
+                            + ";";
             for (size_t start = 0, semi; path.empty()
                  && (semi = v.find(';', start)) != std::string::npos;
                  start = semi + 1)
@@ -300,9 +302,6 @@ class Auditor {
                 std::string e = v.substr(start, semi - start);
                 if (e.empty()) {
                     continue;
-                }
-                if (e.compare(0, 7, "$prefix") == 0) {
-                    e = cfg_.prefix + e.substr(7);
                 }
                 for (size_t q; (q = e.find('?')) != std::string::npos;) {
                     e.replace(q, 1, rel);
@@ -445,7 +444,9 @@ class Auditor {
             {
                 continue;
             }
-            std::string v = d->args[0];
+            // The module's own expansion ($prefix, ${prefix}); ";;",
+            // LuaJIT's default path, becomes an empty entry.
+            std::string v = expandPackagePath(d->args[0], "", cfg_.prefix);
             size_t start = 0;
             while (start <= v.size()) {
                 size_t semi = v.find(';', start);
@@ -455,9 +456,6 @@ class Auditor {
                 start = semi == std::string::npos ? v.size() + 1 : semi + 1;
                 if (e.empty()) {
                     continue;  // ";;": LuaJIT's default path
-                }
-                if (e.compare(0, 7, "$prefix") == 0) {
-                    e = cfg_.prefix + e.substr(7);
                 }
                 if (e[0] != '/') {
                     add("package-path-relative", d->file, d->line,
