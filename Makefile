@@ -10,7 +10,7 @@ PORT       ?= 8080
 VERSION    ?= 0.1.0
 
 .PHONY: all deps deps-test build build-asan run test test-unit test-e2e \
-        test-asan-fast test-asan test-soak soak install deb bench clean
+        test-asan-fast test-asan test-soak soak install deb bench clean audit
 
 all: build
 
@@ -63,6 +63,16 @@ soak: deps-test build
 
 test-soak:
 	@/usr/bin/python3 bench/soak.py --module $(CURDIR)/$(MODULE) --seconds 60
+
+# luaguard-audit (docs/audit.md) on the example app, with the placeholders
+# scripts/run-example.sh fills in; fails on a high-severity finding.
+audit: deps
+	@cmake -S . -B $(BUILD) -DLUAGUARD_LUAJIT=$(LUAJIT) >/dev/null
+	@cmake --build $(BUILD) -j$(JOBS) --target luaguard-audit \
+	    -- --no-print-directory
+	@$(BUILD)/luaguard-audit -D LUAGUARD_MODULE=$(CURDIR)/$(MODULE) \
+	    -D PREFIX=$(CURDIR)/$(BUILD)/example -D EXAMPLES=$(CURDIR)/examples \
+	    -D PORT=$(PORT) examples/nginx.conf
 
 install: build
 	install -D -m 0644 $(MODULE) /usr/lib/nginx/modules/ngx_http_luaguard_module.so
