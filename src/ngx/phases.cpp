@@ -875,7 +875,7 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
                            + directiveName(phase);
         logFailure(log, what.c_str(), msg, tb);
         if (ctx) {
-            budget::Guard::reclaim(L, &vm->memory(), ctx->usage,
+            budget::Guard::reclaim(L, &vm->memory(), &ctx->usage,
                                    *ctx->limits);
         }
         return NGX_ERROR;

@@ -329,8 +329,8 @@ bool run(LuaThread *t, int nargs)
     }
     bool done = finish(t, rc);
     if (rc != 0 && rc != LUA_YIELD) {
-        budget::Guard::reclaim(ctx->vm->L(), &ctx->vm->memory(), ctx->usage,
-                               *ctx->limits);
+        budget::Guard::reclaim(ctx->vm->L(), &ctx->vm->memory(),
+                               &ctx->usage, *ctx->limits);
     }
     return done;
 }
@@ -341,7 +341,7 @@ bool fail(LuaThread *t, const std::string &msg)
     undoWait(t);
     bool done = finish(t, LUA_ERRRUN, &msg);
     budget::Guard::reclaim(t->ctx->vm->L(), &t->ctx->vm->memory(),
-                           t->ctx->usage, *t->ctx->limits);
+                           &t->ctx->usage, *t->ctx->limits);
     return done;
 }
 

@@ -208,21 +208,20 @@ uint64_t Guard::usedNs(const Usage &usage) const
     return ns;
 }
 
-void Guard::reclaim(lua_State *L, MemoryAccount *mem, const Usage &usage,
+void Guard::reclaim(lua_State *L, MemoryAccount *mem, Usage *usage,
                     const Limits &limits)
 {
     // Any stopped run: one stopped by its slice can leave as much garbage
     // as its memory budget allows, which the incremental collector would
     // give back to malloc only slowly, and malloc to the system never.
-    if (usage.tripped == Kind::None) {
+    if (usage->tripped == Kind::None) {
         return;
     }
     Guard &g = instance();
-    Usage scratch;
     Frame f;
     Limits slice;
     slice.slice_ms = limits.slice_ms;
-    g.enter(&f, slice, &scratch, L, mem);
+    g.enter(&f, slice, usage, L, mem);
     lua_gc(L, LUA_GCCOLLECT, 0);
     g.leave(&f);
     malloc_trim(0);  // hand the pages back, not just to malloc

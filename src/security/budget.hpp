@@ -120,8 +120,11 @@ class Guard {
     // collection and malloc_trim, so the worker's memory falls back.
     // The collection runs under `limits`' slice: a finalizer runs with
     // hooks off, and one that never returns must meet the watchdog's last
-    // resort instead of spinning with no deadline armed.
-    static void reclaim(lua_State *L, MemoryAccount *mem, const Usage &usage,
+    // resort instead of spinning with no deadline armed. What it frees is
+    // credited to `usage`: the request's later runs (the filters of its
+    // error page, its log handler) are not refused for memory it no
+    // longer holds.
+    static void reclaim(lua_State *L, MemoryAccount *mem, Usage *usage,
                         const Limits &limits);
 
     uint64_t stops(Kind k) const { return stops_[static_cast<int>(k)]; }
