@@ -1125,8 +1125,7 @@ RStatus readProgress(Tcp *s)
         size_t have = s->acc.size();
         bool direct = s->rmode == RMode::Size && s->rsize - have >= s->rcap;
         if (!accFits(s, direct ? s->rsize : have + s->rcap)) {
-            metrics::countBudgetRefusal(s->ctx,
-                                        metrics::BudgetRefusal::Memory);
+            api::refuseMemory(s->ctx, "a socket receive");
             s->err = "not enough memory (luaguard: lua_budget_memory "
                      "exceeded by a socket receive)";
             std::string().swap(s->acc);  // no partial result: too big
