@@ -116,6 +116,7 @@ struct Tcp {
     std::string          sbuf;
     size_t               spos = 0;
     size_t               stotal = 0;
+    size_t               scharged = 0;    // of sbuf, to ctx's memory budget
 
     LuaThread           *reader = nullptr;
     LuaThread           *writer = nullptr;
@@ -379,6 +380,21 @@ void detachDownstream(Tcp *s)
     }
 }
 
+// A send that waited is over: its copy of the data goes, and with it
+// the charge to the request's lua_budget_memory (tcpSend).
+void releaseSendBuf(Tcp *s)
+{
+    if (s->scharged == 0) {
+        return;
+    }
+    if (s->ctx) {
+        budget::Guard::releaseExternal(&s->ctx->usage, s->scharged);
+    }
+    s->scharged = 0;
+    std::string().swap(s->sbuf);
+    s->spos = 0;
+}
+
 void closeSock(Tcp *s, LuaThread *self)
 {
     if (s->downstream) {
@@ -399,6 +415,7 @@ void closeSock(Tcp *s, LuaThread *self)
         s->c = nullptr;
     }
     s->rpos = s->rlast = 0;
+    releaseSendBuf(s);
     releaseCount(s);
     sock::dropSlot(&s->slot);
     if (s->reader != self) {
@@ -1549,6 +1566,7 @@ void finishWriter(Tcp *s, LuaThread *t, Push &&push)
         s->ctx->r->write_event_handler = s->saved_write;
         s->saved_write = nullptr;
     }
+    releaseSendBuf(s);
     t->cancel = nullptr;
     entry::resume(t, push);
 }
@@ -1617,6 +1635,7 @@ void cancelWrite(LuaThread *t)
         return;
     }
     s->writer = nullptr;
+    releaseSendBuf(s);
     if (s->c && s->c->write->timer_set) {
         ngx_del_timer(s->c->write);
     }
@@ -1680,6 +1699,11 @@ int tcpSend(lua_State *L)
         return sendFailed(s, L);
     }
     // The rest waits in sbuf: the Lua string may not outlive the yield.
+    // That copy is outside the Lua VM: charged to the request's
+    // lua_budget_memory until the send is over (past it, the request is
+    // stopped: one request's sockets cannot park its data many times).
+    chargeMemory(L, copied ? s->sbuf.size() : len, "a socket send");
+    s->scharged = copied ? s->sbuf.size() : len;
     if (copied) {
         s->spos = s->sbuf.size() - len;
     } else {

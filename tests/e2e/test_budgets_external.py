@@ -552,6 +552,35 @@ def test_socket_receive_is_bounded_by_the_memory_budget(nginx, firehose,
         assert_peak_within(n, 32)
 
 
+def test_socket_send_copies_are_charged(nginx, listener):
+    # One 8 MB string sent on 30 sockets whose peer never reads: each send
+    # keeps a copy of what the kernel did not take while it waits. Without
+    # a charge the worker holds 30 copies (about 200 MB).
+    n = nginx(http=MEMORY_HTTP, server=COMMON + f"""
+        location /send {{ lua_socket_send_timeout 5s;
+            content_by_lua_block {{
+                {AWAIT_WAITER}
+                local s = string.rep("s", 8 * 1024 * 1024)
+                local threads = {{}}
+                for i = 1, 30 do
+                    threads[i] = ngx.thread.spawn(function()
+                        local c = ngx.socket.tcp()
+                        assert(c:connect("127.0.0.1", {listener}))
+                        local ok, err = pcall(c.send, c, s)
+                        ngx.log(ngx.ERR, "survived: ", err)
+                    end)
+                end
+                for i = 1, 30 do ngx.thread.wait(threads[i]) end
+                ngx.say("unreachable")
+            }} }}
+    """)
+    r = stopped_while_serving(n, "/send", timeout=60)
+    assert r.status == 500
+    assert_memory_stop(n, "/send", "a socket send")
+    if not ASAN:
+        assert_peak_within(n, 32)
+
+
 @pytest.mark.parametrize("value", ["0", "abc", "-1"])
 def test_bad_socket_cap_fails_nginx_t(nginx_conf, value):
     conf = nginx_conf(http=f"    lua_socket_max_per_request {value};\n")
