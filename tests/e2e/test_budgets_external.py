@@ -83,6 +83,7 @@ def assert_peak_within(n, budget_mb):
     (pid,) = n.worker_pids()
     with open(f"/proc/{pid}/status") as f:
         hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+    print(f"peak RSS {hwm} kB, budget {budget_mb} MB")  # with -s
     assert hwm < (budget_mb + PEAK_OVERHEAD_MB) * 1024, hwm
 
 
@@ -391,6 +392,7 @@ def test_pending_output_waits_for_the_client_by_default(nginx):
         printed = 0
         while printed < 16:
             printed = int(n.get("/progress").text)
+        print(f"printed {printed} MB before waiting")  # with -s
         assert printed < 100, printed    # it waits, not buffers
         assert n.get("/ok").text == "ok\n"   # the worker serves meanwhile
         assert n.get("/pid").text == pid
