@@ -177,10 +177,12 @@ Room makeRoom(lua_State *L, RequestCtx *ctx, size_t size, const char *what,
             }
         }
         // Waiting helps only when the connection holds output the client
-        // can take (not HTTP/1.0 buffering, which holds all until eof).
+        // can take: not HTTP/1.0 buffering, which holds all until eof, nor
+        // a subrequest, whose output its parent captures.
         if (outputOver(ctx, size) && may_wait
             && ctx->llcf->budget_output_wait && !ctx->buffering
-            && glue::outputPending(ctx) && canWait(L, threads::current()))
+            && ctx->r == ctx->r->main && glue::outputPending(ctx)
+            && canWait(L, threads::current()))
         {
             return Room::Wait;
         }
