@@ -84,9 +84,16 @@ void pushPrintable(lua_State *L, int idx, const char *fname);
 
 // Charges `bytes` the API is about to allocate outside the Lua VM for the
 // running request (`what`: "ngx.var", "ngx.header", ...) to its
-// lua_budget_memory; raises an error naming the budget, before anything
-// is allocated, when that would exceed it (api/budget.cpp).
+// lua_budget_memory. When that would exceed it, nothing is allocated and
+// the request is stopped by the budget (status, log line and counters of
+// a lua_budget_memory stop): the error raised here ends the script, or the
+// hook does at its next instruction if a pcall caught it (api/budget.cpp).
 void chargeMemory(lua_State *L, size_t bytes, const char *what);
+
+// The same stop for memory refused where no Lua run of `ctx` is in
+// progress (a socket read completing in an event handler): its next run
+// is stopped as soon as it is entered.
+void refuseMemory(RequestCtx *ctx, const char *what);
 
 // The prelude's budget probe (lua/prelude.lua): true while the running
 // code is being stopped by a budget.

@@ -30,12 +30,18 @@ int budgetStopping(lua_State *L)
 
 void chargeMemory(lua_State *L, size_t bytes, const char *what)
 {
-    if (!budget::Guard::instance().chargeExternal(bytes)) {
+    if (!budget::Guard::instance().chargeExternal(bytes, what)) {
         metrics::countBudgetRefusal(g_run ? g_run->ctx : nullptr,
                                     metrics::BudgetRefusal::Memory);
         luaL_error(L, "not enough memory (luaguard: %s exceeded by %s)",
                    budget::kindName(budget::Kind::Memory), what);
     }
+}
+
+void refuseMemory(RequestCtx *ctx, const char *what)
+{
+    metrics::countBudgetRefusal(ctx, metrics::BudgetRefusal::Memory);
+    budget::Guard::instance().refuse(&ctx->usage, what);
 }
 
 void openBudget(lua_State *L)

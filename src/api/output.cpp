@@ -117,23 +117,100 @@ void pushPrintable(lua_State *L, int idx, const char *fname)
 
 namespace {
 
-int emit(lua_State *L, bool newline, const char *fname)
+// Whether the running thread can wait here (not in an xpcall handler or
+// a metamethod called from C).
+bool canWait(lua_State *L, LuaThread *t)
 {
-    noRequestObject(L);
-    Run *run = glue::checkPhase(L, kOutput);
-    RequestCtx *ctx = run->ctx;
-    ngx_http_request_t *r = ctx->r;
+    return t && lua_isyieldable(L) && (t->co == L || lua_isyieldable(t->co));
+}
 
+// What nginx allocates from the request's pool with each new output
+// buffer besides its bytes, never freed before the request ends: the
+// buffer and chain link, and as much again for the chunked encoding.
+constexpr size_t kBufBookkeeping = 2 * (sizeof(ngx_buf_t)
+                                        + sizeof(ngx_chain_t));
+
+// Whether a new output buffer of `size` bytes is more than the budget
+// allows: past lua_budget_memory, or with lua_budget_output wait past
+// half of it, the other half being left to the script's Lua (a stream
+// that paces itself on the client must not starve its own allocations).
+bool outputOver(RequestCtx *ctx, size_t size)
+{
+    if (!budget::Guard::instance().fitsExternal(size + kBufBookkeeping)) {
+        return true;
+    }
+    auto half = static_cast<size_t>(ctx->limits ? ctx->limits->memory : 0)
+                / 2;
+    return ctx->llcf->budget_output_wait && half
+           && ctx->output_bytes + size > half;
+}
+
+enum class Room { Go, Wait, Broken };
+
+// Output the client has not taken yet holds its buffers: a new one is
+// charged to lua_budget_memory while it exists. Makes room for `size`
+// bytes of output: Go when the caller may allocate, Wait when it should
+// wait for the client first (lua_budget_output wait), Broken when the
+// client is gone. Past the budget otherwise, the request is stopped
+// (chargeMemory).
+Room makeRoom(lua_State *L, RequestCtx *ctx, size_t size, const char *what,
+              bool may_wait)
+{
+    if (glue::hasFreeBuf(ctx, size)) {
+        return Room::Go;
+    }
+    budget::Guard::releaseExternal(&ctx->usage, glue::reclaimBufs(ctx, size));
+    if (glue::hasFreeBuf(ctx, size)) {
+        return Room::Go;
+    }
+    if (outputOver(ctx, size)) {
+        if (ctx->r->connection->error) {
+            return Room::Broken;
+        }
+        // Send what the socket takes now, then take back what it took:
+        // what stays charged is what is still pending.
+        if (!ctx->buffering) {
+            glue::flush(ctx);
+            budget::Guard::releaseExternal(&ctx->usage,
+                                           glue::reclaimBufs(ctx, size));
+            if (glue::hasFreeBuf(ctx, size)) {
+                return Room::Go;
+            }
+        }
+        // Waiting helps only when the connection holds output the client
+        // can take: not HTTP/1.0 buffering, which holds all until eof, nor
+        // a subrequest, whose output its parent captures.
+        if (outputOver(ctx, size) && may_wait
+            && ctx->llcf->budget_output_wait && !ctx->buffering
+            && ctx->r == ctx->r->main && glue::outputPending(ctx)
+            && canWait(L, threads::current()))
+        {
+            return Room::Wait;
+        }
+    }
+    chargeMemory(L, size + kBufBookkeeping, what);
+    ctx->output_bytes += size;
+    return Room::Go;
+}
+
+int waitUntilSent(lua_State *L, RequestCtx *ctx, LuaThread *t);
+
+// Emits the values at [first, last] of L's stack (ngx.say with
+// `newline`); pushes ngx.print's results, or yields (may_wait) until the
+// client has taken the pending output and emits them then.
+int emitRange(lua_State *L, RequestCtx *ctx, int first, int last,
+              bool newline, const char *fname, bool may_wait)
+{
+    ngx_http_request_t *r = ctx->r;
     if (ctx->eof) {
         lua_pushnil(L);
         lua_pushliteral(L, "seen eof");
         return 2;
     }
 
-    int n = lua_gettop(L);
     size_t size = newline ? 1 : 0;
-    for (int i = 1; i <= n; i++) {
-        size += measure(L, i, i, fname, 0);
+    for (int i = first; i <= last; i++) {
+        size += measure(L, i, i - first + 1, fname, 0);
     }
     if (size == 0) {
         lua_pushinteger(L, 1);
@@ -150,17 +227,33 @@ int emit(lua_State *L, bool newline, const char *fname)
         return 1;
     }
 
-    // Output the client has not taken yet holds its buffers; a new one is
-    // request memory until the request ends.
-    if (!glue::hasFreeBuf(ctx, size)) {
-        chargeMemory(L, size, newline ? "ngx.say" : "ngx.print");
+    Room room = makeRoom(L, ctx, size, newline ? "ngx.say" : "ngx.print",
+                         may_wait);
+    if (room == Room::Broken) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "nginx output filter error");
+        return 2;
+    }
+    if (room == Room::Wait) {
+        // The arguments wait in the registry; flushDone emits them.
+        int n = last - first + 1;
+        lua_createtable(L, n, 1);
+        for (int i = first; i <= last; i++) {
+            lua_pushvalue(L, i);
+            lua_rawseti(L, -2, i - first + 1);
+        }
+        lua_pushinteger(L, n);
+        lua_setfield(L, -2, "n");
+        ctx->print_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        ctx->print_newline = newline;
+        return waitUntilSent(L, ctx, threads::current());
     }
     ngx_chain_t *cl = glue::allocBuf(ctx, size);
     if (cl == nullptr) {
         return luaL_error(L, "no memory");
     }
     u_char *p = cl->buf->last;
-    for (int i = 1; i <= n; i++) {
+    for (int i = first; i <= last; i++) {
         p = copyOut(L, i, p);
     }
     if (newline) {
@@ -178,6 +271,13 @@ int emit(lua_State *L, bool newline, const char *fname)
     return 1;
 }
 
+int emit(lua_State *L, bool newline, const char *fname)
+{
+    noRequestObject(L);
+    Run *run = glue::checkPhase(L, kOutput);
+    return emitRange(L, run->ctx, 1, lua_gettop(L), newline, fname, true);
+}
+
 int ngxSay(lua_State *L)
 {
     // lua-nginx-module's messages name no function: "to '?'".
@@ -189,12 +289,63 @@ int ngxPrint(lua_State *L)
     return emit(L, false, "?");
 }
 
+void releasePrint(RequestCtx *ctx)
+{
+    if (ctx->print_ref != LUA_NOREF) {
+        luaL_unref(ctx->vm->L(), LUA_REGISTRYINDEX, ctx->print_ref);
+        ctx->print_ref = LUA_NOREF;
+    }
+}
+
+// The ngx.print that waited for the client (emitRange): emits its
+// arguments now, in a run of the request (its budget charged; past it,
+// the request is stopped). Pushes ngx.print's results on co.
+int finishPrint(lua_State *co, RequestCtx *ctx, LuaThread *t,
+                const char *err)
+{
+    lua_rawgeti(co, LUA_REGISTRYINDEX, ctx->print_ref);
+    releasePrint(ctx);
+    if (err) {
+        lua_pop(co, 1);
+        lua_pushnil(co);
+        lua_pushstring(co, err);
+        return 2;
+    }
+    int tbl = lua_gettop(co);
+    lua_getfield(co, tbl, "n");
+    int n = static_cast<int>(lua_tointeger(co, -1));
+    lua_pop(co, 1);
+    luaL_checkstack(co, n + 8, "too many arguments to print");
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(co, tbl, i);
+    }
+    int nres;
+    {
+        entry::Scope scope(ctx, ctx->thread_phase, t);
+        // Everything pending was taken: nothing more to wait for.
+        nres = emitRange(co, ctx, tbl + 1, tbl + n, ctx->print_newline,
+                         "?", false);
+    }
+    for (int i = 0; i < nres; i++) {
+        lua_pushvalue(co, lua_gettop(co) - nres + 1 + i);
+        lua_replace(co, tbl + i);
+    }
+    lua_settop(co, tbl + nres - 1);
+    return nres;
+}
+
 // Ends a synchronous ngx.flush: the waiting thread gets `ok` or nil, err.
 void flushDone(RequestCtx *ctx, const char *err)
 {
     LuaThread *t = ctx->flush_waiter;
     ctx->flush_waiter = nullptr;
     ctx->r->write_event_handler = ngx_http_request_empty_handler;
+    if (ctx->print_ref != LUA_NOREF) {
+        entry::resume(t, [ctx, t, err](lua_State *co) {
+            return finishPrint(co, ctx, t, err);
+        });
+        return;
+    }
     entry::resume(t, [err](lua_State *co) {
         if (err) {
             lua_pushnil(co);
@@ -210,6 +361,7 @@ void cancelFlush(LuaThread *t)
 {
     t->ctx->flush_waiter = nullptr;
     t->ctx->r->write_event_handler = ngx_http_request_empty_handler;
+    releasePrint(t->ctx);
 }
 
 void flushWaitHandler(ngx_http_request_t *r)
@@ -258,6 +410,36 @@ void flushWaitHandler(ngx_http_request_t *r)
     flushDone(ctx, nullptr);
 }
 
+// Arms the wait of ngx.flush(true) for `t`: flushWaitHandler resumes it
+// once the client took the output the connection holds.
+int waitUntilSent(lua_State *L, RequestCtx *ctx, LuaThread *t)
+{
+    ngx_http_request_t *r = ctx->r;
+    if (t == nullptr) {
+        releasePrint(ctx);
+        return luaL_error(L, "no request found");
+    }
+    ctx->flush_waiter = t;
+    t->cancel = cancelFlush;
+    r->write_event_handler = entry::edge<flushWaitHandler>;
+    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_core_module));
+    if (!r->connection->write->timer_set) {
+        ngx_add_timer(r->connection->write, clcf->send_timeout);
+    }
+    if (ngx_handle_write_event(r->connection->write, clcf->send_lowat)
+        != NGX_OK)
+    {
+        cancelFlush(t);
+        t->cancel = nullptr;
+        lua_pushnil(L);
+        lua_pushliteral(L, "connection broken");
+        return 2;
+    }
+    return glue::yield(L);
+}
+
+
 int ngxFlush(lua_State *L)
 {
     Run *run = requestPhase(L, kOutput, "no request found", false);
@@ -280,28 +462,9 @@ int ngxFlush(lua_State *L)
         lua_pushliteral(L, "nginx output filter error");
         return 2;
     }
-    if (wait && (r->connection->buffered & NGX_HTTP_LOWLEVEL_BUFFERED)) {
+    if (wait && glue::outputPending(ctx)) {
         // Synchronous flush: wait until the client took the data.
-        LuaThread *t = threads::current();
-        if (t == nullptr) {
-            return luaL_error(L, "no request found");
-        }
-        ctx->flush_waiter = t;
-        t->cancel = cancelFlush;
-        r->write_event_handler = entry::edge<flushWaitHandler>;
-        auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
-            ngx_http_get_module_loc_conf(r, ngx_http_core_module));
-        if (!r->connection->write->timer_set) {
-            ngx_add_timer(r->connection->write, clcf->send_timeout);
-        }
-        if (ngx_handle_write_event(r->connection->write, clcf->send_lowat)
-            != NGX_OK)
-        {
-            lua_pushnil(L);
-            lua_pushliteral(L, "connection broken");
-            return 2;
-        }
-        return glue::yield(L);
+        return waitUntilSent(L, ctx, threads::current());
     }
     lua_pushinteger(L, 1);
     return 1;

@@ -117,6 +117,7 @@ struct Tcp {
     std::string          sbuf;
     size_t               spos = 0;
     size_t               stotal = 0;
+    size_t               scharged = 0;    // of sbuf, to ctx's memory budget
 
     LuaThread           *reader = nullptr;
     LuaThread           *writer = nullptr;
@@ -380,6 +381,21 @@ void detachDownstream(Tcp *s)
     }
 }
 
+// A send that waited is over: its copy of the data goes, and with it
+// the charge to the request's lua_budget_memory (tcpSend).
+void releaseSendBuf(Tcp *s)
+{
+    if (s->scharged == 0) {
+        return;
+    }
+    if (s->ctx) {
+        budget::Guard::releaseExternal(&s->ctx->usage, s->scharged);
+    }
+    s->scharged = 0;
+    std::string().swap(s->sbuf);
+    s->spos = 0;
+}
+
 void closeSock(Tcp *s, LuaThread *self)
 {
     if (s->downstream) {
@@ -400,6 +416,7 @@ void closeSock(Tcp *s, LuaThread *self)
         s->c = nullptr;
     }
     s->rpos = s->rlast = 0;
+    releaseSendBuf(s);
     releaseCount(s);
     sock::dropSlot(&s->slot);
     if (s->reader != self) {
@@ -1126,8 +1143,7 @@ RStatus readProgress(Tcp *s)
         size_t have = s->acc.size();
         bool direct = s->rmode == RMode::Size && s->rsize - have >= s->rcap;
         if (!accFits(s, direct ? s->rsize : have + s->rcap)) {
-            metrics::countBudgetRefusal(s->ctx,
-                                        metrics::BudgetRefusal::Memory);
+            api::refuseMemory(s->ctx, "a socket receive");
             s->err = "not enough memory (luaguard: lua_budget_memory "
                      "exceeded by a socket receive)";
             std::string().swap(s->acc);  // no partial result: too big
@@ -1551,6 +1567,7 @@ void finishWriter(Tcp *s, LuaThread *t, Push &&push)
         s->ctx->r->write_event_handler = s->saved_write;
         s->saved_write = nullptr;
     }
+    releaseSendBuf(s);
     t->cancel = nullptr;
     entry::resume(t, push);
 }
@@ -1619,6 +1636,7 @@ void cancelWrite(LuaThread *t)
         return;
     }
     s->writer = nullptr;
+    releaseSendBuf(s);
     if (s->c && s->c->write->timer_set) {
         ngx_del_timer(s->c->write);
     }
@@ -1682,6 +1700,11 @@ int tcpSend(lua_State *L)
         return sendFailed(s, L);
     }
     // The rest waits in sbuf: the Lua string may not outlive the yield.
+    // That copy is outside the Lua VM: charged to the request's
+    // lua_budget_memory until the send is over (past it, the request is
+    // stopped: one request's sockets cannot park its data many times).
+    chargeMemory(L, copied ? s->sbuf.size() : len, "a socket send");
+    s->scharged = copied ? s->sbuf.size() : len;
     if (copied) {
         s->spos = s->sbuf.size() - len;
     } else {

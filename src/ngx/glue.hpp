@@ -171,6 +171,14 @@ ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size);
 // Whether allocBuf(ctx, size) can reuse a buffer the client has taken,
 // rather than allocate from the request's pool.
 bool hasFreeBuf(RequestCtx *ctx, size_t size);
+// Takes back the buffers the client has taken since the last output; when
+// none can hold `size`, frees the large ones (each is charged to
+// lua_budget_memory while it exists, and counted in ctx->output_bytes)
+// and returns the bytes freed.
+size_t reclaimBufs(RequestCtx *ctx, size_t size);
+// Whether output waits in the connection for the client to read it: what
+// ngx.flush(true) waits for.
+bool outputPending(RequestCtx *ctx);
 
 // Log with lua-nginx-module's "[lua] chunk:line: " prefix and control
 // bytes escaped.

@@ -566,8 +566,8 @@ std::string render(MainConf *mcf)
     }
 
     header(out, "luaguard_budget_refusals_total", "counter",
-           "API calls refused by a budget without stopping the run "
-           "(memory outside Lua, cosockets per request).");
+           "API calls refused by a budget (memory outside Lua, which "
+           "stops the request; cosockets per request).");
     for (int k = 0; k < kBudgetRefusalKinds; k++) {
         std::string extra = std::string(",kind=\"") + kRefusalText[k] + "\"";
         perLocation(out, "luaguard_budget_refusals_total", extra.c_str(),

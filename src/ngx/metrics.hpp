@@ -28,10 +28,10 @@ constexpr int kStopKinds = 4;
 enum class TimerStop { Pending, Memory, Cpu };
 constexpr int kTimerStopKinds = 3;
 
-// What a request was refused by a budget without its run being stopped:
-// memory the API would have allocated outside Lua (ngx.var, ngx.header,
-// output, bodies, socket receives) and cosockets past
-// lua_socket_max_per_request. The script sees the error.
+// What a request was refused by a budget: memory the API would have
+// allocated outside Lua (ngx.var, ngx.header, output, bodies, socket
+// receives; the request is stopped, a lua_budget_memory stop too) and
+// cosockets past lua_socket_max_per_request (the script sees the error).
 enum class BudgetRefusal { Memory, Connections };
 constexpr int kBudgetRefusalKinds = 2;
 

@@ -859,6 +859,12 @@ ngx_conf_enum_t kEgressDefaultEnum[] = {
     {ngx_string("deny"), 0},
     {ngx_null_string, 0}};
 
+// lua_budget_output: 1 waits for the client, 0 stops the request.
+ngx_conf_enum_t kBudgetOutputEnum[] = {
+    {ngx_string("wait"), 1},
+    {ngx_string("error"), 0},
+    {ngx_null_string, 0}};
+
 ngx_conf_enum_t kWritableEnum[] = {
     {ngx_string("off"), static_cast<ngx_uint_t>(script::Writable::Off)},
     {ngx_string("world"), static_cast<ngx_uint_t>(script::Writable::World)},
@@ -1042,6 +1048,9 @@ ngx_command_t commands[] = {
            kLocLoc, LG_LOC_OFF(budget_memory), nullptr),
     LG_CMD("lua_budget_status", kAnyLoc | NGX_CONF_TAKE1, setBudgetStatus,
            kLocLoc, LG_LOC_OFF(budget_status), nullptr),
+    LG_CMD("lua_budget_output", kAnyLoc | NGX_CONF_TAKE1,
+           ngx_conf_set_enum_slot, kLocLoc, LG_LOC_OFF(budget_output_wait),
+           kBudgetOutputEnum),
     LG_CMD("lua_max_pending_timers", kMain | NGX_CONF_TAKE1,
            ngx_conf_set_num_slot, kMainLoc, LG_MAIN_OFF(max_pending_timers),
            nullptr),
@@ -1181,6 +1190,7 @@ void *createLocConf(ngx_conf_t *cf)
     conf->budget_request = NGX_CONF_UNSET_MSEC;
     conf->budget_memory = NGX_CONF_UNSET;
     conf->budget_status = NGX_CONF_UNSET_UINT;
+    conf->budget_output_wait = NGX_CONF_UNSET_UINT;
     conf->budget_timer_slice = NGX_CONF_UNSET_MSEC;
     conf->budget_timer = NGX_CONF_UNSET_MSEC;
     conf->timer_max_pending = NGX_CONF_UNSET_UINT;
@@ -1314,6 +1324,8 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
                              256 * 1024 * 1024);
     ngx_conf_merge_uint_value(conf->budget_status, prev->budget_status,
                               NGX_HTTP_INTERNAL_SERVER_ERROR);
+    ngx_conf_merge_uint_value(conf->budget_output_wait,
+                              prev->budget_output_wait, 1);
     conf->limits.slice_ms = conf->budget_slice;
     conf->limits.total_ms = conf->budget_request;
     conf->limits.memory = conf->budget_memory;

@@ -112,6 +112,9 @@ struct LocConf {
     ngx_msec_t                 budget_request;
     off_t                      budget_memory;
     ngx_uint_t                 budget_status;
+    // lua_budget_output: 1 (wait) when output the client has not taken
+    // would exceed budget_memory, 0 (error) to stop the request.
+    ngx_uint_t                 budget_output_wait;
     budget::Limits             limits;            // the three above, merged
 
     // The same for timer callbacks created in this location.
@@ -224,6 +227,12 @@ struct RequestCtx {
     budget::Usage        usage;      // Lua time and memory, all phases
 
     LuaThread           *flush_waiter = nullptr; // in ngx.flush(true)
+    // The arguments of the ngx.print/say flush_waiter makes once the
+    // client took the pending output (lua_budget_output wait): a table
+    // in the registry, released on resume or when the wait is cancelled.
+    int                  print_ref = LUA_NOREF;
+    bool                 print_newline = false;
+    size_t               output_bytes = 0;  // of free_bufs and busy_bufs
 
     // ngx.req.read_body waiting for the client; ngx.req.init_body's
     // writer (api/req.cpp).

@@ -57,6 +57,40 @@ bool hasFreeBuf(RequestCtx *ctx, size_t size)
     return false;
 }
 
+size_t reclaimBufs(RequestCtx *ctx, size_t size)
+{
+    ngx_http_request_t *r = ctx->r;
+    ngx_chain_t *none = nullptr;
+    ngx_chain_update_chains(r->pool, &ctx->free_bufs, &ctx->busy_bufs, &none,
+                            bufTag());
+    if (hasFreeBuf(ctx, size)) {
+        return 0;
+    }
+    // Only large pool allocations go back to malloc; a small buffer stays
+    // in the pool (and charged) until the request ends.
+    size_t freed = 0;
+    for (ngx_chain_t **ll = &ctx->free_bufs; *ll;) {
+        ngx_chain_t *cl = *ll;
+        ngx_buf_t *b = cl->buf;
+        auto cap = static_cast<size_t>(b->end - b->start);
+        if (cap <= r->pool->max || ngx_pfree(r->pool, b->start) != NGX_OK) {
+            ll = &cl->next;
+            continue;
+        }
+        *ll = cl->next;
+        ngx_free_chain(r->pool, cl);
+        freed += cap;
+    }
+    ctx->output_bytes -= freed < ctx->output_bytes ? freed
+                                                   : ctx->output_bytes;
+    return freed;
+}
+
+bool outputPending(RequestCtx *ctx)
+{
+    return ctx->r->connection->buffered & NGX_HTTP_LOWLEVEL_BUFFERED;
+}
+
 ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size)
 {
     ngx_http_request_t *r = ctx->r;

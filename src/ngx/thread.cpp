@@ -225,6 +225,12 @@ bool finish(LuaThread *t, int rc, const std::string *raised = nullptr)
         release(t);
     } else {
         ctx->live_user--;
+        // A budget stop ends the request, not only the thread it met (one
+        // resumed by an event, outside the entry thread's run): the
+        // others would go on with the budget spent.
+        if (t->failed && ctx->usage.tripped != budget::Kind::None) {
+            ctx->entry_failed = true;
+        }
     }
 
     if (ctx->exited || ctx->exec_uri.len || ctx->entry_failed) {

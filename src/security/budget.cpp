@@ -158,6 +158,12 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
     }
     deadline_kind_.store(static_cast<uint8_t>(kind), std::memory_order_relaxed);
     deadline_.store(dl, std::memory_order_release);
+    if (usage->refusal_pending) {
+        // Refused while no run of it was in progress: this run is the one
+        // that sees the refusal (a socket read's result), and ends there.
+        usage->refusal_pending = false;
+        tripMemory(Kind::Memory);
+    }
 }
 
 void Guard::leave(Frame *f)
@@ -249,22 +255,56 @@ bool Guard::stopping() const
                   == gen_.load(std::memory_order_relaxed);
 }
 
-bool Guard::chargeExternal(size_t bytes)
+namespace {
+
+// Left to Lua by a charge outside its allocator, so that the caller's
+// error message can still be allocated.
+constexpr int64_t kExternalHeadroom = 64 * 1024;
+
+bool fits(const Usage &u, int64_t limit, size_t bytes)
+{
+    auto n = static_cast<int64_t>(bytes);
+    return limit == 0
+           || (n <= limit - kExternalHeadroom
+               && u.mem_net <= limit - kExternalHeadroom - n);
+}
+
+}  // namespace
+
+bool Guard::fitsExternal(size_t bytes) const
+{
+    return top_ == nullptr || fits(*top_->usage, top_->limits.memory, bytes);
+}
+
+bool Guard::chargeExternal(size_t bytes, const char *what)
 {
     if (top_ == nullptr) {
         return true;
     }
     Usage *u = top_->usage;
-    int64_t limit = top_->limits.memory;
-    auto n = static_cast<int64_t>(bytes);
-    // Left to Lua, so the caller's error message can still be allocated.
-    constexpr int64_t kHeadroom = 64 * 1024;
-    if (limit && (n > limit - kHeadroom || u->mem_net > limit - kHeadroom - n))
-    {
+    if (!fits(*u, top_->limits.memory, bytes)) {
+        refuse(u, what);
         return false;
     }
-    u->mem_net += n;
+    u->mem_net += static_cast<int64_t>(bytes);
     return true;
+}
+
+void Guard::releaseExternal(Usage *usage, size_t bytes)
+{
+    usage->mem_net -= static_cast<int64_t>(bytes);
+}
+
+void Guard::refuse(Usage *usage, const char *what)
+{
+    usage->refused_by = what;
+    for (Frame *f = top_; f; f = f->prev) {
+        if (f->usage == usage) {
+            tripMemory(Kind::Memory);
+            return;
+        }
+    }
+    usage->refusal_pending = true;
 }
 
 bool Guard::overdue()
@@ -364,6 +404,11 @@ void Guard::hook(lua_State *L, lua_Debug *ar)
                    static_cast<int>(lim.total_ms), src, line);
         break;
     default:
+        if (k == Kind::Memory && g.top_->usage->refused_by) {
+            luaL_error(L, "not enough memory (luaguard: %s exceeded by %s, "
+                       "stopped at %s:%d)", kindName(k),
+                       g.top_->usage->refused_by, src, line);
+        }
         luaL_error(L, "not enough memory (luaguard: %s exceeded, stopped at "
                    "%s:%d)", kindName(k), src, line);
     }

@@ -42,6 +42,11 @@ struct Usage {
     uint64_t lua_ns = 0;
     int64_t  mem_net = 0;
     Kind     tripped = Kind::None;
+    // What memory outside the Lua allocator was refused for (a static
+    // string: "ngx.var"), named by the stop's message; `refusal_pending`
+    // while the stop waits for the next run (refused in an event handler).
+    const char *refused_by = nullptr;
+    bool     refusal_pending = false;
 };
 
 uint64_t nowNs();
@@ -106,12 +111,26 @@ class Guard {
     void (*on_trip_signal)(int sig) = nullptr;
 
     // Memory allocated outside the Lua allocator on behalf of the running
-    // request (nginx pool copies made by the API, socket buffers), charged
-    // to its net allocation and so to lua_budget_memory. When it would go
-    // over, nothing is charged and false is returned: the caller fails
-    // without allocating (an error a pcall may catch: nothing was taken).
-    // Outside a budgeted run: true, nothing charged.
-    bool chargeExternal(size_t bytes);
+    // request (nginx pool copies made by the API, socket buffers, pending
+    // output), charged to its net allocation and so to lua_budget_memory.
+    // When it would go over, nothing is charged, the run is stopped as by
+    // the Lua allocator (refuse()) and false is returned: the caller fails
+    // without allocating; a pcall that catches its error meets the hook at
+    // its next instruction. Outside a budgeted run: true, nothing charged.
+    // `what` names the API call in the stop's message (a static string).
+    bool chargeExternal(size_t bytes, const char *what);
+    // Whether `bytes` more fit the running request's budget, keeping the
+    // headroom chargeExternal keeps; nothing is charged or stopped.
+    bool fitsExternal(size_t bytes) const;
+    // Gives back what chargeExternal charged to `usage` once nginx freed
+    // it (a sent output buffer); callable outside any run.
+    static void releaseExternal(Usage *usage, size_t bytes);
+    // Memory outside the Lua allocator was refused for `usage` (`what`, a
+    // static string): a lua_budget_memory stop, like the Lua allocator's.
+    // The run of `usage` in progress is stopped by the hook at its next
+    // instruction; outside one (an event handler refused a socket read),
+    // its next run is, as soon as it is entered.
+    void refuse(Usage *usage, const char *what);
 
     // Lua time of `usage` including the runs still in progress.
     uint64_t usedNs(const Usage &usage) const;

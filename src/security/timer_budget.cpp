@@ -42,10 +42,43 @@ namespace {
 
 struct Walk {
     lua_State *L;
-    int        seen;       // table: tables already queued (0: none yet)
-    int        queue;      // array: tables still to walk
+    int        seen;       // table: tables and functions already queued
+    int        queue;      // array: tables and functions still to walk
     int        queued;
     size_t     total;
+
+    // Made on the first table or function only: strings alone (the usual
+    // arguments) leave no garbage behind. What every module shares (the
+    // values of package.loaded, the globals) is marked seen uncounted:
+    // a callback that captures `ngx` or a module parks none of it.
+    void makeSeen()
+    {
+        lua_newtable(L);
+        lua_newtable(L);
+        seen = lua_gettop(L) - 1;
+        queue = seen + 1;
+        lua_pushvalue(L, LUA_GLOBALSINDEX);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, seen);
+        lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+        if (lua_istable(L, -1)) {
+            int loaded = lua_gettop(L);
+            lua_pushvalue(L, loaded);
+            lua_pushboolean(L, 1);
+            lua_rawset(L, seen);
+            lua_pushnil(L);
+            while (lua_next(L, loaded) != 0) {
+                int t = lua_type(L, -1);
+                if (t == LUA_TTABLE || t == LUA_TFUNCTION) {
+                    lua_pushboolean(L, 1);
+                    lua_rawset(L, seen);    // value -> true; the key stays
+                    continue;
+                }
+                lua_pop(L, 1);
+            }
+        }
+        lua_pop(L, 1);
+    }
 
     void add(int idx)
     {
@@ -54,13 +87,9 @@ struct Walk {
             total += lua_objlen(L, idx) + kParkedStringHeader;
             break;
         case LUA_TTABLE:
+        case LUA_TFUNCTION:
             if (seen == 0) {
-                // Made on the first table only: strings alone (the usual
-                // arguments) leave no garbage behind.
-                lua_newtable(L);
-                lua_newtable(L);
-                seen = lua_gettop(L) - 1;
-                queue = seen + 1;
+                makeSeen();
             }
             lua_pushvalue(L, idx);
             lua_rawget(L, seen);
@@ -74,15 +103,8 @@ struct Walk {
             lua_rawset(L, seen);
             lua_pushvalue(L, idx);
             lua_rawseti(L, queue, ++queued);
-            total += kParkedTableHeader;
-            break;
-        case LUA_TFUNCTION:
-            for (int i = 1; lua_getupvalue(L, idx, i) != nullptr; i++) {
-                if (lua_type(L, -1) == LUA_TSTRING) {
-                    total += lua_objlen(L, -1) + kParkedStringHeader;
-                }
-                lua_pop(L, 1);
-            }
+            total += lua_type(L, idx) == LUA_TTABLE ? kParkedTableHeader
+                                                    : kParkedClosureHeader;
             break;
         default:
             break;
@@ -103,17 +125,33 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
     }
     size_t steps = 0;
     bool stop = w.total > limit;
+    auto step = [&] {
+        stop = w.total > limit
+               || (overdue && ++steps % 1024 == 0 && overdue());
+    };
     for (int next = 1; next <= w.queued && !stop; next++) {
         lua_rawgeti(L, w.queue, next);
         int t = lua_gettop(L);
+        if (lua_type(L, t) == LUA_TFUNCTION) {
+            // What the closure keeps alive: its upvalues.
+            for (int i = 1; !stop && lua_getupvalue(L, t, i) != nullptr;
+                 i++)
+            {
+                w.total += kParkedUpvalue;
+                w.add(t + 1);
+                lua_pop(L, 1);
+                step();
+            }
+            lua_pop(L, 1);
+            continue;
+        }
         lua_pushnil(L);
         while (lua_next(L, t) != 0) {
             w.total += kParkedEntry;
             w.add(t + 1);
             w.add(t + 2);
             lua_pop(L, 1);
-            stop = w.total > limit
-                   || (overdue && ++steps % 1024 == 0 && overdue());
+            step();
             if (stop) {
                 lua_pop(L, 1);   // the key: lua_next is not called again
                 break;

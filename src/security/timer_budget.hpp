@@ -34,19 +34,23 @@ class TimeBucket {
 
 // The estimate of the memory the values at stack slots [from, to] keep
 // alive: each string at its length plus the string header; each table at
-// a header plus one hash node per entry, with the strings and tables in
-// it (each table once); the strings a function holds directly as
-// upvalues. Tables reached through upvalues are not walked (usually
-// module state, alive anyway). Stops once the estimate passes `limit`
-// (the caller refuses then), and when `overdue` (checked every 1024
-// entries; may be null) says the run is past its CPU budget. Uses two
-// stack slots and two tables when a table is among the values; raises
-// only on out of memory.
+// a header plus one hash node per entry, with what its keys and values
+// keep alive; each function at a closure header plus one slot per
+// upvalue, with what its upvalues keep alive (a callback's captured
+// request body, table or closure). Each table and function is counted
+// once; the values of package.loaded and the globals table (module state
+// every timer shares, alive anyway) are not counted. Stops once the
+// estimate passes `limit` (the caller refuses then), and when `overdue`
+// (checked every 1024 entries; may be null) says the run is past its CPU
+// budget. Uses two stack slots and two tables when a table or function
+// is among the values; raises only on out of memory.
 size_t parkedSize(lua_State *L, int from, int to, size_t limit,
                   bool (*overdue)());
 
 constexpr size_t kParkedStringHeader = 24;   // LuaJIT's GCstr, 64-bit
 constexpr size_t kParkedTableHeader = 64;    // GCtab
 constexpr size_t kParkedEntry = 24;          // Node: key, value, next
+constexpr size_t kParkedClosureHeader = 40;  // GCfuncL
+constexpr size_t kParkedUpvalue = 8;         // its upvalue slot
 
 }  // namespace luaguard::budget

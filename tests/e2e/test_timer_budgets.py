@@ -114,12 +114,19 @@ def test_bad_pending_share_fails_nginx_t(nginx_conf):
 
 # ---- memory parked in arguments ----
 
-# Three ways to park a 400 KB string in a pending timer: as an argument,
-# nested in a table argument, captured by the callback.
+# Ways to park a 400 KB string in a pending timer: as an argument,
+# nested in a table argument, captured by the callback, in a table or a
+# closure the callback captures.
 PARK = {
     "arg": "ngx.timer.at(delay, function() end, big)",
     "nested": "ngx.timer.at(delay, function() end, {x = {big, n = 1}})",
     "upvalue": "ngx.timer.at(delay, function() return #big end)",
+    "upvalue_table": "(function() local t = {body = {big}} "
+                     "return ngx.timer.at(delay, function() "
+                     "return #t.body[1] end) end)()",
+    "upvalue_closure": "(function() local function get() return big end "
+                       "return ngx.timer.at(delay, function() "
+                       "return #get() end) end)()",
 }
 
 

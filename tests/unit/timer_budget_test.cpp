@@ -5,9 +5,11 @@
 #include <string>
 
 using luaguard::budget::TimeBucket;
+using luaguard::budget::kParkedClosureHeader;
 using luaguard::budget::kParkedEntry;
 using luaguard::budget::kParkedStringHeader;
 using luaguard::budget::kParkedTableHeader;
+using luaguard::budget::kParkedUpvalue;
 using luaguard::budget::parkedSize;
 
 namespace {
@@ -110,12 +112,33 @@ TEST_F(Parked, TablesWithTheirEntriesOnce)
               kParkedTableHeader + kParkedEntry + 4 + kParkedStringHeader);
 }
 
-TEST_F(Parked, StringUpvaluesOfFunctionsNotTheirTables)
+TEST_F(Parked, FunctionsWithWhatTheirUpvaluesKeepAlive)
 {
+    // The closure, its two upvalue slots, the string, and the table with
+    // its string.
+    size_t big = kParkedTableHeader + kParkedEntry + 100'000
+                 + kParkedStringHeader;
     EXPECT_EQ(measure("local s = string.rep('z', 5000) "
                       "local big = {string.rep('w', 100000)} "
                       "return function() return #s + #big end"),
-              5000 + kParkedStringHeader);
+              kParkedClosureHeader + 2 * kParkedUpvalue + 5000
+                  + kParkedStringHeader + big);
+    // A closure captured by the callback: walked too; a recursive one
+    // (its own upvalue) ends.
+    EXPECT_EQ(measure("local s = string.rep('z', 5000) "
+                      "local function inner() return s end "
+                      "local function f() return inner() and f end "
+                      "return f"),
+              2 * kParkedClosureHeader + 3 * kParkedUpvalue + 5000
+                  + kParkedStringHeader);
+}
+
+TEST_F(Parked, ModulesAndGlobalsAreNotCounted)
+{
+    // What every timer shares: package.loaded's values and _G.
+    EXPECT_EQ(measure("local ngx_, str, g = string, table, _G "
+                      "return function() return ngx_, str, g end"),
+              kParkedClosureHeader + 3 * kParkedUpvalue);
 }
 
 TEST_F(Parked, StopsPastTheLimit)
