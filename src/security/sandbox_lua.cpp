@@ -302,7 +302,7 @@ local strict_libs = {
 }
 
 -- Built-in modules strict code may require (besides the libraries above,
--- luaguard's ngx.* modules and resty.core).
+-- luaguard's ngx.* and resty.core.* modules: lua/resty_core.lua).
 local strict_modules = {
     ["table.new"] = true, ["table.clear"] = true, ["table.nkeys"] = true,
     ["table.isarray"] = true, ["table.isempty"] = true,
@@ -312,6 +312,7 @@ local strict_modules = {
 local function strict_module_ok(name)
     return not builtin_modules[name] or strict_modules[name]
            or find(name, "^ngx%.") ~= nil
+           or find(name, "^resty%.core%.") ~= nil
 end
 
 -- collectgarbage options that would switch the worker's collector off or
