@@ -264,13 +264,20 @@ end
 -- to the shared table: the request that patched sees it, no other one
 -- does (docs/security.md). Strict refuses every such write.
 
+-- The overlay lives in the request's environment, under a private key
+-- (a weak table keyed by environments would keep every one alive: the
+-- patches are the request's closures, whose environment it is). Tables
+-- are named in it by tokens: an overlay found by iterating _G hands out
+-- no shared table. env[PATCHES] -> token -> k -> v.
+local PATCHES = {}
 local NIL = {}                              -- a field patched to nil
-local patches = real_setmetatable({}, weak_k)  -- env -> real -> k -> v
+local tokens = real_setmetatable({}, weak_k)   -- real -> its token
 
 -- The running request's patch of real[k]: found, value.
 local function patch_of(real, k)
-    local pe = patches[current_env() or NIL]
-    local pr = pe and pe[real]
+    local env = current_env()
+    local pe = env and rawget(env, PATCHES)
+    local pr = pe and pe[tokens[real] or NIL]
     local v = pr and pr[k]
     if v == nil then
         return false
@@ -347,15 +354,20 @@ local function add_patch(real, name, k, v)
     if env == nil or env == real_G then
         readonly_error(name, k)
     end
-    local pe = patches[env]
+    local pe = rawget(env, PATCHES)
     if pe == nil then
-        pe = real_setmetatable({}, weak_k)
-        patches[env] = pe
+        pe = {}
+        rawset(env, PATCHES, pe)
     end
-    local pr = pe[real]
+    local token = tokens[real]
+    if token == nil then
+        token = {}
+        tokens[real] = token
+    end
+    local pr = pe[token]
     if pr == nil then
         pr = {}
-        pe[real] = pr
+        pe[token] = pr
     end
     local orig = rawget(real, k)
     if v == nil then
@@ -1124,10 +1136,22 @@ local function build(caps)
     -- iteration goes through the same filter, skipping what it hides.
     local filtered = real_setmetatable({}, weak_k)
 
+    -- next over a request environment skips the overlay's key.
+    local function env_next(t, k)
+        local nk, nv = next(t, k)
+        if nk == PATCHES then
+            return next(t, nk)
+        end
+        if nk == nil then
+            return nil                 -- one value, as next gives
+        end
+        return nk, nv
+    end
+
     local function next_(t, k)
         local real = type(t) == "table" and real_of[t]
         if not real then
-            return next(t, k)
+            return env_next(t, k)
         end
         local nk, nv = next(real, k)
         if filtered[t] or (strict and obj_of[t]) then
@@ -1156,6 +1180,9 @@ local function build(caps)
     local function pairs_(t)
         local real = type(t) == "table" and real_of[t]
         if not real then
+            if type(t) == "table" and rawget(t, PATCHES) ~= nil then
+                return env_next, t, nil
+            end
             return real_pairs(t)
         end
         return next_, t, nil

@@ -491,6 +491,42 @@ def test_overlay_is_seen_by_the_request_and_its_modules_only(nginx):
     assert n.get("/other").text == clean
 
 
+def test_patches_and_the_request_are_freed_with_it(nginx):
+    files = dict(MODULES, **{"lua/weakprobe.lua": """
+local seen = setmetatable({}, { __mode = "k" })
+return {
+    keep = function(v) seen[v] = true end,
+    count = function()
+        local n = 0
+        for _ in pairs(seen) do n = n + 1 end
+        return n
+    end,
+}
+"""})
+    n = nginx(http=HTTP, files=files, server=r"""
+        location = /patch { content_by_lua_block {
+            local probe = require "weakprobe"
+            local f = function() return 1 end
+            ngx.now = f
+            string.extra = { "value" }
+            probe.keep(f)
+            probe.keep(getfenv(1))
+            ngx.say(ngx.now(), " ", probe.count())
+            local keys = {}
+            for k in pairs(_G) do keys[#keys + 1] = type(k) .. tostring(k) end
+            ngx.say(#keys, " ", table.concat(keys, ","))
+        } }
+        location = /gc { content_by_lua_block {
+            collectgarbage()
+            collectgarbage()
+            ngx.say(require("weakprobe").count())
+        } }
+""")
+    # the overlay lives in the request's globals, hidden from pairs
+    assert n.get("/patch").text == "1 2\n1 string_G\n"
+    assert n.get("/gc").text == "0\n"
+
+
 def test_lua_sandbox_off_shares_patches_like_lua_nginx_module(nginx):
     n = nginx(http=HTTP, files=OVERLAY_FILES,
               server="lua_sandbox off;" + OVERLAY_SERVER)
