@@ -290,10 +290,10 @@ end
 
 -- A function replaced by a function: the shared table gets, once per
 -- worker and field, a dispatcher that calls the running request's patch
--- or the original. Module code and references taken before (`local now
--- = ngx.now` runs it too) then see the patch in the patching request
--- only. The tail call keeps the caller's stack level (ngx.log's
--- file:line).
+-- or the original. Module code reading the field when it calls it (and
+-- references taken once the dispatcher is there) then sees the patch in
+-- the patching request only. The tail call keeps the caller's stack
+-- level (ngx.log's file:line).
 local dispatched = real_setmetatable({}, weak_k)   -- real -> k -> true
 
 -- Views' copies of library tables that have sub-tables (see fast_proxy):
@@ -997,7 +997,8 @@ local function build(caps)
     -- or fields of the view's own is read through a copy instead, built
     -- now, where those fields are their proxies (library sub-tables are
     -- not replaced later); fields added to the real table later are
-    -- read through to it. One lookup either way.
+    -- read through to it. One lookup either way. `fixed`: not patchable
+    -- (package), and only its table fields are copied.
     local function fast_proxy(real, name, forward, overrides, fixed)
         local existing = map[real]
         if existing then
@@ -1026,7 +1027,8 @@ local function build(caps)
                         copy[k] = fast_proxy(v, name .. "." .. k, nil, nil,
                                              fixed)
                     end
-                else
+                elseif not fixed then
+                    -- package keeps reading path and cpath live
                     copy[k] = v
                 end
             end
