@@ -38,13 +38,11 @@ coroutine.wrap = function(f)
     end
 end
 
--- Our API is built in: configurations written for OpenResty load
--- resty.core in init_by_lua, which must succeed and change nothing.
 package.loaded.ngx = ngx
-package.preload["resty.core"] = function() return true end
 
 -- Modules of lua-resty-core that luaguard provides register themselves in
--- package.preload; any other "ngx.*" or "resty.core.*" name must not fall
+-- package.preload (lua/resty_core.lua: every name of lua-resty-core
+-- 0.1.25); any other "ngx.*" or "resty.core.*" name must not fall
 -- through to the system's lua-resty-core, which needs lua-nginx-module's
 -- C symbols. It fails with an error naming what is missing.
 local preload = package.preload

@@ -51,7 +51,7 @@ bool open(lua_State *L, std::string *err)
         lua_pop(L, 1);
         return false;
     }
-    return sandbox::installNgx(L, err);
+    return openRestyCore(L, err) && sandbox::installNgx(L, err);
 }
 
 }  // namespace api

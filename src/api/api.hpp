@@ -57,6 +57,13 @@ void openReq(lua_State *L);
 void openResp(lua_State *L);
 void openUtil(lua_State *L);
 void openRegex(lua_State *L);
+
+// Whether the compile-once regex cache holds no pattern (api/regex.cpp).
+bool regexCacheEmpty();
+
+// The lua-resty-core module names (lua/resty_core.lua, api/resty_core.cpp).
+// Runs after the prelude, before the sandbox is installed.
+bool openRestyCore(lua_State *L, std::string *err);
 void openLocation(lua_State *L);
 void openSocketTcp(lua_State *L);
 void openSocketUdp(lua_State *L);

@@ -41,7 +41,9 @@ int unsupported(lua_State *L)
 
 int openModule(lua_State *L)
 {
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, kRestyCoreVersion);
+    lua_setfield(L, -2, "version");
     lua_pushcfunction(L, processType);
     lua_setfield(L, -2, "type");
     lua_pushcfunction(L, masterPid);

@@ -1816,6 +1816,11 @@ int loadNgxRe(lua_State *L)
 
 }  // namespace
 
+bool regexCacheEmpty()
+{
+    return state().cache.size() == 0;
+}
+
 void openRegex(lua_State *L)
 {
     budget::Guard::instance().on_trip_signal = escapeMatch;

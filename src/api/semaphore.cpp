@@ -178,9 +178,15 @@ int semaCount(lua_State *L)
 
 int openModule(lua_State *L)
 {
-    lua_createtable(L, 0, 2);
-    lua_pushcfunction(L, semaNew);
-    lua_setfield(L, -2, "new");
+    // The methods too, as lua-resty-core's module table is the objects'
+    // __index (semaphore.wait(sema, 1) works).
+    lua_createtable(L, 0, 5);
+    const luaL_Reg fns[] = {{"new", semaNew},
+                            {"post", semaPost},
+                            {"wait", semaWait},
+                            {"count", semaCount},
+                            {nullptr, nullptr}};
+    setFuncs(L, fns);
     lua_pushstring(L, kRestyCoreVersion);
     lua_setfield(L, -2, "version");
     return 1;

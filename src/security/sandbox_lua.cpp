@@ -257,6 +257,131 @@ local function has_newindex(t)
     return type(mt) == "table" and rawget(mt, "__newindex") ~= nil
 end
 
+-- ---------------------------------------------------------------------
+-- Per-request patches (`default`): request code may replace fields of
+-- ngx.*, of library tables and of module tables, as test suites do to
+-- mock time and I/O. The write goes to the request's own overlay, never
+-- to the shared table: the request that patched sees it, no other one
+-- does (docs/security.md). Strict refuses every such write.
+
+-- The overlay lives in the request's environment, under a private key
+-- (a weak table keyed by environments would keep every one alive: the
+-- patches are the request's closures, whose environment it is). Tables
+-- are named in it by tokens: an overlay found by iterating _G hands out
+-- no shared table. env[PATCHES] -> token -> k -> v.
+local PATCHES = {}
+local NIL = {}                              -- a field patched to nil
+local tokens = real_setmetatable({}, weak_k)   -- real -> its token
+
+-- The running request's patch of real[k]: found, value.
+local function patch_of(real, k)
+    local env = current_env()
+    local pe = env and rawget(env, PATCHES)
+    local pr = pe and pe[tokens[real] or NIL]
+    local v = pr and pr[k]
+    if v == nil then
+        return false
+    end
+    if v == NIL then
+        return true, nil
+    end
+    return true, v
+end
+
+-- A function replaced by a function: the shared table gets, once per
+-- worker and field, a dispatcher that calls the running request's patch
+-- or the original. Module code reading the field when it calls it (and
+-- references taken once the dispatcher is there) then sees the patch in
+-- the patching request only. The tail call keeps the caller's stack
+-- level (ngx.log's file:line).
+local dispatched = real_setmetatable({}, weak_k)   -- real -> k -> true
+
+-- Views' copies of library tables that have sub-tables (see fast_proxy):
+-- real -> list of { copy, overrides }.
+local copies = real_setmetatable({}, weak_k)
+
+local overlay
+
+local function dispatch(real, k, orig)
+    local d = dispatched[real]
+    if d == nil then
+        d = {}
+        dispatched[real] = d
+    end
+    if d[k] then
+        return
+    end
+    d[k] = true
+    local function dispatcher(...)
+        local found, f = patch_of(real, k)
+        if found then
+            return f(...)
+        end
+        return orig(...)
+    end
+    rawset(real, k, dispatcher)
+    local list = copies[real]
+    for i = 1, list and #list or 0 do
+        local c = list[i]
+        if c.overrides and c.overrides[k] ~= nil then
+            overlay(real)      -- a view's own function stands there
+        else
+            rawset(c.copy, k, dispatcher)
+        end
+    end
+end
+
+-- Other patches (values, new fields, nil) are seen through request code's
+-- proxies of the table: those of a table with such a patch (one ever, in
+-- this worker) look the overlay up first; the others keep their plain
+-- __index. real -> true once switched; real -> list of switch functions.
+local overlaid = real_setmetatable({}, weak_k)
+local switches = real_setmetatable({}, weak_k)
+
+overlay = function(real)
+    if overlaid[real] then
+        return
+    end
+    overlaid[real] = true
+    local list = switches[real]
+    for i = 1, list and #list or 0 do
+        list[i]()
+    end
+end
+
+local function add_patch(real, name, k, v)
+    local env = current_env()
+    if env == nil or env == real_G then
+        readonly_error(name, k)
+    end
+    local pe = rawget(env, PATCHES)
+    if pe == nil then
+        pe = {}
+        rawset(env, PATCHES, pe)
+    end
+    local token = tokens[real]
+    if token == nil then
+        token = {}
+        tokens[real] = token
+    end
+    local pr = pe[token]
+    if pr == nil then
+        pr = {}
+        pe[token] = pr
+    end
+    local orig = rawget(real, k)
+    if v == nil then
+        pr[k] = NIL
+    else
+        pr[k] = v
+    end
+    if type(orig) == "function" and type(v) == "function" then
+        dispatch(real, k, orig)
+    else
+        overlay(real)
+    end
+end
+
 -- Modules whose loading needs a capability. string.buffer and
 -- thread.exdata hand out cdata (raw memory) without the ffi table.
 local module_caps = {
@@ -302,7 +427,7 @@ local strict_libs = {
 }
 
 -- Built-in modules strict code may require (besides the libraries above,
--- luaguard's ngx.* modules and resty.core).
+-- luaguard's ngx.* and resty.core.* modules: lua/resty_core.lua).
 local strict_modules = {
     ["table.new"] = true, ["table.clear"] = true, ["table.nkeys"] = true,
     ["table.isarray"] = true, ["table.isempty"] = true,
@@ -312,6 +437,7 @@ local strict_modules = {
 local function strict_module_ok(name)
     return not builtin_modules[name] or strict_modules[name]
            or find(name, "^ngx%.") ~= nil
+           or find(name, "^resty%.core%.") ~= nil
 end
 
 -- collectgarbage options that would switch the worker's collector off or
@@ -537,14 +663,29 @@ local function build(caps)
         end
     end
 
-    local function newindex_for(real, name, forward)
-        if forward then
+    -- `patchable`: ngx.*, library and module tables take per-request
+    -- patches (not strict); package, metatables and worker globals stay
+    -- read-only.
+    local function refuse_or_patch(real, name, patchable)
+        if patchable and not strict then
             return function(_, k, v)
+                add_patch(real, name, k, v)
+            end
+        end
+        return function(_, k)
+            readonly_error(name, k)
+        end
+    end
+
+    local function newindex_for(real, name, forward, patchable)
+        local other = refuse_or_patch(real, name, patchable)
+        if forward then
+            return function(t, k, v)
                 if forward[k] then
                     forward_to(real, k, v)
                     return
                 end
-                readonly_error(name, k)
+                other(t, k, v)
             end
         end
         if has_newindex(real) then
@@ -557,9 +698,7 @@ local function build(caps)
                 forward_to(real, k, v)
             end
         end
-        return function(_, k)
-            readonly_error(name, k)
-        end
+        return other
     end
 
     -- ---- the strict membrane ----
@@ -816,7 +955,17 @@ local function build(caps)
         local cache = real_setmetatable({}, weak_k)
         local mt = {
             __index = function(_, k)
-                local v = real[k]
+                local v
+                if overlaid[real] then
+                    local found, pv = patch_of(real, k)
+                    if found then
+                        v = pv
+                    else
+                        v = real[k]
+                    end
+                else
+                    v = real[k]
+                end
                 local t = type(v)
                 if t == "table" then
                     return state_value(v, name .. "." .. tostring(k))
@@ -829,7 +978,8 @@ local function build(caps)
                 end
                 return v
             end,
-            __newindex = newindex_for(real, name),
+            __newindex = newindex_for(real, name, nil,
+                                      find(name, "^module '") ~= nil),
         }
         real_setmetatable(p, mt)
         protected[real] = protected[real] or name
@@ -841,9 +991,15 @@ local function build(caps)
     end
 
     -- Library tables: __index is the real table (as fast as a direct
-    -- lookup once JIT-compiled); table fields get their own proxies,
-    -- stored raw, built now: library sub-tables are not replaced later.
-    local function fast_proxy(real, name, forward, overrides)
+    -- lookup once JIT-compiled). The proxy itself stays empty: every
+    -- write reaches its __newindex (a field stored raw in it would be a
+    -- write to every request's proxy). A table with table fields (ngx)
+    -- or fields of the view's own is read through a copy instead, built
+    -- now, where those fields are their proxies (library sub-tables are
+    -- not replaced later); fields added to the real table later are
+    -- read through to it. One lookup either way. `fixed`: not patchable
+    -- (package), and only its table fields are copied.
+    local function fast_proxy(real, name, forward, overrides, fixed)
         local existing = map[real]
         if existing then
             return existing
@@ -852,20 +1008,68 @@ local function build(caps)
         map[real] = p
         vetted[real] = true
         protected[real] = protected[real] or name
+        local sub = overrides ~= nil
         for k, v in next, real do
             if type(v) == "table" and type(k) == "string" and v ~= real_G
-                and not (overrides and overrides[k] ~= nil)
             then
-                rawset(p, k, fast_proxy(v, name .. "." .. k))
+                sub = true
+                break
             end
         end
-        if overrides then
-            for k, v in next, overrides do
-                rawset(p, k, v)
+        local base = real
+        if sub then
+            local copy = {}
+            for k, v in next, real do
+                if type(v) == "table" and type(k) == "string"
+                    and v ~= real_G
+                then
+                    if not (overrides and overrides[k] ~= nil) then
+                        copy[k] = fast_proxy(v, name .. "." .. k, nil, nil,
+                                             fixed)
+                    end
+                elseif not fixed then
+                    -- package keeps reading path and cpath live
+                    copy[k] = v
+                end
+            end
+            if overrides then
+                for k, v in next, overrides do
+                    copy[k] = v
+                end
+            end
+            base = real_setmetatable(copy, { __index = real })
+            protected[copy] = name
+            map[copy] = p
+            local list = copies[real]
+            if list == nil then
+                list = {}
+                copies[real] = list
+            end
+            list[#list + 1] = { copy = copy, overrides = overrides }
+        end
+        local mt = { __index = base,
+                     __newindex = newindex_for(real, name, forward,
+                                               not fixed) }
+        -- Once a request patches a value here, reads look its overlay up.
+        local function switch()
+            mt.__index = function(_, k)
+                local found, v = patch_of(real, k)
+                if found then
+                    return v
+                end
+                return base[k]
             end
         end
-        local mt = { __index = real,
-                     __newindex = newindex_for(real, name, forward) }
+        if overlaid[real] then
+            switch()
+        else
+            local list = switches[real]
+            if list == nil then
+                list = {}
+                switches[real] = list
+            end
+            list[#list + 1] = switch
+        end
         local rmt = real_getmetatable(real)
         if type(rmt) == "table" then
             protected[rmt] = name .. " metatable"
@@ -934,10 +1138,22 @@ local function build(caps)
     -- iteration goes through the same filter, skipping what it hides.
     local filtered = real_setmetatable({}, weak_k)
 
+    -- next over a request environment skips the overlay's key.
+    local function env_next(t, k)
+        local nk, nv = next(t, k)
+        if nk == PATCHES then
+            return next(t, nk)
+        end
+        if nk == nil then
+            return nil                 -- one value, as next gives
+        end
+        return nk, nv
+    end
+
     local function next_(t, k)
         local real = type(t) == "table" and real_of[t]
         if not real then
-            return next(t, k)
+            return env_next(t, k)
         end
         local nk, nv = next(real, k)
         if filtered[t] or (strict and obj_of[t]) then
@@ -966,6 +1182,9 @@ local function build(caps)
     local function pairs_(t)
         local real = type(t) == "table" and real_of[t]
         if not real then
+            if type(t) == "table" and rawget(t, PATCHES) ~= nil then
+                return env_next, t, nil
+            end
             return real_pairs(t)
         end
         return next_, t, nil
@@ -1366,13 +1585,14 @@ local function build(caps)
         end
         ov.package = fast_proxy(package, "package", nil, {
             loaded = loaded_view, preload = preload_view,
-            loaders = fast_proxy(loaders_view, "package.loaders"),
+            loaders = fast_proxy(loaders_view, "package.loaders", nil, nil,
+                                 true),
             -- the real one hands out the worker's _G as __index
             seeall = function(m)
                 check_writable(m, "package.seeall")
                 real_setmetatable(m, { __index = env() })
             end,
-        })
+        }, true)
     end
 
     -- ---- assemble ----

@@ -321,57 +321,217 @@ def test_phases_of_one_request_share_its_globals(nginx):
 
 # ---- shared tables ----
 
-@pytest.mark.asan_fast
-def test_monkey_patching_is_refused_and_changes_nothing(nginx):
-    attempts = [
-        ("string", "string.format = function() return 'pwned' end"),
-        ("string", "string.upper = nil"),
-        ("table", "table.concat = nil"),
-        ("math", "math.floor = nil"),
-        ("coroutine", "coroutine.wrap = nil"),
-        ("ngx", "ngx.say = nil"),
-        ("ngx", "ngx.print = ngx.say"),
-        ("ngx.config", "ngx.config.prefix = nil"),
-        ("ngx.worker", "ngx.worker.pid = nil"),
-        ("package", "package.path = '/tmp/?.lua'"),
-        ("package.loaded", "package.loaded.flag = {}"),
-        ("module 'flag'", "require('flag').raise = nil"),
-        ("module 'flag'.items", "require('flag').items[1] = 'z'"),
-        ("string", "getmetatable('').__index.format = nil"),
-        ("string metatable", "getmetatable('').__index = {}"),
-        ("string", "rawset(string, 'format', nil)"),
-        ("string", "table.insert(string, 1)"),
-        ("string", "setmetatable(string, nil)"),
-        ("ngx", "rawset(ngx, 'say', nil)"),
-        ("_G metatable", "getmetatable(_G).__index = {}"),
-        ("_G", "getmetatable(_G).__index.string = {}"),
-        ("file metatable",
-         "getmetatable(io.stdout).__index.write = nil"),
-    ]
-    locs = []
-    for i, (_, code) in enumerate(attempts):
-        locs.append(f"""
-        location = /p{i} {{ content_by_lua_block {{
-            local ok, err = pcall(function() {code} end)
-            ngx.say(tostring(ok), " ", tostring(err))
-        }} }}""")
-    n = nginx(http=HTTP, files=MODULES, server="".join(locs) + """
+# Writes request code may not make in any profile: raw operations and
+# metatables of shared tables, package, the worker's globals.
+REFUSED_WRITES = [
+    ("package", "package.path = '/tmp/?.lua'"),
+    ("package", "package.loaded = {}"),
+    ("package", "package.preload = {}"),
+    ("package.loaded", "package.loaded.flag = {}"),
+    ("string metatable", "getmetatable('').__index = {}"),
+    ("string", "rawset(string, 'format', nil)"),
+    ("string", "table.insert(string, 1)"),
+    ("string", "setmetatable(string, nil)"),
+    ("ngx", "rawset(ngx, 'say', nil)"),
+    ("_G metatable", "getmetatable(_G).__index = {}"),
+    ("_G", "getmetatable(_G).__index.string = {}"),
+    ("file metatable",
+     "getmetatable(io.stdout).__index.write = nil"),
+    ("cfg", "cfg.name = 'evil'"),
+]
+
+# Patches of ngx.*, libraries and modules: the default profile keeps them
+# in the request's overlay (docs/security.md), strict refuses them.
+PATCHES = [
+    ("string", "string.format = function() return 'pwned' end"),
+    ("string", "string.upper = nil"),
+    ("table", "table.concat = nil"),
+    ("table", "table.insert = nil"),
+    ("math", "math.floor = nil"),
+    ("coroutine", "coroutine.wrap = nil"),
+    ("ngx", "ngx.say = nil"),
+    ("ngx", "ngx.print = ngx.say"),
+    ("ngx", "ngx.config = 'x'"),
+    ("ngx", "ngx.worker = nil"),
+    ("ngx.config", "ngx.config.prefix = nil"),
+    ("ngx.worker", "ngx.worker.pid = nil"),
+    ("module 'flag'", "require('flag').raise = nil"),
+    ("module 'flag'.items", "require('flag').items[1] = 'z'"),
+    ("string", "getmetatable('').__index.format = nil"),
+]
+
+CHECK_SHARED = """
         location = /check { content_by_lua_block {
             local flag = require "flag"
             ngx.say(string.format("%s", "fmt"), ("x"):upper(),
                     table.concat({ "c", "d" }), math.floor(1.5),
                     type(coroutine.wrap), type(ngx.print),
                     type(ngx.config.prefix), type(ngx.worker.pid),
-                    type(flag.raise), flag.items[1], package.path:sub(1, 1))
+                    type(flag.raise), flag.items[1], package.path:sub(1, 1),
+                    type(table.insert), cfg.name)
         } }
-""")
-    want = n.get("/check").text
-    assert want == "fmtXcd1functionfunctionfunctionfunctionfunctiona/\n"
-    for i, (name, code) in enumerate(attempts):
+"""
+CHECK_WANT = "fmtXcd1functionfunctionfunctionfunctionfunctiona/functionworker\n"
+
+
+def patch_locations(attempts):
+    locs = []
+    for i, (_, code) in enumerate(attempts):
+        locs.append(f"""
+        location = /p{i} {{ content_by_lua_block {{
+            local say, tostring = ngx.say, tostring   -- some are patched
+            local ok, err = pcall(function() {code} end)
+            say(tostring(ok), " ", tostring(err))
+        }} }}""")
+    return "".join(locs)
+
+
+@pytest.mark.asan_fast
+def test_shared_tables_refuse_raw_writes_and_change_nothing(nginx):
+    n = nginx(http=HTTP, files=MODULES,
+              server=patch_locations(REFUSED_WRITES) + CHECK_SHARED)
+    assert n.get("/check").text == CHECK_WANT
+    for i, (name, code) in enumerate(REFUSED_WRITES):
         text = n.get(f"/p{i}").text
         assert text.startswith("false "), (code, text)
         assert "read-only table '" + name + "'" in text, (code, text)
-        assert n.get("/check").text == want, code
+        assert n.get("/check").text == CHECK_WANT, code
+
+
+@pytest.mark.asan_fast
+def test_patches_stay_in_the_request_that_made_them(nginx):
+    n = nginx(http=HTTP, files=MODULES,
+              server=patch_locations(PATCHES) + CHECK_SHARED)
+    assert n.get("/check").text == CHECK_WANT
+    for i, (name, code) in enumerate(PATCHES):
+        text = n.get(f"/p{i}").text
+        assert text == "true nil\n", (code, text)
+        assert n.get("/check").text == CHECK_WANT, code
+
+
+def test_strict_refuses_patches(nginx):
+    n = nginx(http=HTTP, files=MODULES,
+              server="lua_sandbox strict;" + patch_locations(PATCHES)
+              + CHECK_SHARED)
+    for i, (name, code) in enumerate(PATCHES):
+        text = n.get(f"/p{i}").text
+        assert text.startswith("false "), (code, text)
+        assert "read-only" in text, (code, text)
+    assert n.get("/check").text == CHECK_WANT
+
+
+# The module reads ngx.now at call time, like libraries whose test suites
+# mock it; `sync` lets two requests meet without sleeping.
+OVERLAY_FILES = dict(MODULES, **{
+    "lua/clock.lua": """
+local _M = { value = 1 }
+function _M.now() return ngx.now() end
+function _M.stamp() return "stamp " .. _M.value end
+return _M
+""",
+    "lua/sync.lua": """
+local semaphore = require "ngx.semaphore"
+return { patched = semaphore.new(0), checked = semaphore.new(0) }
+""",
+})
+
+OVERLAY_SERVER = r"""
+    location = /patch { content_by_lua_block {
+        local clock, sync = require "clock", require "sync"
+        ngx.now = function() return 1 end
+        ngx.timer.at = function() return "mocked" end
+        ngx.custom = { 5 }
+        string.greeting = "hi"
+        clock.value = 7
+        clock.stamp = function() return "mine" end
+        local function show()
+            return table.concat({ ngx.now(), clock.now(),
+                                  tostring(ngx.timer.at(0, print)),
+                                  ngx.custom[1], string.greeting,
+                                  clock.value, clock.stamp() }, " ")
+        end
+        ngx.say(show())
+        if ngx.var.arg_wait then
+            sync.patched:post(1)
+            assert(sync.checked:wait(10))
+            ngx.say(show())
+        end
+    } }
+    location = /other { content_by_lua_block {
+        local clock, sync = require "clock", require "sync"
+        if ngx.var.arg_wait then
+            assert(sync.patched:wait(10))
+        end
+        ngx.say(ngx.now() > 1000, " ", clock.now() > 1000, " ",
+                type(ngx.timer.at(0, function() end)), " ",
+                tostring(ngx.custom), " ", tostring(string.greeting), " ",
+                clock.value, " ", clock.stamp())
+        if ngx.var.arg_wait then
+            sync.checked:post(1)
+        end
+    } }
+"""
+
+
+def test_overlay_is_seen_by_the_request_and_its_modules_only(nginx):
+    n = nginx(http=HTTP, files=OVERLAY_FILES, server=OVERLAY_SERVER)
+    mine = "1 1 mocked 5 hi 7 mine\n"
+    clean = "true true number nil nil 1 stamp 1\n"
+    assert n.get("/other").text == clean
+    assert n.get("/patch").text == mine
+    assert n.get("/other").text == clean
+    # concurrent: /other runs while /patch waits with its patches in place
+    res = {}
+    t = threading.Thread(target=lambda: res.update(
+        p=n.get("/patch?wait=1").text))
+    t.start()
+    assert n.get("/other?wait=1").text == clean
+    t.join(20)
+    assert res["p"] == mine + mine
+    assert n.get("/other").text == clean
+
+
+def test_patches_and_the_request_are_freed_with_it(nginx):
+    files = dict(MODULES, **{"lua/weakprobe.lua": """
+local seen = setmetatable({}, { __mode = "k" })
+return {
+    keep = function(v) seen[v] = true end,
+    count = function()
+        local n = 0
+        for _ in pairs(seen) do n = n + 1 end
+        return n
+    end,
+}
+"""})
+    n = nginx(http=HTTP, files=files, server=r"""
+        location = /patch { content_by_lua_block {
+            local probe = require "weakprobe"
+            local f = function() return 1 end
+            ngx.now = f
+            string.extra = { "value" }
+            probe.keep(f)
+            probe.keep(getfenv(1))
+            ngx.say(ngx.now(), " ", probe.count())
+            local keys = {}
+            for k in pairs(_G) do keys[#keys + 1] = type(k) .. tostring(k) end
+            ngx.say(#keys, " ", table.concat(keys, ","))
+        } }
+        location = /gc { content_by_lua_block {
+            collectgarbage()
+            collectgarbage()
+            ngx.say(require("weakprobe").count())
+        } }
+""")
+    # the overlay lives in the request's globals, hidden from pairs
+    assert n.get("/patch").text == "1 2\n1 string_G\n"
+    assert n.get("/gc").text == "0\n"
+
+
+def test_lua_sandbox_off_shares_patches_like_lua_nginx_module(nginx):
+    n = nginx(http=HTTP, files=OVERLAY_FILES,
+              server="lua_sandbox off;" + OVERLAY_SERVER)
+    assert n.get("/patch").text == "1 1 mocked 5 hi 7 mine\n"
+    assert n.get("/other").text.startswith("false false string")
 
 
 def test_assignable_ngx_fields_keep_working(nginx):
@@ -435,8 +595,9 @@ def test_pairs_and_ipairs_over_protected_tables(nginx):
                     tostring(ok), " ", nested.deep)
         } }
 """)
+    # nested.deep = 2 is the request's own patch (a module sub-table)
     assert n.get("/t").text == (
-        "14 a,b prefix,subsystem string false 1\n")
+        "14 a,b prefix,subsystem string true 2\n")
 
 
 def test_modules_keep_worker_state_and_real_globals(nginx):
@@ -468,16 +629,16 @@ return Class
             local Class = require "class"
             local o = Class:new({ name = "o" })
             local ok, err = pcall(function() Class.hello = nil end)
-            -- a generic helper of the module cannot write to other
-            -- shared tables for request code
+            -- a generic helper of the module writing to a shared table
+            -- for request code patches the request's overlay only
             local ok2 = pcall(Class.set, string, "format", nil)
             ngx.say(o:hello(), " ", tostring(ok), " ",
                     tostring(Class.hello == Class.hello), " ", tostring(ok2),
                     " ", type(string.format))
         } }
 """)
-    assert n.get("/t").text == "hello o false true false function\n"
-    assert n.get("/t").text == "hello o false true false function\n"
+    assert n.get("/t").text == "hello o true true true nil\n"
+    assert n.get("/t").text == "hello o true true true nil\n"
 
 
 def test_module_loaded_by_request_uses_worker_globals(nginx):

@@ -102,6 +102,12 @@ def victim_intact(n):
 # ---- 1. the allowlist ----
 
 # What strict code sees, name by name (lua_sandbox strict, docs/security.md).
+# lua-resty-core's module names, luaguard's own (lua/resty_core.lua).
+RESTY_CORE = ["resty.core." + m for m in (
+    "base base64 coroutine ctx exit hash misc ndk param phase regex "
+    "request response shdict socket time uri utils var worker").split()] + [
+    "ngx.errlog", "ngx.pipe", "ngx.req", "ngx.resp"]
+
 STRICT_ALLOWLIST = {
     "_VERSION string", "assert function", "collectgarbage function",
     "dofile function", "error function", "getfenv function",
@@ -174,7 +180,7 @@ KNOWN_BUILTINS = STRICT_ALLOWLIST - {
         "ffi jit.profile jit.util luaguard.metrics ngx.base64 ngx.process "
         "ngx.re ngx.semaphore resty.core string.buffer table.clear "
         "table.clone table.isarray table.isempty table.new table.nkeys "
-        "thread.exdata thread.exdata2").split()}
+        "thread.exdata thread.exdata2").split() + RESTY_CORE}
 
 # Built-in modules (package.preload and package.loaded of a fresh worker)
 # strict code may require; every other one is refused.
@@ -183,6 +189,7 @@ STRICT_MODULES = {
     "package", "string", "table", "table.new", "table.clear",
     "table.clone", "table.isarray", "table.isempty", "table.nkeys",
     "resty.core", "ngx.base64", "ngx.process", "ngx.re", "ngx.semaphore",
+    *RESTY_CORE,
 }
 
 WALK = r"""

@@ -188,17 +188,28 @@ TEST_F(SandboxVm, GlobalsArePrivateAndLibrariesReadOnly)
     enter(&d);
     EXPECT_EQ(run("x = 1 return tostring(x)"), "1");
     EXPECT_EQ(run("return string.format('%d', 5)"), "5");
-    std::string e = run("string.format = nil");
-    EXPECT_NE(e.find("attempt to modify read-only table 'string' "
-                     "(field 'format')"), std::string::npos) << e;
+    // default: a patch of a library is the request's own
+    EXPECT_EQ(run("string.format = nil return type(string.format)"), "nil");
 
     lua_getglobal(L, "x");
     EXPECT_TRUE(lua_isnil(L, -1));  // the worker's _G never saw it
     lua_pop(L, 1);
+    lua_getglobal(L, "string");
+    lua_getfield(L, -1, "format");
+    EXPECT_TRUE(lua_isfunction(L, -1));  // nor the real string table
+    lua_pop(L, 2);
 
     // A second request starts clean.
     enter(&d);
     EXPECT_EQ(run("return tostring(x)"), "nil");
+    EXPECT_EQ(run("return type(string.format)"), "function");
+
+    // strict refuses the write
+    Policy s = parsed({"strict"});
+    enter(&s);
+    std::string e = run("string.format = nil");
+    EXPECT_NE(e.find("attempt to modify read-only table 'string' "
+                     "(field 'format')"), std::string::npos) << e;
 }
 
 TEST_F(SandboxVm, StrictViewRefusesStaticCapabilities)
