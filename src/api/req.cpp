@@ -10,6 +10,7 @@
 #include "api/util.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/subrequest.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/codec.hpp"
 
@@ -587,6 +588,15 @@ int setUri(lua_State *L)
                                   " (maybe you want to set the 'binary' "
                                   "argument?)");
         }
+    } else {
+        // $uri holds the bytes raw: add_header, return and friends would
+        // put CR LF into the response (lua-nginx-module lets them through;
+        // docs/compatibility.md).
+        for (size_t i = 0; i < len; i++) {
+            if (uri[i] == '\r' || uri[i] == '\n') {
+                return unsafeUriError(L, uri, len, i, "uri", "");
+            }
+        }
     }
     if (jump && run->phase != Phase::Rewrite
         && run->phase != Phase::ServerRewrite)
@@ -594,18 +604,27 @@ int setUri(lua_State *L)
         return luaL_error(L, "API disabled in the context of %s_by_lua*",
                           phaseName(run->phase));
     }
+    if (jump) {
+        subreq::checkAbortable(L, ctx);
+    }
     ngx_http_request_t *r = ctx->r;
     if (!copyToPool(r->pool, std::string(uri, len), &r->uri)) {
         return luaL_error(L, "no memory");
     }
-    r->valid_unparsed_uri = 0;
     ngx_http_set_exten(r);
+    // The flags nginx's rewrite sets (lua-nginx-module documents set_uri
+    // as `rewrite ... last` and `... break`): an internal request whose
+    // URI upstream modules escape, as the client never sent it.
+    r->internal = 1;
+    r->valid_unparsed_uri = 0;
     if (jump) {
-        // As `rewrite ... last`: the location is searched again once the
-        // phase handler returns.
+        // The location is searched again once the phase handler returns.
         r->uri_changed = 1;
         return glue::exitThread(L, ctx, NGX_DECLINED);
     }
+    // The URI no longer begins with the location's prefix: proxy_pass
+    // with a URI part passes it whole.
+    r->valid_location = 0;
     return 0;
 }
 

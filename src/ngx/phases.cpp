@@ -474,8 +474,10 @@ struct Verdict {
 Verdict judge(RequestCtx *ctx, Outcome out)
 {
     if (out == Outcome::Failed) {
-        // Headers already out: nothing but closing the connection is honest.
-        if (ctx->r->header_sent) {
+        // Headers already out: nothing but closing the connection is
+        // honest. lua-nginx-module closes it too while a capture of the
+        // request is still running.
+        if (ctx->r->header_sent || subreq::pendingOf(ctx->r)) {
             return {Verdict::Finalize, NGX_ERROR};
         }
         if (ctx->load_status) {
@@ -502,7 +504,12 @@ Verdict judge(RequestCtx *ctx, Outcome out)
     if (code >= NGX_HTTP_SPECIAL_RESPONSE || code == NGX_HTTP_NO_CONTENT
         || code == NGX_HTTP_CREATED)
     {
-        if (ctx->r->header_sent) {
+        // After output, the codes that mean "drop the connection" still
+        // do (lua-nginx-module); the others finish the response as is.
+        if (ctx->r->header_sent && code != NGX_HTTP_CLOSE
+            && code != NGX_HTTP_REQUEST_TIME_OUT
+            && code != NGX_HTTP_CLIENT_CLOSED_REQUEST)
+        {
             return {Verdict::Output, NGX_OK};
         }
         return {Verdict::Finalize, code};
