@@ -612,6 +612,14 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
             return NGX_DONE;
         }
         pr.rc = NGX_DECLINED;
+        if (phase == Phase::Rewrite && r->uri_changed) {
+            // ngx.req.set_uri(uri, true): nginx searches the location
+            // again, and there the request starts afresh as after an
+            // internal redirect (empty ngx.ctx, every phase's Lua runs
+            // again, a loop ends in nginx's redirection cycle error).
+            // This ctx stays in the pool until its cleanup.
+            ngx_http_set_ctx(r, nullptr, ngx_http_luaguard_module);
+        }
         return NGX_DECLINED;
     case Verdict::Finalize:
         return v.rc;
@@ -938,6 +946,11 @@ ngx_int_t locationPhase(ngx_http_request_t *r, Phase phase,
 
 ngx_int_t rewriteHandler(ngx_http_request_t *r)
 {
+    if (r->uri_changed) {
+        // A `rewrite ... last` that ran before us moves the request: the
+        // Lua of the location it leaves never runs (lua-nginx-module).
+        return NGX_DECLINED;
+    }
     return locationPhase(r, Phase::Rewrite, &LocConf::rewrite);
 }
 

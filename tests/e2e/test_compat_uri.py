@@ -311,3 +311,83 @@ def test_crlf_in_a_uri_from_lua_is_refused(nginx):
     n.wait_log(r'unsafe uri "/x%0D%0AX-Injected:%201" arg to ngx\.exec')
     assert n.get("/capture").text == \
         "unsafe uri in argument #1: /x%0D%0AX-Injected:%201\n"
+
+
+# ---- 13. rewrite and rewrite_by_lua ----
+
+REWRITE = r"""
+    location /old {
+        rewrite ^ /new last;
+        rewrite_by_lua_block { ngx.log(ngx.ERR, "ran: old") }
+        content_by_lua_block { ngx.say("old content") }
+    }
+    location /new {
+        rewrite_by_lua_block {
+            ngx.log(ngx.ERR, "ran: new ctx=", tostring(ngx.ctx.x))
+            ngx.ctx.x = "new"
+        }
+        content_by_lua_block { ngx.say("new ", ngx.ctx.x, " ", ngx.var.uri) }
+    }
+    location /jump {
+        rewrite_by_lua_block {
+            ngx.ctx.x = "jump"
+            if ngx.var.arg_wait then ngx.sleep(0.001) end
+            if ngx.var.arg_thread then
+                ngx.thread.spawn(function()
+                    ngx.req.set_uri("/target", true)
+                end)
+            else
+                ngx.req.set_uri("/target", true)
+            end
+            ngx.log(ngx.ERR, "ran: after the jump")
+        }
+        content_by_lua_block { ngx.say("jump content") }
+    }
+    location /target {
+        rewrite_by_lua_block {
+            ngx.log(ngx.ERR, "ran: target ctx=", tostring(ngx.ctx.x))
+            ngx.ctx.y = "t"
+        }
+        access_by_lua_block {
+            ngx.log(ngx.ERR, "ran: target access ctx=", tostring(ngx.ctx.x),
+                    " ", tostring(ngx.ctx.y))
+        }
+        content_by_lua_block {
+            ngx.say("target ", tostring(ngx.ctx.x), " ", ngx.ctx.y)
+        }
+    }
+    location /self {
+        rewrite_by_lua_block {
+            ngx.log(ngx.ERR, "ran: self")
+            ngx.req.set_uri("/self", true)
+        }
+        content_by_lua_block { ngx.say("self content") }
+    }
+"""
+
+
+@pytest.mark.parametrize("path", ["/old", "/jump", "/jump?wait=1",
+                                  "/jump?thread=1", "/self"])
+def test_rewrite_by_lua_follows_the_location(nginx, path):
+    """`rewrite ... last` moves the request before rewrite_by_lua runs;
+    after ngx.req.set_uri(uri, true) the new location's rewrite_by_lua
+    runs with an empty ngx.ctx (a self-loop ends in nginx's cycle
+    error)."""
+    got = {}
+    for m, n in both(nginx, server=REWRITE).items():
+        r = n.get(path)
+        got[m] = (r.status, r.text if r.status == 200 else "",
+                  re.findall(r"ran: [^,]*|rewrite or internal redirection "
+                             r"cycle", n.read_log()))
+    assert got["luaguard"] == got["reference"], got
+    assert got["luaguard"] == {
+        "/old": (200, "new new /new\n", ["ran: new ctx=nil"]),
+        "/jump": (200, "target nil t\n", [
+            "ran: target ctx=nil", "ran: target access ctx=nil t"]),
+        "/jump?wait=1": (200, "target nil t\n", [
+            "ran: target ctx=nil", "ran: target access ctx=nil t"]),
+        "/jump?thread=1": (200, "target nil t\n", [
+            "ran: target ctx=nil", "ran: target access ctx=nil t"]),
+        "/self": (500, "", ["ran: self"] * 11
+                  + ["rewrite or internal redirection cycle"]),
+    }[path], got
