@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from test_header_integrity import Upstream
+
 MODULES = ["luaguard", "reference"]
 
 
@@ -18,6 +20,88 @@ def heads(r, *drop):
     """The response headers but those that carry the time."""
     skip = {"date", "expires", "last-modified", "etag", *drop}
     return [(k, v) for k, v in r.headers if k.lower() not in skip]
+
+
+@pytest.fixture
+def upstream():
+    u = Upstream()
+    yield u
+    u.close()
+
+
+# ---- 11. header names ----
+
+# Every byte in a name (a prefix per byte keeps upper case and '_' from
+# naming another header), non-ASCII names, several values, a header of
+# nginx's own table: through ngx.header to the client and through
+# ngx.req.set_header to a proxied upstream, in the main request and in a
+# captured subrequest (whose changes must reach its upstream and stay
+# out of the parent's headers).
+NAMES = r"""
+    location /resp {
+        content_by_lua_block {
+            for b = 0, 255 do
+                ngx.header[string.format("n%02x", b) .. string.char(b)
+                           .. "z"] = "v"
+            end
+            ngx.header["Ünï cödé"] = {"1", "2"}
+            ngx.say("ok")
+        }
+    }
+    location /req {
+        rewrite_by_lua_block {
+            for b = 0, 255 do
+                ngx.req.set_header(string.format("n%02x", b)
+                                   .. string.char(b) .. "z", "v")
+            end
+            ngx.req.set_header("Ünï cödé", {"1", "2"})
+            ngx.req.set_header("Host\128", "h")
+            ngx.req.set_header(12, "n")
+        }
+        proxy_pass http://127.0.0.1:UP;
+    }
+    location /parent {
+        content_by_lua_block {
+            local r = ngx.location.capture("/sub")
+            local h = ngx.req.get_headers()
+            ngx.say(r.status, " ", tostring(h["x-sub"]), " ",
+                    tostring(h["x-parent"]), " ", tostring(ngx.var.cookie_a))
+        }
+    }
+    location /sub {
+        rewrite_by_lua_block {
+            ngx.req.clear_header("X-Parent")
+            ngx.req.clear_header("Cookie")
+            ngx.req.set_header("X-Sub", "s")
+            ngx.req.set_header("Ünï:", "u")
+        }
+        proxy_pass http://127.0.0.1:UP;
+    }
+"""
+
+
+def test_header_names_match_the_reference(nginx, upstream):
+    got = {}
+    for m, n in both(nginx, server=NAMES.replace(
+            "UP", str(upstream.port))).items():
+        resp = n.raw(b"GET /resp HTTP/1.0\r\n\r\n").split(b"\r\n\r\n")[0]
+        assert n.get("/req").status == 200, m
+        req = upstream.next_head()
+        parent = n.get("/parent", headers={"X-Parent": "p",
+                                           "Cookie": "a=1"}).text
+        sub = upstream.next_head()
+        got[m] = (re.sub(rb"\r\nDate: [^\r]*", b"", resp), req, parent, sub)
+    assert got["luaguard"] == got["reference"]
+    resp, req, parent, sub = got["luaguard"]
+    assert parent == "200 nil p 1\n", parent
+    assert b"\r\nX-Sub: s\r\n" in sub and b"X-Parent" not in sub, sub
+    assert b"\r\n%C3%9Cn%C3%AF%3A: u" in sub, sub
+    assert b"\r\n%C3%9Cn%C3%AF%20c%C3%B6d%C3%A9: 2" in req, req
+    # What they agree on is safe: every name a token.
+    for head in (resp, req, sub):
+        for ln in head.split(b"\r\n")[1:]:
+            name = ln.split(b": ", 1)[0]
+            assert re.fullmatch(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name), ln
 
 
 # ---- 14. built-in response headers ----
