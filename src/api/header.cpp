@@ -91,6 +91,19 @@ ngx_table_elt_t **specialSlot(ngx_http_request_t *r, const std::string &name)
     return nullptr;
 }
 
+// The array nginx 1.22 keeps for a multi-line header it reads itself
+// ($sent_http_cache_control, the expires directive, caches), if any.
+ngx_array_t *multiSlot(ngx_http_request_t *r, const std::string &name)
+{
+    if (nameIs(name, "cache-control")) {
+        return &r->headers_out.cache_control;
+    }
+    if (nameIs(name, "link")) {
+        return &r->headers_out.link;
+    }
+    return nullptr;
+}
+
 // A live header of that name (case-insensitive).
 bool isHeader(const ngx_table_elt_t &h, const std::string &name)
 {
@@ -110,6 +123,13 @@ void clearHeader(ngx_http_request_t *r, const std::string &name)
     });
     if (ngx_table_elt_t **slot = specialSlot(r, name)) {
         *slot = nullptr;
+    }
+    if (ngx_array_t *arr = multiSlot(r, name)) {
+        // Emptied to "never set": nginx's expires filter takes an array
+        // with storage for one with an element and would write through
+        // its stale first slot.
+        arr->elts = nullptr;
+        arr->nelts = 0;
     }
     if (nameIs(name, "last-modified")) {
         r->headers_out.last_modified_time = -1;
@@ -137,6 +157,19 @@ bool addHeader(ngx_http_request_t *r, const std::string &name,
     h->hash = value.len ? 1 : 0;
     if (ngx_table_elt_t **slot = specialSlot(r, name)) {
         *slot = h;
+    }
+    if (ngx_array_t *arr = multiSlot(r, name); arr && h->hash) {
+        if (arr->elts == nullptr
+            && ngx_array_init(arr, r->pool, 2, sizeof(ngx_table_elt_t *))
+                   != NGX_OK)
+        {
+            return false;
+        }
+        auto *p = static_cast<ngx_table_elt_t **>(ngx_array_push(arr));
+        if (p == nullptr) {
+            return false;
+        }
+        *p = h;
     }
     if (nameIs(name, "last-modified")) {
         r->headers_out.last_modified_time = ngx_parse_http_time(value.data,
@@ -184,7 +217,15 @@ int headerIndex(lua_State *L)
             found.push_back(&h.value);
         }
     });
-    if (found.empty()) {
+    if (found.empty() && nameIs(name, "last-modified")
+        && r->headers_out.last_modified_time != -1)
+    {
+        // Kept as a time only (static files) until nginx's header filter
+        // writes the line: lua-nginx-module reads it as that line.
+        u_char buf[sizeof("Mon, 28 Sep 1970 06:00:00 GMT")];
+        u_char *end = ngx_http_time(buf, r->headers_out.last_modified_time);
+        lua_pushlstring(L, reinterpret_cast<char *>(buf), end - buf);
+    } else if (found.empty()) {
         lua_pushnil(L);
     } else if (found.size() == 1) {
         lua_pushlstring(L, reinterpret_cast<char *>(found[0]->data),
@@ -273,8 +314,14 @@ int headerNewIndex(lua_State *L)
             r->headers_out.content_type.len = 0;
             r->headers_out.content_type_len = 0;
         } else {
-            r->headers_out.content_type = values.back();
-            r->headers_out.content_type_len = values.back().len;
+            // The type nginx's checks (gzip_types, charset_types, sub_filter
+            // ...) compare is what comes before the first ';', as for
+            // lua-nginx-module; the header goes out whole.
+            const ngx_str_t &v = values.back();
+            auto *semi = static_cast<u_char *>(
+                std::memchr(v.data, ';', v.len));
+            r->headers_out.content_type = v;
+            r->headers_out.content_type_len = semi ? semi - v.data : v.len;
         }
         r->headers_out.content_type_lowcase = nullptr;
         r->headers_out.content_type_hash = 0;

@@ -170,17 +170,26 @@ void readSpec(lua_State *L, ngx_http_request_t *r, int item, int index,
         }
     }
 
-    // The query string goes into the subrequest's request line (a
-    // proxy_pass sends it): escaped as ngx.req.set_uri_args escapes a
-    // string. lua-nginx-module passes it raw (docs/compatibility.md).
-    args = codec::escapeArgsString(args.data(), args.size());
     spec->uri = poolCopy(L, r->pool, path.data(), path.size());
     spec->args = poolCopy(L, r->pool, args.data(), args.size());
     ngx_uint_t flags = 0;
     if (ngx_http_parse_unsafe_uri(r, &spec->uri, &spec->args, &flags)
-        != NGX_OK)
+        != NGX_OK
+        // Decoded ("%0D%0A"), CR and LF would be the subrequest's $uri,
+        // which proxy_set_header may send (docs/compatibility.md).
+        || std::memchr(spec->uri.data, '\r', spec->uri.len)
+        || std::memchr(spec->uri.data, '\n', spec->uri.len))
     {
         luaL_error(L, "unsafe uri in argument #1: %s", path.c_str());
+    }
+    // The query string (which a decoded "%3F" in the path may have
+    // replaced) goes into the subrequest's request line (a proxy_pass
+    // sends it): escaped as ngx.req.set_uri_args escapes a string.
+    // lua-nginx-module passes it raw (docs/compatibility.md).
+    std::string escaped = codec::escapeArgsString(
+        reinterpret_cast<const char *>(spec->args.data), spec->args.len);
+    if (escaped.size() != spec->args.len) {
+        spec->args = poolCopy(L, r->pool, escaped.data(), escaped.size());
     }
 }
 

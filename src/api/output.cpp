@@ -8,8 +8,10 @@
 #include "ngx/entry.hpp"
 #include "ngx/balancer.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/subrequest.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/codec.hpp"
+#include "security/log_escape.hpp"
 #include "security/sandbox.hpp"
 
 namespace luaguard::api {
@@ -531,6 +533,7 @@ int ngxExit(lua_State *L)
     }
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
+    subreq::checkAbortable(L, ctx);
 
     if (run->phase == Phase::HeaderFilter && status != NGX_ERROR
         && status != NGX_OK)
@@ -578,17 +581,33 @@ int ngxExec(lua_State *L)
     if (ulen == 0) {
         return luaL_error(L, "The uri argument is empty");
     }
+    subreq::checkAbortable(L, ctx);
     if (r->header_sent) {
         return luaL_error(L, "attempt to call ngx.exec after sending out "
                           "response headers");
     }
 
-    std::string args;
-    const char *q = static_cast<const char *>(std::memchr(uri, '?', ulen));
-    size_t path_len = q ? static_cast<size_t>(q - uri) : ulen;
-    if (q) {
-        args.assign(q + 1, uri + ulen);
+    // nginx's own check of internal redirect targets (SSI,
+    // X-Accel-Redirect), as lua-nginx-module: ".." segments and NUL are
+    // refused, a quoted path is decoded, the query string split off.
+    ngx_str_t path;
+    ngx_str_t uri_args = ngx_null_string;
+    ngx_uint_t flags = 0;
+    if (!poolCopy(r, uri, ulen, &path)) {
+        return luaL_error(L, "no memory");
     }
+    if (ngx_http_parse_unsafe_uri(r, &path, &uri_args, &flags) != NGX_OK) {
+        // nginx's own line, but escaped: the path may be decoded from
+        // "%0A" (NGX_HTTP_LOG_UNSAFE would write it raw).
+        std::string shown;
+        appendLogEscaped(shown, reinterpret_cast<const char *>(path.data),
+                         path.len);
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "unsafe URI \"%s\" was detected", shown.c_str());
+        return luaL_error(L, "unsafe uri");
+    }
+    std::string args(reinterpret_cast<const char *>(uri_args.data),
+                     uri_args.len);
     if (n == 2 && !lua_isnil(L, 2)) {
         std::string extra;
         if (lua_type(L, 2) == LUA_TSTRING) {
@@ -608,19 +627,19 @@ int ngxExec(lua_State *L)
         }
     }
 
-    // No CR or LF may reach a request line built from this: the path is
-    // refused, the query string (from the uri or the args argument)
-    // escaped as ngx.req.set_uri_args escapes a string. lua-nginx-module
-    // passes the query string through raw (docs/compatibility.md).
-    for (size_t i = 0; i < path_len; i++) {
-        if (uri[i] == '\r' || uri[i] == '\n' || uri[i] == '\0') {
-            return luaL_error(L, "unsafe uri \"%s\" arg to ngx.exec", uri);
-        }
+    // No CR or LF may reach a request line built from this: the path
+    // (decoded: "%0D" counts) is refused, the query string (from the uri
+    // or the args argument) escaped as ngx.req.set_uri_args escapes a
+    // string. lua-nginx-module passes both through raw
+    // (docs/compatibility.md).
+    if (std::memchr(path.data, '\r', path.len)
+        || std::memchr(path.data, '\n', path.len))
+    {
+        return luaL_error(L, "unsafe uri \"%s\" arg to ngx.exec", uri);
     }
     args = codec::escapeArgsString(args.data(), args.size());
-    if (!poolCopy(r, uri, path_len, &ctx->exec_uri)
-        || !poolCopy(r, args.data(), args.size(), &ctx->exec_args))
-    {
+    ctx->exec_uri = path;
+    if (!poolCopy(r, args.data(), args.size(), &ctx->exec_args)) {
         return luaL_error(L, "no memory");
     }
     if (ctx->exec_args.len == 0) {
@@ -656,6 +675,7 @@ int ngxRedirect(lua_State *L)
                           "ngx.HTTP_PERMANENT_REDIRECT, ngx.HTTP_SEE_OTHER, "
                           "and ngx.HTTP_TEMPORARY_REDIRECT are allowed");
     }
+    subreq::checkAbortable(L, ctx);
     if (r->header_sent) {
         return luaL_error(L, "attempt to call ngx.redirect after sending out "
                           "the headers");

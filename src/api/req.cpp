@@ -10,6 +10,7 @@
 #include "api/util.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
+#include "ngx/subrequest.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/codec.hpp"
 
@@ -416,11 +417,61 @@ bool pushHeader(ngx_http_request_t *r, const std::string &name,
     return true;
 }
 
+// nginx gives a subrequest a copy of its parent's headers_in: the list
+// head and the cookie arrays point at the parent's storage. Changed in
+// place, the parent's headers would change (removal compacts the parts)
+// and pushes would land in the parent's part, unseen by the subrequest.
+// Its first change gives the subrequest a list and arrays of its own.
+bool ownHeaders(ngx_http_request_t *r)
+{
+    ngx_http_headers_in_t *in = &r->headers_in;
+    if (r == r->main || r->parent == nullptr
+        || in->headers.part.elts != r->parent->headers_in.headers.part.elts)
+    {
+        return true;
+    }
+    ngx_list_t fresh;
+    if (ngx_list_init(&fresh, r->pool, 20, sizeof(ngx_table_elt_t))
+        != NGX_OK)
+    {
+        return false;
+    }
+    bool ok = true;
+    eachHeader(&in->headers, [&](ngx_table_elt_t *h) {
+        auto *e = static_cast<ngx_table_elt_t *>(ngx_list_push(&fresh));
+        if (e == nullptr) {
+            ok = false;
+            return false;
+        }
+        *e = *h;
+        return true;
+    });
+    if (!ok) {
+        return false;
+    }
+    in->headers = fresh;
+    if (fresh.last == &fresh.part) {
+        in->headers.last = &in->headers.part;  // not the local's
+    }
+    auto *base = reinterpret_cast<char *>(in);
+    for (ngx_http_header_t *hh = ngx_http_headers_in; hh->name.len; hh++) {
+        if (isArrayField(hh->offset)) {
+            // rebuildSpecial makes a new one.
+            reinterpret_cast<ngx_array_t *>(base + hh->offset)->elts =
+                nullptr;
+        }
+    }
+    return true;
+}
+
 // Replaces the request headers called `name` by `values` (escaped as
 // RFC 9110 requires, codec::escapeHeaderName/Value); no values removes them.
 bool replaceHeaders(ngx_http_request_t *r, const char *name, size_t nlen,
                     const std::vector<std::string> &values)
 {
+    if (!ownHeaders(r)) {
+        return false;
+    }
     std::string key = codec::escapeHeaderName(name, nlen);
     removeHeaders(&r->headers_in.headers, key);
     for (const std::string &v : values) {
@@ -594,6 +645,15 @@ int setUri(lua_State *L)
                                   " (maybe you want to set the 'binary' "
                                   "argument?)");
         }
+    } else {
+        // $uri holds the bytes raw: add_header, return and friends would
+        // put CR LF into the response (lua-nginx-module lets them through;
+        // docs/compatibility.md).
+        for (size_t i = 0; i < len; i++) {
+            if (uri[i] == '\r' || uri[i] == '\n') {
+                return unsafeUriError(L, uri, len, i, "uri", "");
+            }
+        }
     }
     if (jump && run->phase != Phase::Rewrite
         && run->phase != Phase::ServerRewrite)
@@ -601,18 +661,27 @@ int setUri(lua_State *L)
         return luaL_error(L, "API disabled in the context of %s",
                           directiveName(run->phase));
     }
+    if (jump) {
+        subreq::checkAbortable(L, ctx);
+    }
     ngx_http_request_t *r = ctx->r;
     if (!copyToPool(r->pool, std::string(uri, len), &r->uri)) {
         return luaL_error(L, "no memory");
     }
-    r->valid_unparsed_uri = 0;
     ngx_http_set_exten(r);
+    // The flags nginx's rewrite sets (lua-nginx-module documents set_uri
+    // as `rewrite ... last` and `... break`): an internal request whose
+    // URI upstream modules escape, as the client never sent it.
+    r->internal = 1;
+    r->valid_unparsed_uri = 0;
     if (jump) {
-        // As `rewrite ... last`: the location is searched again once the
-        // phase handler returns.
+        // The location is searched again once the phase handler returns.
         r->uri_changed = 1;
         return glue::exitThread(L, ctx, NGX_DECLINED);
     }
+    // The URI no longer begins with the location's prefix: proxy_pass
+    // with a URI part passes it whole.
+    r->valid_location = 0;
     return 0;
 }
 

@@ -49,25 +49,27 @@ int getHeaders(lua_State *L)
         return true;
     };
 
+    // What nginx's header filter will write (or wrote) from fields kept
+    // outside the list, named in lower case even in raw mode, as
+    // lua-nginx-module does.
     ngx_http_headers_out_t &out = r->headers_out;
     bool go = true;
     if (out.content_type.len) {
-        go = add("Content-Type", 12,
+        go = add("content-type", 12,
                  reinterpret_cast<char *>(out.content_type.data),
                  out.content_type.len);
     }
     if (go && out.content_length == nullptr && out.content_length_n >= 0) {
         std::string n = std::to_string(
             static_cast<long long>(out.content_length_n));
-        go = add("Content-Length", 14, n.data(), n.size());
+        go = add("content-length", 14, n.data(), n.size());
     }
-    if (go && r->header_sent) {
-        // Added by nginx's header filter, not kept in headers_out.
+    if (go) {
         const char *conn = r->keepalive ? "keep-alive" : "close";
-        go = add("Connection", 10, conn, std::strlen(conn));
-        if (go && r->chunked) {
-            go = add("Transfer-Encoding", 17, "chunked", 7);
-        }
+        go = add("connection", 10, conn, std::strlen(conn));
+    }
+    if (go && r->header_sent && r->chunked) {
+        go = add("transfer-encoding", 17, "chunked", 7);
     }
     for (ngx_list_part_t *part = &out.headers.part; go && part;
          part = part->next)

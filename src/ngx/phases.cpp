@@ -474,8 +474,10 @@ struct Verdict {
 Verdict judge(RequestCtx *ctx, Outcome out)
 {
     if (out == Outcome::Failed) {
-        // Headers already out: nothing but closing the connection is honest.
-        if (ctx->r->header_sent) {
+        // Headers already out: nothing but closing the connection is
+        // honest. lua-nginx-module closes it too while a capture of the
+        // request is still running.
+        if (ctx->r->header_sent || subreq::pendingOf(ctx->r)) {
             return {Verdict::Finalize, NGX_ERROR};
         }
         if (ctx->load_status) {
@@ -502,7 +504,12 @@ Verdict judge(RequestCtx *ctx, Outcome out)
     if (code >= NGX_HTTP_SPECIAL_RESPONSE || code == NGX_HTTP_NO_CONTENT
         || code == NGX_HTTP_CREATED)
     {
-        if (ctx->r->header_sent) {
+        // After output, the codes that mean "drop the connection" still
+        // do (lua-nginx-module); the others finish the response as is.
+        if (ctx->r->header_sent && code != NGX_HTTP_CLOSE
+            && code != NGX_HTTP_REQUEST_TIME_OUT
+            && code != NGX_HTTP_CLIENT_CLOSED_REQUEST)
+        {
             return {Verdict::Output, NGX_OK};
         }
         return {Verdict::Finalize, code};
@@ -605,6 +612,14 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
             return NGX_DONE;
         }
         pr.rc = NGX_DECLINED;
+        if (phase == Phase::Rewrite && r->uri_changed) {
+            // ngx.req.set_uri(uri, true): nginx searches the location
+            // again, and there the request starts afresh as after an
+            // internal redirect (empty ngx.ctx, every phase's Lua runs
+            // again, a loop ends in nginx's redirection cycle error).
+            // This ctx stays in the pool until its cleanup.
+            ngx_http_set_ctx(r, nullptr, ngx_http_luaguard_module);
+        }
         return NGX_DECLINED;
     case Verdict::Finalize:
         return v.rc;
@@ -944,6 +959,11 @@ ngx_int_t locationPhase(ngx_http_request_t *r, Phase phase,
 
 ngx_int_t rewriteHandler(ngx_http_request_t *r)
 {
+    if (r->uri_changed) {
+        // A `rewrite ... last` that ran before us moves the request: the
+        // Lua of the location it leaves never runs (lua-nginx-module).
+        return NGX_DECLINED;
+    }
     return locationPhase(r, Phase::Rewrite, &LocConf::rewrite);
 }
 

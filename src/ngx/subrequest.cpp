@@ -387,6 +387,30 @@ bool installEgressHook(ngx_log_t *log)
     return true;
 }
 
+bool pendingOf(const ngx_http_request_t *r)
+{
+    if (!g_live_init) {
+        return false;
+    }
+    // Captures leave the list when done; few are live at once.
+    for (ngx_queue_t *q = ngx_queue_head(&g_live);
+         q != ngx_queue_sentinel(&g_live); q = ngx_queue_next(q))
+    {
+        Capture *cap = ngx_queue_data(q, Capture, live);
+        if (!cap->done && cap->sr && cap->sr->parent == r) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void checkAbortable(lua_State *L, const RequestCtx *ctx)
+{
+    if (pendingOf(ctx->r)) {
+        luaL_error(L, "attempt to abort with pending subrequests");
+    }
+}
+
 void cancel(Batch *b)
 {
     b->thread = nullptr;

@@ -63,6 +63,16 @@ void noteRequestLog(const ngx_log_t *log);
 // event method gives no hook (not epoll): subrequests are then refused.
 bool installEgressHook(ngx_log_t *log);
 
+// True while a capture issued by `r` is not finished. lua-nginx-module
+// refuses to end such a request from Lua: ngx.exit, ngx.exec, ngx.redirect
+// and a jumping ngx.req.set_uri raise "attempt to abort with pending
+// subrequests" (see checkAbortable), and an entry thread that fails then
+// closes the connection.
+bool pendingOf(const ngx_http_request_t *r);
+
+// Raises that error when pendingOf(ctx->r).
+void checkAbortable(lua_State *L, const RequestCtx *ctx);
+
 // Detaches the batch from its (killed) thread: nothing fires for it later.
 void cancel(Batch *b);
 
