@@ -299,7 +299,18 @@ def _c_value(expr, resolve):
     return eval(expr, {"__builtins__": {}})
 
 
+def _enum_value(text, table):
+    """The number an ngx_conf_enum_t table of module.cpp gives `text`."""
+    src = MODULE_CPP.read_text()
+    body = re.search(r"ngx_conf_enum_t %s\[\] = \{(.*?)\};" % table, src,
+                     re.S).group(1)
+    values = dict(re.findall(r'ngx_string\("(\w+)"\), (\d+)', body))
+    return int(values[text])
+
+
 def _page_value(text, setter):
+    if setter.startswith("enum:"):
+        return _enum_value(text, setter[5:])
     if setter in ("ngx_conf_set_flag_slot",):
         return {"on": 1, "off": 0}[text]
     if setter in ("ngx_conf_set_msec_slot", "setBudgetTime"):
@@ -325,8 +336,15 @@ def merged_defaults():
         args = " ".join(m.group(2).split())
         setter = re.search(r"(\b(?:ngx_conf_set_\w+|set\w+))\b", args)
         field = re.search(r"LG_(?:LOC|MAIN)_OFF\((\w+)", args)
+        # The enum table is the last argument, past the \),\n the
+        # pattern above may stop at.
+        table = re.search(r'LG_CMD\("%s",(?:(?!LG_CMD).)*?\b(k\w+Enum)\b'
+                          % m.group(1), src, re.S)
         if setter and field:
-            cmds[m.group(1)] = (setter.group(1), field.group(1))
+            kind = setter.group(1)
+            if kind == "ngx_conf_set_enum_slot" and table:
+                kind = "enum:" + table.group(1)
+            cmds[m.group(1)] = (kind, field.group(1))
     exprs = {}
     for m in re.finditer(
             r"ngx_conf_(?:merge|init)(?:_\w+)?_value\(\s*(?:conf|mcf)->(\w+),"
