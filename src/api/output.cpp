@@ -358,6 +358,10 @@ int ngxExit(lua_State *L)
         return luaL_error(L, "no request found");
     }
     lua_Integer status = luaL_checkinteger(L, 1);
+    if (status == NGX_AGAIN || status == NGX_DONE) {
+        return luaL_error(L, "bad argument to 'ngx.exit': does not accept "
+                          "NGX_AGAIN or NGX_DONE");
+    }
     RequestCtx *ctx = run->ctx;
     ngx_http_request_t *r = ctx->r;
 

@@ -184,6 +184,9 @@ struct RequestCtx {
     ngx_int_t            exit_code = 0;
     bool                 exited = false;
     ngx_int_t            load_status = 0;   // a *_by_lua_file not loaded
+    // ngx.exit(status) in header_filter_by_lua replaced the response with
+    // nginx's page for status; the filter runs again on that page.
+    bool                 header_filter_exited = false;
     ngx_str_t            exec_uri = ngx_null_string;
     ngx_str_t            exec_args = ngx_null_string;
 

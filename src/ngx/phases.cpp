@@ -597,6 +597,12 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
         }
     }
 
+    // An access handler that let the request through says so with NGX_OK:
+    // under `satisfy any` that grants access whatever allow/deny decided,
+    // as with lua-nginx-module. ngx.exit(ngx.DECLINED) leaves the decision
+    // to the other access handlers.
+    ngx_int_t pass = phase == Phase::Access && v.rc != NGX_DECLINED
+                     ? NGX_OK : NGX_DECLINED;
     switch (v.kind) {
     case Verdict::Continue:
         if (r->header_sent) {
@@ -604,14 +610,14 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
             ngx_http_finalize_request(r, finishOutput(ctx));
             return NGX_DONE;
         }
-        pr.rc = NGX_DECLINED;
-        return NGX_DECLINED;
+        pr.rc = pass;
+        return pass;
     case Verdict::Finalize:
         return v.rc;
     case Verdict::Output:
         if (!ctx->exited && !r->header_sent && !ctx->eof) {
-            pr.rc = NGX_DECLINED;
-            return NGX_DECLINED;  // a handler that produced nothing
+            pr.rc = pass;
+            return pass;  // a handler that produced nothing
         }
         // ngx.exit(2xx) ends the request even with nothing written.
         ngx_http_finalize_request(r, finishOutput(ctx));
@@ -634,8 +640,9 @@ void concludeAsync(RequestCtx *ctx, Phase phase, Outcome out)
     if (inRewriteType(phase)) {
         r->main->count--;  // taken when the thread first yielded
         ngx_int_t rc = concludeSync(ctx, phase, out);
-        if (rc == NGX_DECLINED) {
-            pr.rc = NGX_DECLINED;
+        if (rc == NGX_DECLINED || (rc == NGX_OK && phase == Phase::Access)) {
+            // The phase checker calls the handler again and gets pr.rc.
+            pr.rc = rc;
             r->write_event_handler = ngx_http_core_run_phases;
             ngx_http_core_run_phases(r);
         } else if (rc != NGX_DONE) {

@@ -106,6 +106,11 @@ int exitThread(lua_State *L, RequestCtx *ctx, ngx_int_t code)
     if ((mask(p) & kYieldable) && g_run->thread) {
         return yield(L);
     }
+    if (p == Phase::HeaderFilter) {
+        // Documented: ngx.exit returns at once there, and the filter's
+        // code goes on; the filter acts on the code when it returns.
+        return 0;
+    }
     lua_pushlightuserdata(L, &kExitSentinel);
     return lua_error(L);
 }

@@ -46,6 +46,9 @@ SATISFY_CODES = {
     "say": "ngx.say('from access') ngx.exit(ngx.HTTP_OK)",
     "teapot": "ngx.exit(418)",
     "throw": "error('boom')",
+    "sleep": "ngx.sleep(0.001)",
+    "sleep_forbidden": "ngx.sleep(0.001) ngx.exit(ngx.HTTP_FORBIDDEN)",
+    "sleep_declined": "ngx.sleep(0.001) ngx.exit(ngx.DECLINED)",
 }
 
 
@@ -68,7 +71,6 @@ def test_satisfy_any(nginx):
     for m, n in both(nginx, server=satisfy_server()).items():
         got[m] = {f"/{rule}/{name}": answer(n, f"/{rule}/{name}")
                   for rule in ("allow", "deny") for name in SATISFY_CODES}
-    print(got)
     assert got["luaguard"] == got["reference"], got
 
 
@@ -102,13 +104,13 @@ def test_exit_again_done(nginx):
                   for tag in ("quiet", "said")
                   for path in [f"/{phase}/{name}/{tag}"]}
         got[m]["log"] = errors(n.read_log())
-    print(got)
     assert got["luaguard"] == got["reference"], got
 
 
 # ---- 18. ngx.exit in header_filter_by_lua ----
 
-HF_CODES = ["ngx.HTTP_FORBIDDEN", "ngx.HTTP_OK", "ngx.ERROR", "302",
+HF_CODES = ["ngx.HTTP_FORBIDDEN", "ngx.HTTP_OK", "ngx.ERROR", "302", "ngx.OK",
+            "ngx.HTTP_NO_CONTENT", "ngx.HTTP_CREATED", "201",
             "ngx.HTTP_INTERNAL_SERVER_ERROR"]
 
 
@@ -122,8 +124,9 @@ def header_filter_server():
         location /{src}/{i} {{
             {content}
             header_filter_by_lua_block {{
-                ngx.header["X-Before"] = "1"
+                ngx.header["X-Before"] = (ngx.header["X-Before"] or "") .. "1"
                 ngx.exit({code})
+                ngx.header["X-After"] = "1"
             }}
         }}""")
     return "\n".join(out)
@@ -143,5 +146,4 @@ def test_exit_in_header_filter(nginx):
                              b"", raw)
                 got[m][f"{src} {HF_CODES[i]}"] = raw
         got[m]["log"] = errors(n.read_log())
-    print(got)
     assert got["luaguard"] == got["reference"], got
