@@ -309,13 +309,18 @@ int ngxFlush(lua_State *L)
 int ngxEof(lua_State *L)
 {
     noRequestObject(L);
-    Run *run = glue::checkPhase(L, kOutput);
+    Run *run = glue::checkPhase(L, kOutput | mask(Phase::BodyFilter,
+                                                  Phase::Log));
     RequestCtx *ctx = run->ctx;
     if (lua_gettop(L) != 0) {
         return luaL_error(L, "expecting zero arguments, but got %d",
                           lua_gettop(L));
     }
-    if (ctx->eof) {
+    // The body filter and the log phase come after the end of the
+    // response, as lua-nginx-module answers there.
+    if (ctx->eof || run->phase == Phase::BodyFilter
+        || run->phase == Phase::Log)
+    {
         lua_pushnil(L);
         lua_pushliteral(L, "seen eof");
         return 2;

@@ -147,3 +147,23 @@ def test_exit_in_header_filter(nginx):
                 got[m][f"{src} {HF_CODES[i]}"] = raw
         got[m]["log"] = errors(n.read_log())
     assert got["luaguard"] == got["reference"], got
+
+
+# ---- 20. the trap of an inherited handler that never runs ----
+
+def test_unused_inherited_handler_must_compile(nginx_conf):
+    """docs/compatibility.md, `nginx -t`: the reference never compiles a
+    server-level handler every location overrides; luaguard does, so
+    invalid Lua there stops the configuration."""
+    server = r"""
+        rewrite_by_lua_block { this is not lua }
+        location / {
+            rewrite_by_lua_block { ngx.say("ok") }
+        }
+    """
+    ok, out = nginx_conf(module="reference", server=server).test_config()
+    assert ok, out
+    ok, out = nginx_conf(server=server).test_config()
+    assert not ok
+    assert re.search(r"rewrite_by_lua\(nginx\.conf:\d+\):1: '=' expected "
+                     r"near 'is' in \S+nginx\.conf:\d+", out), out
