@@ -167,6 +167,10 @@ struct RequestCtx {
     LuaThread           *threads = nullptr;      // every thread, linked
     Phase                thread_phase = Phase::None;
     int                  live_user = 0;          // user threads not dead
+    // Threads ready to go on (a spawner, a coroutine.yield), in order.
+    LuaThread           *runq_head = nullptr;
+    LuaThread           *runq_tail = nullptr;
+    bool                 draining = false;       // drain() is on the stack
     bool                 entry_done = false;
     bool                 entry_failed = false;
     bool                 is_timer = false;       // a timer's fake request
