@@ -446,7 +446,11 @@ Run *requestPhase(lua_State *L, PhaseMask allowed, const char *noreq,
     {
         luaL_error(L, "%s", noreq);
     }
-    if (placeholder && run->ctx == nullptr && !(mask(run->phase) & allowed)) {
+    // A timer's request is a placeholder too, whose fields lua-resty-core
+    // refuses so.
+    if (placeholder && (run->ctx == nullptr || run->phase == Phase::Timer)
+        && !(mask(run->phase) & allowed))
+    {
         luaL_error(L, "API disabled in the current context");
     }
     return glue::checkPhase(L, allowed);

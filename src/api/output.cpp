@@ -378,7 +378,13 @@ int ngxExit(lua_State *L)
             r->headers_out.status = static_cast<ngx_uint_t>(status);
         }
     }
-    if (r->header_sent && status >= 200 && status != NGX_HTTP_OK) {
+    // Logged where lua-nginx-module logs it: a status nginx would answer
+    // with a page of its own, not one that only closes the connection.
+    if (r->header_sent && status >= NGX_HTTP_SPECIAL_RESPONSE
+        && status != NGX_HTTP_REQUEST_TIME_OUT
+        && status != NGX_HTTP_CLIENT_CLOSED_REQUEST
+        && status != NGX_HTTP_CLOSE)
+    {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "attempt to set status %i via ngx.exit after sending "
                       "out the response status %ui",

@@ -1097,12 +1097,21 @@ void logFromLua(lua_State *L, ngx_uint_t level, const char *msg, size_t len,
     }
     std::string text;
     lua_Debug ar;
-    if (lua_getstack(L, stack_level, &ar) && lua_getinfo(L, "Sl", &ar)) {
-        // The chunk name is the script's choice (load(code, "=...")).
-        appendLogEscaped(text, ar.short_src, std::strlen(ar.short_src));
+    if (lua_getstack(L, stack_level, &ar) && lua_getinfo(L, "nSl", &ar)) {
+        // lua-nginx-module's prefix: a file's name without its directory,
+        // the line, and the function's name when Lua knows it. Names are
+        // the script's choice (load(code, "=..."), fields): escaped.
+        const char *src = ar.source[0] == '@'
+                              ? std::strrchr(ar.short_src, '/') : nullptr;
+        src = src ? src + 1 : ar.short_src;
+        appendLogEscaped(text, src, std::strlen(src));
         text.push_back(':');
         text.append(std::to_string(ar.currentline));
         text.append(": ");
+        if (ar.name != nullptr && *ar.name != '\0') {
+            appendLogEscaped(text, ar.name, std::strlen(ar.name));
+            text.append("(): ");
+        }
     }
     appendLogEscaped(text, msg, len);
     ngx_log_error(level, log, 0, "[lua] %s", text.c_str());
