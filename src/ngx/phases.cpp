@@ -520,9 +520,18 @@ Verdict judge(RequestCtx *ctx, Outcome out)
 // A body nobody read is discarded before the response completes: left in
 // the connection, its bytes would be parsed as the next pipelined request.
 // Not done before the Lua code runs, which may call ngx.req.read_body.
-void discardUnreadBody(ngx_http_request_t *r)
+void discardUnreadBody(RequestCtx *ctx)
 {
+    ngx_http_request_t *r = ctx->r;
     if (r != r->main || r->request_body || r->discard_body) {
+        return;
+    }
+    if (ctx->req_socket && !r->keepalive) {
+        // The script read what it wanted through ngx.req.socket() and the
+        // connection closes after this response: waiting for the rest of
+        // a body that may never come would only hold the client, as
+        // lua-nginx-module does not.
+        r->lingering_close = 0;
         return;
     }
     if (ngx_http_discard_request_body(r) != NGX_OK) {
@@ -533,7 +542,7 @@ void discardUnreadBody(ngx_http_request_t *r)
 ngx_int_t finishOutput(RequestCtx *ctx)
 {
     ngx_int_t rc = NGX_OK;
-    discardUnreadBody(ctx->r);
+    discardUnreadBody(ctx);
     if (!ctx->r->header_sent) {
         rc = sendHeader(ctx);
         if (rc == NGX_ERROR || rc > NGX_OK) {

@@ -176,3 +176,43 @@ def test_empty_new_body_proxied(nginx):
     n = nginx(server=server)
     r = n.request("/", method="POST", body=b"hello")
     assert (r.status, r.text) == (200, "upstream 0 []\n")
+
+
+# ---- 16. unread declared bodies with ngx.req.socket() ----
+
+def read_to_close(s):
+    chunks = []
+    while True:
+        b = s.recv(65536)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+
+
+def test_unread_declared_body_closes_at_once(nginx):
+    """The body the client declared never comes: the script's read times
+    out, it answers, and since the client asked to close, nginx closes at
+    once rather than waiting for (and discarding) the missing bytes. The
+    generous nginx timeouts make a lingering wait outlast the client's."""
+    server = r"""
+        client_body_timeout 60s;
+        lingering_time 60s;
+        lingering_timeout 60s;
+        location /t {
+            content_by_lua_block {
+                local sock = assert(ngx.req.socket())
+                sock:settimeout(100)
+                local data, err, partial = sock:receive(100)
+                ngx.say("got ", tostring(data), " ", err, " [", partial, "]")
+            }
+        }
+    """
+    got = {}
+    for m, n in both(nginx, server=server).items():
+        with socket.create_connection(("127.0.0.1", n.port), 20) as s:
+            s.sendall(b"POST /t HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+                      b"\r\nConnection: close\r\n\r\nabc")
+            raw = read_to_close(s)
+        got[m] = re.sub(rb"Date: [^\r]*\r\n", b"", raw)
+    assert got["luaguard"] == got["reference"], got
+    assert got["luaguard"].endswith(b"got nil timeout [abc]\n\r\n0\r\n\r\n")
