@@ -446,8 +446,10 @@ Run *requestPhase(lua_State *L, PhaseMask allowed, const char *noreq,
     {
         luaL_error(L, "%s", noreq);
     }
-    // The TLS handshake's fake request is no request to these APIs either.
-    bool fake = run->ctx == nullptr || run->phase == Phase::SslCert;
+    // Timers and TLS handshakes run on a placeholder request, whose
+    // fields lua-resty-core refuses so.
+    bool fake = run->ctx == nullptr || run->phase == Phase::Timer
+                || run->phase == Phase::SslCert;
     if (placeholder && fake && !(mask(run->phase) & allowed)) {
         luaL_error(L, "API disabled in the current context");
     }

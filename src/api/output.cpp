@@ -475,13 +475,18 @@ int ngxFlush(lua_State *L)
 int ngxEof(lua_State *L)
 {
     noRequestObject(L);
-    Run *run = glue::checkPhase(L, kOutput);
+    Run *run = glue::checkPhase(L, kOutput | mask(Phase::BodyFilter,
+                                                  Phase::Log));
     RequestCtx *ctx = run->ctx;
     if (lua_gettop(L) != 0) {
         return luaL_error(L, "expecting zero arguments, but got %d",
                           lua_gettop(L));
     }
-    if (ctx->eof) {
+    // The body filter and the log phase come after the end of the
+    // response, as lua-nginx-module answers there.
+    if (ctx->eof || run->phase == Phase::BodyFilter
+        || run->phase == Phase::Log)
+    {
         lua_pushnil(L);
         lua_pushliteral(L, "seen eof");
         return 2;
@@ -525,6 +530,10 @@ int ngxExit(lua_State *L)
         return luaL_error(L, "no request found");
     }
     lua_Integer status = luaL_checkinteger(L, 1);
+    if (status == NGX_AGAIN || status == NGX_DONE) {
+        return luaL_error(L, "bad argument to 'ngx.exit': does not accept "
+                          "NGX_AGAIN or NGX_DONE");
+    }
     if (run->phase == Phase::Balancer) {
         if (balancer::State *s = balancer::current()) {
             balancer::recordExit(s, static_cast<ngx_int_t>(status));
@@ -543,7 +552,13 @@ int ngxExit(lua_State *L)
             r->headers_out.status = static_cast<ngx_uint_t>(status);
         }
     }
-    if (r->header_sent && status >= 200 && status != NGX_HTTP_OK) {
+    // Logged where lua-nginx-module logs it: a status nginx would answer
+    // with a page of its own, not one that only closes the connection.
+    if (r->header_sent && status >= NGX_HTTP_SPECIAL_RESPONSE
+        && status != NGX_HTTP_REQUEST_TIME_OUT
+        && status != NGX_HTTP_CLIENT_CLOSED_REQUEST
+        && status != NGX_HTTP_CLOSE)
+    {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "attempt to set status %i via ngx.exit after sending "
                       "out the response status %ui",

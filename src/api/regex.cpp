@@ -55,6 +55,7 @@
 #include "runtime/regex_options.hpp"
 #include "runtime/regex_template.hpp"
 #include "security/budget.hpp"
+#include "security/log_escape.hpp"
 
 namespace luaguard::api {
 
@@ -921,7 +922,13 @@ const ReplTemplate *templateFor(Regex *re, std::string_view src,
     }
     ReplTemplate *dst = re->cached ? &re->tpl : local;
     re->tpl_ok = false;
-    if (!dst->compile(src)) {
+    std::string err;
+    if (!dst->compile(src, &err)) {
+        // lua-nginx-module logs why, on the cycle's log; the template is
+        // the script's text: escaped.
+        std::string line;
+        appendLogEscaped(line, err.data(), err.size());
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0, "%s", line.c_str());
         return nullptr;
     }
     if (re->cached) {

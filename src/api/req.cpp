@@ -31,13 +31,21 @@ constexpr lua_Integer kDefaultMaxArgs = 100;
 
 const char kHeadersMeta[] = "luaguard.req_headers_mt";
 
-RequestCtx *requestFor(lua_State *L)
+// The phase check of the request fields lua-resty-core reaches through
+// FFI: in a timer or a TLS handshake they answer that the (placeholder)
+// request has none.
+Run *fieldPhase(lua_State *L, PhaseMask allowed)
 {
-    if (g_run && g_run->phase == Phase::SslCert) {
-        // A handshake has no request yet, as lua-nginx-module says.
+    Phase p = g_run ? g_run->phase : Phase::None;
+    if ((p == Phase::Timer || p == Phase::SslCert) && !(allowed & mask(p))) {
         luaL_error(L, "API disabled in the current context");
     }
-    glue::checkPhase(L, kRequest);
+    return glue::checkPhase(L, allowed);
+}
+
+RequestCtx *requestFor(lua_State *L)
+{
+    fieldPhase(L, kRequest);
     return glue::requireRequest(L);
 }
 
@@ -501,7 +509,7 @@ bool headerValueText(lua_State *L, int idx, std::string *out)
 
 int setHeaderCommon(lua_State *L, bool clear)
 {
-    glue::checkPhase(L, kWritePhases);
+    fieldPhase(L, kWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     int t = lua_type(L, 1);
     if (t != LUA_TSTRING && t != LUA_TNUMBER) {
@@ -629,7 +637,7 @@ int setUriArgs(lua_State *L)
 
 int setUri(lua_State *L)
 {
-    Run *run = glue::checkPhase(L, kWritePhases);
+    Run *run = fieldPhase(L, kWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     size_t len;
     const char *uri = luaL_checklstring(L, 1, &len);
@@ -795,6 +803,10 @@ int getBodyData(lua_State *L)
         }
     }
     luaL_pushresult(&b);
+    if (total == 0) {
+        // No bytes is no body (discarded, or empty), as in lua-nginx-module.
+        lua_pushnil(L);
+    }
     return 1;
 }
 
@@ -817,6 +829,43 @@ ngx_http_request_body_t *requireBody(lua_State *L, RequestCtx *ctx)
         luaL_error(L, "request body not read yet");
     }
     return rb;
+}
+
+// A file given to set_body_file with auto_clean: its cleanup is told
+// apart from nginx's own temp files by this handler, so that the next
+// set_body_file or set_body_data removes it at once, as documented.
+void deleteAutoCleanFile(void *data)
+{
+    ngx_pool_delete_file(data);
+}
+
+void dropAutoCleanFile(ngx_http_request_t *r)
+{
+    ngx_http_request_body_t *rb = r->request_body;
+    if (rb == nullptr || rb->temp_file == nullptr) {
+        return;
+    }
+    for (ngx_pool_cleanup_t *c = r->pool->cleanup; c; c = c->next) {
+        auto *f = static_cast<ngx_pool_cleanup_file_t *>(c->data);
+        if (c->handler == deleteAutoCleanFile
+            && f->fd == rb->temp_file->file.fd)
+        {
+            c->handler(c->data);
+            c->handler = nullptr;
+            return;
+        }
+    }
+}
+
+// The new body in place of the old. An empty one is no body at all:
+// get_body_data() answers nil, and an upstream is sent no buffer (an
+// empty one makes nginx log "zero size buf in output").
+void installBody(ngx_http_request_body_t *rb, ngx_chain_t *cl, off_t size,
+                 ngx_temp_file_t *tf)
+{
+    rb->bufs = size ? cl : nullptr;
+    rb->buf = size && tf == nullptr ? cl->buf : nullptr;
+    rb->temp_file = tf;
 }
 
 // The framing headers describe the new body once it is replaced (the
@@ -880,9 +929,8 @@ int setBodyData(lua_State *L)
     if (cl == nullptr || !setBodyLength(ctx->r, static_cast<off_t>(len))) {
         return luaL_error(L, "no memory");
     }
-    rb->bufs = cl;
-    rb->buf = cl->buf;
-    rb->temp_file = nullptr;
+    dropAutoCleanFile(ctx->r);
+    installBody(rb, cl, static_cast<off_t>(len), nullptr);
     return 0;
 }
 
@@ -919,7 +967,7 @@ int setBodyFile(lua_State *L)
     clnf->fd = fd;
     clnf->name = tf->file.name.data;
     clnf->log = r->pool->log;
-    cln->handler = auto_clean ? ngx_pool_delete_file : ngx_pool_cleanup_file;
+    cln->handler = auto_clean ? deleteAutoCleanFile : ngx_pool_cleanup_file;
 
     ngx_file_info_t fi;
     if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR) {
@@ -933,9 +981,8 @@ int setBodyFile(lua_State *L)
     if (cl == nullptr || !setBodyLength(r, ngx_file_size(&fi))) {
         return luaL_error(L, "no memory");
     }
-    rb->bufs = cl;
-    rb->buf = nullptr;
-    rb->temp_file = tf;
+    dropAutoCleanFile(r);
+    installBody(rb, cl, ngx_file_size(&fi), tf);
     return 0;
 }
 
@@ -1012,7 +1059,6 @@ int initBody(lua_State *L)
     glue::checkPhase(L, kBodyWritePhases);
     RequestCtx *ctx = glue::requireRequest(L);
     ngx_http_request_t *r = ctx->r;
-    ngx_http_request_body_t *rb = requireBody(L, ctx);
     auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
         ngx_http_get_module_loc_conf(r, ngx_http_core_module));
     lua_Integer size = static_cast<lua_Integer>(
@@ -1022,10 +1068,24 @@ int initBody(lua_State *L)
         if (n < 0) {
             return luaL_error(L, "bad buffer size");
         }
-        if (n > 0) {
-            size = n;
+        size = n;  // 0: everything goes to the temp file
+    }
+    ngx_http_request_body_t *rb = r->request_body;
+    if (rb == nullptr && ctx->req_socket != nullptr) {
+        // The body was read through ngx.req.socket(), which nginx never
+        // saw: the new one gets its own record. What the script left
+        // unread stays in the connection, which then cannot be reused.
+        rb = static_cast<ngx_http_request_body_t *>(
+            ngx_pcalloc(r->pool, sizeof(ngx_http_request_body_t)));
+        if (rb == nullptr) {
+            return luaL_error(L, "no memory");
+        }
+        r->request_body = rb;
+        if (r->headers_in.content_length_n > 0) {
+            r->keepalive = 0;
         }
     }
+    requireBody(L, ctx);
     // The buffer is the script's choice of size: its own memory, charged
     // before it is allocated (a huge size fails on the budget, not on the
     // worker's memory).
@@ -1098,12 +1158,15 @@ int finishBody(lua_State *L)
     off_t size;
     // client_body_in_file_only: the new body goes to a file too.
     if (w->tf || r->request_body_in_file_only) {
-        if (!spill(r, w) || w->tf == nullptr) {
+        if (!spill(r, w)) {
             return luaL_error(L, "failed to write the request body to a "
                               "temporary file");
         }
-        size = w->tf->offset;
-        cl = fileChain(r, w->tf, size);
+        size = w->tf ? w->tf->offset : 0;
+        cl = w->tf ? fileChain(r, w->tf, size) : nullptr;
+        if (w->tf == nullptr) {
+            cl = memoryChain(r, "", 0);  // nothing was appended
+        }
     } else {
         size = w->buf->last - w->buf->pos;
         cl = ngx_alloc_chain_link(r->pool);
@@ -1116,9 +1179,7 @@ int finishBody(lua_State *L)
     if (cl == nullptr || !setBodyLength(r, size)) {
         return luaL_error(L, "no memory");
     }
-    rb->bufs = cl;
-    rb->buf = w->tf ? nullptr : w->buf;
-    rb->temp_file = w->tf;
+    installBody(rb, cl, size, w->tf);
     setBodyWriter(ctx, nullptr);
     return 0;
 }

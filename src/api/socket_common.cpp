@@ -300,7 +300,22 @@ bool flatten(lua_State *L, int idx, std::string *out, int depth)
     if (depth > 100) {
         return false;
     }
-    size_t n = lua_objlen(L, idx);
+    // As lua-nginx-module checks them: arrays only, of strings, numbers
+    // and arrays (a boolean or nil is a value only at the top level).
+    // The length is the largest key, so that a hole is found and refused.
+    size_t n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_Number k = lua_type(L, -2) == LUA_TNUMBER ? lua_tonumber(L, -2)
+                                                     : 0;
+        if (k < 1 || k > static_cast<lua_Number>(INT32_MAX)
+            || k != static_cast<lua_Number>(static_cast<size_t>(k)))
+        {
+            luaL_error(L, "bad argument #2 to '?' (non-array table found)");
+        }
+        n = std::max(n, static_cast<size_t>(k));
+        lua_pop(L, 1);
+    }
     for (size_t i = 1; i <= n; i++) {
         lua_rawgeti(L, idx, static_cast<int>(i));
         int type = lua_type(L, -1);
@@ -308,17 +323,14 @@ bool flatten(lua_State *L, int idx, std::string *out, int depth)
             size_t len;
             const char *p = lua_tolstring(L, -1, &len);
             out->append(p, len);
-        } else if (type == LUA_TBOOLEAN) {
-            out->append(lua_toboolean(L, -1) ? "true" : "false");
-        } else if (type == LUA_TNIL) {
-            out->append("nil");
         } else if (type == LUA_TTABLE) {
             if (!flatten(L, lua_gettop(L), out, depth + 1)) {
                 lua_pop(L, 1);
                 return false;
             }
         } else {
-            luaL_error(L, "bad data type %s found", lua_typename(L, type));
+            luaL_error(L, "bad argument #2 to '?' (bad data type %s found)",
+                       lua_typename(L, type));
         }
         lua_pop(L, 1);
     }

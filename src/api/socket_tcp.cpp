@@ -595,9 +595,8 @@ void onConnect(ngx_event_t *ev)
     }
     if (err) {
         if (s->log_errors) {
-            ngx_log_error(NGX_LOG_ERR, c->log, err,
-                          "lua tcp socket connect() to %V failed",
-                          &s->target.name);
+            // nginx's own words for it, which lua-nginx-module logs.
+            ngx_log_error(NGX_LOG_ERR, c->log, err, "connect() failed");
         }
         settleConnect(s, [&](lua_State *co) {
             return failConnect(s, co, sock::errnoText(err));
@@ -1686,7 +1685,7 @@ int tcpSend(lua_State *L)
         copied = true;
         break;
     default:
-        return luaL_error(L, "bad argument #1 to 'send' (string, number, "
+        return luaL_error(L, "bad argument #2 to '?' (string, number, "
                           "boolean, nil, or array table expected, got %s)",
                           luaL_typename(L, 2));
     }

@@ -29,13 +29,15 @@ LuaThread *runningThread(lua_State *L)
 LuaThread *argThread(lua_State *L, int idx, RequestCtx *ctx)
 {
     if (lua_type(L, idx) != LUA_TTHREAD) {
-        luaL_argerror(L, idx, "thread expected");
+        luaL_argerror(L, idx, "lua thread expected");
     }
+    // The newest thread on that coroutine (a cached coroutine serves
+    // several in turn); not by its exdata, which a thread that died of an
+    // error loses with its reset.
     lua_State *co = lua_tothread(L, idx);
-    auto *want = static_cast<LuaThread *>(lua_getexdata(co));
     for (LuaThread *t = ctx->threads; t; t = t->next) {
-        if (t == want && t->co == co && !t->entry) {
-            return t;
+        if (t->co == co) {
+            return t->entry ? nullptr : t;
         }
     }
     return nullptr;
@@ -49,6 +51,8 @@ int spawn(lua_State *L)
     if (lua_type(L, 1) != LUA_TFUNCTION) {
         return luaL_argerror(L, 1, "Lua function expected");
     }
+    // The spawner yields to let the new thread start (see threads::spawn).
+    glue::checkYieldable(L);
 
     LuaThread *t = threads::create(ctx, self);
     if (t == nullptr) {
@@ -63,16 +67,7 @@ int spawn(lua_State *L)
         return luaL_error(L, "no memory");
     }
 
-    // The new thread runs until it waits or ends before spawn returns.
-    threads::run(t, n - 1);
-
-    if (ctx->exited || ctx->exec_uri.len) {
-        // It ended the request: this thread unwinds too.
-        return glue::yield(L);
-    }
-    lua_pushthread(t->co);
-    lua_xmove(t->co, L, 1);
-    return 1;
+    return threads::spawn(L, self, t, n - 1);
 }
 
 int wait(lua_State *L)
@@ -91,7 +86,11 @@ int wait(lua_State *L)
     }
     for (int i = 1; i <= n; i++) {
         LuaThread *t = argThread(L, i, ctx);
-        if (t == nullptr || t->parent != self) {
+        if (t == nullptr) {
+            return luaL_error(L, "attempt to wait on a coroutine that is "
+                              "not a user thread");
+        }
+        if (t->parent != self) {
             return luaL_error(L, "only the parent coroutine can wait on the "
                               "thread");
         }
@@ -159,7 +158,7 @@ int coroutineStatus(lua_State *L)
         lua_State *co = lua_tothread(L, 1);
         auto *want = static_cast<LuaThread *>(lua_getexdata(co));
         for (LuaThread *t = g_run->ctx->threads; t; t = t->next) {
-            if (t == want && t->co == co && !t->entry && !t->running) {
+            if (t == want && t->co == co && !t->running) {
                 lua_pushstring(L, !t->dead ? "running"
                                   : t->reaped ? "dead" : "zombie");
                 return 1;

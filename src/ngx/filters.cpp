@@ -52,14 +52,30 @@ ngx_int_t headerFilter(ngx_http_request_t *r)
         // body_filter_by_lua sees data, not file regions.
         r->filter_need_in_memory = 1;
     }
-    if (llcf->header_filter == nullptr || r->filter_finalize) {
-        // filter_finalize: the response is now nginx's error page standing
-        // in for one a filter failed on; it passes untouched.
+    if (llcf->header_filter == nullptr) {
         return g_next_header(r);
     }
-    RequestCtx *ctx = glue::ensureCtx(r);
+    RequestCtx *ctx = r->filter_finalize ? getCtx(r) : glue::ensureCtx(r);
+    if (r->filter_finalize
+        && (ctx == nullptr || !ctx->header_filter_exited))
+    {
+        // The response is now nginx's error page standing in for one a
+        // filter failed on; it passes untouched.
+        return g_next_header(r);
+    }
     if (ctx == nullptr) {
         return NGX_ERROR;
+    }
+    if (r->filter_finalize) {
+        // nginx's page for an ngx.exit of this filter: the filter sees it
+        // too (its headers go out with it), as with lua-nginx-module, and
+        // an ngx.exit there changes nothing.
+        ctx->header_filter_exited = false;
+        ngx_int_t rc = runSync(ctx, Phase::HeaderFilter, llcf->header_filter,
+                               r->connection->log, 0);
+        ctx->exited = true;
+        ctx->exit_code = NGX_ERROR;
+        return rc == NGX_OK ? g_next_header(r) : NGX_ERROR;
     }
     ctx->exited = false;
     if (runSync(ctx, Phase::HeaderFilter, llcf->header_filter,
@@ -77,12 +93,13 @@ ngx_int_t headerFilter(ngx_http_request_t *r)
     if (ctx->exited && ctx->exit_code == NGX_ERROR) {
         return NGX_ERROR;
     }
-    if (ctx->exited && ctx->exit_code >= NGX_HTTP_SPECIAL_RESPONSE) {
-        // ngx.exit(status >= 300): nginx's page for that status replaces
-        // the response, as in lua-nginx-module.
+    if (ctx->exited && ctx->exit_code >= NGX_HTTP_OK) {
+        // ngx.exit(status): nginx's page for that status (an empty one
+        // for a 2xx) replaces the response, as in lua-nginx-module.
         ngx_int_t status = ctx->exit_code;
         ctx->eof = true;
         ctx->exit_code = NGX_ERROR;
+        ctx->header_filter_exited = true;
         return ngx_http_filter_finalize_request(r, &ngx_http_luaguard_module,
                                                 status);
     }

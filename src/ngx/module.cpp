@@ -517,6 +517,20 @@ char *setByLua(ngx_conf_t *cf, ngx_command_t *cmd, void *)
 }
 
 // "off" or a time ("1s", "250ms"): how long Lua may run.
+// lua_code_cache: lua-nginx-module warns at every "off", and users look
+// for that line.
+char *setCodeCache(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char *rv = ngx_conf_set_flag_slot(cf, cmd, conf);
+    auto *llcf = static_cast<LocConf *>(conf);
+    if (rv == NGX_CONF_OK && llcf->code_cache == 0) {
+        ngx_conf_log_error(NGX_LOG_ALERT, cf, 0,
+                           "lua_code_cache is off; this will hurt "
+                           "performance");
+    }
+    return rv;
+}
+
 char *setBudgetTime(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     auto *slot = reinterpret_cast<ngx_msec_t *>(static_cast<char *>(conf)
@@ -1002,7 +1016,7 @@ ngx_command_t commands[] = {
            | NGX_HTTP_LOC_CONF | NGX_HTTP_LIF_CONF | NGX_CONF_2MORE,
            setByLua, kLocLoc, 0, &kSetFile),
 
-    LG_CMD("lua_code_cache", kAnyLoc | NGX_CONF_FLAG, ngx_conf_set_flag_slot,
+    LG_CMD("lua_code_cache", kAnyLoc | NGX_CONF_FLAG, setCodeCache,
            kLocLoc, LG_LOC_OFF(code_cache), nullptr),
     LG_CMD("lua_need_request_body", kAnyLoc | NGX_CONF_FLAG,
            ngx_conf_set_flag_slot, kLocLoc, LG_LOC_OFF(need_request_body),

@@ -179,6 +179,10 @@ struct RequestCtx {
     LuaThread           *threads = nullptr;      // every thread, linked
     Phase                thread_phase = Phase::None;
     int                  live_user = 0;          // user threads not dead
+    // Threads ready to go on (a spawner, a coroutine.yield), in order.
+    LuaThread           *runq_head = nullptr;
+    LuaThread           *runq_tail = nullptr;
+    bool                 draining = false;       // drain() is on the stack
     bool                 entry_done = false;
     bool                 entry_failed = false;
     bool                 is_timer = false;       // a fake request (timers,
@@ -198,6 +202,9 @@ struct RequestCtx {
     ngx_int_t            exit_code = 0;
     bool                 exited = false;
     ngx_int_t            load_status = 0;   // a *_by_lua_file not loaded
+    // ngx.exit(status) in header_filter_by_lua replaced the response with
+    // nginx's page for status; the filter runs again on that page.
+    bool                 header_filter_exited = false;
     ngx_str_t            exec_uri = ngx_null_string;
     ngx_str_t            exec_args = ngx_null_string;
 

@@ -527,9 +527,18 @@ Verdict judge(RequestCtx *ctx, Outcome out)
 // A body nobody read is discarded before the response completes: left in
 // the connection, its bytes would be parsed as the next pipelined request.
 // Not done before the Lua code runs, which may call ngx.req.read_body.
-void discardUnreadBody(ngx_http_request_t *r)
+void discardUnreadBody(RequestCtx *ctx)
 {
+    ngx_http_request_t *r = ctx->r;
     if (r != r->main || r->request_body || r->discard_body) {
+        return;
+    }
+    if (ctx->req_socket && !r->keepalive) {
+        // The script read what it wanted through ngx.req.socket() and the
+        // connection closes after this response: waiting for the rest of
+        // a body that may never come would only hold the client, as
+        // lua-nginx-module does not.
+        r->lingering_close = 0;
         return;
     }
     if (ngx_http_discard_request_body(r) != NGX_OK) {
@@ -540,7 +549,7 @@ void discardUnreadBody(ngx_http_request_t *r)
 ngx_int_t finishOutput(RequestCtx *ctx)
 {
     ngx_int_t rc = NGX_OK;
-    discardUnreadBody(ctx->r);
+    discardUnreadBody(ctx);
     if (!ctx->r->header_sent) {
         rc = sendHeader(ctx);
         if (rc == NGX_ERROR || rc > NGX_OK) {
@@ -604,6 +613,12 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
         }
     }
 
+    // An access handler that let the request through says so with NGX_OK:
+    // under `satisfy any` that grants access whatever allow/deny decided,
+    // as with lua-nginx-module. ngx.exit(ngx.DECLINED) leaves the decision
+    // to the other access handlers.
+    ngx_int_t pass = phase == Phase::Access && v.rc != NGX_DECLINED
+                     ? NGX_OK : NGX_DECLINED;
     switch (v.kind) {
     case Verdict::Continue:
         if (r->header_sent) {
@@ -611,7 +626,7 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
             ngx_http_finalize_request(r, finishOutput(ctx));
             return NGX_DONE;
         }
-        pr.rc = NGX_DECLINED;
+        pr.rc = pass;
         if (phase == Phase::Rewrite && r->uri_changed) {
             // ngx.req.set_uri(uri, true): nginx searches the location
             // again, and there the request starts afresh as after an
@@ -620,13 +635,13 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
             // This ctx stays in the pool until its cleanup.
             ngx_http_set_ctx(r, nullptr, ngx_http_luaguard_module);
         }
-        return NGX_DECLINED;
+        return pass;
     case Verdict::Finalize:
         return v.rc;
     case Verdict::Output:
         if (!ctx->exited && !r->header_sent && !ctx->eof) {
-            pr.rc = NGX_DECLINED;
-            return NGX_DECLINED;  // a handler that produced nothing
+            pr.rc = pass;
+            return pass;  // a handler that produced nothing
         }
         // ngx.exit(2xx) ends the request even with nothing written.
         ngx_http_finalize_request(r, finishOutput(ctx));
@@ -649,8 +664,9 @@ void concludeAsync(RequestCtx *ctx, Phase phase, Outcome out)
     if (inRewriteType(phase)) {
         r->main->count--;  // taken when the thread first yielded
         ngx_int_t rc = concludeSync(ctx, phase, out);
-        if (rc == NGX_DECLINED) {
-            pr.rc = NGX_DECLINED;
+        if (rc == NGX_DECLINED || (rc == NGX_OK && phase == Phase::Access)) {
+            // The phase checker calls the handler again and gets pr.rc.
+            pr.rc = rc;
             r->write_event_handler = ngx_http_core_run_phases;
             ngx_http_core_run_phases(r);
         } else if (rc != NGX_DONE) {
@@ -1123,12 +1139,21 @@ void logFromLua(lua_State *L, ngx_uint_t level, const char *msg, size_t len,
     }
     std::string text;
     lua_Debug ar;
-    if (lua_getstack(L, stack_level, &ar) && lua_getinfo(L, "Sl", &ar)) {
-        // The chunk name is the script's choice (load(code, "=...")).
-        appendLogEscaped(text, ar.short_src, std::strlen(ar.short_src));
+    if (lua_getstack(L, stack_level, &ar) && lua_getinfo(L, "nSl", &ar)) {
+        // lua-nginx-module's prefix: a file's name without its directory,
+        // the line, and the function's name when Lua knows it. Names are
+        // the script's choice (load(code, "=..."), fields): escaped.
+        const char *src = ar.source[0] == '@'
+                              ? std::strrchr(ar.short_src, '/') : nullptr;
+        src = src ? src + 1 : ar.short_src;
+        appendLogEscaped(text, src, std::strlen(src));
         text.push_back(':');
         text.append(std::to_string(ar.currentline));
         text.append(": ");
+        if (ar.name != nullptr && *ar.name != '\0') {
+            appendLogEscaped(text, ar.name, std::strlen(ar.name));
+            text.append("(): ");
+        }
     }
     appendLogEscaped(text, msg, len);
     ngx_log_error(level, log, 0, "[lua] %s", text.c_str());

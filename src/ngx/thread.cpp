@@ -106,6 +106,11 @@ int exitThread(lua_State *L, RequestCtx *ctx, ngx_int_t code)
     if ((mask(p) & kYieldable) && g_run->thread) {
         return yield(L);
     }
+    if (p == Phase::HeaderFilter) {
+        // Documented: ngx.exit returns at once there, and the filter's
+        // code goes on; the filter acts on the code when it returns.
+        return 0;
+    }
     lua_pushlightuserdata(L, &kExitSentinel);
     return lua_error(L);
 }
@@ -299,6 +304,80 @@ LuaThread *create(RequestCtx *ctx, LuaThread *parent)
     return t;
 }
 
+namespace {
+
+void enqueue(LuaThread *t)
+{
+    RequestCtx *ctx = t->ctx;
+    t->queued = true;
+    t->runq_next = nullptr;
+    if (ctx->runq_tail) {
+        ctx->runq_tail->runq_next = t;
+    } else {
+        ctx->runq_head = t;
+    }
+    ctx->runq_tail = t;
+}
+
+LuaThread *dequeue(RequestCtx *ctx)
+{
+    while (LuaThread *t = ctx->runq_head) {
+        ctx->runq_head = t->runq_next;
+        if (ctx->runq_head == nullptr) {
+            ctx->runq_tail = nullptr;
+        }
+        t->queued = false;
+        if (!t->dead) {
+            return t;  // killed while it waited its turn: skipped
+        }
+    }
+    return nullptr;
+}
+
+// Runs the queued threads in order until none is left or the phase is
+// over. The outermost call does the work: a thread that queues itself
+// from inside it is taken by the same loop.
+bool drain(RequestCtx *ctx)
+{
+    if (ctx->draining) {
+        return false;
+    }
+    ctx->draining = true;
+    bool done = false;
+    while (!done) {
+        LuaThread *t = dequeue(ctx);
+        if (t == nullptr) {
+            break;
+        }
+        int n = 0;
+        if (LuaThread *c = t->spawn_result) {
+            // spawn() returns the new thread's coroutine.
+            t->spawn_result = nullptr;
+            std::string err;
+            if (!entry::protect(t->co, [&] { lua_pushthread(c->co);
+                                             lua_xmove(c->co, t->co, 1); },
+                                &err))
+            {
+                done = fail(t, err);
+                continue;
+            }
+            n = 1;
+        }
+        done = run(t, n);
+    }
+    ctx->draining = false;
+    return done;
+}
+
+}  // namespace
+
+int spawn(lua_State *L, LuaThread *self, LuaThread *t, int nargs)
+{
+    t->start_nargs = nargs;
+    self->spawned = t;
+    return glue::yield(L);
+}
+
 bool run(LuaThread *t, int nargs)
 {
     RequestCtx *ctx = t->ctx;
@@ -317,13 +396,29 @@ bool run(LuaThread *t, int nargs)
             && lua_touserdata(co, -1) == &glue::kYieldSentinel)
         {
             lua_settop(co, 0);
+            if (LuaThread *child = t->spawned) {
+                // ngx.thread.spawn: the new thread runs first, then the
+                // spawner goes on in its turn, after threads queued
+                // before it (lua-nginx-module's order).
+                t->spawned = nullptr;
+                t->spawn_result = child;
+                enqueue(t);
+                if (run(child, child->start_nargs)) {
+                    return true;
+                }
+                return drain(ctx);
+            }
             return false;  // waiting on an event
         }
-        // coroutine.yield() in a thread: it goes on at the next turn of
-        // the event loop, after what is ready to run.
+        // coroutine.yield() in a thread: it goes on after the threads
+        // ready before it; alone, at the next turn of the event loop.
         lua_settop(co, 0);
-        post(t);
-        return false;
+        if (ctx->runq_head == nullptr) {
+            post(t);
+            return false;
+        }
+        enqueue(t);
+        return drain(ctx);
     }
 
     if (rc == LUA_YIELD) {
@@ -408,6 +503,7 @@ void endPhase(RequestCtx *ctx)
     }
     ctx->threads = nullptr;
     ctx->entry = nullptr;
+    ctx->runq_head = ctx->runq_tail = nullptr;
 }
 
 }  // namespace threads

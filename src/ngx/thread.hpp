@@ -39,6 +39,11 @@ struct LuaThread {
     WakeWith     wake_with;      // what the posted wake-up hands it
     void       (*cancel)(LuaThread *t);  // undoes a pending I/O wait
     void        *cancel_data;
+    LuaThread   *spawned;        // its ngx.thread.spawn: the thread to start
+    int          start_nargs;    // arguments of a thread not started yet
+    LuaThread   *spawn_result;   // resumed from spawn: push this thread
+    LuaThread   *runq_next;      // in ctx's run queue
+    bool         queued;
 };
 
 namespace threads {
@@ -82,6 +87,11 @@ void release(LuaThread *t);
 
 // Kills what is left of the phase's threads and releases them all.
 void endPhase(RequestCtx *ctx);
+
+// ngx.thread.spawn of the running thread `self`: `t` (its function and
+// arguments pushed) starts once `self` has yielded; `self` goes on after
+// it, from the run queue, as lua-nginx-module schedules them.
+int spawn(lua_State *L, LuaThread *self, LuaThread *t, int nargs);
 
 // Wakes `t` on the next turn of the event loop with `with`'s values
 // (coroutine.yield, ngx.sleep(0), semaphore posts, closed sockets).

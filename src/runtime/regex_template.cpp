@@ -24,8 +24,32 @@ uint32_t parseGroup(std::string_view s, size_t *i)
 
 }  // namespace
 
-bool ReplTemplate::compile(std::string_view src)
+bool ReplTemplate::compile(std::string_view src, std::string *err)
 {
+    auto invalid = [&] {
+        if (err) {
+            *err = "lua script: invalid capturing variable name found in \"";
+            err->append(src);
+            err->push_back('"');
+        }
+        return false;
+    };
+    auto isName = [](char c) {
+        return c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+               || isDigit(c);
+    };
+    auto named = [&](size_t from) {
+        size_t end = from;
+        while (end < src.size() && isName(src[end])) {
+            end++;
+        }
+        if (err) {
+            *err = "attempt to use named capturing variable \"";
+            err->append(src.substr(from, end - from));
+            err->append("\" (named captures not supported yet)");
+        }
+        return false;
+    };
     text_.clear();
     pieces_.clear();
     literal_ = true;
@@ -51,7 +75,7 @@ bool ReplTemplate::compile(std::string_view src)
         addText(src.substr(i, dollar - i));
         i = dollar + 1;
         if (i >= src.size()) {
-            return false;
+            return invalid();
         }
         char c = src[i];
         if (c == '$') {
@@ -62,18 +86,29 @@ bool ReplTemplate::compile(std::string_view src)
             literal_ = false;
         } else if (c == '{') {
             i++;
-            if (i >= src.size() || !isDigit(src[i])) {
-                return false;
+            if (i < src.size() && isName(src[i]) && !isDigit(src[i])) {
+                return named(i);
             }
+            if (i >= src.size() || !isDigit(src[i])) {
+                return invalid();
+            }
+            size_t from = i;
             uint32_t g = parseGroup(src, &i);
             if (i >= src.size() || src[i] != '}') {
+                if (err) {
+                    *err = "the closing bracket in \"";
+                    err->append(src.substr(from, i - from));
+                    err->append("\" variable is missing");
+                }
                 return false;
             }
             i++;
             pieces_.push_back({g, 0, 0});
             literal_ = false;
+        } else if (isName(c)) {
+            return named(i);
         } else {
-            return false;
+            return invalid();
         }
     }
     return true;

@@ -17,8 +17,9 @@ class ReplTemplate {
  public:
     // False when `src` is not a valid template: a "$" not followed by a
     // digit, "{digits}" or "$" (lua-nginx-module then reports "failed to
-    // compile the replacement template").
-    bool compile(std::string_view src);
+    // compile the replacement template"); `err` then gets the reason in
+    // the words lua-nginx-module logs.
+    bool compile(std::string_view src, std::string *err = nullptr);
 
     // Appends the expansion for one match. `ovector` holds `npairs`
     // (start, end) pairs for groups 0..npairs-1; a missing or unset group

@@ -212,8 +212,9 @@ CASES = [
                 ngx.exit(ngx.OK)
                 ngx.header["X-After"] = "1"
             }
-            content_by_lua_block { ngx.say("body") }""", ours_only=True,
-         text="body\n", resp_headers={"X-Before": "1", "X-After": None}),
+            content_by_lua_block { ngx.say("body") }""", diff=True,
+         diff_headers=("X-Before", "X-After"), text="body\n",
+         resp_headers={"X-Before": "1", "X-After": "1"}),
     Case("exit_status_header_filter", r"""
             header_filter_by_lua_block { ngx.exit(503) }
             content_by_lua_block { ngx.say("body") }""", diff=True),
