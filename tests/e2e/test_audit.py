@@ -293,9 +293,9 @@ def test_example_app_has_no_high_finding():
               "examples/nginx.conf")
     assert r.returncode == 0, r.stdout
     assert " high " not in r.stdout, r.stdout
-    # It does see the example's Lua: the greeting echoes a query argument
-    # into a text/plain response.
-    assert "examples/nginx.conf:40: low xss:" in r.stdout
+    # It does see the example's Lua, modules included: the services
+    # echo the request URI into a JSON (not HTML) response.
+    assert "examples/lua/gateway/services.lua:21: low xss:" in r.stdout
 
 
 @pytest.mark.skipif(shutil.which("luacheck") is None,
@@ -309,8 +309,8 @@ def test_luacheck_findings_are_merged_at_config_lines():
                 if x["ruleId"] == "luacheck"]
     r = audit("--fail-on", "never", "-D", f"EXAMPLES={ROOT}/examples",
               "-D", "PREFIX=/tmp/x", "-D", "PORT=8080", "examples/nginx.conf")
-    # The example's /global location sets a global on purpose; the one
-    # its init handler sets (app) is known to the later handlers.
-    assert ("examples/nginx.conf:85: low luacheck: W111: setting "
+    # The example's /demo/global location sets a global on purpose; the
+    # one its init handler sets (app) is known to the later handlers.
+    assert ("examples/nginx.conf:201: low luacheck: W111: setting "
             "non-standard global variable 'leaked'") in r.stdout
     assert "variable 'app'" not in r.stdout
