@@ -38,9 +38,10 @@ void openProcess(lua_State *L);
 void openBalancer(lua_State *L);
 void openSsl(lua_State *L);
 
-// The PEM text of an ngx.ssl object at `idx` (parse_pem_cert's chain, or
-// with `key` parse_pem_priv_key's key); false when it is none of them.
-bool sslObjectPem(lua_State *L, int idx, bool key, std::string *out);
+// The PEM text at `idx`: a string as it is, or an ngx.ssl object
+// (parse_pem_cert's chain, or with `key` parse_pem_priv_key's key); false
+// when it is none of them.
+bool sslPemArg(lua_State *L, int idx, bool key, std::string *out);
 void openWorkerPids(lua_State *L);
 
 // Idle connections in this worker's cosocket pools, for metrics.

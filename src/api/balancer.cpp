@@ -231,10 +231,7 @@ int openModule(lua_State *L)
         {"recreate_request", recreateRequest},
         {nullptr, nullptr}};
     lua_createtable(L, 0, 6);
-    for (const luaL_Reg *f = fns; f->name; f++) {
-        lua_pushcfunction(L, f->func);
-        lua_setfield(L, -2, f->name);
-    }
+    setFuncs(L, fns);
     lua_pushstring(L, kRestyCoreVersion);
     lua_setfield(L, -2, "version");
     return 1;

@@ -2310,19 +2310,11 @@ int tcpSetClientCert(lua_State *L)
     }
     // PEM strings, or the objects of ngx.ssl.parse_pem_cert/_priv_key.
     std::string c, k, err;
-    if (lua_type(L, 2) == LUA_TSTRING) {
-        size_t len;
-        const char *p = lua_tolstring(L, 2, &len);
-        c.assign(p, len);
-    } else if (!sslObjectPem(L, 2, false, &c)) {
+    if (!sslPemArg(L, 2, false, &c)) {
         return luaL_error(L, "bad cert arg: PEM string or ngx.ssl "
                           "certificate expected, got %s", luaL_typename(L, 2));
     }
-    if (lua_type(L, 3) == LUA_TSTRING) {
-        size_t len;
-        const char *p = lua_tolstring(L, 3, &len);
-        k.assign(p, len);
-    } else if (!sslObjectPem(L, 3, true, &k)) {
+    if (!sslPemArg(L, 3, true, &k)) {
         return luaL_error(L, "bad pkey arg: PEM string or ngx.ssl private "
                           "key expected, got %s", luaL_typename(L, 3));
     }

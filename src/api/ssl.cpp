@@ -498,8 +498,14 @@ int openModule(lua_State *L)
 
 }  // namespace
 
-bool sslObjectPem(lua_State *L, int idx, bool key, std::string *out)
+bool sslPemArg(lua_State *L, int idx, bool key, std::string *out)
 {
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        size_t len;
+        const char *p = lua_tolstring(L, idx, &len);
+        out->assign(p, len);
+        return true;
+    }
     void *ud = luaL_testudata(L, idx, key ? kKeyMeta : kCertMeta);
     if (ud == nullptr) {
         return false;
