@@ -60,6 +60,17 @@ http {{
 """
 
 
+def exited(pid):
+    """True once `pid` has ended. The daemonized master is reaped by
+    whatever runs as PID 1, which may take seconds: a zombie has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -321,9 +332,7 @@ class Nginx:
         os.kill(pid, signal.SIGQUIT if graceful else signal.SIGTERM)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if exited(pid):
                 return
             time.sleep(0.02)
         # Its workers too: one spinning in a test that failed would
