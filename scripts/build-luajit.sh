@@ -37,7 +37,7 @@
 
 set -euo pipefail
 
-readonly RECIPE_REV=1            # bump when the build/install recipe changes
+readonly RECIPE_REV=2            # bump when the build/install recipe changes
 readonly PKG=luajit2
 readonly PKG_VERSION="${LUAJIT2_VERSION:-2.1-20230119-1}"
 readonly LJ_XCFLAGS="-DLUAJIT_ENABLE_CHECKHOOK"
@@ -343,7 +343,7 @@ fetch_source() {
 }
 
 unpack_source() {
-  if [[ -f "$TREE/.luajit-unpacked" ]]; then
+  if [[ -f "$TREE/.luajit-unpacked-r$RECIPE_REV" ]]; then
     printf '\n### unpack: using cached tree %s\n' "$TREE" >>"$LOG"
     return 0
   fi
@@ -367,7 +367,14 @@ unpack_source() {
   # is expected: the .dsc was already authenticated by apt.
   run_logged "dpkg-source -x" dpkg-source --no-copy -x "$DSC" "$TREE" ||
     fail_with_log "dpkg-source -x $DSC failed (delete $DL_DIR to re-download)"
-  touch "$TREE/.luajit-unpacked"
+  # Our fixes of LuaJIT bugs (scripts/luajit-patches/*.patch, each says why).
+  local p
+  for p in "$REPO_ROOT"/scripts/luajit-patches/*.patch; do
+    [[ -e "$p" ]] || continue
+    run_logged "patch $(basename "$p")" patch -d "$TREE" -p1 -i "$p" ||
+      fail_with_log "applying $p failed"
+  done
+  touch "$TREE/.luajit-unpacked-r$RECIPE_REV"
 }
 
 build_tree() {

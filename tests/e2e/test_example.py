@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import MODULE as BUILT, REPO, Nginx
+from harness import MODULE as BUILT, REPO, Nginx, sanitizer_env
 
 SCRIPT = REPO / "scripts" / "run-example.sh"
 README = REPO / "README.md"
@@ -25,7 +25,8 @@ def start_example(nginx, tmp_path):
     n = Nginx(tmp_path / "example", workers=2)   # a free port, the dirs
     out = subprocess.run(
         [str(SCRIPT), "--render-only", MODULE, str(n.port), str(n.prefix)],
-        capture_output=True, text=True, check=True).stdout
+        capture_output=True, text=True, check=True,
+        env=sanitizer_env()).stdout
     nginx.servers.append(n)      # stopped and its log checked at teardown
     n.start()
     return n, printed_lines(out)
@@ -260,7 +261,8 @@ def wait(cond, timeout=10):
 def test_readme_shows_the_lines_make_run_prints(tmp_path):
     out = subprocess.run(
         [str(SCRIPT), "--render-only", MODULE, "8080", str(tmp_path)],
-        capture_output=True, text=True, check=True).stdout
+        capture_output=True, text=True, check=True,
+        env=sanitizer_env()).stdout
     readme = README.read_text()
     for comment, cmd in printed_lines(out):
         cmd = cmd.replace(str(tmp_path), "build/example")
@@ -273,7 +275,7 @@ def test_the_rendered_configuration_is_the_example(tmp_path):
     placeholders filled in and nothing else changed."""
     subprocess.run(
         [str(SCRIPT), "--render-only", MODULE, "8080", str(tmp_path)],
-        capture_output=True, text=True, check=True)
+        capture_output=True, text=True, check=True, env=sanitizer_env())
     conf = (tmp_path / "conf" / "nginx.conf").read_text()
     template = (REPO / "examples" / "nginx.conf").read_text()
     assert conf == (template.replace("LUAGUARD_MODULE", MODULE)

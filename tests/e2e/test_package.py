@@ -15,6 +15,11 @@ import pytest
 import harness
 from harness import MODULE, NGINX, REPO
 
+# The package is what `make deb` ships (the release module, stripped); a
+# sanitizer build is not packaged.
+pytestmark = pytest.mark.skipif(harness.ASAN, reason="packages the release "
+                                "module, not a sanitizer build")
+
 PKG = "libnginx-mod-http-luaguard"
 VERSION = "0.0.0~test"
 LINK = Path("/etc/nginx/modules-enabled/40-mod-http-luaguard.conf")
