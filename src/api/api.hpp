@@ -115,6 +115,9 @@ int unsafeUriError(lua_State *L, const char *uri, size_t len, size_t bad,
 // Registers functions `fns` into the table at the top of the stack.
 void setFuncs(lua_State *L, const luaL_Reg *fns);
 
+// Pushes nil and `err`, the failure shape of lua-nginx-module's API.
+int pushNilErr(lua_State *L, const char *err);
+
 // package.preload[name] = open: the module `require(name)` returns.
 void preload(lua_State *L, const char *name, lua_CFunction open);
 

@@ -25,13 +25,6 @@ balancer::State *state(lua_State *L)
 
 constexpr char kNoUpstream[] = "no upstream found";
 
-int pushNilErr(lua_State *L, const char *err)
-{
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    return 2;
-}
-
 int setCurrentPeer(lua_State *L)
 {
     balancer::State *s = state(L);

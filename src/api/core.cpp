@@ -446,14 +446,18 @@ Run *requestPhase(lua_State *L, PhaseMask allowed, const char *noreq,
     {
         luaL_error(L, "%s", noreq);
     }
-    // Timers and TLS handshakes run on a placeholder request, whose
-    // fields lua-resty-core refuses so.
-    bool fake = run->ctx == nullptr || run->phase == Phase::Timer
-                || run->phase == Phase::SslCert;
+    bool fake = run->ctx == nullptr || (mask(run->phase) & kPlaceholder);
     if (placeholder && fake && !(mask(run->phase) & allowed)) {
         luaL_error(L, "API disabled in the current context");
     }
     return glue::checkPhase(L, allowed);
+}
+
+int pushNilErr(lua_State *L, const char *err)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
 }
 
 void setFuncs(lua_State *L, const luaL_Reg *fns)

@@ -37,7 +37,7 @@ const char kHeadersMeta[] = "luaguard.req_headers_mt";
 Run *fieldPhase(lua_State *L, PhaseMask allowed)
 {
     Phase p = g_run ? g_run->phase : Phase::None;
-    if ((p == Phase::Timer || p == Phase::SslCert) && !(allowed & mask(p))) {
+    if ((mask(p) & kPlaceholder) && !(allowed & mask(p))) {
         luaL_error(L, "API disabled in the current context");
     }
     return glue::checkPhase(L, allowed);

@@ -509,13 +509,6 @@ Tcp *use(lua_State *L)
     return s;
 }
 
-int pushNilErr(lua_State *L, const char *err)
-{
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    return 2;
-}
-
 void logError(Tcp *s, const char *what)
 {
     if (s->log_errors && s->ctx) {

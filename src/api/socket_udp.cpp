@@ -75,13 +75,6 @@ Udp *use(lua_State *L)
     return u;
 }
 
-int pushNilErr(lua_State *L, const char *err)
-{
-    lua_pushnil(L);
-    lua_pushstring(L, err);
-    return 2;
-}
-
 void closeUdp(Udp *u)
 {
     if (u->c) {

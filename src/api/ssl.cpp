@@ -40,16 +40,12 @@ SSL *requireSsl(lua_State *L, ngx_connection_t **c = nullptr)
 int failed(lua_State *L, const char *what)
 {
     ERR_clear_error();
-    lua_pushnil(L);
-    lua_pushstring(L, what);
-    return 2;
+    return pushNilErr(L, what);
 }
 
 int noSsl(lua_State *L)
 {
-    lua_pushnil(L);
-    lua_pushliteral(L, "bad request");
-    return 2;
+    return pushNilErr(L, "bad request");
 }
 
 BIO *memBio(lua_State *L, int idx)

@@ -39,9 +39,7 @@ ngx_int_t getPeer(ngx_peer_connection_t *pc, void *data)
     if (rc != NGX_OK) {
         return NGX_ERROR;
     }
-    if (s->exited && (s->exit_code >= NGX_HTTP_BAD_REQUEST
-                      || s->exit_code == NGX_ERROR))
-    {
+    if (s->exited && glue::exitFails(s->exit_code)) {
         return NGX_ERROR;
     }
     if (!s->peer_set) {

@@ -86,6 +86,14 @@ void logFailure(ngx_log_t *log, const char *what, const std::string &msg,
 // running code (a yield in coroutine phases, an error object elsewhere).
 int exitThread(lua_State *L, RequestCtx *ctx, ngx_int_t code = 0);
 
+// In the phases with no response of their own (balancer_by_lua,
+// ssl_certificate_by_lua) ngx.exit(ngx.ERROR) or an error status fails
+// the upstream try or the handshake; other codes let it go on.
+inline bool exitFails(ngx_int_t code)
+{
+    return code == NGX_ERROR || code >= NGX_HTTP_BAD_REQUEST;
+}
+
 // The request's context, made on first use; brought up to date with the
 // request's location (and that location's VM) when it changed. Null when
 // out of memory.

@@ -11,20 +11,12 @@ namespace {
 
 int g_index = -1;   // SSL ex_data slot of the Handshake
 
-bool failedExit(RequestCtx *ctx)
-{
-    // ngx.exit(ngx.ERROR) (or an error status) aborts the handshake;
-    // ngx.exit(ngx.OK) goes on with it.
-    return ctx->exited && (ctx->exit_code == NGX_ERROR
-                           || ctx->exit_code >= NGX_HTTP_BAD_REQUEST);
-}
-
 void endRun(Handshake *hs, bool ok)
 {
     RequestCtx *ctx = hs->ctx;
     hs->ctx = nullptr;
     hs->done = true;
-    hs->ok = ok && !failedExit(ctx);
+    hs->ok = ok && !(ctx->exited && glue::exitFails(ctx->exit_code));
     ctx->handshake = nullptr;
     glue::destroyFake(ctx->r->connection);
 }

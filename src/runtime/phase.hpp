@@ -46,6 +46,11 @@ constexpr PhaseMask kRequest = mask(Phase::Set, Phase::ServerRewrite,
                                     Phase::HeaderFilter, Phase::BodyFilter,
                                     Phase::Balancer);
 
+// Phases whose Lua runs on a placeholder request of luaguard's making:
+// the request's own fields are "API disabled in the current context"
+// there, as lua-nginx-module says.
+constexpr PhaseMask kPlaceholder = mask(Phase::Timer, Phase::SslCert);
+
 // Phases in which output may be produced with ngx.say and friends.
 constexpr PhaseMask kOutput = mask(Phase::ServerRewrite, Phase::Rewrite,
                                    Phase::Access, Phase::Content);
