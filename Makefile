@@ -10,7 +10,7 @@ PORT       ?= 8080
 VERSION    ?= 0.1.0
 
 .PHONY: all deps deps-test build build-asan run test test-unit test-e2e \
-        test-asan-fast test-asan test-soak soak install deb bench clean audit
+        test-asan-fast test-asan test-soak soak lint install deb bench clean audit
 
 all: build
 
@@ -35,7 +35,11 @@ run: build
 	@scripts/run-example.sh $(MODULE) $(PORT)
 
 test: deps-test build
-	@$(MAKE) --no-print-directory test-unit test-e2e test-asan-fast test-soak
+	@$(MAKE) --no-print-directory lint test-unit test-e2e test-asan-fast test-soak
+
+# The Lua compiled into the module (lua/*.lua), checked as Lua.
+lint: deps-test
+	@luacheck -q lua/
 
 test-unit:
 	@cd $(BUILD) && ctest --output-on-failure

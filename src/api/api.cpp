@@ -3,13 +3,27 @@
 #include "ngx/glue.hpp"
 #include "security/ngx_sandbox.hpp"
 
-namespace luaguard {
+namespace luaguard::api {
 
-// The text of lua/prelude.lua, embedded by the build.
-extern const char kPrelude[];
-extern const size_t kPreludeLen;
-
-namespace api {
+bool runEmbedded(lua_State *L, const char *code, size_t len,
+                 const char *name, int nargs, std::string *err)
+{
+    int rc = luaL_loadbuffer(L, code, len, name);
+    if (rc == 0) {
+        lua_insert(L, -(nargs + 1));
+        rc = lua_pcall(L, nargs, 0, 0);
+    } else {
+        lua_insert(L, -(nargs + 1));
+        lua_pop(L, nargs);
+    }
+    if (rc != 0) {
+        const char *msg = lua_tostring(L, -1);  // names the chunk
+        *err = msg ? msg : std::string(name + 1) + ": error object";
+        lua_pop(L, 1);
+        return false;
+    }
+    return true;
+}
 
 bool open(lua_State *L, std::string *err)
 {
@@ -27,11 +41,15 @@ bool open(lua_State *L, std::string *err)
     openBalancer(L);
     openSsl(L);
     openWorkerPids(L);
-    openShared(L);
+    if (!openShared(L, err)) {
+        return false;
+    }
     openReq(L);
     openResp(L);
     openUtil(L);
-    openRegex(L);
+    if (!openRegex(L, err)) {
+        return false;
+    }
     openLocation(L);
     openSocketTcp(L);
     openSocketUdp(L);
@@ -39,20 +57,13 @@ bool open(lua_State *L, std::string *err)
     openPending(L);
     lua_setglobal(L, "ngx");
 
-    if (luaL_loadbuffer(L, kPrelude, kPreludeLen, "=luaguard.prelude") != 0) {
-        *err = lua_tostring(L, -1);
-        lua_pop(L, 1);
-        return false;
-    }
     lua_pushlightuserdata(L, &glue::kYieldSentinel);
     lua_pushcfunction(L, budgetStopping);
-    if (lua_pcall(L, 2, 0, 0) != 0) {
-        *err = lua_tostring(L, -1);
-        lua_pop(L, 1);
+    if (!runEmbedded(L, kLua_prelude, kLua_prelude_len, "=luaguard.prelude",
+                     2, err)) {
         return false;
     }
     return openRestyCore(L, err) && sandbox::installNgx(L, err);
 }
 
-}  // namespace api
-}  // namespace luaguard
+}  // namespace luaguard::api

@@ -10,6 +10,15 @@
 namespace luaguard {
 struct MainConf;
 struct LocConf;
+
+// The files under lua/, compiled in by the build (CMakeLists.txt).
+#define LUAGUARD_EMBEDDED(name)                                              \
+    extern const char kLua_##name[];                                         \
+    extern const size_t kLua_##name##_len
+LUAGUARD_EMBEDDED(prelude);
+LUAGUARD_EMBEDDED(resty_core);
+LUAGUARD_EMBEDDED(regex_ffi);
+LUAGUARD_EMBEDDED(shdict_ffi);
 }
 
 struct ngx_conf_s;
@@ -23,6 +32,12 @@ constexpr char kRestyCoreVersion[] = "0.1.25";
 // Builds the global `ngx` table, the embedded Lua prelude and the
 // per-request environment machinery. False with *err on failure.
 bool open(lua_State *L, std::string *err);
+
+// Runs an embedded Lua file (lua/NAME.lua, as kLua_NAME) with the `nargs`
+// values at the top of the stack as its arguments `...`, popping them.
+// False with *err (the file's name and the error) on failure.
+bool runEmbedded(lua_State *L, const char *code, size_t len,
+                 const char *name, int nargs, std::string *err);
 
 // Each takes the `ngx` table at stack top and leaves it there.
 void openCore(lua_State *L);
@@ -49,7 +64,8 @@ ngx_uint_t socketPoolIdle();
 
 // package.preload["luaguard.metrics"] (api/metrics.cpp).
 void openMetrics(lua_State *L);
-void openShared(lua_State *L);
+// ngx.shared's metatable; its hot methods from lua/shdict_ffi.lua.
+bool openShared(lua_State *L, std::string *err);
 
 // Fills ngx.shared with the configuration's lua_shared_dict zones
 // (postconfiguration: the VM may exist before the directives are read).
@@ -57,7 +73,8 @@ void bindSharedDicts(lua_State *L, MainConf *mcf);
 void openReq(lua_State *L);
 void openResp(lua_State *L);
 void openUtil(lua_State *L);
-void openRegex(lua_State *L);
+// ngx.re; match, find, gmatch, sub, gsub and split from lua/regex_ffi.lua.
+bool openRegex(lua_State *L, std::string *err);
 
 // Whether the compile-once regex cache holds no pattern (api/regex.cpp).
 bool regexCacheEmpty();

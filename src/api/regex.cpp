@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "api/api.hpp"
+#include "api/ffi_abi.hpp"
 #include "ngx/module.hpp"
 #include "runtime/regex_cache.hpp"
 #include "runtime/regex_heap.hpp"
@@ -133,21 +134,7 @@ class RegexRef {
     Regex *re_;
 };
 
-// Mirrored by the cdef in kFastPath.
-struct FfiResult {
-    int     *ov;        // (start, end) pairs for groups 0..ncap, -1 unset
-    int      ncap;      // groups excluding 0 (0 with "d")
-    int      nnames;    // named groups (0 with "d")
-    int      dupnames;  // "D": names map to arrays
-    int      serial;    // identity of a cached pattern, 0 if uncached
-    int      utf;       // "u"/"U": empty matches step over a character
-    Regex   *re;        // for luaguard_re_name, until the next exec
-    const char *out;    // luaguard_re_subst's result
-    size_t   outlen;
-    int      gen;       // bumped whenever a cached pattern is evicted
-};
-
-FfiResult g_result;
+luaguard_re_result_t g_result;
 
 // ---- per-worker state ----
 
@@ -1141,7 +1128,7 @@ int splitFields(Regex *re, const char *subj, size_t len, size_t start,
 // ---- the FFI fast path ----
 //
 // Calls from Lua into lua_CFunctions cannot be JIT-compiled, so
-// ngx.re.match and ngx.re.find are Lua functions (kFastPath below) that
+// ngx.re.match and ngx.re.find are Lua functions (lua/regex_ffi.lua) that
 // call luaguard_re_exec() through the FFI and build their results in
 // JIT-compiled Lua. Anything unusual (non-string arguments, a compile
 // error, an unknown option) goes to the C API functions above, which
@@ -1188,21 +1175,21 @@ Regex *ffiRegex(Regex *hint, const char *pat, size_t plen, const char *opts,
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default")))
-FfiResult *luaguard_re_result(void)
+extern "C" LUAGUARD_FFI_EXPORT
+luaguard_re_result_t *luaguard_re_result(void)
 {
     return &g_result;
 }
 
-extern "C" __attribute__((visibility("default")))
-int luaguard_re_exec(Regex *hint, const char *pat, size_t plen,
+extern "C" LUAGUARD_FFI_EXPORT
+int luaguard_re_exec(void *hint, const char *pat, size_t plen,
                      const char *opts, size_t olen, const char *subj,
                      size_t len, size_t off, int no_utf_check)
 {
     if (len > INT32_MAX) {
         return kFallback;  // offsets travel as int
     }
-    Regex *re = ffiRegex(hint, pat, plen, opts, olen);
+    Regex *re = ffiRegex(static_cast<Regex *>(hint), pat, plen, opts, olen);
     if (re == nullptr) {
         return kFallback;
     }
@@ -1238,12 +1225,12 @@ int luaguard_re_exec(Regex *hint, const char *pat, size_t plen,
 // sub/gsub with a string template: no Lua runs in between, so one static
 // buffer serves. Returns the count, or kBadTemplate, kFallback or a
 // (PCRE1-numbered) exec error.
-extern "C" __attribute__((visibility("default")))
-int luaguard_re_subst(Regex *hint, const char *pat, size_t plen,
+extern "C" LUAGUARD_FFI_EXPORT
+int luaguard_re_subst(void *hint, const char *pat, size_t plen,
                       const char *opts, size_t olen, const char *subj,
                       size_t len, const char *tpl, size_t tlen, int global)
 {
-    Regex *raw = ffiRegex(hint, pat, plen, opts, olen);
+    Regex *raw = ffiRegex(static_cast<Regex *>(hint), pat, plen, opts, olen);
     if (raw == nullptr) {
         return kFallback;
     }
@@ -1272,15 +1259,15 @@ int luaguard_re_subst(Regex *hint, const char *pat, size_t plen,
 
 // split: the fields' offsets go to the result's ov as (start, end)
 // pairs. Returns the number of fields, or kFallback or an exec error.
-extern "C" __attribute__((visibility("default")))
-int luaguard_re_split(Regex *hint, const char *pat, size_t plen,
+extern "C" LUAGUARD_FFI_EXPORT
+int luaguard_re_split(void *hint, const char *pat, size_t plen,
                       const char *opts, size_t olen, const char *subj,
                       size_t len, size_t pos, int64_t max)
 {
     if (len > INT32_MAX) {
         return kFallback;
     }
-    Regex *raw = ffiRegex(hint, pat, plen, opts, olen);
+    Regex *raw = ffiRegex(static_cast<Regex *>(hint), pat, plen, opts, olen);
     if (raw == nullptr) {
         return kFallback;
     }
@@ -1301,9 +1288,10 @@ int luaguard_re_split(Regex *hint, const char *pat, size_t plen,
     return static_cast<int>(fields.size() / 2);
 }
 
-extern "C" __attribute__((visibility("default")))
-const char *luaguard_re_name(Regex *re, int i, int *group)
+extern "C" LUAGUARD_FFI_EXPORT
+const char *luaguard_re_name(void *p, int i, int *group)
 {
+    auto *re = static_cast<Regex *>(p);
     if (re == nullptr || i < 0 || static_cast<size_t>(i) >= re->names.size())
     {
         return nullptr;
@@ -1314,404 +1302,7 @@ const char *luaguard_re_name(Regex *re, int i, int *group)
 
 namespace {
 
-const char kFastPath[] = R"lua(
-local c_match, c_find, c_gmatch, c_sub, c_gsub = ...
-local ffi = require "ffi"
-local C = ffi.C
-ffi.cdef[[
-typedef struct {
-    int   *ov;
-    int    ncap;
-    int    nnames;
-    int    dupnames;
-    int    serial;
-    int    utf;
-    void  *re;
-    const char *out;
-    size_t outlen;
-    int    gen;
-} luaguard_re_result_t;
-luaguard_re_result_t *luaguard_re_result(void);
-int luaguard_re_exec(void *hint, const char *pat, size_t plen,
-                     const char *opts, size_t olen, const char *subj,
-                     size_t len, size_t off, int no_utf_check);
-int luaguard_re_subst(void *hint, const char *pat, size_t plen,
-                      const char *opts, size_t olen, const char *subj,
-                      size_t len, const char *tpl, size_t tlen, int global);
-int luaguard_re_split(void *hint, const char *pat, size_t plen,
-                      const char *opts, size_t olen, const char *subj,
-                      size_t len, size_t pos, int64_t max);
-const char *luaguard_re_name(void *re, int i, int *group);
-]]
-local R = C.luaguard_re_result()
-local re_exec = C.luaguard_re_exec
-local new_tab = require "table.new"
-local type, sub, byte, ffi_string = type, string.sub, string.byte, ffi.string
-local str_find = string.find
-local FALLBACK = -1000
-local NOMATCH = -1
 
--- Name tables of cached patterns by serial; bounded by clearing.
-local names_cache, names_count = {}, 0
-local group_out = ffi.new("int[1]")
-
-local function get_names()
-    local serial = R.serial
-    if serial ~= 0 then
-        local t = names_cache[serial]
-        if t then
-            return t
-        end
-    end
-    local n = R.nnames
-    local t = new_tab(2 * n, 0)
-    for i = 0, n - 1 do
-        local p = C.luaguard_re_name(R.re, i, group_out)
-        t[2 * i + 1] = ffi_string(p)
-        t[2 * i + 2] = group_out[0]
-    end
-    if serial ~= 0 then
-        if names_count >= 4096 then
-            names_cache, names_count = {}, 0
-        end
-        names_cache[serial] = t
-        names_count = names_count + 1
-    end
-    return t
-end
-
--- Handles of compile-once patterns by options and pattern string, so the
--- hot path finds its compiled pattern with two table lookups. Any
--- eviction from the C cache bumps R.gen and drops them all.
-local handles, handles_gen = {}, -1
-
-local function handle(regex, opts)
-    if R.gen ~= handles_gen then
-        handles, handles_gen = {}, R.gen
-        return nil
-    end
-    local t = handles[opts]
-    return t and t[regex]
-end
-
--- After a call that found or compiled `regex`: keep its handle if cached.
-local function remember(regex, opts)
-    if R.serial == 0 then
-        return
-    end
-    if R.gen ~= handles_gen then
-        handles, handles_gen = {}, R.gen
-    end
-    local t = handles[opts]
-    if not t then
-        t = {}
-        handles[opts] = t
-    end
-    t[regex] = R.re
-end
-
--- ctx.pos as a 0-based offset; nil when the C path must handle ctx.
-local function start_offset(ctx)
-    if ctx == nil then
-        return 0
-    end
-    if type(ctx) ~= "table" then
-        return nil
-    end
-    local p = ctx.pos
-    if p == nil then
-        return 0
-    end
-    if type(p) ~= "number" or p % 1 ~= 0 then
-        return nil
-    end
-    if p > 1 then
-        return p - 1
-    end
-    return 0
-end
-
--- One search from `pos`, shared by match and find: pcre2's return code
--- (the groups in R.ov), or FALLBACK when the C functions must do it.
-local function search(subj, regex, opts, pos)
-    local h = handle(regex, opts)
-    local rc = re_exec(h, regex, #regex, opts, #opts, subj, #subj, pos, 0)
-    if rc ~= FALLBACK and h == nil then
-        remember(regex, opts)
-    end
-    return rc
-end
-
-local build
-
-local function match(subj, regex, opts, ctx, res)
-    if opts == nil then
-        opts = ""
-    end
-    local pos = start_offset(ctx)
-    if type(subj) ~= "string" or type(regex) ~= "string"
-       or type(opts) ~= "string" or pos == nil
-       or (res ~= nil and type(res) ~= "table")
-    then
-        return c_match(subj, regex, opts, ctx, res)
-    end
-    local rc = search(subj, regex, opts, pos)
-    if rc == FALLBACK then
-        return c_match(subj, regex, opts, ctx, res)
-    end
-    if rc < 0 then
-        if rc == NOMATCH then
-            return nil
-        end
-        return nil, "pcre_exec() failed: " .. rc
-    end
-    if ctx then
-        ctx.pos = R.ov[1] + 1
-    end
-    return build(subj, res)
-end
-
--- The match table for the last exec: [0..ncap] and named groups.
-build = function(subj, res)
-    local ov, ncap, nnames = R.ov, R.ncap, R.nnames
-    local m = res or new_tab(ncap, nnames + 1)
-    for i = 0, ncap do
-        local a = ov[2 * i]
-        if a >= 0 then
-            m[i] = sub(subj, a + 1, ov[2 * i + 1])
-        else
-            m[i] = false
-        end
-    end
-    if nnames > 0 then
-        local names = get_names()
-        local n = #names
-        if R.dupnames == 0 then
-            for j = 1, n, 2 do
-                m[names[j]] = m[names[j + 1]]
-            end
-        else
-            -- "D": each name maps to the values its groups matched.
-            local j = 1
-            while j <= n do
-                local name, t, k = names[j], nil, 0
-                while j <= n and names[j] == name do
-                    local v = m[names[j + 1]]
-                    if v then
-                        t = t or {}
-                        k = k + 1
-                        t[k] = v
-                    end
-                    j = j + 2
-                end
-                if t then
-                    m[name] = t
-                end
-            end
-        end
-    end
-    return m
-end
-
-local function find(subj, regex, opts, ctx, nth)
-    if opts == nil then
-        opts = ""
-    end
-    local pos = start_offset(ctx)
-    if nth == nil then
-        nth = 0
-    end
-    if type(subj) ~= "string" or type(regex) ~= "string"
-       or type(opts) ~= "string" or pos == nil
-       or type(nth) ~= "number" or nth % 1 ~= 0
-    then
-        return c_find(subj, regex, opts, ctx, nth)
-    end
-    local rc = search(subj, regex, opts, pos)
-    if rc == FALLBACK then
-        return c_find(subj, regex, opts, ctx, nth)
-    end
-    if rc < 0 then
-        if rc == NOMATCH then
-            return nil
-        end
-        return nil, nil, "pcre_exec() failed: " .. rc
-    end
-    if nth < 0 then
-        nth = 0
-    end
-    if nth > R.ncap then
-        return nil, nil, "nth out of bound"
-    end
-    local ov = R.ov
-    if ctx then
-        ctx.pos = ov[1] + 1
-    end
-    local a = ov[2 * nth]
-    if a < 0 then
-        return nil, nil
-    end
-    return a + 1, ov[2 * nth + 1]
-end
-
--- Compile-once patterns iterate here; others keep the C iterator, which
--- holds its compiled pattern instead of compiling it at every step.
-local function gmatch(subj, regex, opts)
-    if type(subj) ~= "string" or type(regex) ~= "string"
-       or type(opts) ~= "string" or not str_find(opts, "o", 1, true)
-    then
-        return c_gmatch(subj, regex, opts)
-    end
-    local len = #subj
-    -- Compiles (or finds) the pattern now, so errors surface here.
-    local h = handle(regex, opts)
-    local rc = re_exec(h, regex, #regex, opts, #opts, subj, len, len + 1, 0)
-    if rc == FALLBACK then
-        return c_gmatch(subj, regex, opts)
-    end
-    if h == nil then
-        remember(regex, opts)
-    end
-    local pos, done, checked = 0, false, 0
-    return function()
-        if done then
-            return nil
-        end
-        local h = handle(regex, opts)
-        local rc = re_exec(h, regex, #regex, opts, #opts, subj, len, pos,
-                           checked)
-        if h == nil and rc ~= FALLBACK then
-            remember(regex, opts)
-        end
-        checked = 1
-        if rc < 0 then
-            done = true
-            if rc == NOMATCH then
-                return nil
-            end
-            if rc == FALLBACK then
-                return nil, "no memory"
-            end
-            return nil, "pcre_exec() failed: " .. rc
-        end
-        local ov = R.ov
-        local from, to = ov[0], ov[1]
-        if from == to then
-            if to >= len then
-                done = true
-            end
-            pos = to + 1
-            if R.utf ~= 0 then
-                while pos < len do
-                    local b = byte(subj, pos + 1)
-                    if b < 0x80 or b >= 0xC0 then
-                        break
-                    end
-                    pos = pos + 1
-                end
-            end
-        else
-            pos = to
-        end
-        return build(subj, nil)
-    end
-end
-
--- Function replacements call back into Lua per match: C API path.
-local function substitute(subj, regex, replace, opts, global, c_fn)
-    if opts == nil then
-        opts = ""
-    end
-    if type(subj) ~= "string" or type(regex) ~= "string"
-       or type(replace) ~= "string" or type(opts) ~= "string"
-    then
-        return c_fn(subj, regex, replace, opts)
-    end
-    local h = handle(regex, opts)
-    local n = C.luaguard_re_subst(h, regex, #regex, opts, #opts, subj, #subj,
-                                  replace, #replace, global)
-    if n == FALLBACK then
-        return c_fn(subj, regex, replace, opts)
-    end
-    if h == nil then
-        remember(regex, opts)
-    end
-    if n < 0 then
-        if n == -1001 then
-            return nil, nil, "failed to compile the replacement template"
-        end
-        return nil, nil, "pcre_exec() failed: " .. n
-    end
-    if n == 0 then
-        return subj, 0
-    end
-    return ffi_string(R.out, R.outlen), n
-end
-
--- require("ngx.re").split: the fields come from luaguard_re_split();
--- the C function is the fallback for errors and unusual arguments.
-local c_split
-
-local function split(subj, regex, opts, ctx, max, res)
-    local o, mx = opts, max
-    if o == nil then
-        o = ""
-    end
-    if mx == nil then
-        mx = 0
-    end
-    local pos = start_offset(ctx)
-    if type(subj) ~= "string" or type(regex) ~= "string"
-       or type(o) ~= "string" or pos == nil or type(mx) ~= "number"
-       or mx % 1 ~= 0 or (res ~= nil and type(res) ~= "table")
-    then
-        return c_split(subj, regex, opts, ctx, max, res)
-    end
-    local h = handle(regex, o)
-    local n = C.luaguard_re_split(h, regex, #regex, o, #o, subj, #subj, pos,
-                                  mx)
-    if n == FALLBACK then
-        return c_split(subj, regex, opts, ctx, max, res)
-    end
-    if h == nil then
-        remember(regex, o)
-    end
-    if n < 0 then
-        return nil, "pcre_exec() failed: " .. n
-    end
-    local t = res or new_tab(n, 0)
-    local ov = R.ov
-    for i = 1, n do
-        t[i] = sub(subj, ov[2 * i - 2] + 1, ov[2 * i - 1])
-    end
-    if res then
-        local i = n + 1
-        while t[i] ~= nil do
-            t[i] = nil
-            i = i + 1
-        end
-    end
-    return t
-end
-
-local c_loader = package.preload["ngx.re"]
-package.preload["ngx.re"] = function(...)
-    local m = c_loader(...)
-    c_split = m.split
-    m.split = split
-    return m
-end
-
-ngx.re.match = match
-ngx.re.find = find
-ngx.re.gmatch = gmatch
-ngx.re.sub = function(subj, regex, replace, opts)
-    return substitute(subj, regex, replace, opts, 0, c_sub)
-end
-ngx.re.gsub = function(subj, regex, replace, opts)
-    return substitute(subj, regex, replace, opts, 1, c_gsub)
-end
-)lua";
 
 // ---- require "ngx.re": split, opt ----
 
@@ -1828,7 +1419,7 @@ bool regexCacheEmpty()
     return state().cache.size() == 0;
 }
 
-void openRegex(lua_State *L)
+bool openRegex(lua_State *L, std::string *err)
 {
     budget::Guard::instance().on_trip_signal = escapeMatch;
     // In each VM's registry (lua_vm, and a reload makes new VMs).
@@ -1851,23 +1442,21 @@ void openRegex(lua_State *L)
 
     preload(L, "ngx.re", loadNgxRe);
 
-    // The FFI wrappers replace match and find; the C functions stay as
-    // their fallbacks. Without the FFI (or if it fails) the C API serves.
+    // The FFI versions replace the functions above, which stay as their
+    // fallbacks for what the fast path hands back. A failure here is a
+    // start-up error: silently serving through the slow path would hide a
+    // broken build.
     lua_setglobal(L, "ngx");  // the chunk reaches `ngx` as a global
-    if (luaL_loadbuffer(L, kFastPath, sizeof(kFastPath) - 1,
-                        "=luaguard.regex") == 0) {
-        lua_pushcfunction(L, reMatch);
-        lua_pushcfunction(L, reFind);
-        lua_pushcfunction(L, reGmatch);
-        lua_pushcfunction(L, reSub);
-        lua_pushcfunction(L, reGsub);
-        if (lua_pcall(L, 5, 0, 0) != 0) {
-            lua_pop(L, 1);
-        }
-    } else {
-        lua_pop(L, 1);
-    }
+    lua_pushstring(L, kRegexCdef);
+    lua_pushcfunction(L, reMatch);
+    lua_pushcfunction(L, reFind);
+    lua_pushcfunction(L, reGmatch);
+    lua_pushcfunction(L, reSub);
+    lua_pushcfunction(L, reGsub);
+    bool ok = runEmbedded(L, kLua_regex_ffi, kLua_regex_ffi_len,
+                          "=luaguard.regex", 6, err);
     lua_getglobal(L, "ngx");
+    return ok;
 }
 
 }  // namespace luaguard::api

@@ -10,11 +10,6 @@
 #include "security/sandbox.hpp"
 
 namespace luaguard {
-
-// The text of lua/resty_core.lua, embedded by the build.
-extern const char kRestyCore[];
-extern const size_t kRestyCoreLen;
-
 namespace api {
 
 namespace {
@@ -100,7 +95,7 @@ int cacheEmpty(lua_State *L)
 
 bool openRestyCore(lua_State *L, std::string *err)
 {
-    if (luaL_loadbuffer(L, kRestyCore, kRestyCoreLen, "=luaguard.resty_core")
+    if (luaL_loadbuffer(L, kLua_resty_core, kLua_resty_core_len, "=luaguard.resty_core")
         != 0)
     {
         *err = lua_tostring(L, -1);

@@ -1,0 +1,82 @@
+// The C types and functions that the Lua fast paths (lua/shdict_ffi.lua,
+// lua/regex_ffi.lua) call through LuaJIT's FFI.
+//
+// Each declaration is written once, in a macro that is both compiled here
+// as C++ and handed to ffi.cdef as its text. A field added on one side only,
+// or a parameter whose type changed, cannot happen: the compiler checks the
+// definitions in shdict.cpp / regex.cpp against these declarations, and
+// LuaJIT parses the very same declarations. The fast-path files hold no
+// cdef of their own.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+// API is the visibility attribute in C++ and nothing in the ffi.cdef text.
+#define LUAGUARD_SHDICT_ABI(API)                                             \
+    struct luaguard_shdict_out {                                             \
+        double num;                                                          \
+        const char *str;                                                     \
+        size_t len;                                                          \
+        int type;                                                            \
+        int flags;                                                           \
+        int stale;                                                           \
+        int forcible;                                                        \
+    };                                                                       \
+    API int luaguard_shdict_get(void *zone, const char *key, size_t klen,    \
+                                int stale, struct luaguard_shdict_out *out); \
+    API int luaguard_shdict_store(void *zone, int op, int safe,              \
+                                  const char *key, size_t klen, int vtype,   \
+                                  const char *str, size_t len, double num,   \
+                                  double exptime, double flags,              \
+                                  struct luaguard_shdict_out *out);          \
+    API int luaguard_shdict_incr(void *zone, const char *key, size_t klen,   \
+                                 double delta, int has_init, double init,    \
+                                 double init_ttl,                            \
+                                 struct luaguard_shdict_out *out);
+
+// `re` is the pattern behind the last exec (a Regex *), for
+// luaguard_re_name until the next exec.
+#define LUAGUARD_REGEX_ABI(API)                                              \
+    typedef struct luaguard_re_result {                                      \
+        int *ov;                                                             \
+        int ncap;                                                            \
+        int nnames;                                                          \
+        int dupnames;                                                        \
+        int serial;                                                          \
+        int utf;                                                             \
+        void *re;                                                            \
+        const char *out;                                                     \
+        size_t outlen;                                                       \
+        int gen;                                                             \
+    } luaguard_re_result_t;                                                  \
+    API luaguard_re_result_t *luaguard_re_result(void);                      \
+    API int luaguard_re_exec(void *hint, const char *pat, size_t plen,       \
+                             const char *opts, size_t olen,                  \
+                             const char *subj, size_t len, size_t off,       \
+                             int no_utf_check);                              \
+    API int luaguard_re_subst(void *hint, const char *pat, size_t plen,      \
+                              const char *opts, size_t olen,                 \
+                              const char *subj, size_t len, const char *tpl, \
+                              size_t tlen, int global);                      \
+    API int luaguard_re_split(void *hint, const char *pat, size_t plen,      \
+                              const char *opts, size_t olen,                 \
+                              const char *subj, size_t len, size_t pos,      \
+                              int64_t max);                                  \
+    API const char *luaguard_re_name(void *re, int i, int *group);
+
+#define LUAGUARD_FFI_EXPORT __attribute__((visibility("default")))
+#define LUAGUARD_FFI_TEXT_(...) #__VA_ARGS__
+#define LUAGUARD_FFI_TEXT(...) LUAGUARD_FFI_TEXT_(__VA_ARGS__)
+
+extern "C" {
+LUAGUARD_SHDICT_ABI(LUAGUARD_FFI_EXPORT)
+LUAGUARD_REGEX_ABI(LUAGUARD_FFI_EXPORT)
+}
+
+namespace luaguard::api {
+
+inline constexpr char kShdictCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_SHDICT_ABI());
+inline constexpr char kRegexCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REGEX_ABI());
+
+}  // namespace luaguard::api
