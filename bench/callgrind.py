@@ -79,7 +79,8 @@ def measure(module, s, n, workdir, label, extra_http=""):
                     errors="replace")
                 m = common.PENDING.search(errlog)
                 raise RuntimeError(m.group(0) if m else
-                                   f"request {i}: {status} {body[:100]!r}")
+                                   f"{label} request {i}: {status} "
+                                   f"{body[:100]!r}\n{errlog[-1500:]}")
         conn.close()
         elapsed = time.monotonic() - t0
     finally:

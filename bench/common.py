@@ -33,7 +33,7 @@ POST_BODY = "b" * 1024
 
 class Scenario:
     def __init__(self, name, title, location, path, expect, *,
-                 method="GET", headers=None, body=None, api=""):
+                 method="GET", headers=None, body=None, api="", http=""):
         self.name = name
         self.title = title
         self.location = location      # nginx location block(s)
@@ -43,6 +43,32 @@ class Scenario:
         self.headers = headers or {}
         self.body = body
         self.api = api                # what it exercises, for the table
+        self.http = http              # http-level lines it needs
+
+
+# Placeholders in a scenario's text: the loopback upstream's port, and
+# luaguard's directives that the reference does not know (empty there).
+def expand(text, module, up_port):
+    strict = "" if module == "reference" else "lua_sandbox strict;"
+    return (text.replace("{up_port}", str(up_port))
+            .replace("{sandbox_strict}", strict))
+
+
+# A 10 KB JSON document (the json scenario decodes and re-encodes it).
+JSON_DOC = "{\"items\": [" + ", ".join(
+    '{\"id\": %d, \"name\": \"item-%d\", \"tags\": [\"a\", \"b\"], '
+    '\"price\": %d.5, \"ok\": true}' % (i, i, i) for i in range(130)) + "]}"
+
+# Ten locations under `lua_sandbox strict`, one of them requested.
+STRICT_LOCATIONS = "\n".join("""
+        location = /strict%d {
+            {sandbox_strict}
+            content_by_lua_block {
+                local t = {}
+                for i = 1, 4 do t[i] = string.format("%%d", i * %d) end
+                ngx.say("strict ", table.concat(t, ","))
+            }
+        }""" % (i, i) for i in range(10))
 
 
 SCENARIOS = [
@@ -205,6 +231,51 @@ SCENARIOS = [
         }""", "/body", b"body 1024", method="POST", body=POST_BODY,
         headers={"Content-Type": "application/octet-stream"},
         api="ngx.req.read_body, ngx.req.get_body_data"),
+    Scenario(
+        "headers50", "get_headers of 50 headers", """
+        location = /headers50 {
+            content_by_lua_block {
+                local h = ngx.req.get_headers()
+                local n = 0
+                for _ in pairs(h) do n = n + 1 end
+                ngx.say("headers ", n, " ", h["x-h-49"])
+            }
+        }""", "/headers50", b"headers 52 v49",
+        headers={f"X-H-{i}": f"v{i}" for i in range(50)},
+        api="ngx.req.get_headers (50 headers)"),
+    Scenario(
+        "json", "cjson decode + encode of 10 KB", """
+        location = /json {
+            content_by_lua_block {
+                local cjson = require "cjson"
+                local doc = cjson.decode(JSON_DOC)
+                doc.items[1].name = "changed"
+                local out = cjson.encode(doc)
+                ngx.say("json ", #doc.items, " ", #out > 8000)
+            }
+        }""", "/json", b"json 130 true", api="cjson",
+        http="init_by_lua_block { JSON_DOC = [[%s]] }" % JSON_DOC),
+    Scenario(
+        "strict10", "10 locations, lua_sandbox strict", STRICT_LOCATIONS,
+        "/strict7", b"strict 7,14,21,28",
+        api="lua_sandbox strict (luaguard), plain (reference)"),
+    Scenario(
+        "balancer", "balancer_by_lua + keepalive upstream", """
+        location = /balancer {
+            proxy_pass http://bench_lb/pong;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }""", "/balancer", b"pong", api="balancer_by_lua, ngx.balancer",
+        http="""
+    upstream bench_lb {
+        server 127.0.0.1:1;
+        balancer_by_lua_block {
+            local b = require "ngx.balancer"
+            local ok, err = b.set_current_peer("127.0.0.1", {up_port})
+            if not ok then ngx.log(ngx.ERR, err) end
+        }
+        keepalive 16;
+    }"""),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}
@@ -276,8 +347,9 @@ def load_lines(module):
 
 
 def render(module, prefix, port, up_port, scenarios, *, main="", http=""):
-    locs = "\n".join(s.location for s in scenarios)
-    locs = locs.replace("{up_port}", str(up_port))
+    locs = expand("\n".join(s.location for s in scenarios), module, up_port)
+    http = "\n".join([http] + [expand(s.http, module, up_port)
+                               for s in scenarios if s.http])
     return TEMPLATE.format(load=load_lines(module), main=main, http=http,
                            prefix=prefix, port=port, up_port=up_port,
                            locations=locs)

@@ -80,9 +80,11 @@ def config(module, prefix, port, up_port):
     for name, (body, _) in HOSTILE.items():
         locs.append(f"location = /soak/{name} {{ {body} }}")
     locs.append(COUNTER)
-    text = common.render(module, prefix, port, up_port, [], http=HTTP)
+    http = "\n".join([HTTP] + [s.http for s in common.SCENARIOS if s.http])
+    text = common.render(module, prefix, port, up_port, [],
+                         http=common.expand(http, module, up_port))
     text = text.replace("worker_processes 1;", "worker_processes 4;")
-    locations = "\n".join(locs).replace("{up_port}", str(up_port))
+    locations = common.expand("\n".join(locs), module, up_port)
     return text.replace("        server_name localhost;\n",
                         "        server_name localhost;\n" + locations
                         + "\n", 1)
