@@ -86,7 +86,7 @@ ecosystem: deps-test build
 	@ECOSYSTEM=$(abspath $(ECOSYSTEM)) \
 	    ECOSYSTEM_RESULTS=$(CURDIR)/$(BUILD)/ecosystem.json \
 	    LUAGUARD_MODULE=$(CURDIR)/$(MODULE) \
-	    $(PYTEST) -q -p no:cacheprovider tests/ecosystem; \
+	    $(PYTEST) -q -p no:cacheprovider --tb=line tests/ecosystem; \
 	    rc=$$?; [ $$rc -le 1 ] || exit $$rc
 	@/usr/bin/python3 scripts/ecosystem-matrix.py \
 	    --ecosystem $(abspath $(ECOSYSTEM)) \

@@ -332,7 +332,7 @@ def test_lock(lib, serve):
                 local elapsed, err = l:lock("k")
                 return elapsed and elapsed > 0, err, l:unlock()
             end)
-            ngx.sleep(0.01)
+            -- spawn ran the waiter up to its first wait on the lock
             ngx.say("expire ", lock:expire(10))
             ngx.say("unlock ", lock:unlock())
             ngx.say("waiter ", tostring(select(2, ngx.thread.wait(waiter))),
@@ -575,13 +575,15 @@ MEMCACHED = r"""
         ngx.say("add ", tostring(memc:add("dog", 1)), " ",
                 select(2, memc:add("dog", 1)))
         assert(memc:set("n", 1, 0, 7))
-        ngx.say("incr ", memc:incr("n", 41), " flags ", select(2, memc:get("n")))
+        ngx.say("incr ", memc:incr("n", 41), " flags ",
+                select(2, memc:get("n")))
         assert(memc:append("dog", "!"))
         assert(memc:prepend("dog", "<"))
         local res = memc:get({ "dog", "n", "none" })
         ngx.say("multi ", res.dog[1], " ", res.n[1], " ", tostring(res.none))
         local v2, _, cas = memc:gets("dog")
-        ngx.say("cas ", (memc:cas("dog", "cased", cas)), " ", (memc:get("dog")))
+        ngx.say("cas ", (memc:cas("dog", "cased", cas)), " ",
+                (memc:get("dog")))
         ngx.say("delete ", memc:delete("dog"), " ", tostring(memc:get("dog")))
         ngx.say("version ", (memc:version()):match("^%d+%.%d+") ~= nil)
         ngx.say("keepalive ", (memc:set_keepalive(10000, 10)))
@@ -901,4 +903,5 @@ def test_shell(lib, serve, restysignal):
         } }
 """)
     same(lines(n, "/t"), ["false hello\\n oops\\n exit 3",
-                          "true fed via stdin", "false failed to wait for process: timeout"])
+                          "true fed via stdin",
+                          "false failed to wait for process: timeout"])
