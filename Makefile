@@ -10,7 +10,8 @@ PORT       ?= 8080
 VERSION    ?= 0.1.0
 
 .PHONY: all deps deps-test build build-asan run test test-unit test-e2e \
-        test-asan-fast test-asan test-soak soak lint install deb bench clean audit
+        test-asan-fast test-asan test-soak soak lint install deb bench clean audit \
+        ecosystem
 
 all: build
 
@@ -77,6 +78,23 @@ audit: deps
 	@$(BUILD)/luaguard-audit -D LUAGUARD_MODULE=$(CURDIR)/$(MODULE) \
 	    -D PREFIX=$(CURDIR)/$(BUILD)/example -D EXAMPLES=$(CURDIR)/examples \
 	    -D PORT=$(PORT) examples/nginx.conf
+
+# Real OpenResty libraries (the ECOSYSTEM folder) used as their READMEs
+# show, on luaguard and on lua-nginx-module side by side; writes the matrix
+# to docs/ecosystem.md. Slow, so not part of `make test`. Fails only when a
+# library passes on lua-nginx-module and fails on luaguard without a
+# recorded reason (tests/ecosystem/known_gaps.py).
+ECOSYSTEM ?= ../shared/ecosystem
+ecosystem: deps-test build
+	@rm -f $(BUILD)/ecosystem.json
+	@ECOSYSTEM=$(abspath $(ECOSYSTEM)) \
+	    ECOSYSTEM_RESULTS=$(CURDIR)/$(BUILD)/ecosystem.json \
+	    LUAGUARD_MODULE=$(CURDIR)/$(MODULE) \
+	    $(PYTEST) -q -p no:cacheprovider --tb=line tests/ecosystem; \
+	    rc=$$?; [ $$rc -le 1 ] || exit $$rc
+	@/usr/bin/python3 scripts/ecosystem-matrix.py \
+	    --ecosystem $(abspath $(ECOSYSTEM)) \
+	    --results $(BUILD)/ecosystem.json --out docs/ecosystem.md
 
 install: build
 	install -D -m 0644 $(MODULE) /usr/lib/nginx/modules/ngx_http_luaguard_module.so

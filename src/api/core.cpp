@@ -244,8 +244,14 @@ int ngxNewIndex(lua_State *L)
         // status of this response skips it and parses the body as the
         // real response, with headers the body chose. lua-nginx-module
         // sends it (docs/compatibility.md); 600-999 stay allowed, a
-        // client treats them as 5xx (RFC 9110, 15).
-        if (status < 200) {
+        // client treats them as 5xx (RFC 9110, 15). 101 answers a request
+        // that asked to switch protocols (an Upgrade header, RFC 9110
+        // 7.8): that client reads the new protocol after it
+        // (lua-resty-websocket's handshake).
+        if (status < 200
+            && !(status == 101 && r->headers_in.upgrade != nullptr
+                 && r->http_version == NGX_HTTP_VERSION_11))
+        {
             return luaL_error(L, "invalid HTTP status code %d (a 1xx status "
                               "is not a final response)",
                               static_cast<int>(status));

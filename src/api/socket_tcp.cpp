@@ -942,11 +942,10 @@ RStatus readProgress(Tcp *s)
                     if (u->inclusive) {
                         s->acc.append(u->pat(), u->plen);
                     }
+                    // Sized: the data before the pattern, "" too, and
+                    // nil on the next call (lua-resty-upload counts on
+                    // the "" when a chunk ended just before a boundary).
                     if (u->limit) {
-                        if (s->acc.empty()) {
-                            s->res = nullptr;
-                            return RStatus::Done;
-                        }
                         u->eof_pending = true;
                     }
                     s->res = s->acc.data();

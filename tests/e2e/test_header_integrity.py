@@ -311,6 +311,20 @@ def test_interim_status_is_not_a_final_response(nginx, status):
                r"a final response\)")
 
 
+def test_101_answers_an_upgrade_request(nginx):
+    """101 is the answer to a request that asked to switch protocols
+    (lua-resty-websocket's handshake sets it): allowed there, on HTTP/1.1
+    only, as the reference does; without an Upgrade header it stays
+    refused (test above)."""
+    n = nginx(server=STATUS_SERVER)
+    up = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    head = n.raw(b"GET /set?s=101 HTTP/1.1\r\nHost: x\r\n" + up
+                 + b"\r\n", read_until_close=False)
+    assert head.startswith(b"HTTP/1.1 101 \r\n"), head   # nginx has no reason text
+    head = n.raw(b"GET /set?s=101 HTTP/1.0\r\nHost: x\r\n" + up + b"\r\n")
+    assert head.startswith(b"HTTP/1.1 500 "), head
+
+
 @pytest.mark.parametrize("status", [200, 204, 404, 599, 600, 999])
 def test_final_statuses_still_accepted(nginx, status):
     n = nginx(server=STATUS_SERVER)

@@ -259,3 +259,38 @@ def test_client_goes_away_mid_body(nginx, module):
                   b"\r\nabc")
         s.shutdown(socket.SHUT_WR)
         n.wait_log(r"GOT nil client aborted \[abc\]")
+
+
+SIZED_UNTIL = r"""
+    location /sized { content_by_lua_block {
+        local sock = assert(ngx.req.socket())
+        local it = sock:receiveuntil("--b")
+        local out = {}
+        for i = 1, 6 do
+            local t = { it(5) }
+            for j = 1, 3 do t[j] = string.format("%q", tostring(t[j])) end
+            out[i] = table.concat(t, " ")
+        end
+        ngx.say(table.concat(out, " | "))
+    } }
+"""
+
+
+@pytest.mark.parametrize("body", [b"--b--b", b"abcde--bxyz", b"abcdefg--b",
+                                  b"abcd--bab--b"])
+def test_sized_receiveuntil_returns_the_empty_data_before_a_boundary(
+        nginx, body):
+    """The sized iterator answers the data before the pattern, "" too when
+    there is none left, then nil: lua-resty-upload's parser reads a part
+    boundary that follows a full chunk this way (the old module answered
+    nil at once, and the parser lost its place)."""
+    out = {m: nginx(server=SIZED_UNTIL, module=m)
+           .request("/sized", method="POST", body=body).text
+           for m in ("luaguard", "reference")}
+    assert out["luaguard"] == out["reference"]
+    assert out["luaguard"].startswith(
+        {b"--b--b": '"" "nil" "nil" | "nil" "nil" "nil" | "" ',
+         b"abcde--bxyz": '"abcde" "nil" "nil" | "" "nil" "nil" | "nil" ',
+         b"abcdefg--b": '"abcde" "nil" "nil" | "fg" "nil" "nil" | "nil" ',
+         b"abcd--bab--b": '"abcd" "nil" "nil" | "nil" "nil" "nil" | "ab" ',
+         }[body]), out

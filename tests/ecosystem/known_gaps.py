@@ -1,0 +1,13 @@
+"""Libraries that pass on lua-nginx-module and fail on luaguard for a known
+reason, each naming its issue. `make ecosystem` fails only on a difference
+missing from here; the tests themselves still run and fail (never marked
+as expected failures), and the matrix prints the reason."""
+
+KNOWN_GAPS = {
+    # library: (issue, reason)
+    "lua-resty-shell": (21, "ngx.pipe.spawn is not implemented in luaguard "
+                        "yet (issue 21, item 3, being built); Debian's "
+                        "lua-nginx-module has no working ngx.pipe either "
+                        "(its nginx lacks OpenResty's "
+                        "HAVE_SOCKET_CLOEXEC_PATCH)"),
+}
