@@ -31,6 +31,7 @@ bool open(lua_State *L, std::string *err)
     openReq(L);
     openResp(L);
     openUtil(L);
+    openWorkerThread(L);
     openRegex(L);
     openLocation(L);
     openSocketTcp(L);
