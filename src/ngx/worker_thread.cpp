@@ -172,6 +172,8 @@ struct Task {
     int64_t                 memory_limit = 0;
     int64_t                 charge = 0;
     std::atomic<int>        stop{kNone};
+    std::atomic<bool>       orphan{false};   // `thread` gone (the watchdog
+                                             // reads this, not `thread`)
 };
 
 // The VMs of one calling VM (a lua_vm tenant, or the default VM): modules
@@ -229,8 +231,9 @@ void trip(Task *task, int why)
     }
 }
 
-// The thread that stops runs past their deadline, and every run when the
-// worker exits (nginx waits for its pool threads then). Runs are added
+// The thread that stops runs past their deadline, and the runs nobody
+// waits for any more when the worker exits (nginx waits for its pool's
+// threads before the process ends), every run on a fast shutdown. Added
 // and removed under `mu`, so it never hooks a VM whose run is over.
 struct Watchdog {
     std::mutex               mu;
@@ -273,9 +276,10 @@ struct Watchdog {
             }
             cv.wait_for(lock, std::chrono::milliseconds(10));
             uint64_t now = budget::nowNs();
-            bool exiting = ngx_exiting || ngx_quit || ngx_terminate;
+            bool terminate = ngx_terminate;
+            bool exiting = ngx_exiting || ngx_quit;
             for (Task *task : running) {
-                if (exiting) {
+                if (terminate || (exiting && task->orphan.load())) {
                     trip(task, kExiting);
                 } else if (task->deadline_ns && now >= task->deadline_ns) {
                     trip(task, kTime);
@@ -513,6 +517,7 @@ void cancelWait(LuaThread *t)
 {
     auto *task = static_cast<Task *>(t->cancel_data);
     task->thread = nullptr;   // the completion frees the task alone
+    task->orphan = true;
     t->cancel = nullptr;
     t->cancel_data = nullptr;
 }

@@ -339,3 +339,46 @@ def test_each_lua_vm_tenant_gets_its_own_thread_vms(server):
 """)
     assert [n.get(p).body.decode().strip() for p in
             ("/a", "/a", "/b", "/a", "/b")] == ["1", "2", "1", "3", "2"]
+
+
+def test_a_request_that_ends_while_its_call_runs(server):
+    # The light thread waiting on the call is killed by ngx.exit: the task
+    # keeps running on the pool's thread, then gives its VM back alone.
+    files = dict(FILES)
+    files["lua/m.lua"] = MOD.replace("return M", r"""
+function M.wait()
+    for i = 1, 1000 do
+        if ngx.shared.d:get("go") then return "done" end
+        os.execute("sleep 0.01")
+    end
+    return "timeout"
+end
+return M""")
+    n = server(main="thread_pool tp threads=1;", http=HTTP, files=files,
+               server=r"""
+    location /orphan {
+        content_by_lua_block {
+            ngx.thread.spawn(function()
+                ngx.run_worker_thread("tp", "m", "wait")
+            end)
+            ngx.say("left")
+            ngx.exit(200)
+        }
+    }
+    location /after {
+        content_by_lua_block {
+            ngx.shared.d:set("go", true)
+            for i = 1, 500 do
+                local ok, res = ngx.run_worker_thread("tp", "m", "hello")
+                if res ~= "no available Lua vm" then
+                    ngx.say(ok, " ", res)
+                    return
+                end
+                ngx.sleep(0.01)   -- the orphaned call still holds the VM
+            end
+            ngx.say("the VM never came back")
+        }
+    }
+""")
+    assert n.get("/orphan").body == b"left\n"
+    assert n.get("/after").body == b"true hello\n"
