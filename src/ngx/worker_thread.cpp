@@ -464,6 +464,8 @@ void runTask(void *data, ngx_log_t *)
 
 void closeVm(Vm *vm)
 {
+    // A stopped VM's hook would raise in the finalizers lua_close runs.
+    lua_sethook(vm->L(), nullptr, 0, 0);
     delete vm;
 }
 
