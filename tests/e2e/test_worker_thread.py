@@ -382,3 +382,22 @@ return M""")
 """)
     assert n.get("/orphan").body == b"left\n"
     assert n.get("/after").body == b"true hello\n"
+
+
+@pytest.mark.oracle
+def test_outside_rewrite_access_and_content_it_is_refused(server):
+    conf = r"""
+    location /hf {
+        content_by_lua_block { ngx.say("body") }
+        header_filter_by_lua_block {
+            local ok, err = pcall(ngx.run_worker_thread, "tp", "m", "hello")
+            ngx.header["X-R"] = tostring(ok) .. " " .. tostring(err)
+        }
+    }
+"""
+    ns = start_both(server, main="thread_pool tp threads=1;", http=HTTP,
+                    server=conf, files=FILES)
+    got = {m: n.get("/hf").header("X-R") for m, n in ns.items()}
+    assert got["luaguard"] == got["reference"], got
+    assert "API disabled in the context of header_filter_by_lua*" in (
+        got["luaguard"])
