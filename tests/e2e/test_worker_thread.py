@@ -258,6 +258,7 @@ def test_globals_set_by_a_call_are_gone_at_the_next(server):
     assert out["luaguard"] == "true:boolean | true:boolean | nil:string"
 
 
+@pytest.mark.asan_fast
 def test_runaway_loop_in_the_thread_is_stopped(server):
     n = server(main="thread_pool tp threads=1;",
                http=HTTP + "lua_budget_request 300ms;", server=EVAL,
@@ -273,6 +274,7 @@ def test_runaway_loop_in_the_thread_is_stopped(server):
         "true:boolean | true:boolean | hello:string")
 
 
+@pytest.mark.asan_fast
 def test_memory_bomb_in_the_thread_is_stopped(server):
     n = server(main="thread_pool tp threads=1;",
                http=HTTP + "lua_budget_memory 32m;", server=EVAL,
@@ -341,6 +343,7 @@ def test_each_lua_vm_tenant_gets_its_own_thread_vms(server):
             ("/a", "/a", "/b", "/a", "/b")] == ["1", "2", "1", "3", "2"]
 
 
+@pytest.mark.asan_fast
 def test_a_request_that_ends_while_its_call_runs(server):
     # The light thread waiting on the call is killed by ngx.exit: the task
     # keeps running on the pool's thread, then gives its VM back alone.
