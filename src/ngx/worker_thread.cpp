@@ -241,17 +241,26 @@ struct Watchdog {
     std::vector<Task *>      running;
     bool                     started = false;
 
-    void add(Task *task)
+    // False when the run cannot be watched (out of memory, no thread).
+    bool add(Task *task)
     {
         std::lock_guard<std::mutex> lock(mu);
-        running.push_back(task);
-        if (!started) {
-            started = true;
-            // Detached and never freed: it may still hold `mu` while the
-            // process exits.
-            std::thread([this] { loop(); }).detach();
+        try {
+            running.push_back(task);
+            if (!started) {
+                // Detached and never freed: it may still hold `mu` while
+                // the process exits.
+                std::thread([this] { loop(); }).detach();
+                started = true;
+            }
+        } catch (...) {
+            if (!running.empty() && running.back() == task) {
+                running.pop_back();
+            }
+            return false;
         }
         cv.notify_one();
+        return true;
     }
 
     void remove(Task *task)
@@ -330,9 +339,16 @@ int callFunction(lua_State *L)
     for (const Value &v : task->args) {
         pushValue(L, v);
     }
-    int base = 2;
     lua_call(L, static_cast<int>(task->args.size()), LUA_MULTRET);
-    return lua_gettop(L) - base;
+    // Copied here, protected: running out of memory fails the call.
+    if (!copyValues(L, 3, lua_gettop(L), "return value", &task->results,
+                    &task->err))
+    {
+        lua_pushlstring(L, task->err.data(), task->err.size());
+        return lua_error(L);
+    }
+    task->ok = true;
+    return 0;
 }
 
 // Globals as they were before the call (table at 1): what the call set
@@ -406,16 +422,18 @@ void runTask(void *data, ngx_log_t *)
     if (task->limit_ms) {
         task->deadline_ns = budget::nowNs() + task->limit_ms * 1000000;
     }
-    g_watchdog->add(task);
-
     int top = lua_gettop(L);
     int rc = LUA_ERRMEM;
-    if (lua_checkstack(L, 8)) {
+    // A run nothing could stop does not start.
+    bool started = g_watchdog->add(task) && lua_checkstack(L, 8);
+    if (started) {
         lua_pushcfunction(L, loadModule);
         lua_pushlightuserdata(L, task);
         rc = lua_pcall(L, 1, 1, 0);
+    } else {
+        task->err = "not enough memory";
     }
-    if (rc == 0) {
+    if (started && rc == 0) {
         // top+1: the module
         lua_pushcfunction(L, snapshotGlobals);
         rc = lua_pcall(L, 0, 1, 0);
@@ -424,12 +442,9 @@ void runTask(void *data, ngx_log_t *)
             lua_pushcfunction(L, callFunction);
             lua_pushlightuserdata(L, task);
             lua_pushvalue(L, top + 1);
-            rc = lua_pcall(L, 2, LUA_MULTRET, 0);
-            if (rc == 0) {
-                task->ok = copyValues(L, top + 3, lua_gettop(L),
-                                      "return value", &task->results,
-                                      &task->err);
-            } else {
+            rc = lua_pcall(L, 2, 0, 0);
+            if (rc != 0) {
+                task->ok = false;
                 task->err = errorOf(L);
             }
             lua_settop(L, top + 2);
@@ -441,7 +456,7 @@ void runTask(void *data, ngx_log_t *)
         } else {
             task->err = errorOf(L);
         }
-    } else {
+    } else if (started) {
         task->err = errorOf(L);
     }
     if (!task->ok) {
