@@ -47,6 +47,7 @@ bool open(lua_State *L, std::string *err)
     openReq(L);
     openResp(L);
     openUtil(L);
+    openWorkerThread(L);
     if (!openRegex(L, err)) {
         return false;
     }

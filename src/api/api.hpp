@@ -73,6 +73,11 @@ void bindSharedDicts(lua_State *L, MainConf *mcf);
 void openReq(lua_State *L);
 void openResp(lua_State *L);
 void openUtil(lua_State *L);
+
+// ngx.run_worker_thread (api/worker_thread.cpp), and the globals of a new
+// VM it runs functions in, for calls from `caller`'s VM. False with *err.
+void openWorkerThread(lua_State *L);
+bool openThreadVm(lua_State *L, lua_State *caller, std::string *err);
 // ngx.re; match, find, gmatch, sub, gsub and split from lua/regex_ffi.lua.
 bool openRegex(lua_State *L, std::string *err);
 

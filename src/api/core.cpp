@@ -401,7 +401,7 @@ int workerExiting(lua_State *L)
 // APIs of lua-nginx-module that luaguard does not provide yet: using one
 // raises an error naming it instead of a confusing "attempt to call nil".
 const char *const kPending[] = {
-    "get_now_ts", "run_worker_thread", "worker_thread"};
+    "get_now_ts", "worker_thread"};
 
 int pendingIndex(lua_State *L)
 {

@@ -28,7 +28,9 @@ using shdict::Value;
 using shdict::VType;
 
 char kMetaKey;
-shdict::Buffer g_buf;
+// Per thread: the VMs of ngx.run_worker_thread use dictionaries from the
+// threads of nginx's pools while the worker uses them too.
+thread_local shdict::Buffer g_buf;
 
 // `p` when it is one of this configuration's initialised zones, else null.
 shdict::Zone *knownZone(void *p)

@@ -923,6 +923,9 @@ ngx_command_t commands[] = {
     LG_CMD("lua_regex_match_limit", kMain | NGX_CONF_TAKE1,
            ngx_conf_set_num_slot, kMainLoc, LG_MAIN_OFF(regex_match_limit),
            nullptr),
+    LG_CMD("lua_worker_thread_vm_pool_size", kMain | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kMainLoc,
+           LG_MAIN_OFF(worker_thread_vm_pool_size), nullptr),
 
     LG_CMD("lua_shared_dict", kMain | NGX_CONF_TAKE2,
            shdict::sharedDictDirective, kMainLoc, 0, nullptr),
@@ -1147,6 +1150,7 @@ void *createMainConf(ngx_conf_t *cf)
     // Left unset: the regex API applies its defaults (api/regex.cpp).
     mcf->regex_cache_max_entries = NGX_CONF_UNSET;
     mcf->regex_match_limit = NGX_CONF_UNSET;
+    mcf->worker_thread_vm_pool_size = NGX_CONF_UNSET;
     return mcf;
 }
 
@@ -1160,6 +1164,7 @@ char *initMainConf(ngx_conf_t *, void *conf)
     ngx_conf_init_msec_value(mcf->watchdog_grace, 5000);
     ngx_conf_init_uint_value(mcf->max_pending_timers, 1024);
     ngx_conf_init_uint_value(mcf->max_running_timers, 256);
+    ngx_conf_init_value(mcf->worker_thread_vm_pool_size, 10);
     return NGX_CONF_OK;
 }
 

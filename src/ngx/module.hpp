@@ -69,6 +69,7 @@ struct MainConf {
     void                      *shdict;      // shdict::Zones, or null
     ngx_int_t                  regex_cache_max_entries;
     ngx_int_t                  regex_match_limit;
+    ngx_int_t                  worker_thread_vm_pool_size;
     void                      *metrics;     // metrics::Conf (ngx/metrics.*)
 };
 

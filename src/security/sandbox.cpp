@@ -39,10 +39,16 @@ CurrentPolicyFn g_policy_hook = nullptr;
 PushEnvFn g_env_hook = nullptr;
 uint64_t g_refusals[kCapabilityCount];
 RefusalHookFn g_refusal_hook = nullptr;
+// Set on a thread that is not the worker's (setThreadPolicy).
+thread_local bool t_foreign = false;
+thread_local const Policy *t_policy = nullptr;
 
 // Every refusal is counted here: the per-worker counter and the metrics.
 void bump(Capability c)
 {
+    if (t_foreign) {
+        return;  // the counters and the metrics hook are the worker's
+    }
     g_refusals[static_cast<int>(c)]++;
     if (g_refusal_hook) {
         g_refusal_hook(c);
@@ -119,7 +125,7 @@ int luaRefuse(lua_State *L)
 
 int luaCurrentEnv(lua_State *L)
 {
-    if (g_env_hook && g_env_hook(L)) {
+    if (!t_foreign && g_env_hook && g_env_hook(L)) {
         return 1;
     }
     lua_pushnil(L);
@@ -285,7 +291,16 @@ void setHooks(CurrentPolicyFn policy, PushEnvFn env)
 
 const Policy *currentPolicy()
 {
+    if (t_foreign) {
+        return t_policy;
+    }
     return g_policy_hook ? g_policy_hook() : nullptr;
+}
+
+void setThreadPolicy(const Policy *p)
+{
+    t_foreign = p != nullptr;
+    t_policy = p;
 }
 
 void require(lua_State *L, Capability c)

@@ -82,6 +82,13 @@ using PushEnvFn = bool (*)(lua_State *L);
 void setHooks(CurrentPolicyFn policy, PushEnvFn env);
 const Policy *currentPolicy();
 
+// Lua that runs on a thread other than the worker's (the VMs of
+// ngx.run_worker_thread) gets `p` as its policy for everything it calls
+// on this thread: the hooks read the worker's running request and must
+// not be called from it; its refusals are not counted. Null: back to the
+// hooks.
+void setThreadPolicy(const Policy *p);
+
 // Raises "capability 'X' is not allowed in this location (lua_sandbox P)"
 // and counts it when the running request's policy lacks `c`. For APIs
 // implemented in C++: call it first thing.
