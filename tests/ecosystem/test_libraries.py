@@ -523,6 +523,18 @@ REDIS = r"""
         ngx.say("get ", (red:get("dog")))
         red:close()
     } }
+    location /timer { content_by_lua_block {
+        -- the common pattern of writing to redis after the response
+        assert(ngx.timer.at(0, function()
+            local redis = require "resty.redis"
+            local red = redis:new()
+            assert(red:connect("127.0.0.1", @PORT@))
+            ngx.log(ngx.WARN, "TIMER ", (red:incr("timer")), " ",
+                    (red:get("dog")))
+            red:set_keepalive()
+        end))
+        ngx.say("scheduled")
+    } }
     location /pubsub { content_by_lua_block {
         local redis = require "resty.redis"
         local sub, pub = redis:new(), redis:new()
@@ -545,7 +557,8 @@ REDIS = r"""
     "connect, set/get, ngx.null for a missing key, error replies",
     "pipeline, MULTI/EXEC, hmset/hgetall + array_to_hash, EVAL",
     "set_keepalive and get_reused_times on the next request",
-    "subscribe/publish/read_reply/unsubscribe"])
+    "subscribe/publish/read_reply/unsubscribe",
+    "a call from an ngx.timer.at callback"])
 def test_redis(lib, serve, redis_server):
     n = serve(server=REDIS.replace("@PORT@", str(redis_server)))
     same(lines(n, "/t"), [
@@ -554,6 +567,8 @@ def test_redis(lib, serve, redis_server):
         "queued QUEUED", "exec 1,2", "hash 12", "wrongtype false WRONGTYPE",
         "eval vk", "reused 0", "keepalive 1"])
     same(lines(n, "/again"), ["reused true", "get an animal"])
+    same(lines(n, "/timer"), ["scheduled"])
+    n.wait_log(r"TIMER 1 an animal")
     same(lines(n, "/pubsub"), ["subscribe subscribe,ch,1", "publish 1",
                                "message message,ch,hello",
                                "unsubscribe unsubscribe,ch,0"])
