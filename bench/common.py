@@ -33,7 +33,8 @@ POST_BODY = "b" * 1024
 
 class Scenario:
     def __init__(self, name, title, location, path, expect, *,
-                 method="GET", headers=None, body=None, api="", http=""):
+                 method="GET", headers=None, body=None, api="", http="",
+                 tls=False):
         self.name = name
         self.title = title
         self.location = location      # nginx location block(s)
@@ -44,6 +45,9 @@ class Scenario:
         self.body = body
         self.api = api                # what it exercises, for the table
         self.http = http              # http-level lines it needs
+        # A new TLS connection per request to a server of its own
+        # (bench/callgrind.py only: the wrk table leaves it out).
+        self.tls = tls
 
 
 # Placeholders in a scenario's text: the loopback upstream's port, and
@@ -276,9 +280,62 @@ SCENARIOS = [
         }
         keepalive 16;
     }"""),
+    Scenario(
+        "tls_cert", "TLS handshake, ssl_certificate_by_lua", """
+        location = /tls {
+            return 200 "tls\\n";
+        }""", "/tls", b"tls\n", tls=True,
+        api="ssl_certificate_by_lua, ngx.ssl (a full handshake per request)",
+        http="""
+    init_by_lua_block {
+        local function read(name)
+            local f = assert(io.open(ngx.config.prefix() .. "conf/" .. name,
+                                     "rb"))
+            local data = f:read("*a")
+            f:close()
+            return data
+        end
+        BENCH_CERT, BENCH_KEY = read("bench-cert.der"), read("bench-key.der")
+    }"""),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}
+
+# The TLS scenario's server: the certificate comes from Lua; nginx wants
+# one configured all the same (the same pair).
+TLS_SERVER = """
+        ssl_certificate {prefix}/conf/bench-cert.pem;
+        ssl_certificate_key {prefix}/conf/bench-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_tickets off;
+        ssl_session_cache off;
+        ssl_certificate_by_lua_block {
+            local ssl = require "ngx.ssl"
+            assert(ssl.clear_certs())
+            assert(ssl.set_der_cert(BENCH_CERT))
+            assert(ssl.set_der_priv_key(BENCH_KEY))
+        }
+"""
+
+
+def make_certificate(conf_dir):
+    """A self-signed P-256 certificate for localhost, PEM and DER."""
+    conf_dir = Path(conf_dir)
+    pem, key = conf_dir / "bench-cert.pem", conf_dir / "bench-key.pem"
+    if not pem.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec",
+                        "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-days", "2", "-subj", "/CN=localhost",
+                        "-keyout", str(key), "-out", str(pem)],
+                       check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-in", str(pem), "-outform",
+                        "DER", "-out", str(conf_dir / "bench-cert.der")],
+                       check=True, capture_output=True)
+        subprocess.run(["openssl", "pkey", "-in", str(key), "-outform",
+                        "DER", "-out", str(conf_dir / "bench-key.der")],
+                       check=True, capture_output=True)
+        for f in conf_dir.glob("bench-*"):
+            f.chmod(0o644)  # workers run as nobody
 
 # Scenarios also run with luaguard's hardening on versus off.
 HARDENING_SCENARIOS = ["hello", "var_header", "shdict", "phases_ctx",
@@ -317,7 +374,7 @@ http {{
     lua_shared_dict bench 16m;
 {http}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
         server_name localhost;
 {locations}
     }}
@@ -350,9 +407,16 @@ def render(module, prefix, port, up_port, scenarios, *, main="", http=""):
     locs = expand("\n".join(s.location for s in scenarios), module, up_port)
     http = "\n".join([http] + [expand(s.http, module, up_port)
                                for s in scenarios if s.http])
+    ssl = ""
+    if any(s.tls for s in scenarios):
+        if len(scenarios) != 1:
+            raise ValueError("a TLS scenario has a configuration of its own")
+        make_certificate(Path(prefix) / "conf")
+        ssl = " ssl"
+        locs = TLS_SERVER.replace("{prefix}", str(prefix)) + locs
     return TEMPLATE.format(load=load_lines(module), main=main, http=http,
                            prefix=prefix, port=port, up_port=up_port,
-                           locations=locs)
+                           locations=locs, ssl=ssl)
 
 
 def make_prefix(prefix):
@@ -398,9 +462,19 @@ def wait_port(port, timeout, proc=None):
 
 def request(port, s, timeout=10, conn=None):
     """One request of scenario s; returns (status, body bytes)."""
-    own = conn is None
+    if s.tls:
+        import ssl
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                           context=ctx)
+        own = True
+    else:
+        own = conn is None
     if own:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn = conn or http.client.HTTPConnection("127.0.0.1", port,
+                                                  timeout=timeout)
     hdrs = dict(s.headers)
     conn.request(s.method, s.path, body=s.body, headers=hdrs)
     r = conn.getresponse()

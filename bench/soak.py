@@ -76,11 +76,12 @@ HTTP = """
 
 
 def config(module, prefix, port, up_port):
-    locs = [s.location for s in common.SCENARIOS]
+    plain = [s for s in common.SCENARIOS if not s.tls]
+    locs = [s.location for s in plain]
     for name, (body, _) in HOSTILE.items():
         locs.append(f"location = /soak/{name} {{ {body} }}")
     locs.append(COUNTER)
-    http = "\n".join([HTTP] + [s.http for s in common.SCENARIOS if s.http])
+    http = "\n".join([HTTP] + [s.http for s in plain if s.http])
     text = common.render(module, prefix, port, up_port, [],
                          http=common.expand(http, module, up_port))
     text = text.replace("worker_processes 1;", "worker_processes 4;")
