@@ -36,6 +36,7 @@ bool open(lua_State *L, std::string *err)
     openSocketTcp(L);
     openSocketUdp(L);
     openMetrics(L);
+    openOcsp(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

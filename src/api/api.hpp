@@ -49,6 +49,8 @@ ngx_uint_t socketPoolIdle();
 
 // package.preload["luaguard.metrics"] (api/metrics.cpp).
 void openMetrics(lua_State *L);
+// package.preload["ngx.ocsp"] (api/ocsp.cpp).
+void openOcsp(lua_State *L);
 void openShared(lua_State *L);
 
 // Fills ngx.shared with the configuration's lua_shared_dict zones
