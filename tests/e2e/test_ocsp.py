@@ -485,3 +485,20 @@ def test_egress_policy_covers_the_responder_fetch(nginx, pki, responder):
     assert responder.requests == before
     n.wait_log(r"refused by the egress policy \(lua_egress deny "
                + re.escape(RESPONDER_HOST) + r"\)")
+
+
+@pytest.mark.parametrize("module", BOTH)
+def test_nginx_stapling_still_answers_when_lua_sets_none(nginx, pki,
+                                                         responder, module):
+    # With ssl_stapling, nginx's own staple goes out for a handshake whose
+    # Lua code staples nothing; Lua's goes out where it set one.
+    staple = pki / "nginx-staple.der"
+    staple.write_bytes(offline_response(pki, "revoked.test"))
+    port = free_port()
+    n = start(nginx, pki, module, http=tls_server(
+        port, pki, STAPLE, extra=f"ssl_stapling on; ssl_stapling_file {staple};"),
+        server=LOG)
+    out = s_client(port, "plain.test")
+    assert "Cert Status: revoked" in out and "Serial Number: 1002" in out
+    out = s_client(port, "good.test")
+    assert "Cert Status: good" in out and "Serial Number: 1001" in out
