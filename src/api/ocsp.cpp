@@ -11,6 +11,7 @@
 #include <openssl/ocsp.h>
 #include <openssl/x509.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 

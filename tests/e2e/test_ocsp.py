@@ -6,11 +6,12 @@ would listen on every interface). The Lua code finds the responder in the
 certificate, fetches the response with a cosocket, validates it and
 staples it; `openssl s_client -status` checks it from the client side.
 Behaviour is compared with lua-nginx-module where both work."""
+import base64
 import re
-import socket
 import subprocess
 import tempfile
 import threading
+from datetime import datetime, timezone
 
 import pytest
 
@@ -21,6 +22,9 @@ BOTH = ["luaguard", "reference"]
 # The responder's own loopback address, which a deny rule can name
 # without touching anything else the test uses.
 RESPONDER_HOST = "127.0.0.2"
+
+# The time format of `openssl ocsp -index` (that of `openssl ca`).
+INDEX_TIME = "%y%m%d%H%M%SZ"
 
 
 class Responder(TcpServer):
@@ -110,18 +114,14 @@ def pki(tmp_path_factory, responder):
             "ca.key", "-set_serial", str(serial), "-out", f"{name}.crt",
             "-days", "2", "-extfile", f"{name}.ext")
         end = run("x509", "-in", f"{name}.crt", "-noout", "-enddate")
-        expiry = subprocess.run(
-            ["date", "-u", "-d", end.split("=", 1)[1].strip(),
-             "+%y%m%d%H%M%SZ"], check=True, capture_output=True,
-            text=True).stdout.strip()
-        revoked = ""
-        if status == "R":
-            revoked = subprocess.run(["date", "-u", "+%y%m%d%H%M%SZ"],
-                                     check=True, capture_output=True,
-                                     text=True).stdout.strip()
+        expiry = datetime.strptime(end.split("=", 1)[1].strip(),
+                                   "%b %d %H:%M:%S %Y GMT")
+        revoked = (datetime.now(timezone.utc).strftime(INDEX_TIME)
+                   if status == "R" else "")
         if status:
-            index.append(f"{status}\t{expiry}\t{revoked}\t{serial:X}\tunknown"
-                         f"\t/CN={name}\n")
+            index.append("\t".join([status, expiry.strftime(INDEX_TIME),
+                                    revoked, f"{serial:X}", "unknown",
+                                    f"/CN={name}"]) + "\n")
         # the leaf followed by its issuer, as servers send it
         (d / f"{name}.chain").write_text(
             (d / f"{name}.crt").read_text() + (d / "ca.crt").read_text())
@@ -249,7 +249,12 @@ def tls_server(port, pki, code, extra=""):
 """
 
 
-LOG = "location /log { content_by_lua_block { ngx.print(ngx.shared.d:get(ngx.var.arg_n)) } }"
+LOG = """location /log { content_by_lua_block {
+    ngx.print(ngx.shared.d:get(ngx.var.arg_n)) } }"""
+
+
+def content(code):
+    return "location /t { content_by_lua_block { " + code + " } }"
 
 
 def s_client(port, name, status=True):
@@ -277,7 +282,8 @@ def test_stapled_response_reaches_the_client(nginx, pki, responder, module):
     assert responder.requests == before + 1
     url = f"http://{RESPONDER_HOST}:{responder.port}/ocsp"
     assert n.get("/log?n=good.test").text == (
-        f"responder {url} nil\nrequest 69 nil\nfetch {len(offline_response(pki, 'good.test'))} nil\n"
+        f"responder {url} nil\nrequest 69 nil\n"
+        f"fetch {len(offline_response(pki, 'good.test'))} nil\n"
         "validate true nil\nset true")
 
     # A client that asks for no status gets none; the call says so.
@@ -383,8 +389,7 @@ INPUTS = r"""
 def test_results_and_errors_match(nginx, pki, responder):
     got = {}
     for module in BOTH:
-        n = start(nginx, pki, module, server="location /t { content_by_lua_block { "
-                  + INPUTS + " } }")
+        n = start(nginx, pki, module, server=content(INPUTS))
         r = n.get("/t")
         assert r.status == 200, n.read_log()
         got[module] = r.text
@@ -410,7 +415,7 @@ def test_results_and_errors_match(nginx, pki, responder):
     assert lines["set"] == "nil bad request"
     assert got["luaguard"].count("nil raises: true") == 5
     # The request is the leaf's CertID (SHA-1), without a nonce.
-    der = __import__("base64").b64decode(lines["request"])
+    der = base64.b64decode(lines["request"])
     text = subprocess.run(["openssl", "ocsp", "-reqin", "/dev/stdin",
                            "-req_text"], input=der, capture_output=True,
                           check=True).stdout.decode()
@@ -436,7 +441,8 @@ def test_set_status_resp_outside_a_handshake(nginx, pki, module):
             assert(sema:wait(10))
             ngx.say("timer: ", from_timer)
         } }""")
-    assert n.get("/t").text == "request: 2 nil bad request\ntimer: 2 nil bad request\n"
+    assert n.get("/t").text == ("request: 2 nil bad request\n"
+                                "timer: 2 nil bad request\n")
 
 
 # ---- luaguard's own ----
@@ -458,12 +464,11 @@ def test_response_from_a_signer_the_issuer_never_named_is_refused(
             ngx.decode_base64("%s"), chain)))
         ngx.say("genuine: ", pki.show(ocsp.validate_ocsp_response(
             ngx.decode_base64("%s"), chain)))
-    """ % tuple(__import__("base64").b64encode(x).decode()
+    """ % tuple(base64.b64encode(x).decode()
                 for x in (rogue, genuine))
     got = {}
     for module in BOTH:
-        n = start(nginx, pki, module, server="location /t { content_by_lua_block { "
-                  + code + " } }")
+        n = start(nginx, pki, module, server=content(code))
         got[module] = n.get("/t").text
     assert got["luaguard"] == (
         "rogue: nil OCSP_basic_verify() failed\ngenuine: true\n")
@@ -496,7 +501,8 @@ def test_nginx_stapling_still_answers_when_lua_sets_none(nginx, pki,
     staple.write_bytes(offline_response(pki, "revoked.test"))
     port = free_port()
     n = start(nginx, pki, module, http=tls_server(
-        port, pki, STAPLE, extra=f"ssl_stapling on; ssl_stapling_file {staple};"),
+        port, pki, STAPLE,
+        extra=f"ssl_stapling on; ssl_stapling_file {staple};"),
         server=LOG)
     out = s_client(port, "plain.test")
     assert "Cert Status: revoked" in out and "Serial Number: 1002" in out
