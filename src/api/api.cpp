@@ -55,6 +55,7 @@ bool open(lua_State *L, std::string *err)
     openSocketTcp(L);
     openSocketUdp(L);
     openMetrics(L);
+    openOcsp(L);
     openPending(L);
     lua_setglobal(L, "ngx");
 

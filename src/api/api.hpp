@@ -64,6 +64,8 @@ ngx_uint_t socketPoolIdle();
 
 // package.preload["luaguard.metrics"] (api/metrics.cpp).
 void openMetrics(lua_State *L);
+// package.preload["ngx.ocsp"] (api/ocsp.cpp).
+void openOcsp(lua_State *L);
 // ngx.shared's metatable; its hot methods from lua/shdict_ffi.lua.
 bool openShared(lua_State *L, std::string *err);
 

@@ -91,6 +91,44 @@ int certCallback(SSL *ssl, void *)
     return hs->ok ? 1 : 0;
 }
 
+// OpenSSL sends a stapled OCSP response only when the context's status
+// callback says so: the one ngx.ocsp.set_ocsp_status_resp gave the
+// handshake, else whatever the callback in place (nginx's ssl_stapling)
+// decides.
+struct StatusChain {
+    int  (*cb)(SSL *, void *);
+    void  *arg;
+};
+
+int statusCallback(SSL *ssl, void *arg)
+{
+    unsigned char *resp = nullptr;
+    if (SSL_get_tlsext_status_ocsp_resp(ssl, &resp) > 0 && resp) {
+        return SSL_TLSEXT_ERR_OK;
+    }
+    auto *prev = static_cast<StatusChain *>(arg);
+    return prev->cb ? prev->cb(ssl, prev->arg) : SSL_TLSEXT_ERR_NOACK;
+}
+
+bool installStatusHook(ngx_conf_t *cf, SSL_CTX *ctx)
+{
+    int (*cb)(SSL *, void *) = nullptr;
+    SSL_CTX_get_tlsext_status_cb(ctx, &cb);
+    if (cb == statusCallback) {
+        return true;
+    }
+    auto *prev = static_cast<StatusChain *>(
+        ngx_palloc(cf->pool, sizeof(StatusChain)));
+    if (prev == nullptr) {
+        return false;
+    }
+    prev->cb = cb;
+    SSL_CTX_get_tlsext_status_arg(ctx, &prev->arg);
+    SSL_CTX_set_tlsext_status_cb(ctx, statusCallback);
+    SSL_CTX_set_tlsext_status_arg(ctx, prev);
+    return true;
+}
+
 }  // namespace
 
 Handshake *current()
@@ -133,7 +171,7 @@ bool installCertHook(ngx_conf_t *cf, SrvConf *srv)
         }
     }
     SSL_CTX_set_cert_cb(sscf->ssl.ctx, certCallback, nullptr);
-    return true;
+    return installStatusHook(cf, sscf->ssl.ctx);
 }
 
 }  // namespace luaguard::tls

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from harness import TcpServer, free_port
+from harness import Dns, TcpServer, free_port
 
 BOTH = ["luaguard", "reference"]
 
@@ -77,6 +77,38 @@ def test_lua_chooses_the_peer(nginx, module):
         """) + BACKENDS.format(b1=b1, b2=b2),
         server="location /p { proxy_pass http://up; }")
     assert n2.get("/p").text == "b2\n"
+
+
+def test_host_names_are_refused_as_the_reference_does(nginx):
+    # lua-resty-core 0.1.25 takes addresses only: a host name is refused
+    # with "no host allowed" even with a resolver configured, and no name
+    # is looked up (the reference's result, matched).
+    dns = Dns(lambda name: "127.0.0.1" if name.endswith(".test") else None)
+
+    def run(nginx, module):
+        b1, b2, closed = ports()
+        n = nginx(module=module, http=upstream(closed, f"""
+                local out = {{}}
+                for _, h in ipairs({{"backend.test", "backend.test:{b1}",
+                                    "localhost", "no.such.name"}}) do
+                    local ok, err = b.set_current_peer(h, {b1})
+                    out[#out + 1] = tostring(ok) .. " " .. tostring(err)
+                end
+                ngx.var.trace = table.concat(out, "|")
+                assert(b.set_current_peer("127.0.0.1", {b2}))
+            """) + BACKENDS.format(b1=b1, b2=b2),
+            server=f"resolver 127.0.0.1:{dns.port};" + TRACED)
+        r = n.get("/p")
+        return r.status, r.text, r.header("X-Trace")
+
+    try:
+        got = differential(nginx, run)
+        assert got["luaguard"] == got["reference"]
+        assert got["luaguard"] == (200, "b2\n", "|".join(
+            ["nil no host allowed"] * 4))
+        assert dns.queries == []
+    finally:
+        dns.close()
 
 
 RETRY = """

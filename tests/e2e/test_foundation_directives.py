@@ -86,7 +86,7 @@ LIFECYCLE_HTTP = r"""
     init_by_lua_block {
         require "resty.core"
         INIT_PID = ngx.worker.pid()
-        local ok, err = pcall(require, "ngx.ocsp")
+        local ok, err = pcall(require, "ngx.absent")
         SEMA = ok and "loaded" or err
     }
     init_worker_by_lua_block {
@@ -173,7 +173,7 @@ def test_reload_runs_exit_and_init_worker(server, module):
 def test_missing_ngx_module_is_a_clear_error(server):
     n = server(http=LIFECYCLE_HTTP, server=LIFECYCLE_SERVER)
     assert n.get("/sema").text == (
-        "module 'ngx.ocsp' is not implemented in luaguard yet\n")
+        "module 'ngx.absent' is not implemented in luaguard yet\n")
 
 
 # ---- lua_code_cache off: a changed file is reloaded on the next request --
