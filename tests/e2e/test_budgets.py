@@ -248,7 +248,9 @@ def test_deep_recursion_is_an_error_not_a_crash(nginx):
 
 
 def test_lua_usage_reports_time_and_memory(nginx):
-    n = nginx(http=HTTP, server="""
+    # 50 ms of CPU can take longer than the 200 ms slice of wall time on a
+    # loaded machine: a slice the loop cannot reach.
+    n = nginx(http=HTTP.replace("200ms", "60s"), server="""
         location /usage { content_by_lua_block {
             local t0 = os.clock() while os.clock() - t0 < 0.05 do end
             local keep = {} for i = 1, 1000 do keep[i] = string.rep("y", 1000) .. i end
