@@ -21,6 +21,13 @@ int pushFalse(lua_State *L, const std::string &err)
     return 2;
 }
 
+// A thread VM runs no phase of a request: lua-nginx-module says "init".
+int threadPhase(lua_State *L)
+{
+    lua_pushliteral(L, "init");
+    return 1;
+}
+
 int runWorkerThread(lua_State *L)
 {
     Run *run = glue::checkPhase(
@@ -88,6 +95,8 @@ bool openThreadVm(lua_State *L, lua_State *caller, std::string *err)
     openTime(L);
     lua_pushnil(L);
     lua_setfield(L, -2, "req");   // ngx.req.start_time needs a request
+    lua_pushcfunction(L, threadPhase);
+    lua_setfield(L, -2, "get_phase");
 
     subTable(L, "config");
     lua_getglobal(caller, "ngx");

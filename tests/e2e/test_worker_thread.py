@@ -96,6 +96,7 @@ function M.bomb()
     for i = 1, 1e9 do t[i] = string.rep("x", 64) .. i end
 end
 function M.hello() return "hello" end
+function M.phase() return ngx.get_phase() end
 return M
 """
 
@@ -163,6 +164,7 @@ SAME = [
     rwt("api"),
     rwt("dict"),
     rwt("cjson"),
+    rwt("phase"),
     'return ngx.run_worker_thread("tp", "m.sub", "echo")',
     deep(99), deep(100),
     'return ngx.run_worker_thread("tp", "m", "mkdeep", 98)',
