@@ -278,8 +278,10 @@ St readProgress(Proc *p, Stream *s)
                 break;
             }
             if (!fits(p, s->acc.size() + keep)) {
-                refuseMemory(p->ctx, "ngx.pipe read");
-                s->err = "no memory";
+                refuseMemory(p->ctx, "a pipe read");
+                s->err = "not enough memory (luaguard: lua_budget_memory "
+                         "exceeded by a pipe read)";
+                std::string().swap(s->acc);   // no partial result: too big
                 return St::Error;
             }
             s->acc.append(b, keep);

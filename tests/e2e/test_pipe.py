@@ -490,6 +490,27 @@ def test_default_limits(nginx):
         "60", str(2048 * 1024), "1024", "1024", "0"]
 
 
+def test_waiting_is_not_lua_time_and_reads_count_as_memory(nginx):
+    n = nginx(http="lua_budget_request 200ms; lua_budget_memory 8m;",
+              server=r"""
+        location = /wait { content_by_lua_block {
+            local proc = require("ngx.pipe").spawn({"sleep", "1"})
+            ngx.say(proc:wait())
+        } }
+        location = /flood { content_by_lua_block {
+            local proc = require("ngx.pipe").spawn(
+                {"head", "-c", "67108864", "/dev/zero"})
+            local data, err = proc:stdout_read_all()
+            ngx.log(ngx.ERR, "survived: ", err)
+        } }""")
+    # a second of waiting under a 200 ms budget of Lua time
+    assert n.get("/wait").text == "trueexit0\n"
+    assert n.get("/flood").status == 500
+    log = n.read_log()
+    assert "lua_budget_memory exceeded by a pipe read" in log
+    assert "survived" not in log
+
+
 def test_bad_limits_directive(nginx_conf):
     for bad in ("cpu=x", "nothing=1", "files=0", "memory"):
         c = nginx_conf(http=f"lua_pipe_limits {bad};")
