@@ -71,6 +71,7 @@ struct Stream {
     // Write side: what is left of the current write().
     std::string        wbuf;
     size_t             wpos = 0;
+    size_t             charged = 0;      // wbuf's, to lua_budget_memory
 };
 
 struct Proc {
@@ -101,6 +102,18 @@ Proc *g_open;
 
 // ---- closing ----
 
+// A write that waited is over: its copy of the data goes, and with it the
+// charge to the request's lua_budget_memory (procWrite).
+void dropWriteBuf(Stream *s)
+{
+    if (s->charged && s->proc->ctx) {
+        budget::Guard::releaseExternal(&s->proc->ctx->usage, s->charged);
+    }
+    s->charged = 0;
+    std::string().swap(s->wbuf);
+    s->wpos = 0;
+}
+
 void closeStream(Stream *s)
 {
     if (s->c) {
@@ -110,8 +123,8 @@ void closeStream(Stream *s)
     s->waiter = nullptr;
     std::string().swap(s->buf);
     std::string().swap(s->acc);
-    std::string().swap(s->wbuf);
-    s->pos = s->wpos = 0;
+    s->pos = 0;
+    dropWriteBuf(s);
 }
 
 // The command is killed (with what it forked) and the pipes closed. Its
@@ -505,8 +518,7 @@ St writeProgress(Stream *s)
 int pushWrite(Stream *s, lua_State *L, St st, bool timeout)
 {
     size_t total = s->wbuf.size();
-    std::string().swap(s->wbuf);
-    s->wpos = 0;
+    dropWriteBuf(s);
     if (st == St::Done) {
         lua_pushinteger(L, static_cast<lua_Integer>(total));
         return 1;
@@ -555,8 +567,7 @@ void cancelWrite(LuaThread *t)
         return;
     }
     s->waiter = nullptr;
-    std::string().swap(s->wbuf);
-    s->wpos = 0;
+    dropWriteBuf(s);
     if (s->c && s->c->write->timer_set) {
         ngx_del_timer(s->c->write);
     }
@@ -591,6 +602,16 @@ int procWrite(lua_State *L)
     St st = writeProgress(s);
     if (st != St::Again) {
         return pushWrite(s, L, st, false);
+    }
+    // The rest waits in wbuf, outside the Lua VM: charged to the request's
+    // lua_budget_memory until the write is over. Back in `data` while the
+    // charge may raise, so the unwinding frees it.
+    // (A command spawned outside any request charges nobody.)
+    if (p->ctx) {
+        data.swap(s->wbuf);
+        chargeMemory(L, data.size(), "a pipe write");
+        s->wbuf.swap(data);
+        s->charged = s->wbuf.size();
     }
     if (ngx_handle_write_event(s->c->write, 0) != NGX_OK) {
         s->err = "failed to wait for the pipe";

@@ -511,6 +511,30 @@ def test_waiting_is_not_lua_time_and_reads_count_as_memory(nginx):
     assert "survived" not in log
 
 
+def test_data_waiting_to_be_written_counts_as_memory(nginx):
+    # Three commands that never read: each write parks what the pipe does
+    # not take outside the VM (12 MB each) under a 32 MB budget.
+    n = nginx(http="lua_budget_memory 32m;", server=r"""
+        location = /park { content_by_lua_block {
+            local ngx_pipe = require "ngx.pipe"
+            local s = string.rep("w", 12 * 1024 * 1024)
+            local threads = {}
+            for i = 1, 3 do
+                threads[i] = ngx.thread.spawn(function()
+                    local proc = ngx_pipe.spawn({"sleep", "100"})
+                    local ok, err = pcall(proc.write, proc, s)
+                    ngx.log(ngx.ERR, "survived: ", err)
+                end)
+            end
+            for i = 1, 3 do ngx.thread.wait(threads[i]) end
+            ngx.say("unreachable")
+        } }""")
+    assert n.get("/park").status == 500
+    log = n.read_log()
+    assert "lua_budget_memory exceeded by a pipe write" in log
+    assert "survived" not in log
+
+
 def test_bad_limits_directive(nginx_conf):
     for bad in ("cpu=x", "nothing=1", "files=0", "memory"):
         c = nginx_conf(http=f"lua_pipe_limits {bad};")
