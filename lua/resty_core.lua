@@ -392,12 +392,7 @@ end)
 
 -- ---- ngx.pipe ----
 define("ngx.pipe", function()
-    return {
-        version = VERSION,
-        spawn = function()
-            error("ngx.pipe.spawn is not implemented in luaguard yet", 2)
-        end,
-    }
+    return C.pipe_module()   -- api/pipe.cpp
 end)
 
 -- ---- resty.core itself: loads them all, as lua-resty-core's does ----

@@ -89,6 +89,11 @@ bool regexCacheEmpty();
 // The lua-resty-core module names (lua/resty_core.lua, api/resty_core.cpp).
 // Runs after the prelude, before the sandbox is installed.
 bool openRestyCore(lua_State *L, std::string *err);
+// require "ngx.pipe" (api/pipe.cpp): pushes the module table.
+int openPipeModule(lua_State *L);
+// At worker exit: every ngx.pipe command killed and reaped, its pipes
+// closed.
+void closePipes();
 void openLocation(lua_State *L);
 void openSocketTcp(lua_State *L);
 void openSocketUdp(lua_State *L);

@@ -109,6 +109,7 @@ bool openRestyCore(lua_State *L, std::string *err)
                             {"sys_filter_level", sysFilterLevel},
                             {"raw_log", rawLog},
                             {"regex_cache_empty", cacheEmpty},
+                            {"pipe_module", openPipeModule},
                             {nullptr, nullptr}};
     lua_createtable(L, 0, 8);
     setFuncs(L, fns);

@@ -15,6 +15,7 @@
 #include "ngx/tls.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/metrics.hpp"
+#include "ngx/pipe.hpp"
 #include "ngx/subrequest.hpp"
 #include "runtime/block_scanner.hpp"
 #include "runtime/code.hpp"
@@ -1039,6 +1040,8 @@ ngx_command_t commands[] = {
     LG_CMD("lua_sandbox", kAnyLoc | NGX_CONF_1MORE, sandbox::setDirective,
            kLocLoc, LG_LOC_OFF(sandbox), nullptr),
     LG_CMD("lua_vm", kAnyLoc | NGX_CONF_TAKE12, setVm, kLocLoc, 0, nullptr),
+    LG_CMD("lua_pipe_limits", kAnyLoc | NGX_CONF_1MORE, pipe::setLimits,
+           kLocLoc, LG_LOC_OFF(pipe_limits), nullptr),
 
     LG_CMD("lua_egress", kAnyLoc | NGX_CONF_2MORE, setEgressRule, kLocLoc, 0,
            nullptr),
@@ -1392,6 +1395,9 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_str_value(conf->ssl_crl, prev->ssl_crl, "");
     ngx_conf_merge_ptr_value(conf->ssl_conf_commands, prev->ssl_conf_commands,
                              nullptr);
+    if (conf->pipe_limits == nullptr) {
+        conf->pipe_limits = prev->pipe_limits;
+    }
     if (conf->socket_buffer_size == 0) {
         conf->socket_buffer_size = ngx_pagesize;
     }
@@ -1599,11 +1605,11 @@ void exitProcess(ngx_cycle_t *cycle)
     }
     glue::firePendingTimers();
     budget::Guard::instance().stop();
-    if (mcf->exit_worker == nullptr) {
-        return;
+    if (mcf->exit_worker) {
+        glue::runWorkerCode(mcf->vm, mcf->exit_worker, Phase::ExitWorker,
+                            cycle->log);
     }
-    glue::runWorkerCode(mcf->vm, mcf->exit_worker, Phase::ExitWorker,
-                        cycle->log);
+    api::closePipes();   // no ngx.pipe command outlives its worker
 }
 
 ngx_http_module_t moduleCtx = {

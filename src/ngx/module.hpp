@@ -152,6 +152,8 @@ struct LocConf {
     ngx_array_t               *ssl_conf_commands; // of ngx_keyval_t
     void                      *ssl;     // ngx_ssl_t, built on first use
     void                      *metrics;  // metrics::Loc: counters' slot
+    // lua_pipe_limits (ngx/pipe.hpp's Limits); null: unset.
+    const void                *pipe_limits;
 };
 
 // Where a phase's Lua thread is: not started, suspended on an event, or

@@ -14,7 +14,7 @@ namespace {
 
 const char *const kNames[kCapabilityCount] = {
     "io", "os", "ffi", "debug", "bytecode", "loadlib", "cmodule", "socket",
-    "subrequest", "timer", "shared", "exec"};
+    "subrequest", "timer", "shared", "exec", "pipe"};
 
 constexpr uint32_t bit(Capability c)
 {

@@ -38,6 +38,7 @@ enum class Capability : uint8_t {
     Timer,       // ngx.timer.*, ngx.thread.*
     Shared,      // ngx.shared.DICT (optionally a list of names)
     Exec,        // ngx.exec, ngx.redirect
+    Pipe,        // ngx.pipe.spawn: starting processes
     Count
 };
 
