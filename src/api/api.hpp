@@ -65,6 +65,14 @@ bool regexCacheEmpty();
 // The lua-resty-core module names (lua/resty_core.lua, api/resty_core.cpp).
 // Runs after the prelude, before the sandbox is installed.
 bool openRestyCore(lua_State *L, std::string *err);
+// ngx.errlog's C helpers into the table on top of the stack; L is the
+// VM's main state (api/errlog.cpp).
+void addErrlogFuncs(lua_State *L);
+// ndk.set_var's C helpers, the same way (api/ndk.cpp).
+void addNdkFuncs(lua_State *L);
+// lua_capture_error_log: hooks this worker's error_log chains
+// (init_process, before init_worker_by_lua).
+void installErrlogCapture(ngx_cycle_t *cycle, MainConf *mcf);
 void openLocation(lua_State *L);
 void openSocketTcp(lua_State *L);
 void openSocketUdp(lua_State *L);

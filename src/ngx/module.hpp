@@ -70,6 +70,10 @@ struct MainConf {
     ngx_int_t                  regex_cache_max_entries;
     ngx_int_t                  regex_match_limit;
     void                      *metrics;     // metrics::Conf (ngx/metrics.*)
+    size_t                     capture_error_log;  // 0: off (api/errlog)
+    ngx_uint_t                 malloc_trim;        // requests; 0: off
+    ngx_flag_t                 sa_restart;
+    ngx_uint_t                 thread_cache_max_entries;
 };
 
 struct SrvConf {
