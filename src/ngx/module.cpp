@@ -13,6 +13,7 @@
 #include "api/api.hpp"
 #include "ngx/module.hpp"
 #include "ngx/balancer.hpp"
+#include "ngx/capi.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/tls.hpp"
 #include "ngx/glue.hpp"
@@ -1517,6 +1518,7 @@ ngx_int_t setUpVm(ngx_conf_t *cf, MainConf *mcf, Vm *vm, size_t ceiling)
 {
     lua_State *L = vm->L();
     api::bindSharedDicts(L, mcf);
+    capi::applyPreloads(mcf, L);
     std::string prefix(reinterpret_cast<char *>(cf->cycle->prefix.data),
                        cf->cycle->prefix.len);
     struct {
@@ -1722,6 +1724,18 @@ MainConf *mainConf()
 ngx_cycle_t *configCycle()
 {
     return g_conf_cycle;
+}
+
+// For ngx/capi.cpp: the default VM of the configuration being parsed,
+// and whether postconfiguration has set its VMs up.
+Vm *defaultVm(ngx_conf_t *cf)
+{
+    return ensureVm(cf);
+}
+
+bool vmsSetUp(MainConf *mcf)
+{
+    return g_mcf == mcf;
 }
 
 }  // namespace luaguard

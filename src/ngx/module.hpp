@@ -74,6 +74,7 @@ struct MainConf {
     ngx_uint_t                 malloc_trim;        // requests; 0: off
     ngx_flag_t                 sa_restart;
     ngx_uint_t                 thread_cache_max_entries;
+    ngx_array_t               *preloads;    // capi::Preload (ngx/capi.cpp)
 };
 
 struct SrvConf {
