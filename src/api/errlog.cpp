@@ -19,6 +19,8 @@
 // lines, and the default VM also gets the lines no VM logged (nginx's
 // own). Each VM has its own filter level (set_filter_level).
 
+#include <pthread.h>
+
 #include <deque>
 #include <string>
 #include <unordered_map>
@@ -70,6 +72,7 @@ ngx_uint_t g_init_filter = NGX_LOG_DEBUG;
 // The writer re-entered (an allocation failure logged by nginx while a
 // line is being stored): that line is not captured.
 bool g_in_writer = false;
+pthread_t g_loop_thread;
 
 // The VM whose Lua is running, as its main state: null when no Lua runs.
 const void *runningVm()
@@ -135,7 +138,9 @@ int Capture::take(lua_State *L, int idx, const void *vm, lua_Integer max)
 
 void captureWriter(ngx_log_t *log, ngx_uint_t level, u_char *buf, size_t len)
 {
-    if (g_in_writer) {
+    // Other threads log too (the budget watchdog's last words, thread
+    // pools): the buffer is the event loop's alone.
+    if (g_in_writer || !pthread_equal(pthread_self(), g_loop_thread)) {
         return;
     }
     g_in_writer = true;
@@ -264,6 +269,7 @@ void installErrlogCapture(ngx_cycle_t *cycle, MainConf *mcf)
     if (mcf->capture_error_log == 0 || mcf->vm == nullptr) {
         return;
     }
+    g_loop_thread = pthread_self();
     g_capture.limit = mcf->capture_error_log;
     g_capture.default_vm = mcf->vm->L();
     g_capture.setFilter(g_capture.default_vm, g_init_filter);
