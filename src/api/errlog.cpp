@@ -28,6 +28,7 @@
 
 #include "api/api.hpp"
 #include "ngx/glue.hpp"
+#include "security/sandbox.hpp"
 
 namespace luaguard::api {
 
@@ -224,11 +225,25 @@ bool configured()
     return mcf != nullptr && mcf->capture_error_log > 0;
 }
 
+// The buffer holds other requests' lines (clients, URIs, errors):
+// request code of lua_sandbox strict neither reads nor filters it.
+void refuseStrict(lua_State *L, const char *fname)
+{
+    const sandbox::Policy *p = sandbox::currentPolicy();
+    if (p != nullptr && p->strict && g_run != nullptr
+        && g_run->ctx != nullptr)
+    {
+        luaL_error(L, "ngx.errlog.%s is not allowed in lua_sandbox strict "
+                   "(the captured lines are other requests' too)", fname);
+    }
+}
+
 // errlog_get(max, res): res filled from 1 with level, time, text triples
 // and a nil after them; nil, err without the directive.
 int getLogs(lua_State *L)
 {
     lua_Integer max = luaL_checkinteger(L, 1);
+    refuseStrict(L, "get_logs");
     if (!configured()) {
         return pushNilErr(L, kNotSet);
     }
@@ -246,6 +261,7 @@ int getLogs(lua_State *L)
 int setFilterLevel(lua_State *L)
 {
     lua_Integer level = luaL_checkinteger(L, 1);
+    refuseStrict(L, "set_filter_level");
     if (!configured()) {
         return pushNilErr(L, kNotSet);
     }

@@ -205,3 +205,22 @@ def test_a_lua_vm_reads_only_its_own_lines(nginx):
     assert "first D" not in ta + tb and 'open() "' not in ta + tb
     assert "first D" in default and 'open() "' in default
     assert "secret of" not in default
+
+
+def test_strict_request_code_cannot_read_or_filter_the_buffer(nginx):
+    n = nginx(http="lua_capture_error_log 64k;", server=server("""
+        location = /strict { lua_sandbox strict; content_by_lua_block {
+            local errlog = require "ngx.errlog"
+            ngx.say(pcall(errlog.get_logs))
+            ngx.say(pcall(errlog.set_filter_level, ngx.ERR))
+        } }"""))
+    n.get("/log?tag=E")
+    lines = n.get("/strict").text.splitlines()
+    assert len(lines) == 2
+    for line, fname in zip(lines, ("get_logs", "set_filter_level")):
+        assert line.startswith("false") and (
+            f"ngx.errlog.{fname} is not allowed in lua_sandbox strict"
+            in line), line
+    # the buffer was neither read nor filtered
+    msgs = [m for _, _, m in entries(n.get("/read?max=0").text)]
+    assert any("third E" in m for m in msgs)
