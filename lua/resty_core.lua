@@ -359,21 +359,31 @@ define("ngx.resp", function()
 end)
 
 -- ---- ngx.errlog ----
--- lua_capture_error_log (the in-memory buffer get_logs reads and
--- set_filter_level filters) is not a luaguard directive yet: both answer
--- as lua-nginx-module does when it is not configured.
+-- The capture buffer of lua_capture_error_log is src/api/errlog.cpp's.
 define("ngx.errlog", function()
-    local no_buffer = 'directive "lua_capture_error_log" is not set'
+    local errlog_get, errlog_set_filter = C.errlog_get, C.errlog_set_filter
     return {
         version = VERSION,
         set_filter_level = function(level)
             if not level then
                 return nil, [[missing "level" argument]]
             end
-            return nil, no_buffer
+            if type(level) ~= "number" then
+                error("bad argument #1 to 'set_filter_level' (number "
+                      .. "expected, got " .. type(level) .. ")", 2)
+            end
+            return errlog_set_filter(level)
         end,
-        get_logs = function()
-            return nil, no_buffer
+        get_logs = function(max, res)
+            max = max or 10
+            -- lua-resty-core sizes its result table first: a non-number
+            -- fails there, with this message
+            local _ = max * 3
+            if res ~= nil and type(res) ~= "table" then
+                error("bad argument #2 to 'get_logs' (table expected, got "
+                      .. type(res) .. ")", 2)
+            end
+            return errlog_get(max, res)
         end,
         get_sys_filter_level = C.sys_filter_level,
         raw_log = function(level, msg)
@@ -389,6 +399,60 @@ define("ngx.errlog", function()
         end,
     }
 end)
+
+-- ---- ndk.set_var (src/api/ndk.cpp) ----
+-- The global `ndk` of lua-nginx-module: ndk.set_var.DIRECTIVE(value)
+-- runs the filter of a directive registered through ngx_devel_kit.
+do
+    local ndk_find, ndk_call = C.ndk_find, C.ndk_call
+    local getinfo = debug.getinfo
+    local set_var = setmetatable({}, {
+        __index = function(_, name)
+            local cmd = type(name) == "string" and ndk_find(name)
+            if not cmd then
+                -- blame the indexing code, not the sandbox's read-only
+                -- proxy between it and this table
+                local level = 2
+                while (getinfo(level, "S") or {}).source
+                      == "=luaguard.sandbox" do
+                    level = level + 1
+                end
+                error('ndk.set_var: directive "' .. tostring(name)
+                      .. '" not found or does not use ndk_set_var_value',
+                      level)
+            end
+            return function(value)
+                return ndk_call(cmd, tostring(value))
+            end
+        end,
+        __newindex = function()
+            error("not allowed", 2)
+        end,
+    })
+    ndk = { set_var = set_var }
+end
+
+-- ---- ngx.get_raw_phase ----
+-- lua-resty-core's (resty/core/phase.lua): the numeric context of the
+-- phase, for its coroutine wrappers; `r` is get_request()'s handle.
+do
+    local get_phase = ngx.get_phase
+    local raw = {
+        set = 0x0001, rewrite = 0x0002, access = 0x0004, content = 0x0008,
+        log = 0x0010, header_filter = 0x0020, body_filter = 0x0040,
+        timer = 0x0080, init_worker = 0x0100, balancer = 0x0200,
+        ssl_cert = 0x0400, ssl_session_store = 0x0800,
+        ssl_session_fetch = 0x1000, exit_worker = 0x2000,
+        ssl_client_hello = 0x4000, server_rewrite = 0x8000,
+    }
+    ngx.get_raw_phase = function(r)
+        local n = r ~= nil and raw[get_phase()]
+        if not n then
+            error("no request found", 2)
+        end
+        return n
+    end
+end
 
 -- ---- ngx.pipe ----
 define("ngx.pipe", function()

@@ -8,6 +8,7 @@ set -euo pipefail
 BUILD_PKGS=(g++ make cmake pkg-config dpkg-dev nginx nginx-dev
   libluajit2-5.1-dev libpcre2-dev libssl-dev zlib1g-dev libgtest-dev)
 TEST_PKGS=(python3 python3-pytest libnginx-mod-http-lua lua-cjson
+  libnginx-mod-http-ndk libnginx-mod-http-set-misc
   redis-server memcached openssl iproute2 util-linux procps valgrind
   lintian lua-check python3-jsonschema lua-resty-core lua-resty-lrucache)
 BENCH_PKGS=(wrk)

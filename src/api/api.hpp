@@ -94,6 +94,14 @@ int openPipeModule(lua_State *L);
 // At worker exit: every ngx.pipe command killed and reaped, its pipes
 // closed.
 void closePipes();
+// ngx.errlog's C helpers into the table on top of the stack; L is the
+// VM's main state (api/errlog.cpp).
+void addErrlogFuncs(lua_State *L);
+// ndk.set_var's C helpers, the same way (api/ndk.cpp).
+void addNdkFuncs(lua_State *L);
+// lua_capture_error_log: hooks this worker's error_log chains
+// (init_process, before init_worker_by_lua).
+void installErrlogCapture(ngx_cycle_t *cycle, MainConf *mcf);
 void openLocation(lua_State *L);
 void openSocketTcp(lua_State *L);
 void openSocketUdp(lua_State *L);

@@ -111,8 +111,10 @@ bool openRestyCore(lua_State *L, std::string *err)
                             {"regex_cache_empty", cacheEmpty},
                             {"pipe_module", openPipeModule},
                             {nullptr, nullptr}};
-    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 10);
     setFuncs(L, fns);
+    addErrlogFuncs(L);
+    addNdkFuncs(L);
     if (lua_pcall(L, 1, 0, 0) != 0) {
         *err = lua_tostring(L, -1);
         lua_pop(L, 1);

@@ -1,6 +1,8 @@
 // The module table, directives and configuration lifecycle.
 
+#include <malloc.h>
 #include <pwd.h>
+#include <signal.h>
 #include <sys/stat.h>
 
 #include <cctype>
@@ -11,6 +13,7 @@
 #include "api/api.hpp"
 #include "ngx/module.hpp"
 #include "ngx/balancer.hpp"
+#include "ngx/capi.hpp"
 #include "ngx/entry.hpp"
 #include "ngx/tls.hpp"
 #include "ngx/glue.hpp"
@@ -861,6 +864,37 @@ char *setVm(ngx_conf_t *cf, ngx_command_t *, void *conf)
     return NGX_CONF_OK;
 }
 
+// lua_load_resty_core: lua-nginx-module accepts and ignores it since
+// 0.10.16, with this warning; luaguard's resty.core modules are built in.
+char *ignoreLoadRestyCore(ngx_conf_t *cf, ngx_command_t *, void *)
+{
+    ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                       "lua_load_resty_core is deprecated (the "
+                       "lua-resty-core library is required since ngx_lua "
+                       "v0.10.16)");
+    return NGX_CONF_OK;
+}
+
+// A number, with lua-nginx-module's message for anything else.
+char *setMallocTrim(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    auto *field = reinterpret_cast<ngx_uint_t *>(static_cast<char *>(conf)
+                                                 + cmd->offset);
+    if (*field != NGX_CONF_UNSET_UINT) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *value = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_int_t n = ngx_atoi(value[1].data, value[1].len);
+    if (n == NGX_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" directive invalid number in the 1st "
+                           "argument", &cmd->name);
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    *field = static_cast<ngx_uint_t>(n);
+    return NGX_CONF_OK;
+}
+
 #define LG_MAIN_OFF(field) offsetof(MainConf, field)
 #define LG_SRV_OFF(field) offsetof(SrvConf, field)
 #define LG_LOC_OFF(field) offsetof(LocConf, field)
@@ -927,6 +961,19 @@ ngx_command_t commands[] = {
     LG_CMD("lua_worker_thread_vm_pool_size", kMain | NGX_CONF_TAKE1,
            ngx_conf_set_num_slot, kMainLoc,
            LG_MAIN_OFF(worker_thread_vm_pool_size), nullptr),
+
+    LG_CMD("lua_capture_error_log", kMain | NGX_CONF_TAKE1,
+           ngx_conf_set_size_slot, kMainLoc, LG_MAIN_OFF(capture_error_log),
+           nullptr),
+    LG_CMD("lua_malloc_trim", kMain | NGX_CONF_TAKE1, setMallocTrim,
+           kMainLoc, LG_MAIN_OFF(malloc_trim), nullptr),
+    LG_CMD("lua_sa_restart", kMain | NGX_CONF_FLAG, ngx_conf_set_flag_slot,
+           kMainLoc, LG_MAIN_OFF(sa_restart), nullptr),
+    LG_CMD("lua_thread_cache_max_entries", kMain | NGX_CONF_TAKE1,
+           ngx_conf_set_num_slot, kMainLoc,
+           LG_MAIN_OFF(thread_cache_max_entries), nullptr),
+    LG_CMD("lua_load_resty_core", kMain | NGX_CONF_FLAG, ignoreLoadRestyCore,
+           kMainLoc, 0, nullptr),
 
     LG_CMD("lua_shared_dict", kMain | NGX_CONF_TAKE2,
            shdict::sharedDictDirective, kMainLoc, 0, nullptr),
@@ -1154,6 +1201,10 @@ void *createMainConf(ngx_conf_t *cf)
     mcf->regex_cache_max_entries = NGX_CONF_UNSET;
     mcf->regex_match_limit = NGX_CONF_UNSET;
     mcf->worker_thread_vm_pool_size = NGX_CONF_UNSET;
+    mcf->capture_error_log = NGX_CONF_UNSET_SIZE;
+    mcf->malloc_trim = NGX_CONF_UNSET_UINT;
+    mcf->sa_restart = NGX_CONF_UNSET;
+    mcf->thread_cache_max_entries = NGX_CONF_UNSET_UINT;
     return mcf;
 }
 
@@ -1168,6 +1219,11 @@ char *initMainConf(ngx_conf_t *, void *conf)
     ngx_conf_init_uint_value(mcf->max_pending_timers, 1024);
     ngx_conf_init_uint_value(mcf->max_running_timers, 256);
     ngx_conf_init_value(mcf->worker_thread_vm_pool_size, 10);
+    // lua-nginx-module's defaults.
+    ngx_conf_init_size_value(mcf->capture_error_log, 0);
+    ngx_conf_init_uint_value(mcf->malloc_trim, 1000);
+    ngx_conf_init_value(mcf->sa_restart, 1);
+    ngx_conf_init_uint_value(mcf->thread_cache_max_entries, 1024);
     return NGX_CONF_OK;
 }
 
@@ -1433,12 +1489,47 @@ ngx_int_t addPhaseHandler(ngx_http_core_main_conf_t *cmcf, ngx_uint_t phase,
     return NGX_OK;
 }
 
+// lua_malloc_trim N: libc gives its cached free memory back to the
+// system every N requests of this worker, counted in the log phase.
+ngx_int_t mallocTrimHandler(ngx_http_request_t *r)
+{
+    static ngx_uint_t served;
+    MainConf *mcf = g_mcf;
+    if (mcf != nullptr && mcf->malloc_trim != 0
+        && ++served >= mcf->malloc_trim)
+    {
+        served = 0;
+        malloc_trim(1);
+    }
+    return NGX_DECLINED;
+}
+
+// lua_sa_restart: nginx installs its signal handlers without SA_RESTART;
+// lua-nginx-module adds it in workers so that blocking calls made by C
+// libraries from Lua are not interrupted by nginx's signals.
+void addSaRestart()
+{
+    const int sigs[] = {SIGHUP, SIGUSR1, SIGWINCH, SIGTERM, SIGQUIT,
+                        SIGUSR2, SIGALRM, SIGINT, SIGIO, SIGCHLD, SIGSYS,
+                        SIGPIPE};
+    for (int sig : sigs) {
+        struct sigaction sa;
+        if (sigaction(sig, nullptr, &sa) == 0 && sa.sa_handler != SIG_DFL
+            && sa.sa_handler != SIG_IGN && !(sa.sa_flags & SA_RESTART))
+        {
+            sa.sa_flags |= SA_RESTART;
+            sigaction(sig, &sa, nullptr);
+        }
+    }
+}
+
 // What every VM gets before init_by_lua runs in it: the shared
 // dictionaries, lua_package_path/cpath and its memory ceiling.
 ngx_int_t setUpVm(ngx_conf_t *cf, MainConf *mcf, Vm *vm, size_t ceiling)
 {
     lua_State *L = vm->L();
     api::bindSharedDicts(L, mcf);
+    capi::applyPreloads(mcf, L);
     std::string prefix(reinterpret_cast<char *>(cf->cycle->prefix.data),
                        cf->cycle->prefix.len);
     struct {
@@ -1520,6 +1611,13 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
+    if (mcf->malloc_trim != 0
+        && addPhaseHandler(cmcf, NGX_HTTP_LOG_PHASE,
+                           entry::edge<mallocTrimHandler>, false) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     if (glue::addWorkersZone(cf) != NGX_OK) {
         return NGX_ERROR;
     }
@@ -1582,6 +1680,10 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
     subreq::installEgressHook(cycle->log);
     glue::registerWorker();
     metrics::initWorker(cycle);
+    if (mcf->sa_restart) {
+        addSaRestart();
+    }
+    api::installErrlogCapture(cycle, mcf);
     if (!budget::Guard::instance().start(mcf->watchdog_grace, onStuck))
     {
         ngx_log_error(NGX_LOG_ERR, cycle->log, ngx_errno,
@@ -1633,6 +1735,18 @@ MainConf *mainConf()
 ngx_cycle_t *configCycle()
 {
     return g_conf_cycle;
+}
+
+// For ngx/capi.cpp: the default VM of the configuration being parsed,
+// and whether postconfiguration has set its VMs up.
+Vm *defaultVm(ngx_conf_t *cf)
+{
+    return ensureVm(cf);
+}
+
+bool vmsSetUp(MainConf *mcf)
+{
+    return g_mcf == mcf;
 }
 
 }  // namespace luaguard

@@ -71,6 +71,11 @@ struct MainConf {
     ngx_int_t                  regex_match_limit;
     ngx_int_t                  worker_thread_vm_pool_size;
     void                      *metrics;     // metrics::Conf (ngx/metrics.*)
+    size_t                     capture_error_log;  // 0: off (api/errlog)
+    ngx_uint_t                 malloc_trim;        // requests; 0: off
+    ngx_flag_t                 sa_restart;
+    ngx_uint_t                 thread_cache_max_entries;
+    ngx_array_t               *preloads;    // capi::Preload (ngx/capi.cpp)
 };
 
 struct SrvConf {

@@ -162,6 +162,8 @@ KNOWN_BUILTINS = STRICT_ALLOWLIST - {
     "debug.upvalueid function", "debug.upvaluejoin function",
     "gcinfo function", "module function", "newproxy function",
     "_G table", "package.loaded table",
+    # lua-nginx-module's global for ngx_devel_kit's filters (api/ndk.cpp)
+    "ndk table", "ndk.set_var table",
     "io.close function", "io.flush function", "io.input function",
     "io.lines function", "io.open function", "io.output function",
     "io.popen function", "io.read function", "io.stderr userdata",
