@@ -95,6 +95,12 @@ unset MAKEFLAGS MFLAGS GNUMAKEFLAGS MAKELEVEL CFLAGS LDFLAGS XCFLAGS \
       TARGET_FLAGS TARGET_SYS CROSS BUILDMODE PREFIX MULTILIB DESTDIR
 
 command -v "${CC%% *}" >/dev/null 2>&1 || die "C compiler '$CC' not found (apt-get install build-essential)"
+# One compiler under several names (gcc, cc, /usr/bin/cc: CMake, make and
+# dpkg-buildpackage each export a different one) is one stamp: otherwise
+# every build that spells it differently rebuilds LuaJIT under the others.
+if [[ "$CC" != *" "* ]]; then
+  CC="$(readlink -f "$(command -v "$CC")")"
+fi
 command -v make >/dev/null 2>&1 || die "make not found (apt-get install build-essential)"
 
 MULTIARCH="$($CC -print-multiarch 2>/dev/null || true)"

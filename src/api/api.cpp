@@ -26,6 +26,8 @@ bool open(lua_State *L, std::string *err)
     openProcess(L);
     openBalancer(L);
     openSsl(L);
+    openSslSession(L);
+    openSslClientHello(L);
     openWorkerPids(L);
     openShared(L);
     openReq(L);
