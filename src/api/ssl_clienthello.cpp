@@ -20,10 +20,10 @@ SSL *helloSsl(lua_State *L)
     if (g_run == nullptr || g_run->ctx == nullptr) {
         luaL_error(L, "no request found");
     }
-    glue::checkPhase(L, mask(Phase::SslClientHello));
+    // lua-nginx-module's words in every other context.
     tls::Handshake *hs = tls::current();
-    if (hs == nullptr) {
-        luaL_error(L, "no request found");
+    if (g_run->phase != Phase::SslClientHello || hs == nullptr) {
+        luaL_error(L, "API disabled in the current context");
     }
     return hs->ssl;
 }

@@ -43,10 +43,15 @@ int pushHex(lua_State *L, const unsigned char *p, unsigned len)
     return 1;
 }
 
+// The TLS phases with no session of their own to give: lua-nginx-module
+// answers with an error value there, not a raised one.
+constexpr PhaseMask kTlsPhases = mask(Phase::SslCert, Phase::SslClientHello,
+                                      Phase::SslSessionFetch,
+                                      Phase::SslSessionStore);
+
 int getSessionId(lua_State *L)
 {
-    tls::Handshake *hs = handshake(
-        L, mask(Phase::SslSessionFetch, Phase::SslSessionStore));
+    tls::Handshake *hs = handshake(L, kTlsPhases);
     if (g_run->phase == Phase::SslSessionFetch) {
         return pushHex(L, hs->sess_id, hs->sess_id_len);
     }
@@ -54,14 +59,17 @@ int getSessionId(lua_State *L)
     const unsigned char *id = hs->session
         ? SSL_SESSION_get_id(hs->session, &len) : nullptr;
     if (id == nullptr || len == 0) {
-        return pushNilErr(L, "uninitialized session id");
+        return pushNilErr(L, "uninitialized session id len in lua context");
     }
     return pushHex(L, id, len);
 }
 
 int getSerializedSession(lua_State *L)
 {
-    tls::Handshake *hs = handshake(L, mask(Phase::SslSessionStore));
+    tls::Handshake *hs = handshake(L, kTlsPhases);
+    if (g_run->phase != Phase::SslSessionStore) {
+        return pushNilErr(L, "bad session in lua context");
+    }
     int n = hs->session ? i2d_SSL_SESSION(hs->session, nullptr) : 0;
     if (n <= 0) {
         ERR_clear_error();
@@ -80,14 +88,19 @@ int getSerializedSession(lua_State *L)
 
 int setSerializedSession(lua_State *L)
 {
-    tls::Handshake *hs = handshake(L, mask(Phase::SslSessionFetch));
+    tls::Handshake *hs = handshake(L, kTlsPhases);
     size_t len;
     const char *data = luaL_checklstring(L, 1, &len);
     auto *p = reinterpret_cast<const unsigned char *>(data);
     SSL_SESSION *sess = d2i_SSL_SESSION(nullptr, &p, static_cast<long>(len));
     if (sess == nullptr) {
         ERR_clear_error();
-        return pushNilErr(L, "d2i_SSL_SESSION() failed");
+        return pushNilErr(L, "failed to de-serialize session");
+    }
+    if (g_run->phase != Phase::SslSessionFetch) {
+        // Nothing in this phase would resume it.
+        SSL_SESSION_free(sess);
+        return pushNilErr(L, "bad session in lua context");
     }
     if (hs->session) {
         SSL_SESSION_free(hs->session);
