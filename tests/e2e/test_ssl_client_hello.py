@@ -159,3 +159,20 @@ def test_directive_contexts(nginx_conf):
         location /x { ssl_client_hello_by_lua_block { } }""")
     ok, out = n.test_config()
     assert not ok and "is not allowed here" in out
+
+
+@pytest.mark.parametrize("module", BOTH)
+def test_file_form(nginx, pki, module):
+    port = free_port()
+    http = conf(pki, port, "").replace(
+        "ssl_client_hello_by_lua_block {  }",
+        "ssl_client_hello_by_lua_file {prefix}/lua/hello.lua;")
+    # the worker reads the file from the test's private directory
+    nginx(module=module, http=http, main="user root;", files={"lua/hello.lua": r"""
+        local ch = require "ngx.ssl.clienthello"
+        if ch.get_client_hello_server_name() == "old.test" then
+            assert(ch.set_protocols({"TLSv1.2"}))
+        end
+    """})
+    assert handshake(port, "old.test") == ("default.test",
+                                           "ok TLSv1.2 old.test\n")

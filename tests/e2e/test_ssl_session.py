@@ -207,3 +207,20 @@ def test_directive_contexts(nginx_conf):
         n = nginx_conf(server=f"{d} {{ }}")
         ok, out = n.test_config()
         assert not ok and "is not allowed here" in out
+
+
+@pytest.mark.parametrize("module", BOTH)
+def test_file_forms(nginx, pki, module):
+    port = free_port()
+    http = conf(pki, port).replace(
+        "lua_shared_dict d 1m;",
+        """lua_shared_dict d 1m;
+        ssl_session_fetch_by_lua_file {prefix}/lua/fetch.lua;
+        ssl_session_store_by_lua_file {prefix}/lua/store.lua;""")
+    # the worker reads the file from the test's private directory
+    nginx(module=module, http=http, main="user root;",
+          files={"lua/fetch.lua": FETCH, "lua/store.lua": STORE})
+    c = Client(TLS12)
+    sess, _, _ = c.get(port)
+    _, reused, body = c.get(port, sess)
+    assert (reused, body) == (True, "ok r\n")
