@@ -182,7 +182,7 @@ def test_memory_hog_is_stopped(nginx, pki, phase):
         if not ngx.shared.d:get("hog") then
             ngx.shared.d:set("hog", true)
             local t = {}
-            for i = 1, 1e8 do t[i] = string.rep("x", 64) .. i end
+            for i = 1, 1e8 do t[i] = string.rep("x", 65536) .. i end
         end
     """
     n = nginx(http=conf(pki, port, phase, code,
