@@ -65,7 +65,8 @@ def test_pipe_and_issue_20_modules(nginx):
             ngx.say(select(2, pcall(pipe.spawn, {"true"})))
             for _, name in ipairs{"ngx.ssl.session", "ngx.ssl.clienthello",
                                   "ngx.ocsp"} do
-                ngx.say(select(2, pcall(require, name)))
+                local ok, m = pcall(require, name)
+                ngx.say(ok and type(m) or m)
             end
             ngx.say(type(require("ngx.ssl").server_name), " ",
                     type(require("ngx.balancer").set_current_peer))
@@ -74,9 +75,9 @@ def test_pipe_and_issue_20_modules(nginx):
     lines = n.get("/t").text.splitlines()
     assert lines[0] == "0.1.25 function"
     assert "ngx.pipe.spawn is not implemented in luaguard yet" in lines[1]
-    for name, line in zip(["ngx.ssl.session", "ngx.ssl.clienthello",
-                           "ngx.ocsp"], lines[2:5]):
-        assert f"module '{name}' is not implemented in luaguard yet" in line
+    # issue 20's hello and session modules load; ngx.ocsp is still to come
+    assert lines[2:4] == ["table", "table"]
+    assert "module 'ngx.ocsp' is not implemented in luaguard yet" in lines[4]
     assert lines[5] == "function function"   # issue 20's first modules
 
 
