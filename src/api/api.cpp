@@ -40,6 +40,8 @@ bool open(lua_State *L, std::string *err)
     openProcess(L);
     openBalancer(L);
     openSsl(L);
+    openSslSession(L);
+    openSslClientHello(L);
     openWorkerPids(L);
     if (!openShared(L, err)) {
         return false;

@@ -52,6 +52,8 @@ void openSemaphore(lua_State *L);
 void openProcess(lua_State *L);
 void openBalancer(lua_State *L);
 void openSsl(lua_State *L);
+void openSslSession(lua_State *L);
+void openSslClientHello(lua_State *L);
 
 // The PEM text at `idx`: a string as it is, or an ngx.ssl object
 // (parse_pem_cert's chain, or with `key` parse_pem_priv_key's key); false

@@ -523,7 +523,10 @@ int sendHeaders(lua_State *L)
 int ngxExit(lua_State *L)
 {
     Run *run = requestPhase(L, kYieldable | mask(Phase::HeaderFilter,
-                                                 Phase::Balancer),
+                                                 Phase::Balancer,
+                                                 Phase::SslSessionFetch,
+                                                 Phase::SslSessionStore,
+                                                 Phase::SslClientHello),
                             "no request found", false);
     if (run->ctx == nullptr) {
         // Timers without a request: not supported yet.

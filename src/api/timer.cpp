@@ -22,7 +22,9 @@ int create(lua_State *L, bool every)
                              Phase::Access, Phase::Content, Phase::Log,
                              Phase::HeaderFilter, Phase::BodyFilter,
                              Phase::Timer, Phase::Balancer,
-                             Phase::SslCert));
+                             Phase::SslCert, Phase::SslSessionFetch,
+                             Phase::SslSessionStore,
+                             Phase::SslClientHello));
     sandbox::require(L, sandbox::Capability::Timer);
     lua_Number delay = luaL_checknumber(L, 1);
     if (every && delay <= 0) {

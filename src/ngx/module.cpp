@@ -74,6 +74,12 @@ LG_CODE_DIRECTIVE(kContentBlock, "content_by_lua", Block);
 LG_CODE_DIRECTIVE(kContentFile, "content_by_lua", File);
 LG_CODE_DIRECTIVE(kSslCertBlock, "ssl_certificate_by_lua", Block);
 LG_CODE_DIRECTIVE(kSslCertFile, "ssl_certificate_by_lua", File);
+LG_CODE_DIRECTIVE(kSslFetchBlock, "ssl_session_fetch_by_lua", Block);
+LG_CODE_DIRECTIVE(kSslFetchFile, "ssl_session_fetch_by_lua", File);
+LG_CODE_DIRECTIVE(kSslStoreBlock, "ssl_session_store_by_lua", Block);
+LG_CODE_DIRECTIVE(kSslStoreFile, "ssl_session_store_by_lua", File);
+LG_CODE_DIRECTIVE(kSslHelloBlock, "ssl_client_hello_by_lua", Block);
+LG_CODE_DIRECTIVE(kSslHelloFile, "ssl_client_hello_by_lua", File);
 LG_CODE_DIRECTIVE(kBalancerBlock, "balancer_by_lua", Block);
 LG_CODE_DIRECTIVE(kBalancerFile, "balancer_by_lua", File);
 LG_CODE_DIRECTIVE(kLog, "log_by_lua", Inline);
@@ -1033,6 +1039,26 @@ ngx_command_t commands[] = {
     LG_CMD("ssl_certificate_by_lua_file",
            NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_CONF_TAKE1, setHandler,
            kSrvLoc, LG_SRV_OFF(ssl_cert), &kSslCertFile),
+    // The session cache is the http block's: lua-nginx-module allows the
+    // fetch/store code there only.
+    LG_CMD("ssl_session_fetch_by_lua_block", NGX_HTTP_MAIN_CONF | kBlock,
+           setHandler, kMainLoc, LG_MAIN_OFF(ssl_sess_fetch),
+           &kSslFetchBlock),
+    LG_CMD("ssl_session_fetch_by_lua_file",
+           NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, setHandler, kMainLoc,
+           LG_MAIN_OFF(ssl_sess_fetch), &kSslFetchFile),
+    LG_CMD("ssl_session_store_by_lua_block", NGX_HTTP_MAIN_CONF | kBlock,
+           setHandler, kMainLoc, LG_MAIN_OFF(ssl_sess_store),
+           &kSslStoreBlock),
+    LG_CMD("ssl_session_store_by_lua_file",
+           NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, setHandler, kMainLoc,
+           LG_MAIN_OFF(ssl_sess_store), &kSslStoreFile),
+    LG_CMD("ssl_client_hello_by_lua_block",
+           NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | kBlock, setHandler,
+           kSrvLoc, LG_SRV_OFF(ssl_client_hello), &kSslHelloBlock),
+    LG_CMD("ssl_client_hello_by_lua_file",
+           NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_CONF_TAKE1, setHandler,
+           kSrvLoc, LG_SRV_OFF(ssl_client_hello), &kSslHelloFile),
     LG_CMD("balancer_by_lua_block", NGX_HTTP_UPS_CONF | kBlock, setBalancer,
            kSrvLoc, 0, &kBalancerBlock),
     LG_CMD("balancer_by_lua_file", NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1,
@@ -1242,7 +1268,10 @@ char *mergeSrvConf(ngx_conf_t *cf, void *parent, void *child)
     if (conf->ssl_cert == nullptr) {
         conf->ssl_cert = prev->ssl_cert;
     }
-    if (!tls::installCertHook(cf, conf)) {
+    if (conf->ssl_client_hello == nullptr) {
+        conf->ssl_client_hello = prev->ssl_client_hello;
+    }
+    if (!tls::installHooks(cf, conf)) {
         return static_cast<char *>(NGX_CONF_ERROR);
     }
     return NGX_CONF_OK;

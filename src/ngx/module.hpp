@@ -55,6 +55,8 @@ struct MainConf {
     Handler                   *init;
     Handler                   *init_worker;
     Handler                   *exit_worker;
+    Handler                   *ssl_sess_fetch;  // ssl_session_fetch_by_lua*
+    Handler                   *ssl_sess_store;  // ssl_session_store_by_lua*
     ngx_flag_t                 rewrite_no_postpone;
     ngx_flag_t                 access_no_postpone;
     ngx_http_phase_handler_pt  rewrite_handler_installed;
@@ -84,6 +86,7 @@ struct SrvConf {
     // handler and the balancer it wraps.
     Handler                   *balancer;
     Handler                   *ssl_cert;    // ssl_certificate_by_lua*
+    Handler                   *ssl_client_hello;  // ssl_client_hello_by_lua*
     ngx_http_upstream_init_pt  balancer_init_upstream;
     ngx_http_upstream_init_peer_pt balancer_init_peer;
 };
@@ -195,7 +198,7 @@ struct RequestCtx {
     bool                 entry_failed = false;
     bool                 is_timer = false;       // a fake request (timers,
                                                  // TLS handshakes)
-    tls::Handshake      *handshake = nullptr;    // ssl_certificate_by_lua
+    tls::Handshake      *handshake = nullptr;    // the TLS phases
     void               (*on_done)(RequestCtx *) = nullptr;  // timers
     const budget::Limits *limits = nullptr;      // budgets of its Lua runs
     const sandbox::Policy *env_policy = nullptr; // policy env_ref was made for

@@ -1,4 +1,4 @@
-// ssl_certificate_by_lua: see tls.hpp.
+// The server-side TLS phases: see tls.hpp.
 
 #include "ngx/tls.hpp"
 
@@ -129,6 +129,116 @@ bool installStatusHook(ngx_conf_t *cf, SSL_CTX *ctx)
     return true;
 }
 
+// The configuration nginx holds for the connection at this point of the
+// handshake (the default server of the address until SNI picked another).
+ngx_http_conf_ctx_t *confOf(ngx_connection_t *c)
+{
+    return static_cast<ngx_http_connection_t *>(c->data)->conf_ctx;
+}
+
+// Runs `h` for `phase` to its end in a fake request of its own, with `hs`
+// as the handshake the Lua API reads. True when the code finished without
+// an error or a failing ngx.exit.
+bool runToEnd(ngx_connection_t *c, SSL *ssl, Phase phase, Handler *h,
+              Handshake *hs)
+{
+    ngx_http_conf_ctx_t *conf = confOf(c);
+    RequestCtx *ctx = glue::fakeRequest(conf->main_conf, conf->srv_conf,
+                                        conf->loc_conf, nullptr, c->log);
+    if (ctx == nullptr) {
+        return false;
+    }
+    hs->c = c;
+    hs->ssl = ssl;
+    hs->ctx = ctx;
+    ctx->handshake = hs;
+    ctx->thread_phase = phase;
+    ngx_int_t rc = glue::runSync(ctx, phase, h, c->log, 0);
+    bool ok = rc == NGX_OK
+              && !(ctx->exited && glue::exitFails(ctx->exit_code));
+    // Whatever the code kept (a timer's closure, a global) finds no
+    // handshake behind the API from now on.
+    ctx->handshake = nullptr;
+    hs->ctx = nullptr;
+    hs->done = true;
+    glue::destroyFake(ctx->r->connection);
+    return ok;
+}
+
+MainConf *mainConfOf(ngx_connection_t *c)
+{
+    return static_cast<MainConf *>(
+        confOf(c)->main_conf[ngx_http_luaguard_module.ctx_index]);
+}
+
+// ssl_session_fetch_by_lua: the session the code found for the ID the
+// client offers, or none (a full handshake follows).
+SSL_SESSION *getSession(SSL *ssl, const unsigned char *id, int len,
+                        int *copy)
+{
+    *copy = 0;   // the session returned is OpenSSL's from now on
+    auto *c = static_cast<ngx_connection_t *>(ngx_ssl_get_connection(ssl));
+    MainConf *mcf = mainConfOf(c);
+    if (mcf->ssl_sess_fetch == nullptr || len <= 0) {
+        return nullptr;
+    }
+    Handshake hs{};
+    hs.sess_id = id;
+    hs.sess_id_len = static_cast<unsigned>(len);
+    bool ok = runToEnd(c, ssl, Phase::SslSessionFetch, mcf->ssl_sess_fetch,
+                       &hs);
+    if (!ok && hs.session) {
+        SSL_SESSION_free(hs.session);
+        hs.session = nullptr;
+    }
+    return hs.session;
+}
+
+// ssl_session_store_by_lua: a full handshake made a new session.
+int newSession(SSL *ssl, SSL_SESSION *sess)
+{
+    auto *c = static_cast<ngx_connection_t *>(ngx_ssl_get_connection(ssl));
+    MainConf *mcf = mainConfOf(c);
+    if (mcf->ssl_sess_store != nullptr) {
+        Handshake hs{};
+        hs.session = sess;
+        runToEnd(c, ssl, Phase::SslSessionStore, mcf->ssl_sess_store, &hs);
+    }
+    return 0;   // no reference kept: the code copied what it wanted
+}
+
+// ssl_client_hello_by_lua, before anything of the hello is acted on.
+int clientHello(SSL *ssl, int *alert, void *)
+{
+    auto *c = static_cast<ngx_connection_t *>(ngx_ssl_get_connection(ssl));
+    auto *srv = static_cast<SrvConf *>(
+        confOf(c)->srv_conf[ngx_http_luaguard_module.ctx_index]);
+    if (srv->ssl_client_hello == nullptr) {
+        return SSL_CLIENT_HELLO_SUCCESS;
+    }
+    Handshake hs{};
+    if (runToEnd(c, ssl, Phase::SslClientHello, srv->ssl_client_hello,
+                 &hs))
+    {
+        return SSL_CLIENT_HELLO_SUCCESS;
+    }
+    *alert = SSL_AD_INTERNAL_ERROR;
+    return SSL_CLIENT_HELLO_ERROR;
+}
+
+bool ensureIndex(ngx_conf_t *cf)
+{
+    if (g_index < 0) {
+        g_index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+        if (g_index < 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "SSL_get_ex_new_index() failed");
+            return false;
+        }
+    }
+    return true;
+}
+
 }  // namespace
 
 Handshake *current()
@@ -151,27 +261,43 @@ SSL *currentSsl(ngx_connection_t **c)
     return nullptr;
 }
 
-bool installCertHook(ngx_conf_t *cf, SrvConf *srv)
+bool installHooks(ngx_conf_t *cf, SrvConf *srv)
 {
-    if (srv->ssl_cert == nullptr) {
-        return true;
-    }
     auto *sscf = static_cast<ngx_http_ssl_srv_conf_t *>(
         ngx_http_conf_get_module_srv_conf(cf, ngx_http_ssl_module));
     if (sscf == nullptr || sscf->ssl.ctx == nullptr) {
         // An http-level handler applies to the servers that have TLS.
         return true;
     }
-    if (g_index < 0) {
-        g_index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
-        if (g_index < 0) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "SSL_get_ex_new_index() failed");
+    SSL_CTX *ctx = sscf->ssl.ctx;
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
+    if (srv->ssl_cert) {
+        if (!ensureIndex(cf)) {
+            return false;
+        }
+        SSL_CTX_set_cert_cb(ctx, certCallback, nullptr);
+        if (!installStatusHook(cf, ctx)) {
             return false;
         }
     }
-    SSL_CTX_set_cert_cb(sscf->ssl.ctx, certCallback, nullptr);
-    return installStatusHook(cf, sscf->ssl.ctx);
+    if (srv->ssl_client_hello) {
+        SSL_CTX_set_client_hello_cb(ctx, clientHello, nullptr);
+    }
+    // OpenSSL asks the session callbacks of the SSL_CTX the connection
+    // started with (the default server's), whatever SNI picks later:
+    // every server carries them. The Lua code is the cache: OpenSSL's
+    // own is not looked in first.
+    if (mcf->ssl_sess_fetch) {
+        SSL_CTX_sess_set_get_cb(ctx, getSession);
+        SSL_CTX_set_session_cache_mode(
+            ctx, SSL_CTX_get_session_cache_mode(ctx)
+                 | SSL_SESS_CACHE_NO_INTERNAL_LOOKUP);
+    }
+    if (mcf->ssl_sess_store) {
+        SSL_CTX_sess_set_new_cb(ctx, newSession);
+    }
+    return true;
 }
 
 }  // namespace luaguard::tls

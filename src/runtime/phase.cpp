@@ -19,6 +19,9 @@ const char *phaseName(Phase p)
     case Phase::ExitWorker: return "exit_worker";
     case Phase::Balancer: return "balancer";
     case Phase::SslCert: return "ssl_cert";
+    case Phase::SslSessionFetch: return "ssl_session_fetch";
+    case Phase::SslSessionStore: return "ssl_session_store";
+    case Phase::SslClientHello: return "ssl_client_hello";
     case Phase::None: break;
     }
     return "unknown";
@@ -41,6 +44,9 @@ const char *directiveName(Phase p)
     case Phase::ExitWorker: return "exit_worker_by_lua*";
     case Phase::Balancer: return "balancer_by_lua*";
     case Phase::SslCert: return "ssl_certificate_by_lua*";
+    case Phase::SslSessionFetch: return "ssl_session_fetch_by_lua*";
+    case Phase::SslSessionStore: return "ssl_session_store_by_lua*";
+    case Phase::SslClientHello: return "ssl_client_hello_by_lua*";
     case Phase::None: break;
     }
     return "unknown";

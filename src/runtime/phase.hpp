@@ -22,6 +22,9 @@ enum class Phase : uint32_t {
     ExitWorker = 1 << 11,
     Balancer = 1 << 12,
     SslCert = 1 << 13,
+    SslSessionFetch = 1 << 14,
+    SslSessionStore = 1 << 15,
+    SslClientHello = 1 << 16,
 };
 
 using PhaseMask = uint32_t;
@@ -49,7 +52,10 @@ constexpr PhaseMask kRequest = mask(Phase::Set, Phase::ServerRewrite,
 // Phases whose Lua runs on a placeholder request of luaguard's making:
 // the request's own fields are "API disabled in the current context"
 // there, as lua-nginx-module says.
-constexpr PhaseMask kPlaceholder = mask(Phase::Timer, Phase::SslCert);
+constexpr PhaseMask kPlaceholder = mask(Phase::Timer, Phase::SslCert,
+                                      Phase::SslSessionFetch,
+                                      Phase::SslSessionStore,
+                                      Phase::SslClientHello);
 
 // Phases in which output may be produced with ngx.say and friends.
 constexpr PhaseMask kOutput = mask(Phase::ServerRewrite, Phase::Rewrite,

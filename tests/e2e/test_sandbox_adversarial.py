@@ -181,7 +181,8 @@ KNOWN_BUILTINS = STRICT_ALLOWLIST - {
     f"package.preload.{m} function" for m in (
         "ffi jit.profile jit.util luaguard.metrics ngx.balancer ngx.base64 "
         "ngx.ocsp "
-        "ngx.process ngx.re ngx.semaphore ngx.ssl resty.core string.buffer "
+        "ngx.process ngx.re ngx.semaphore ngx.ssl ngx.ssl.clienthello "
+        "ngx.ssl.session resty.core string.buffer "
         "table.clear "
         "table.clone table.isarray table.isempty table.new table.nkeys "
         "thread.exdata thread.exdata2").split() + RESTY_CORE}
@@ -193,7 +194,8 @@ STRICT_MODULES = {
     "package", "string", "table", "table.new", "table.clear",
     "table.clone", "table.isarray", "table.isempty", "table.nkeys",
     "resty.core", "ngx.base64", "ngx.process", "ngx.re", "ngx.semaphore",
-    "ngx.balancer", "ngx.ssl", "ngx.ocsp", *RESTY_CORE,
+    "ngx.balancer", "ngx.ssl", "ngx.ssl.clienthello", "ngx.ssl.session",
+    "ngx.ocsp", *RESTY_CORE,
 }
 
 WALK = r"""
