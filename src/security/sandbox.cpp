@@ -6,9 +6,13 @@
 #include <cerrno>
 #include <cstring>
 
-namespace luaguard::sandbox {
-
+namespace luaguard {
+// lua/sandbox.lua, embedded by cmake/embed.cmake.
 extern const char kSandboxLua[];
+extern const size_t kSandboxLuaLen;
+}  // namespace luaguard
+
+namespace luaguard::sandbox {
 
 namespace {
 
@@ -376,7 +380,7 @@ uint64_t totalRefusals()
 
 bool install(lua_State *L, std::string *err)
 {
-    if (luaL_loadbuffer(L, kSandboxLua, std::strlen(kSandboxLua),
+    if (luaL_loadbuffer(L, kSandboxLua, kSandboxLuaLen,
                         "=luaguard.sandbox") != 0)
     {
         *err = lua_tostring(L, -1);

@@ -1,12 +1,7 @@
-// The Lua half of the sandbox. Kept in a C++ raw string so the build needs
-// no new embedding step. Runs once per VM with the worker's real globals;
-// see sandbox.hpp for the design and docs/security.md for the rules.
-
-namespace luaguard::sandbox {
-
-extern const char kSandboxLua[];
-
-const char kSandboxLua[] = R"LUA(
+-- The Lua half of the sandbox (src/security/sandbox.cpp runs it once per
+-- VM, with the worker's real globals and a table of C helpers as its
+-- argument). See src/security/sandbox.hpp for the design and
+-- docs/security.md for the rules.
 local C = ...
 local allowed, refuse, current_env = C.allowed, C.refuse, C.current_env
 local strict_now, seed = C.strict, C.seed
@@ -1655,6 +1650,3 @@ return function(caps, key)
     end
     return M
 end
-)LUA";
-
-}  // namespace luaguard::sandbox
