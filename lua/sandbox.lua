@@ -1627,6 +1627,16 @@ local function build(caps)
 
     real_setmetatable(V, {
         __index = function(_, k)
+            if k == "_G" then
+                -- A request's environment holds no `_G` of its own (one
+                -- field less to fill per request): the environment of
+                -- the function that looked the name up is its `_G`.
+                local e = real_getfenv(2)
+                if real_getmetatable(e) == M then
+                    return e
+                end
+                return env()
+            end
             if strict and builtin_globals[k] then
                 return nil             -- not on the allowlist
             end

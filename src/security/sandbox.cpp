@@ -459,13 +459,13 @@ bool pushNewEnv(lua_State *L, const Policy *p)
     if (!pushMeta(L, p)) {
         return false;
     }
-    lua_createtable(L, 0, 4);
+    // Empty: no hash part to allocate and fill for a request that sets
+    // no global. `_G` is answered by the view (the environment of the
+    // code that reads it), so rawset(_G, ...) and _G.x = ... stay
+    // private too.
+    lua_createtable(L, 0, 0);
     lua_insert(L, -2);
     lua_setmetatable(L, -2);
-    // `_G` inside the request names the request's own table, so
-    // rawset(_G, ...) and _G.x = ... stay private too.
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -2, "_G");
     return true;
 }
 
