@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "runtime/code.hpp"
+
 namespace luaguard {
 // lua/sandbox.lua, embedded by cmake/embed.cmake.
 extern const char kSandboxLua[];
@@ -118,6 +120,13 @@ int luaRefuse(lua_State *L)
         p = &defaultPolicy();  // unreachable in practice: nothing refuses
     }
     refuseAt(L, level, c, p);
+    return 0;
+}
+
+// escaped(f): request code holds `f` as a value (see lua/sandbox.lua).
+int luaEscaped(lua_State *L)
+{
+    escaped(lua_topointer(L, 1));
     return 0;
 }
 
@@ -387,7 +396,9 @@ bool install(lua_State *L, std::string *err)
         lua_pop(L, 1);
         return false;
     }
-    lua_createtable(L, 0, 5);
+    lua_createtable(L, 0, 6);
+    lua_pushcfunction(L, luaEscaped);
+    lua_setfield(L, -2, "escaped");
     lua_pushcfunction(L, luaStrict);
     lua_setfield(L, -2, "strict");
     lua_pushcfunction(L, luaSeed);
