@@ -5,20 +5,12 @@
 #include <string>
 
 #include "ngx/module.hpp"
+#include "runtime/embedded.hpp"
 #include "runtime/lua.hpp"
 
 namespace luaguard {
 struct MainConf;
 struct LocConf;
-
-// The files under lua/, compiled in by the build (CMakeLists.txt).
-#define LUAGUARD_EMBEDDED(name)                                              \
-    extern const char kLua_##name[];                                         \
-    extern const size_t kLua_##name##_len
-LUAGUARD_EMBEDDED(prelude);
-LUAGUARD_EMBEDDED(resty_core);
-LUAGUARD_EMBEDDED(regex_ffi);
-LUAGUARD_EMBEDDED(shdict_ffi);
 }
 
 struct ngx_conf_s;

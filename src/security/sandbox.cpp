@@ -6,9 +6,10 @@
 #include <cerrno>
 #include <cstring>
 
-namespace luaguard::sandbox {
+#include "runtime/code.hpp"
+#include "runtime/embedded.hpp"
 
-extern const char kSandboxLua[];
+namespace luaguard::sandbox {
 
 namespace {
 
@@ -120,6 +121,13 @@ int luaRefuse(lua_State *L)
         p = &defaultPolicy();  // unreachable in practice: nothing refuses
     }
     refuseAt(L, level, c, p);
+    return 0;
+}
+
+// escaped(f): request code holds `f` as a value (see lua/sandbox.lua).
+int luaEscaped(lua_State *L)
+{
+    escaped(lua_topointer(L, 1));
     return 0;
 }
 
@@ -391,14 +399,16 @@ uint64_t totalRefusals()
 
 bool install(lua_State *L, std::string *err)
 {
-    if (luaL_loadbuffer(L, kSandboxLua, std::strlen(kSandboxLua),
+    if (luaL_loadbuffer(L, kLua_sandbox, kLua_sandbox_len,
                         "=luaguard.sandbox") != 0)
     {
         *err = lua_tostring(L, -1);
         lua_pop(L, 1);
         return false;
     }
-    lua_createtable(L, 0, 5);
+    lua_createtable(L, 0, 6);
+    lua_pushcfunction(L, luaEscaped);
+    lua_setfield(L, -2, "escaped");
     lua_pushcfunction(L, luaStrict);
     lua_setfield(L, -2, "strict");
     lua_pushcfunction(L, luaSeed);
@@ -470,13 +480,13 @@ bool pushNewEnv(lua_State *L, const Policy *p)
     if (!pushMeta(L, p)) {
         return false;
     }
-    lua_createtable(L, 0, 4);
+    // Empty: no hash part to allocate and fill for a request that sets
+    // no global. `_G` is answered by the view (the environment of the
+    // code that reads it), so rawset(_G, ...) and _G.x = ... stay
+    // private too.
+    lua_createtable(L, 0, 0);
     lua_insert(L, -2);
     lua_setmetatable(L, -2);
-    // `_G` inside the request names the request's own table, so
-    // rawset(_G, ...) and _G.x = ... stay private too.
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -2, "_G");
     return true;
 }
 

@@ -523,7 +523,7 @@ return {
         } }
 """)
     # the overlay lives in the request's globals, hidden from pairs
-    assert n.get("/patch").text == "1 2\n1 string_G\n"
+    assert n.get("/patch").text == "1 2\n0 \n"
     assert n.get("/gc").text == "0\n"
 
 
@@ -754,6 +754,30 @@ def test_escape_attempts_in_strict(nginx):
                     and ("a nil value" in text or "got nil" in text))), \
             (name, text)
     assert n.get("/check").text == clean
+
+
+def test_g_is_the_request_own_and_not_a_field(nginx):
+    # `_G` is answered by the view, not stored in each environment: it
+    # still names the reading code's own globals, in the request and in a
+    # timer callback the request made, and never another request's.
+    n = nginx(server="""
+        location /t { content_by_lua_block {
+            ngx.say(tostring(seen), " ", tostring(rawget(_G, "_G")), " ",
+                    tostring(_G == getfenv(1)), " ", tostring(_G._G == _G))
+            _G.seen = "mine"
+            rawset(_G, "raw", 1)
+            local sema = require("ngx.semaphore").new()
+            local got
+            ngx.timer.at(0, function()
+                got = tostring(_G.seen) .. " " .. tostring(_G == getfenv(1))
+                sema:post()
+            end)
+            assert(sema:wait(10))
+            ngx.say(seen, " ", raw, " ", got)
+        } }
+""")
+    for _ in range(2):
+        assert n.get("/t").text == "nil nil true true\nmine 1 mine true\n"
 
 
 def test_setmetatable_on_own_globals_is_private(nginx):

@@ -1,15 +1,11 @@
-// The Lua half of the sandbox. Kept in a C++ raw string so the build needs
-// no new embedding step. Runs once per VM with the worker's real globals;
-// see sandbox.hpp for the design and docs/security.md for the rules.
-
-namespace luaguard::sandbox {
-
-extern const char kSandboxLua[];
-
-const char kSandboxLua[] = R"LUA(
+-- The Lua half of the sandbox (src/security/sandbox.cpp runs it once per
+-- VM, with the worker's real globals and a table of C helpers as its
+-- argument). See src/security/sandbox.hpp for the design and
+-- docs/security.md for the rules.
 local C = ...
 local allowed, refuse, current_env = C.allowed, C.refuse, C.current_env
 local strict_now, seed = C.strict, C.seed
+local mark_escaped = C.escaped
 
 local real_G = _G
 local type, next, error, tostring, select, pcall =
@@ -28,8 +24,8 @@ local real_tostring, real_unpack = tostring, unpack
 local real_collectgarbage = collectgarbage
 local dbg_getmetatable, getregistry = debug.getmetatable, debug.getregistry
 local real_traceback = debug.traceback
-local bxor, band, rshift, lshift, rol, tobit =
-    bit.bxor, bit.band, bit.rshift, bit.lshift, bit.rol, bit.tobit
+local bxor, rshift, lshift, rol, tobit =
+    bit.bxor, bit.rshift, bit.lshift, bit.rol, bit.tobit
 local floor = math.floor
 local co_resume, co_wrap = coroutine.resume, coroutine.wrap
 local tinsert, tremove, tsort = table.insert, table.remove, table.sort
@@ -556,6 +552,28 @@ local function traceback_(a1, a2, a3)
     return s
 end
 
+-- debug.getinfo for request code. Handler closures are pooled: the one a
+-- request runs serves a later request (with that request's environment)
+-- once it has returned. A closure request code got hold of as a value (a
+-- `func` field) could be kept, by a timer for example, and would then run
+-- with the later request's globals: such a closure is dropped from its
+-- pool instead. Levels count from the caller, one frame above this one.
+local real_getinfo = debug.getinfo
+local function getinfo_(a1, ...)
+    local getinfo = real_getinfo       -- its name in argument errors
+    local info
+    if type(a1) == "number" and a1 > 0 then
+        info = getinfo(a1 + 1, ...)
+    else
+        info = getinfo(a1, ...)
+    end
+    local f = type(info) == "table" and rawget(info, "func")
+    if type(f) == "function" then
+        mark_escaped(f)
+    end
+    return info
+end
+
 -- Standard names copied into each view (looked up raw: fast and JIT
 -- friendly). Anything else falls through to the live worker globals.
 local std_names = {
@@ -1008,16 +1026,16 @@ local function build(caps)
         map[real] = p
         vetted[real] = true
         protected[real] = protected[real] or name
-        local sub = overrides ~= nil
+        local nested = overrides ~= nil
         for k, v in next, real do
             if type(v) == "table" and type(k) == "string" and v ~= real_G
             then
-                sub = true
+                nested = true
                 break
             end
         end
         local base = real
-        if sub then
+        if nested then
             local copy = {}
             for k, v in next, real do
                 if type(v) == "table" and type(k) == "string"
@@ -1470,7 +1488,7 @@ local function build(caps)
         ov.io = denied_table("io")
     end
     if caps.debug then
-        ov.debug = fast_proxy(debug, "debug")
+        ov.debug = fast_proxy(debug, "debug", nil, { getinfo = getinfo_ })
         ov.jit = fast_proxy(jit, "jit")
     elseif strict then
         -- Error handlers keep traceback (without code addresses); jit
@@ -1482,7 +1500,7 @@ local function build(caps)
     else
         -- What error handlers and log helpers use stays.
         ov.debug = denied_table("debug", { traceback = debug.traceback,
-                                           getinfo = debug.getinfo })
+                                           getinfo = getinfo_ })
         ov.jit = denied_table("debug", { version = jit.version,
                                          version_num = jit.version_num,
                                          os = jit.os, arch = jit.arch,
@@ -1632,6 +1650,16 @@ local function build(caps)
 
     real_setmetatable(V, {
         __index = function(_, k)
+            if k == "_G" then
+                -- A request's environment holds no `_G` of its own (one
+                -- field less to fill per request): the environment of
+                -- the function that looked the name up is its `_G`.
+                local e = real_getfenv(2)
+                if real_getmetatable(e) == M then
+                    return e
+                end
+                return env()
+            end
             if strict and builtin_globals[k] then
                 return nil             -- not on the allowlist
             end
@@ -1655,6 +1683,3 @@ return function(caps, key)
     end
     return M
 end
-)LUA";
-
-}  // namespace luaguard::sandbox
