@@ -1711,6 +1711,59 @@ int tcpSetTimeouts(lua_State *L)
     return 0;
 }
 
+// setoption's and getoption's option names.
+bool sockOption(const char *opt, int *level, int *name)
+{
+    static const struct {
+        const char *opt;
+        int         level;
+        int         name;
+    } kOptions[] = {{"keepalive", SOL_SOCKET, SO_KEEPALIVE},
+                    {"reuseaddr", SOL_SOCKET, SO_REUSEADDR},
+                    {"tcp-nodelay", IPPROTO_TCP, TCP_NODELAY},
+                    {"sndbuf", SOL_SOCKET, SO_SNDBUF},
+                    {"rcvbuf", SOL_SOCKET, SO_RCVBUF}};
+    for (const auto &o : kOptions) {
+        if (std::strcmp(opt, o.opt) == 0) {
+            *level = o.level;
+            *name = o.name;
+            return true;
+        }
+    }
+    return false;
+}
+
+int tcpGetOption(lua_State *L)
+{
+    Tcp *s = use(L);
+    if (!s->bound) {
+        return luaL_error(L, "socket is never created nor connected");
+    }
+    if (s->c == nullptr) {
+        return pushNilErr(L, "closed");
+    }
+    if (lua_isnoneornil(L, 2)) {
+        return pushNilErr(L, "missing the \"option\" argument");
+    }
+    const char *opt = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2)
+                                                    : nullptr;
+    int level, name;
+    if (opt == nullptr || !sockOption(opt, &level, &name)) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "unsupported option %s",
+                        lua_isstring(L, 2) ? lua_tostring(L, 2)
+                                           : luaL_typename(L, 2));
+        return 2;
+    }
+    int v = 0;
+    socklen_t len = sizeof(v);
+    if (getsockopt(s->c->fd, level, name, &v, &len) == -1) {
+        return pushNilErr(L, sock::errnoText(ngx_socket_errno).c_str());
+    }
+    lua_pushinteger(L, v);
+    return 1;
+}
+
 int tcpSetOption(lua_State *L)
 {
     Tcp *s = use(L);
@@ -1721,19 +1774,8 @@ int tcpSetOption(lua_State *L)
     if (s->c == nullptr) {
         return pushNilErr(L, "closed");
     }
-    int level = SOL_SOCKET, name;
-    if (std::strcmp(opt, "keepalive") == 0) {
-        name = SO_KEEPALIVE;
-    } else if (std::strcmp(opt, "reuseaddr") == 0) {
-        name = SO_REUSEADDR;
-    } else if (std::strcmp(opt, "tcp-nodelay") == 0) {
-        level = IPPROTO_TCP;
-        name = TCP_NODELAY;
-    } else if (std::strcmp(opt, "sndbuf") == 0) {
-        name = SO_SNDBUF;
-    } else if (std::strcmp(opt, "rcvbuf") == 0) {
-        name = SO_RCVBUF;
-    } else {
+    int level, name;
+    if (!sockOption(opt, &level, &name)) {
         lua_pushnil(L);
         lua_pushfstring(L, "unsupported option %s", opt);
         return 2;
@@ -1863,6 +1905,7 @@ void openSocketTcp(lua_State *L)
                                 {"settimeout", tcpSetTimeout},
                                 {"settimeouts", tcpSetTimeouts},
                                 {"setoption", tcpSetOption},
+                                {"getoption", tcpGetOption},
                                 {"bind", tcpBind},
                                 {"sslhandshake", tcpSslHandshake},
                                 {"setclientcert", tcpSetClientCert},

@@ -655,3 +655,50 @@ def test_sslhandshake(nginx, tmp_path):
                                 "truesecret\ncertificate host mismatch\n")
     r = n.get("/untrusted").text
     assert r.startswith("nil") and "unable to" in r
+
+
+GETOPTION = r"""
+location /t { content_by_lua_block {
+    local function show(...)
+        local t = {}
+        for i = 1, select("#", ...) do t[i] = tostring((select(i, ...))) end
+        ngx.say(table.concat(t, " "))
+    end
+    local s = ngx.socket.tcp()
+    local ok, err = pcall(s.getoption, s, "keepalive")
+    show(ok, (tostring(err):gsub("^.*: ", "")))
+    show(s:connect("127.0.0.1", ngx.var.server_port))
+    for _, o in ipairs{"keepalive", "reuseaddr", "bogus"} do
+        show(o, s:getoption(o))
+    end
+    show(s:setoption("keepalive", true), s:getoption("keepalive"))
+    show(s:setoption("tcp-nodelay", false), s:getoption("tcp-nodelay"))
+    show(s:getoption())
+    show(s:getoption(1))
+    ngx.ctx.s = s
+    s:close()
+    show(s:getoption("keepalive"))
+} }
+location /buffers { content_by_lua_block {
+    local s = ngx.socket.tcp()
+    s:connect("127.0.0.1", ngx.var.server_port)
+    s:setoption("sndbuf", 65536)
+    s:setoption("rcvbuf", 32768)
+    -- Linux doubles what is set, for its bookkeeping
+    ngx.say(s:getoption("sndbuf"), " ", s:getoption("rcvbuf"))
+} }
+"""
+
+
+def test_getoption_as_the_reference(nginx):
+    out = {m: nginx(module=m, server=GETOPTION).get("/t").text
+           for m in ("luaguard", "reference")}
+    assert out["luaguard"] == out["reference"]
+    assert out["luaguard"].splitlines()[2:4] == ["keepalive 0",
+                                                 "reuseaddr 0"]
+
+
+def test_getoption_reads_the_buffer_it_names(nginx):
+    for m in ("luaguard", "reference"):
+        n = nginx(module=m, server=GETOPTION)
+        assert n.get("/buffers").text == "131072 65536\n", m
