@@ -152,6 +152,10 @@ int pushNilErr(lua_State *L, const char *err);
 // package.preload[name] = open: the module `require(name)` returns.
 void preload(lua_State *L, const char *name, lua_CFunction open);
 
+// A lua-resty-core module's table (ngx.ssl, ngx.ocsp, ...): the functions
+// and its `version`; left on the stack.
+void pushRestyModule(lua_State *L, const luaL_Reg *fns);
+
 // Gets (creating when absent) the sub-table ngx.<name>; leaves it on top.
 void subTable(lua_State *L, const char *name);
 

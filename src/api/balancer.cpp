@@ -223,10 +223,7 @@ int openModule(lua_State *L)
         {"set_timeouts", setTimeouts},
         {"recreate_request", recreateRequest},
         {nullptr, nullptr}};
-    lua_createtable(L, 0, 6);
-    setFuncs(L, fns);
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
+    pushRestyModule(L, fns);
     return 1;
 }
 

@@ -483,6 +483,14 @@ void preload(lua_State *L, const char *name, lua_CFunction open)
     lua_pop(L, 2);
 }
 
+void pushRestyModule(lua_State *L, const luaL_Reg *fns)
+{
+    lua_createtable(L, 0, 8);
+    setFuncs(L, fns);
+    lua_pushstring(L, kRestyCoreVersion);
+    lua_setfield(L, -2, "version");
+}
+
 void subTable(lua_State *L, const char *name)
 {
     lua_getfield(L, -1, name);

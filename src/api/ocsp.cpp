@@ -311,10 +311,7 @@ int openModule(lua_State *L)
         {"validate_ocsp_response", validateResponse},
         {"set_ocsp_status_resp", setStatusResp},
         {nullptr, nullptr}};
-    lua_createtable(L, 0, 5);
-    setFuncs(L, fns);
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
+    pushRestyModule(L, fns);
     return 1;
 }
 

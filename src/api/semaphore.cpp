@@ -180,15 +180,12 @@ int openModule(lua_State *L)
 {
     // The methods too, as lua-resty-core's module table is the objects'
     // __index (semaphore.wait(sema, 1) works).
-    lua_createtable(L, 0, 5);
     const luaL_Reg fns[] = {{"new", semaNew},
                             {"post", semaPost},
                             {"wait", semaWait},
                             {"count", semaCount},
                             {nullptr, nullptr}};
-    setFuncs(L, fns);
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
+    pushRestyModule(L, fns);
     return 1;
 }
 

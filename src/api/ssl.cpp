@@ -477,8 +477,7 @@ int openModule(lua_State *L)
         {"get_tls1_version", getTls1Version},
         {"get_tls1_version_str", getTls1VersionStr},
         {nullptr, nullptr}};
-    lua_createtable(L, 0, 24);
-    setFuncs(L, fns);
+    pushRestyModule(L, fns);
     static const std::pair<const char *, int> versions[] = {
         {"SSL3_VERSION", SSL3_VERSION}, {"TLS1_VERSION", TLS1_VERSION},
         {"TLS1_1_VERSION", TLS1_1_VERSION}, {"TLS1_2_VERSION", TLS1_2_VERSION},
@@ -487,8 +486,6 @@ int openModule(lua_State *L)
         lua_pushinteger(L, v.second);
         lua_setfield(L, -2, v.first);
     }
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
     return 1;
 }
 

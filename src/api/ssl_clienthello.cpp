@@ -180,10 +180,7 @@ int openModule(lua_State *L)
         {"get_supported_versions", getSupportedVersions},
         {"set_protocols", setProtocols},
         {nullptr, nullptr}};
-    lua_createtable(L, 0, 5);
-    setFuncs(L, fns);
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
+    pushRestyModule(L, fns);
     return 1;
 }
 

@@ -117,10 +117,7 @@ int openModule(lua_State *L)
         {"get_serialized_session", getSerializedSession},
         {"set_serialized_session", setSerializedSession},
         {nullptr, nullptr}};
-    lua_createtable(L, 0, 4);
-    setFuncs(L, fns);
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
+    pushRestyModule(L, fns);
     return 1;
 }
 

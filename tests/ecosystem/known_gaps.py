@@ -5,9 +5,4 @@ as expected failures), and the matrix prints the reason."""
 
 KNOWN_GAPS = {
     # library: (issue, reason)
-    "lua-resty-shell": (21, "ngx.pipe.spawn is not implemented in luaguard "
-                        "yet (issue 21, item 3, being built); Debian's "
-                        "lua-nginx-module has no working ngx.pipe either "
-                        "(its nginx lacks OpenResty's "
-                        "HAVE_SOCKET_CLOEXEC_PATCH)"),
 }
