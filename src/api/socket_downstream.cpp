@@ -4,8 +4,6 @@
 // handlers while a read or write waits; it never closes or pools the
 // connection.
 
-#include <new>
-
 #include "api/api.hpp"
 #include "api/socket_tcp.hpp"
 #include "ngx/entry.hpp"
@@ -148,18 +146,7 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
         r->lingering_close = 0;
     }
 
-    lua_createtable(L, 3, 1);
-    void *mem = lua_newuserdata(L, sizeof(Tcp));
-    auto *s = new (mem) Tcp();
-    ngx_memzero(&s->pc, sizeof(s->pc));
-    ngx_memzero(&s->wait_ev, sizeof(s->wait_ev));
-    ngx_queue_init(&s->wait_q);
-    s->resolve.rctx = nullptr;
-    luaL_getmetatable(L, kTcpUdMeta);
-    lua_setmetatable(L, -2);
-    lua_rawseti(L, -2, 1);
-    luaL_getmetatable(L, raw ? kRawMeta : kReqMeta);
-    lua_setmetatable(L, -2);
+    Tcp *s = pushTcp(L, raw ? kRawMeta : kReqMeta);
 
     if (!bindRequest(s, ctx)) {
         return pushNilErr(L, "no memory");

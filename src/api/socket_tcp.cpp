@@ -1861,14 +1861,8 @@ int tcpGc(lua_State *L)
     return 0;
 }
 
-int tcpNew(lua_State *L)
+Tcp *pushTcp(lua_State *L, const char *meta)
 {
-    glue::checkPhase(L, sock::kPhases);
-    sandbox::require(L, sandbox::Capability::Socket);
-    if (lua_gettop(L) != 0) {
-        return luaL_error(L, "expecting zero arguments, but got %d",
-                          lua_gettop(L));
-    }
     lua_createtable(L, 3, 1);
     void *mem = lua_newuserdata(L, sizeof(Tcp));
     auto *s = new (mem) Tcp();
@@ -1879,8 +1873,20 @@ int tcpNew(lua_State *L)
     luaL_getmetatable(L, kTcpUdMeta);
     lua_setmetatable(L, -2);
     lua_rawseti(L, -2, 1);
-    luaL_getmetatable(L, kTcpMeta);
+    luaL_getmetatable(L, meta);
     lua_setmetatable(L, -2);
+    return s;
+}
+
+int tcpNew(lua_State *L)
+{
+    glue::checkPhase(L, sock::kPhases);
+    sandbox::require(L, sandbox::Capability::Socket);
+    if (lua_gettop(L) != 0) {
+        return luaL_error(L, "expecting zero arguments, but got %d",
+                          lua_gettop(L));
+    }
+    pushTcp(L, kTcpMeta);
     return 1;
 }
 

@@ -162,6 +162,8 @@ struct Idle {
 
 // ---- the socket core (api/socket_tcp.cpp) ----
 
+// A new object: the table {[1] = userdata} with the methods of `meta`.
+Tcp *pushTcp(lua_State *L, const char *meta);
 // The Tcp of the object at index 1, raising when it is not usable.
 Tcp *use(lua_State *L);
 ngx_msec_t connectTimeout(Tcp *s);
