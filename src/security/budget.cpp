@@ -230,7 +230,11 @@ void Guard::reclaim(lua_State *L, MemoryAccount *mem, Usage *usage,
     g.enter(&f, slice, usage, L, mem);
     lua_gc(L, LUA_GCCOLLECT, 0);
     g.leave(&f);
-    malloc_trim(0);  // hand the pages back, not just to malloc
+    // Hand the pages back, not just to the allocators.
+    if (mem) {
+        mem->trim();
+    }
+    malloc_trim(0);
 }
 
 void Guard::tripMemory(Kind k)
