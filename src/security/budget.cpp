@@ -30,18 +30,6 @@ int budgetSignal()
     return SIGRTMIN + 2;
 }
 
-// The clock of the stamps: the kernel's tick-granular monotonic time,
-// read from the vDSO without the TSC (a few instructions; the precise
-// clock costs about 80 per read, twice per run). Unbiased over many runs:
-// a run shorter than a kernel tick is counted as 0 or one tick.
-uint64_t coarseNs()
-{
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull
-           + static_cast<uint64_t>(ts.tv_nsec);
-}
-
 }  // namespace
 
 const char *kindName(Kind k)
@@ -125,7 +113,7 @@ void Guard::memoryOver(bool request_limit)
 void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
                   MemoryAccount *mem)
 {
-    uint64_t now = coarseNs();
+    uint64_t now = nowNs();
     f->L = L;
     f->mem = mem;
     f->usage = usage;
@@ -198,7 +186,7 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
 
 void Guard::leave(Frame *f)
 {
-    uint64_t now = coarseNs();
+    uint64_t now = nowNs();
     f->usage->lua_ns += now - f->entered;
     top_ = f->prev;
     std::atomic_signal_fence(std::memory_order_release);
@@ -235,9 +223,6 @@ void Guard::leave(Frame *f)
 uint64_t Guard::usedNs(const Usage &usage) const
 {
     uint64_t ns = usage.lua_ns;
-    // Asked for (ngx.req.lua_usage, the timers' bucket): the precise
-    // clock, never earlier than a coarse stamp, so a run in progress is
-    // not under-reported by up to a kernel tick.
     uint64_t now = nowNs();
     for (const Frame *f = top_; f; f = f->prev) {
         if (f->usage == &usage) {
@@ -278,7 +263,7 @@ void Guard::tripMemory(Kind k)
     uint64_t gen = gen_.load(std::memory_order_relaxed);
     if (tripped_gen_.load() != gen) {
         tripped_kind_.store(static_cast<uint8_t>(k));
-        tripped_at_.store(coarseNs());
+        tripped_at_.store(nowNs());
         tripped_gen_.store(gen, std::memory_order_release);
     }
     markTripped(k);
@@ -350,7 +335,7 @@ bool Guard::overdue()
     if (dl == 0 || top_ == nullptr || L_ == nullptr) {
         return false;
     }
-    uint64_t now = coarseNs();
+    uint64_t now = nowNs();
     if (now < dl) {
         return false;
     }
@@ -407,7 +392,7 @@ void Guard::tick(int sig)
         }
         return;
     }
-    uint64_t now = coarseNs();
+    uint64_t now = nowNs();
     if (now < dl) {
         return;
     }

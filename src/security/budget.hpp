@@ -2,8 +2,8 @@
 // blocks every other connection of the worker), how much Lua time one
 // request may use in all, and how much memory it may hold.
 //
-// The worker thread only stamps a coarse clock (read from the vDSO, no
-// system call) when it enters and leaves Lua. A POSIX interval timer of
+// The worker thread only stamps the clock (read from the vDSO, no system
+// call) when it enters and leaves Lua. A POSIX interval timer of
 // the worker, running only while a run with a deadline is in progress or
 // just was, signals the worker thread every tick; the handler compares the
 // stamps with the deadline and, past it, arms a count hook. With
