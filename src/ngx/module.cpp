@@ -1681,7 +1681,8 @@ ngx_int_t postconfiguration(ngx_conf_t *cf)
     return NGX_OK;
 }
 
-// Runs on the watchdog thread, just before the worker exits.
+// Runs in the budget timer's signal handler, just before the worker exits
+// (ngx_log_error only writes to the log's fd, as in nginx's own handlers).
 void onStuck(const char *budget, uint64_t ms)
 {
     ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,

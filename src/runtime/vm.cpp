@@ -1,6 +1,20 @@
 #include "runtime/vm.hpp"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
 #include <cstdlib>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define LUAGUARD_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LUAGUARD_ASAN 1
+#endif
+#endif
+
 
 namespace luaguard {
 
@@ -17,6 +31,20 @@ size_t hardCeiling(size_t limit)
 {
     return MemoryAccount::hardCeiling(limit);
 }
+
+#ifdef LUAGUARD_ASAN
+// Under AddressSanitizer Lua's objects stay in malloc's heap, where every
+// use after free and overflow of a GC object is caught (LuaJIT's mspace
+// would hide them).
+void *systemAlloc(void *, void *ptr, size_t, size_t nsize)
+{
+    if (nsize == 0) {
+        std::free(ptr);
+        return nullptr;
+    }
+    return std::realloc(ptr, nsize);
+}
+#endif
 
 }  // namespace
 
@@ -54,7 +82,7 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
     }
 
     if (nsize == 0) {
-        std::free(ptr);
+        m->base(m->base_ud, ptr, osize, 0);
         m->in_use -= osize;
         m->freed += osize;
         if (m->charge) {
@@ -98,7 +126,7 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
         }
     }
 
-    void *p = std::realloc(ptr, nsize);
+    void *p = m->base(m->base_ud, ptr, osize, nsize);
     if (p == nullptr) {
         return refuse(m);
     }
@@ -119,13 +147,151 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
     return p;
 }
 
+#if defined(LUAGUARD_CHECKHOOK) && !defined(LUAGUARD_ASAN)
+namespace {
+
+// The layout of LuaJIT's allocator state (lj_alloc.c of luajit2
+// 2.1-20230119, the source scripts/build-luajit.sh builds; dlmalloc 2.8's
+// mstate), mirrored to walk its chunks: LuaJIT has no trim of its own.
+// trim() checks every chunk header it walks against its neighbours before
+// it touches a page, so a different layout is a no-op, not a corruption.
+struct Chunk {
+    size_t prev_foot;
+    size_t head;
+};
+struct Segment {
+    char    *base;
+    size_t   size;
+    Segment *next;
+};
+struct MState {
+    unsigned smallmap, treemap;
+    size_t   dvsize, topsize;
+    Chunk   *dv, *top;
+    size_t   trim_check, release_checks;
+    Chunk   *smallbins[(32 + 1) * 2];
+    void    *treebins[32];
+    Segment  seg;
+    void    *prng;
+};
+
+constexpr size_t kPinuse = 1, kCinuse = 2, kInuse = kPinuse | kCinuse;
+constexpr size_t kFencepost = kInuse | sizeof(size_t);
+constexpr size_t kMinChunk = 4 * sizeof(size_t);
+// A free chunk's own fields (head, list and tree links) lie in its first
+// 56 bytes: the pages past them hold nothing the allocator reads.
+constexpr size_t kFreeHeader = 64;
+
+size_t chunkSize(const Chunk *c) { return c->head & ~kInuse; }
+
+Chunk *firstChunk(char *base)
+{
+    auto mem = reinterpret_cast<uintptr_t>(base) + 2 * sizeof(size_t);
+    size_t off = (mem & 7) ? (8 - (mem & 7)) & 7 : 0;
+    return reinterpret_cast<Chunk *>(base + off);
+}
+
+// Adds the free space [from, to) of every free chunk of `m` to `out`;
+// false if a header does not fit the layout (nothing may be trimmed).
+bool freeRanges(MState *m, std::vector<std::pair<char *, char *>> *out)
+{
+    int segments = 0;
+    bool saw_top = false;
+    for (Segment *sp = &m->seg; sp; sp = sp->next) {
+        if (++segments > 1 << 20 || sp->base == nullptr) {
+            return false;
+        }
+        char *end = sp->base + sp->size;
+        Chunk *c = firstChunk(sp->base);
+        bool prev_inuse = true;
+        for (;;) {
+            auto *p = reinterpret_cast<char *>(c);
+            if (p < sp->base || p >= end) {
+                return false;
+            }
+            if (c == m->top) {
+                if (chunkSize(c) != m->topsize || p + m->topsize > end) {
+                    return false;
+                }
+                out->emplace_back(p + kFreeHeader, p + m->topsize);
+                saw_top = true;
+                break;
+            }
+            if (c->head == kFencepost) {
+                break;
+            }
+            size_t size = chunkSize(c);
+            if (size < kMinChunk || (size & 7) || p + size > end
+                || ((c->head & kPinuse) != 0) != prev_inuse)
+            {
+                return false;
+            }
+            prev_inuse = (c->head & kCinuse) != 0;
+            if (!prev_inuse && size > kFreeHeader) {
+                out->emplace_back(p + kFreeHeader, p + size);
+            }
+            c = reinterpret_cast<Chunk *>(p + size);
+        }
+    }
+    return saw_top;
+}
+
+}  // namespace
+
+void MemoryAccount::trim()
+{
+    if (!base_is_luajit || base_ud == nullptr) {
+        return;
+    }
+    std::vector<std::pair<char *, char *>> ranges;
+    try {
+        if (!freeRanges(static_cast<MState *>(base_ud), &ranges)) {
+            return;
+        }
+    } catch (...) {
+        return;  // no memory for the list: nothing trimmed
+    }
+    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    for (auto [from, to] : ranges) {
+        uintptr_t a = (reinterpret_cast<uintptr_t>(from) + page - 1) & ~(page - 1);
+        uintptr_t b = reinterpret_cast<uintptr_t>(to) & ~(page - 1);
+        if (a < b) {
+            madvise(reinterpret_cast<void *>(a), b - a, MADV_DONTNEED);
+        }
+    }
+}
+#else
+void MemoryAccount::trim() {}
+#endif
+
 bool Vm::open(std::string *err)
 {
+#ifdef LUAGUARD_ASAN
+    memory_.base = systemAlloc;
     L_ = lua_newstate(allocate, &memory_);
+#else
+    // LuaJIT's allocator, not glibc's malloc: fewer instructions per
+    // allocation, a lock-free single-threaded heap, and it gives memory
+    // back by itself (big blocks are mapped one by one, the top of a
+    // segment is trimmed, empty segments are unmapped). Only luaL_newstate
+    // can create it; the accounting wraps it once the state exists.
+    L_ = luaL_newstate();
+#endif
     if (L_ == nullptr) {
-        *err = "lua_newstate() failed";
+        *err = "creating the Lua state failed";
         return false;
     }
+#ifndef LUAGUARD_ASAN
+    memory_.base = lua_getallocf(L_, &memory_.base_ud);
+    memory_.base_is_luajit = true;
+    // What the state holds already (its global state, string table,
+    // registry), so that freeing it later does not take the count below
+    // zero.
+    memory_.in_use = static_cast<size_t>(lua_gc(L_, LUA_GCCOUNT, 0)) * 1024
+                     + static_cast<size_t>(lua_gc(L_, LUA_GCCOUNTB, 0));
+    memory_.peak = memory_.in_use;
+    lua_setallocf(L_, allocate, &memory_);
+#endif
     luaL_openlibs(L_);
     lua_newtable(L_);
     code_cache_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
@@ -168,6 +334,9 @@ void Vm::giveThread(lua_State *co, int ref)
 Vm::~Vm()
 {
     if (L_) {
+        // Closed by LuaJIT's own allocator, which then unmaps its whole
+        // heap at once (it only does so when it is the state's allocator).
+        lua_setallocf(L_, memory_.base, memory_.base_ud);
         lua_close(L_);
     }
 }

@@ -41,6 +41,18 @@ struct MemoryAccount {
     // Told when an allocation took the request past its budget (true) or
     // the VM past its ceiling (false). Budgets end the run that asked.
     void   (*on_over)(bool request_limit) = nullptr;
+    // The allocator that does the work: LuaJIT's own (its dlmalloc-derived
+    // mspace, set by Vm::open), which this account wraps.
+    lua_Alloc base = nullptr;
+    void     *base_ud = nullptr;
+    bool      base_is_luajit = false;
+
+    // Hands the pages of the free space inside LuaJIT's heap back to the
+    // system (after a collection that freed a stopped request's garbage):
+    // its allocator unmaps only the top of its heap and wholly empty
+    // segments, so one live object above a bomb's debris would keep all of
+    // it resident. No-op under any other allocator.
+    void trim();
 
     // The per-request hard limit for a budget of `limit` bytes: twice the
     // budget plus room for the stop's own error message.
@@ -79,8 +91,8 @@ class Vm {
     Vm(const Vm &) = delete;
     Vm &operator=(const Vm &) = delete;
 
-    // Creates the state with the accounting allocator and the standard
-    // libraries. Returns false with *err set when LuaJIT cannot start.
+    // Creates the state with LuaJIT's own allocator behind the accounting
+    // one, and the standard libraries. Returns false with *err set when LuaJIT cannot start.
     bool open(std::string *err);
 
     lua_State *L() const { return L_; }

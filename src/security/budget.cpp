@@ -1,13 +1,12 @@
 #include "security/budget.hpp"
 
 #include <malloc.h>
-#include <pthread.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 
@@ -17,14 +16,15 @@ namespace luaguard::budget {
 
 namespace {
 
-// How often the watchdog looks at the stamps: the precision of every CPU
-// budget, at a cost of one wake-up per tick.
-constexpr auto kTick = std::chrono::milliseconds(5);
+// How often the timer looks at the stamps while a run with a deadline is
+// in progress: the precision of every CPU budget.
+constexpr long kTickNs = 5'000'000;
 
-// Re-signal a run that has not stopped yet: the signal may have landed
-// while the worker was in a C function that then returned to Lua.
-constexpr uint64_t kResignalNs = 50'000'000;
-
+// A realtime signal, which nginx does not use (it has SIGHUP, SIGUSR1,
+// SIGUSR2, SIGWINCH, SIGTERM, SIGQUIT, SIGINT, SIGIO, SIGCHLD, SIGSYS,
+// SIGPIPE, and SIGALRM for timer_resolution); SIGRTMIN itself is left to
+// libraries that pick the first free one. The timer delivers it to the
+// worker's main thread only (SIGEV_THREAD_ID): thread pools never see it.
 int budgetSignal()
 {
     return SIGRTMIN + 2;
@@ -63,8 +63,9 @@ bool Guard::start(uint64_t grace_ms, void (*on_stuck)(const char *, uint64_t))
     started_ = true;
     grace_ns_ = grace_ms * 1'000'000ull;
     on_stuck_ = on_stuck;
-    worker_thread_ = pthread_self();
 
+    // No thread: a second thread would move glibc (malloc, stdio) onto
+    // its locked paths for every request of the worker.
     struct sigaction sa {};
     sa.sa_handler = onSignal;
     sa.sa_flags = SA_RESTART;
@@ -72,27 +73,36 @@ bool Guard::start(uint64_t grace_ms, void (*on_stuck)(const char *, uint64_t))
     if (sigaction(budgetSignal(), &sa, nullptr) != 0) {
         return false;
     }
-
-    // The watchdog takes no signal meant for the worker (nginx's master
-    // signals the process, and any thread not blocking it may receive it).
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    running_ = true;
-    try {
-        thread_ = std::thread([this] { watch(); });
-    } catch (...) {
-        running_ = false;
+    sigevent sev {};
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = budgetSignal();
+    sev._sigev_un._tid = static_cast<pid_t>(syscall(SYS_gettid));
+    if (timer_create(CLOCK_MONOTONIC, &sev, &timer_) != 0) {
+        return false;
     }
-    pthread_sigmask(SIG_SETMASK, &old, nullptr);
-    return running_;
+    has_timer_ = true;
+    return true;
 }
 
 void Guard::stop()
 {
-    if (running_.exchange(false) && thread_.joinable()) {
-        thread_.join();
+    if (has_timer_) {
+        has_timer_ = false;
+        ticking_.store(false, std::memory_order_relaxed);
+        timer_delete(timer_);
     }
+}
+
+void Guard::startTicking()
+{
+    // Armed by the first run with a deadline after an idle tick disarmed
+    // it: under load a system call per tick at most, never one per run.
+    ticking_.store(true, std::memory_order_relaxed);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    itimerspec its {};
+    its.it_interval.tv_nsec = kTickNs;
+    its.it_value.tv_nsec = kTickNs;
+    timer_settime(timer_, 0, &its, nullptr);
 }
 
 void Guard::memoryOver(bool request_limit)
@@ -154,10 +164,18 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
     std::atomic_signal_fence(std::memory_order_release);
     top_ = f;
     if (f->prev == nullptr) {
-        gen_.fetch_add(1, std::memory_order_acq_rel);
+        // One thread: no locked increment.
+        gen_.store(gen_.load(std::memory_order_relaxed) + 1,
+                   std::memory_order_relaxed);
     }
     deadline_kind_.store(static_cast<uint8_t>(kind), std::memory_order_relaxed);
-    deadline_.store(dl, std::memory_order_release);
+    deadline_.store(dl, std::memory_order_relaxed);
+    // A tick that finds the deadline set leaves the timer running; one
+    // that came before it may have stopped the timer: armed again here.
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    if (dl != 0 && has_timer_ && !ticking_.load(std::memory_order_relaxed)) {
+        startTicking();
+    }
     if (usage->refusal_pending) {
         // Refused while no run of it was in progress: this run is the one
         // that sees the refusal (a socket read's result), and ends there.
@@ -230,7 +248,11 @@ void Guard::reclaim(lua_State *L, MemoryAccount *mem, Usage *usage,
     g.enter(&f, slice, usage, L, mem);
     lua_gc(L, LUA_GCCOLLECT, 0);
     g.leave(&f);
-    malloc_trim(0);  // hand the pages back, not just to malloc
+    // Hand the pages back, not just to the allocators.
+    if (mem) {
+        mem->trim();
+    }
+    malloc_trim(0);
 }
 
 void Guard::tripMemory(Kind k)
@@ -317,7 +339,7 @@ bool Guard::overdue()
     if (now < dl) {
         return false;
     }
-    // The watchdog may not have looked yet (it ticks every 5 ms): trip
+    // The timer may not have ticked yet (every 5 ms): trip
     // here, so the run cannot go on past its deadline meanwhile.
     uint64_t gen = gen_.load(std::memory_order_relaxed);
     if (tripped_gen_.load(std::memory_order_acquire) != gen) {
@@ -351,17 +373,52 @@ void Guard::arm()
 void Guard::onSignal(int sig)
 {
     int saved = errno;
-    Guard &g = instance();
-    if (g.L_ && g.top_
-        && g.tripped_gen_.load(std::memory_order_acquire)
-               == g.gen_.load(std::memory_order_relaxed))
-    {
-        g.arm();  // lua_sethook is safe in a signal handler
-        if (g.on_trip_signal) {
-            g.on_trip_signal(sig);
+    instance().tick(sig);
+    errno = saved;
+}
+
+// The timer's tick, in the signal handler: async-signal-safe code only.
+void Guard::tick(int sig)
+{
+    uint64_t dl = deadline_.load(std::memory_order_relaxed);
+    if (dl == 0 || top_ == nullptr) {
+        // Nothing with a deadline runs: stop ticking until something does
+        // (an idle worker is not woken, and its epoll_wait not
+        // interrupted, 200 times a second).
+        if (ticking_.load(std::memory_order_relaxed)) {
+            ticking_.store(false, std::memory_order_relaxed);
+            itimerspec off {};
+            timer_settime(timer_, 0, &off, nullptr);
+        }
+        return;
+    }
+    uint64_t now = nowNs();
+    if (now < dl) {
+        return;
+    }
+    uint64_t gen = gen_.load(std::memory_order_relaxed);
+    if (tripped_gen_.load(std::memory_order_relaxed) != gen) {
+        tripped_kind_.store(deadline_kind_.load(std::memory_order_relaxed));
+        tripped_at_.store(now);
+        tripped_gen_.store(gen, std::memory_order_relaxed);
+    } else if (grace_ns_ && now - tripped_at_.load() > grace_ns_) {
+        // The hook never got to run: the worker is inside one C call.
+        // Nothing can unwind it; end this worker, the master starts a
+        // fresh one. (nginx's own signal handlers log the same way.)
+        if (on_stuck_) {
+            on_stuck_(kindName(static_cast<Kind>(tripped_kind_.load())),
+                      (now - tripped_at_.load()) / 1'000'000ull);
+        }
+        _exit(1);
+    }
+    if (L_) {
+        // Again at every tick: the run may have been in a C function that
+        // since returned to Lua. lua_sethook is safe in a signal handler.
+        arm();
+        if (on_trip_signal) {
+            on_trip_signal(sig);
         }
     }
-    errno = saved;
 }
 
 void Guard::hook(lua_State *L, lua_Debug *ar)
@@ -411,49 +468,6 @@ void Guard::hook(lua_State *L, lua_Debug *ar)
         }
         luaL_error(L, "not enough memory (luaguard: %s exceeded, stopped at "
                    "%s:%d)", kindName(k), src, line);
-    }
-}
-
-void Guard::watch()
-{
-    uint64_t last_signal = 0;
-    while (running_.load(std::memory_order_relaxed)) {
-        std::this_thread::sleep_for(kTick);
-        uint64_t dl = deadline_.load(std::memory_order_acquire);
-        if (dl == 0) {
-            continue;
-        }
-        uint64_t gen = gen_.load(std::memory_order_acquire);
-        uint64_t now = nowNs();
-        if (now < dl) {
-            continue;
-        }
-        if (tripped_gen_.load(std::memory_order_acquire) != gen) {
-            tripped_kind_.store(deadline_kind_.load());
-            tripped_at_.store(now);
-            tripped_gen_.store(gen, std::memory_order_release);
-            pthread_kill(worker_thread_, budgetSignal());
-            last_signal = now;
-            continue;
-        }
-        uint64_t since = now - tripped_at_.load();
-        if (grace_ns_ && since > grace_ns_
-            && gen_.load(std::memory_order_acquire) == gen
-            && deadline_.load(std::memory_order_acquire) != 0)
-        {
-            // The hook never got to run: the worker is inside one C call.
-            // Nothing can unwind it; end this worker, the master starts a
-            // fresh one.
-            if (on_stuck_) {
-                on_stuck_(kindName(static_cast<Kind>(tripped_kind_.load())),
-                          since / 1'000'000ull);
-            }
-            _exit(1);
-        }
-        if (now - last_signal > kResignalNs) {
-            pthread_kill(worker_thread_, budgetSignal());
-            last_signal = now;
-        }
     }
 }
 

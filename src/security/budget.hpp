@@ -2,9 +2,11 @@
 // blocks every other connection of the worker), how much Lua time one
 // request may use in all, and how much memory it may hold.
 //
-// The worker thread only stamps the clock when it enters and leaves Lua. A
-// watchdog thread compares the stamps with the deadline; past it, it
-// signals the worker thread, whose handler arms a count hook. With
+// The worker thread only stamps the clock (read from the vDSO, no system
+// call) when it enters and leaves Lua. A POSIX interval timer of
+// the worker, running only while a run with a deadline is in progress or
+// just was, signals the worker thread every tick; the handler compares the
+// stamps with the deadline and, past it, arms a count hook. With
 // LUAJIT_ENABLE_CHECKHOOK the hook also fires inside compiled traces. The
 // hook raises an error naming the budget on every instruction until the run
 // is torn down, so pcall cannot swallow it.
@@ -13,7 +15,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <thread>
+#include <ctime>
 
 #include "runtime/lua.hpp"
 
@@ -54,11 +56,10 @@ uint64_t nowNs();
 class Guard {
  public:
     static Guard &instance();
-    // A process leaving through exit() without stopping the watchdog
-    // must not std::terminate on a joinable thread.
     ~Guard() { stop(); }
 
-    // Per worker: starts the watchdog thread. `grace_ms` is how long code
+    // Per worker: creates the watchdog's timer (armed by the first run
+    // with a deadline). `grace_ms` is how long code
     // stuck in a C function may go on after its budget ran out before the
     // worker is ended; `on_stuck` logs why, then the process exits so the
     // master starts a new worker.
@@ -152,7 +153,8 @@ class Guard {
     Guard() = default;
     static void hook(lua_State *L, lua_Debug *ar);
     static void onSignal(int sig);
-    void watch();
+    void tick(int sig);
+    void startTicking();
     void arm();
     void markTripped(Kind k);
 
@@ -166,16 +168,17 @@ class Guard {
     void (*on_stuck_)(const char *, uint64_t) = nullptr;
     uint64_t stops_[kKinds] = {};
 
-    // Shared with the watchdog thread.
+    // Shared with the signal handler (same thread: plain loads and stores,
+    // ordered by signal fences).
     std::atomic<uint64_t> gen_{0};          // changes at every outer entry
     std::atomic<uint64_t> deadline_{0};     // 0: not in Lua / no budget
     std::atomic<uint8_t> deadline_kind_{0};
     std::atomic<uint64_t> tripped_gen_{~0ull};
     std::atomic<uint8_t> tripped_kind_{0};
     std::atomic<uint64_t> tripped_at_{0};
-    std::atomic<bool> running_{false};
-    std::thread thread_;
-    pthread_t worker_thread_{};
+    std::atomic<bool> ticking_{false};      // the timer is armed
+    timer_t timer_{};
+    bool has_timer_ = false;
 };
 
 // RAII: charges the enclosed Lua run to `usage` under `limits`.
