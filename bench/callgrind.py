@@ -11,9 +11,11 @@ lua-nginx-module, and their ratio.
         [--out bench/results] [--json]
 
 Instructions are counted per thread (--separate-threads=yes): "main" is
-the nginx thread that serves requests; "all" adds luaguard's budget
-watchdog thread, whose 5 ms ticks scale with wall time under valgrind, not
-with requests.
+the nginx thread that serves requests; "all" adds any other thread (nginx
+thread pools). luaguard's budget watchdog is a 5 ms timer signal of the
+serving thread that ticks only while a run with a deadline is under way:
+its few instructions per tick scale with wall time under valgrind, a
+small noise in "main".
 """
 
 import argparse
@@ -149,8 +151,8 @@ def markdown(res):
     lines = [
         f"Instructions per request under callgrind, {res['date']}: "
         f"(Ir at {res['n2']} requests - Ir at {res['n1']}) / "
-        f"{res['n2'] - res['n1']}, nginx's serving thread (luaguard's "
-        "watchdog thread excluded), requests sent one at a time on one "
+        f"{res['n2'] - res['n1']}, nginx's serving thread, requests sent "
+        "one at a time on one "
         "keep-alive connection. Deterministic: machine load does not "
         "change it. Ratio = luaguard/reference (lower is better for "
         "luaguard).", ""]
