@@ -380,7 +380,8 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
         if (!pushRequestEnv(L, ctx)) {
             lua_pop(L, 1);
             release(L, lease, true);
-            *err = "failed to create the request's global environment";
+            *err = "failed to create the request's global environment: "
+                   + sandbox::envError();
             return false;
         }
         lua_setfenv(L, -2);

@@ -58,6 +58,10 @@ void bump(Capability c)
 
 char kBuilderKey;
 
+// Why the views of a policy could not be built (a budget stop while the
+// first request of a worker builds them, say): for the request's log line.
+std::string g_env_error;
+
 const Policy *makeDefault()
 {
     static Policy p;
@@ -462,6 +466,8 @@ bool pushMeta(lua_State *L, const Policy *p)
     lua_pushinteger(L, static_cast<lua_Integer>(p->allowed)
                            | (p->strict ? lua_Integer(1) << 31 : 0));
     if (lua_pcall(L, 2, 1, 0) != 0) {
+        const char *msg = lua_tostring(L, -1);
+        g_env_error = msg ? msg : "error object";
         lua_pop(L, 1);
         return false;
     }
@@ -474,6 +480,11 @@ bool pushMeta(lua_State *L, const Policy *p)
 }
 
 }  // namespace
+
+const std::string &envError()
+{
+    return g_env_error;
+}
 
 bool pushNewEnv(lua_State *L, const Policy *p)
 {

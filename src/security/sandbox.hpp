@@ -122,5 +122,7 @@ bool install(lua_State *L, std::string *err);
 // table whose metatable is the policy's prebuilt one. False, pushing
 // nothing, when the view could not be built (out of memory).
 bool pushNewEnv(lua_State *L, const Policy *p);
+// Why the last pushNewEnv failed.
+const std::string &envError();
 
 }  // namespace luaguard::sandbox
