@@ -70,7 +70,7 @@ def measure(module, s, n, workdir, label, extra_http=""):
             raise RuntimeError(
                 f"{label}: nginx under valgrind did not start:\n"
                 + (prefix / "valgrind.log").read_text()[-3000:]
-                + (prefix / "logs" / "error.log").read_text()[-2000:])
+                + common.nginx_log_or_test(prefix, conf))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         t0 = time.monotonic()
         for i in range(n):

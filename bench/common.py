@@ -34,7 +34,7 @@ POST_BODY = "b" * 1024
 class Scenario:
     def __init__(self, name, title, location, path, expect, *,
                  method="GET", headers=None, body=None, api="", http="",
-                 tls=False):
+                 tls=False, files=None):
         self.name = name
         self.title = title
         self.location = location      # nginx location block(s)
@@ -48,6 +48,7 @@ class Scenario:
         # A new TLS connection per request to a server of its own
         # (bench/callgrind.py only: the wrk table leaves it out).
         self.tls = tls
+        self.files = files or {}      # conf/NAME -> text, written by render
 
 
 # Placeholders in a scenario's text: the loopback upstream's port, and
@@ -258,7 +259,13 @@ SCENARIOS = [
                 ngx.say("json ", #doc.items, " ", #out > 8000)
             }
         }""", "/json", b"json 130 true", api="cjson",
-        http="init_by_lua_block { JSON_DOC = [[%s]] }" % JSON_DOC),
+        # lua-nginx-module refuses a string longer than 4 KiB inline
+        http="""
+    init_by_lua_block {
+        local f = assert(io.open(ngx.config.prefix() .. "conf/bench.json"))
+        JSON_DOC = f:read("*a")
+        f:close()
+    }""", files={"bench.json": JSON_DOC}),
     Scenario(
         "strict10", "10 locations, lua_sandbox strict", STRICT_LOCATIONS,
         "/strict7", b"strict 7,14,21,28",
@@ -403,10 +410,21 @@ def load_lines(module):
     return f"load_module {module};"
 
 
+def write_files(prefix, scenarios):
+    """The files the scenarios read (Scenario.files) into PREFIX/conf."""
+    for s in scenarios:
+        for name, text in s.files.items():
+            f = Path(prefix) / "conf" / name
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(text)
+            f.chmod(0o644)  # workers run as nobody
+
+
 def render(module, prefix, port, up_port, scenarios, *, main="", http=""):
     locs = expand("\n".join(s.location for s in scenarios), module, up_port)
     http = "\n".join([http] + [expand(s.http, module, up_port)
                                for s in scenarios if s.http])
+    write_files(prefix, scenarios)
     ssl = ""
     if any(s.tls for s in scenarios):
         if len(scenarios) != 1:
@@ -436,6 +454,16 @@ def nginx_test(module, prefix, http=""):
     r = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(conf)],
                        capture_output=True, text=True)
     return r.returncode == 0, r.stderr
+
+
+def nginx_log_or_test(prefix, conf):
+    """What nginx said: its error log, or `nginx -t` when it wrote none."""
+    log = Path(prefix) / "logs" / "error.log"
+    if log.exists():
+        return log.read_text(errors="replace")[-2000:]
+    r = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(conf)],
+                       capture_output=True, text=True)
+    return r.stderr[-2000:]
 
 
 def accepted_hardening_off(module, workdir):

@@ -84,6 +84,7 @@ def config(module, prefix, port, up_port):
     http = "\n".join([HTTP] + [s.http for s in plain if s.http])
     text = common.render(module, prefix, port, up_port, [],
                          http=common.expand(http, module, up_port))
+    common.write_files(prefix, plain)
     text = text.replace("worker_processes 1;", "worker_processes 4;")
     locations = common.expand("\n".join(locs), module, up_port)
     return text.replace("        server_name localhost;\n",
