@@ -343,12 +343,11 @@ bool pushInlineFactory(lua_State *L, Vm *vm, Handler *h, std::string *err)
     return true;
 }
 
-// Pushes a closure of handler `h` onto L (a state of `vm`), with the
-// request's environment when there is a request: a pooled one, held in
-// *lease until the run ends (see code.hpp), when the code lives as long as
-// the VM. `co` is the thread it will run in.
+// Pushes a fresh closure of handler `h` onto L (a state of `vm`), with the
+// request's environment when there is a request. `co` is the thread it
+// will run in.
 bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
-                 lua_State *co, std::string *err, Lease *lease)
+                 lua_State *co, std::string *err)
 {
     if (h->path) {
         if (!pushFileFactory(L, vm, ctx, h, err)) {
@@ -368,18 +367,11 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
     } else if (!pushInlineFactory(L, vm, h, err)) {
         return false;
     }
-    const sandbox::Policy *p = ctx ? sandbox::policyOf(ctx->llcf) : nullptr;
-    if (p && p->isolate && (h->path == nullptr || ctx->llcf->code_cache))
-    {
-        instantiatePooled(L, -1, lease);
-    } else {
-        instantiate(L, -1);
-    }
+    instantiate(L, -1);
     lua_remove(L, -2);
-    if (p && p->isolate) {
+    if (ctx && sandbox::policyOf(ctx->llcf)->isolate) {
         if (!pushRequestEnv(L, ctx)) {
             lua_pop(L, 1);
-            release(L, lease, true);
             *err = "failed to create the request's global environment: "
                    + sandbox::envError();
             return false;
@@ -453,8 +445,7 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
         entry::Scope scope(ctx, phase, t);
         std::string raised;
         if (!entry::protect(t->co, [&] {
-                ok = pushHandler(t->co, ctx->vm, ctx, h, t->co, &err,
-                                 &t->lease);
+                ok = pushHandler(t->co, ctx->vm, ctx, h, t->co, &err);
             }, &raised))
         {
             ok = false;
@@ -889,20 +880,17 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
 
     std::string err;
     bool pushed = false;
-    Lease lease;
     if (!entry::protect(L, [&] {
             pushTracebackHandler(L);
-            pushed = pushHandler(L, vm, ctx, h, nullptr, &err, &lease);
+            pushed = pushHandler(L, vm, ctx, h, nullptr, &err);
         }, &err) || !pushed)
     {
-        release(L, &lease, true);
         metrics::countError(ctx);
         lua_settop(L, base);
         logEscaped(log, err);
         return NGX_ERROR;
     }
     int rc = lua_pcall(L, 0, nresults, base + 1);
-    release(L, &lease, true);  // returned or unwound: it runs nowhere
     if (rc != 0) {
         if (lua_touserdata(L, -1) == &kExitSentinel) {
             lua_settop(L, base);

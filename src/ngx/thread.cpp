@@ -265,7 +265,6 @@ void release(LuaThread *t)
     if (t->ref == LUA_NOREF) {
         return;
     }
-    release(t->ctx->vm->L(), &t->lease, t->returned && !t->running);
     if (t->returned && !t->running) {
         // Ended normally: its coroutine serves the next thread.
         t->ctx->vm->giveThread(t->co, t->ref);

@@ -8,7 +8,6 @@
 #include <string>
 
 #include "ngx/module.hpp"
-#include "runtime/code.hpp"
 
 namespace luaguard {
 
@@ -45,7 +44,6 @@ struct LuaThread {
     LuaThread   *spawn_result;   // resumed from spawn: push this thread
     LuaThread   *runq_next;      // in ctx's run queue
     bool         queued;
-    Lease        lease;          // the entry thread's pooled closure
 };
 
 namespace threads {

@@ -6,7 +6,6 @@
 #include <cerrno>
 #include <cstring>
 
-#include "runtime/code.hpp"
 #include "runtime/embedded.hpp"
 
 namespace luaguard::sandbox {
@@ -125,13 +124,6 @@ int luaRefuse(lua_State *L)
         p = &defaultPolicy();  // unreachable in practice: nothing refuses
     }
     refuseAt(L, level, c, p);
-    return 0;
-}
-
-// escaped(f): request code holds `f` as a value (see lua/sandbox.lua).
-int luaEscaped(lua_State *L)
-{
-    escaped(lua_topointer(L, 1));
     return 0;
 }
 
@@ -410,9 +402,7 @@ bool install(lua_State *L, std::string *err)
         lua_pop(L, 1);
         return false;
     }
-    lua_createtable(L, 0, 6);
-    lua_pushcfunction(L, luaEscaped);
-    lua_setfield(L, -2, "escaped");
+    lua_createtable(L, 0, 5);
     lua_pushcfunction(L, luaStrict);
     lua_setfield(L, -2, "strict");
     lua_pushcfunction(L, luaSeed);
