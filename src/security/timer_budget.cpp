@@ -40,44 +40,88 @@ uint64_t TimeBucket::untilRefilled() const
 
 namespace {
 
+char kSharedKey;
+
+// The tables and functions every module shares (the globals, the values
+// of package.loaded) as a set, kept in the registry and made again only
+// when package.loaded has another number of entries: building it for
+// every ngx.timer.at cost ~13k instructions.
+void pushShared(lua_State *L)
+{
+    lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+    int loaded = lua_gettop(L);
+    lua_Integer n = 0;
+    if (lua_istable(L, loaded)) {
+        lua_pushnil(L);
+        while (lua_next(L, loaded) != 0) {
+            lua_pop(L, 1);
+            n++;
+        }
+    }
+    lua_pushlightuserdata(L, &kSharedKey);
+    lua_rawget(L, LUA_REGISTRYINDEX);      // {set, n} or nil
+    if (lua_istable(L, -1)) {
+        lua_rawgeti(L, -1, 2);
+        bool fresh = lua_tointeger(L, -1) == n;
+        lua_pop(L, 1);
+        if (fresh) {
+            lua_rawgeti(L, -1, 1);
+            lua_replace(L, loaded);
+            lua_pop(L, 1);
+            return;
+        }
+    }
+    lua_pop(L, 1);
+    lua_createtable(L, 0, static_cast<int>(n) + 2);
+    int set = lua_gettop(L);
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, set);
+    if (lua_istable(L, loaded)) {
+        lua_pushvalue(L, loaded);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, set);
+        lua_pushnil(L);
+        while (lua_next(L, loaded) != 0) {
+            int t = lua_type(L, -1);
+            if (t == LUA_TTABLE || t == LUA_TFUNCTION) {
+                lua_pushboolean(L, 1);
+                lua_rawset(L, set);    // value -> true; the key stays
+                continue;
+            }
+            lua_pop(L, 1);
+        }
+    }
+    lua_pushlightuserdata(L, &kSharedKey);
+    lua_createtable(L, 2, 0);
+    lua_pushvalue(L, set);
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, n);
+    lua_rawseti(L, -2, 2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_replace(L, loaded);
+}
+
 struct Walk {
     lua_State *L;
     int        seen;       // table: tables and functions already queued
     int        queue;      // array: tables and functions still to walk
     int        queued;
     size_t     total;
+    int        shared;     // pushShared's set
 
     // Made on the first table or function only: strings alone (the usual
-    // arguments) leave no garbage behind. What every module shares (the
-    // values of package.loaded, the globals) is marked seen uncounted:
-    // a callback that captures `ngx` or a module parks none of it.
+    // arguments) leave no garbage behind. What every module shares is
+    // uncounted: a callback that captures `ngx` or a module parks none
+    // of it.
     void makeSeen()
     {
+        pushShared(L);
+        shared = lua_gettop(L);
         lua_newtable(L);
         lua_newtable(L);
-        seen = lua_gettop(L) - 1;
+        seen = shared + 1;
         queue = seen + 1;
-        lua_pushvalue(L, LUA_GLOBALSINDEX);
-        lua_pushboolean(L, 1);
-        lua_rawset(L, seen);
-        lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
-        if (lua_istable(L, -1)) {
-            int loaded = lua_gettop(L);
-            lua_pushvalue(L, loaded);
-            lua_pushboolean(L, 1);
-            lua_rawset(L, seen);
-            lua_pushnil(L);
-            while (lua_next(L, loaded) != 0) {
-                int t = lua_type(L, -1);
-                if (t == LUA_TTABLE || t == LUA_TFUNCTION) {
-                    lua_pushboolean(L, 1);
-                    lua_rawset(L, seen);    // value -> true; the key stays
-                    continue;
-                }
-                lua_pop(L, 1);
-            }
-        }
-        lua_pop(L, 1);
     }
 
     void add(int idx)
@@ -87,17 +131,23 @@ struct Walk {
             total += lua_objlen(L, idx) + kParkedStringHeader;
             break;
         case LUA_TTABLE:
-        case LUA_TFUNCTION:
+        case LUA_TFUNCTION: {
             if (seen == 0) {
                 makeSeen();
             }
             lua_pushvalue(L, idx);
-            lua_rawget(L, seen);
-            if (lua_toboolean(L, -1)) {
+            lua_rawget(L, shared);
+            bool known = lua_toboolean(L, -1);
+            lua_pop(L, 1);
+            if (!known) {
+                lua_pushvalue(L, idx);
+                lua_rawget(L, seen);
+                known = lua_toboolean(L, -1);
                 lua_pop(L, 1);
+            }
+            if (known) {
                 break;
             }
-            lua_pop(L, 1);
             lua_pushvalue(L, idx);
             lua_pushboolean(L, 1);
             lua_rawset(L, seen);
@@ -106,6 +156,7 @@ struct Walk {
             total += lua_type(L, idx) == LUA_TTABLE ? kParkedTableHeader
                                                     : kParkedClosureHeader;
             break;
+        }
         default:
             break;
         }
@@ -119,7 +170,7 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
 {
     from = from > 0 ? from : lua_gettop(L) + from + 1;
     to = to > 0 ? to : lua_gettop(L) + to + 1;
-    Walk w{L, 0, 0, 0, 0};
+    Walk w{L, 0, 0, 0, 0, 0};
     for (int i = from; i <= to && w.total <= limit; i++) {
         w.add(i);
     }
@@ -160,7 +211,7 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
         lua_pop(L, 1);
     }
     if (w.seen) {
-        lua_pop(L, 2);
+        lua_pop(L, 3);
     }
     return w.total;
 }
