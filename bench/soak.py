@@ -75,16 +75,19 @@ HTTP = """
 """
 
 
+# The TLS scenario needs a server of its own (bench/callgrind.py only).
+PLAIN = [s for s in common.SCENARIOS if not s.tls]
+
+
 def config(module, prefix, port, up_port):
-    plain = [s for s in common.SCENARIOS if not s.tls]
-    locs = [s.location for s in plain]
+    locs = [s.location for s in PLAIN]
     for name, (body, _) in HOSTILE.items():
         locs.append(f"location = /soak/{name} {{ {body} }}")
     locs.append(COUNTER)
-    http = "\n".join([HTTP] + [s.http for s in plain if s.http])
+    http = "\n".join([HTTP] + [s.http for s in PLAIN if s.http])
     text = common.render(module, prefix, port, up_port, [],
                          http=common.expand(http, module, up_port))
-    common.write_files(prefix, plain)
+    common.write_files(prefix, PLAIN)
     text = text.replace("worker_processes 1;", "worker_processes 4;")
     locations = common.expand("\n".join(locs), module, up_port)
     return text.replace("        server_name localhost;\n",
@@ -155,7 +158,7 @@ def hostile(port, name, stats):
 
 def client(port, deadline, stats, seed):
     rnd = random.Random(seed)
-    scenarios = [s for s in common.SCENARIOS]
+    scenarios = PLAIN
     conn = None
     while time.monotonic() < deadline:
         roll = rnd.random()
