@@ -369,24 +369,31 @@ void finishWaiter(LuaThread **slot, LuaThread *t, Push &&push)
     entry::resume(t, push);
 }
 
-void onRead(ngx_event_t *ev)
+// A pipe's read or write event: the waiting thread gets its result once
+// the operation is done, failed or timed out. `progress` moves it on;
+// `push` makes the thread's results (pushRead or pushWrite).
+template <typename Progress>
+void onPipeEvent(ngx_event_t *ev, Progress &&progress,
+                 int (*push)(Stream *, lua_State *, St, bool))
 {
     auto *c = static_cast<ngx_connection_t *>(ev->data);
     auto *s = static_cast<Stream *>(c->data);
     LuaThread *t = s->waiter;
     if (t == nullptr) {
-        return;   // nobody reads now: the data waits in the pipe
+        return;   // nobody waits now: the data waits in the pipe
     }
     if (ev->timedout) {
         ev->timedout = 0;
         finishWaiter(&s->waiter, t, [&](lua_State *co) {
-            return pushRead(s, co, St::Error, true);
+            return push(s, co, St::Error, true);
         });
         return;
     }
-    St st = readProgress(s->proc, s);
+    St st = progress(s);
     if (st == St::Again) {
-        if (ngx_handle_read_event(ev, 0) == NGX_OK) {
+        if ((ev->write ? ngx_handle_write_event(ev, 0)
+                       : ngx_handle_read_event(ev, 0)) == NGX_OK)
+        {
             return;
         }
         s->err = "failed to wait for the pipe";
@@ -396,8 +403,14 @@ void onRead(ngx_event_t *ev)
         ngx_del_timer(ev);
     }
     finishWaiter(&s->waiter, t, [&](lua_State *co) {
-        return pushRead(s, co, st, false);
+        return push(s, co, st, false);
     });
+}
+
+void onRead(ngx_event_t *ev)
+{
+    onPipeEvent(ev, [](Stream *s) { return readProgress(s->proc, s); },
+                pushRead);
 }
 
 void cancelRead(LuaThread *t)
@@ -531,33 +544,7 @@ int pushWrite(Stream *s, lua_State *L, St st, bool timeout)
 
 void onWrite(ngx_event_t *ev)
 {
-    auto *c = static_cast<ngx_connection_t *>(ev->data);
-    auto *s = static_cast<Stream *>(c->data);
-    LuaThread *t = s->waiter;
-    if (t == nullptr) {
-        return;
-    }
-    if (ev->timedout) {
-        ev->timedout = 0;
-        finishWaiter(&s->waiter, t, [&](lua_State *co) {
-            return pushWrite(s, co, St::Error, true);
-        });
-        return;
-    }
-    St st = writeProgress(s);
-    if (st == St::Again) {
-        if (ngx_handle_write_event(ev, 0) == NGX_OK) {
-            return;
-        }
-        s->err = "failed to wait for the pipe";
-        st = St::Error;
-    }
-    if (ev->timer_set) {
-        ngx_del_timer(ev);
-    }
-    finishWaiter(&s->waiter, t, [&](lua_State *co) {
-        return pushWrite(s, co, st, false);
-    });
+    onPipeEvent(ev, [](Stream *s) { return writeProgress(s); }, pushWrite);
 }
 
 void cancelWrite(LuaThread *t)
@@ -1047,11 +1034,8 @@ int openPipeModule(lua_State *L)
         lua_setfield(L, -2, "__metatable");
     }
     lua_pop(L, 1);
-    lua_createtable(L, 0, 2);
-    lua_pushcfunction(L, spawn);
-    lua_setfield(L, -2, "spawn");
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
+    const luaL_Reg fns[] = {{"spawn", spawn}, {nullptr, nullptr}};
+    pushRestyModule(L, fns);
     return 1;
 }
 

@@ -41,13 +41,10 @@ int unsupported(lua_State *L)
 
 int openModule(lua_State *L)
 {
-    lua_createtable(L, 0, 5);
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
-    lua_pushcfunction(L, processType);
-    lua_setfield(L, -2, "type");
-    lua_pushcfunction(L, masterPid);
-    lua_setfield(L, -2, "get_master_pid");
+    const luaL_Reg fns[] = {{"type", processType},
+                            {"get_master_pid", masterPid},
+                            {nullptr, nullptr}};
+    pushRestyModule(L, fns);
     for (const char *name : {"enable_privileged_agent",
                              "signal_graceful_exit"}) {
         lua_pushstring(L, name);

@@ -1402,13 +1402,10 @@ int reOpt(lua_State *L)
 
 int loadNgxRe(lua_State *L)
 {
-    lua_createtable(L, 0, 3);
     const luaL_Reg fns[] = {{"split", reSplit},
                             {"opt", reOpt},
                             {nullptr, nullptr}};
-    setFuncs(L, fns);
-    lua_pushstring(L, kRestyCoreVersion);
-    lua_setfield(L, -2, "version");
+    pushRestyModule(L, fns);
     return 1;
 }
 
