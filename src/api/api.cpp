@@ -5,26 +5,6 @@
 
 namespace luaguard::api {
 
-bool runEmbedded(lua_State *L, const char *code, size_t len,
-                 const char *name, int nargs, std::string *err)
-{
-    int rc = luaL_loadbuffer(L, code, len, name);
-    if (rc == 0) {
-        lua_insert(L, -(nargs + 1));
-        rc = lua_pcall(L, nargs, 0, 0);
-    } else {
-        lua_insert(L, -(nargs + 1));
-        lua_pop(L, nargs);
-    }
-    if (rc != 0) {
-        const char *msg = lua_tostring(L, -1);  // names the chunk
-        *err = msg ? msg : std::string(name + 1) + ": error object";
-        lua_pop(L, 1);
-        return false;
-    }
-    return true;
-}
-
 bool open(lua_State *L, std::string *err)
 {
     lua_createtable(L, 0, 160);
@@ -64,7 +44,7 @@ bool open(lua_State *L, std::string *err)
     lua_pushlightuserdata(L, &glue::kYieldSentinel);
     lua_pushcfunction(L, budgetStopping);
     if (!runEmbedded(L, kLua_prelude, kLua_prelude_len, "=luaguard.prelude",
-                     2, err)) {
+                     2, 0, err)) {
         return false;
     }
     return openRestyCore(L, err) && sandbox::installNgx(L, err);

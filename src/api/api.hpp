@@ -25,12 +25,6 @@ constexpr char kRestyCoreVersion[] = "0.1.25";
 // per-request environment machinery. False with *err on failure.
 bool open(lua_State *L, std::string *err);
 
-// Runs an embedded Lua file (lua/NAME.lua, as kLua_NAME) with the `nargs`
-// values at the top of the stack as its arguments `...`, popping them.
-// False with *err (the file's name and the error) on failure.
-bool runEmbedded(lua_State *L, const char *code, size_t len,
-                 const char *name, int nargs, std::string *err);
-
 // Each takes the `ngx` table at stack top and leaves it there.
 void openCore(lua_State *L);
 void openOutput(lua_State *L);

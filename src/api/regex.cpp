@@ -1451,7 +1451,7 @@ bool openRegex(lua_State *L, std::string *err)
     lua_pushcfunction(L, reSub);
     lua_pushcfunction(L, reGsub);
     bool ok = runEmbedded(L, kLua_regex_ffi, kLua_regex_ffi_len,
-                          "=luaguard.regex", 6, err);
+                          "=luaguard.regex", 6, 0, err);
     lua_getglobal(L, "ngx");
     return ok;
 }

@@ -95,13 +95,6 @@ int cacheEmpty(lua_State *L)
 
 bool openRestyCore(lua_State *L, std::string *err)
 {
-    if (luaL_loadbuffer(L, kLua_resty_core, kLua_resty_core_len, "=luaguard.resty_core")
-        != 0)
-    {
-        *err = lua_tostring(L, -1);
-        lua_pop(L, 1);
-        return false;
-    }
     const luaL_Reg fns[] = {{"request", request},
                             {"need_ffi", needFfi},
                             {"in_request", inRequest},
@@ -115,12 +108,8 @@ bool openRestyCore(lua_State *L, std::string *err)
     setFuncs(L, fns);
     addErrlogFuncs(L);
     addNdkFuncs(L);
-    if (lua_pcall(L, 1, 0, 0) != 0) {
-        *err = lua_tostring(L, -1);
-        lua_pop(L, 1);
-        return false;
-    }
-    return true;
+    return runEmbedded(L, kLua_resty_core, kLua_resty_core_len,
+                       "=luaguard.resty_core", 1, 0, err);
 }
 
 }  // namespace api

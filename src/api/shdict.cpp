@@ -609,7 +609,7 @@ bool openShared(lua_State *L, std::string *err)
     lua_pushvalue(L, -1);
     lua_pushstring(L, kShdictCdef);
     if (!runEmbedded(L, kLua_shdict_ffi, kLua_shdict_ffi_len,
-                     "=luaguard.shdict", 2, err)) {
+                     "=luaguard.shdict", 2, 0, err)) {
         lua_pop(L, 3);
         return false;
     }

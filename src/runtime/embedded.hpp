@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
+
+#include "runtime/lua.hpp"
 
 #define LUAGUARD_EMBEDDED(name)                                              \
     extern const char kLua_##name[];                                         \
@@ -14,4 +17,11 @@ LUAGUARD_EMBEDDED(resty_core);
 LUAGUARD_EMBEDDED(regex_ffi);
 LUAGUARD_EMBEDDED(shdict_ffi);
 LUAGUARD_EMBEDDED(sandbox);
+
+// Runs an embedded Lua file (kLua_NAME) with the `nargs` values at the top
+// of the stack as its arguments `...`, popping them and leaving
+// `nresults` results. False with *err (the error, which names the chunk)
+// and nothing left on the stack on failure.
+bool runEmbedded(lua_State *L, const char *code, size_t len,
+                 const char *name, int nargs, int nresults, std::string *err);
 }  // namespace luaguard

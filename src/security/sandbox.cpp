@@ -395,13 +395,6 @@ uint64_t totalRefusals()
 
 bool install(lua_State *L, std::string *err)
 {
-    if (luaL_loadbuffer(L, kLua_sandbox, kLua_sandbox_len,
-                        "=luaguard.sandbox") != 0)
-    {
-        *err = lua_tostring(L, -1);
-        lua_pop(L, 1);
-        return false;
-    }
     lua_createtable(L, 0, 5);
     lua_pushcfunction(L, luaStrict);
     lua_setfield(L, -2, "strict");
@@ -413,9 +406,8 @@ bool install(lua_State *L, std::string *err)
     lua_setfield(L, -2, "refuse");
     lua_pushcfunction(L, luaCurrentEnv);
     lua_setfield(L, -2, "current_env");
-    if (lua_pcall(L, 1, 1, 0) != 0) {
-        *err = lua_tostring(L, -1) ? lua_tostring(L, -1) : "sandbox failed";
-        lua_pop(L, 1);
+    if (!runEmbedded(L, kLua_sandbox, kLua_sandbox_len, "=luaguard.sandbox",
+                     1, 1, err)) {
         return false;
     }
     lua_pushlightuserdata(L, &kBuilderKey);
