@@ -441,7 +441,10 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
     }
     ctx->entry = t;
 
+    int rc = 0;
     {
+        // One budget frame for making the handler's closure and its first
+        // resume: each frame costs two clock reads and its bookkeeping.
         entry::Scope scope(ctx, phase, t);
         std::string raised;
         if (!entry::protect(t->co, [&] {
@@ -452,6 +455,9 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
             err = "failed to run " + std::string(directiveName(phase))
                   + ": " + raised;
         }
+        if (ok) {
+            rc = threads::resume(t, 0);
+        }
     }
     if (!ok) {
         metrics::countError(ctx);
@@ -460,7 +466,7 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
         threads::endPhase(ctx);
         return Outcome::Failed;
     }
-    if (!threads::run(t, 0)) {
+    if (!threads::settle(t, rc)) {
         return Outcome::Yielded;
     }
     return ctx->entry_failed ? Outcome::Failed : Outcome::Finished;

@@ -378,18 +378,28 @@ int spawn(lua_State *L, LuaThread *self, LuaThread *t, int nargs)
     return glue::yield(L);
 }
 
+int resume(LuaThread *t, int nargs)
+{
+    t->running = true;
+    int rc = lua_resume(t->co, nargs);
+    t->running = false;
+    return rc;
+}
+
 bool run(LuaThread *t, int nargs)
+{
+    int rc;
+    {
+        entry::Scope scope(t->ctx, t->ctx->thread_phase, t);
+        rc = resume(t, nargs);
+    }
+    return settle(t, rc);
+}
+
+bool settle(LuaThread *t, int rc)
 {
     RequestCtx *ctx = t->ctx;
     lua_State *co = t->co;
-    int rc;
-
-    t->running = true;
-    {
-        entry::Scope scope(ctx, ctx->thread_phase, t);
-        rc = lua_resume(co, nargs);
-    }
-    t->running = false;
 
     if (rc == LUA_YIELD && !ctx->exited && !ctx->exec_uri.len) {
         if (lua_gettop(co) >= 1

@@ -60,6 +60,13 @@ LuaThread *create(RequestCtx *ctx, LuaThread *parent);
 // it is over. Returns true when the phase's threads are all finished.
 bool run(LuaThread *t, int nargs);
 
+// run() in its two halves, for a caller already inside the run's
+// entry::Scope (a phase's start pushes its handler and resumes it in one
+// budget frame): resume() resumes `t` and returns lua_resume's code;
+// settle() does with that code what run() does after resuming.
+int resume(LuaThread *t, int nargs);
+bool settle(LuaThread *t, int rc);
+
 // Ends a waiting thread that cannot be resumed (its results could not be
 // pushed) as if it had raised `msg`: logged, wait() gets false and msg.
 // Returns true when that ended the phase, as run() does.

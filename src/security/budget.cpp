@@ -52,11 +52,7 @@ uint64_t nowNs()
            + static_cast<uint64_t>(ts.tv_nsec);
 }
 
-Guard &Guard::instance()
-{
-    static Guard g;
-    return g;
-}
+Guard Guard::instance_;
 
 bool Guard::start(uint64_t grace_ms, void (*on_stuck)(const char *, uint64_t))
 {
