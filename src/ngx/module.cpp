@@ -1399,6 +1399,67 @@ void mergeTimerShares(ngx_conf_t *cf, LocConf *prev, LocConf *conf)
     }
 }
 
+// Remembers the location's (VM, policy) pair for buildEnvViews.
+bool noteEnvView(ngx_conf_t *cf, const LocConf *conf)
+{
+    auto *mcf = static_cast<MainConf *>(
+        ngx_http_conf_get_module_main_conf(cf, ngx_http_luaguard_module));
+    if (mcf->env_views == nullptr) {
+        mcf->env_views = ngx_array_create(cf->pool, 4, sizeof(EnvView));
+        if (mcf->env_views == nullptr) {
+            return false;
+        }
+    }
+    auto *views = static_cast<EnvView *>(mcf->env_views->elts);
+    for (ngx_uint_t i = 0; i < mcf->env_views->nelts; i++) {
+        if (views[i].vm_slot == conf->vm_slot
+            && views[i].policy == conf->sandbox)
+        {
+            return true;
+        }
+    }
+    auto *v = static_cast<EnvView *>(ngx_array_push(mcf->env_views));
+    if (v == nullptr) {
+        return false;
+    }
+    v->vm_slot = conf->vm_slot;
+    v->policy = conf->sandbox;
+    return true;
+}
+
+// Builds the views of every policy in every VM that uses it, after
+// init_worker_by_lua (the view is a snapshot of the worker's globals, as
+// the first request would see them). Built by a request instead, it
+// would take that request's time slice, and a slow build would fail it.
+void buildEnvViews(MainConf *mcf, ngx_log_t *log)
+{
+    if (mcf->env_views == nullptr) {
+        return;
+    }
+    auto *views = static_cast<EnvView *>(mcf->env_views->elts);
+    for (ngx_uint_t i = 0; i < mcf->env_views->nelts; i++) {
+        const sandbox::Policy *p = views[i].policy
+                                       ? views[i].policy
+                                       : &sandbox::defaultPolicy();
+        Vm *vm = views[i].vm_slot ? views[i].vm_slot->vm : mcf->vm;
+        if (!p->isolate || vm == nullptr) {
+            continue;
+        }
+        std::string err;
+        bool ok = false;
+        entry::protect(vm->L(), [&] {
+            ok = sandbox::prepareEnv(vm->L(), p);
+        }, &err);
+        if (!ok) {
+            // Not fatal: the first request that needs it builds it.
+            ngx_log_error(NGX_LOG_ERR, log, 0,
+                          "luaguard: building the lua_sandbox view failed: "
+                          "%s", (err.empty() ? sandbox::envError()
+                                             : err).c_str());
+        }
+    }
+}
+
 char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
 {
     auto *prev = static_cast<LocConf *>(parent);
@@ -1447,6 +1508,9 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
         conf->sandbox = prev->sandbox;  // null stays "default"
     }
     ngx_conf_merge_ptr_value(conf->vm_slot, prev->vm_slot, nullptr);
+    if (!noteEnvView(cf, conf)) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
 
     ngx_conf_merge_msec_value(conf->socket_connect_timeout,
                               prev->socket_connect_timeout, 60000);
@@ -1726,6 +1790,7 @@ ngx_int_t initProcess(ngx_cycle_t *cycle)
         glue::runWorkerCode(mcf->vm, mcf->init_worker, Phase::InitWorker,
                             cycle->log);
     }
+    buildEnvViews(mcf, cycle->log);
     return NGX_OK;
 }
 

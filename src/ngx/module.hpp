@@ -78,6 +78,14 @@ struct MainConf {
     ngx_flag_t                 sa_restart;
     ngx_uint_t                 thread_cache_max_entries;
     ngx_array_t               *preloads;    // capi::Preload (ngx/capi.cpp)
+    // Of EnvView: every (VM, sandbox policy) pair a location has, whose
+    // view each worker builds once init_worker_by_lua has run.
+    ngx_array_t               *env_views;
+};
+
+struct EnvView {
+    VmSlot                    *vm_slot;     // null: the default VM
+    const sandbox::Policy     *policy;      // null: the default policy
 };
 
 struct SrvConf {

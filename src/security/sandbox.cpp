@@ -468,6 +468,15 @@ const std::string &envError()
     return g_env_error;
 }
 
+bool prepareEnv(lua_State *L, const Policy *p)
+{
+    if (!pushMeta(L, p)) {
+        return false;
+    }
+    lua_pop(L, 1);
+    return true;
+}
+
 bool pushNewEnv(lua_State *L, const Policy *p)
 {
     if (!pushMeta(L, p)) {

@@ -122,7 +122,10 @@ bool install(lua_State *L, std::string *err);
 // table whose metatable is the policy's prebuilt one. False, pushing
 // nothing, when the view could not be built (out of memory).
 bool pushNewEnv(lua_State *L, const Policy *p);
-// Why the last pushNewEnv failed.
+// Builds `p`'s view in L's VM now (pushNewEnv would build it at its
+// first call, inside a request's time slice). False when it failed.
+bool prepareEnv(lua_State *L, const Policy *p);
+// Why the last pushNewEnv or prepareEnv failed.
 const std::string &envError();
 
 }  // namespace luaguard::sandbox
