@@ -1508,6 +1508,9 @@ local function build(caps)
     end
 
     local tclear
+    -- "module 'x'" per name, made once: require runs on hot paths
+    -- (balancer_by_lua, handlers that require at each call).
+    local module_labels = {}
     local function require_(name)
         capable_module(name)
         local v = ov[name]
@@ -1522,7 +1525,12 @@ local function build(caps)
             end
             return tclear
         end
-        return state_value(v, "module '" .. tostring(name) .. "'")
+        local label = module_labels[name]
+        if label == nil then
+            label = "module '" .. tostring(name) .. "'"
+            module_labels[name] = label
+        end
+        return state_value(v, label)
     end
 
     -- package: path and cpath read-only; loaded, preload and loaders

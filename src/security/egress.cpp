@@ -62,6 +62,11 @@ bool matches(const Net &n, int family, const uint8_t *addr)
         return false;
     }
     int full = n.prefix / 8;
+    // Most candidates differ in the first byte: decided without a call
+    // (every connect and balancer peer walks the metadata list).
+    if (full > 0 && n.addr[0] != addr[0]) {
+        return false;
+    }
     if (std::memcmp(n.addr, addr, full) != 0) {
         return false;
     }
