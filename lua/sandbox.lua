@@ -594,6 +594,26 @@ local function scan_registry()
     end
 end
 
+-- An API metatable made after the views were built (a module's first
+-- require makes its objects' metatable) is found by scanning again; a
+-- metatable found not to be one is remembered, so each costs one scan.
+local not_api_mts = real_setmetatable({}, weak_k)
+
+local function is_api_mt(mt)
+    if api_mts[mt] then
+        return true
+    end
+    if not_api_mts[mt] then
+        return false
+    end
+    scan_registry()
+    if api_mts[mt] then
+        return true
+    end
+    not_api_mts[mt] = true
+    return false
+end
+
 local function build(caps)
     local strict = caps.strict
     local V = {}                       -- the view
@@ -722,7 +742,7 @@ local function build(caps)
         end
         if t == "userdata" then
             local mt = dbg_getmetatable(v)
-            if mt ~= nil and not api_mts[mt] then
+            if mt ~= nil and not is_api_mt(mt) then
                 return "userdata"
             end
         end
@@ -890,7 +910,7 @@ local function build(caps)
                 return to_proxy(v, protected[v])
             end
             local mt = dbg_getmetatable(v)
-            if mt == M or (mt ~= nil and api_mts[mt]) then
+            if mt == M or (mt ~= nil and is_api_mt(mt)) then
                 return v
             end
             if (mt ~= nil and not own_mt[mt]) or dirty(v, {}, 0) then
@@ -926,7 +946,7 @@ local function build(caps)
         local t = type(v)
         if t == "table" then
             local mt = dbg_getmetatable(v)
-            if strict and mt ~= nil and api_mts[mt] then
+            if strict and mt ~= nil and is_api_mt(mt) then
                 return v
             end
             return to_proxy(v, name)
@@ -1245,7 +1265,7 @@ local function build(caps)
     local function getmetatable_(x)
         local mt = real_getmetatable(x)
         if type(x) == "userdata" and type(mt) == "table"
-            and (strict or api_mts[mt])
+            and (strict or is_api_mt(mt))
         then
             -- luaguard's objects: their metatables hold __gc and the
             -- methods of every such object in the worker
