@@ -113,7 +113,7 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
     f->L = L;
     f->mem = mem;
     f->usage = usage;
-    f->limits = limits;
+    f->limits = &limits;
     f->entered = now;
     f->prev = top_;
 
@@ -291,7 +291,7 @@ bool fits(const Usage &u, int64_t limit, size_t bytes)
 
 bool Guard::fitsExternal(size_t bytes) const
 {
-    return top_ == nullptr || fits(*top_->usage, top_->limits.memory, bytes);
+    return top_ == nullptr || fits(*top_->usage, top_->limits->memory, bytes);
 }
 
 bool Guard::chargeExternal(size_t bytes, const char *what)
@@ -300,7 +300,7 @@ bool Guard::chargeExternal(size_t bytes, const char *what)
         return true;
     }
     Usage *u = top_->usage;
-    if (!fits(*u, top_->limits.memory, bytes)) {
+    if (!fits(*u, top_->limits->memory, bytes)) {
         refuse(u, what);
         return false;
     }
@@ -444,7 +444,7 @@ void Guard::hook(lua_State *L, lua_Debug *ar)
         }
     }
     (void) ar;
-    const Limits &lim = g.top_->limits;
+    const Limits &lim = *g.top_->limits;
     switch (k) {
     case Kind::Slice:
         luaL_error(L, "luaguard: %s exceeded: Lua ran %d ms without "

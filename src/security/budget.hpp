@@ -76,7 +76,7 @@ class Guard {
         lua_State     *L;
         MemoryAccount *mem;
         Usage       *usage;
-        Limits       limits;
+        const Limits *limits;   // outlives the frame (configuration)
         uint64_t     entered;
         uint64_t     deadline;
         Kind         deadline_kind;
