@@ -130,8 +130,18 @@ struct Walk {
         case LUA_TSTRING:
             total += lua_objlen(L, idx) + kParkedStringHeader;
             break;
-        case LUA_TTABLE:
-        case LUA_TFUNCTION: {
+        case LUA_TFUNCTION:
+            // A closure without upvalues keeps nothing else alive: its
+            // header is all it costs, shared or not, so the usual callback
+            // (`function(premature, ...)` over its arguments) needs no
+            // sets.
+            if (lua_getupvalue(L, idx, 1) == nullptr) {
+                total += kParkedClosureHeader;
+                break;
+            }
+            lua_pop(L, 1);
+            [[fallthrough]];
+        case LUA_TTABLE: {
             if (seen == 0) {
                 makeSeen();
             }

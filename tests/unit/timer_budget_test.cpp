@@ -133,6 +133,17 @@ TEST_F(Parked, FunctionsWithWhatTheirUpvaluesKeepAlive)
                   + kParkedStringHeader);
 }
 
+TEST_F(Parked, AClosureWithoutUpvaluesIsItsHeader)
+{
+    EXPECT_EQ(measure("return function(p, n) local x = n + 1 end, 1"),
+              kParkedClosureHeader);
+    // With an upvalue, what it keeps alive counts again.
+    EXPECT_EQ(measure("local s = string.rep('z', 100) "
+                      "return function() return s end"),
+              kParkedClosureHeader + kParkedUpvalue + 100
+                  + kParkedStringHeader);
+}
+
 TEST_F(Parked, ModulesAndGlobalsAreNotCounted)
 {
     // What every timer shares: package.loaded's values and _G.
