@@ -54,5 +54,9 @@ constexpr size_t kParkedTableHeader = 64;    // GCtab
 constexpr size_t kParkedEntry = 24;          // Node: key, value, next
 constexpr size_t kParkedClosureHeader = 40;  // GCfuncL
 constexpr size_t kParkedUpvalue = 8;         // its upvalue slot
+// A pending timer's coroutine (lua_State and its first stack), one slot
+// of that stack per value it holds.
+constexpr size_t kParkedThread = 480;
+constexpr size_t kParkedSlot = 8;
 
 }  // namespace luaguard::budget
