@@ -165,6 +165,8 @@ void pushShared(lua_State *L, int cache)
 constexpr int kFew = 32;
 
 struct Walk {
+    explicit Walk(lua_State *l) : L(l) {}   // `few` left unset: filled
+                                             // before it is read
     lua_State  *L;
     int         cache = 0;     // pushCache's table
     int         shared = 0;    // pushShared's set
@@ -271,7 +273,7 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
     int top = lua_gettop(L);
     from = from > 0 ? from : top + from + 1;
     to = to > 0 ? to : top + to + 1;
-    Walk w{L};
+    Walk w(L);
     for (int i = from; i <= to && w.total <= limit; i++) {
         w.add(i);
     }
