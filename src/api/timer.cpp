@@ -50,25 +50,17 @@ int create(lua_State *L, bool every)
     int n = lua_gettop(L) - 1;         // the callback and its arguments
     RequestCtx *creator = g_run ? g_run->ctx : nullptr;
     size_t left = glue::timerMemoryLeft(creator);
-    // The {f, args..., n} table the timer holds, and what it keeps alive
-    // (lua_timer_memory_per_location, docs/budgets.md "Timers"); not
-    // measured where nothing caps it.
+    // The coroutine whose stack holds them until the timer fires, and
+    // what they keep alive (lua_timer_memory_per_location, docs/budgets.md
+    // "Timers"); not measured where nothing caps it.
     size_t bytes = 0;
     if (left != SIZE_MAX) {
-        bytes = budget::kParkedTableHeader
-                + sizeof(lua_Number) * static_cast<size_t>(n + 1)
+        bytes = budget::kParkedThread
+                + budget::kParkedSlot * static_cast<size_t>(n)
                 + budget::parkedSize(L, 2, n + 1, left, overdue);
     }
-    lua_createtable(L, n, 1);
-    for (int i = 1; i <= n; i++) {
-        lua_pushvalue(L, i + 1);
-        lua_rawseti(L, -2, i);
-    }
-    lua_pushinteger(L, n);
-    lua_setfield(L, -2, "n");
-    int ref = luaL_ref(L, LUA_REGISTRYINDEX);
     auto ms = static_cast<ngx_msec_t>(delay * 1000 + 0.5);
-    switch (glue::addTimer(L, ref, ms, every, creator, bytes)) {
+    switch (glue::addTimer(L, n, ms, every, creator, bytes)) {
     case glue::TimerAdd::Ok:
         break;
     case glue::TimerAdd::TooMany:

@@ -148,15 +148,16 @@ extern const HttpMethod kHttpGet;
 // ---- timers (ngx/timers.cpp) ----
 enum class TimerAdd { Ok, TooMany, TooMuchMemory, NoMemory };
 
-// Arms a timer whose callback and arguments are the table at registry
-// reference `ref` ({f, arg1, ..., n = N}), which the timer owns from here
-// on (released on failure too). The callback runs with the configuration
-// of `creator`'s location, or the http block's without one, and the timer
-// is charged to that location: one of its pending slots and `bytes` (the
-// estimated size of the arguments) until it is freed. TooMany: the
-// worker's or the location's pending slots are taken; TooMuchMemory: the
-// location's lua_timer_memory_per_location would be exceeded.
-TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
+// Arms a timer whose callback and arguments are the `n` values on top of
+// L's stack (the callback first): an armed timer moves them to a
+// coroutine of its own, which it holds until it is freed; a refused one
+// leaves them. The callback runs with the configuration of `creator`'s
+// location, or the http block's without one, and the timer is charged to
+// that location: one of its pending slots and `bytes` (the estimated size
+// of what it holds) until it is freed. TooMany: the worker's or the
+// location's pending slots are taken; TooMuchMemory: the location's
+// lua_timer_memory_per_location would be exceeded.
+TimerAdd addTimer(lua_State *L, int n, ngx_msec_t delay, bool every,
                   RequestCtx *creator, size_t bytes);
 
 // Bytes the pending timers of `creator`'s location may still park in

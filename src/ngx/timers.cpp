@@ -18,6 +18,7 @@
 // take the worker from the others (docs/budgets.md "Timers").
 
 #include <new>
+#include <tuple>
 
 #include "ngx/entry.hpp"
 #include "ngx/glue.hpp"
@@ -55,7 +56,13 @@ struct Running {
 struct Timer {
     ngx_event_t  ev;
     ngx_queue_t  pending;     // in g_pending_list while armed
-    int          ref;         // {f, arg1, ..., n = N}: owned
+    // A coroutine of the VM's pool, not run: its stack holds the callback
+    // and its arguments (n values), anchored by holder_ref. Cheaper than
+    // a table in the registry, and an at timer's values move from it
+    // straight onto the callback's thread.
+    lua_State   *holder;
+    int          holder_ref;
+    int          n;
     ngx_msec_t   delay;
     bool         every;
     size_t       bytes;       // charged to account->bytes until freed
@@ -122,7 +129,7 @@ void settle(Account *a)
 
 void freeTimer(Timer *tm)
 {
-    luaL_unref(tm->vm->L(), LUA_REGISTRYINDEX, tm->ref);
+    tm->vm->giveThread(tm->holder, tm->holder_ref);
     tm->account->bytes -= tm->bytes;
     ngx_free(tm);
 }
@@ -240,7 +247,7 @@ void fired(ngx_event_t *ev)
 
     RequestCtx *ctx = fakeRequest(tm);
     LuaThread *t = nullptr;
-    std::string err = "no memory or no free connection for the callback";
+    std::string err;   // empty (no allocation) unless something fails
     if (ctx) {
         entry::protect(ctx->vm->L(), [&] {
             t = threads::create(ctx, nullptr);
@@ -248,7 +255,9 @@ void fired(ngx_event_t *ev)
     }
     if (t == nullptr) {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0, "lua timer: %s",
-                      err.c_str());
+                      err.empty()
+                          ? "no memory or no free connection for the callback"
+                          : err.c_str());
         if (ctx) {
             destroyFake(ctx->r->connection);
         }
@@ -266,23 +275,24 @@ void fired(ngx_event_t *ev)
         ngx_queue_insert_tail(&tm->account->running, &run->link);
     }
 
-    // The thread's stack: callback, premature, the arguments.
+    // The thread's stack: callback, premature, the arguments. An every
+    // timer copies them, its holder keeps them for the next firing.
     lua_State *co = t->co;
-    int n = 0;
+    int n = tm->n;
     bool ok = entry::protect(co, [&] {
-        lua_rawgeti(co, LUA_REGISTRYINDEX, tm->ref);
-        lua_getfield(co, 1, "n");
-        n = static_cast<int>(lua_tointeger(co, -1));
-        lua_pop(co, 1);
-        lua_rawgeti(co, 1, 1);
-        lua_pushboolean(co, premature);
-        for (int i = 2; i <= n; i++) {
-            lua_rawgeti(co, 1, i);
+        if (keep) {
+            for (int i = 1; i <= n; i++) {
+                lua_pushvalue(tm->holder, i);
+            }
         }
-        lua_remove(co, 1);
+        lua_xmove(tm->holder, co, n);
+        lua_pushboolean(co, premature);
+        lua_insert(co, 2);
     }, &err);
     if (!keep) {
         freeTimer(tm);
+    } else if (!ok) {
+        lua_settop(tm->holder, n);   // its own values, for the next firing
     }
     if (!ok) {
         // As a callback that raised: logged, its fake request ended.
@@ -370,7 +380,7 @@ size_t timerMemoryLeft(RequestCtx *creator)
     return held < max ? max - held : 0;
 }
 
-TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
+TimerAdd addTimer(lua_State *L, int n, ngx_msec_t delay, bool every,
                   RequestCtx *creator, size_t bytes)
 {
     MainConf *mcf = mainConf();
@@ -418,14 +428,28 @@ TimerAdd addTimer(lua_State *L, int ref, ngx_msec_t delay, bool every,
         }
     }
     if (refused != TimerAdd::Ok) {
-        luaL_unref(L, LUA_REGISTRYINDEX, ref);
         return refused;
     }
-    tm->ref = ref;
+    tm->vm = creator ? creator->vm : mcf->vm;
+    std::string err;
+    bool held = entry::protect(L, [&] {
+        std::tie(tm->holder, tm->holder_ref) = tm->vm->takeThread();
+        // Its last use may have left its LuaThread there; it never runs
+        // as a holder.
+        lua_setexdata(tm->holder, nullptr);
+        lua_xmove(L, tm->holder, n);
+    }, &err);
+    if (!held) {
+        if (tm->holder) {
+            tm->vm->giveThread(tm->holder, tm->holder_ref);
+        }
+        ngx_free(tm);
+        return TimerAdd::NoMemory;
+    }
+    tm->n = n;
     tm->delay = delay;
     tm->every = every;
     tm->account = a;
-    tm->vm = creator ? creator->vm : mcf->vm;
     tm->bytes = bytes;
     a->bytes += bytes;
     a->refusal_logged = false;

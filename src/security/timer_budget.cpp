@@ -40,38 +40,97 @@ uint64_t TimeBucket::untilRefilled() const
 
 namespace {
 
-char kSharedKey;
+char kCacheKey;
 
-// The tables and functions every module shares (the globals, the values
-// of package.loaded) as a set, kept in the registry and made again only
-// when package.loaded has another number of entries: building it for
-// every ngx.timer.at cost ~13k instructions.
-void pushShared(lua_State *L)
+// The per-VM cache, in the registry: {shared set, package.loaded's size
+// when it was made, the queue, table.nkeys}.
+enum Cache { kSet = 1, kLoadedSize = 2, kQueue = 3, kNkeys = 4 };
+
+// The number of entries of package.loaded (at `loaded`): table.nkeys
+// counts them in one C loop where lua_next costs ~100 instructions per
+// entry.
+lua_Integer loadedSize(lua_State *L, int cache, int loaded)
+{
+    if (!lua_istable(L, loaded)) {
+        return 0;
+    }
+    lua_rawgeti(L, cache, kNkeys);
+    if (lua_isfunction(L, -1)) {
+        lua_pushvalue(L, loaded);
+        lua_call(L, 1, 1);
+        lua_Integer n = lua_tointeger(L, -1);
+        lua_pop(L, 1);
+        return n;
+    }
+    lua_pop(L, 1);
+    lua_Integer n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, loaded) != 0) {
+        lua_pop(L, 1);
+        n++;
+    }
+    return n;
+}
+
+// Pushes the cache, made on first use, with table.nkeys taken from its
+// preload loader when this LuaJIT has one (the loader also stores it as
+// `table.nkeys`, which scripts only see after require "table.nkeys":
+// that is undone).
+void pushCache(lua_State *L)
+{
+    lua_pushlightuserdata(L, &kCacheKey);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (lua_istable(L, -1)) {
+        return;
+    }
+    lua_pop(L, 1);
+    lua_createtable(L, 4, 0);
+    int cache = lua_gettop(L);
+    lua_createtable(L, 16, 0);
+    lua_rawseti(L, cache, kQueue);
+    lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "table.nkeys");
+        if (lua_iscfunction(L, -1)) {
+            int loader = lua_gettop(L);
+            lua_getfenv(L, loader);              // the table library
+            int lib = lua_gettop(L);
+            lua_getfield(L, lib, "nkeys");
+            bool had = !lua_isnil(L, -1);
+            lua_pushvalue(L, loader);
+            lua_call(L, 0, 1);
+            if (lua_iscfunction(L, -1)) {
+                lua_rawseti(L, cache, kNkeys);
+            }
+            if (!had && lua_istable(L, lib)) {
+                lua_pushnil(L);
+                lua_setfield(L, lib, "nkeys");
+            }
+        }
+    }
+    lua_settop(L, cache);
+    lua_pushlightuserdata(L, &kCacheKey);
+    lua_pushvalue(L, cache);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+// Pushes the set of the tables and functions every module shares (the
+// globals, the values of package.loaded), kept in the cache and made
+// again only when package.loaded has another number of entries: building
+// it for every ngx.timer.at cost ~13k instructions.
+void pushShared(lua_State *L, int cache)
 {
     lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
     int loaded = lua_gettop(L);
-    lua_Integer n = 0;
-    if (lua_istable(L, loaded)) {
-        lua_pushnil(L);
-        while (lua_next(L, loaded) != 0) {
-            lua_pop(L, 1);
-            n++;
-        }
-    }
-    lua_pushlightuserdata(L, &kSharedKey);
-    lua_rawget(L, LUA_REGISTRYINDEX);      // {set, n} or nil
-    if (lua_istable(L, -1)) {
-        lua_rawgeti(L, -1, 2);
-        bool fresh = lua_tointeger(L, -1) == n;
-        lua_pop(L, 1);
-        if (fresh) {
-            lua_rawgeti(L, -1, 1);
-            lua_replace(L, loaded);
-            lua_pop(L, 1);
-            return;
-        }
-    }
+    lua_Integer n = loadedSize(L, cache, loaded);
+    lua_rawgeti(L, cache, kLoadedSize);
+    bool fresh = lua_isnumber(L, -1) && lua_tointeger(L, -1) == n;
     lua_pop(L, 1);
+    if (fresh) {
+        lua_rawgeti(L, cache, kSet);
+        lua_replace(L, loaded);
+        return;
+    }
     lua_createtable(L, 0, static_cast<int>(n) + 2);
     int set = lua_gettop(L);
     lua_pushvalue(L, LUA_GLOBALSINDEX);
@@ -92,36 +151,78 @@ void pushShared(lua_State *L)
             lua_pop(L, 1);
         }
     }
-    lua_pushlightuserdata(L, &kSharedKey);
-    lua_createtable(L, 2, 0);
     lua_pushvalue(L, set);
-    lua_rawseti(L, -2, 1);
+    lua_rawseti(L, cache, kSet);
     lua_pushinteger(L, n);
-    lua_rawseti(L, -2, 2);
-    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_rawseti(L, cache, kLoadedSize);
     lua_replace(L, loaded);
 }
 
-struct Walk {
-    lua_State *L;
-    int        seen;       // table: tables and functions already queued
-    int        queue;      // array: tables and functions still to walk
-    int        queued;
-    size_t     total;
-    int        shared;     // pushShared's set
+// Tables and functions already queued: the first kFew by address in
+// place (a timer's callback reaches a handful), the rest in a table keyed
+// by light userdata. Addresses are stable: everything queued stays
+// reachable from the values measured while the walk runs.
+constexpr int kFew = 32;
 
-    // Made on the first table or function only: strings alone (the usual
-    // arguments) leave no garbage behind. What every module shares is
-    // uncounted: a callback that captures `ngx` or a module parks none
-    // of it.
-    void makeSeen()
+struct Walk {
+    explicit Walk(lua_State *l) : L(l) {}   // `few` left unset: filled
+                                             // before it is read
+    lua_State  *L;
+    int         cache = 0;     // pushCache's table
+    int         shared = 0;    // pushShared's set
+    int         queue = 0;     // the cache's array: still to walk
+    int         more = 0;      // the seen table past kFew (nil until
+    bool        more_made = false;  // needed: its slot is kept for it)
+    int         queued = 0;
+    size_t      total = 0;
+    const void *few[kFew];
+
+    // Made on the first table or function with upvalues: strings and
+    // plain callbacks (the usual arguments) need none of it. What every
+    // module shares is uncounted: a callback that captures `ngx` or a
+    // module parks none of it.
+    void prepare()
     {
-        pushShared(L);
+        pushCache(L);
+        cache = lua_gettop(L);
+        pushShared(L, cache);
         shared = lua_gettop(L);
-        lua_newtable(L);
-        lua_newtable(L);
-        seen = shared + 1;
-        queue = seen + 1;
+        lua_rawgeti(L, cache, kQueue);
+        queue = lua_gettop(L);
+        // The slot of the seen table past kFew: when it is made, values
+        // are being walked above the slots pushed here.
+        lua_pushnil(L);
+        more = lua_gettop(L);
+    }
+
+    // True when `p` was seen before; marks it seen otherwise.
+    bool seen(const void *p)
+    {
+        int n = queued < kFew ? queued : kFew;
+        for (int i = 0; i < n; i++) {
+            if (few[i] == p) {
+                return true;
+            }
+        }
+        if (queued < kFew) {
+            few[queued] = p;
+            return false;
+        }
+        if (!more_made) {
+            lua_createtable(L, 0, 2 * kFew);
+            lua_replace(L, more);
+            more_made = true;
+        }
+        lua_pushlightuserdata(L, const_cast<void *>(p));
+        lua_rawget(L, more);
+        bool known = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (!known) {
+            lua_pushlightuserdata(L, const_cast<void *>(p));
+            lua_pushboolean(L, 1);
+            lua_rawset(L, more);
+        }
+        return known;
     }
 
     void add(int idx)
@@ -130,27 +231,28 @@ struct Walk {
         case LUA_TSTRING:
             total += lua_objlen(L, idx) + kParkedStringHeader;
             break;
-        case LUA_TTABLE:
-        case LUA_TFUNCTION: {
-            if (seen == 0) {
-                makeSeen();
+        case LUA_TFUNCTION:
+            // A closure without upvalues keeps nothing else alive: its
+            // header is all it costs, shared or not, so the usual callback
+            // (`function(premature, ...)` over its arguments) needs no
+            // sets.
+            if (lua_getupvalue(L, idx, 1) == nullptr) {
+                total += kParkedClosureHeader;
+                break;
+            }
+            lua_pop(L, 1);
+            [[fallthrough]];
+        case LUA_TTABLE: {
+            if (cache == 0) {
+                prepare();
             }
             lua_pushvalue(L, idx);
             lua_rawget(L, shared);
             bool known = lua_toboolean(L, -1);
             lua_pop(L, 1);
-            if (!known) {
-                lua_pushvalue(L, idx);
-                lua_rawget(L, seen);
-                known = lua_toboolean(L, -1);
-                lua_pop(L, 1);
-            }
-            if (known) {
+            if (known || seen(lua_topointer(L, idx))) {
                 break;
             }
-            lua_pushvalue(L, idx);
-            lua_pushboolean(L, 1);
-            lua_rawset(L, seen);
             lua_pushvalue(L, idx);
             lua_rawseti(L, queue, ++queued);
             total += lua_type(L, idx) == LUA_TTABLE ? kParkedTableHeader
@@ -168,9 +270,10 @@ struct Walk {
 size_t parkedSize(lua_State *L, int from, int to, size_t limit,
                   bool (*overdue)())
 {
-    from = from > 0 ? from : lua_gettop(L) + from + 1;
-    to = to > 0 ? to : lua_gettop(L) + to + 1;
-    Walk w{L, 0, 0, 0, 0, 0};
+    int top = lua_gettop(L);
+    from = from > 0 ? from : top + from + 1;
+    to = to > 0 ? to : top + to + 1;
+    Walk w(L);
     for (int i = from; i <= to && w.total <= limit; i++) {
         w.add(i);
     }
@@ -210,9 +313,14 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
         }
         lua_pop(L, 1);
     }
-    if (w.seen) {
-        lua_pop(L, 3);
+    if (w.queue) {
+        // The queue is the cache's: it keeps nothing alive after the walk.
+        for (int i = 1; i <= w.queued; i++) {
+            lua_pushnil(L);
+            lua_rawseti(L, w.queue, i);
+        }
     }
+    lua_settop(L, top);
     return w.total;
 }
 

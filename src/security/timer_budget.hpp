@@ -37,13 +37,15 @@ class TimeBucket {
 // a header plus one hash node per entry, with what its keys and values
 // keep alive; each function at a closure header plus one slot per
 // upvalue, with what its upvalues keep alive (a callback's captured
-// request body, table or closure). Each table and function is counted
-// once; the values of package.loaded and the globals table (module state
-// every timer shares, alive anyway) are not counted. Stops once the
-// estimate passes `limit` (the caller refuses then), and when `overdue`
-// (checked every 1024 entries; may be null) says the run is past its CPU
-// budget. Uses two stack slots and two tables when a table or function
-// is among the values; raises only on out of memory.
+// request body, table or closure). Each table and function with
+// upvalues is counted once, a function without upvalues at its header
+// wherever it appears; the values of package.loaded and the globals table
+// (module state every timer shares, alive anyway) are not counted. Stops
+// once the estimate passes `limit` (the caller refuses then), and when
+// `overdue` (checked every 1024 entries; may be null) says the run is past
+// its CPU budget. Uses a few stack slots, and two tables when a table or
+// a function with upvalues is among the values; raises only on out of
+// memory.
 size_t parkedSize(lua_State *L, int from, int to, size_t limit,
                   bool (*overdue)());
 
@@ -52,5 +54,9 @@ constexpr size_t kParkedTableHeader = 64;    // GCtab
 constexpr size_t kParkedEntry = 24;          // Node: key, value, next
 constexpr size_t kParkedClosureHeader = 40;  // GCfuncL
 constexpr size_t kParkedUpvalue = 8;         // its upvalue slot
+// A pending timer's coroutine (lua_State and its first stack), one slot
+// of that stack per value it holds.
+constexpr size_t kParkedThread = 480;
+constexpr size_t kParkedSlot = 8;
 
 }  // namespace luaguard::budget

@@ -133,12 +133,47 @@ TEST_F(Parked, FunctionsWithWhatTheirUpvaluesKeepAlive)
                   + kParkedStringHeader);
 }
 
+TEST_F(Parked, AClosureWithoutUpvaluesIsItsHeader)
+{
+    EXPECT_EQ(measure("return function(p, n) local x = n + 1 end, 1"),
+              kParkedClosureHeader);
+    // With an upvalue, what it keeps alive counts again.
+    EXPECT_EQ(measure("local s = string.rep('z', 100) "
+                      "return function() return s end"),
+              kParkedClosureHeader + kParkedUpvalue + 100
+                  + kParkedStringHeader);
+}
+
 TEST_F(Parked, ModulesAndGlobalsAreNotCounted)
 {
     // What every timer shares: package.loaded's values and _G.
     EXPECT_EQ(measure("local ngx_, str, g = string, table, _G "
                       "return function() return ngx_, str, g end"),
               kParkedClosureHeader + 3 * kParkedUpvalue);
+}
+
+TEST_F(Parked, ManyTablesEachOnce)
+{
+    // Past the few tracked in place: 100 tables, each reached twice.
+    size_t each = kParkedTableHeader + kParkedEntry;   // {i}
+    size_t outer = kParkedTableHeader + 200 * kParkedEntry;
+    EXPECT_EQ(measure("local t = {} for i = 1, 100 do "
+                      "local x = {i} t[i] = x t[-i] = x end return t"),
+              outer + 100 * each);
+}
+
+TEST_F(Parked, AModuleLoadedLaterIsShared)
+{
+    const char *code = "local m = package.loaded.later "
+                       "return function() return m end";
+    measure("return function() return _G end");   // the set is made
+    ASSERT_EQ(luaL_dostring(L, "package.loaded.later = "
+                               "{string.rep('m', 1000)}"), 0);
+    EXPECT_EQ(measure(code), kParkedClosureHeader + kParkedUpvalue);
+    // table.nkeys, which counts package.loaded, stays hidden as in a
+    // fresh VM.
+    ASSERT_EQ(luaL_dostring(L, "return table.nkeys"), 0);
+    EXPECT_TRUE(lua_isnil(L, -1));
 }
 
 TEST_F(Parked, StopsPastTheLimit)
