@@ -239,11 +239,17 @@ int headersIndex(lua_State *L)
     }
     size_t len;
     const char *k = lua_tolstring(L, 2, &len);
-    std::string key(k, len);
-    for (char &c : key) {
-        c = c == '_' ? '-' : static_cast<char>(ngx_tolower(c));
+    char stack[128];
+    std::string heap;
+    char *key = stack;
+    if (len > sizeof(stack)) {
+        heap.resize(len);
+        key = heap.data();
     }
-    lua_pushlstring(L, key.data(), key.size());
+    for (size_t i = 0; i < len; i++) {
+        key[i] = k[i] == '_' ? '-' : static_cast<char>(ngx_tolower(k[i]));
+    }
+    lua_pushlstring(L, key, len);
     lua_rawget(L, 1);
     return 1;
 }
@@ -260,8 +266,7 @@ int getHeaders(lua_State *L)
     for (ngx_list_part_t *part = &list->part; part; part = part->next) {
         n += static_cast<lua_Integer>(part->nelts);
     }
-    lua_createtable(L, 0, static_cast<int>(max && n > max ? max : n));
-    int t = lua_gettop(L);
+    MultiTable t(L, static_cast<size_t>(max && n > max ? max : n));
     lua_Integer count = 0;
     bool truncated = false;
     eachHeader(list, [&](ngx_table_elt_t *h) {
@@ -278,20 +283,15 @@ int getHeaders(lua_State *L)
             lua_pushlstring(L, reinterpret_cast<char *>(h->lowcase_key),
                             h->key.len);
         } else {
-            std::string key(reinterpret_cast<char *>(h->key.data),
-                            h->key.len);
-            for (char &c : key) {
-                c = static_cast<char>(ngx_tolower(c));
-            }
-            lua_pushlstring(L, key.data(), key.size());
+            pushLower(L, reinterpret_cast<char *>(h->key.data), h->key.len);
         }
         pushStr(L, h->value);
-        addMultiValue(L, t);
+        t.add();
         return true;
     });
     if (!raw) {
         luaL_getmetatable(L, kHeadersMeta);
-        lua_setmetatable(L, t);
+        lua_setmetatable(L, t.index());
     }
     if (truncated) {
         lua_pushliteral(L, "truncated");
@@ -1227,15 +1227,27 @@ int getPostArgs(lua_State *L)
         lua_pushliteral(L, "request body in temp file not supported");
         return 2;
     }
+    // A body in one buffer (the usual case) is parsed where it lies.
+    ngx_chain_t *cl = rb->bufs;
+    const char *data = "";
+    size_t len = 0;
     std::string body;
-    for (ngx_chain_t *cl = rb->bufs; cl; cl = cl->next) {
+    if (cl && cl->next == nullptr) {
         if (ngx_buf_in_memory(cl->buf)) {
-            body.append(reinterpret_cast<char *>(cl->buf->pos),
-                        cl->buf->last - cl->buf->pos);
+            data = reinterpret_cast<char *>(cl->buf->pos);
+            len = cl->buf->last - cl->buf->pos;
         }
+    } else {
+        for (; cl; cl = cl->next) {
+            if (ngx_buf_in_memory(cl->buf)) {
+                body.append(reinterpret_cast<char *>(cl->buf->pos),
+                            cl->buf->last - cl->buf->pos);
+            }
+        }
+        data = body.data();
+        len = body.size();
     }
-    bool truncated = pushArgsTable(L, body.data(), body.size(),
-                                   static_cast<size_t>(max));
+    bool truncated = pushArgsTable(L, data, len, static_cast<size_t>(max));
     if (truncated) {
         lua_pushliteral(L, "truncated");
         return 2;

@@ -1,7 +1,6 @@
 // ngx.resp.get_headers: the response headers as a table.
 
 #include <cstring>
-#include <string>
 
 #include "api/api.hpp"
 #include "api/util.hpp"
@@ -26,8 +25,13 @@ int getHeaders(lua_State *L)
         }
     }
     bool raw = lua_toboolean(L, 2);
-    lua_createtable(L, 0, 16);
-    int t = lua_gettop(L);
+    ngx_http_headers_out_t &out = r->headers_out;
+    size_t n = 4;
+    for (ngx_list_part_t *part = &out.headers.part; part; part = part->next) {
+        n += part->nelts;
+    }
+    MultiTable t(L, max && n > static_cast<size_t>(max)
+                        ? static_cast<size_t>(max) : n);
     lua_Integer count = 0;
     bool truncated = false;
 
@@ -37,22 +41,19 @@ int getHeaders(lua_State *L)
             return false;
         }
         count++;
-        std::string key(k, klen);
-        if (!raw) {
-            for (char &c : key) {
-                c = static_cast<char>(ngx_tolower(c));
-            }
+        if (raw) {
+            lua_pushlstring(L, k, klen);
+        } else {
+            pushLower(L, k, klen);
         }
-        lua_pushlstring(L, key.data(), key.size());
         lua_pushlstring(L, v, vlen);
-        addMultiValue(L, t);
+        t.add();
         return true;
     };
 
     // What nginx's header filter will write (or wrote) from fields kept
     // outside the list, named in lower case even in raw mode, as
     // lua-nginx-module does.
-    ngx_http_headers_out_t &out = r->headers_out;
     bool go = true;
     if (out.content_type.len) {
         go = add("content-type", 12,
@@ -60,9 +61,11 @@ int getHeaders(lua_State *L)
                  out.content_type.len);
     }
     if (go && out.content_length == nullptr && out.content_length_n >= 0) {
-        std::string n = std::to_string(
-            static_cast<long long>(out.content_length_n));
-        go = add("content-length", 14, n.data(), n.size());
+        char num[NGX_OFF_T_LEN];
+        auto *end = ngx_sprintf(reinterpret_cast<u_char *>(num), "%O",
+                                out.content_length_n);
+        go = add("content-length", 14, num,
+                 static_cast<size_t>(reinterpret_cast<char *>(end) - num));
     }
     if (go) {
         const char *conn = r->keepalive ? "keep-alive" : "close";
@@ -90,7 +93,7 @@ int getHeaders(lua_State *L)
     }
     if (!raw) {
         luaL_getmetatable(L, kHeadersMeta);
-        lua_setmetatable(L, t);
+        lua_setmetatable(L, t.index());
     }
     if (truncated) {
         lua_pushliteral(L, "truncated");
