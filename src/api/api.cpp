@@ -26,7 +26,9 @@ bool open(lua_State *L, std::string *err)
     if (!openShared(L, err)) {
         return false;
     }
-    openReq(L);
+    if (!openReq(L, err)) {
+        return false;
+    }
     openResp(L);
     openUtil(L);
     openWorkerThread(L);

@@ -60,7 +60,8 @@ bool openShared(lua_State *L, std::string *err);
 // Fills ngx.shared with the configuration's lua_shared_dict zones
 // (postconfiguration: the VM may exist before the directives are read).
 void bindSharedDicts(lua_State *L, MainConf *mcf);
-void openReq(lua_State *L);
+// ngx.req; get_headers from lua/req_ffi.lua.
+bool openReq(lua_State *L, std::string *err);
 void openResp(lua_State *L);
 void openUtil(lua_State *L);
 

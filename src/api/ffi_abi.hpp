@@ -1,5 +1,5 @@
 // The C types and functions that the Lua fast paths (lua/shdict_ffi.lua,
-// lua/regex_ffi.lua) call through LuaJIT's FFI.
+// lua/regex_ffi.lua, lua/req_ffi.lua) call through LuaJIT's FFI.
 //
 // Each declaration is written once, in a macro that is both compiled here
 // as C++ and handed to ffi.cdef as its text. A field added on one side only,
@@ -65,6 +65,23 @@
                               int64_t max);                                  \
     API const char *luaguard_re_name(void *re, int i, int *group);
 
+// ngx.req.get_headers: the C side lists the headers as pointers into
+// nginx's memory (valid until request code runs again) and Lua builds the
+// table, in a trace. -1: not possible here, the C function answers.
+#define LUAGUARD_REQ_ABI(API)                                                \
+    typedef struct luaguard_kv {                                             \
+        const char *key;                                                     \
+        size_t klen;                                                         \
+        const char *value;                                                   \
+        size_t vlen;                                                         \
+    } luaguard_kv_t;                                                         \
+    typedef struct luaguard_kv_result {                                      \
+        luaguard_kv_t *kv;                                                   \
+        int truncated;                                                       \
+    } luaguard_kv_result_t;                                                  \
+    API luaguard_kv_result_t *luaguard_kv_result(void);                      \
+    API int luaguard_req_get_headers(int max, int raw);
+
 #define LUAGUARD_FFI_EXPORT __attribute__((visibility("default")))
 #define LUAGUARD_FFI_TEXT_(...) #__VA_ARGS__
 #define LUAGUARD_FFI_TEXT(...) LUAGUARD_FFI_TEXT_(__VA_ARGS__)
@@ -72,11 +89,13 @@
 extern "C" {
 LUAGUARD_SHDICT_ABI(LUAGUARD_FFI_EXPORT)
 LUAGUARD_REGEX_ABI(LUAGUARD_FFI_EXPORT)
+LUAGUARD_REQ_ABI(LUAGUARD_FFI_EXPORT)
 }
 
 namespace luaguard::api {
 
 inline constexpr char kShdictCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_SHDICT_ABI());
 inline constexpr char kRegexCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REGEX_ABI());
+inline constexpr char kReqCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REQ_ABI());
 
 }  // namespace luaguard::api

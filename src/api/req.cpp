@@ -1,11 +1,13 @@
 // ngx.req.*: the request line, headers, URI arguments and body.
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "api/api.hpp"
+#include "api/ffi_abi.hpp"
 #include "api/socket.hpp"
 #include "api/util.hpp"
 #include "ngx/entry.hpp"
@@ -13,6 +15,7 @@
 #include "ngx/subrequest.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/codec.hpp"
+#include "runtime/embedded.hpp"
 
 namespace luaguard::api {
 
@@ -1255,9 +1258,30 @@ int getPostArgs(lua_State *L)
     return 1;
 }
 
+// The headers for lua/req_ffi.lua (one worker, one request at a time):
+// read by the caller before any request code runs again.
+luaguard_kv_result_t g_kv;
+size_t g_kv_cap;
+
+bool reserveKv(size_t n)
+{
+    if (n <= g_kv_cap) {
+        return true;
+    }
+    size_t cap = n < 64 ? 64 : n;
+    auto *p = static_cast<luaguard_kv_t *>(
+        std::realloc(g_kv.kv, cap * sizeof(luaguard_kv_t)));
+    if (p == nullptr) {
+        return false;
+    }
+    g_kv.kv = p;
+    g_kv_cap = cap;
+    return true;
+}
+
 }  // namespace
 
-void openReq(lua_State *L)
+bool openReq(lua_State *L, std::string *err)
 {
     luaL_newmetatable(L, kHeadersMeta);
     lua_pushcfunction(L, headersIndex);
@@ -1290,7 +1314,76 @@ void openReq(lua_State *L)
                             {"socket", reqSocket},
                             {nullptr, nullptr}};
     setFuncs(L, fns);
+
+    // get_headers' FFI version replaces the C one, its fallback for what
+    // the fast path hands back; failing to load it is a start-up error.
+    lua_pushstring(L, kReqCdef);
+    lua_pushvalue(L, -2);
+    luaL_getmetatable(L, kHeadersMeta);
+    if (!runEmbedded(L, kLua_req_ffi, kLua_req_ffi_len, "=luaguard.req", 3,
+                     0, err)) {
+        lua_pop(L, 1);
+        return false;
+    }
     lua_pop(L, 1);
+    return true;
 }
 
 }  // namespace luaguard::api
+
+luaguard_kv_result_t *luaguard_kv_result(void)
+{
+    return &luaguard::api::g_kv;
+}
+
+int luaguard_req_get_headers(int max, int raw)
+{
+    using namespace luaguard;
+    using api::g_kv;
+    // What the C function would refuse (with its message) goes to it.
+    Run *run = g_run;
+    if (run == nullptr || run->ctx == nullptr
+        || !(mask(run->phase) & kRequest) || max < 0)
+    {
+        return -1;
+    }
+    ngx_http_request_t *r = run->ctx->r;
+    ngx_list_t *list = &r->headers_in.headers;
+    size_t n = 0;
+    for (ngx_list_part_t *part = &list->part; part; part = part->next) {
+        n += part->nelts;
+    }
+    size_t want = max && n > static_cast<size_t>(max)
+                      ? static_cast<size_t>(max) : n;
+    if (!api::reserveKv(want)) {
+        return -1;
+    }
+    size_t count = 0;
+    bool ok = true;
+    g_kv.truncated = 0;
+    glue::forEachHeader(list, [&](ngx_table_elt_t &h) {
+        if (count == want) {
+            g_kv.truncated = 1;
+            return false;
+        }
+        luaguard_kv_t &e = g_kv.kv[count++];
+        e.klen = h.key.len;
+        if (raw) {
+            e.key = reinterpret_cast<char *>(h.key.data);
+        } else if (h.lowcase_key) {
+            e.key = reinterpret_cast<char *>(h.lowcase_key);
+        } else {
+            auto *low = static_cast<u_char *>(ngx_pnalloc(r->pool, h.key.len));
+            if (low == nullptr) {
+                ok = false;
+                return false;
+            }
+            ngx_strlow(low, h.key.data, h.key.len);
+            e.key = reinterpret_cast<char *>(low);
+        }
+        e.value = reinterpret_cast<char *>(h.value.data);
+        e.vlen = h.value.len;
+        return true;
+    });
+    return ok ? static_cast<int>(count) : -1;
+}

@@ -58,3 +58,49 @@ def test_shdict_and_regex_hot_calls_take_the_ffi_path(nginx):
         "get_keys 1",
         "bad option 1",
     ]
+
+
+def test_get_headers_takes_the_ffi_path(nginx):
+    n = nginx(server=r"""
+        location = /t { content_by_lua_block {
+            """ + CHECK + r"""
+            local get = ngx.req.get_headers
+            ngx.say("source ", debug.getinfo(get, "S").source)
+            ngx.say("default ", c_calls(get))
+            ngx.say("raw ", c_calls(get, 1, true))
+            -- the control: an argument the fast path leaves to C
+            ngx.say("string max ", c_calls(get, "2"))
+        } }
+    """)
+    assert n.get("/t").text.splitlines() == [
+        "source =luaguard.req",
+        "default 0",
+        "raw 0",
+        "string max 1",
+    ]
+
+
+def test_get_headers_fast_path_in_strict_sandbox(nginx):
+    """Request code in lua_sandbox strict gets a plain table (no cdata),
+    with the metatable that normalises names, from the fast path."""
+    n = nginx(server=r"""
+        lua_sandbox strict;
+        location = /t { content_by_lua_block {
+            local h, e = ngx.req.get_headers()
+            local n = 0
+            for k, v in pairs(h) do
+                n = n + 1
+                assert(type(k) == "string")
+                assert(type(v) == "string" or type(v) == "table")
+            end
+            ngx.say(n, " ", h.x_a, " ", h["X-A"], " ", table.concat(h.x_d, ","),
+                    " ", tostring(e))
+            local _, e2 = ngx.req.get_headers(2)
+            ngx.say(e2, " ", ngx.req.get_headers(0, true)["X-A"])
+        } }
+    """)
+    resp = n.raw(b"GET /t HTTP/1.0\r\nHost: x\r\nX-A: 1\r\nX-D: a\r\n"
+                 b"x-d: b\r\n\r\n")
+    head, _, body = resp.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0], n.read_log()
+    assert body.decode().splitlines() == ["3 1 1 a,b nil", "truncated 1"]
