@@ -1,10 +1,10 @@
--- ngx.req.get_headers' fast path (see src/api/req.cpp): the C side lists
--- the headers as pointers in one call and the table is built here, where
--- LuaJIT compiles the loop; a lua_CFunction pushing key and value through
--- the C API costs several API calls per header. Anything unusual goes to
--- the C function, which gives the exact errors. `cdef` is the declarations
--- of src/api/ffi_abi.hpp. The cdata never leaves this file: request code
--- gets a plain table.
+-- ngx.req.get_headers, get_uri_args and get_post_args' fast path (see
+-- src/api/req.cpp): the C side lists the pairs as pointers in one call
+-- and the table is built here, where LuaJIT compiles the loop; a
+-- lua_CFunction pushing key and value through the C API costs several API
+-- calls per pair. Anything unusual goes to the C functions, which give the
+-- exact errors. `cdef` is the declarations of src/api/ffi_abi.hpp. The
+-- cdata never leaves this file: request code gets plain tables.
 local cdef, req, headers_mt = ...
 local ffi = require "ffi"
 ffi.cdef(cdef)
@@ -14,26 +14,34 @@ local new_tab = require "table.new"
 local ffi_str = ffi.string
 local type, floor, setmetatable = type, math.floor, setmetatable
 local c_get_headers = req.get_headers
+local c_get_uri_args = req.get_uri_args
+local c_get_post_args = req.get_post_args
 local INT_MAX = 2147483647
 
-req.get_headers = function(max, raw)
+-- The max argument as the C functions read it, or nil for anything but an
+-- integer (left to them).
+local function max_arg(max)
     if max == nil then
-        max = 100
-    elseif type(max) ~= "number" or max ~= floor(max) or max > INT_MAX then
-        return c_get_headers(max, raw)
-    elseif max < 0 then
-        max = 0
+        return 100
     end
-    local n = C.luaguard_req_get_headers(max, raw and 1 or 0)
-    if n < 0 then
-        return c_get_headers(max, raw)
+    if type(max) ~= "number" or max ~= floor(max) or max > INT_MAX then
+        return nil
     end
+    return max < 0 and 0 or max
+end
+
+-- The n pairs of R as a table: a repeated key's values become an array,
+-- a null value (an argument without '=') is true.
+local function build(n)
     local t = new_tab(0, n)
     local kv = R.kv
     for i = 0, n - 1 do
         local e = kv[i]
         local k = ffi_str(e.key, e.klen)
-        local v = ffi_str(e.value, e.vlen)
+        local v = true
+        if e.value ~= nil then
+            v = ffi_str(e.value, e.vlen)
+        end
         local old = t[k]
         if old == nil then
             t[k] = v
@@ -43,6 +51,16 @@ req.get_headers = function(max, raw)
             t[k] = {old, v}
         end
     end
+    return t
+end
+
+req.get_headers = function(max, raw)
+    local m = max_arg(max)
+    local n = m and C.luaguard_req_get_headers(m, raw and 1 or 0) or -1
+    if n < 0 then
+        return c_get_headers(max, raw)
+    end
+    local t = build(n)
     if not raw then
         setmetatable(t, headers_mt)
     end
@@ -51,3 +69,21 @@ req.get_headers = function(max, raw)
     end
     return t
 end
+
+local function args(which, c_fn)
+    return function(max)
+        local m = max_arg(max)
+        local n = m and C.luaguard_req_get_args(which, m) or -1
+        if n < 0 then
+            return c_fn(max)
+        end
+        local t = build(n)
+        if R.truncated ~= 0 then
+            return t, "truncated"
+        end
+        return t
+    end
+end
+
+req.get_uri_args = args(0, c_get_uri_args)
+req.get_post_args = args(1, c_get_post_args)

@@ -1263,6 +1263,9 @@ int getPostArgs(lua_State *L)
 luaguard_kv_result_t g_kv;
 size_t g_kv_cap;
 
+char *g_args_buf;  // the decoded arguments g_kv points into
+size_t g_args_cap;
+
 bool reserveKv(size_t n)
 {
     if (n <= g_kv_cap) {
@@ -1276,6 +1279,21 @@ bool reserveKv(size_t n)
     }
     g_kv.kv = p;
     g_kv_cap = cap;
+    return true;
+}
+
+bool reserveArgsBuf(size_t n)
+{
+    if (n <= g_args_cap) {
+        return true;
+    }
+    size_t cap = n < 1024 ? 1024 : n;
+    auto *p = static_cast<char *>(std::realloc(g_args_buf, cap));
+    if (p == nullptr) {
+        return false;
+    }
+    g_args_buf = p;
+    g_args_cap = cap;
     return true;
 }
 
@@ -1381,9 +1399,67 @@ int luaguard_req_get_headers(int max, int raw)
             ngx_strlow(low, h.key.data, h.key.len);
             e.key = reinterpret_cast<char *>(low);
         }
-        e.value = reinterpret_cast<char *>(h.value.data);
+        // A null value would read as an argument without '='.
+        e.value = h.value.data ? reinterpret_cast<char *>(h.value.data) : "";
         e.vlen = h.value.len;
         return true;
     });
     return ok ? static_cast<int>(count) : -1;
+}
+
+int luaguard_req_get_args(int which, int max)
+{
+    using namespace luaguard;
+    using api::g_kv;
+    Run *run = g_run;
+    if (run == nullptr || run->ctx == nullptr
+        || !(mask(run->phase) & kRequest) || max < 0)
+    {
+        return -1;
+    }
+    ngx_http_request_t *r = run->ctx->r;
+    const char *s;
+    size_t len;
+    if (which == 0) {
+        s = reinterpret_cast<char *>(r->args.data);
+        len = r->args.len;
+    } else {
+        // No body, a body in a file or in several buffers: the C function.
+        ngx_http_request_body_t *rb = r->request_body;
+        if (rb == nullptr || rb->temp_file) {
+            return -1;
+        }
+        ngx_chain_t *cl = rb->bufs;
+        if (cl == nullptr) {
+            s = "";
+            len = 0;
+        } else if (cl->next == nullptr && ngx_buf_in_memory(cl->buf)) {
+            s = reinterpret_cast<char *>(cl->buf->pos);
+            len = static_cast<size_t>(cl->buf->last - cl->buf->pos);
+        } else {
+            return -1;
+        }
+    }
+    size_t n = codec::countArgs(s, len);
+    size_t want = max && n > static_cast<size_t>(max)
+                      ? static_cast<size_t>(max) : n;
+    if (!api::reserveKv(want) || !api::reserveArgsBuf(len)) {
+        return -1;
+    }
+    codec::ArgReader reader(s, len, api::g_args_buf);
+    codec::Arg a;
+    size_t count = 0;
+    g_kv.truncated = 0;
+    while (reader.next(&a)) {
+        if (count == want) {
+            g_kv.truncated = 1;
+            break;
+        }
+        luaguard_kv_t &e = g_kv.kv[count++];
+        e.key = a.key;
+        e.klen = a.key_len;
+        e.value = a.has_value ? a.value : nullptr;
+        e.vlen = a.value_len;
+    }
+    return static_cast<int>(count);
 }

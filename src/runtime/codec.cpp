@@ -127,6 +127,7 @@ bool ArgReader::next(Arg *arg)
                              ? unescapeUriTo(s_ + eq + 1, end - eq - 1,
                                              buf_ + arg->key_len)
                              : 0;
+        buf_ += arg->key_len + arg->value_len;
         return true;
     }
     return false;

@@ -25,8 +25,7 @@ std::string unescapeUri(const char *s, size_t len);
 // grows the text); returns the decoded length.
 size_t unescapeUriTo(const char *s, size_t len, char *out);
 
-// One argument of a query string, decoded into the reader's buffer (valid
-// until the next call to next). `has_value` is false for "key" without '='
+// One argument of a query string, decoded into the reader's buffer. `has_value` is false for "key" without '='
 // (ngx.req.get_uri_args gives it the value true).
 struct Arg {
     const char *key;
@@ -37,9 +36,10 @@ struct Arg {
 };
 
 // Splits "a=1&b&c=%20" into unescaped pairs, skipping empty segments and
-// segments with an empty key. The caller's buffer (room for `len` bytes)
-// holds each pair while it is used: the args tables are filled without a
-// heap string per argument.
+// segments with an empty key. The pairs are decoded one after the other
+// into the caller's buffer (room for `len` bytes), where they all stay:
+// the args tables are filled without a heap string per argument, and the
+// FFI path hands them all out at once.
 class ArgReader {
 public:
     ArgReader(const char *s, size_t len, char *buf)

@@ -60,7 +60,7 @@ def test_shdict_and_regex_hot_calls_take_the_ffi_path(nginx):
     ]
 
 
-def test_get_headers_takes_the_ffi_path(nginx):
+def test_request_tables_take_the_ffi_path(nginx):
     n = nginx(server=r"""
         location = /t { content_by_lua_block {
             """ + CHECK + r"""
@@ -68,14 +68,20 @@ def test_get_headers_takes_the_ffi_path(nginx):
             ngx.say("source ", debug.getinfo(get, "S").source)
             ngx.say("default ", c_calls(get))
             ngx.say("raw ", c_calls(get, 1, true))
+            ngx.say("uri args ", c_calls(ngx.req.get_uri_args))
+            ngx.req.read_body()
+            ngx.say("post args ", c_calls(ngx.req.get_post_args, 0))
             -- the control: an argument the fast path leaves to C
             ngx.say("string max ", c_calls(get, "2"))
         } }
     """)
-    assert n.get("/t").text.splitlines() == [
+    assert n.request("/t?a=1&b", method="POST",
+                     body="c=2").text.splitlines() == [
         "source =luaguard.req",
         "default 0",
         "raw 0",
+        "uri args 0",
+        "post args 0",
         "string max 1",
     ]
 
