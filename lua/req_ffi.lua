@@ -1,11 +1,12 @@
--- ngx.req.get_headers, get_uri_args and get_post_args' fast path (see
--- src/api/req.cpp): the C side lists the pairs as pointers in one call
--- and the table is built here, where LuaJIT compiles the loop; a
--- lua_CFunction pushing key and value through the C API costs several API
--- calls per pair. Anything unusual goes to the C functions, which give the
--- exact errors. `cdef` is the declarations of src/api/ffi_abi.hpp. The
--- cdata never leaves this file: request code gets plain tables.
-local cdef, req, headers_mt = ...
+-- The fast path of ngx.req.get_headers, get_uri_args, get_post_args and
+-- ngx.resp.get_headers (see src/api/req.cpp and resp.cpp): the C side
+-- lists the pairs as pointers in one call and the table is built here,
+-- where LuaJIT compiles the loop; a lua_CFunction pushing key and value
+-- through the C API costs several API calls per pair. Anything unusual
+-- goes to the C functions, which give the exact errors. `cdef` is the
+-- declarations of src/api/ffi_abi.hpp. The cdata never leaves this file:
+-- request code gets plain tables.
+local cdef, req, resp, headers_mt = ...
 local ffi = require "ffi"
 ffi.cdef(cdef)
 local C = ffi.C
@@ -16,6 +17,7 @@ local type, floor, setmetatable = type, math.floor, setmetatable
 local c_get_headers = req.get_headers
 local c_get_uri_args = req.get_uri_args
 local c_get_post_args = req.get_post_args
+local c_resp_get_headers = resp.get_headers
 local INT_MAX = 2147483647
 
 -- The max argument as the C functions read it, or nil for anything but an
@@ -54,21 +56,26 @@ local function build(n)
     return t
 end
 
-req.get_headers = function(max, raw)
-    local m = max_arg(max)
-    local n = m and C.luaguard_req_get_headers(m, raw and 1 or 0) or -1
-    if n < 0 then
-        return c_get_headers(max, raw)
+local function headers(c_list, c_fn)
+    return function(max, raw)
+        local m = max_arg(max)
+        local n = m and c_list(m, raw and 1 or 0) or -1
+        if n < 0 then
+            return c_fn(max, raw)
+        end
+        local t = build(n)
+        if not raw then
+            setmetatable(t, headers_mt)
+        end
+        if R.truncated ~= 0 then
+            return t, "truncated"
+        end
+        return t
     end
-    local t = build(n)
-    if not raw then
-        setmetatable(t, headers_mt)
-    end
-    if R.truncated ~= 0 then
-        return t, "truncated"
-    end
-    return t
 end
+
+req.get_headers = headers(C.luaguard_req_get_headers, c_get_headers)
+resp.get_headers = headers(C.luaguard_resp_get_headers, c_resp_get_headers)
 
 local function args(which, c_fn)
     return function(max)

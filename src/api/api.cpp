@@ -26,10 +26,10 @@ bool open(lua_State *L, std::string *err)
     if (!openShared(L, err)) {
         return false;
     }
-    if (!openReq(L, err)) {
+    openReq(L);
+    if (!openResp(L, err)) {
         return false;
     }
-    openResp(L);
     openUtil(L);
     openWorkerThread(L);
     if (!openRegex(L, err)) {

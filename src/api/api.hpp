@@ -60,9 +60,10 @@ bool openShared(lua_State *L, std::string *err);
 // Fills ngx.shared with the configuration's lua_shared_dict zones
 // (postconfiguration: the VM may exist before the directives are read).
 void bindSharedDicts(lua_State *L, MainConf *mcf);
-// ngx.req; get_headers from lua/req_ffi.lua.
-bool openReq(lua_State *L, std::string *err);
-void openResp(lua_State *L);
+void openReq(lua_State *L);
+// ngx.resp, then lua/req_ffi.lua over ngx.req's and ngx.resp's tables
+// (after openReq).
+bool openResp(lua_State *L, std::string *err);
 void openUtil(lua_State *L);
 
 // ngx.run_worker_thread (api/worker_thread.cpp), and the globals of a new

@@ -65,11 +65,12 @@
                               int64_t max);                                  \
     API const char *luaguard_re_name(void *re, int i, int *group);
 
-// ngx.req.get_headers, get_uri_args and get_post_args: the C side lists
-// the pairs as pointers (into nginx's memory or a buffer of its own, valid
-// until request code runs again) and Lua builds the table, in a trace. A
-// null value is an argument without '=' (true). -1: not possible here,
-// the C function answers. `which` is 0 for the URI, 1 for the body.
+// ngx.req.get_headers, get_uri_args, get_post_args and ngx.resp.get_headers:
+// the C side lists the pairs as pointers (into nginx's memory or a buffer
+// of its own, valid until request code runs again) and Lua builds the
+// table, in a trace. A null value is an argument without '=' (true). -1:
+// not possible here, the C function answers. `which` is 0 for the URI, 1
+// for the body.
 #define LUAGUARD_REQ_ABI(API)                                                \
     typedef struct luaguard_kv {                                             \
         const char *key;                                                     \
@@ -83,7 +84,8 @@
     } luaguard_kv_result_t;                                                  \
     API luaguard_kv_result_t *luaguard_kv_result(void);                      \
     API int luaguard_req_get_headers(int max, int raw);                     \
-    API int luaguard_req_get_args(int which, int max);
+    API int luaguard_req_get_args(int which, int max);                      \
+    API int luaguard_resp_get_headers(int max, int raw);
 
 #define LUAGUARD_FFI_EXPORT __attribute__((visibility("default")))
 #define LUAGUARD_FFI_TEXT_(...) #__VA_ARGS__

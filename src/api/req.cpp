@@ -15,7 +15,6 @@
 #include "ngx/subrequest.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/codec.hpp"
-#include "runtime/embedded.hpp"
 
 namespace luaguard::api {
 
@@ -1299,7 +1298,12 @@ bool reserveArgsBuf(size_t n)
 
 }  // namespace
 
-bool openReq(lua_State *L, std::string *err)
+luaguard_kv_result_t *kvResult(size_t n)
+{
+    return reserveKv(n) ? &g_kv : nullptr;
+}
+
+void openReq(lua_State *L)
 {
     luaL_newmetatable(L, kHeadersMeta);
     lua_pushcfunction(L, headersIndex);
@@ -1332,19 +1336,7 @@ bool openReq(lua_State *L, std::string *err)
                             {"socket", reqSocket},
                             {nullptr, nullptr}};
     setFuncs(L, fns);
-
-    // get_headers' FFI version replaces the C one, its fallback for what
-    // the fast path hands back; failing to load it is a start-up error.
-    lua_pushstring(L, kReqCdef);
-    lua_pushvalue(L, -2);
-    luaL_getmetatable(L, kHeadersMeta);
-    if (!runEmbedded(L, kLua_req_ffi, kLua_req_ffi_len, "=luaguard.req", 3,
-                     0, err)) {
-        lua_pop(L, 1);
-        return false;
-    }
     lua_pop(L, 1);
-    return true;
 }
 
 }  // namespace luaguard::api

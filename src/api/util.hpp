@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "api/ffi_abi.hpp"
 #include "runtime/lua.hpp"
 
 namespace luaguard::api {
@@ -41,6 +42,10 @@ private:
     unsigned left_;  // keys the set still takes; then addMultiValue
     const void *seen_[kSlots];
 };
+
+// The pairs handed to lua/req_ffi.lua (api/req.cpp), with room for `n`;
+// null when that much memory is not available.
+luaguard_kv_result_t *kvResult(size_t n);
 
 // Pushes `s` lower-cased (ASCII), as get_headers names headers.
 void pushLower(lua_State *L, const char *s, size_t len);

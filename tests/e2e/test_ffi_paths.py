@@ -64,11 +64,14 @@ def test_request_tables_take_the_ffi_path(nginx):
     n = nginx(server=r"""
         location = /t { content_by_lua_block {
             """ + CHECK + r"""
+            ngx.header["X-A"] = {"1", "2"}
             local get = ngx.req.get_headers
             ngx.say("source ", debug.getinfo(get, "S").source)
             ngx.say("default ", c_calls(get))
             ngx.say("raw ", c_calls(get, 1, true))
             ngx.say("uri args ", c_calls(ngx.req.get_uri_args))
+            ngx.say("resp ", c_calls(ngx.resp.get_headers),
+                    " ", table.concat(ngx.resp.get_headers().x_a, ","))
             ngx.req.read_body()
             ngx.say("post args ", c_calls(ngx.req.get_post_args, 0))
             -- the control: an argument the fast path leaves to C
@@ -81,6 +84,7 @@ def test_request_tables_take_the_ffi_path(nginx):
         "default 0",
         "raw 0",
         "uri args 0",
+        "resp 0 1,2",
         "post args 0",
         "string max 1",
     ]
@@ -99,8 +103,8 @@ def test_get_headers_fast_path_in_strict_sandbox(nginx):
                 assert(type(k) == "string")
                 assert(type(v) == "string" or type(v) == "table")
             end
-            ngx.say(n, " ", h.x_a, " ", h["X-A"], " ", table.concat(h.x_d, ","),
-                    " ", tostring(e))
+            ngx.say(n, " ", h.x_a, " ", h["X-A"], " ",
+                    table.concat(h.x_d, ","), " ", tostring(e))
             local _, e2 = ngx.req.get_headers(2)
             ngx.say(e2, " ", ngx.req.get_headers(0, true)["X-A"])
         } }
