@@ -10,15 +10,43 @@ local cdef, req, resp, headers_mt = ...
 local ffi = require "ffi"
 ffi.cdef(cdef)
 local C = ffi.C
-local R = C.luaguard_kv_result()
 local new_tab = require "table.new"
 local ffi_str = ffi.string
-local type, floor, setmetatable = type, math.floor, setmetatable
+local type, floor, setmetatable, tonumber = type, math.floor, setmetatable,
+                                          tonumber
 local c_get_headers = req.get_headers
 local c_get_uri_args = req.get_uri_args
 local c_get_post_args = req.get_post_args
 local c_resp_get_headers = resp.get_headers
+local list_t = ffi.typeof("luaguard_kv_list_t")
+local kv_t = ffi.typeof("luaguard_kv_t[?]")
+local buf_t = ffi.typeof("char[?]")
 local INT_MAX = 2147483647
+
+-- The list the C side fills, with the arrays it points to (which it
+-- anchors). A call takes it and gives it back once its table is built: a
+-- call made meanwhile (from a finalizer) makes a list of its own, and an
+-- error halfway only leaves the next call to make a new one.
+local spare
+
+local function grow(s, nkv, nbuf)
+    local l = s[1]
+    nkv = nkv < 64 and 64 or nkv
+    nbuf = nbuf < 1024 and 1024 or nbuf
+    s[2], s[3] = kv_t(nkv), buf_t(nbuf)
+    l.kv, l.buf, l.kv_cap, l.buf_cap = s[2], s[3], nkv, nbuf
+end
+
+local function take()
+    local s = spare
+    if s then
+        spare = nil
+        return s
+    end
+    s = {list_t()}
+    grow(s, 0, 0)
+    return s
+end
 
 -- The max argument as the C functions read it, or nil for anything but an
 -- integer (left to them).
@@ -32,11 +60,28 @@ local function max_arg(max)
     return max < 0 and 0 or max
 end
 
--- The n pairs of R as a table: a repeated key's values become an array,
--- a null value (an argument without '=') is true.
-local function build(n)
+-- Fills a list with c_list(list, a, b): the list and the number of pairs,
+-- or nil when the C function must answer.
+local function fill(c_list, a, b)
+    local s = take()
+    local l = s[1]
+    local n = c_list(l, a, b)
+    if n == -2 then
+        grow(s, tonumber(l.need_kv), tonumber(l.need_buf))
+        n = c_list(l, a, b)
+    end
+    if n < 0 then
+        spare = s
+        return nil
+    end
+    return s, n
+end
+
+-- The n pairs of list s as a table: a repeated key's values become an
+-- array, a null value (an argument without '=') is true. Gives s back.
+local function build(s, n)
     local t = new_tab(0, n)
-    local kv = R.kv
+    local kv = s[2]
     for i = 0, n - 1 do
         local e = kv[i]
         local k = ffi_str(e.key, e.klen)
@@ -53,21 +98,26 @@ local function build(n)
             t[k] = {old, v}
         end
     end
-    return t
+    local truncated = s[1].truncated ~= 0
+    spare = s
+    return t, truncated
 end
 
 local function headers(c_list, c_fn)
     return function(max, raw)
         local m = max_arg(max)
-        local n = m and c_list(m, raw and 1 or 0) or -1
-        if n < 0 then
+        local s, n
+        if m then
+            s, n = fill(c_list, m, raw and 1 or 0)
+        end
+        if not s then
             return c_fn(max, raw)
         end
-        local t = build(n)
+        local t, truncated = build(s, n)
         if not raw then
             setmetatable(t, headers_mt)
         end
-        if R.truncated ~= 0 then
+        if truncated then
             return t, "truncated"
         end
         return t
@@ -80,12 +130,15 @@ resp.get_headers = headers(C.luaguard_resp_get_headers, c_resp_get_headers)
 local function args(which, c_fn)
     return function(max)
         local m = max_arg(max)
-        local n = m and C.luaguard_req_get_args(which, m) or -1
-        if n < 0 then
+        local s, n
+        if m then
+            s, n = fill(C.luaguard_req_get_args, which, m)
+        end
+        if not s then
             return c_fn(max)
         end
-        local t = build(n)
-        if R.truncated ~= 0 then
+        local t, truncated = build(s, n)
+        if truncated then
             return t, "truncated"
         end
         return t

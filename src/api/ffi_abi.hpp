@@ -66,11 +66,13 @@
     API const char *luaguard_re_name(void *re, int i, int *group);
 
 // ngx.req.get_headers, get_uri_args, get_post_args and ngx.resp.get_headers:
-// the C side lists the pairs as pointers (into nginx's memory or a buffer
-// of its own, valid until request code runs again) and Lua builds the
-// table, in a trace. A null value is an argument without '=' (true). -1:
-// not possible here, the C function answers. `which` is 0 for the URI, 1
-// for the body.
+// the C side lists the pairs as pointers (into nginx's memory or `buf`) and
+// Lua builds the table, in a trace. The arrays belong to the Lua side (a
+// finalizer that asks again while a table is being built gets arrays of
+// its own). Returns the number of pairs; -2 when they need more room than
+// kv_cap / buf_cap (need_kv / need_buf say how much); -1 when the C
+// function must answer. A null value is an argument without '=' (true).
+// `which` is 0 for the URI, 1 for the body.
 #define LUAGUARD_REQ_ABI(API)                                                \
     typedef struct luaguard_kv {                                             \
         const char *key;                                                     \
@@ -78,14 +80,21 @@
         const char *value;                                                   \
         size_t vlen;                                                         \
     } luaguard_kv_t;                                                         \
-    typedef struct luaguard_kv_result {                                      \
+    typedef struct luaguard_kv_list {                                        \
         luaguard_kv_t *kv;                                                   \
+        char *buf;                                                           \
+        size_t kv_cap;                                                       \
+        size_t buf_cap;                                                      \
+        size_t need_kv;                                                      \
+        size_t need_buf;                                                     \
         int truncated;                                                       \
-    } luaguard_kv_result_t;                                                  \
-    API luaguard_kv_result_t *luaguard_kv_result(void);                      \
-    API int luaguard_req_get_headers(int max, int raw);                     \
-    API int luaguard_req_get_args(int which, int max);                      \
-    API int luaguard_resp_get_headers(int max, int raw);
+    } luaguard_kv_list_t;                                                    \
+    API int luaguard_req_get_headers(luaguard_kv_list_t *l, int max,         \
+                                     int raw);                               \
+    API int luaguard_req_get_args(luaguard_kv_list_t *l, int which,          \
+                                  int max);                                  \
+    API int luaguard_resp_get_headers(luaguard_kv_list_t *l, int max,        \
+                                      int raw);
 
 #define LUAGUARD_FFI_EXPORT __attribute__((visibility("default")))
 #define LUAGUARD_FFI_TEXT_(...) #__VA_ARGS__

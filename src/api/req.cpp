@@ -1257,50 +1257,16 @@ int getPostArgs(lua_State *L)
     return 1;
 }
 
-// The headers for lua/req_ffi.lua (one worker, one request at a time):
-// read by the caller before any request code runs again.
-luaguard_kv_result_t g_kv;
-size_t g_kv_cap;
-
-char *g_args_buf;  // the decoded arguments g_kv points into
-size_t g_args_cap;
-
-bool reserveKv(size_t n)
-{
-    if (n <= g_kv_cap) {
-        return true;
-    }
-    size_t cap = n < 64 ? 64 : n;
-    auto *p = static_cast<luaguard_kv_t *>(
-        std::realloc(g_kv.kv, cap * sizeof(luaguard_kv_t)));
-    if (p == nullptr) {
-        return false;
-    }
-    g_kv.kv = p;
-    g_kv_cap = cap;
-    return true;
-}
-
-bool reserveArgsBuf(size_t n)
-{
-    if (n <= g_args_cap) {
-        return true;
-    }
-    size_t cap = n < 1024 ? 1024 : n;
-    auto *p = static_cast<char *>(std::realloc(g_args_buf, cap));
-    if (p == nullptr) {
-        return false;
-    }
-    g_args_buf = p;
-    g_args_cap = cap;
-    return true;
-}
-
 }  // namespace
 
-luaguard_kv_result_t *kvResult(size_t n)
+bool kvRoom(luaguard_kv_list_t *l, size_t kv, size_t buf)
 {
-    return reserveKv(n) ? &g_kv : nullptr;
+    if (kv <= l->kv_cap && buf <= l->buf_cap) {
+        return true;
+    }
+    l->need_kv = kv;
+    l->need_buf = buf;
+    return false;
 }
 
 void openReq(lua_State *L)
@@ -1341,15 +1307,9 @@ void openReq(lua_State *L)
 
 }  // namespace luaguard::api
 
-luaguard_kv_result_t *luaguard_kv_result(void)
-{
-    return &luaguard::api::g_kv;
-}
-
-int luaguard_req_get_headers(int max, int raw)
+int luaguard_req_get_headers(luaguard_kv_list_t *l, int max, int raw)
 {
     using namespace luaguard;
-    using api::g_kv;
     // What the C function would refuse (with its message) goes to it.
     Run *run = g_run;
     if (run == nullptr || run->ctx == nullptr
@@ -1360,49 +1320,47 @@ int luaguard_req_get_headers(int max, int raw)
     ngx_http_request_t *r = run->ctx->r;
     ngx_list_t *list = &r->headers_in.headers;
     size_t n = 0;
-    for (ngx_list_part_t *part = &list->part; part; part = part->next) {
-        n += part->nelts;
-    }
+    size_t lower = 0;  // bytes of names nginx keeps no lower-case copy of
+    glue::forEachHeader(list, [&](ngx_table_elt_t &h) {
+        n++;
+        lower += h.lowcase_key || raw ? 0 : h.key.len;
+    });
     size_t want = max && n > static_cast<size_t>(max)
                       ? static_cast<size_t>(max) : n;
-    if (!api::reserveKv(want)) {
-        return -1;
+    if (!api::kvRoom(l, want, lower)) {
+        return -2;
     }
     size_t count = 0;
-    bool ok = true;
-    g_kv.truncated = 0;
+    char *buf = l->buf;
+    l->truncated = 0;
     glue::forEachHeader(list, [&](ngx_table_elt_t &h) {
         if (count == want) {
-            g_kv.truncated = 1;
+            l->truncated = 1;
             return false;
         }
-        luaguard_kv_t &e = g_kv.kv[count++];
+        luaguard_kv_t &e = l->kv[count++];
         e.klen = h.key.len;
         if (raw) {
             e.key = reinterpret_cast<char *>(h.key.data);
         } else if (h.lowcase_key) {
             e.key = reinterpret_cast<char *>(h.lowcase_key);
         } else {
-            auto *low = static_cast<u_char *>(ngx_pnalloc(r->pool, h.key.len));
-            if (low == nullptr) {
-                ok = false;
-                return false;
-            }
-            ngx_strlow(low, h.key.data, h.key.len);
-            e.key = reinterpret_cast<char *>(low);
+            ngx_strlow(reinterpret_cast<u_char *>(buf), h.key.data,
+                       h.key.len);
+            e.key = buf;
+            buf += h.key.len;
         }
         // A null value would read as an argument without '='.
         e.value = h.value.data ? reinterpret_cast<char *>(h.value.data) : "";
         e.vlen = h.value.len;
         return true;
     });
-    return ok ? static_cast<int>(count) : -1;
+    return static_cast<int>(count);
 }
 
-int luaguard_req_get_args(int which, int max)
+int luaguard_req_get_args(luaguard_kv_list_t *l, int which, int max)
 {
     using namespace luaguard;
-    using api::g_kv;
     Run *run = g_run;
     if (run == nullptr || run->ctx == nullptr
         || !(mask(run->phase) & kRequest) || max < 0)
@@ -1435,19 +1393,19 @@ int luaguard_req_get_args(int which, int max)
     size_t n = codec::countArgs(s, len);
     size_t want = max && n > static_cast<size_t>(max)
                       ? static_cast<size_t>(max) : n;
-    if (!api::reserveKv(want) || !api::reserveArgsBuf(len)) {
-        return -1;
+    if (!api::kvRoom(l, want, len)) {
+        return -2;
     }
-    codec::ArgReader reader(s, len, api::g_args_buf);
+    codec::ArgReader reader(s, len, l->buf);
     codec::Arg a;
     size_t count = 0;
-    g_kv.truncated = 0;
+    l->truncated = 0;
     while (reader.next(&a)) {
         if (count == want) {
-            g_kv.truncated = 1;
+            l->truncated = 1;
             break;
         }
-        luaguard_kv_t &e = g_kv.kv[count++];
+        luaguard_kv_t &e = l->kv[count++];
         e.key = a.key;
         e.klen = a.key_len;
         e.value = a.has_value ? a.value : nullptr;

@@ -139,7 +139,7 @@ bool openResp(lua_State *L, std::string *err)
 
 }  // namespace luaguard::api
 
-int luaguard_resp_get_headers(int max, int raw)
+int luaguard_resp_get_headers(luaguard_kv_list_t *l, int max, int raw)
 {
     using namespace luaguard;
     Run *run = g_run;
@@ -152,43 +152,49 @@ int luaguard_resp_get_headers(int max, int raw)
     size_t n = api::respHeaderCount(r);
     size_t want = max && n > static_cast<size_t>(max)
                       ? static_cast<size_t>(max) : n;
-    luaguard_kv_result_t *res = api::kvResult(want);
-    if (res == nullptr) {
-        return -1;
+    // The content length's digits and the names lower-cased.
+    size_t room = NGX_OFF_T_LEN;
+    if (!raw) {
+        glue::forEachHeader(&r->headers_out.headers,
+                            [&](ngx_table_elt_t &h) { room += h.key.len; });
     }
-    // Read by the caller before anything else runs.
-    static char num[NGX_OFF_T_LEN];
+    if (!api::kvRoom(l, want, room)) {
+        return -2;
+    }
+    char num[NGX_OFF_T_LEN];
+    char *buf = l->buf;
     size_t count = 0;
-    bool ok = true;
-    res->truncated = 0;
+    l->truncated = 0;
     api::eachRespHeader(r, num, [&](const char *k, size_t klen,
                                     const char *v, size_t vlen) {
         if (count == want) {
-            res->truncated = 1;
+            l->truncated = 1;
             return false;
         }
-        luaguard_kv_t &e = res->kv[count++];
+        luaguard_kv_t &e = l->kv[count++];
         e.key = k;
         e.klen = klen;
         e.value = v;
         e.vlen = vlen;
+        if (v == num) {
+            ngx_memcpy(buf, num, vlen);
+            e.value = buf;
+            buf += vlen;
+        }
         if (!raw) {
             size_t i = 0;
             while (i < klen && !(k[i] >= 'A' && k[i] <= 'Z')) {
                 i++;
             }
             if (i < klen) {
-                auto *low = static_cast<u_char *>(ngx_pnalloc(r->pool, klen));
-                if (low == nullptr) {
-                    ok = false;
-                    return false;
-                }
-                ngx_strlow(low, reinterpret_cast<u_char *>(
-                                    const_cast<char *>(k)), klen);
-                e.key = reinterpret_cast<char *>(low);
+                ngx_strlow(reinterpret_cast<u_char *>(buf),
+                           reinterpret_cast<u_char *>(const_cast<char *>(k)),
+                           klen);
+                e.key = buf;
+                buf += klen;
             }
         }
         return true;
     });
-    return ok ? static_cast<int>(count) : -1;
+    return static_cast<int>(count);
 }

@@ -43,9 +43,9 @@ private:
     const void *seen_[kSlots];
 };
 
-// The pairs handed to lua/req_ffi.lua (api/req.cpp), with room for `n`;
-// null when that much memory is not available.
-luaguard_kv_result_t *kvResult(size_t n);
+// Whether the list handed in by lua/req_ffi.lua has room for `kv` pairs and
+// `buf` bytes; if not, records the needs for the Lua side to grow it.
+bool kvRoom(luaguard_kv_list_t *l, size_t kv, size_t buf);
 
 // Pushes `s` lower-cased (ASCII), as get_headers names headers.
 void pushLower(lua_State *L, const char *s, size_t len);
