@@ -114,3 +114,40 @@ def test_get_headers_fast_path_in_strict_sandbox(nginx):
     head, _, body = resp.partition(b"\r\n\r\n")
     assert b" 200 " in head.split(b"\r\n")[0], n.read_log()
     assert body.decode().splitlines() == ["3 1 1 a,b nil", "truncated 1"]
+
+
+def test_request_tables_nested_from_finalizer(nginx):
+    """A finalizer that runs while a table is being built and asks for
+    another one gets its own: neither result mixes with the other."""
+    n = nginx(server=r"""
+        location = /t { content_by_lua_block {
+            local nested, bad = 0, 0
+            local function arm()
+                local p = newproxy(true)
+                getmetatable(p).__gc = function()
+                    local h = ngx.req.get_headers(0)
+                    if h["x-h1"] ~= "h1" or h.k1 ~= nil then
+                        bad = bad + 1
+                    end
+                    nested = nested + 1
+                    arm()
+                end
+            end
+            for _ = 1, 20 do arm() end
+            for _ = 1, 300 do
+                local a = ngx.req.get_uri_args(0)
+                for i = 1, 60 do
+                    if a["k" .. i] ~= "v" .. i then bad = bad + 1 end
+                end
+                if a["x-h1"] ~= nil then bad = bad + 1 end
+            end
+            ngx.say(nested > 0, " ", bad)
+        } }
+    """)
+    args = "&".join(f"k{i}=v{i}" for i in range(1, 61))
+    hdrs = "".join(f"X-H{i}: h{i}\r\n" for i in range(1, 61))
+    resp = n.raw(f"GET /t?{args} HTTP/1.0\r\nHost: x\r\n{hdrs}\r\n"
+                 .encode())
+    head, _, body = resp.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0], n.read_log()
+    assert body == b"true 0\n"
