@@ -27,7 +27,9 @@ bool open(lua_State *L, std::string *err)
         return false;
     }
     openReq(L);
-    openResp(L);
+    if (!openResp(L, err)) {
+        return false;
+    }
     openUtil(L);
     openWorkerThread(L);
     if (!openRegex(L, err)) {

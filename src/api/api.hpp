@@ -61,7 +61,9 @@ bool openShared(lua_State *L, std::string *err);
 // (postconfiguration: the VM may exist before the directives are read).
 void bindSharedDicts(lua_State *L, MainConf *mcf);
 void openReq(lua_State *L);
-void openResp(lua_State *L);
+// ngx.resp, then lua/req_ffi.lua over ngx.req's and ngx.resp's tables
+// (after openReq).
+bool openResp(lua_State *L, std::string *err);
 void openUtil(lua_State *L);
 
 // ngx.run_worker_thread (api/worker_thread.cpp), and the globals of a new

@@ -1,5 +1,5 @@
 // The C types and functions that the Lua fast paths (lua/shdict_ffi.lua,
-// lua/regex_ffi.lua) call through LuaJIT's FFI.
+// lua/regex_ffi.lua, lua/req_ffi.lua) call through LuaJIT's FFI.
 //
 // Each declaration is written once, in a macro that is both compiled here
 // as C++ and handed to ffi.cdef as its text. A field added on one side only,
@@ -65,6 +65,37 @@
                               int64_t max);                                  \
     API const char *luaguard_re_name(void *re, int i, int *group);
 
+// ngx.req.get_headers, get_uri_args, get_post_args and ngx.resp.get_headers:
+// the C side lists the pairs as pointers (into nginx's memory or `buf`) and
+// Lua builds the table, in a trace. The arrays belong to the Lua side (a
+// finalizer that asks again while a table is being built gets arrays of
+// its own). Returns the number of pairs; -2 when they need more room than
+// kv_cap / buf_cap (need_kv / need_buf say how much); -1 when the C
+// function must answer. A null value is an argument without '=' (true).
+// `which` is 0 for the URI, 1 for the body.
+#define LUAGUARD_REQ_ABI(API)                                                \
+    typedef struct luaguard_kv {                                             \
+        const char *key;                                                     \
+        size_t klen;                                                         \
+        const char *value;                                                   \
+        size_t vlen;                                                         \
+    } luaguard_kv_t;                                                         \
+    typedef struct luaguard_kv_list {                                        \
+        luaguard_kv_t *kv;                                                   \
+        char *buf;                                                           \
+        size_t kv_cap;                                                       \
+        size_t buf_cap;                                                      \
+        size_t need_kv;                                                      \
+        size_t need_buf;                                                     \
+        int truncated;                                                       \
+    } luaguard_kv_list_t;                                                    \
+    API int luaguard_req_get_headers(luaguard_kv_list_t *l, int max,         \
+                                     int raw);                               \
+    API int luaguard_req_get_args(luaguard_kv_list_t *l, int which,          \
+                                  int max);                                  \
+    API int luaguard_resp_get_headers(luaguard_kv_list_t *l, int max,        \
+                                      int raw);
+
 #define LUAGUARD_FFI_EXPORT __attribute__((visibility("default")))
 #define LUAGUARD_FFI_TEXT_(...) #__VA_ARGS__
 #define LUAGUARD_FFI_TEXT(...) LUAGUARD_FFI_TEXT_(__VA_ARGS__)
@@ -72,11 +103,13 @@
 extern "C" {
 LUAGUARD_SHDICT_ABI(LUAGUARD_FFI_EXPORT)
 LUAGUARD_REGEX_ABI(LUAGUARD_FFI_EXPORT)
+LUAGUARD_REQ_ABI(LUAGUARD_FFI_EXPORT)
 }
 
 namespace luaguard::api {
 
 inline constexpr char kShdictCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_SHDICT_ABI());
 inline constexpr char kRegexCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REGEX_ABI());
+inline constexpr char kReqCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REQ_ABI());
 
 }  // namespace luaguard::api

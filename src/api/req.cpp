@@ -1,11 +1,13 @@
 // ngx.req.*: the request line, headers, URI arguments and body.
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "api/api.hpp"
+#include "api/ffi_abi.hpp"
 #include "api/socket.hpp"
 #include "api/util.hpp"
 #include "ngx/entry.hpp"
@@ -239,11 +241,17 @@ int headersIndex(lua_State *L)
     }
     size_t len;
     const char *k = lua_tolstring(L, 2, &len);
-    std::string key(k, len);
-    for (char &c : key) {
-        c = c == '_' ? '-' : static_cast<char>(ngx_tolower(c));
+    char stack[128];
+    std::string heap;
+    char *key = stack;
+    if (len > sizeof(stack)) {
+        heap.resize(len);
+        key = heap.data();
     }
-    lua_pushlstring(L, key.data(), key.size());
+    for (size_t i = 0; i < len; i++) {
+        key[i] = k[i] == '_' ? '-' : static_cast<char>(ngx_tolower(k[i]));
+    }
+    lua_pushlstring(L, key, len);
     lua_rawget(L, 1);
     return 1;
 }
@@ -260,8 +268,7 @@ int getHeaders(lua_State *L)
     for (ngx_list_part_t *part = &list->part; part; part = part->next) {
         n += static_cast<lua_Integer>(part->nelts);
     }
-    lua_createtable(L, 0, static_cast<int>(max && n > max ? max : n));
-    int t = lua_gettop(L);
+    MultiTable t(L, static_cast<size_t>(max && n > max ? max : n));
     lua_Integer count = 0;
     bool truncated = false;
     eachHeader(list, [&](ngx_table_elt_t *h) {
@@ -278,20 +285,15 @@ int getHeaders(lua_State *L)
             lua_pushlstring(L, reinterpret_cast<char *>(h->lowcase_key),
                             h->key.len);
         } else {
-            std::string key(reinterpret_cast<char *>(h->key.data),
-                            h->key.len);
-            for (char &c : key) {
-                c = static_cast<char>(ngx_tolower(c));
-            }
-            lua_pushlstring(L, key.data(), key.size());
+            pushLower(L, reinterpret_cast<char *>(h->key.data), h->key.len);
         }
         pushStr(L, h->value);
-        addMultiValue(L, t);
+        t.add();
         return true;
     });
     if (!raw) {
         luaL_getmetatable(L, kHeadersMeta);
-        lua_setmetatable(L, t);
+        lua_setmetatable(L, t.index());
     }
     if (truncated) {
         lua_pushliteral(L, "truncated");
@@ -1227,15 +1229,27 @@ int getPostArgs(lua_State *L)
         lua_pushliteral(L, "request body in temp file not supported");
         return 2;
     }
+    // A body in one buffer (the usual case) is parsed where it lies.
+    ngx_chain_t *cl = rb->bufs;
+    const char *data = "";
+    size_t len = 0;
     std::string body;
-    for (ngx_chain_t *cl = rb->bufs; cl; cl = cl->next) {
+    if (cl && cl->next == nullptr) {
         if (ngx_buf_in_memory(cl->buf)) {
-            body.append(reinterpret_cast<char *>(cl->buf->pos),
-                        cl->buf->last - cl->buf->pos);
+            data = reinterpret_cast<char *>(cl->buf->pos);
+            len = cl->buf->last - cl->buf->pos;
         }
+    } else {
+        for (; cl; cl = cl->next) {
+            if (ngx_buf_in_memory(cl->buf)) {
+                body.append(reinterpret_cast<char *>(cl->buf->pos),
+                            cl->buf->last - cl->buf->pos);
+            }
+        }
+        data = body.data();
+        len = body.size();
     }
-    bool truncated = pushArgsTable(L, body.data(), body.size(),
-                                   static_cast<size_t>(max));
+    bool truncated = pushArgsTable(L, data, len, static_cast<size_t>(max));
     if (truncated) {
         lua_pushliteral(L, "truncated");
         return 2;
@@ -1244,6 +1258,16 @@ int getPostArgs(lua_State *L)
 }
 
 }  // namespace
+
+bool kvRoom(luaguard_kv_list_t *l, size_t kv, size_t buf)
+{
+    if (kv <= l->kv_cap && buf <= l->buf_cap) {
+        return true;
+    }
+    l->need_kv = kv;
+    l->need_buf = buf;
+    return false;
+}
 
 void openReq(lua_State *L)
 {
@@ -1282,3 +1306,110 @@ void openReq(lua_State *L)
 }
 
 }  // namespace luaguard::api
+
+int luaguard_req_get_headers(luaguard_kv_list_t *l, int max, int raw)
+{
+    using namespace luaguard;
+    // What the C function would refuse (with its message) goes to it.
+    Run *run = g_run;
+    if (run == nullptr || run->ctx == nullptr
+        || !(mask(run->phase) & kRequest) || max < 0)
+    {
+        return -1;
+    }
+    ngx_http_request_t *r = run->ctx->r;
+    ngx_list_t *list = &r->headers_in.headers;
+    size_t n = 0;
+    size_t lower = 0;  // bytes of names nginx keeps no lower-case copy of
+    glue::forEachHeader(list, [&](ngx_table_elt_t &h) {
+        n++;
+        lower += h.lowcase_key || raw ? 0 : h.key.len;
+    });
+    size_t want = max && n > static_cast<size_t>(max)
+                      ? static_cast<size_t>(max) : n;
+    if (!api::kvRoom(l, want, lower)) {
+        return -2;
+    }
+    size_t count = 0;
+    char *buf = l->buf;
+    l->truncated = 0;
+    glue::forEachHeader(list, [&](ngx_table_elt_t &h) {
+        if (count == want) {
+            l->truncated = 1;
+            return false;
+        }
+        luaguard_kv_t &e = l->kv[count++];
+        e.klen = h.key.len;
+        if (raw) {
+            e.key = reinterpret_cast<char *>(h.key.data);
+        } else if (h.lowcase_key) {
+            e.key = reinterpret_cast<char *>(h.lowcase_key);
+        } else {
+            ngx_strlow(reinterpret_cast<u_char *>(buf), h.key.data,
+                       h.key.len);
+            e.key = buf;
+            buf += h.key.len;
+        }
+        // A null value would read as an argument without '='.
+        e.value = h.value.data ? reinterpret_cast<char *>(h.value.data) : "";
+        e.vlen = h.value.len;
+        return true;
+    });
+    return static_cast<int>(count);
+}
+
+int luaguard_req_get_args(luaguard_kv_list_t *l, int which, int max)
+{
+    using namespace luaguard;
+    Run *run = g_run;
+    if (run == nullptr || run->ctx == nullptr
+        || !(mask(run->phase) & kRequest) || max < 0)
+    {
+        return -1;
+    }
+    ngx_http_request_t *r = run->ctx->r;
+    const char *s;
+    size_t len;
+    if (which == 0) {
+        s = reinterpret_cast<char *>(r->args.data);
+        len = r->args.len;
+    } else {
+        // No body, a body in a file or in several buffers: the C function.
+        ngx_http_request_body_t *rb = r->request_body;
+        if (rb == nullptr || rb->temp_file) {
+            return -1;
+        }
+        ngx_chain_t *cl = rb->bufs;
+        if (cl == nullptr) {
+            s = "";
+            len = 0;
+        } else if (cl->next == nullptr && ngx_buf_in_memory(cl->buf)) {
+            s = reinterpret_cast<char *>(cl->buf->pos);
+            len = static_cast<size_t>(cl->buf->last - cl->buf->pos);
+        } else {
+            return -1;
+        }
+    }
+    size_t n = codec::countArgs(s, len);
+    size_t want = max && n > static_cast<size_t>(max)
+                      ? static_cast<size_t>(max) : n;
+    if (!api::kvRoom(l, want, len)) {
+        return -2;
+    }
+    codec::ArgReader reader(s, len, l->buf);
+    codec::Arg a;
+    size_t count = 0;
+    l->truncated = 0;
+    while (reader.next(&a)) {
+        if (count == want) {
+            l->truncated = 1;
+            break;
+        }
+        luaguard_kv_t &e = l->kv[count++];
+        e.key = a.key;
+        e.klen = a.key_len;
+        e.value = a.has_value ? a.value : nullptr;
+        e.vlen = a.value_len;
+    }
+    return static_cast<int>(count);
+}

@@ -9,7 +9,9 @@
 #include <openssl/sha.h>
 #include <zlib.h>
 
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "api/api.hpp"
@@ -390,22 +392,89 @@ void addMultiValue(lua_State *L, int t)
     }
 }
 
+MultiTable::MultiTable(lua_State *L, size_t expected) : L_(L)
+{
+    // At most half full: probes stay short.
+    unsigned slots = 16;
+    while (slots < kSlots && slots < 2 * expected) {
+        slots *= 2;
+    }
+    mask_ = slots - 1;
+    left_ = slots / 2;
+    std::memset(seen_, 0, slots * sizeof(seen_[0]));
+    lua_createtable(L, 0, static_cast<int>(expected < 1024 ? expected : 1024));
+    t_ = lua_gettop(L);
+}
+
+void MultiTable::add()
+{
+    if (left_ == 0) {
+        addMultiValue(L_, t_);
+        return;
+    }
+    // LuaJIT interns strings, and lua_topointer gives a string's object:
+    // equal keys have equal pointers. The table anchors every key, so no
+    // pointer is reused while the set lives.
+    const void *key = lua_topointer(L_, -2);
+    auto h = reinterpret_cast<uintptr_t>(key) >> 3;
+    unsigned i = static_cast<unsigned>(h * 0x9E3779B97F4A7C15ull >> 40)
+                 & mask_;
+    while (seen_[i] != nullptr) {
+        if (seen_[i] == key) {
+            addMultiValue(L_, t_);
+            return;
+        }
+        i = (i + 1) & mask_;
+    }
+    seen_[i] = key;
+    left_--;
+    lua_rawset(L_, t_);
+}
+
+void pushLower(lua_State *L, const char *s, size_t len)
+{
+    char stack[128];
+    std::string heap;
+    char *buf = stack;
+    if (len > sizeof(stack)) {
+        heap.resize(len);
+        buf = heap.data();
+    }
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i];
+        buf[i] = c >= 'A' && c <= 'Z' ? static_cast<char>(c | 0x20) : c;
+    }
+    lua_pushlstring(L, buf, len);
+}
+
 bool pushArgsTable(lua_State *L, const char *s, size_t len, size_t max_args)
 {
-    lua_createtable(L, 0, 4);
-    int t = lua_gettop(L);
-    return codec::parseArgs(
-        s, len, max_args,
-        [L, t](const std::string &key, bool has_value,
-               const std::string &value) {
-            lua_pushlstring(L, key.data(), key.size());
-            if (has_value) {
-                lua_pushlstring(L, value.data(), value.size());
-            } else {
-                lua_pushboolean(L, 1);
-            }
-            addMultiValue(L, t);
-        });
+    size_t n = codec::countArgs(s, len);
+    MultiTable t(L, max_args && n > max_args ? max_args : n);
+    char stack[512];
+    std::string heap;
+    char *buf = stack;
+    if (len > sizeof(stack)) {
+        heap.resize(len);
+        buf = heap.data();
+    }
+    codec::ArgReader reader(s, len, buf);
+    codec::Arg a;
+    size_t count = 0;
+    while (reader.next(&a)) {
+        if (max_args && count == max_args) {
+            return true;
+        }
+        count++;
+        lua_pushlstring(L, a.key, a.key_len);
+        if (a.has_value) {
+            lua_pushlstring(L, a.value, a.value_len);
+        } else {
+            lua_pushboolean(L, 1);
+        }
+        t.add();
+    }
+    return false;
 }
 
 void openUtil(lua_State *L)

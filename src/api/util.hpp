@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "api/ffi_abi.hpp"
 #include "runtime/lua.hpp"
 
 namespace luaguard::api {
@@ -20,5 +21,33 @@ bool pushArgsTable(lua_State *L, const char *s, size_t len, size_t max_args);
 // `t` (absolute index), collecting the values of a repeated key in an
 // array. Pops both.
 void addMultiValue(lua_State *L, int t);
+
+// The table of get_headers, get_uri_args & co., pushed by the constructor
+// and sized for `expected` keys. A key met for the first time costs one
+// rawset: repeats are found in a set of the interned key strings kept on
+// the C stack, not by reading the table back for every key.
+class MultiTable {
+public:
+    MultiTable(lua_State *L, size_t expected);
+    // With a key and a value on top of the stack: stores them (a repeated
+    // key's values become an array) and pops both.
+    void add();
+    int index() const { return t_; }
+
+private:
+    static constexpr unsigned kSlots = 256;
+    lua_State *L_;
+    int t_;
+    unsigned mask_;
+    unsigned left_;  // keys the set still takes; then addMultiValue
+    const void *seen_[kSlots];
+};
+
+// Whether the list handed in by lua/req_ffi.lua has room for `kv` pairs and
+// `buf` bytes; if not, records the needs for the Lua side to grow it.
+bool kvRoom(luaguard_kv_list_t *l, size_t kv, size_t buf);
+
+// Pushes `s` lower-cased (ASCII), as get_headers names headers.
+void pushLower(lua_State *L, const char *s, size_t len);
 
 }  // namespace luaguard::api

@@ -73,60 +73,73 @@ std::string escapeUri(const char *s, size_t len, UriEscape type)
     return out;
 }
 
-std::string unescapeUri(const char *s, size_t len)
+size_t unescapeUriTo(const char *s, size_t len, char *out)
 {
-    std::string out;
-    out.reserve(len);
+    char *o = out;
     for (size_t i = 0; i < len; i++) {
         auto c = static_cast<unsigned char>(s[i]);
         if (c == '+') {
-            out.push_back(' ');
+            *o++ = ' ';
             continue;
         }
         if (c == '%' && len - i > 2) {
             int hi = hexValue(static_cast<unsigned char>(s[i + 1]));
             int lo = hexValue(static_cast<unsigned char>(s[i + 2]));
             if (hi >= 0 && lo >= 0) {
-                out.push_back(static_cast<char>(hi << 4 | lo));
+                *o++ = static_cast<char>(hi << 4 | lo);
                 i += 2;
                 continue;
             }
         }
-        out.push_back(static_cast<char>(c));
+        *o++ = static_cast<char>(c);
     }
+    return static_cast<size_t>(o - out);
+}
+
+std::string unescapeUri(const char *s, size_t len)
+{
+    std::string out(len, '\0');
+    out.resize(unescapeUriTo(s, len, out.data()));
     return out;
 }
 
-bool parseArgs(const char *s, size_t len, size_t max_args,
-               const ArgSink &sink)
+bool ArgReader::next(Arg *arg)
 {
-    size_t count = 0;
-    size_t i = 0;
-    while (i < len) {
-        size_t end = i;
-        while (end < len && s[end] != '&') {
-            end++;
-        }
+    while (pos_ < len_) {
+        size_t i = pos_;
+        auto *amp = static_cast<const char *>(
+            std::memchr(s_ + i, '&', len_ - i));
+        size_t end = amp ? static_cast<size_t>(amp - s_) : len_;
+        pos_ = end + 1;
         size_t eq = i;
-        while (eq < end && s[eq] != '=') {
+        while (eq < end && s_[eq] != '=') {
             eq++;
         }
         // "" (from "&&") and "=value" carry no key: skipped.
-        if (end > i && eq > i) {
-            if (max_args && count == max_args) {
-                return true;
-            }
-            count++;
-            std::string key = unescapeUri(s + i, eq - i);
-            if (eq == end) {
-                sink(key, false, std::string());
-            } else {
-                sink(key, true, unescapeUri(s + eq + 1, end - eq - 1));
-            }
+        if (eq == i) {
+            continue;
         }
-        i = end + 1;
+        arg->key = buf_;
+        arg->key_len = unescapeUriTo(s_ + i, eq - i, buf_);
+        arg->has_value = eq < end;
+        arg->value = buf_ + arg->key_len;
+        arg->value_len = arg->has_value
+                             ? unescapeUriTo(s_ + eq + 1, end - eq - 1,
+                                             buf_ + arg->key_len)
+                             : 0;
+        buf_ += arg->key_len + arg->value_len;
+        return true;
     }
     return false;
+}
+
+size_t countArgs(const char *s, size_t len)
+{
+    size_t n = 1;
+    for (size_t i = 0; i < len; i++) {
+        n += s[i] == '&';
+    }
+    return n;
 }
 
 std::string escapeArgsString(const char *s, size_t len)

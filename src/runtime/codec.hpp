@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cstddef>
-#include <functional>
 #include <string>
 
 namespace luaguard::codec {
@@ -22,16 +21,41 @@ std::string escapeUri(const char *s, size_t len, UriEscape type);
 // args and ngx.unescape_uri do, '+' as a space.
 std::string unescapeUri(const char *s, size_t len);
 
-// One argument of a query string: `has_value` is false for "key" without
-// '=' (ngx.req.get_uri_args gives it the value true).
-using ArgSink = std::function<void(const std::string &key, bool has_value,
-                                   const std::string &value)>;
+// unescapeUri into `out`, which has room for `len` bytes (decoding never
+// grows the text); returns the decoded length.
+size_t unescapeUriTo(const char *s, size_t len, char *out);
+
+// One argument of a query string, decoded into the reader's buffer. `has_value` is false for "key" without '='
+// (ngx.req.get_uri_args gives it the value true).
+struct Arg {
+    const char *key;
+    size_t key_len;
+    const char *value;
+    size_t value_len;
+    bool has_value;
+};
 
 // Splits "a=1&b&c=%20" into unescaped pairs, skipping empty segments and
-// segments with an empty key. Stops after `max_args` pairs when it is
-// non-zero; returns true when arguments were left out for that reason.
-bool parseArgs(const char *s, size_t len, size_t max_args,
-               const ArgSink &sink);
+// segments with an empty key. The pairs are decoded one after the other
+// into the caller's buffer (room for `len` bytes), where they all stay:
+// the args tables are filled without a heap string per argument, and the
+// FFI path hands them all out at once.
+class ArgReader {
+public:
+    ArgReader(const char *s, size_t len, char *buf)
+        : s_(s), len_(len), buf_(buf)
+    {}
+    bool next(Arg *arg);
+
+private:
+    const char *s_;
+    size_t len_;
+    size_t pos_ = 0;
+    char *buf_;
+};
+
+// An upper bound of the arguments of `s` ('&' count + 1), for sizing.
+size_t countArgs(const char *s, size_t len);
 
 // The bytes a query string set through ngx.req.set_uri_args(string) may
 // not carry raw: controls, space and DEL, percent-encoded. Everything

@@ -58,3 +58,96 @@ def test_shdict_and_regex_hot_calls_take_the_ffi_path(nginx):
         "get_keys 1",
         "bad option 1",
     ]
+
+
+def test_request_tables_take_the_ffi_path(nginx):
+    n = nginx(server=r"""
+        location = /t { content_by_lua_block {
+            """ + CHECK + r"""
+            ngx.header["X-A"] = {"1", "2"}
+            local get = ngx.req.get_headers
+            ngx.say("source ", debug.getinfo(get, "S").source)
+            ngx.say("default ", c_calls(get))
+            ngx.say("raw ", c_calls(get, 1, true))
+            ngx.say("uri args ", c_calls(ngx.req.get_uri_args))
+            ngx.say("resp ", c_calls(ngx.resp.get_headers),
+                    " ", table.concat(ngx.resp.get_headers().x_a, ","))
+            ngx.req.read_body()
+            ngx.say("post args ", c_calls(ngx.req.get_post_args, 0))
+            -- the control: an argument the fast path leaves to C
+            ngx.say("string max ", c_calls(get, "2"))
+        } }
+    """)
+    assert n.request("/t?a=1&b", method="POST",
+                     body="c=2").text.splitlines() == [
+        "source =luaguard.req",
+        "default 0",
+        "raw 0",
+        "uri args 0",
+        "resp 0 1,2",
+        "post args 0",
+        "string max 1",
+    ]
+
+
+def test_get_headers_fast_path_in_strict_sandbox(nginx):
+    """Request code in lua_sandbox strict gets a plain table (no cdata),
+    with the metatable that normalises names, from the fast path."""
+    n = nginx(server=r"""
+        lua_sandbox strict;
+        location = /t { content_by_lua_block {
+            local h, e = ngx.req.get_headers()
+            local n = 0
+            for k, v in pairs(h) do
+                n = n + 1
+                assert(type(k) == "string")
+                assert(type(v) == "string" or type(v) == "table")
+            end
+            ngx.say(n, " ", h.x_a, " ", h["X-A"], " ",
+                    table.concat(h.x_d, ","), " ", tostring(e))
+            local _, e2 = ngx.req.get_headers(2)
+            ngx.say(e2, " ", ngx.req.get_headers(0, true)["X-A"])
+        } }
+    """)
+    resp = n.raw(b"GET /t HTTP/1.0\r\nHost: x\r\nX-A: 1\r\nX-D: a\r\n"
+                 b"x-d: b\r\n\r\n")
+    head, _, body = resp.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0], n.read_log()
+    assert body.decode().splitlines() == ["3 1 1 a,b nil", "truncated 1"]
+
+
+def test_request_tables_nested_from_finalizer(nginx):
+    """A finalizer that runs while a table is being built and asks for
+    another one gets its own: neither result mixes with the other."""
+    n = nginx(server=r"""
+        location = /t { content_by_lua_block {
+            local nested, bad = 0, 0
+            local function arm()
+                local p = newproxy(true)
+                getmetatable(p).__gc = function()
+                    local h = ngx.req.get_headers(0)
+                    if h["x-h1"] ~= "h1" or h.k1 ~= nil then
+                        bad = bad + 1
+                    end
+                    nested = nested + 1
+                    arm()
+                end
+            end
+            for _ = 1, 20 do arm() end
+            for _ = 1, 300 do
+                local a = ngx.req.get_uri_args(0)
+                for i = 1, 60 do
+                    if a["k" .. i] ~= "v" .. i then bad = bad + 1 end
+                end
+                if a["x-h1"] ~= nil then bad = bad + 1 end
+            end
+            ngx.say(nested > 0, " ", bad)
+        } }
+    """)
+    args = "&".join(f"k{i}=v{i}" for i in range(1, 61))
+    hdrs = "".join(f"X-H{i}: h{i}\r\n" for i in range(1, 61))
+    resp = n.raw(f"GET /t?{args} HTTP/1.0\r\nHost: x\r\n{hdrs}\r\n"
+                 .encode())
+    head, _, body = resp.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0], n.read_log()
+    assert body == b"true 0\n"

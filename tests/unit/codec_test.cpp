@@ -13,20 +13,27 @@ namespace {
 
 std::string S(const char *s, size_t n) { return std::string(s, n); }
 
-struct Arg {
+struct Parsed {
     std::string key;
     bool has_value;
     std::string value;
 };
 
-std::vector<Arg> parse(const std::string &q, size_t max, bool *trunc)
+std::vector<Parsed> parse(const std::string &q, size_t max, bool *trunc)
 {
-    std::vector<Arg> out;
-    *trunc = parseArgs(q.data(), q.size(), max,
-                       [&](const std::string &k, bool hv,
-                           const std::string &v) {
-                           out.push_back({k, hv, v});
-                       });
+    std::vector<Parsed> out;
+    std::string buf(q.size(), '\0');
+    ArgReader reader(q.data(), q.size(), buf.data());
+    Arg a;
+    *trunc = false;
+    while (reader.next(&a)) {
+        if (max && out.size() == max) {
+            *trunc = true;
+            break;
+        }
+        out.push_back({S(a.key, a.key_len), a.has_value,
+                       S(a.value, a.value_len)});
+    }
     return out;
 }
 
