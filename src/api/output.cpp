@@ -210,9 +210,30 @@ int emitRange(lua_State *L, RequestCtx *ctx, int first, int last,
         return 2;
     }
 
+    // Each scalar's text is found once and kept for the copy below: the
+    // common call prints a few strings or numbers. A table argument (or
+    // more than kPieces arguments) sends the copy through copyOut.
+    constexpr int kPieces = 8;
+    struct Piece {
+        const char *s;
+        size_t len;
+    } pieces[kPieces];
+    bool flat = last - first < kPieces;
     size_t size = newline ? 1 : 0;
     for (int i = first; i <= last; i++) {
-        size += measure(L, i, i - first + 1, fname, 0);
+        const char *s;
+        size_t len;
+        if (lua_type(L, i) == LUA_TSTRING) {
+            s = lua_tolstring(L, i, &len);
+        } else if (!outputText(L, i, &s, &len)) {
+            size += measure(L, i, i - first + 1, fname, 0);
+            flat = false;
+            continue;
+        }
+        size += len;
+        if (flat) {
+            pieces[i - first] = {s, len};
+        }
     }
     if (size == 0) {
         lua_pushinteger(L, 1);
@@ -255,8 +276,14 @@ int emitRange(lua_State *L, RequestCtx *ctx, int first, int last,
         return luaL_error(L, "no memory");
     }
     u_char *p = cl->buf->last;
-    for (int i = first; i <= last; i++) {
-        p = copyOut(L, i, p);
+    if (flat) {
+        for (int i = 0; i <= last - first; i++) {
+            p = ngx_cpymem(p, pieces[i].s, pieces[i].len);
+        }
+    } else {
+        for (int i = first; i <= last; i++) {
+            p = copyOut(L, i, p);
+        }
     }
     if (newline) {
         *p++ = '\n';
