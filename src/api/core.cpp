@@ -143,7 +143,7 @@ void pushCtxTable(lua_State *L, RequestCtx *ctx)
     if (ctx->ctx_ref == LUA_NOREF) {
         lua_newtable(L);
         lua_pushvalue(L, -1);
-        ctx->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        ctx->ctx_ref = ctx->vm->anchor(L);
         return;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
@@ -232,9 +232,12 @@ int ngxNewIndex(lua_State *L)
             return luaL_error(L, "ctx should be a table while getting a %s "
                               "value", luaL_typename(L, 3));
         }
-        luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
         lua_pushvalue(L, 3);
-        ctx->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        if (ctx->ctx_ref == LUA_NOREF) {
+            ctx->ctx_ref = ctx->vm->anchor(L);
+        } else {
+            lua_rawseti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+        }
         return 0;
     }
     if (key && keyIs(key, len, "status")) {

@@ -70,3 +70,35 @@ def test_ngx_computed_keys_match_reference(nginx):
     got = {m: nginx(module=m, server=NGX_KEYS).get("/keys") for m in MODULES}
     assert got["luaguard"].body == got["reference"].body, got
     assert got["luaguard"].text == "nil nil nil nil c 0 false false\n"
+
+
+FRESH = r"""
+    location = /fresh {
+        rewrite_by_lua_block {
+            local c = ngx.ctx
+            c.seen = (c.seen or 0) + 1
+            if ngx.var.arg_swap then
+                ngx.ctx = { seen = c.seen, swapped = true }
+            end
+        }
+        content_by_lua_block {
+            local c = ngx.ctx
+            c.seen = c.seen + 1
+            ngx.say(c.seen, " ", tostring(c.swapped))
+        }
+    }
+"""
+
+
+def test_ctx_tables_are_fresh_per_request(nginx):
+    """ngx.ctx tables live in registry slots that are reused from one
+    request to the next: each request still starts with an empty one,
+    whether the previous one kept its table or assigned a new one."""
+    got = {}
+    for m in MODULES:
+        n = nginx(module=m, server=FRESH)
+        got[m] = [n.get("/fresh" + ("?swap=1" if i % 3 == 0 else "")).text
+                  for i in range(12)]
+    assert got["luaguard"] == got["reference"], got
+    assert got["luaguard"][0] == "2 true\n"
+    assert got["luaguard"][1] == "2 nil\n"
