@@ -143,7 +143,7 @@ void pushCtxTable(lua_State *L, RequestCtx *ctx)
     if (ctx->ctx_ref == LUA_NOREF) {
         lua_newtable(L);
         lua_pushvalue(L, -1);
-        ctx->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        ctx->ctx_ref = ctx->vm->anchor(L);
         return;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
@@ -165,6 +165,15 @@ void pushWorkerCtx(lua_State *L, Phase phase)
     lua_setfield(L, LUA_REGISTRYINDEX, key);
 }
 
+// Whether the key (lua_tolstring's text and length) is `name`: the length
+// settles most keys without touching their bytes, and a key with a NUL
+// inside ("ctx\0x") is not "ctx".
+template <size_t N>
+bool keyIs(const char *key, size_t len, const char (&name)[N])
+{
+    return len == N - 1 && std::memcmp(key, name, N - 1) == 0;
+}
+
 int ngxIndex(lua_State *L)
 {
     size_t len;
@@ -172,7 +181,8 @@ int ngxIndex(lua_State *L)
     if (key == nullptr) {
         return 0;
     }
-    if (std::strcmp(key, "ctx") == 0) {
+    // ngx.ctx is by far the most read: it comes first.
+    if (keyIs(key, len, "ctx")) {
         Run *run = g_run;
         if (run && run->ctx == nullptr
             && (run->phase == Phase::InitWorker
@@ -185,7 +195,7 @@ int ngxIndex(lua_State *L)
         pushCtxTable(L, ctx);
         return 1;
     }
-    if (std::strcmp(key, "status") == 0) {
+    if (keyIs(key, len, "status")) {
         requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         ngx_http_request_t *r = ctx->r;
@@ -194,13 +204,13 @@ int ngxIndex(lua_State *L)
                                              : r->headers_out.status));
         return 1;
     }
-    if (std::strcmp(key, "headers_sent") == 0) {
+    if (keyIs(key, len, "headers_sent")) {
         requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         lua_pushboolean(L, ctx->r->header_sent || ctx->buffering);
         return 1;
     }
-    if (std::strcmp(key, "is_subrequest") == 0) {
+    if (keyIs(key, len, "is_subrequest")) {
         requestPhase(L, kRequest);
         RequestCtx *ctx = glue::requireRequest(L);
         lua_pushboolean(L, ctx->r != ctx->r->main);
@@ -211,19 +221,26 @@ int ngxIndex(lua_State *L)
 
 int ngxNewIndex(lua_State *L)
 {
-    const char *key = lua_tostring(L, 2);
-    if (key && std::strcmp(key, "ctx") == 0) {
+    size_t len = 0;
+    // Not lua_tolstring on any key: it would turn a number key into a
+    // string one before the rawset below.
+    const char *key = lua_type(L, 2) == LUA_TSTRING
+                          ? lua_tolstring(L, 2, &len) : nullptr;
+    if (key && keyIs(key, len, "ctx")) {
         RequestCtx *ctx = glue::requireRequest(L);
         if (!lua_istable(L, 3)) {
             return luaL_error(L, "ctx should be a table while getting a %s "
                               "value", luaL_typename(L, 3));
         }
-        luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
         lua_pushvalue(L, 3);
-        ctx->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        if (ctx->ctx_ref == LUA_NOREF) {
+            ctx->ctx_ref = ctx->vm->anchor(L);
+        } else {
+            lua_rawseti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+        }
         return 0;
     }
-    if (key && std::strcmp(key, "status") == 0) {
+    if (key && keyIs(key, len, "status")) {
         // Allowed in body_filter and log too, where it only logs that the
         // headers are gone, as lua-nginx-module does.
         requestPhase(L, kRequest);

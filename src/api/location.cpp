@@ -576,12 +576,15 @@ int issue(lua_State *L, int list)
             setVars(L, sr, spec.vars);
         }
         if (spec.ctx) {
-            RequestCtx *sctx = createCtx(sr);
+            // The table lives in this VM's registry: the subrequest's
+            // context starts in this VM too, and drops the table if its
+            // location runs in another (glue::ensureCtx).
+            RequestCtx *sctx = createCtx(sr, ctx->vm);
             if (sctx == nullptr) {
                 return luaL_error(L, "no memory");
             }
             lua_pushvalue(L, spec.ctx);
-            sctx->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+            sctx->ctx_ref = ctx->vm->anchor(L);
         }
     }
 

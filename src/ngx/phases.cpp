@@ -62,7 +62,7 @@ void cleanupCtx(void *data)
     // woken: their events are cancelled and their coroutines released.
     threads::endPhase(ctx);
     lua_State *L = ctx->vm->L();
-    luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+    ctx->vm->release(&ctx->ctx_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->on_abort_ref);
     ctx->ctx_ref = ctx->env_ref = ctx->on_abort_ref = LUA_NOREF;
@@ -138,7 +138,7 @@ bool moveToVm(RequestCtx *ctx, Vm *vm)
     }
     threads::endPhase(ctx);
     lua_State *L = ctx->vm->L();
-    luaL_unref(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+    ctx->vm->release(&ctx->ctx_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->on_abort_ref);
     ctx->ctx_ref = ctx->env_ref = ctx->on_abort_ref = LUA_NOREF;

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <new>
 #include <cstdlib>
 #include <vector>
 
@@ -329,6 +330,43 @@ void Vm::giveThread(lua_State *co, int ref)
         lua_resetthread(L_, co);
     }
     thread_cache_.emplace_back(co, ref);
+}
+
+int Vm::anchor(lua_State *L)
+{
+    if (free_slots_.empty() || lua_isnil(L, -1)) {
+        return luaL_ref(L, LUA_REGISTRYINDEX);   // nil: LUA_REFNIL
+    }
+    int ref = free_slots_.back();
+    free_slots_.pop_back();
+    lua_rawseti(L, LUA_REGISTRYINDEX, ref);
+    return ref;
+}
+
+void Vm::release(int *ref)
+{
+    // As many as a busy worker has requests at once; beyond that the
+    // registry's own free list takes them.
+    constexpr size_t kMaxFree = 4096;
+    int r = *ref;
+    *ref = LUA_NOREF;
+    if (r <= 0) {
+        return;   // LUA_NOREF, LUA_REFNIL
+    }
+    if (free_slots_.size() >= kMaxFree) {
+        luaL_unref(L_, LUA_REGISTRYINDEX, r);
+        return;
+    }
+    try {
+        free_slots_.push_back(r);
+    } catch (const std::bad_alloc &) {
+        luaL_unref(L_, LUA_REGISTRYINDEX, r);
+        return;
+    }
+    // false, not nil: a hole here could be the border luaL_ref's length
+    // probe finds, and the slot would be handed out twice.
+    lua_pushboolean(L_, 0);
+    lua_rawseti(L_, LUA_REGISTRYINDEX, r);
 }
 
 Vm::~Vm()

@@ -316,3 +316,33 @@ def test_two_memory_limits_for_one_vm_fail_nginx_t(nginx_conf):
     ok, out = conf.test_config()
     assert not ok
     assert "gives this VM a second memory limit" in out, out
+
+
+def test_capture_ctx_into_another_vm_is_dropped(nginx):
+    """ngx.location.capture's ctx option hands the parent's table to the
+    subrequest; when the subrequest's location runs in another lua_vm the
+    table is dropped there (it belongs to the parent's VM) and the
+    subrequest starts with an empty ngx.ctx of its own VM, never a value
+    of the other VM's registry. Same VM: the table is shared."""
+    server = loc("/parent", """
+            local shared = { tag = "parent" }
+            local a = ngx.location.capture("/child_other", { ctx = shared })
+            local b = ngx.location.capture("/child_same", { ctx = shared })
+            ngx.print(a.body, b.body, tostring(shared.seen_same), " ",
+                      tostring(shared.seen_other))
+        """, "a") \
+        + loc("/child_other", """
+            local c = ngx.ctx
+            ngx.say(type(c), " ", tostring(c.tag))
+            c.seen_other = true
+        """, "b") \
+        + loc("/child_same", """
+            local c = ngx.ctx
+            ngx.say(type(c), " ", tostring(c.tag))
+            c.seen_same = true
+        """, "a")
+    n = nginx(server=server)
+    for _ in range(5):
+        r = n.get("/parent")
+        assert r.status == 200, r.text
+        assert r.text == "table nil\ntable parent\ntrue nil", r.text

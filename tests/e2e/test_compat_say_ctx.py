@@ -1,0 +1,107 @@
+"""ngx.say / ngx.print with the argument shapes their fast path (a few
+scalars, each measured once) and their general path (tables, many
+arguments) take, and the keys of ngx's computed fields, run on Debian's
+lua-nginx-module (`module="reference"`) and on luaguard and compared."""
+
+import pytest
+
+MODULES = ["luaguard", "reference"]
+
+SAY = r"""
+    location = /scalars {
+        content_by_lua_block {
+            ngx.say(-0, " ", 0, " ", 1.5, " ", 2^53, " ", 1e300, " ", -7)
+            ngx.say(99999999999999, " ", -99999999999999, " ", 1e14, " ",
+                    -1e14, " ", 123456789012, " ", 0.5, " ", -3)
+            ngx.print(1, 2, 3, 4, 5, 6, 7, 8, 9, -0, 1e14, 12.25, "\n")
+            ngx.say(true, false, nil, ngx.null)
+            ngx.print("a", 1, "b", 2, "c", 3, "d", "\n")
+            ngx.say("1", "2", "3", "4", "5", "6", "7", "8")
+            ngx.say("1", "2", "3", "4", "5", "6", "7", "8", "9", -0, 10)
+            ngx.say()
+            ngx.print("")
+            ngx.say("", "", "")
+        }
+    }
+    location = /tables {
+        content_by_lua_block {
+            ngx.say({"a", {"b", -0, true, {ngx.null, false}}, 3})
+            ngx.print("x", {"y", 1}, 2, nil, {}, "\n")
+            ngx.say({}, "after empty")
+            local t = {}
+            for i = 1, 20 do t[i] = i end
+            ngx.say("9+", 1, 2, 3, 4, 5, 6, 7, 8, t)
+        }
+    }
+    location = /errors {
+        content_by_lua_block {
+            local function try(...)
+                local ok, err = pcall(...)
+                ngx.say(tostring(ok), " ", tostring(err))
+            end
+            try(ngx.say, "a", print)
+            try(ngx.say, "a", "b", "c", "d", "e", "f", "g", "h", "i", print)
+            try(ngx.print, {a = 1})
+            try(ngx.say, "ok", {1, print})
+            try(ngx.say, 1, {1, {2, {}}}, coroutine.create(function() end))
+        }
+    }
+"""
+
+
+@pytest.mark.parametrize("path", ["/scalars", "/tables", "/errors"])
+def test_say_print_shapes_match_reference(nginx, path):
+    got = {m: nginx(module=m, server=SAY).get(path) for m in MODULES}
+    assert got["luaguard"].status == got["reference"].status == 200, got
+    assert got["luaguard"].body == got["reference"].body, got
+
+
+NGX_KEYS = r"""
+    location = /keys {
+        content_by_lua_block {
+            ngx.ctx.v = "c"
+            ngx.say(type(ngx["ctx\0x"]), " ", type(ngx["ct"]), " ",
+                    type(ngx["ctxx"]), " ", type(ngx[1]), " ",
+                    ngx.ctx.v, " ", ngx.status, " ", tostring(ngx.headers_sent),
+                    " ", tostring(ngx.is_subrequest))
+        }
+    }
+"""
+
+
+def test_ngx_computed_keys_match_reference(nginx):
+    got = {m: nginx(module=m, server=NGX_KEYS).get("/keys") for m in MODULES}
+    assert got["luaguard"].body == got["reference"].body, got
+    assert got["luaguard"].text == "nil nil nil nil c 0 false false\n"
+
+
+FRESH = r"""
+    location = /fresh {
+        rewrite_by_lua_block {
+            local c = ngx.ctx
+            c.seen = (c.seen or 0) + 1
+            if ngx.var.arg_swap then
+                ngx.ctx = { seen = c.seen, swapped = true }
+            end
+        }
+        content_by_lua_block {
+            local c = ngx.ctx
+            c.seen = c.seen + 1
+            ngx.say(c.seen, " ", tostring(c.swapped))
+        }
+    }
+"""
+
+
+def test_ctx_tables_are_fresh_per_request(nginx):
+    """ngx.ctx tables live in registry slots that are reused from one
+    request to the next: each request still starts with an empty one,
+    whether the previous one kept its table or assigned a new one."""
+    got = {}
+    for m in MODULES:
+        n = nginx(module=m, server=FRESH)
+        got[m] = [n.get("/fresh" + ("?swap=1" if i % 3 == 0 else "")).text
+                  for i in range(12)]
+    assert got["luaguard"] == got["reference"], got
+    assert got["luaguard"][0] == "2 true\n"
+    assert got["luaguard"][1] == "2 nil\n"
