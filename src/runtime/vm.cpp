@@ -295,7 +295,59 @@ bool Vm::open(std::string *err)
     luaL_openlibs(L_);
     lua_newtable(L_);
     code_cache_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
+    // Room for a busy worker's requests and runs without growing.
+    lua_createtable(L_, 1024, 0);
+    lua_newtable(L_);
+    lua_rawseti(L_, -2, kIdleEnvCell);
+    cells_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
+    lua_newtable(L_);
+    lua_createtable(L_, 0, 1);
+    lua_pushliteral(L_, "k");
+    lua_setfield(L_, -2, "__mode");
+    lua_setmetatable(L_, -2);
+    lua_setfield(L_, LUA_REGISTRYINDEX, kEscapedKey);
     return true;
+}
+
+int Vm::hold(lua_State *L)
+{
+    int cell = free_cells_.empty() ? next_cell_ : free_cells_.back();
+    if (static_cast<size_t>(cell) >= taken_.size()) {
+        taken_.resize(static_cast<size_t>(cell) * 2);
+    }
+    // release() must not allocate: room for every cell in the free list.
+    free_cells_.reserve(static_cast<size_t>(next_cell_));
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+    lua_insert(L, -2);
+    lua_rawseti(L, -2, cell);  // past the array part: may raise
+    lua_pop(L, 1);
+    if (free_cells_.empty()) {
+        next_cell_++;
+    } else {
+        free_cells_.pop_back();
+    }
+    taken_[static_cast<size_t>(cell)] = true;
+    return cell;
+}
+
+void Vm::release(lua_State *L, int cell)
+{
+    if (cell < kFirstCell || static_cast<size_t>(cell) >= taken_.size()
+        || !taken_[static_cast<size_t>(cell)])
+    {
+        return;
+    }
+    taken_[static_cast<size_t>(cell)] = false;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, cell);  // an existing key: no allocation
+    lua_pop(L, 1);
+    free_cells_.push_back(cell);
+}
+
+std::vector<int> &Vm::closurePool(const void *factory)
+{
+    return closure_pools_[factory];
 }
 
 std::pair<lua_State *, int> Vm::takeThread()
