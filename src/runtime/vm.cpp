@@ -293,10 +293,23 @@ bool Vm::open(std::string *err)
     lua_setallocf(L_, allocate, &memory_);
 #endif
     luaL_openlibs(L_);
+    // The registry's array part made room for kRegistryRefs references
+    // at once (taken and given back: they stay in its free list): a
+    // reference in the hash part can vanish when a resize meets an
+    // allocation failure (see growCells), one in the array part cannot.
+    std::vector<int> refs(kRegistryRefs);
+    for (int &ref : refs) {
+        lua_pushboolean(L_, 1);
+        ref = luaL_ref(L_, LUA_REGISTRYINDEX);
+    }
+    for (auto it = refs.rbegin(); it != refs.rend(); ++it) {
+        luaL_unref(L_, LUA_REGISTRYINDEX, *it);
+    }
     lua_newtable(L_);
     code_cache_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
     // Room for a busy worker's requests and runs without growing.
-    lua_createtable(L_, 1024, 0);
+    lua_createtable(L_, kInitialCells, 0);
+    cells_size_ = kInitialCells;
     lua_newtable(L_);
     lua_rawseti(L_, -2, kIdleEnvCell);
     cells_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
@@ -317,9 +330,12 @@ int Vm::hold(lua_State *L)
     }
     // release() must not allocate: room for every cell in the free list.
     free_cells_.reserve(static_cast<size_t>(next_cell_));
+    if (cell > cells_size_) {
+        growCells(L);
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
     lua_insert(L, -2);
-    lua_rawseti(L, -2, cell);  // past the array part: may raise
+    lua_rawseti(L, -2, cell);  // in the array part: no allocation
     lua_pop(L, 1);
     if (free_cells_.empty()) {
         next_cell_++;
@@ -328,6 +344,26 @@ int Vm::hold(lua_State *L)
     }
     taken_[static_cast<size_t>(cell)] = true;
     return cell;
+}
+
+// Cells stay in the table's array part: LuaJIT's table resize grows the
+// array before it allocates the new hash part, and when that allocation
+// fails, integer keys that were in the old hash part and now fall in the
+// array range read as nil (lj_tab_resize). A registry reference past the
+// registry's array part can vanish that way; a cell cannot. The copy is
+// made whole before it replaces the table.
+void Vm::growCells(lua_State *L)
+{
+    int size = cells_size_ * 2;
+    lua_createtable(L, size, 0);                         // may raise
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+    for (int i = 1; i <= cells_size_; i++) {
+        lua_rawgeti(L, -1, i);
+        lua_rawseti(L, -3, i);
+    }
+    lua_pop(L, 1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, cells_ref_);       // an existing key
+    cells_size_ = size;
 }
 
 void Vm::release(lua_State *L, int cell)

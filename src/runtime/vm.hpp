@@ -160,7 +160,12 @@ class Vm {
     MemoryAccount memory_;
     int code_cache_ref_ = LUA_NOREF;
     std::vector<std::pair<lua_State *, int>> thread_cache_;
+    void growCells(lua_State *L);
+
+    static constexpr int kInitialCells = 512;
+    static constexpr int kRegistryRefs = 512;
     int cells_ref_ = LUA_NOREF;
+    int cells_size_ = 0;                   // its array part: 1..size
     int next_cell_ = kFirstCell;
     std::vector<int> free_cells_;
     std::vector<bool> taken_;              // by cell number
