@@ -165,3 +165,56 @@ TEST(ClosurePool, ARunningClosureIsNeverHandedOutAndAReturnedOneIsReset)
     giveClosure(L, &vm, &d, true);
     lua_pop(L, 1);
 }
+
+namespace {
+
+lua_Alloc g_base_alloc;
+void *g_base_ud;
+int g_fail_in;   // refuse the Nth growing allocation from now; 0: never
+
+void *failingAlloc(void *, void *p, size_t osize, size_t nsize)
+{
+    if (nsize > osize && g_fail_in && --g_fail_in == 0) {
+        return nullptr;
+    }
+    return g_base_alloc(g_base_ud, p, osize, nsize);
+}
+
+}  // namespace
+
+// Why Vm keeps its cells in an array part and makes the registry's array
+// part room at open (see Vm::growCells): LuaJIT grows a table's array part
+// before it allocates the new hash part, and when that second allocation
+// fails, integer keys that lived in the old hash part read as nil. If this
+// test fails, LuaJIT no longer does that.
+TEST(LuajitResize, AFailedHashAllocationHidesIntegerKeysOfTheOldHashPart)
+{
+    lua_State *L = luaL_newstate();
+    ASSERT_NE(L, nullptr);
+    luaL_openlibs(L);
+    g_base_alloc = lua_getallocf(L, &g_base_ud);
+    lua_setallocf(L, failingAlloc, nullptr);
+    lua_createtable(L, 0, 8);                  // no array part
+    int t = lua_gettop(L);
+    for (int i = 1; i <= 4; i++) {
+        lua_pushinteger(L, i * 10);
+        lua_rawseti(L, t, i);                  // in the hash part
+    }
+    for (const char *k : {"a", "b", "c", "d"}) {
+        lua_pushinteger(L, 1);
+        lua_setfield(L, t, k);                 // hash part now full
+    }
+    lua_getglobal(L, "rawset");
+    lua_pushvalue(L, t);
+    lua_pushinteger(L, 5);
+    lua_pushinteger(L, 50);
+    g_fail_in = 2;  // the array part grows, the new hash part is refused
+    EXPECT_EQ(lua_pcall(L, 3, 0, 0), LUA_ERRMEM);
+    g_fail_in = 0;
+    lua_pop(L, 1);
+    lua_rawgeti(L, t, 1);
+    EXPECT_TRUE(lua_isnil(L, -1));             // was 10
+    lua_pop(L, 1);
+    lua_setallocf(L, g_base_alloc, g_base_ud);
+    lua_close(L);
+}
