@@ -385,7 +385,13 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
                 h->pool = idle;
             }
         }
-        takeClosure(L, vm, -1, idle, lease);
+        // The request's environment, when it has one, is set in the same
+        // visit to the VM's cells.
+        int env = ctx->env_policy == p ? ctx->env_cell : 0;
+        if (takeClosure(L, vm, -1, idle, lease, env)) {
+            lua_remove(L, -2);
+            return true;
+        }
     } else {
         instantiate(L, -1);
     }

@@ -127,20 +127,27 @@ std::vector<int> *closurePool(Vm *vm, const void *factory)
     return &idle;
 }
 
-void takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
-                 Lease *lease)
+bool takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
+                 Lease *lease, int env)
 {
     if (!idle->empty()) {
         int cell = idle->back();
         idle->pop_back();
-        vm->pushHeld(L, cell);
         *lease = Lease{idle, cell};
-        return;
+        vm->pushCells(L);
+        lua_rawgeti(L, -1, cell);
+        if (env != 0) {
+            lua_rawgeti(L, -2, env);
+            lua_setfenv(L, -2);
+        }
+        lua_remove(L, -2);
+        return env != 0;
     }
     instantiate(L, index);
     lua_pushvalue(L, -1);
     int cell = vm->hold(L);  // raising here leaves a closure nobody holds
     *lease = Lease{idle, cell};
+    return false;
 }
 
 void giveClosure(lua_State *L, Vm *vm, Lease *lease, bool reusable)
