@@ -5,6 +5,7 @@
 local C = ...
 local allowed, refuse, current_env = C.allowed, C.refuse, C.current_env
 local strict_now, seed = C.strict, C.seed
+local mark_escaped = C.escaped
 
 local real_G = _G
 local type, next, error, tostring, select, pcall =
@@ -549,6 +550,28 @@ local function traceback_(a1, a2, a3)
         s = gsub(s, "0x%x+", "?")
     end
     return s
+end
+
+-- debug.getinfo for request code. Handler closures are pooled: the one a
+-- run used serves a later run (with that request's environment) once it
+-- returned. A closure request code got hold of as a value (a `func` field)
+-- could be kept, by a timer for example, and would then see the later
+-- request's globals: it is marked, and never goes back to its pool.
+-- Levels count from the caller, one frame above this one.
+local real_getinfo = debug.getinfo
+local function getinfo_(a1, ...)
+    local getinfo = real_getinfo       -- its name in argument errors
+    local info
+    if type(a1) == "number" and a1 > 0 then
+        info = getinfo(a1 + 1, ...)
+    else
+        info = getinfo(a1, ...)
+    end
+    local f = type(info) == "table" and rawget(info, "func")
+    if type(f) == "function" then
+        mark_escaped(f)
+    end
+    return info
 end
 
 -- Standard names copied into each view (looked up raw: fast and JIT
@@ -1485,7 +1508,7 @@ local function build(caps)
         ov.io = denied_table("io")
     end
     if caps.debug then
-        ov.debug = fast_proxy(debug, "debug")
+        ov.debug = fast_proxy(debug, "debug", nil, { getinfo = getinfo_ })
         ov.jit = fast_proxy(jit, "jit")
     elseif strict then
         -- Error handlers keep traceback (without code addresses); jit
@@ -1497,7 +1520,7 @@ local function build(caps)
     else
         -- What error handlers and log helpers use stays.
         ov.debug = denied_table("debug", { traceback = debug.traceback,
-                                           getinfo = debug.getinfo })
+                                           getinfo = getinfo_ })
         ov.jit = denied_table("debug", { version = jit.version,
                                          version_num = jit.version_num,
                                          os = jit.os, arch = jit.arch,

@@ -140,13 +140,13 @@ int ngxSleep(lua_State *L)
 
 void pushCtxTable(lua_State *L, RequestCtx *ctx)
 {
-    if (ctx->ctx_ref == LUA_NOREF) {
+    if (ctx->ctx_cell == 0) {
         lua_newtable(L);
         lua_pushvalue(L, -1);
-        ctx->ctx_ref = ctx->vm->anchor(L);
+        ctx->ctx_cell = ctx->vm->hold(L);
         return;
     }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+    ctx->vm->pushHeld(L, ctx->ctx_cell);
 }
 
 // ngx.ctx in init_worker_by_lua and exit_worker_by_lua: lua-nginx-module
@@ -233,10 +233,10 @@ int ngxNewIndex(lua_State *L)
                               "value", luaL_typename(L, 3));
         }
         lua_pushvalue(L, 3);
-        if (ctx->ctx_ref == LUA_NOREF) {
-            ctx->ctx_ref = ctx->vm->anchor(L);
+        if (ctx->ctx_cell == 0) {
+            ctx->ctx_cell = ctx->vm->hold(L);
         } else {
-            lua_rawseti(L, LUA_REGISTRYINDEX, ctx->ctx_ref);
+            ctx->vm->setHeld(L, ctx->ctx_cell);
         }
         return 0;
     }

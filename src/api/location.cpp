@@ -584,7 +584,7 @@ int issue(lua_State *L, int list)
                 return luaL_error(L, "no memory");
             }
             lua_pushvalue(L, spec.ctx);
-            sctx->ctx_ref = ctx->vm->anchor(L);
+            sctx->ctx_cell = ctx->vm->hold(L);
         }
     }
 

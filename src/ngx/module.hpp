@@ -34,6 +34,10 @@ struct Handler {
     ngx_http_complex_value_t  *path;        // *_by_lua_file path template
     int                        ref;         // LUA_NOREF until compiled
     VmRefs                     vm_refs;     // its factory in each lua_vm
+    // Inline code: its pool of closures (runtime/code.hpp) in the VM it
+    // last ran in, to skip the lookup.
+    Vm                        *pool_vm;
+    std::vector<int>          *pool;
 };
 
 inline bool handlerSet(const Handler *h) { return h != nullptr; }
@@ -190,8 +194,8 @@ struct RequestCtx {
     LocConf             *llcf;
 
     // Registry references owned by this request.
-    int                  ctx_ref = LUA_NOREF;    // ngx.ctx table
-    int                  env_ref = LUA_NOREF;    // the request's globals
+    int                  ctx_cell = 0;           // ngx.ctx table (Vm cell)
+    int                  env_cell = 0;           // its globals (Vm::hold)
 
     // The Lua threads of the phase running now (see ngx/thread.hpp).
     LuaThread           *entry = nullptr;
@@ -209,7 +213,7 @@ struct RequestCtx {
     tls::Handshake      *handshake = nullptr;    // the TLS phases
     void               (*on_done)(RequestCtx *) = nullptr;  // timers
     const budget::Limits *limits = nullptr;      // budgets of its Lua runs
-    const sandbox::Policy *env_policy = nullptr; // policy env_ref was made for
+    const sandbox::Policy *env_policy = nullptr; // policy env_cell was made for
 
     PhaseRun             server_rewrite;
     PhaseRun             rewrite;

@@ -62,10 +62,11 @@ void cleanupCtx(void *data)
     // woken: their events are cancelled and their coroutines released.
     threads::endPhase(ctx);
     lua_State *L = ctx->vm->L();
-    ctx->vm->release(&ctx->ctx_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
+    ctx->vm->release(L, ctx->ctx_cell);
+    ctx->vm->release(L, ctx->env_cell);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->on_abort_ref);
-    ctx->ctx_ref = ctx->env_ref = ctx->on_abort_ref = LUA_NOREF;
+    ctx->on_abort_ref = LUA_NOREF;
+    ctx->ctx_cell = ctx->env_cell = 0;
     ctx->~RequestCtx();
 }
 
@@ -138,10 +139,11 @@ bool moveToVm(RequestCtx *ctx, Vm *vm)
     }
     threads::endPhase(ctx);
     lua_State *L = ctx->vm->L();
-    ctx->vm->release(&ctx->ctx_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
+    ctx->vm->release(L, ctx->ctx_cell);
+    ctx->vm->release(L, ctx->env_cell);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->on_abort_ref);
-    ctx->ctx_ref = ctx->env_ref = ctx->on_abort_ref = LUA_NOREF;
+    ctx->on_abort_ref = LUA_NOREF;
+    ctx->ctx_cell = ctx->env_cell = 0;
     ctx->env_policy = nullptr;
     ctx->vm = vm;
     return true;
@@ -343,11 +345,13 @@ bool pushInlineFactory(lua_State *L, Vm *vm, Handler *h, std::string *err)
     return true;
 }
 
-// Pushes a fresh closure of handler `h` onto L (a state of `vm`), with the
-// request's environment when there is a request. `co` is the thread it
-// will run in.
+// Pushes a closure of handler `h` onto L (a state of `vm`), with the
+// request's environment when there is a request: in an isolating
+// location, a pooled one held in *lease until the run ends (giveClosure),
+// when the code lives as long as the VM. `co` is the thread it will run
+// in.
 bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
-                 lua_State *co, std::string *err)
+                 lua_State *co, std::string *err, Lease *lease)
 {
     if (h->path) {
         if (!pushFileFactory(L, vm, ctx, h, err)) {
@@ -367,9 +371,32 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
     } else if (!pushInlineFactory(L, vm, h, err)) {
         return false;
     }
-    instantiate(L, -1);
+    const sandbox::Policy *p = ctx ? sandbox::policyOf(ctx->llcf) : nullptr;
+    // Without isolation every closure has the worker's globals, and one
+    // request code got hold of would keep them: no pool needed.
+    if (p && p->isolate && (h->path == nullptr || ctx->llcf->code_cache)) {
+        std::vector<int> *idle;
+        if (h->path == nullptr && h->pool_vm == vm) {
+            idle = h->pool;
+        } else {
+            idle = closurePool(vm, lua_topointer(L, -1));
+            if (h->path == nullptr) {
+                h->pool_vm = vm;
+                h->pool = idle;
+            }
+        }
+        // The request's environment, when it has one, is set in the same
+        // visit to the VM's cells.
+        int env = ctx->env_policy == p ? ctx->env_cell : 0;
+        if (takeClosure(L, vm, -1, idle, lease, env)) {
+            lua_remove(L, -2);
+            return true;
+        }
+    } else {
+        instantiate(L, -1);
+    }
     lua_remove(L, -2);
-    if (ctx && sandbox::policyOf(ctx->llcf)->isolate) {
+    if (p && p->isolate) {
         if (!pushRequestEnv(L, ctx)) {
             lua_pop(L, 1);
             *err = "failed to create the request's global environment: "
@@ -448,7 +475,8 @@ Outcome startThread(RequestCtx *ctx, Phase phase, Handler *h)
         entry::Scope scope(ctx, phase, t);
         std::string raised;
         if (!entry::protect(t->co, [&] {
-                ok = pushHandler(t->co, ctx->vm, ctx, h, t->co, &err);
+                ok = pushHandler(t->co, ctx->vm, ctx, h, t->co, &err,
+                                 &t->lease);
             }, &raised))
         {
             ok = false;
@@ -846,19 +874,19 @@ bool pushRequestEnv(lua_State *L, RequestCtx *ctx)
         lua_pushvalue(L, LUA_GLOBALSINDEX);
         return true;
     }
-    if (ctx->env_ref != LUA_NOREF && ctx->env_policy == p) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, ctx->env_ref);
+    if (ctx->env_cell != 0 && ctx->env_policy == p) {
+        ctx->vm->pushHeld(L, ctx->env_cell);
         return true;
     }
     // First code of the request, or a location with another policy (a
     // rewrite moved the request): globals do not carry across policies.
-    luaL_unref(L, LUA_REGISTRYINDEX, ctx->env_ref);
-    ctx->env_ref = LUA_NOREF;
+    ctx->vm->release(L, ctx->env_cell);
+    ctx->env_cell = 0;
     if (!sandbox::pushNewEnv(L, p)) {
         return false;
     }
     lua_pushvalue(L, -1);
-    ctx->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    ctx->env_cell = ctx->vm->hold(L);
     ctx->env_policy = p;
     return true;
 }
@@ -886,17 +914,20 @@ ngx_int_t runSync(RequestCtx *ctx, Phase phase, Handler *h, ngx_log_t *log,
 
     std::string err;
     bool pushed = false;
+    Lease lease;
     if (!entry::protect(L, [&] {
             pushTracebackHandler(L);
-            pushed = pushHandler(L, vm, ctx, h, nullptr, &err);
+            pushed = pushHandler(L, vm, ctx, h, nullptr, &err, &lease);
         }, &err) || !pushed)
     {
+        giveClosure(L, vm, &lease, true);  // it never ran
         metrics::countError(ctx);
         lua_settop(L, base);
         logEscaped(log, err);
         return NGX_ERROR;
     }
     int rc = lua_pcall(L, 0, nresults, base + 1);
+    giveClosure(L, vm, &lease, true);  // returned or unwound: runs nowhere
     if (rc != 0) {
         if (lua_touserdata(L, -1) == &kExitSentinel) {
             lua_settop(L, base);

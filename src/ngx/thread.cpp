@@ -262,6 +262,10 @@ bool finish(LuaThread *t, int rc, const std::string *raised = nullptr)
 
 void release(LuaThread *t)
 {
+    // Its closure ran nowhere else; one left suspended may yet be resumed
+    // by whoever holds the coroutine, so it is not reused.
+    giveClosure(t->ctx->vm->L(), t->ctx->vm, &t->lease,
+                t->returned && !t->running);
     if (t->ref == LUA_NOREF) {
         return;
     }

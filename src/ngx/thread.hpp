@@ -8,6 +8,7 @@
 #include <string>
 
 #include "ngx/module.hpp"
+#include "runtime/code.hpp"
 
 namespace luaguard {
 
@@ -44,6 +45,7 @@ struct LuaThread {
     LuaThread   *spawn_result;   // resumed from spawn: push this thread
     LuaThread   *runq_next;      // in ctx's run queue
     bool         queued;
+    Lease        lease;          // the entry thread's handler closure
 };
 
 namespace threads {

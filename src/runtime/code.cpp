@@ -1,5 +1,7 @@
 #include "runtime/code.hpp"
 
+#include "runtime/vm.hpp"
+
 namespace luaguard {
 
 namespace {
@@ -85,6 +87,105 @@ void instantiate(lua_State *L, int index)
 {
     lua_pushvalue(L, index);
     lua_call(L, 0, 1);
+}
+
+namespace {
+
+// Creating a closure per run (a call into the factory, an allocation and
+// its collection) cost 0.45k-0.85k instructions per phase.
+constexpr size_t kMaxIdle = 64;  // per handler and VM; past it, collected
+
+// Escape marks (Vm::kEscapedKey) are looked up only once one was ever
+// made: debug.getinfo's func is rare in handlers.
+unsigned g_escape_marks = 0;
+
+bool escaped(lua_State *L, Vm *vm, int cell)
+{
+    if (g_escape_marks == 0) {
+        return false;
+    }
+    lua_getfield(L, LUA_REGISTRYINDEX, Vm::kEscapedKey);
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);  // not a VM of ours (unit tests)
+        return false;
+    }
+    vm->pushHeld(L, cell);
+    lua_rawget(L, -2);
+    bool marked = lua_toboolean(L, -1);
+    lua_pop(L, 2);
+    return marked;
+}
+
+}  // namespace
+
+std::vector<int> *closurePool(Vm *vm, const void *factory)
+{
+    std::vector<int> &idle = vm->closurePool(factory);
+    if (idle.capacity() == 0) {
+        idle.reserve(kMaxIdle);  // giveClosure's push_back never allocates
+    }
+    return &idle;
+}
+
+bool takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
+                 Lease *lease, int env)
+{
+    if (!idle->empty()) {
+        int cell = idle->back();
+        idle->pop_back();
+        *lease = Lease{idle, cell};
+        vm->pushCells(L);
+        lua_rawgeti(L, -1, cell);
+        if (env != 0) {
+            lua_rawgeti(L, -2, env);
+            lua_setfenv(L, -2);
+        }
+        lua_remove(L, -2);
+        return env != 0;
+    }
+    instantiate(L, index);
+    lua_pushvalue(L, -1);
+    int cell = vm->hold(L);  // raising here leaves a closure nobody holds
+    *lease = Lease{idle, cell};
+    return false;
+}
+
+void giveClosure(lua_State *L, Vm *vm, Lease *lease, bool reusable)
+{
+    Lease l = *lease;
+    *lease = Lease{};
+    if (l.cell == 0) {
+        return;
+    }
+    if (!reusable || l.idle->size() >= kMaxIdle || escaped(L, vm, l.cell)) {
+        vm->release(L, l.cell);
+        return;
+    }
+    // An idle closure must not keep the finished request's globals alive
+    // until its next run: it waits with an empty environment.
+    vm->pushCells(L);
+    lua_rawgeti(L, -1, l.cell);
+    lua_rawgeti(L, -2, Vm::kIdleEnvCell);
+    lua_setfenv(L, -2);
+    lua_pop(L, 2);
+    l.idle->push_back(l.cell);
+}
+
+void markEscaped(lua_State *L, int index)
+{
+    if (index < 0) {
+        index = lua_gettop(L) + index + 1;
+    }
+    lua_getfield(L, LUA_REGISTRYINDEX, Vm::kEscapedKey);
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        return;  // not a VM of ours: nothing there is pooled
+    }
+    lua_pushvalue(L, index);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    g_escape_marks++;
 }
 
 }  // namespace luaguard

@@ -1,11 +1,12 @@
 // Compiling handler code. Source is compiled as a factory that returns a
-// fresh closure per call: each request runs its own closure, so giving it a
-// private global environment never races with another request suspended in
-// the same code.
+// fresh closure per call: each run has a closure of its own (fresh or
+// pooled), so giving it a private global environment never races with
+// another request suspended in the same code.
 #pragma once
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "runtime/lua.hpp"
 
@@ -23,5 +24,40 @@ bool compileFactory(lua_State *L, const char *code, size_t len,
 
 // Pushes the handler closure made by the factory at `index`.
 void instantiate(lua_State *L, int index);
+
+class Vm;
+
+// The pooled handler closure one run (a thread, a synchronous call)
+// holds: its cell in the VM (Vm::hold) and the pool it goes back to.
+// All zero is "none" (it lives in zeroed memory too).
+struct Lease {
+    std::vector<int> *idle = nullptr;
+    int               cell = 0;
+};
+
+// The idle closures of `factory`, a factory that lives as long as `vm`
+// (inline code, a cached file); made empty on first use.
+std::vector<int> *closurePool(Vm *vm, const void *factory);
+
+// Like instantiate, for the factory at `index` whose pool is `idle`:
+// pushes an idle closure of the pool, or a fresh one, held in *lease
+// until giveClosure. A closure is never in the pool while a run holds it,
+// so two runs never share one. Gives it the value of cell `env` as its
+// environment and returns true when `env` is not 0 and the closure was
+// idle; otherwise the caller sets its environment.
+bool takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
+                 Lease *lease, int env = 0);
+
+// The run holding *lease is over (empties it; nothing to do when empty).
+// `reusable`: the closure returned or unwound and runs nowhere else; it
+// goes back to its pool with an empty environment, unless request code
+// got it as a value (markEscaped). Otherwise (left suspended: someone may
+// resume it) only the cell is freed. Never raises.
+void giveClosure(lua_State *L, Vm *vm, Lease *lease, bool reusable);
+
+// Request code obtained the function at `index` as a value (debug.getinfo's
+// func): a pooled closure is never handed to another run after that, which
+// would switch its environment under whoever keeps it. May raise (memory).
+void markEscaped(lua_State *L, int index);
 
 }  // namespace luaguard

@@ -294,9 +294,97 @@ bool Vm::open(std::string *err)
     lua_setallocf(L_, allocate, &memory_);
 #endif
     luaL_openlibs(L_);
+    // The registry's array part made room for kRegistryRefs references
+    // at once (taken and given back: they stay in its free list): a
+    // reference in the hash part can vanish when a resize meets an
+    // allocation failure (see growCells), one in the array part cannot.
+    std::vector<int> refs(kRegistryRefs);
+    for (int &ref : refs) {
+        lua_pushboolean(L_, 1);
+        ref = luaL_ref(L_, LUA_REGISTRYINDEX);
+    }
+    for (auto it = refs.rbegin(); it != refs.rend(); ++it) {
+        luaL_unref(L_, LUA_REGISTRYINDEX, *it);
+    }
     lua_newtable(L_);
     code_cache_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
+    // Room for a busy worker's requests and runs without growing.
+    lua_createtable(L_, kInitialCells, 0);
+    cells_size_ = kInitialCells;
+    lua_newtable(L_);
+    lua_rawseti(L_, -2, kIdleEnvCell);
+    cells_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
+    lua_newtable(L_);
+    lua_createtable(L_, 0, 1);
+    lua_pushliteral(L_, "k");
+    lua_setfield(L_, -2, "__mode");
+    lua_setmetatable(L_, -2);
+    lua_setfield(L_, LUA_REGISTRYINDEX, kEscapedKey);
     return true;
+}
+
+int Vm::hold(lua_State *L)
+{
+    int cell = free_cells_.empty() ? next_cell_ : free_cells_.back();
+    if (static_cast<size_t>(cell) >= taken_.size()) {
+        taken_.resize(static_cast<size_t>(cell) * 2);
+    }
+    // release() must not allocate: room for every cell in the free list.
+    free_cells_.reserve(static_cast<size_t>(next_cell_));
+    if (cell > cells_size_) {
+        growCells(L);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+    lua_insert(L, -2);
+    lua_rawseti(L, -2, cell);  // in the array part: no allocation
+    lua_pop(L, 1);
+    if (free_cells_.empty()) {
+        next_cell_++;
+    } else {
+        free_cells_.pop_back();
+    }
+    taken_[static_cast<size_t>(cell)] = true;
+    return cell;
+}
+
+// Cells stay in the table's array part: LuaJIT's table resize grows the
+// array before it allocates the new hash part, and when that allocation
+// fails, integer keys that were in the old hash part and now fall in the
+// array range read as nil (lj_tab_resize). A registry reference past the
+// registry's array part can vanish that way; a cell cannot. The copy is
+// made whole before it replaces the table.
+void Vm::growCells(lua_State *L)
+{
+    int size = cells_size_ * 2;
+    lua_createtable(L, size, 0);                         // may raise
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+    for (int i = 1; i <= cells_size_; i++) {
+        lua_rawgeti(L, -1, i);
+        lua_rawseti(L, -3, i);
+    }
+    lua_pop(L, 1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, cells_ref_);       // an existing key
+    cells_size_ = size;
+}
+
+void Vm::release(lua_State *L, int cell)
+{
+    if (cell < kFirstCell || static_cast<size_t>(cell) >= taken_.size()
+        || !taken_[static_cast<size_t>(cell)])
+    {
+        return;
+    }
+    taken_[static_cast<size_t>(cell)] = false;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, cell);  // an existing key: no allocation
+    lua_pop(L, 1);
+    free_cells_.push_back(cell);
+}
+
+std::vector<int> &Vm::closurePool(const void *factory)
+{
+    return closure_pools_[factory];
 }
 
 std::pair<lua_State *, int> Vm::takeThread()
@@ -330,43 +418,6 @@ void Vm::giveThread(lua_State *co, int ref)
         lua_resetthread(L_, co);
     }
     thread_cache_.emplace_back(co, ref);
-}
-
-int Vm::anchor(lua_State *L)
-{
-    if (free_slots_.empty() || lua_isnil(L, -1)) {
-        return luaL_ref(L, LUA_REGISTRYINDEX);   // nil: LUA_REFNIL
-    }
-    int ref = free_slots_.back();
-    free_slots_.pop_back();
-    lua_rawseti(L, LUA_REGISTRYINDEX, ref);
-    return ref;
-}
-
-void Vm::release(int *ref)
-{
-    // As many as a busy worker has requests at once; beyond that the
-    // registry's own free list takes them.
-    constexpr size_t kMaxFree = 4096;
-    int r = *ref;
-    *ref = LUA_NOREF;
-    if (r <= 0) {
-        return;   // LUA_NOREF, LUA_REFNIL
-    }
-    if (free_slots_.size() >= kMaxFree) {
-        luaL_unref(L_, LUA_REGISTRYINDEX, r);
-        return;
-    }
-    try {
-        free_slots_.push_back(r);
-    } catch (const std::bad_alloc &) {
-        luaL_unref(L_, LUA_REGISTRYINDEX, r);
-        return;
-    }
-    // false, not nil: a hole here could be the border luaL_ref's length
-    // probe finds, and the slot would be handed out twice.
-    lua_pushboolean(L_, 0);
-    lua_rawseti(L_, LUA_REGISTRYINDEX, r);
 }
 
 Vm::~Vm()

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -113,15 +114,54 @@ class Vm {
     // drops its anchor when the cache is full.
     void giveThread(lua_State *co, int ref);
 
-    // Registry slots for per-request values (ngx.ctx tables), reused:
-    // luaL_ref and luaL_unref go through the registry's free list with
-    // three or four table accesses each (about 340 and 190 instructions),
-    // a slot kept here is filled and emptied with one. anchor() pops the
-    // value on top of L's stack into a slot; release() empties it and
-    // sets *ref to LUA_NOREF. Any registry reference owned alone may be
-    // released here (or LUA_NOREF).
-    int anchor(lua_State *L);
-    void release(int *ref);
+    // Cells of a table of the VM for Lua values C++ keeps between calls (a
+    // request's environment, its ngx.ctx table, pooled handler closures),
+    // instead of
+    // registry references: the free list is C++'s own, so no stray
+    // luaL_unref can hand one cell to two owners, and a cell given back
+    // twice or never taken is ignored. Cell 0 is "none".
+    //
+    // hold() stores the value on top of L (popped) in a free cell and
+    // returns its number; an allocation failure raises before any cell is
+    // taken (the value is still popped).
+    int hold(lua_State *L);
+    // Pushes the value of cell `cell`.
+    void pushHeld(lua_State *L, int cell) const
+    {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+        lua_rawgeti(L, -1, cell);
+        lua_remove(L, -2);
+    }
+    // Replaces the value of taken cell `cell` with the value on top of L
+    // (popped). Never allocates.
+    void setHeld(lua_State *L, int cell) const
+    {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+        lua_insert(L, -2);
+        lua_rawseti(L, -2, cell);
+        lua_pop(L, 1);
+    }
+    // Pushes the table of cells, for several reads.
+    void pushCells(lua_State *L) const
+    {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+    }
+    // Empties cell `cell` (its value is left to the collector) and makes
+    // it free. Never raises.
+    void release(lua_State *L, int cell);
+
+    // The idle handler closures of `factory`: runtime/code.hpp's
+    // closurePool.
+    std::vector<int> &closurePool(const void *factory);
+
+    // Registry field: a weak-keyed table of the handler closures request
+    // code got as values (runtime/code.hpp, markEscaped). Made by open(),
+    // so looking it up never allocates.
+    static constexpr const char *kEscapedKey = "luaguard.escaped_closures";
+
+    // Reserved cells.
+    static constexpr int kIdleEnvCell = 1;   // an empty table
+    static constexpr int kFirstCell = 2;
 
  private:
     static void *allocate(void *ud, void *ptr, size_t osize, size_t nsize);
@@ -130,7 +170,16 @@ class Vm {
     MemoryAccount memory_;
     int code_cache_ref_ = LUA_NOREF;
     std::vector<std::pair<lua_State *, int>> thread_cache_;
-    std::vector<int> free_slots_;
+    void growCells(lua_State *L);
+
+    static constexpr int kInitialCells = 512;
+    static constexpr int kRegistryRefs = 512;
+    int cells_ref_ = LUA_NOREF;
+    int cells_size_ = 0;                   // its array part: 1..size
+    int next_cell_ = kFirstCell;
+    std::vector<int> free_cells_;
+    std::vector<bool> taken_;              // by cell number
+    std::unordered_map<const void *, std::vector<int>> closure_pools_;
 };
 
 }  // namespace luaguard

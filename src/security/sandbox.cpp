@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "runtime/code.hpp"
 #include "runtime/embedded.hpp"
 
 namespace luaguard::sandbox {
@@ -124,6 +125,15 @@ int luaRefuse(lua_State *L)
         p = &defaultPolicy();  // unreachable in practice: nothing refuses
     }
     refuseAt(L, level, c, p);
+    return 0;
+}
+
+// escaped(f): request code holds `f` as a value (see lua/sandbox.lua).
+int luaEscaped(lua_State *L)
+{
+    if (lua_isfunction(L, 1)) {
+        markEscaped(L, 1);
+    }
     return 0;
 }
 
@@ -395,7 +405,9 @@ uint64_t totalRefusals()
 
 bool install(lua_State *L, std::string *err)
 {
-    lua_createtable(L, 0, 5);
+    lua_createtable(L, 0, 6);
+    lua_pushcfunction(L, luaEscaped);
+    lua_setfield(L, -2, "escaped");
     lua_pushcfunction(L, luaStrict);
     lua_setfield(L, -2, "strict");
     lua_pushcfunction(L, luaSeed);
