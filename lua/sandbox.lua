@@ -1177,10 +1177,15 @@ local function build(caps)
     local filtered = real_setmetatable({}, weak_k)
 
     -- next over a request environment skips the overlay's key.
+    -- A request environment's own fields, without the overlay and
+    -- without the `ngx` every environment starts with.
     local function env_next(t, k)
         local nk, nv = next(t, k)
-        if nk == PATCHES then
-            return next(t, nk)
+        while nk == PATCHES
+            or (nk == "ngx" and nv == rawget(M, 1)
+                and real_getmetatable(t) == M)
+        do
+            nk, nv = next(t, nk)
         end
         if nk == nil then
             return nil                 -- one value, as next gives
@@ -1220,7 +1225,9 @@ local function build(caps)
     local function pairs_(t)
         local real = type(t) == "table" and real_of[t]
         if not real then
-            if type(t) == "table" and rawget(t, PATCHES) ~= nil then
+            if type(t) == "table" and (rawget(t, PATCHES) ~= nil
+                                       or real_getmetatable(t) == M)
+            then
                 return env_next, t, nil
             end
             return real_pairs(t)
@@ -1667,6 +1674,11 @@ local function build(caps)
         end
         rawset(V, k, v)
     end
+
+    -- What each request environment holds raw (src/security/sandbox.cpp,
+    -- pushNewEnv): the view's ngx, and its name.
+    rawset(M, 1, rawget(V, "ngx"))
+    rawset(M, 2, "ngx")
 
     -- Modules loaded so far (init_by_lua) are worker state: read-only to
     -- request code from now on.

@@ -494,11 +494,17 @@ bool pushNewEnv(lua_State *L, const Policy *p)
     if (!pushMeta(L, p)) {
         return false;
     }
-    // Empty: no hash part to allocate and fill for a request that sets
-    // no global. `_G` is answered by the view (the environment of the
-    // code that reads it), so rawset(_G, ...) and _G.x = ... stay
-    // private too.
-    lua_createtable(L, 0, 0);
+    // One field: `ngx` (the view's, kept in the metatable at [1], its name
+    // at [2]), read by nearly every handler, found in the environment
+    // itself instead of through the view: one metatable lookup less per
+    // use, about 150 instructions. Every other name goes through the view.
+    // `_G` is answered by the view (the environment of the code that
+    // reads it), so rawset(_G, ...) and _G.x = ... stay private too;
+    // iteration hides `ngx` while it is the view's (lua/sandbox.lua).
+    lua_createtable(L, 0, 1);
+    lua_rawgeti(L, -2, 2);
+    lua_rawgeti(L, -3, 1);
+    lua_rawset(L, -3);
     lua_insert(L, -2);
     lua_setmetatable(L, -2);
     return true;

@@ -319,6 +319,44 @@ def test_phases_of_one_request_share_its_globals(nginx):
     assert n.get("/t").text == "rewrite\n"
 
 
+
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_ngx_held_by_each_environment_is_private(nginx, profile):
+    """Each request environment holds `ngx` itself (one lookup less per
+    use): replacing or removing it, through the global, rawset or the
+    environment's metatable, stays in the request, and iteration shows it
+    only once the request set its own."""
+    n = nginx(server=f"""
+        location = /clobber {{
+            lua_sandbox {profile};
+            content_by_lua_block {{
+                local n0 = 0
+                for _ in pairs(_G) do n0 = n0 + 1 end
+                local mt_write = pcall(function()
+                    getmetatable(_G)[1] = {{ say = function() end }}
+                end)
+                local real = ngx
+                rawset(_G, "ngx", nil)
+                local gone = ngx == nil
+                ngx = {{ say = function() end }}
+                local keys = {{}}
+                for k in pairs(_G) do keys[#keys + 1] = k end
+                real.say(n0, " ", mt_write, " ", gone, " ",
+                         table.concat(keys, ","))
+            }}
+        }}
+        location = /victim {{
+            lua_sandbox {profile};
+            content_by_lua_block {{ ngx.say("victim ", type(ngx.say)) }}
+        }}
+""")
+    # metatable writes refused; removing ngx from its own globals falls
+    # back to the view's; the replacement is the request's own global
+    assert n.get("/clobber").text == "0 false false ngx\n"
+    assert n.get("/victim").text == "victim function\n"
+    assert n.get("/clobber").text == "0 false false ngx\n"
+
+
 # ---- shared tables ----
 
 # Writes request code may not make in any profile: raw operations and
