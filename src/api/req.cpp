@@ -1310,14 +1310,10 @@ void openReq(lua_State *L)
 int luaguard_req_get_headers(luaguard_kv_list_t *l, int max, int raw)
 {
     using namespace luaguard;
-    // What the C function would refuse (with its message) goes to it.
-    Run *run = g_run;
-    if (run == nullptr || run->ctx == nullptr
-        || !(mask(run->phase) & kRequest) || max < 0)
-    {
+    ngx_http_request_t *r = api::ffiRequest(max);
+    if (r == nullptr) {
         return -1;
     }
-    ngx_http_request_t *r = run->ctx->r;
     ngx_list_t *list = &r->headers_in.headers;
     size_t n = 0;
     size_t lower = 0;  // bytes of names nginx keeps no lower-case copy of
@@ -1361,13 +1357,10 @@ int luaguard_req_get_headers(luaguard_kv_list_t *l, int max, int raw)
 int luaguard_req_get_args(luaguard_kv_list_t *l, int which, int max)
 {
     using namespace luaguard;
-    Run *run = g_run;
-    if (run == nullptr || run->ctx == nullptr
-        || !(mask(run->phase) & kRequest) || max < 0)
-    {
+    ngx_http_request_t *r = api::ffiRequest(max);
+    if (r == nullptr) {
         return -1;
     }
-    ngx_http_request_t *r = run->ctx->r;
     const char *s;
     size_t len;
     if (which == 0) {

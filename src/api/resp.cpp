@@ -142,13 +142,10 @@ bool openResp(lua_State *L, std::string *err)
 int luaguard_resp_get_headers(luaguard_kv_list_t *l, int max, int raw)
 {
     using namespace luaguard;
-    Run *run = g_run;
-    if (run == nullptr || run->ctx == nullptr
-        || !(mask(run->phase) & kRequest) || max < 0)
-    {
+    ngx_http_request_t *r = api::ffiRequest(max);
+    if (r == nullptr) {
         return -1;
     }
-    ngx_http_request_t *r = run->ctx->r;
     size_t n = api::respHeaderCount(r);
     size_t want = max && n > static_cast<size_t>(max)
                       ? static_cast<size_t>(max) : n;

@@ -510,4 +510,15 @@ int unsafeUriError(lua_State *L, const char *uri, size_t len, size_t bad,
                       shown.c_str(), hint);
 }
 
+ngx_http_request_t *ffiRequest(int max)
+{
+    Run *run = g_run;
+    if (run == nullptr || run->ctx == nullptr
+        || !(mask(run->phase) & kRequest) || max < 0)
+    {
+        return nullptr;
+    }
+    return run->ctx->r;
+}
+
 }  // namespace luaguard::api

@@ -6,6 +6,8 @@
 #include "api/ffi_abi.hpp"
 #include "runtime/lua.hpp"
 
+struct ngx_http_request_s;   // ngx_http_request_t
+
 namespace luaguard::api {
 
 // ngx.encode_args' encoding of the table at `idx` into *out. On a value
@@ -21,6 +23,11 @@ bool pushArgsTable(lua_State *L, const char *s, size_t len, size_t max_args);
 // `t` (absolute index), collecting the values of a repeated key in an
 // array. Pops both.
 void addMultiValue(lua_State *L, int t);
+
+// The request an FFI fast path of the request API serves (lua/req_ffi.lua),
+// or null when the C function must answer instead, with its own error:
+// no request, a phase without one, a negative max.
+ngx_http_request_s *ffiRequest(int max);
 
 // The table of get_headers, get_uri_args & co., pushed by the constructor
 // and sized for `expected` keys. A key met for the first time costs one
