@@ -146,6 +146,26 @@ def scenario_row(module, s, n1, n2, workdir, off):
     return row
 
 
+def geomean(xs):
+    if not xs:
+        return None
+    p = 1.0
+    for x in xs:
+        p *= x
+    return p ** (1.0 / len(xs))
+
+
+def merge(paths):
+    """One result from several runs' JSON (scenarios measured with
+    different request counts: the heavy ones with fewer), in BY_NAME's
+    order; the first file's date and counts head the table."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    res = dict(parts[0])
+    rows = {r["name"]: r for part in parts for r in part["scenarios"]}
+    res["scenarios"] = [rows[n] for n in BY_NAME if n in rows]
+    return res
+
+
 def markdown(res):
     off = res.get("hardening_off") is not None
     lines = [
@@ -174,10 +194,20 @@ def markdown(res):
         line = (f"| {row['title']} | {row['luaguard']['ir_main_per_req']:.0f}"
                 f" | {row['reference']['ir_main_per_req']:.0f} | "
                 f"{row['ratio']:.2f} |")
-        if off:
+        if off and "luaguard_off" in row:
             line += (f" {row['luaguard_off']['ir_main_per_req']:.0f} | "
                      f"{row['ratio_on_off']:.2f} |")
-        lines.append(line + " |")
+        elif off:
+            line += " - | - |"
+        note = ""
+        if (row.get("n1"), row.get("n2")) != (res["n1"], res["n2"]):
+            note = f" {row['n1']}/{row['n2']} requests"
+        lines.append(line + note + " |")
+    geo = geomean([r["ratio"] for r in res["scenarios"]
+                   if r.get("ratio") and r["name"] != "ceiling"])
+    if geo:
+        lines += ["", f"Geomean of the ratios over the Lua scenarios "
+                  f"(all but `return 200`): {geo:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -197,7 +227,20 @@ def main():
     ap.add_argument("--out", default="",
                     help="directory to write callgrind.md and "
                     "callgrind.json to (e.g. bench/results)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=[],
+                    help="no run: merge callgrind.json files of earlier "
+                    "runs into one table (with --out)")
     args = ap.parse_args()
+    if args.merge:
+        res = merge(args.merge)
+        md = markdown(res)
+        if args.out:
+            out = Path(args.out)
+            (out / "callgrind.md").write_text(md)
+            (out / "callgrind.json").write_text(json.dumps(res, indent=1)
+                                                + "\n")
+        print(md)
+        return 0
     names = (list(BY_NAME) if args.scenarios == "all"
              else [n.strip() for n in args.scenarios.split(",") if n.strip()])
     bad = [n for n in names if n not in BY_NAME]
