@@ -37,7 +37,7 @@
 
 set -euo pipefail
 
-readonly RECIPE_REV=2            # bump when the build/install recipe changes
+readonly RECIPE_REV=3            # bump when the build/install recipe changes
 readonly PKG=luajit2
 readonly PKG_VERSION="${LUAJIT2_VERSION:-2.1-20230119-1}"
 readonly LJ_XCFLAGS="-DLUAJIT_ENABLE_CHECKHOOK"

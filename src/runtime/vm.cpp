@@ -350,7 +350,9 @@ int Vm::hold(lua_State *L)
 // Cells stay in the table's array part: LuaJIT's table resize grows the
 // array before it allocates the new hash part, and when that allocation
 // fails, integer keys that were in the old hash part and now fall in the
-// array range read as nil (lj_tab_resize). A registry reference past the
+// array range read as nil (lj_tab_resize; patched in the LuaJIT we build,
+// scripts/luajit-patches, not in Debian's libluajit2 that
+// -DLUAGUARD_LUAJIT=system links). A registry reference past the
 // registry's array part can vanish that way; a cell cannot. The copy is
 // made whole before it replaces the table.
 void Vm::growCells(lua_State *L)
