@@ -241,17 +241,7 @@ int headersIndex(lua_State *L)
     }
     size_t len;
     const char *k = lua_tolstring(L, 2, &len);
-    char stack[128];
-    std::string heap;
-    char *key = stack;
-    if (len > sizeof(stack)) {
-        heap.resize(len);
-        key = heap.data();
-    }
-    for (size_t i = 0; i < len; i++) {
-        key[i] = k[i] == '_' ? '-' : static_cast<char>(ngx_tolower(k[i]));
-    }
-    lua_pushlstring(L, key, len);
+    pushLower(L, k, len, true);
     lua_rawget(L, 1);
     return 1;
 }

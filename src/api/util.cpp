@@ -431,7 +431,7 @@ void MultiTable::add()
     lua_rawset(L_, t_);
 }
 
-void pushLower(lua_State *L, const char *s, size_t len)
+void pushLower(lua_State *L, const char *s, size_t len, bool dashes)
 {
     char stack[128];
     std::string heap;
@@ -442,7 +442,8 @@ void pushLower(lua_State *L, const char *s, size_t len)
     }
     for (size_t i = 0; i < len; i++) {
         char c = s[i];
-        buf[i] = c >= 'A' && c <= 'Z' ? static_cast<char>(c | 0x20) : c;
+        buf[i] = c >= 'A' && c <= 'Z' ? static_cast<char>(c | 0x20)
+                 : dashes && c == '_' ? '-' : c;
     }
     lua_pushlstring(L, buf, len);
 }

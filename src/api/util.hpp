@@ -54,7 +54,8 @@ private:
 // `buf` bytes; if not, records the needs for the Lua side to grow it.
 bool kvRoom(luaguard_kv_list_t *l, size_t kv, size_t buf);
 
-// Pushes `s` lower-cased (ASCII), as get_headers names headers.
-void pushLower(lua_State *L, const char *s, size_t len);
+// Pushes `s` lower-cased (ASCII), as get_headers names headers; with
+// `dashes`, '_' becomes '-' too (get_headers' __index: h.content_type).
+void pushLower(lua_State *L, const char *s, size_t len, bool dashes = false);
 
 }  // namespace luaguard::api
