@@ -134,13 +134,10 @@ bool takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
         int cell = idle->back();
         idle->pop_back();
         *lease = Lease{idle, cell};
-        vm->pushCells(L);
-        lua_rawgeti(L, -1, cell);
+        vm->pushHeld(L, cell);
         if (env != 0) {
-            lua_rawgeti(L, -2, env);
-            lua_setfenv(L, -2);
+            vm->setFenvHeld(L, env);
         }
-        lua_remove(L, -2);
         return env != 0;
     }
     instantiate(L, index);
@@ -163,11 +160,9 @@ void giveClosure(lua_State *L, Vm *vm, Lease *lease, bool reusable)
     }
     // An idle closure must not keep the finished request's globals alive
     // until its next run: it waits with an empty environment.
-    vm->pushCells(L);
-    lua_rawgeti(L, -1, l.cell);
-    lua_rawgeti(L, -2, Vm::kIdleEnvCell);
-    lua_setfenv(L, -2);
-    lua_pop(L, 2);
+    vm->pushHeld(L, l.cell);
+    vm->setFenvHeld(L, Vm::kIdleEnvCell);
+    lua_pop(L, 1);
     l.idle->push_back(l.cell);
 }
 

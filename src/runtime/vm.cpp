@@ -313,6 +313,7 @@ bool Vm::open(std::string *err)
     cells_size_ = kInitialCells;
     lua_newtable(L_);
     lua_rawseti(L_, -2, kIdleEnvCell);
+    cells_ = lua_topointer(L_, -1);
     cells_ref_ = luaL_ref(L_, LUA_REGISTRYINDEX);
     lua_newtable(L_);
     lua_createtable(L_, 0, 1);
@@ -334,10 +335,7 @@ int Vm::hold(lua_State *L)
     if (cell > cells_size_) {
         growCells(L);
     }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
-    lua_insert(L, -2);
-    lua_rawseti(L, -2, cell);  // in the array part: no allocation
-    lua_pop(L, 1);
+    setHeld(L, cell);  // in the array part: no allocation
     if (free_cells_.empty()) {
         next_cell_++;
     } else {
@@ -365,7 +363,9 @@ void Vm::growCells(lua_State *L)
         lua_rawseti(L, -3, i);
     }
     lua_pop(L, 1);
+    const void *cells = lua_topointer(L, -1);
     lua_rawseti(L, LUA_REGISTRYINDEX, cells_ref_);       // an existing key
+    cells_ = cells;
     cells_size_ = size;
 }
 
@@ -377,10 +377,8 @@ void Vm::release(lua_State *L, int cell)
         return;
     }
     taken_[static_cast<size_t>(cell)] = false;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
     lua_pushnil(L);
-    lua_rawseti(L, -2, cell);  // an existing key: no allocation
-    lua_pop(L, 1);
+    setHeld(L, cell);  // an existing key: no allocation
     free_cells_.push_back(cell);
 }
 

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "runtime/lj_cells.h"
 #include "runtime/lua.hpp"
 
 namespace luaguard {
@@ -128,23 +129,37 @@ class Vm {
     // Pushes the value of cell `cell`.
     void pushHeld(lua_State *L, int cell) const
     {
+#if LUAGUARD_LJ_INTERNALS
+        luaguard_cells_push(L, cells_, cell);
+#else
         lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
         lua_rawgeti(L, -1, cell);
         lua_remove(L, -2);
+#endif
     }
     // Replaces the value of taken cell `cell` with the value on top of L
     // (popped). Never allocates.
     void setHeld(lua_State *L, int cell) const
     {
+#if LUAGUARD_LJ_INTERNALS
+        luaguard_cells_set(L, cells_, cell);
+#else
         lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
         lua_insert(L, -2);
         lua_rawseti(L, -2, cell);
         lua_pop(L, 1);
+#endif
     }
-    // Pushes the table of cells, for several reads.
-    void pushCells(lua_State *L) const
+    // Sets the environment of the Lua function on top of L to the table
+    // in cell `cell`.
+    void setFenvHeld(lua_State *L, int cell) const
     {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+#if LUAGUARD_LJ_INTERNALS
+        luaguard_cells_setfenv(L, cells_, cell);
+#else
+        pushHeld(L, cell);
+        lua_setfenv(L, -2);
+#endif
     }
     // Empties cell `cell` (its value is left to the collector) and makes
     // it free. Never raises.
@@ -175,6 +190,7 @@ class Vm {
     static constexpr int kInitialCells = 512;
     static constexpr int kRegistryRefs = 512;
     int cells_ref_ = LUA_NOREF;
+    const void *cells_ = nullptr;          // the table (lua_topointer)
     int cells_size_ = 0;                   // its array part: 1..size
     int next_cell_ = kFirstCell;
     std::vector<int> free_cells_;

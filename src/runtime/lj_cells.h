@@ -1,0 +1,28 @@
+/* The VM's cells (runtime/vm.hpp) read and written in the table's array
+ * part directly, with LuaJIT's internal headers, for the LuaJIT we build
+ * (LUAGUARD_LJ_INTERNALS). Through the C API each access is two
+ * lua_rawgeti (the registry, then the cell): about 65 instructions, and a
+ * request makes a dozen or more of them. `cells` is the table's address
+ * (lua_topointer); `i` lies inside its array part (Vm keeps it so). */
+#ifndef LUAGUARD_LJ_CELLS_H
+#define LUAGUARD_LJ_CELLS_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct lua_State;
+
+/* Pushes cells[i]. */
+void luaguard_cells_push(struct lua_State *L, const void *cells, int i);
+/* cells[i] = the value on top (popped). Never allocates. */
+void luaguard_cells_set(struct lua_State *L, const void *cells, int i);
+/* Sets the environment of the Lua function on top to the table in
+ * cells[i]. */
+void luaguard_cells_setfenv(struct lua_State *L, const void *cells, int i);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
