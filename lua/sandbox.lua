@@ -1036,8 +1036,12 @@ local function build(caps)
     -- now, where those fields are their proxies (library sub-tables are
     -- not replaced later); fields added to the real table later are
     -- read through to it. One lookup either way. `fixed`: not patchable
-    -- (package), and only its table fields are copied.
-    local function fast_proxy(real, name, forward, overrides, fixed)
+    -- (package), and only its table fields are copied. `read_through`:
+    -- the copy's __index instead of the real table, when the real table's
+    -- own __index answers computed fields and reads the table for the
+    -- rest (ngx: ngx.ctx in one hop less).
+    local function fast_proxy(real, name, forward, overrides, fixed,
+                              read_through)
         local existing = map[real]
         if existing then
             return existing
@@ -1075,7 +1079,7 @@ local function build(caps)
                     copy[k] = v
                 end
             end
-            base = real_setmetatable(copy, { __index = real })
+            base = real_setmetatable(copy, { __index = read_through or real })
             protected[copy] = name
             map[copy] = p
             local list = copies[real]
@@ -1508,7 +1512,9 @@ local function build(caps)
         ov.bit = fast_proxy(bit, "bit")
         ov.os = fast_proxy(os, "os")
     end
-    ov.ngx = fast_proxy(ngx, "ngx", { ctx = true, status = true })
+    local ngx_mt = real_getmetatable(ngx)
+    ov.ngx = fast_proxy(ngx, "ngx", { ctx = true, status = true }, nil, nil,
+                        ngx_mt and ngx_mt.__index)
     if caps.io then
         ov.io = fast_proxy(io, "io")
     else

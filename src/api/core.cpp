@@ -174,12 +174,16 @@ bool keyIs(const char *key, size_t len, const char (&name)[N])
     return len == N - 1 && std::memcmp(key, name, N - 1) == 0;
 }
 
+// ngx's __index, with the real ngx as upvalue 1.
 int ngxIndex(lua_State *L)
 {
     size_t len;
-    const char *key = lua_tolstring(L, 2, &len);
+    const char *key = lua_type(L, 2) == LUA_TSTRING
+                          ? lua_tolstring(L, 2, &len) : nullptr;
     if (key == nullptr) {
-        return 0;
+        lua_pushvalue(L, 2);
+        lua_rawget(L, lua_upvalueindex(1));
+        return 1;
     }
     // ngx.ctx is by far the most read: it comes first.
     if (keyIs(key, len, "ctx")) {
@@ -216,7 +220,11 @@ int ngxIndex(lua_State *L)
         lua_pushboolean(L, ctx->r != ctx->r->main);
         return 1;
     }
-    return 0;
+    // Called for a view's copy of ngx too (lua/sandbox.lua): the real
+    // table's fields that the copy lacks.
+    lua_pushvalue(L, 2);
+    lua_rawget(L, lua_upvalueindex(1));
+    return 1;
 }
 
 int ngxNewIndex(lua_State *L)
@@ -607,7 +615,8 @@ void openCore(lua_State *L)
     // Computed fields: ngx.ctx, ngx.status, ngx.headers_sent,
     // ngx.is_subrequest.
     lua_createtable(L, 0, 2);
-    lua_pushcfunction(L, ngxIndex);
+    lua_pushvalue(L, -2);
+    lua_pushcclosure(L, ngxIndex, 1);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, ngxNewIndex);
     lua_setfield(L, -2, "__newindex");

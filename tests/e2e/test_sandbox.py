@@ -605,6 +605,28 @@ def test_assignable_ngx_fields_keep_working(nginx):
     assert n.get("/set?a=x").text == "x!"
 
 
+def test_ngx_fields_added_after_the_views_are_read_through(nginx):
+    """A view's copy of ngx answers ngx's computed fields with ngx's own
+    __index, which reads the real table for the rest: a field a module
+    adds to ngx after the views were built is seen, a missing or
+    non-string key is nil, and the computed fields stay computed."""
+    n = nginx(http=HTTP, files=dict(MODULES, **{
+        "lua/late.lua": "ngx.late_field = 'late' return {}",
+    }), server="""
+        location /t { content_by_lua_block {
+            local before = ngx.late_field
+            require "late"
+            ngx.say(tostring(before), " ", ngx.late_field, " ",
+                    tostring(ngx.no_such_field), " ", tostring(ngx[1]), " ",
+                    tostring(ngx[true]), " ", type(ngx.ctx), " ",
+                    tostring(ngx.headers_sent), " ",
+                    tostring(ngx.is_subrequest), " ", ngx.status)
+        } }
+""")
+    assert n.get("/t").text == "nil late nil nil nil table false false 0\n"
+    assert n.get("/t").text.startswith("late late ")
+
+
 def test_pairs_and_ipairs_over_protected_tables(nginx):
     n = nginx(http=HTTP, files=MODULES, server="""
         location /t { content_by_lua_block {
