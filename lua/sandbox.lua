@@ -5,7 +5,7 @@
 local C = ...
 local allowed, refuse, current_env = C.allowed, C.refuse, C.current_env
 local strict_now, seed = C.strict, C.seed
-local mark_escaped = C.escaped
+local mark_escaped, env_escapes = C.escaped, C.env_escapes
 
 local real_G = _G
 local type, next, error, tostring, select, pcall =
@@ -33,6 +33,39 @@ local package = package
 local searchpath = package.searchpath
 
 local weak_k = { __mode = "k" }
+
+-- The metatables of request environments, one per view (build). A request
+-- environment that nothing outside its request can reach is handed to the
+-- next request when it ends (ngx/phases.cpp, recycleEnv): whatever hands
+-- one to Lua code says so (env_escapes), here for worker code (modules)
+-- through getfenv and debug.getfenv; request code's own getfenv, _G and
+-- load* do it in the view.
+local env_metas = setmetatable({}, weak_k)
+do
+    local getfenv = real_getfenv       -- its name in argument errors
+    local tonumber = tonumber
+    local function escapes(r)
+        if env_metas[real_getmetatable(r)] then
+            env_escapes()
+        end
+        return r
+    end
+    _G.getfenv = function(f)
+        local level = f == nil and 1 or type(f) ~= "function" and tonumber(f)
+        local r
+        if level and level > 0 then
+            r = getfenv(level + 1)     -- this function is one level more
+        else
+            r = getfenv(f)
+        end
+        return escapes(r)
+    end
+    local debug_getfenv = debug.getfenv
+    rawset(debug, "getfenv", function(o)
+        local r = debug_getfenv(o)
+        return escapes(r)
+    end)
+end
 
 -- Every table request code must not modify, by name: real library tables,
 -- their proxies and the metatables involved. Shared by all views.
@@ -641,6 +674,7 @@ local function build(caps)
     local strict = caps.strict
     local V = {}                       -- the view
     local M = { __index = V }          -- every request env's metatable
+    env_metas[M] = true
     local map = real_setmetatable({}, weak_k)  -- real -> proxy, this view
 
     protected[V] = "_G"
@@ -1258,6 +1292,7 @@ local function build(caps)
     end
 
     local function getfenv_(f)
+        env_escapes()
         local r
         if f == nil then
             r = real_getfenv(2)
@@ -1702,6 +1737,7 @@ local function build(caps)
                 -- the function that looked the name up is its `_G`.
                 local e = real_getfenv(2)
                 if real_getmetatable(e) == M then
+                    env_escapes()
                     return e
                 end
                 return env()

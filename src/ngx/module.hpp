@@ -214,6 +214,9 @@ struct RequestCtx {
     void               (*on_done)(RequestCtx *) = nullptr;  // timers
     const budget::Limits *limits = nullptr;      // budgets of its Lua runs
     const sandbox::Policy *env_policy = nullptr; // policy env_cell was made for
+    // Its environment reached something that outlives the request (a
+    // closure, getfenv, _G, ...): never handed to another request.
+    bool                 env_escaped = false;
 
     PhaseRun             server_rewrite;
     PhaseRun             rewrite;

@@ -47,6 +47,34 @@ void armFault(RequestCtx *ctx)
 }
 #endif
 
+// Past this many idle environments per policy and VM, the collector takes
+// them: as many as requests running at once is plenty.
+constexpr size_t kMaxIdleEnvs = 64;
+
+// A request environment costs a table, its `ngx` field and their
+// collection: about 1.4k instructions, the main price of isolation for a
+// small handler. One that nothing but the request's own runs could reach
+// (env_escaped is false: no closure was made with it, no code was handed
+// it) and that holds nothing but `ngx` is given to the next request of
+// the same policy instead: it is as new, and no one else has it.
+void recycleEnv(lua_State *L, RequestCtx *ctx)
+{
+    if (ctx->env_cell == 0) {
+        return;
+    }
+    std::vector<int> *idle = ctx->env_policy && !ctx->env_escaped
+                                 ? &ctx->vm->envPool(ctx->env_policy)
+                                 : nullptr;
+    if (idle && idle->size() < kMaxIdleEnvs
+        && ctx->vm->resetEnv(L, ctx->env_cell))
+    {
+        idle->push_back(ctx->env_cell);
+    } else {
+        ctx->vm->release(L, ctx->env_cell);
+    }
+    ctx->env_cell = 0;
+}
+
 void cleanupCtx(void *data)
 {
     auto *ctx = static_cast<RequestCtx *>(data);
@@ -63,7 +91,7 @@ void cleanupCtx(void *data)
     threads::endPhase(ctx);
     lua_State *L = ctx->vm->L();
     ctx->vm->release(L, ctx->ctx_cell);
-    ctx->vm->release(L, ctx->env_cell);
+    recycleEnv(L, ctx);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->on_abort_ref);
     ctx->on_abort_ref = LUA_NOREF;
     ctx->ctx_cell = ctx->env_cell = 0;
@@ -345,6 +373,15 @@ bool pushInlineFactory(lua_State *L, Vm *vm, Handler *h, std::string *err)
     return true;
 }
 
+// A handler with functions inside makes closures that keep its
+// environment: the request's environment then outlives it (recycleEnv).
+void noteClosures(lua_State *L, RequestCtx *ctx)
+{
+    if (!ctx->env_escaped && Vm::makesClosures(L)) {
+        ctx->env_escaped = true;
+    }
+}
+
 // Pushes a closure of handler `h` onto L (a state of `vm`), with the
 // request's environment when there is a request: in an isolating
 // location, a pooled one held in *lease until the run ends (giveClosure),
@@ -390,6 +427,7 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
         int env = ctx->env_policy == p ? ctx->env_cell : 0;
         if (takeClosure(L, vm, -1, idle, lease, env)) {
             lua_remove(L, -2);
+            noteClosures(L, ctx);
             return true;
         }
     } else {
@@ -404,6 +442,7 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
             return false;
         }
         lua_setfenv(L, -2);
+        noteClosures(L, ctx);
     }
     return true;
 }
@@ -882,6 +921,15 @@ bool pushRequestEnv(lua_State *L, RequestCtx *ctx)
     // rewrite moved the request): globals do not carry across policies.
     ctx->vm->release(L, ctx->env_cell);
     ctx->env_cell = 0;
+    ctx->env_escaped = false;
+    std::vector<int> &idle = ctx->vm->envPool(p);
+    if (!idle.empty()) {
+        ctx->env_cell = idle.back();
+        idle.pop_back();
+        ctx->env_policy = p;
+        ctx->vm->pushHeld(L, ctx->env_cell);
+        return true;
+    }
     if (!sandbox::pushNewEnv(L, p)) {
         return false;
     }

@@ -39,3 +39,46 @@ void luaguard_cells_setfenv(lua_State *L, const void *cells, int i)
     }
     setgcref(fn->c.env, obj2gco(env));
 }
+
+int luaguard_func_has_children(lua_State *L)
+{
+    GCfunc *fn = funcV(L->top - 1);
+    return !isluafunc(fn) || (funcproto(fn)->flags & PROTO_CHILD) != 0;
+}
+
+int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
+{
+    cTValue *o = arrayslot((GCtab *)cells, i);
+    GCtab *t, *mt;
+    cTValue *name, *value;
+    Node *node, *field = NULL;
+    uint32_t j;
+    if (!tvistab(o)) {
+        return 0;
+    }
+    t = tabV(o);
+    mt = tabref(t->metatable);
+    /* pushNewEnv's table: no array part, a hash part of two nodes. */
+    if (mt == NULL || t->asize != 0 || t->hmask > 1) {
+        return 0;
+    }
+    name = lj_tab_getint(mt, 2);
+    value = lj_tab_getint(mt, 1);
+    if (name == NULL || value == NULL || !tvisstr(name)) {
+        return 0;
+    }
+    node = noderef(t->node);
+    for (j = 0; j <= t->hmask; j++) {
+        if (tvisstr(&node[j].key) && strV(&node[j].key) == strV(name)) {
+            field = &node[j];
+        } else if (!tvisnil(&node[j].key)) {
+            return 0;  /* another name, even one set back to nil */
+        }
+    }
+    if (field == NULL) {
+        return 0;
+    }
+    copyTV(L, &field->val, value);
+    lj_gc_anybarriert(L, t);
+    return 1;
+}

@@ -21,6 +21,14 @@ void luaguard_cells_set(struct lua_State *L, const void *cells, int i);
  * cells[i]. */
 void luaguard_cells_setfenv(struct lua_State *L, const void *cells, int i);
 
+/* Whether the Lua function on top of L was compiled with functions inside
+ * it: running it can make closures, which take its environment. */
+int luaguard_func_has_children(struct lua_State *L);
+/* Whether the table in cells[i] is a request environment holding nothing
+ * but the field its metatable names at [2] (`ngx`, lua/sandbox.lua): if
+ * so, that field's value is set back to the metatable's [1]. */
+int luaguard_cells_env_reset(struct lua_State *L, const void *cells, int i);
+
 #ifdef __cplusplus
 }
 #endif

@@ -165,6 +165,35 @@ class Vm {
     // it free. Never raises.
     void release(lua_State *L, int cell);
 
+    // Request environments no code kept (a handler's globals table that
+    // never escaped it, see ngx/phases.cpp), per sandbox policy: cells
+    // whose tables are handed to later requests instead of new ones.
+    std::vector<int> &envPool(const void *policy) { return env_pools_[policy]; }
+    // Whether cell `cell` holds an environment as fresh as a new one once
+    // its `ngx` field is restored (which this does). Never true without
+    // LuaJIT's internals: no environment is reused there.
+    bool resetEnv(lua_State *L, int cell) const
+    {
+#if LUAGUARD_LJ_INTERNALS
+        return luaguard_cells_env_reset(L, cells_, cell) != 0;
+#else
+        (void)L;
+        (void)cell;
+        return false;
+#endif
+    }
+    // Whether the Lua function on top of L can make closures (it has
+    // functions inside it). Without LuaJIT's internals: always.
+    static bool makesClosures(lua_State *L)
+    {
+#if LUAGUARD_LJ_INTERNALS
+        return luaguard_func_has_children(L) != 0;
+#else
+        (void)L;
+        return true;
+#endif
+    }
+
     // The idle handler closures of `factory`: runtime/code.hpp's
     // closurePool.
     std::vector<int> &closurePool(const void *factory);
@@ -196,6 +225,7 @@ class Vm {
     std::vector<int> free_cells_;
     std::vector<bool> taken_;              // by cell number
     std::unordered_map<const void *, std::vector<int>> closure_pools_;
+    std::unordered_map<const void *, std::vector<int>> env_pools_;
 };
 
 }  // namespace luaguard

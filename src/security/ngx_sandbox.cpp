@@ -41,10 +41,19 @@ const Policy *runningPolicy()
 bool pushRunningEnv(lua_State *L)
 {
     Run *run = g_run;
-    if (run && run->ctx) {
-        return glue::pushRequestEnv(L, run->ctx);
+    if (run && run->ctx && glue::pushRequestEnv(L, run->ctx)) {
+        run->ctx->env_escaped = true;
+        return true;
     }
     return false;
+}
+
+void runningEnvEscapes()
+{
+    Run *run = g_run;
+    if (run && run->ctx) {
+        run->ctx->env_escaped = true;
+    }
 }
 
 void destroyPolicy(void *data)
@@ -90,7 +99,7 @@ char *setDirective(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 bool installNgx(lua_State *L, std::string *err)
 {
-    setHooks(runningPolicy, pushRunningEnv);
+    setHooks(runningPolicy, pushRunningEnv, runningEnvEscapes);
     return install(L, err);
 }
 

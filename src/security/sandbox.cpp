@@ -38,6 +38,7 @@ constexpr uint32_t kStrict = bit(Capability::Socket)
 
 CurrentPolicyFn g_policy_hook = nullptr;
 PushEnvFn g_env_hook = nullptr;
+EnvEscapesFn g_escape_hook = nullptr;
 uint64_t g_refusals[kCapabilityCount];
 RefusalHookFn g_refusal_hook = nullptr;
 // Set on a thread that is not the worker's (setThreadPolicy).
@@ -128,12 +129,28 @@ int luaRefuse(lua_State *L)
     return 0;
 }
 
-// escaped(f): request code holds `f` as a value (see lua/sandbox.lua).
+void envEscapes()
+{
+    if (!t_foreign && g_escape_hook) {
+        g_escape_hook();
+    }
+}
+
+// escaped(f): request code holds `f` as a value (see lua/sandbox.lua);
+// through it, the environment of the request that runs it.
 int luaEscaped(lua_State *L)
 {
     if (lua_isfunction(L, 1)) {
         markEscaped(L, 1);
+        envEscapes();
     }
+    return 0;
+}
+
+// env_escapes(): the running request's globals were handed out.
+int luaEnvEscapes(lua_State *)
+{
+    envEscapes();
     return 0;
 }
 
@@ -297,10 +314,11 @@ bool parse(const std::vector<std::string> &args, Policy *out,
     return true;
 }
 
-void setHooks(CurrentPolicyFn policy, PushEnvFn env)
+void setHooks(CurrentPolicyFn policy, PushEnvFn env, EnvEscapesFn escapes)
 {
     g_policy_hook = policy;
     g_env_hook = env;
+    g_escape_hook = escapes;
 }
 
 const Policy *currentPolicy()
@@ -405,7 +423,7 @@ uint64_t totalRefusals()
 
 bool install(lua_State *L, std::string *err)
 {
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     lua_pushcfunction(L, luaEscaped);
     lua_setfield(L, -2, "escaped");
     lua_pushcfunction(L, luaStrict);
@@ -418,6 +436,8 @@ bool install(lua_State *L, std::string *err)
     lua_setfield(L, -2, "refuse");
     lua_pushcfunction(L, luaCurrentEnv);
     lua_setfield(L, -2, "current_env");
+    lua_pushcfunction(L, luaEnvEscapes);
+    lua_setfield(L, -2, "env_escapes");
     if (!runEmbedded(L, kLua_sandbox, kLua_sandbox_len, "=luaguard.sandbox",
                      1, 1, err)) {
         return false;

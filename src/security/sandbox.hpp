@@ -77,10 +77,16 @@ bool parse(const std::vector<std::string> &args, Policy *out,
 // Null means "not in a request" (init, init_worker): everything allowed.
 using CurrentPolicyFn = const Policy *(*)();
 // Pushes the running request's global table; returns false (pushing
-// nothing) without one.
+// nothing) without one. The table is then handed to Lua code: it has
+// escaped (below).
 using PushEnvFn = bool (*)(lua_State *L);
+// Tells that the running request's global table may be reachable from
+// something that outlives the request (getfenv, _G, a handler closure
+// held as a value): it must never become another request's.
+using EnvEscapesFn = void (*)();
 
-void setHooks(CurrentPolicyFn policy, PushEnvFn env);
+void setHooks(CurrentPolicyFn policy, PushEnvFn env,
+              EnvEscapesFn escapes = nullptr);
 const Policy *currentPolicy();
 
 // Lua that runs on a thread other than the worker's (the VMs of

@@ -1,0 +1,184 @@
+"""A request's environment that nothing outside the request could reach is
+handed to the next request of the same policy (ngx/phases.cpp,
+recycleEnv): what must never follow from it is a table someone kept
+becoming another request's globals. Each way of getting hold of a request
+environment must keep it from being reused; the attacks below keep one,
+write to it from elsewhere and look for the write in later requests."""
+
+import pytest
+
+
+@pytest.fixture
+def nginx(nginx):
+    """Workers run as root: they read the test's modules from its prefix,
+    private to root."""
+    def start(**kw):
+        kw["main"] = "user root;\n" + kw.get("main", "")
+        return nginx(**kw)
+    return start
+
+
+MODULES = {
+    # Shared by every request of the worker, on purpose.
+    "lua/keep.lua": """
+local M = {}
+-- Request code cannot write into a module's table (its writes are its
+-- own), but the module's functions keep what they are given.
+function M.store(v) M.env = v end
+function M.grab() M.env = getfenv(2) end
+function M.grab_debug() M.env = debug.getfenv(debug.getinfo(2, "f").func) end
+return M
+""",
+}
+
+HTTP = """
+    lua_package_path "{prefix}/lua/?.lua;;";
+"""
+
+# Each keeps its request's environment (or a function that has it as its
+# environment) in the shared module table.
+LEAKS = {
+    "getfenv": 'require("keep").store(getfenv(1))',
+    "getfenv_no_arg": 'require("keep").store(getfenv())',
+    "global_G": 'require("keep").store(_G)',
+    "closure": 'local function f() return marker end '
+               'require("keep").store(f)',
+    "getinfo_func": 'require("keep").store(debug.getinfo(1, "f").func)',
+    "loadstring": 'require("keep").store(loadstring("return marker"))',
+    "load": 'require("keep").store(load("return marker"))',
+    "module_getfenv": 'require("keep").grab()',
+    "module_debug_getfenv": 'require("keep").grab_debug()',
+}
+
+
+def server(leak):
+    return """
+        location = /leak {
+            content_by_lua_block { %s ngx.say("kept") }
+        }
+        location = /write {
+            lua_sandbox off;
+            content_by_lua_block {
+                local kept = require("keep").env
+                local env = type(kept) == "function" and getfenv(kept)
+                            or kept
+                rawset(env, "marker", "written from elsewhere")
+                ngx.say("written")
+            }
+        }
+        location = /victim {
+            content_by_lua_block { ngx.say(tostring(marker)) }
+        }
+""" % leak
+
+
+@pytest.mark.parametrize("how", sorted(LEAKS))
+def test_a_kept_environment_is_never_another_requests(nginx, how):
+    n = nginx(http=HTTP, files=MODULES, server=server(LEAKS[how]))
+    # Environments are reused last in, first out: the victim would get the
+    # kept one straight after the request that kept it.
+    assert n.get("/victim").text == "nil\n"
+    assert n.get("/leak").text == "kept\n"
+    assert n.get("/write").text == "written\n"
+    for _ in range(3):
+        assert n.get("/victim").text == "nil\n"
+
+
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_a_timer_closure_keeps_its_environment_from_reuse(nginx, profile):
+    """Strict code cannot hand its globals to a module, but a timer
+    callback is a closure with the request's environment: it runs after
+    the request ended (here: once released) and writes a global."""
+    files = dict(MODULES, **{"lua/relay.lua": """
+return { go = require("ngx.semaphore").new() }
+"""})
+    # One lua_sandbox line for both: environments are reused within the
+    # policy of one directive.
+    n = nginx(http=HTTP + "lua_sandbox %s;" % profile, files=files,
+              server="""
+        location = /leak {
+            content_by_lua_block {
+                ngx.timer.at(0, function()
+                    require("relay").go:wait(10)
+                    marker = "written by the timer"
+                    ngx.log(ngx.NOTICE, "timer wrote")
+                end)
+                ngx.say("kept")
+            }
+        }
+        location = /release {
+            lua_sandbox off;
+            content_by_lua_block { require("relay").go:post() ngx.say("go") }
+        }
+        location = /victim {
+            content_by_lua_block { ngx.say(tostring(marker)) }
+        }
+""")
+    assert n.get("/leak").text == "kept\n"
+    assert n.get("/victim").text == "nil\n"
+    assert n.get("/release").text == "go\n"
+    n.wait_log(r"timer wrote")
+    for _ in range(3):
+        assert n.get("/victim").text == "nil\n"
+
+
+def test_replacing_ngx_stays_in_the_request(nginx):
+    """A reused environment gets the view's `ngx` back."""
+    n = nginx(server="""
+        location = /five {
+            content_by_lua_block {
+                local n = ngx
+                ngx = 5
+                n.say(tostring(ngx))
+            }
+        }
+        location = /other {
+            content_by_lua_block {
+                local n = ngx
+                ngx = { say = function() end }
+                n.say(type(ngx.say))
+            }
+        }
+        location = /t {
+            content_by_lua_block { ngx.say(type(ngx.say)) }
+        }
+""")
+    for path in ("/five", "/t", "/other", "/t", "/five", "/five", "/t"):
+        expect = {"/five": "5\n", "/other": "function\n",
+                  "/t": "function\n"}[path]
+        assert n.get(path).text == expect
+    # the Lua `say` of /other went nowhere: /t's is the real one
+    assert n.get("/t").text == "function\n"
+
+
+def test_plain_handlers_reuse_environments_and_writers_do_not(nginx):
+    """What the reuse is for, seen in the VM's memory with the collector
+    stopped: a handler that keeps nothing allocates no environment after
+    the first request; one that writes a global gets a new one each time
+    (its table has more than `ngx` in it)."""
+    n = nginx(http="""
+    init_worker_by_lua_block { collectgarbage("stop") }
+""", server="""
+        location = /plain { content_by_lua_block { ngx.say("x") } }
+        location = /writer {
+            content_by_lua_block { written = 1 ngx.say("x") }
+        }
+        location = /count {
+            lua_sandbox off;
+            content_by_lua_block {
+                ngx.say(collectgarbage("count") * 1024)
+            }
+        }
+""")
+
+    def grown(path, times=200):
+        n.get(path)  # the first request makes one
+        before = float(n.get("/count").text)
+        for _ in range(times):
+            n.get(path)
+        return (float(n.get("/count").text) - before) / times
+
+    plain, writer = grown("/plain"), grown("/writer")
+    # An environment is a table and a node of its hash part: 64 bytes and
+    # more on this LuaJIT.
+    assert writer - plain >= 64, (plain, writer)
