@@ -53,6 +53,7 @@ void copyTarget(Target *to, const Target &from)
 }
 
 std::unordered_map<std::string, Pool *> g_pools;
+std::string g_key;                    // tcpConnect's, for the lookup
 std::vector<char *> g_free_bufs;      // read buffers of g_free_size
 size_t g_free_size = 0;
 
@@ -97,6 +98,16 @@ Pool *findPool(const std::string &key)
 {
     auto it = g_pools.find(key);
     return it == g_pools.end() ? nullptr : it->second;
+}
+
+// The pool of the socket's key: found by tcpConnect, or looked up again
+// by the key it kept (another socket may have created it since).
+Pool *homePool(Tcp *s)
+{
+    if (s->home == nullptr) {
+        s->home = findPool(s->key);
+    }
+    return s->home;
 }
 
 Pool *createPool(const std::string &key, ngx_uint_t size, bool backlog_on,
@@ -317,16 +328,24 @@ bool bindRequest(Tcp *s, RequestCtx *ctx)
 
 // ---- the object ----
 
-Tcp *self(lua_State *L)
+Tcp *self(lua_State *L, int mt = kUdMetaUpvalue)
 {
-    luaL_checktype(L, 1, LUA_TTABLE);
+    if (lua_type(L, 1) != LUA_TTABLE) {
+        luaL_checktype(L, 1, LUA_TTABLE);  // raises its error
+    }
     lua_rawgeti(L, 1, 1);
     // The kind first (the userdata's metatable is ours): size and magic
-    // alone would take any userdata of the right size and contents.
-    auto *s = static_cast<Tcp *>(luaL_testudata(L, -1, kTcpUdMeta));
-    if (s == nullptr || lua_objlen(L, -1) != sizeof(Tcp)
-        || s->magic != kMagic)
-    {
+    // alone would take any userdata of the right size and contents. The
+    // metatable is the method's upvalue: compared by identity, as
+    // luaL_testudata does, without looking its name up in the registry.
+    Tcp *s = nullptr;
+    if (lua_type(L, -1) == LUA_TUSERDATA && lua_getmetatable(L, -1)) {
+        if (lua_rawequal(L, -1, mt) && lua_objlen(L, -2) == sizeof(Tcp)) {
+            s = static_cast<Tcp *>(lua_touserdata(L, -2));
+        }
+        lua_pop(L, 1);
+    }
+    if (s == nullptr || s->magic != kMagic) {
         luaL_error(L, "bad argument #1 (tcp socket object expected)");
     }
     lua_pop(L, 1);
@@ -335,10 +354,10 @@ Tcp *self(lua_State *L)
 
 // The socket as the running code may use it; raises on a socket of
 // another live request (lua-nginx-module's "bad request").
-Tcp *use(lua_State *L)
+Tcp *use(lua_State *L, int mt)
 {
     glue::checkPhase(L, sock::kPhases);
-    Tcp *s = self(L);
+    Tcp *s = self(L, mt);
     if (s->ctx && s->c && s->ctx != sock::currentCtx()) {
         luaL_error(L, "bad request");
     }
@@ -543,7 +562,7 @@ bool takeIdle(Tcp *s, Pool *p, bool *refused)
 // backlog queue.
 int connectFromPool(Tcp *s, lua_State *dst)
 {
-    Pool *p = findPool(s->key);
+    Pool *p = homePool(s);
     bool refused = false;
     if (takeIdle(s, p, &refused)) {
         lua_pushinteger(dst, 1);
@@ -561,6 +580,7 @@ int connectFromPool(Tcp *s, lua_State *dst)
             if (p == nullptr) {
                 return failConnect(s, dst, "no memory");
             }
+            s->home = p;
         }
         if (p->backlog_on && p->active + p->nidle >= p->size) {
             if (p->nwaiting >= s->opt_backlog) {
@@ -579,6 +599,7 @@ int connectFromPool(Tcp *s, lua_State *dst)
         }
     } else if (p == nullptr && s->opt_pool_size) {
         p = createPool(s->key, s->opt_pool_size, false, 0);
+        s->home = p;
     }
     if (p && p->backlog_on) {
         p->active++;
@@ -752,26 +773,41 @@ int tcpConnect(lua_State *L)
         }
         lua_pop(L, 1);
     }
-    if (!named) {
-        s->key.assign(host, hlen);
-        if (!unix_path) {
-            s->key += ':';
-            s->key += std::to_string(port);
-        }
-    }
     // Pools of different policies or VMs never mix, whatever name the
     // script gives: the key starts with their identities (inherited
     // policies are shared objects, so locations with the same settings
     // share pools; a lua_vm tenant never gets a connection another
-    // tenant authenticated). The prefix ends with '|', which no pointer
-    // contains.
-    char policy[96];
-    int plen = std::snprintf(policy, sizeof(policy), "%p,%p,%p|",
-                             static_cast<const void *>(ctx->llcf->egress),
-                             static_cast<const void *>(
-                                 sandbox::policyOf(ctx->llcf)),
-                             static_cast<const void *>(ctx->vm));
-    s->key.insert(0, policy, static_cast<size_t>(plen));
+    // tenant authenticated), as bytes of a fixed length, then the name
+    // (or host:port). No Lua runs from here to the lookup (g_key is
+    // the worker's).
+    const void *ids[3] = {ctx->llcf->egress, sandbox::policyOf(ctx->llcf),
+                          ctx->vm};
+    std::string &key = g_key;
+    key.assign(reinterpret_cast<const char *>(ids), sizeof(ids));
+    if (named) {
+        key += s->key;
+    } else {
+        key.append(host, hlen);
+        if (!unix_path) {
+            char digits[8];
+            char *d = digits + sizeof(digits);
+            auto v = static_cast<unsigned>(port);
+            do {
+                *--d = static_cast<char>('0' + v % 10);
+                v /= 10;
+            } while (v);
+            key += ':';
+            key.append(d, static_cast<size_t>(digits + sizeof(digits) - d));
+        }
+    }
+    // The key is kept only while its pool does not exist yet (created
+    // by connectFromPool or setkeepalive).
+    s->home = findPool(key);
+    if (s->home) {
+        s->key.clear();
+    } else {
+        s->key = key;
+    }
 
     if (!sock::takeSlot(&s->slot, ctx, "tcp")) {
         return pushNilErr(L, sock::kTooManyConnections);
@@ -1209,9 +1245,15 @@ int tcpReceive(lua_State *L)
     RMode m = RMode::Line;
     size_t size = 0;
     if (n == 2) {
-        if (lua_type(L, 2) == LUA_TNUMBER
-            || (lua_type(L, 2) == LUA_TSTRING && lua_isnumber(L, 2)))
-        {
+        int t = lua_type(L, 2);
+        const char *p = t == LUA_TSTRING ? lua_tostring(L, 2) : nullptr;
+        // The patterns first: they are no numbers, and scanning "*l" as
+        // one costs more than reading the line.
+        if (p && p[0] == '*' && p[1] == 'l' && p[2] == '\0') {
+            m = RMode::Line;
+        } else if (p && p[0] == '*' && p[1] == 'a' && p[2] == '\0') {
+            m = RMode::All;
+        } else if (t == LUA_TNUMBER || (p && lua_isnumber(L, 2))) {
             lua_Number v = lua_tonumber(L, 2);
             if (v < 0) {
                 return luaL_argerror(L, 2, "bad pattern argument");
@@ -1225,16 +1267,7 @@ int tcpReceive(lua_State *L)
                 return 1;
             }
             m = RMode::Size;
-        } else if (lua_type(L, 2) == LUA_TSTRING) {
-            const char *p = lua_tostring(L, 2);
-            if (p[0] == '*' && p[1] == 'l' && p[2] == '\0') {
-                m = RMode::Line;
-            } else if (p[0] == '*' && p[1] == 'a' && p[2] == '\0') {
-                m = RMode::All;
-            } else {
-                return luaL_argerror(L, 2, "bad pattern argument");
-            }
-        } else if (!lua_isnil(L, 2)) {
+        } else if (t != LUA_TNIL) {
             return luaL_argerror(L, 2, "bad pattern argument");
         }
     }
@@ -1257,11 +1290,11 @@ int tcpReceiveAny(lua_State *L)
 
 int untilIterator(lua_State *L)
 {
-    // upvalue 1: the socket table; 2: the Until state.
+    // upvalue 1: the socket table; 2: the Until state; 3: kTcpUdMeta.
     glue::checkPhase(L, sock::kPhases);
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
-    Tcp *s = use(L);
+    Tcp *s = use(L, lua_upvalueindex(3));
     auto *u = static_cast<Until *>(lua_touserdata(L, lua_upvalueindex(2)));
     size_t limit = 0;
     if (lua_gettop(L) >= 2 && !lua_isnil(L, 2)) {
@@ -1334,7 +1367,8 @@ int tcpReceiveUntil(lua_State *L)
     }
     luaL_getmetatable(L, kUntilMeta);
     lua_setmetatable(L, -2);
-    lua_pushcclosure(L, untilIterator, 2);
+    lua_pushvalue(L, kUdMetaUpvalue);
+    lua_pushcclosure(L, untilIterator, 3);
     return 1;
 }
 
@@ -1598,13 +1632,14 @@ int tcpSetKeepalive(lua_State *L)
         return pushNilErr(L, "connection in dubious state");
     }
 
-    Pool *p = s->counted ? s->pool : findPool(s->key);
+    Pool *p = s->counted ? s->pool : homePool(s);
     if (p == nullptr) {
         p = createPool(s->key, size, false, 0);
         if (p == nullptr) {
             closeSock(s, nullptr);
             return pushNilErr(L, "no memory");
         }
+        s->home = p;
     }
     auto *it = new (std::nothrow) Idle();
     if (it == nullptr) {
@@ -1861,7 +1896,18 @@ int tcpGc(lua_State *L)
     return 0;
 }
 
-Tcp *pushTcp(lua_State *L, const char *meta)
+void setMethods(lua_State *L, const luaL_Reg *fns, int ud_mt)
+{
+    for (; fns->name; fns++) {
+        lua_pushvalue(L, ud_mt);
+        lua_pushcclosure(L, fns->func, 1);
+        lua_setfield(L, -2, fns->name);
+    }
+}
+
+// The object with the metatables at stack indexes `ud_mt` (kTcpUdMeta)
+// and `meta`.
+Tcp *pushTcpWith(lua_State *L, int ud_mt, int meta)
 {
     lua_createtable(L, 3, 1);
     void *mem = lua_newuserdata(L, sizeof(Tcp));
@@ -1870,11 +1916,22 @@ Tcp *pushTcp(lua_State *L, const char *meta)
     ngx_memzero(&s->wait_ev, sizeof(s->wait_ev));
     ngx_queue_init(&s->wait_q);
     s->resolve.rctx = nullptr;
-    luaL_getmetatable(L, kTcpUdMeta);
+    lua_pushvalue(L, ud_mt);
     lua_setmetatable(L, -2);
     lua_rawseti(L, -2, 1);
-    luaL_getmetatable(L, meta);
+    lua_pushvalue(L, meta);
     lua_setmetatable(L, -2);
+    return s;
+}
+
+Tcp *pushTcp(lua_State *L, const char *meta)
+{
+    luaL_getmetatable(L, kTcpUdMeta);
+    luaL_getmetatable(L, meta);
+    int top = lua_gettop(L);
+    Tcp *s = pushTcpWith(L, top - 1, top);
+    lua_replace(L, top - 1);
+    lua_settop(L, top - 1);
     return s;
 }
 
@@ -1886,7 +1943,7 @@ int tcpNew(lua_State *L)
         return luaL_error(L, "expecting zero arguments, but got %d",
                           lua_gettop(L));
     }
-    pushTcp(L, kTcpMeta);
+    pushTcpWith(L, lua_upvalueindex(1), lua_upvalueindex(2));
     return 1;
 }
 
@@ -1897,6 +1954,14 @@ using namespace tcp;
 
 void openSocketTcp(lua_State *L)
 {
+    int ngx = lua_gettop(L);
+    // The userdata's metatable first: every method holds it (upvalue 1,
+    // use()).
+    luaL_newmetatable(L, kTcpUdMeta);
+    lua_pushcfunction(L, tcpGc);
+    lua_setfield(L, -2, "__gc");
+    int ud_mt = lua_gettop(L);
+
     // The object table's metatable: methods.
     luaL_newmetatable(L, kTcpMeta);
     lua_createtable(L, 0, 20);
@@ -1916,16 +1981,11 @@ void openSocketTcp(lua_State *L)
                                 {"sslhandshake", tcpSslHandshake},
                                 {"setclientcert", tcpSetClientCert},
                                 {nullptr, nullptr}};
-    setFuncs(L, methods);
+    setMethods(L, methods, ud_mt);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
 
-    openReqSocket(L);
-
-    luaL_newmetatable(L, kTcpUdMeta);
-    lua_pushcfunction(L, tcpGc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
+    openReqSocket(L, ud_mt);
 
     luaL_newmetatable(L, kUntilMeta);
     lua_pop(L, 1);
@@ -1935,10 +1995,18 @@ void openSocketTcp(lua_State *L)
     lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
 
+    lua_pushvalue(L, ngx);
     subTable(L, "socket");
-    lua_pushcfunction(L, tcpNew);
+    lua_remove(L, -2);
+    // tcpNew's upvalues: the userdata's and the object's metatables.
+    auto pushNew = [&] {
+        lua_pushvalue(L, ud_mt);
+        luaL_getmetatable(L, kTcpMeta);
+        lua_pushcclosure(L, tcpNew, 2);
+    };
+    pushNew();
     lua_setfield(L, -2, "tcp");
-    lua_pushcfunction(L, tcpNew);
+    pushNew();
     lua_setfield(L, -2, "stream");
     // ngx.socket.connect is documented as tcp() + connect(); in Lua so
     // the connect may yield.
@@ -1950,10 +2018,11 @@ void openSocketTcp(lua_State *L)
         "if not ok then return nil, err end "
         "return sock end";
     luaL_loadbuffer(L, kConnect, sizeof(kConnect) - 1, "=ngx.socket.connect");
-    lua_pushcfunction(L, tcpNew);
+    pushNew();
     lua_call(L, 1, 1);
     lua_setfield(L, -2, "connect");
     lua_pop(L, 1);
+    lua_remove(L, ud_mt);
 }
 
 ngx_uint_t socketPoolIdle()

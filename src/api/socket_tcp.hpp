@@ -63,7 +63,8 @@ struct Tcp {
     size_t               lowat = 0;
 
     ngx_uint_t           reused = 0;
-    std::string          key;             // pool name
+    std::string          key;             // pool key, while no pool
+    Pool                *home = nullptr;  // the key's pool, once it exists
     Pool                *pool = nullptr;  // counted against (backlog)
     bool                 counted = false;
     ngx_uint_t           opt_pool_size = 0;
@@ -164,8 +165,15 @@ struct Idle {
 
 // A new object: the table {[1] = userdata} with the methods of `meta`.
 Tcp *pushTcp(lua_State *L, const char *meta);
-// The Tcp of the object at index 1, raising when it is not usable.
-Tcp *use(lua_State *L);
+// Registers the methods `fns` into the table at the top of the stack,
+// each holding the metatable at `ud_mt` (kTcpUdMeta) as upvalue 1.
+void setMethods(lua_State *L, const luaL_Reg *fns, int ud_mt);
+// The methods' upvalue: the userdata's metatable (kTcpUdMeta), which
+// use() compares with the object's by identity.
+inline constexpr int kUdMetaUpvalue = lua_upvalueindex(1);
+// The Tcp of the object at index 1, raising when it is not usable; `mt`
+// is the stack index of the kTcpUdMeta metatable.
+Tcp *use(lua_State *L, int mt = kUdMetaUpvalue);
 ngx_msec_t connectTimeout(Tcp *s);
 // Gives back the pool count the connection held (backlog waiters wake).
 void releaseCount(Tcp *s);
@@ -196,8 +204,9 @@ void detachDownstream(Tcp *s);
 // The request's event handlers while a read or write of it waits.
 void reqReadHandler(ngx_http_request_t *r);
 void reqWriteHandler(ngx_http_request_t *r);
-// The metatables of ngx.req.socket's objects.
-void openReqSocket(lua_State *L);
+// The metatables of ngx.req.socket's objects; `ud_mt`: kTcpUdMeta's
+// stack index.
+void openReqSocket(lua_State *L, int ud_mt);
 
 // ---- TLS (api/ssl_client.cpp) ----
 
