@@ -92,6 +92,66 @@ void putRbuf(Tcp *s)
     s->rcap = s->rpos = s->rlast = 0;
 }
 
+// ---- links ----
+
+constexpr size_t kFreeLinks = 64;
+Link *g_free_links[kFreeLinks];       // kept for the next connects
+size_t g_nfree_links = 0;
+
+bool takeLink(Tcp *s)
+{
+    if (s->link) {
+        return true;
+    }
+    Link *l = g_nfree_links ? g_free_links[--g_nfree_links]
+                            : new (std::nothrow) Link();
+    if (l == nullptr) {
+        return false;
+    }
+    ngx_memzero(&l->pc, sizeof(l->pc));
+    ngx_memzero(&l->wait_ev, sizeof(l->wait_ev));
+    ngx_queue_init(&l->wait_q);
+    l->in_wait_q = false;
+    l->resolve.rctx = nullptr;
+    l->owner = s;
+    s->link = l;
+    return true;
+}
+
+// Gives the link back, first undoing what it takes part in: a name
+// lookup, a place in the backlog queue, its timer or posted event.
+void dropLink(Tcp *s)
+{
+    Link *l = s->link;
+    if (l == nullptr) {
+        return;
+    }
+    s->link = nullptr;
+    sock::resolveCancel(&l->resolve);
+    if (l->in_wait_q) {
+        ngx_queue_remove(&l->wait_q);
+        s->pool->nwaiting--;
+        l->in_wait_q = false;
+    }
+    if (l->wait_ev.timer_set) {
+        ngx_del_timer(&l->wait_ev);
+    }
+    if (l->wait_ev.posted) {
+        ngx_delete_posted_event(&l->wait_ev);
+    }
+    l->owner = nullptr;
+    if (g_nfree_links == kFreeLinks || l->host.capacity() > 256
+        || l->key.capacity() > 256)
+    {
+        delete l;   // a long name's memory is not kept
+        return;
+    }
+    l->host.clear();
+    l->key.clear();
+    l->resolve.err.clear();
+    g_free_links[g_nfree_links++] = l;
+}
+
 // ---- pools ----
 
 Pool *findPool(const std::string &key)
@@ -105,7 +165,7 @@ Pool *findPool(const std::string &key)
 Pool *homePool(Tcp *s)
 {
     if (s->home == nullptr) {
-        s->home = findPool(s->key);
+        s->home = findPool(s->link->key);
     }
     return s->home;
 }
@@ -264,6 +324,7 @@ void closeSock(Tcp *s, LuaThread *self)
     }
     s->rpos = s->rlast = 0;
     releaseSendBuf(s);
+    dropLink(s);   // out of the backlog queue before a waiter is woken
     releaseCount(s);
     sock::dropSlot(&s->slot);
     if (s->reader != self) {
@@ -281,18 +342,7 @@ void requestGone(void *data)
 {
     auto *s = static_cast<Tcp *>(data);
     s->cln = nullptr;
-    sock::resolveCancel(&s->resolve);
-    if (s->in_wait_q) {
-        ngx_queue_remove(&s->wait_q);
-        s->pool->nwaiting--;
-        s->in_wait_q = false;
-    }
-    if (s->wait_ev.timer_set) {
-        ngx_del_timer(&s->wait_ev);
-    }
-    if (s->wait_ev.posted) {
-        ngx_delete_posted_event(&s->wait_ev);
-    }
+    dropLink(s);
     // The threads are being killed: their cancel finds nothing to undo.
     s->reader = s->writer = s->connector = s->shaker = nullptr;
     closeSock(s, nullptr);
@@ -406,14 +456,16 @@ void settleConnect(Tcp *s, Push &&push)
 
 int failConnect(Tcp *s, lua_State *dst, const std::string &err)
 {
+    // Pushed first: err may be the link's.
+    lua_pushnil(dst);
+    lua_pushlstring(dst, err.data(), err.size());
+    dropLink(s);
     if (s->c) {
         sock::closeConnection(s->c);
         s->c = nullptr;
     }
     releaseCount(s);
     sock::dropSlot(&s->slot);
-    lua_pushnil(dst);
-    lua_pushlstring(dst, err.data(), err.size());
     return 2;
 }
 
@@ -429,7 +481,7 @@ void onConnect(ngx_event_t *ev)
         if (s->log_errors) {
             ngx_log_error(NGX_LOG_ERR, c->log, 0,
                           "lua tcp socket connect timed out, when "
-                          "connecting to %V", &s->target.name);
+                          "connecting to %V", &s->link->target.name);
         }
         settleConnect(s, [&](lua_State *co) {
             return failConnect(s, co, "timeout");
@@ -460,21 +512,29 @@ void onConnect(ngx_event_t *ev)
 
 int connectTarget(Tcp *s, lua_State *dst)
 {
-    if (!sock::egressCheck(s->ctx, "tcp socket", &s->target)) {
+    Link *l = s->link;
+    if (!sock::egressCheck(s->ctx, "tcp socket", &l->target)) {
         return failConnect(s, dst, kEgressDenied);
     }
-    ngx_int_t rc = sock::connectPeer(&s->pc, &s->target, SOCK_STREAM,
-                                     s->has_local ? &s->local : nullptr,
+    ngx_addr_t local;
+    if (s->local_len) {
+        local.sockaddr = &s->local_addr.sa;
+        local.socklen = s->local_len;
+        local.name.data = nullptr;
+        local.name.len = 0;
+    }
+    ngx_int_t rc = sock::connectPeer(&l->pc, &l->target, SOCK_STREAM,
+                                     s->local_len ? &local : nullptr,
                                      s->ctx->r->connection->log,
                                      s->log_errors, &s->err);
     if (rc == NGX_ERROR) {
         return failConnect(s, dst, s->err);
     }
     metrics::countConnect(s->ctx);
-    ngx_connection_t *c = s->pc.connection;
+    ngx_connection_t *c = l->pc.connection;
     c->data = s;
     c->pool = nullptr;
-    if (s->tcp_nodelay && s->target.addr.ss_family != AF_UNIX) {
+    if (s->tcp_nodelay && l->target.addr.ss_family != AF_UNIX) {
         int on = 1;
         (void) setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
     }
@@ -508,18 +568,19 @@ void resolved(Resolve *res)
 // Resolves (when needed) and connects; the pool and backlog are settled.
 int resolveAndConnect(Tcp *s, lua_State *dst)
 {
-    if (sock::literal(s->host.data(), s->host.size(), s->port, &s->target)) {
+    Link *l = s->link;
+    if (sock::literal(l->host.data(), l->host.size(), s->port, &l->target)) {
         return connectTarget(s, dst);
     }
-    s->resolve.data = s;
-    s->resolve.done = resolved;
-    if (sock::resolveStart(s->ctx->r, &s->resolve, s->host.data(),
-                           s->host.size(), s->port, &s->target))
+    l->resolve.data = s;
+    l->resolve.done = resolved;
+    if (sock::resolveStart(s->ctx->r, &l->resolve, l->host.data(),
+                           l->host.size(), s->port, &l->target))
     {
-        if (!s->resolve.err.empty()) {
+        if (!l->resolve.err.empty()) {
             // Not logged ("no resolver defined to resolve ..."), as in
             // lua-nginx-module: the script gets the error.
-            return failConnect(s, dst, s->resolve.err);
+            return failConnect(s, dst, l->resolve.err);
         }
         return connectTarget(s, dst);
     }
@@ -542,7 +603,7 @@ bool takeIdle(Tcp *s, Pool *p, bool *refused)
         *refused = true;
         return false;
     }
-    copyTarget(&s->target, it->peer);
+    copyTarget(&s->link->target, it->peer);
     ngx_queue_remove(q);
     p->nidle--;
     ngx_connection_t *c = it->c;
@@ -573,7 +634,7 @@ int connectFromPool(Tcp *s, lua_State *dst)
     }
     if (s->opt_has_backlog) {
         if (p == nullptr) {
-            p = createPool(s->key, s->opt_pool_size
+            p = createPool(s->link->key, s->opt_pool_size
                                        ? s->opt_pool_size
                                        : s->ctx->llcf->socket_pool_size,
                            true, s->opt_backlog);
@@ -587,18 +648,19 @@ int connectFromPool(Tcp *s, lua_State *dst)
                 return failConnect(s, dst,
                                    "too many waiting connect operations");
             }
-            ngx_queue_insert_tail(&p->waiters, &s->wait_q);
+            Link *l = s->link;
+            ngx_queue_insert_tail(&p->waiters, &l->wait_q);
             p->nwaiting++;
-            s->in_wait_q = true;
+            l->in_wait_q = true;
             s->pool = p;
-            s->wait_ev.handler = entry::edge<backlogEvent>;
-            s->wait_ev.data = s;
-            s->wait_ev.log = s->ctx->r->connection->log;
-            ngx_add_timer(&s->wait_ev, connectTimeout(s));
+            l->wait_ev.handler = entry::edge<backlogEvent>;
+            l->wait_ev.data = s;
+            l->wait_ev.log = s->ctx->r->connection->log;
+            ngx_add_timer(&l->wait_ev, connectTimeout(s));
             return kPending;
         }
     } else if (p == nullptr && s->opt_pool_size) {
-        p = createPool(s->key, s->opt_pool_size, false, 0);
+        p = createPool(s->link->key, s->opt_pool_size, false, 0);
         s->home = p;
     }
     if (p && p->backlog_on) {
@@ -619,10 +681,11 @@ void backlogEvent(ngx_event_t *ev)
     }
     if (ev->timedout) {
         ev->timedout = 0;
-        if (s->in_wait_q) {
-            ngx_queue_remove(&s->wait_q);
+        Link *l = s->link;
+        if (l->in_wait_q) {
+            ngx_queue_remove(&l->wait_q);
             s->pool->nwaiting--;
-            s->in_wait_q = false;
+            l->in_wait_q = false;
         }
         logError(s, "connect timed out while waiting in the backlog queue");
         settleConnect(s, [&](lua_State *co) {
@@ -641,14 +704,14 @@ void wakeBacklog(Pool *p)
         return;
     }
     ngx_queue_t *q = ngx_queue_head(&p->waiters);
-    Tcp *s = ngx_queue_data(q, Tcp, wait_q);
+    Link *l = ngx_queue_data(q, Link, wait_q);
     ngx_queue_remove(q);
     p->nwaiting--;
-    s->in_wait_q = false;
-    if (s->wait_ev.timer_set) {
-        ngx_del_timer(&s->wait_ev);
+    l->in_wait_q = false;
+    if (l->wait_ev.timer_set) {
+        ngx_del_timer(&l->wait_ev);
     }
-    ngx_post_event(&s->wait_ev, &ngx_posted_events);
+    ngx_post_event(&l->wait_ev, &ngx_posted_events);
 }
 
 void cancelConnect(LuaThread *t)
@@ -658,18 +721,7 @@ void cancelConnect(LuaThread *t)
         return;
     }
     s->connector = nullptr;
-    sock::resolveCancel(&s->resolve);
-    if (s->in_wait_q) {
-        ngx_queue_remove(&s->wait_q);
-        s->pool->nwaiting--;
-        s->in_wait_q = false;
-    }
-    if (s->wait_ev.timer_set) {
-        ngx_del_timer(&s->wait_ev);
-    }
-    if (s->wait_ev.posted) {
-        ngx_delete_posted_event(&s->wait_ev);
-    }
+    dropLink(s);
     if (s->c) {
         sock::closeConnection(s->c);
         s->c = nullptr;
@@ -730,7 +782,6 @@ int tcpConnect(lua_State *L)
         return pushNilErr(L, "no memory");
     }
 
-    s->host.assign(host, hlen);
     s->port = static_cast<in_port_t>(port);
     s->reused = 0;
     s->counted = false;
@@ -738,19 +789,16 @@ int tcpConnect(lua_State *L)
     s->opt_pool_size = 0;
     s->opt_backlog = 0;
     s->opt_has_backlog = false;
-    bool named = false;
+    const char *name = nullptr;   // the pool option's text
+    size_t nlen = 0;
     if (opts) {
-        lua_getfield(L, opts, "pool");
+        lua_getfield(L, opts, "pool");   // stays: name points into it
         if (lua_isstring(L, -1)) {
-            size_t klen;
-            const char *k = lua_tolstring(L, -1, &klen);
-            s->key.assign(k, klen);
-            named = true;
+            name = lua_tolstring(L, -1, &nlen);
         } else if (!lua_isnil(L, -1)) {
             return luaL_error(L, "bad \"pool\" option type: %s",
                               luaL_typename(L, -1));
         }
-        lua_pop(L, 1);
         lua_getfield(L, opts, "pool_size");
         if (!lua_isnil(L, -1)) {
             lua_Integer v = luaL_checkinteger(L, -1);
@@ -784,8 +832,8 @@ int tcpConnect(lua_State *L)
                           ctx->vm};
     std::string &key = g_key;
     key.assign(reinterpret_cast<const char *>(ids), sizeof(ids));
-    if (named) {
-        key += s->key;
+    if (name) {
+        key.append(name, nlen);
     } else {
         key.append(host, hlen);
         if (!unix_path) {
@@ -800,17 +848,19 @@ int tcpConnect(lua_State *L)
             key.append(d, static_cast<size_t>(digits + sizeof(digits) - d));
         }
     }
-    // The key is kept only while its pool does not exist yet (created
-    // by connectFromPool or setkeepalive).
     s->home = findPool(key);
-    if (s->home) {
-        s->key.clear();
-    } else {
-        s->key = key;
-    }
 
     if (!sock::takeSlot(&s->slot, ctx, "tcp")) {
         return pushNilErr(L, sock::kTooManyConnections);
+    }
+    if (!takeLink(s)) {
+        sock::dropSlot(&s->slot);
+        return pushNilErr(L, "no memory");
+    }
+    s->link->host.assign(host, hlen);
+    if (s->home == nullptr) {
+        // Kept until the pool exists (connectFromPool, setkeepalive).
+        s->link->key = key;
     }
     LuaThread *t = threads::current();
     int r = connectFromPool(s, L);
@@ -1595,7 +1645,9 @@ int tcpSetKeepalive(lua_State *L)
                           "object), but got %d", n);
     }
     ngx_connection_t *c = s->c;
-    if (c == nullptr) {
+    // No link: ngx.req.socket's object, whose connection is the
+    // request's (called through a tcp object's method).
+    if (c == nullptr || s->link == nullptr) {
         return pushNilErr(L, "closed");
     }
     if (s->reader || s->writer || s->connector || s->shaker) {
@@ -1634,7 +1686,7 @@ int tcpSetKeepalive(lua_State *L)
 
     Pool *p = s->counted ? s->pool : homePool(s);
     if (p == nullptr) {
-        p = createPool(s->key, size, false, 0);
+        p = createPool(s->link->key, size, false, 0);
         if (p == nullptr) {
             closeSock(s, nullptr);
             return pushNilErr(L, "no memory");
@@ -1653,7 +1705,7 @@ int tcpSetKeepalive(lua_State *L)
     }
     it->c = c;
     it->pool = p;
-    copyTarget(&it->peer, s->target);
+    copyTarget(&it->peer, s->link->target);
     it->reused = s->reused;
     it->counted = s->counted;
     if (s->counted) {
@@ -1665,6 +1717,7 @@ int tcpSetKeepalive(lua_State *L)
 
     s->c = nullptr;
     sock::dropSlot(&s->slot);  // the pool's now, not the request's
+    dropLink(s);
     c->data = it;
     c->idle = 1;
     c->log = ngx_cycle->log;
@@ -1844,12 +1897,9 @@ int tcpBind(lua_State *L)
         lua_pushfstring(L, "bad address");
         return 2;
     }
+    static_assert(sizeof(s->local_addr) >= sizeof(struct sockaddr_in6));
     std::memcpy(&s->local_addr, &t.addr, t.len);
-    s->local.sockaddr = reinterpret_cast<struct sockaddr *>(&s->local_addr);
-    s->local.socklen = t.len;
-    s->local.name.data = nullptr;
-    s->local.name.len = 0;
-    s->has_local = true;
+    s->local_len = t.len;
     lua_pushinteger(L, 1);
     return 1;
 }
@@ -1868,18 +1918,8 @@ int tcpGc(lua_State *L)
     if (s->cln) {
         s->cln->handler = nullptr;
         s->cln = nullptr;
-        sock::resolveCancel(&s->resolve);
-        if (s->in_wait_q) {
-            ngx_queue_remove(&s->wait_q);
-            s->pool->nwaiting--;
-        }
-        if (s->wait_ev.timer_set) {
-            ngx_del_timer(&s->wait_ev);
-        }
-        if (s->wait_ev.posted) {
-            ngx_delete_posted_event(&s->wait_ev);
-        }
     }
+    dropLink(s);   // (already done by requestGone when it ran)
     s->reader = s->writer = s->connector = s->shaker = nullptr;
     if (s->downstream) {
         s->c = nullptr;
@@ -1911,11 +1951,8 @@ Tcp *pushTcpWith(lua_State *L, int ud_mt, int meta)
 {
     lua_createtable(L, 3, 1);
     void *mem = lua_newuserdata(L, sizeof(Tcp));
-    auto *s = new (mem) Tcp();
-    ngx_memzero(&s->pc, sizeof(s->pc));
-    ngx_memzero(&s->wait_ev, sizeof(s->wait_ev));
-    ngx_queue_init(&s->wait_q);
-    s->resolve.rctx = nullptr;
+    new (mem) Tcp();
+    auto *s = static_cast<Tcp *>(mem);
     lua_pushvalue(L, ud_mt);
     lua_setmetatable(L, -2);
     lua_rawseti(L, -2, 1);

@@ -43,6 +43,27 @@ struct Until {
 };
 
 struct Pool;
+struct Tcp;
+
+// What a connect and the connection it makes need beyond the Tcp, out of
+// the Lua heap: the object is made anew by most requests that use a
+// socket, and the GC's work follows the bytes the VM allocates. A Link
+// is taken from the worker's free list when a connect starts (after its
+// lua_socket_max_per_request slot) and given back with that slot: when
+// the connect fails, the connection closes or goes to the pool, the
+// thread is killed, the request ends or the object is collected. So the
+// Links in use never outnumber the connections requests hold.
+struct Link {
+    Tcp                  *owner = nullptr;
+    ngx_peer_connection_t pc;
+    Target                target;        // the peer: resolved, judged
+    Resolve               resolve;
+    std::string           host;          // as connect() was given it
+    std::string           key;           // pool key, while no pool
+    ngx_queue_t           wait_q;        // in pool->waiters (backlog)
+    bool                  in_wait_q = false;
+    ngx_event_t           wait_ev;       // backlog timeout / wake-up
+};
 
 struct Tcp {
     uint32_t             magic = kMagic;
@@ -63,7 +84,7 @@ struct Tcp {
     size_t               lowat = 0;
 
     ngx_uint_t           reused = 0;
-    std::string          key;             // pool key, while no pool
+    Link                *link = nullptr;  // while connecting, connected
     Pool                *home = nullptr;  // the key's pool, once it exists
     Pool                *pool = nullptr;  // counted against (backlog)
     bool                 counted = false;
@@ -96,18 +117,14 @@ struct Tcp {
     bool                 all_ended = false;    // "*a" met it: the next
                                                // read reports it
 
-    // Connect.
-    ngx_peer_connection_t pc;
-    Target               target;
-    Resolve              resolve;
-    std::string          host;
+    // Connect (the rest is in link).
     in_port_t            port = 0;
-    ngx_addr_t           local;
-    struct sockaddr_storage local_addr;
-    bool                 has_local = false;
-    ngx_queue_t          wait_q;          // in pool->waiters (backlog)
-    bool                 in_wait_q = false;
-    ngx_event_t          wait_ev;         // backlog timeout / wake-up
+    union {                               // bind(): an IP address
+        struct sockaddr     sa;
+        struct sockaddr_in  sin;
+        struct sockaddr_in6 sin6;
+    }                    local_addr;
+    socklen_t            local_len = 0;   // 0: no bind()
     bool                 tcp_nodelay = true;
 
     // TLS (tcpSslHandshake and the lua_ssl_* contexts, below).
