@@ -388,17 +388,20 @@ Tcp *self(lua_State *L, int mt = kUdMetaUpvalue)
     // alone would take any userdata of the right size and contents. The
     // metatable is the method's upvalue: compared by identity, as
     // luaL_testudata does, without looking its name up in the registry.
-    Tcp *s = nullptr;
-    if (lua_type(L, -1) == LUA_TUSERDATA && lua_getmetatable(L, -1)) {
-        if (lua_rawequal(L, -1, mt) && lua_objlen(L, -2) == sizeof(Tcp)) {
-            s = static_cast<Tcp *>(lua_touserdata(L, -2));
+    // (A light userdata has no length: refused by the size.)
+    auto *s = static_cast<Tcp *>(lua_touserdata(L, -1));
+    if (s && lua_getmetatable(L, -1)) {
+        if (!lua_rawequal(L, -1, mt) || lua_objlen(L, -2) != sizeof(Tcp)) {
+            s = nullptr;
         }
-        lua_pop(L, 1);
+        lua_settop(L, -3);
+    } else {
+        s = nullptr;
+        lua_settop(L, -2);
     }
     if (s == nullptr || s->magic != kMagic) {
         luaL_error(L, "bad argument #1 (tcp socket object expected)");
     }
-    lua_pop(L, 1);
     return s;
 }
 
