@@ -1903,7 +1903,7 @@ int tcpBind(lua_State *L)
     static_assert(sizeof(s->local_addr) >= sizeof(struct sockaddr_in6));
     std::memcpy(&s->local_addr, &t.addr, t.len);
     s->local_len = t.len;
-    lua_pushinteger(L, 1);
+    lua_pushboolean(L, 1);   // true, as lua-nginx-module's bind()
     return 1;
 }
 
