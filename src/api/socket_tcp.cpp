@@ -792,16 +792,20 @@ int tcpConnect(lua_State *L)
     s->opt_pool_size = 0;
     s->opt_backlog = 0;
     s->opt_has_backlog = false;
-    const char *name = nullptr;   // the pool option's text
-    size_t nlen = 0;
+    bool named = false;
+    std::string name;   // the pool option (popped: errors count the stack)
     if (opts) {
-        lua_getfield(L, opts, "pool");   // stays: name points into it
+        lua_getfield(L, opts, "pool");
         if (lua_isstring(L, -1)) {
-            name = lua_tolstring(L, -1, &nlen);
+            size_t nlen;
+            const char *k = lua_tolstring(L, -1, &nlen);
+            name.assign(k, nlen);
+            named = true;
         } else if (!lua_isnil(L, -1)) {
             return luaL_error(L, "bad \"pool\" option type: %s",
                               luaL_typename(L, -1));
         }
+        lua_pop(L, 1);
         lua_getfield(L, opts, "pool_size");
         if (!lua_isnil(L, -1)) {
             lua_Integer v = luaL_checkinteger(L, -1);
@@ -835,8 +839,8 @@ int tcpConnect(lua_State *L)
                           ctx->vm};
     std::string &key = g_key;
     key.assign(reinterpret_cast<const char *>(ids), sizeof(ids));
-    if (name) {
-        key.append(name, nlen);
+    if (named) {
+        key += name;
     } else {
         key.append(host, hlen);
         if (!unix_path) {
