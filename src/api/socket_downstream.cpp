@@ -50,7 +50,7 @@ void reqWriteHandler(ngx_http_request_t *r)
 }
 
 // The documented subsets of the methods.
-void openReqSocket(lua_State *L)
+void openReqSocket(lua_State *L, int ud_mt)
 {
     luaL_newmetatable(L, kReqMeta);
     lua_createtable(L, 0, 5);
@@ -60,14 +60,14 @@ void openReqSocket(lua_State *L)
                                     {"settimeout", tcpSetTimeout},
                                     {"settimeouts", tcpSetTimeouts},
                                     {nullptr, nullptr}};
-    setFuncs(L, req_methods);
+    setMethods(L, req_methods, ud_mt);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, kRawMeta);
     lua_createtable(L, 0, 6);
-    setFuncs(L, req_methods);
-    lua_pushcfunction(L, tcpSend);
-    lua_setfield(L, -2, "send");
+    const luaL_Reg raw_methods[] = {{"send", tcpSend}, {nullptr, nullptr}};
+    setMethods(L, req_methods, ud_mt);
+    setMethods(L, raw_methods, ud_mt);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
 }

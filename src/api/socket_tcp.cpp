@@ -53,6 +53,7 @@ void copyTarget(Target *to, const Target &from)
 }
 
 std::unordered_map<std::string, Pool *> g_pools;
+std::string g_key;                    // tcpConnect's, for the lookup
 std::vector<char *> g_free_bufs;      // read buffers of g_free_size
 size_t g_free_size = 0;
 
@@ -91,12 +92,82 @@ void putRbuf(Tcp *s)
     s->rcap = s->rpos = s->rlast = 0;
 }
 
+// ---- links ----
+
+constexpr size_t kFreeLinks = 64;
+Link *g_free_links[kFreeLinks];       // kept for the next connects
+size_t g_nfree_links = 0;
+
+bool takeLink(Tcp *s)
+{
+    if (s->link) {
+        return true;
+    }
+    Link *l = g_nfree_links ? g_free_links[--g_nfree_links]
+                            : new (std::nothrow) Link();
+    if (l == nullptr) {
+        return false;
+    }
+    ngx_memzero(&l->pc, sizeof(l->pc));
+    ngx_memzero(&l->wait_ev, sizeof(l->wait_ev));
+    ngx_queue_init(&l->wait_q);
+    l->in_wait_q = false;
+    l->resolve.rctx = nullptr;
+    l->owner = s;
+    s->link = l;
+    return true;
+}
+
+// Gives the link back, first undoing what it takes part in: a name
+// lookup, a place in the backlog queue, its timer or posted event.
+void dropLink(Tcp *s)
+{
+    Link *l = s->link;
+    if (l == nullptr) {
+        return;
+    }
+    s->link = nullptr;
+    sock::resolveCancel(&l->resolve);
+    if (l->in_wait_q) {
+        ngx_queue_remove(&l->wait_q);
+        s->pool->nwaiting--;
+        l->in_wait_q = false;
+    }
+    if (l->wait_ev.timer_set) {
+        ngx_del_timer(&l->wait_ev);
+    }
+    if (l->wait_ev.posted) {
+        ngx_delete_posted_event(&l->wait_ev);
+    }
+    l->owner = nullptr;
+    if (g_nfree_links == kFreeLinks || l->host.capacity() > 256
+        || l->key.capacity() > 256)
+    {
+        delete l;   // a long name's memory is not kept
+        return;
+    }
+    l->host.clear();
+    l->key.clear();
+    l->resolve.err.clear();
+    g_free_links[g_nfree_links++] = l;
+}
+
 // ---- pools ----
 
 Pool *findPool(const std::string &key)
 {
     auto it = g_pools.find(key);
     return it == g_pools.end() ? nullptr : it->second;
+}
+
+// The pool of the socket's key: found by tcpConnect, or looked up again
+// by the key it kept (another socket may have created it since).
+Pool *homePool(Tcp *s)
+{
+    if (s->home == nullptr) {
+        s->home = findPool(s->link->key);
+    }
+    return s->home;
 }
 
 Pool *createPool(const std::string &key, ngx_uint_t size, bool backlog_on,
@@ -253,6 +324,7 @@ void closeSock(Tcp *s, LuaThread *self)
     }
     s->rpos = s->rlast = 0;
     releaseSendBuf(s);
+    dropLink(s);   // out of the backlog queue before a waiter is woken
     releaseCount(s);
     sock::dropSlot(&s->slot);
     if (s->reader != self) {
@@ -270,18 +342,7 @@ void requestGone(void *data)
 {
     auto *s = static_cast<Tcp *>(data);
     s->cln = nullptr;
-    sock::resolveCancel(&s->resolve);
-    if (s->in_wait_q) {
-        ngx_queue_remove(&s->wait_q);
-        s->pool->nwaiting--;
-        s->in_wait_q = false;
-    }
-    if (s->wait_ev.timer_set) {
-        ngx_del_timer(&s->wait_ev);
-    }
-    if (s->wait_ev.posted) {
-        ngx_delete_posted_event(&s->wait_ev);
-    }
+    dropLink(s);
     // The threads are being killed: their cancel finds nothing to undo.
     s->reader = s->writer = s->connector = s->shaker = nullptr;
     closeSock(s, nullptr);
@@ -317,28 +378,39 @@ bool bindRequest(Tcp *s, RequestCtx *ctx)
 
 // ---- the object ----
 
-Tcp *self(lua_State *L)
+Tcp *self(lua_State *L, int mt = kUdMetaUpvalue)
 {
-    luaL_checktype(L, 1, LUA_TTABLE);
+    if (lua_type(L, 1) != LUA_TTABLE) {
+        luaL_checktype(L, 1, LUA_TTABLE);  // raises its error
+    }
     lua_rawgeti(L, 1, 1);
     // The kind first (the userdata's metatable is ours): size and magic
-    // alone would take any userdata of the right size and contents.
-    auto *s = static_cast<Tcp *>(luaL_testudata(L, -1, kTcpUdMeta));
-    if (s == nullptr || lua_objlen(L, -1) != sizeof(Tcp)
-        || s->magic != kMagic)
-    {
+    // alone would take any userdata of the right size and contents. The
+    // metatable is the method's upvalue: compared by identity, as
+    // luaL_testudata does, without looking its name up in the registry.
+    // (A light userdata has no length: refused by the size.)
+    auto *s = static_cast<Tcp *>(lua_touserdata(L, -1));
+    if (s && lua_getmetatable(L, -1)) {
+        if (!lua_rawequal(L, -1, mt) || lua_objlen(L, -2) != sizeof(Tcp)) {
+            s = nullptr;
+        }
+        lua_settop(L, -3);
+    } else {
+        s = nullptr;
+        lua_settop(L, -2);
+    }
+    if (s == nullptr || s->magic != kMagic) {
         luaL_error(L, "bad argument #1 (tcp socket object expected)");
     }
-    lua_pop(L, 1);
     return s;
 }
 
 // The socket as the running code may use it; raises on a socket of
 // another live request (lua-nginx-module's "bad request").
-Tcp *use(lua_State *L)
+Tcp *use(lua_State *L, int mt)
 {
     glue::checkPhase(L, sock::kPhases);
-    Tcp *s = self(L);
+    Tcp *s = self(L, mt);
     if (s->ctx && s->c && s->ctx != sock::currentCtx()) {
         luaL_error(L, "bad request");
     }
@@ -387,14 +459,16 @@ void settleConnect(Tcp *s, Push &&push)
 
 int failConnect(Tcp *s, lua_State *dst, const std::string &err)
 {
+    // Pushed first: err may be the link's.
+    lua_pushnil(dst);
+    lua_pushlstring(dst, err.data(), err.size());
+    dropLink(s);
     if (s->c) {
         sock::closeConnection(s->c);
         s->c = nullptr;
     }
     releaseCount(s);
     sock::dropSlot(&s->slot);
-    lua_pushnil(dst);
-    lua_pushlstring(dst, err.data(), err.size());
     return 2;
 }
 
@@ -410,7 +484,7 @@ void onConnect(ngx_event_t *ev)
         if (s->log_errors) {
             ngx_log_error(NGX_LOG_ERR, c->log, 0,
                           "lua tcp socket connect timed out, when "
-                          "connecting to %V", &s->target.name);
+                          "connecting to %V", &s->link->target.name);
         }
         settleConnect(s, [&](lua_State *co) {
             return failConnect(s, co, "timeout");
@@ -441,21 +515,29 @@ void onConnect(ngx_event_t *ev)
 
 int connectTarget(Tcp *s, lua_State *dst)
 {
-    if (!sock::egressCheck(s->ctx, "tcp socket", &s->target)) {
+    Link *l = s->link;
+    if (!sock::egressCheck(s->ctx, "tcp socket", &l->target)) {
         return failConnect(s, dst, kEgressDenied);
     }
-    ngx_int_t rc = sock::connectPeer(&s->pc, &s->target, SOCK_STREAM,
-                                     s->has_local ? &s->local : nullptr,
+    ngx_addr_t local;
+    if (s->local_len) {
+        local.sockaddr = &s->local_addr.sa;
+        local.socklen = s->local_len;
+        local.name.data = nullptr;
+        local.name.len = 0;
+    }
+    ngx_int_t rc = sock::connectPeer(&l->pc, &l->target, SOCK_STREAM,
+                                     s->local_len ? &local : nullptr,
                                      s->ctx->r->connection->log,
                                      s->log_errors, &s->err);
     if (rc == NGX_ERROR) {
         return failConnect(s, dst, s->err);
     }
     metrics::countConnect(s->ctx);
-    ngx_connection_t *c = s->pc.connection;
+    ngx_connection_t *c = l->pc.connection;
     c->data = s;
     c->pool = nullptr;
-    if (s->tcp_nodelay && s->target.addr.ss_family != AF_UNIX) {
+    if (s->tcp_nodelay && l->target.addr.ss_family != AF_UNIX) {
         int on = 1;
         (void) setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
     }
@@ -489,18 +571,19 @@ void resolved(Resolve *res)
 // Resolves (when needed) and connects; the pool and backlog are settled.
 int resolveAndConnect(Tcp *s, lua_State *dst)
 {
-    if (sock::literal(s->host.data(), s->host.size(), s->port, &s->target)) {
+    Link *l = s->link;
+    if (sock::literal(l->host.data(), l->host.size(), s->port, &l->target)) {
         return connectTarget(s, dst);
     }
-    s->resolve.data = s;
-    s->resolve.done = resolved;
-    if (sock::resolveStart(s->ctx->r, &s->resolve, s->host.data(),
-                           s->host.size(), s->port, &s->target))
+    l->resolve.data = s;
+    l->resolve.done = resolved;
+    if (sock::resolveStart(s->ctx->r, &l->resolve, l->host.data(),
+                           l->host.size(), s->port, &l->target))
     {
-        if (!s->resolve.err.empty()) {
+        if (!l->resolve.err.empty()) {
             // Not logged ("no resolver defined to resolve ..."), as in
             // lua-nginx-module: the script gets the error.
-            return failConnect(s, dst, s->resolve.err);
+            return failConnect(s, dst, l->resolve.err);
         }
         return connectTarget(s, dst);
     }
@@ -523,7 +606,7 @@ bool takeIdle(Tcp *s, Pool *p, bool *refused)
         *refused = true;
         return false;
     }
-    copyTarget(&s->target, it->peer);
+    copyTarget(&s->link->target, it->peer);
     ngx_queue_remove(q);
     p->nidle--;
     ngx_connection_t *c = it->c;
@@ -543,7 +626,7 @@ bool takeIdle(Tcp *s, Pool *p, bool *refused)
 // backlog queue.
 int connectFromPool(Tcp *s, lua_State *dst)
 {
-    Pool *p = findPool(s->key);
+    Pool *p = homePool(s);
     bool refused = false;
     if (takeIdle(s, p, &refused)) {
         lua_pushinteger(dst, 1);
@@ -554,31 +637,34 @@ int connectFromPool(Tcp *s, lua_State *dst)
     }
     if (s->opt_has_backlog) {
         if (p == nullptr) {
-            p = createPool(s->key, s->opt_pool_size
+            p = createPool(s->link->key, s->opt_pool_size
                                        ? s->opt_pool_size
                                        : s->ctx->llcf->socket_pool_size,
                            true, s->opt_backlog);
             if (p == nullptr) {
                 return failConnect(s, dst, "no memory");
             }
+            s->home = p;
         }
         if (p->backlog_on && p->active + p->nidle >= p->size) {
             if (p->nwaiting >= s->opt_backlog) {
                 return failConnect(s, dst,
                                    "too many waiting connect operations");
             }
-            ngx_queue_insert_tail(&p->waiters, &s->wait_q);
+            Link *l = s->link;
+            ngx_queue_insert_tail(&p->waiters, &l->wait_q);
             p->nwaiting++;
-            s->in_wait_q = true;
+            l->in_wait_q = true;
             s->pool = p;
-            s->wait_ev.handler = entry::edge<backlogEvent>;
-            s->wait_ev.data = s;
-            s->wait_ev.log = s->ctx->r->connection->log;
-            ngx_add_timer(&s->wait_ev, connectTimeout(s));
+            l->wait_ev.handler = entry::edge<backlogEvent>;
+            l->wait_ev.data = s;
+            l->wait_ev.log = s->ctx->r->connection->log;
+            ngx_add_timer(&l->wait_ev, connectTimeout(s));
             return kPending;
         }
     } else if (p == nullptr && s->opt_pool_size) {
-        p = createPool(s->key, s->opt_pool_size, false, 0);
+        p = createPool(s->link->key, s->opt_pool_size, false, 0);
+        s->home = p;
     }
     if (p && p->backlog_on) {
         p->active++;
@@ -598,10 +684,11 @@ void backlogEvent(ngx_event_t *ev)
     }
     if (ev->timedout) {
         ev->timedout = 0;
-        if (s->in_wait_q) {
-            ngx_queue_remove(&s->wait_q);
+        Link *l = s->link;
+        if (l->in_wait_q) {
+            ngx_queue_remove(&l->wait_q);
             s->pool->nwaiting--;
-            s->in_wait_q = false;
+            l->in_wait_q = false;
         }
         logError(s, "connect timed out while waiting in the backlog queue");
         settleConnect(s, [&](lua_State *co) {
@@ -620,14 +707,14 @@ void wakeBacklog(Pool *p)
         return;
     }
     ngx_queue_t *q = ngx_queue_head(&p->waiters);
-    Tcp *s = ngx_queue_data(q, Tcp, wait_q);
+    Link *l = ngx_queue_data(q, Link, wait_q);
     ngx_queue_remove(q);
     p->nwaiting--;
-    s->in_wait_q = false;
-    if (s->wait_ev.timer_set) {
-        ngx_del_timer(&s->wait_ev);
+    l->in_wait_q = false;
+    if (l->wait_ev.timer_set) {
+        ngx_del_timer(&l->wait_ev);
     }
-    ngx_post_event(&s->wait_ev, &ngx_posted_events);
+    ngx_post_event(&l->wait_ev, &ngx_posted_events);
 }
 
 void cancelConnect(LuaThread *t)
@@ -637,18 +724,7 @@ void cancelConnect(LuaThread *t)
         return;
     }
     s->connector = nullptr;
-    sock::resolveCancel(&s->resolve);
-    if (s->in_wait_q) {
-        ngx_queue_remove(&s->wait_q);
-        s->pool->nwaiting--;
-        s->in_wait_q = false;
-    }
-    if (s->wait_ev.timer_set) {
-        ngx_del_timer(&s->wait_ev);
-    }
-    if (s->wait_ev.posted) {
-        ngx_delete_posted_event(&s->wait_ev);
-    }
+    dropLink(s);
     if (s->c) {
         sock::closeConnection(s->c);
         s->c = nullptr;
@@ -709,7 +785,6 @@ int tcpConnect(lua_State *L)
         return pushNilErr(L, "no memory");
     }
 
-    s->host.assign(host, hlen);
     s->port = static_cast<in_port_t>(port);
     s->reused = 0;
     s->counted = false;
@@ -718,12 +793,13 @@ int tcpConnect(lua_State *L)
     s->opt_backlog = 0;
     s->opt_has_backlog = false;
     bool named = false;
+    std::string name;   // the pool option (popped: errors count the stack)
     if (opts) {
         lua_getfield(L, opts, "pool");
         if (lua_isstring(L, -1)) {
-            size_t klen;
-            const char *k = lua_tolstring(L, -1, &klen);
-            s->key.assign(k, klen);
+            size_t nlen;
+            const char *k = lua_tolstring(L, -1, &nlen);
+            name.assign(k, nlen);
             named = true;
         } else if (!lua_isnil(L, -1)) {
             return luaL_error(L, "bad \"pool\" option type: %s",
@@ -752,29 +828,46 @@ int tcpConnect(lua_State *L)
         }
         lua_pop(L, 1);
     }
-    if (!named) {
-        s->key.assign(host, hlen);
-        if (!unix_path) {
-            s->key += ':';
-            s->key += std::to_string(port);
-        }
-    }
     // Pools of different policies or VMs never mix, whatever name the
     // script gives: the key starts with their identities (inherited
     // policies are shared objects, so locations with the same settings
     // share pools; a lua_vm tenant never gets a connection another
-    // tenant authenticated). The prefix ends with '|', which no pointer
-    // contains.
-    char policy[96];
-    int plen = std::snprintf(policy, sizeof(policy), "%p,%p,%p|",
-                             static_cast<const void *>(ctx->llcf->egress),
-                             static_cast<const void *>(
-                                 sandbox::policyOf(ctx->llcf)),
-                             static_cast<const void *>(ctx->vm));
-    s->key.insert(0, policy, static_cast<size_t>(plen));
+    // tenant authenticated), as bytes of a fixed length, then the name
+    // (or host:port). No Lua runs from here to the lookup (g_key is
+    // the worker's).
+    const void *ids[3] = {ctx->llcf->egress, sandbox::policyOf(ctx->llcf),
+                          ctx->vm};
+    std::string &key = g_key;
+    key.assign(reinterpret_cast<const char *>(ids), sizeof(ids));
+    if (named) {
+        key += name;
+    } else {
+        key.append(host, hlen);
+        if (!unix_path) {
+            char digits[8];
+            char *d = digits + sizeof(digits);
+            auto v = static_cast<unsigned>(port);
+            do {
+                *--d = static_cast<char>('0' + v % 10);
+                v /= 10;
+            } while (v);
+            key += ':';
+            key.append(d, static_cast<size_t>(digits + sizeof(digits) - d));
+        }
+    }
+    s->home = findPool(key);
 
     if (!sock::takeSlot(&s->slot, ctx, "tcp")) {
         return pushNilErr(L, sock::kTooManyConnections);
+    }
+    if (!takeLink(s)) {
+        sock::dropSlot(&s->slot);
+        return pushNilErr(L, "no memory");
+    }
+    s->link->host.assign(host, hlen);
+    if (s->home == nullptr) {
+        // Kept until the pool exists (connectFromPool, setkeepalive).
+        s->link->key = key;
     }
     LuaThread *t = threads::current();
     int r = connectFromPool(s, L);
@@ -1209,9 +1302,15 @@ int tcpReceive(lua_State *L)
     RMode m = RMode::Line;
     size_t size = 0;
     if (n == 2) {
-        if (lua_type(L, 2) == LUA_TNUMBER
-            || (lua_type(L, 2) == LUA_TSTRING && lua_isnumber(L, 2)))
-        {
+        int t = lua_type(L, 2);
+        const char *p = t == LUA_TSTRING ? lua_tostring(L, 2) : nullptr;
+        // The patterns first: they are no numbers, and scanning "*l" as
+        // one costs more than reading the line.
+        if (p && p[0] == '*' && p[1] == 'l' && p[2] == '\0') {
+            m = RMode::Line;
+        } else if (p && p[0] == '*' && p[1] == 'a' && p[2] == '\0') {
+            m = RMode::All;
+        } else if (t == LUA_TNUMBER || (p && lua_isnumber(L, 2))) {
             lua_Number v = lua_tonumber(L, 2);
             if (v < 0) {
                 return luaL_argerror(L, 2, "bad pattern argument");
@@ -1225,16 +1324,7 @@ int tcpReceive(lua_State *L)
                 return 1;
             }
             m = RMode::Size;
-        } else if (lua_type(L, 2) == LUA_TSTRING) {
-            const char *p = lua_tostring(L, 2);
-            if (p[0] == '*' && p[1] == 'l' && p[2] == '\0') {
-                m = RMode::Line;
-            } else if (p[0] == '*' && p[1] == 'a' && p[2] == '\0') {
-                m = RMode::All;
-            } else {
-                return luaL_argerror(L, 2, "bad pattern argument");
-            }
-        } else if (!lua_isnil(L, 2)) {
+        } else if (t != LUA_TNIL) {
             return luaL_argerror(L, 2, "bad pattern argument");
         }
     }
@@ -1257,11 +1347,11 @@ int tcpReceiveAny(lua_State *L)
 
 int untilIterator(lua_State *L)
 {
-    // upvalue 1: the socket table; 2: the Until state.
+    // upvalue 1: the socket table; 2: the Until state; 3: kTcpUdMeta.
     glue::checkPhase(L, sock::kPhases);
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
-    Tcp *s = use(L);
+    Tcp *s = use(L, lua_upvalueindex(3));
     auto *u = static_cast<Until *>(lua_touserdata(L, lua_upvalueindex(2)));
     size_t limit = 0;
     if (lua_gettop(L) >= 2 && !lua_isnil(L, 2)) {
@@ -1334,7 +1424,8 @@ int tcpReceiveUntil(lua_State *L)
     }
     luaL_getmetatable(L, kUntilMeta);
     lua_setmetatable(L, -2);
-    lua_pushcclosure(L, untilIterator, 2);
+    lua_pushvalue(L, kUdMetaUpvalue);
+    lua_pushcclosure(L, untilIterator, 3);
     return 1;
 }
 
@@ -1561,7 +1652,9 @@ int tcpSetKeepalive(lua_State *L)
                           "object), but got %d", n);
     }
     ngx_connection_t *c = s->c;
-    if (c == nullptr) {
+    // No link: ngx.req.socket's object, whose connection is the
+    // request's (called through a tcp object's method).
+    if (c == nullptr || s->link == nullptr) {
         return pushNilErr(L, "closed");
     }
     if (s->reader || s->writer || s->connector || s->shaker) {
@@ -1598,13 +1691,14 @@ int tcpSetKeepalive(lua_State *L)
         return pushNilErr(L, "connection in dubious state");
     }
 
-    Pool *p = s->counted ? s->pool : findPool(s->key);
+    Pool *p = s->counted ? s->pool : homePool(s);
     if (p == nullptr) {
-        p = createPool(s->key, size, false, 0);
+        p = createPool(s->link->key, size, false, 0);
         if (p == nullptr) {
             closeSock(s, nullptr);
             return pushNilErr(L, "no memory");
         }
+        s->home = p;
     }
     auto *it = new (std::nothrow) Idle();
     if (it == nullptr) {
@@ -1618,7 +1712,7 @@ int tcpSetKeepalive(lua_State *L)
     }
     it->c = c;
     it->pool = p;
-    copyTarget(&it->peer, s->target);
+    copyTarget(&it->peer, s->link->target);
     it->reused = s->reused;
     it->counted = s->counted;
     if (s->counted) {
@@ -1630,6 +1724,7 @@ int tcpSetKeepalive(lua_State *L)
 
     s->c = nullptr;
     sock::dropSlot(&s->slot);  // the pool's now, not the request's
+    dropLink(s);
     c->data = it;
     c->idle = 1;
     c->log = ngx_cycle->log;
@@ -1809,13 +1904,10 @@ int tcpBind(lua_State *L)
         lua_pushfstring(L, "bad address");
         return 2;
     }
+    static_assert(sizeof(s->local_addr) >= sizeof(struct sockaddr_in6));
     std::memcpy(&s->local_addr, &t.addr, t.len);
-    s->local.sockaddr = reinterpret_cast<struct sockaddr *>(&s->local_addr);
-    s->local.socklen = t.len;
-    s->local.name.data = nullptr;
-    s->local.name.len = 0;
-    s->has_local = true;
-    lua_pushinteger(L, 1);
+    s->local_len = t.len;
+    lua_pushboolean(L, 1);   // true, as lua-nginx-module's bind()
     return 1;
 }
 
@@ -1833,18 +1925,8 @@ int tcpGc(lua_State *L)
     if (s->cln) {
         s->cln->handler = nullptr;
         s->cln = nullptr;
-        sock::resolveCancel(&s->resolve);
-        if (s->in_wait_q) {
-            ngx_queue_remove(&s->wait_q);
-            s->pool->nwaiting--;
-        }
-        if (s->wait_ev.timer_set) {
-            ngx_del_timer(&s->wait_ev);
-        }
-        if (s->wait_ev.posted) {
-            ngx_delete_posted_event(&s->wait_ev);
-        }
     }
+    dropLink(s);   // (already done by requestGone when it ran)
     s->reader = s->writer = s->connector = s->shaker = nullptr;
     if (s->downstream) {
         s->c = nullptr;
@@ -1861,20 +1943,39 @@ int tcpGc(lua_State *L)
     return 0;
 }
 
-Tcp *pushTcp(lua_State *L, const char *meta)
+void setMethods(lua_State *L, const luaL_Reg *fns, int ud_mt)
+{
+    for (; fns->name; fns++) {
+        lua_pushvalue(L, ud_mt);
+        lua_pushcclosure(L, fns->func, 1);
+        lua_setfield(L, -2, fns->name);
+    }
+}
+
+// The object with the metatables at stack indexes `ud_mt` (kTcpUdMeta)
+// and `meta`.
+Tcp *pushTcpWith(lua_State *L, int ud_mt, int meta)
 {
     lua_createtable(L, 3, 1);
     void *mem = lua_newuserdata(L, sizeof(Tcp));
-    auto *s = new (mem) Tcp();
-    ngx_memzero(&s->pc, sizeof(s->pc));
-    ngx_memzero(&s->wait_ev, sizeof(s->wait_ev));
-    ngx_queue_init(&s->wait_q);
-    s->resolve.rctx = nullptr;
-    luaL_getmetatable(L, kTcpUdMeta);
+    new (mem) Tcp();
+    auto *s = static_cast<Tcp *>(mem);
+    lua_pushvalue(L, ud_mt);
     lua_setmetatable(L, -2);
     lua_rawseti(L, -2, 1);
-    luaL_getmetatable(L, meta);
+    lua_pushvalue(L, meta);
     lua_setmetatable(L, -2);
+    return s;
+}
+
+Tcp *pushTcp(lua_State *L, const char *meta)
+{
+    luaL_getmetatable(L, kTcpUdMeta);
+    luaL_getmetatable(L, meta);
+    int top = lua_gettop(L);
+    Tcp *s = pushTcpWith(L, top - 1, top);
+    lua_replace(L, top - 1);
+    lua_settop(L, top - 1);
     return s;
 }
 
@@ -1886,7 +1987,7 @@ int tcpNew(lua_State *L)
         return luaL_error(L, "expecting zero arguments, but got %d",
                           lua_gettop(L));
     }
-    pushTcp(L, kTcpMeta);
+    pushTcpWith(L, lua_upvalueindex(1), lua_upvalueindex(2));
     return 1;
 }
 
@@ -1897,6 +1998,14 @@ using namespace tcp;
 
 void openSocketTcp(lua_State *L)
 {
+    int ngx = lua_gettop(L);
+    // The userdata's metatable first: every method holds it (upvalue 1,
+    // use()).
+    luaL_newmetatable(L, kTcpUdMeta);
+    lua_pushcfunction(L, tcpGc);
+    lua_setfield(L, -2, "__gc");
+    int ud_mt = lua_gettop(L);
+
     // The object table's metatable: methods.
     luaL_newmetatable(L, kTcpMeta);
     lua_createtable(L, 0, 20);
@@ -1916,16 +2025,11 @@ void openSocketTcp(lua_State *L)
                                 {"sslhandshake", tcpSslHandshake},
                                 {"setclientcert", tcpSetClientCert},
                                 {nullptr, nullptr}};
-    setFuncs(L, methods);
+    setMethods(L, methods, ud_mt);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
 
-    openReqSocket(L);
-
-    luaL_newmetatable(L, kTcpUdMeta);
-    lua_pushcfunction(L, tcpGc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
+    openReqSocket(L, ud_mt);
 
     luaL_newmetatable(L, kUntilMeta);
     lua_pop(L, 1);
@@ -1935,10 +2039,18 @@ void openSocketTcp(lua_State *L)
     lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
 
+    lua_pushvalue(L, ngx);
     subTable(L, "socket");
-    lua_pushcfunction(L, tcpNew);
+    lua_remove(L, -2);
+    // tcpNew's upvalues: the userdata's and the object's metatables.
+    auto pushNew = [&] {
+        lua_pushvalue(L, ud_mt);
+        luaL_getmetatable(L, kTcpMeta);
+        lua_pushcclosure(L, tcpNew, 2);
+    };
+    pushNew();
     lua_setfield(L, -2, "tcp");
-    lua_pushcfunction(L, tcpNew);
+    pushNew();
     lua_setfield(L, -2, "stream");
     // ngx.socket.connect is documented as tcp() + connect(); in Lua so
     // the connect may yield.
@@ -1950,10 +2062,11 @@ void openSocketTcp(lua_State *L)
         "if not ok then return nil, err end "
         "return sock end";
     luaL_loadbuffer(L, kConnect, sizeof(kConnect) - 1, "=ngx.socket.connect");
-    lua_pushcfunction(L, tcpNew);
+    pushNew();
     lua_call(L, 1, 1);
     lua_setfield(L, -2, "connect");
     lua_pop(L, 1);
+    lua_remove(L, ud_mt);
 }
 
 ngx_uint_t socketPoolIdle()

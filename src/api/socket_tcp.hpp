@@ -43,6 +43,27 @@ struct Until {
 };
 
 struct Pool;
+struct Tcp;
+
+// What a connect and the connection it makes need beyond the Tcp, out of
+// the Lua heap: the object is made anew by most requests that use a
+// socket, and the GC's work follows the bytes the VM allocates. A Link
+// is taken from the worker's free list when a connect starts (after its
+// lua_socket_max_per_request slot) and given back with that slot: when
+// the connect fails, the connection closes or goes to the pool, the
+// thread is killed, the request ends or the object is collected. So the
+// Links in use never outnumber the connections requests hold.
+struct Link {
+    Tcp                  *owner = nullptr;
+    ngx_peer_connection_t pc;
+    Target                target;        // the peer: resolved, judged
+    Resolve               resolve;
+    std::string           host;          // as connect() was given it
+    std::string           key;           // pool key, while no pool
+    ngx_queue_t           wait_q;        // in pool->waiters (backlog)
+    bool                  in_wait_q = false;
+    ngx_event_t           wait_ev;       // backlog timeout / wake-up
+};
 
 struct Tcp {
     uint32_t             magic = kMagic;
@@ -63,7 +84,8 @@ struct Tcp {
     size_t               lowat = 0;
 
     ngx_uint_t           reused = 0;
-    std::string          key;             // pool name
+    Link                *link = nullptr;  // while connecting, connected
+    Pool                *home = nullptr;  // the key's pool, once it exists
     Pool                *pool = nullptr;  // counted against (backlog)
     bool                 counted = false;
     ngx_uint_t           opt_pool_size = 0;
@@ -95,18 +117,14 @@ struct Tcp {
     bool                 all_ended = false;    // "*a" met it: the next
                                                // read reports it
 
-    // Connect.
-    ngx_peer_connection_t pc;
-    Target               target;
-    Resolve              resolve;
-    std::string          host;
+    // Connect (the rest is in link).
     in_port_t            port = 0;
-    ngx_addr_t           local;
-    struct sockaddr_storage local_addr;
-    bool                 has_local = false;
-    ngx_queue_t          wait_q;          // in pool->waiters (backlog)
-    bool                 in_wait_q = false;
-    ngx_event_t          wait_ev;         // backlog timeout / wake-up
+    union {                               // bind(): an IP address
+        struct sockaddr     sa;
+        struct sockaddr_in  sin;
+        struct sockaddr_in6 sin6;
+    }                    local_addr;
+    socklen_t            local_len = 0;   // 0: no bind()
     bool                 tcp_nodelay = true;
 
     // TLS (tcpSslHandshake and the lua_ssl_* contexts, below).
@@ -164,8 +182,15 @@ struct Idle {
 
 // A new object: the table {[1] = userdata} with the methods of `meta`.
 Tcp *pushTcp(lua_State *L, const char *meta);
-// The Tcp of the object at index 1, raising when it is not usable.
-Tcp *use(lua_State *L);
+// Registers the methods `fns` into the table at the top of the stack,
+// each holding the metatable at `ud_mt` (kTcpUdMeta) as upvalue 1.
+void setMethods(lua_State *L, const luaL_Reg *fns, int ud_mt);
+// The methods' upvalue: the userdata's metatable (kTcpUdMeta), which
+// use() compares with the object's by identity.
+inline constexpr int kUdMetaUpvalue = lua_upvalueindex(1);
+// The Tcp of the object at index 1, raising when it is not usable; `mt`
+// is the stack index of the kTcpUdMeta metatable.
+Tcp *use(lua_State *L, int mt = kUdMetaUpvalue);
 ngx_msec_t connectTimeout(Tcp *s);
 // Gives back the pool count the connection held (backlog waiters wake).
 void releaseCount(Tcp *s);
@@ -196,8 +221,9 @@ void detachDownstream(Tcp *s);
 // The request's event handlers while a read or write of it waits.
 void reqReadHandler(ngx_http_request_t *r);
 void reqWriteHandler(ngx_http_request_t *r);
-// The metatables of ngx.req.socket's objects.
-void openReqSocket(lua_State *L);
+// The metatables of ngx.req.socket's objects; `ud_mt`: kTcpUdMeta's
+// stack index.
+void openReqSocket(lua_State *L, int ud_mt);
 
 // ---- TLS (api/ssl_client.cpp) ----
 

@@ -211,6 +211,61 @@ CASES = {
         end)
         ngx.say(f())
     """,
+    "bind_and_reconnect_one_object": HTTP_GET + r"""
+        local sock = ngx.socket.tcp()
+        ngx.say("bind: ", sock:bind("127.0.0.1"))
+        ngx.say("connect: ", sock:connect("127.0.0.1", UP))
+        ngx.say(get(sock, "/"))
+        ngx.say("again: ", sock:connect("127.0.0.1", UP))
+        ngx.say(get(sock, "/big"))
+        ngx.say("close: ", sock:close())
+        ngx.say("refused: ", sock:connect("127.0.0.1", DEAD))
+        ngx.say("after: ", sock:connect("127.0.0.1", UP))
+        ngx.say(get(sock, "/"))
+        ngx.say("keepalive: ", sock:setkeepalive())
+        ngx.say("bad bind: ", sock:bind("not-an-address"))
+    """,
+    "pool_backlog_queue": HTTP_GET + r"""
+        local opts = {pool = "q", pool_size = 1, backlog = 1}
+        local function user(name, hold)
+            return function()
+                local sock = ngx.socket.tcp()
+                local ok, err = sock:connect("127.0.0.1", UP, opts)
+                if not ok then return name .. " " .. err end
+                local r = get(sock, "/")
+                if hold then ngx.sleep(hold) end
+                local reused = sock:getreusedtimes()
+                sock:setkeepalive()
+                return name .. " " .. r .. " reused " .. reused
+            end
+        end
+        local a = ngx.thread.spawn(user("a", 0.05))
+        local b = ngx.thread.spawn(user("b"))
+        local c = ngx.thread.spawn(user("c"))
+        ngx.say(select(2, ngx.thread.wait(c)))
+        ngx.say(select(2, ngx.thread.wait(a)))
+        ngx.say(select(2, ngx.thread.wait(b)))
+        -- a waiter killed in the queue leaves its place to the next
+        local d = ngx.thread.spawn(function()
+            local sock = ngx.socket.tcp()
+            sock:connect("127.0.0.1", UP, opts)
+            ngx.sleep(0.05)
+            sock:setkeepalive()
+            return "d done"
+        end)
+        local e = ngx.thread.spawn(user("e"))
+        ngx.thread.kill(e)
+        local f = ngx.thread.spawn(user("f"))
+        ngx.say(select(2, ngx.thread.wait(d)))
+        ngx.say(select(2, ngx.thread.wait(f)))
+        -- a wait that times out
+        local s1 = ngx.socket.tcp()
+        s1:connect("127.0.0.1", UP, opts)
+        local s2 = ngx.socket.tcp()
+        s2:settimeout(30)
+        ngx.say("timeout: ", s2:connect("127.0.0.1", UP, opts))
+        s1:close()
+    """,
     "bad_args": r"""
         local sock = ngx.socket.tcp()
         ngx.say(pcall(sock.connect, sock))

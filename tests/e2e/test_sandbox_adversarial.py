@@ -467,6 +467,12 @@ def test_api_objects_are_checked_by_kind(nginx):
                           'return ngx.shared.d.get(s, "k")',
         "tcp_with_dict": 'local t = ngx.socket.tcp() t[1] = ngx.shared.d '
                          'return t:settimeout(10)',
+        "tcp_with_table": 'local t = ngx.socket.tcp() t[1] = {} '
+                          'return t:settimeout(10)',
+        "tcp_with_string": 'local t = ngx.socket.tcp() t[1] = "x" '
+                           'return t:receive()',
+        "tcp_not_table": 'local t = ngx.socket.tcp() '
+                         'return t.receive(t[1])',
         "ud_meta": 'return getmetatable(ngx.socket.tcp()[1])',
         "sema_meta": 'return getmetatable(require("ngx.semaphore").new(0))',
         "sock_meta": 'getmetatable(ngx.socket.tcp()).connect = nil',
@@ -475,10 +481,14 @@ def test_api_objects_are_checked_by_kind(nginx):
               .replace("lua_sandbox strict;",
                        "lua_sandbox strict +shared;"))
     for name in ("tcp_with_udp", "udp_with_tcp", "sema_with_dict",
-                 "dict_with_sema", "tcp_with_dict", "sock_meta"):
+                 "dict_with_sema", "tcp_with_dict", "sock_meta",
+                 "tcp_with_table", "tcp_with_string", "tcp_not_table"):
         text = n.get(f"/a/{name}").text
         assert text.startswith("ERR "), (name, text)
-    assert "tcp socket object expected" in n.get("/a/tcp_with_udp").text
+    for name in ("tcp_with_udp", "tcp_with_dict", "tcp_with_table",
+                 "tcp_with_string"):
+        assert "tcp socket object expected" in n.get(f"/a/{name}").text
+    assert "table expected, got userdata" in n.get("/a/tcp_not_table").text
     assert "udp socket object expected" in n.get("/a/udp_with_tcp").text
     assert "read-only" in n.get("/a/sock_meta").text
     # the metatables of luaguard's userdata (their __gc) are not handed out
