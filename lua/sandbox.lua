@@ -197,20 +197,50 @@ local function plain_args(...)
     return true
 end
 
--- %p prints an address and %s of a table one: for strict code the first
--- is refused, the second prints the per-request id.
-local function strict_format(fmt, ...)
+-- Whether a format string has a %p spec (plain `p`s and `%%p` do not
+-- count).
+local function scan_p(fmt)
+    if not find(fmt, "p", 1, true) then
+        return false
+    end
     local pos = 1
     while true do
         local a, b, spec = find(fmt, "%%[-+ #0]*%d*%.?%d*(.)", pos)
         if a == nil then
-            break
+            return false
         end
         if spec == "p" then
-            error("bad argument #1 to 'format' (invalid option '%p': "
-                  .. "addresses are not shown in lua_sandbox strict)", 2)
+            return true
         end
         pos = b + 1
+    end
+end
+
+-- scan_p's answers for short format strings, shared by every request of
+-- the VM: a format used again costs one lookup instead of a search.
+-- Strings are never collected from a weak table, so this one is bounded
+-- and starts over when full.
+local FMT_CACHE_MAX, FMT_CACHE_LEN = 256, 64
+local fmt_has_p, fmt_cached = {}, 0
+
+local function vet_format(fmt)
+    local p = scan_p(fmt)
+    if #fmt <= FMT_CACHE_LEN then
+        if fmt_cached >= FMT_CACHE_MAX then
+            fmt_has_p, fmt_cached = {}, 0
+        end
+        fmt_has_p[fmt] = p
+        fmt_cached = fmt_cached + 1
+    end
+    return p
+end
+
+-- %p prints an address and %s of a table one: for strict code the first
+-- is refused, the second prints the per-request id.
+local function strict_format(fmt, has_p, ...)
+    if has_p then
+        error("bad argument #1 to 'format' (invalid option '%p': "
+              .. "addresses are not shown in lua_sandbox strict)", 2)
     end
     local n = select("#", ...)
     local args = { ... }
@@ -227,15 +257,17 @@ end
 
 -- Tail calls keep the caller's position in format's own errors.
 string.format = function(fmt, ...)
-    if (type(fmt) ~= "string" or not find(fmt, "p", 1, true))
-        and plain_args(...)
-    then
+    if type(fmt) ~= "string" then
         return real_format(fmt, ...)
     end
-    if type(fmt) ~= "string" or not strict_now() then
+    local has_p = fmt_has_p[fmt]
+    if has_p == nil then
+        has_p = vet_format(fmt)
+    end
+    if (not has_p and plain_args(...)) or not strict_now() then
         return real_format(fmt, ...)
     end
-    return strict_format(fmt, ...)
+    return strict_format(fmt, has_p, ...)
 end
 
 -- require's searchers: binary Lua modules need `bytecode`, C modules

@@ -541,6 +541,45 @@ def test_no_heap_address_is_printed_in_strict(nginx):
     assert ADDR.search(n.get("/default").text)
 
 
+def test_format_strings_seen_before_are_checked_again(nginx):
+    """string.format remembers which format strings hold a %p, for every
+    request of the VM: a format first used harmlessly (plain arguments,
+    a default location) is still refused or made opaque in strict code,
+    also after the memory of formats has started over."""
+    churn = ('for i = 1, 600 do string.format("%d churn" .. i, i) end '
+             'return true')
+    snippets = {
+        "plain": 'return string.format("%s|%5p|%%p", "a", "b")',
+        "s_table": 'return string.format("<%s>", {})',
+        "s_fn": 'return ("<%s>"):format(print)',
+        "p_plain": 'return string.format("[%p]", "x")',
+        "literal_p": 'return string.format("100%%p %s", "ok")',
+        "churn": churn,
+    }
+    n = nginx(http=HTTP, files=FILES, server=attack_server(snippets) + """
+        location = /default { content_by_lua_block {
+            ngx.say(string.format("<%s>", "x"), " ",
+                    string.format("[%p]", "x"), " ",
+                    string.format("%s|%5p|%%p", "a", "b"))
+        } }""")
+    # the formats are seen first by default code and plain arguments
+    text = n.get("/default").text
+    assert text.startswith("<x> [0x") and ADDR.search(text), text
+    for _ in range(2):
+        for name in ("plain", "p_plain"):
+            text = n.get(f"/a/{name}").text
+            assert text.startswith("ERR ") and "invalid option '%p'" in text, \
+                (name, text)
+        assert n.get("/a/s_table").text == "OK <table: 0x00000001>\n"
+        assert n.get("/a/s_fn").text == "OK <function: 0x00000001>\n"
+        assert n.get("/a/literal_p").text == "OK 100%p ok\n"
+        # more formats than are remembered: the memory starts over
+        assert n.get("/a/churn").text == "OK true\n"
+    # default code still gets lua-nginx-module's output
+    assert ADDR.search(n.get("/default").text)
+    victim_intact(n)
+
+
 # ---- finalizers ----
 
 def test_strict_cannot_plant_a_finalizer(nginx):
