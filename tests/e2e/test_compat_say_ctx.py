@@ -105,3 +105,23 @@ def test_ctx_tables_are_fresh_per_request(nginx):
     assert got["luaguard"] == got["reference"], got
     assert got["luaguard"][0] == "2 true\n"
     assert got["luaguard"][1] == "2 nil\n"
+
+
+def test_varargs_at_the_top_of_a_handler_match_reference(nginx):
+    """Handlers are compiled as functions of no arguments (LuaJIT compiles
+    those, not vararg ones); code that uses `...` at its top, legal in
+    lua-nginx-module, is compiled as a vararg function instead."""
+    server = """
+        location = /va {
+            content_by_lua_block {
+                local t = { ... }
+                ngx.say(select("#", ...), " ", #t, " ", tostring((...)))
+            }
+        }
+        location = /plain { content_by_lua_block { ngx.say("plain") } }
+"""
+    out = {}
+    for m in ("luaguard", "reference"):
+        n = nginx(module=m, server=server)
+        out[m] = (n.get("/va").text, n.get("/plain").text)
+    assert out["luaguard"] == out["reference"] == ("0 0 nil\n", "plain\n")
