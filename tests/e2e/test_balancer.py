@@ -111,6 +111,52 @@ def test_host_names_are_refused_as_the_reference_does(nginx):
         dns.close()
 
 
+
+def test_upstream_addr_names_the_peer_as_the_reference_does(nginx):
+    # The peer and its name ($upstream_addr) for each spelling: the port
+    # argument alone, in the address alone, both (the address's wins), and
+    # an IPv6 literal.
+    forms = [
+        ('"127.0.0.1", {b1}', "b1"), ('"127.0.0.1:{b2}"', "b2"),
+        ('"127.0.0.1:{b2}", {b1}', "b2"), ('"127.0.0.1:{b1}", {b1}', "b1"),
+        ('"127.000.0.1", {b1}', "b1"), ('"[::1]", {b1}', None),
+    ]
+
+    def run(nginx, module):
+        b1, b2, closed = ports()
+        calls = ",\n".join(
+            f"function() return b.set_current_peer({a}) end"
+            for a, _ in forms).format(b1=b1, b2=b2)
+        n = nginx(module=module, http=upstream(closed, f"""
+                local calls = {{ {calls} }}
+                local ok, err = calls[tonumber(ngx.var.arg_f)]()
+                ngx.var.trace = tostring(ok) .. " " .. tostring(err)
+            """) + BACKENDS.format(b1=b1, b2=b2), server="""
+                location /p {
+                    set $trace "";
+                    proxy_pass http://up;
+                    proxy_next_upstream off;
+                    add_header X-Trace $trace always;
+                    add_header X-Addr $upstream_addr always;
+                }
+            """)
+        out = []
+        for i in range(len(forms)):
+            r = n.get(f"/p?f={i + 1}")
+            addr = r.header("X-Addr")
+            for name, port in (("b1", b1), ("b2", b2), ("closed", closed)):
+                addr = addr.replace(str(port), name)
+            out.append((r.header("X-Trace"), addr, r.text.split()[0]))
+        return out
+
+    got = differential(nginx, run)
+    assert got["luaguard"] == got["reference"]
+    for (args, want), (trace, addr, _) in zip(forms, got["luaguard"]):
+        if want:
+            assert (trace, addr) == ("true nil", "127.0.0.1:" + want), args
+        else:
+            assert addr == "[::1]:b1", args
+
 RETRY = """
     local st, code = b.get_last_failure()
     local trace = ngx.var.trace .. "[" .. tostring(st) .. ","
