@@ -637,6 +637,26 @@ local function is_api_mt(mt)
     return false
 end
 
+-- The table require consults for loaded modules.
+local LOADED = getregistry()._LOADED
+
+-- Whether a module table holds only C functions and plain values.
+local function c_functions_only(t)
+    for _, v in next, t do
+        local tv = type(v)
+        if tv == "function" then
+            if real_getinfo(v, "S").what ~= "C" then
+                return false
+            end
+        elseif tv == "table" or tv == "userdata" or tv == "cdata"
+            or tv == "thread"
+        then
+            return false
+        end
+    end
+    return true
+end
+
 local function build(caps)
     local strict = caps.strict
     local V = {}                       -- the view
@@ -1561,7 +1581,16 @@ local function build(caps)
     -- "module 'x'" per name, made once: require runs on hot paths
     -- (balancer_by_lua, handlers that require at each call).
     local module_labels = {}
+    -- name -> { the module's table, what require_ handed out for it }: a
+    -- module required again is found with two lookups while
+    -- package.loaded still holds that table (what is handed out depends
+    -- on the table and this view only, the checks on the name).
+    local required = {}
     local function require_(name)
+        local hit = required[name]
+        if hit ~= nil and rawget(LOADED, name) == hit[1] then
+            return hit[2]
+        end
         capable_module(name)
         local v = ov[name]
         if v ~= nil then
@@ -1580,7 +1609,20 @@ local function build(caps)
             label = "module '" .. tostring(name) .. "'"
             module_labels[name] = label
         end
-        return state_value(v, label)
+        if type(v) ~= "table" or v == real_G then
+            return state_value(v, label)
+        end
+        if not strict and map[v] == nil and builtin_modules[name]
+            and not module_caps[name] and c_functions_only(v)
+        then
+            -- luaguard's own C modules (ngx.balancer, ngx.semaphore, ...)
+            -- read like ngx.*: no function call per field read, their
+            -- functions as they are (none takes the module as `self`).
+            fast_proxy(v, label)
+        end
+        local r = state_value(v, label)
+        required[name] = { v, r }
+        return r
     end
 
     -- package: path and cpath read-only; loaded, preload and loaders
