@@ -57,7 +57,7 @@ int setCurrentPeer(lua_State *L)
         return pushNilErr(L, "no host allowed");
     }
 
-    sock::Target t{};
+    sock::Target t;  // filled below, as far as it is read
     socklen_t sl = url.addrs[0].socklen;
     if (sl > sizeof(t.addr)) {
         return pushNilErr(L, "no host allowed");
