@@ -1586,11 +1586,7 @@ local function build(caps)
     -- package.loaded still holds that table (what is handed out depends
     -- on the table and this view only, the checks on the name).
     local required = {}
-    local function require_(name)
-        local hit = required[name]
-        if hit ~= nil and rawget(LOADED, name) == hit[1] then
-            return hit[2]
-        end
+    local function require_first(name)
         capable_module(name)
         local v = ov[name]
         if v ~= nil then
@@ -1623,6 +1619,16 @@ local function build(caps)
         local r = state_value(v, label)
         required[name] = { v, r }
         return r
+    end
+
+    -- Apart from require_first, which makes a closure: LuaJIT compiles
+    -- this one. Its tail call keeps the error levels of the checks.
+    local function require_(name)
+        local hit = required[name]
+        if hit ~= nil and rawget(LOADED, name) == hit[1] then
+            return hit[2]
+        end
+        return require_first(name)
     end
 
     -- package: path and cpath read-only; loaded, preload and loaders
