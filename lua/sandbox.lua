@@ -1614,7 +1614,14 @@ local function build(caps)
             -- luaguard's own C modules (ngx.balancer, ngx.semaphore, ...)
             -- read like ngx.*: no function call per field read, their
             -- functions as they are (none takes the module as `self`).
-            fast_proxy(v, label)
+            -- fast_proxy registers the proxy before it is complete: a
+            -- refused allocation must not leave it half made for the
+            -- next request.
+            local ok, err = pcall(fast_proxy, v, label)
+            if not ok then
+                map[v] = nil
+                error(err, 0)
+            end
         end
         local r = state_value(v, label)
         required[name] = { v, r }
