@@ -1577,6 +1577,32 @@ local function build(caps)
         return strict and not strict_module_ok(k) and ov[k] == nil
     end
 
+    -- A C module's proxy: a fast proxy whose functions are the wrappers a
+    -- module's deep proxy hands out (method_of: the module as `self`
+    -- unwrapped, every argument passed on as given), made at once.
+    local function module_proxy(real, name)
+        local p
+        local wrappers, made = {}, {}
+        for k, f in next, real do
+            if type(f) == "function" then
+                local w = made[f]
+                if w == nil then
+                    w = function(a1, ...)
+                        if a1 == p then
+                            a1 = real
+                        end
+                        return f(a1, ...)
+                    end
+                    made[f] = w
+                    wrapped[w] = f
+                end
+                wrappers[k] = w
+            end
+        end
+        p = fast_proxy(real, name, nil, wrappers)
+        return p
+    end
+
     local tclear
     -- "module 'x'" per name, made once: require runs on hot paths
     -- (balancer_by_lua, handlers that require at each call).
@@ -1612,12 +1638,11 @@ local function build(caps)
             and not module_caps[name] and c_functions_only(v)
         then
             -- luaguard's own C modules (ngx.balancer, ngx.semaphore, ...)
-            -- read like ngx.*: no function call per field read, their
-            -- functions as they are (none takes the module as `self`).
+            -- read like ngx.*: no function call per field read.
             -- fast_proxy registers the proxy before it is complete: a
             -- refused allocation must not leave it half made for the
             -- next request.
-            local ok, err = pcall(fast_proxy, v, label)
+            local ok, err = pcall(module_proxy, v, label)
             if not ok then
                 map[v] = nil
                 error(err, 0)

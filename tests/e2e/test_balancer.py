@@ -167,7 +167,7 @@ def test_upstream_addr_names_the_peer_as_the_reference_does(nginx):
 REF = None
 ARG_PROBES = [
     ("b.set_current_peer()",
-     "false bad argument #1 to '?' (string expected, got no value)"),
+     "false bad argument #1 to '?' (string expected, got nil)"),
     ("b.set_current_peer(nil, 80)",
      "false bad argument #1 to '?' (string expected, got nil)"),
     ("b.set_current_peer(127001, 80)", "true nil no host allowed"),
@@ -190,7 +190,7 @@ ARG_PROBES = [
     ("b.set_current_peer('127.0.0.1', {b1}, 'extra')", REF),
     ("b.set_current_peer('127.0.0.1:{b1}')", REF),
     ("b.set_more_tries()",
-     "false bad argument #1 to '?' (number expected, got no value)"),
+     "false bad argument #1 to '?' (number expected, got nil)"),
     ("b.set_more_tries('2')", "true true"),
     ("b.set_more_tries(-1)",
      "false bad argument #1 to '?' (count must not be negative)"),
