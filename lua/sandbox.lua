@@ -702,6 +702,26 @@ local function is_api_mt(mt)
     return false
 end
 
+-- The table require consults for loaded modules.
+local LOADED = getregistry()._LOADED
+
+-- Whether a module table holds only C functions and plain values.
+local function c_functions_only(t)
+    for _, v in next, t do
+        local tv = type(v)
+        if tv == "function" then
+            if real_getinfo(v, "S").what ~= "C" then
+                return false
+            end
+        elseif tv == "table" or tv == "userdata" or tv == "cdata"
+            or tv == "thread"
+        then
+            return false
+        end
+    end
+    return true
+end
+
 local function build(caps)
     local strict = caps.strict
     local V = {}                       -- the view
@@ -1630,11 +1650,42 @@ local function build(caps)
         return strict and not strict_module_ok(k) and ov[k] == nil
     end
 
+    -- A C module's proxy: a fast proxy whose functions are the wrappers a
+    -- module's deep proxy hands out (method_of: the module as `self`
+    -- unwrapped, every argument passed on as given), made at once.
+    local function module_proxy(real, name)
+        local p
+        local wrappers, made = {}, {}
+        for k, f in next, real do
+            if type(f) == "function" then
+                local w = made[f]
+                if w == nil then
+                    w = function(a1, ...)
+                        if a1 == p then
+                            a1 = real
+                        end
+                        return f(a1, ...)
+                    end
+                    made[f] = w
+                    wrapped[w] = f
+                end
+                wrappers[k] = w
+            end
+        end
+        p = fast_proxy(real, name, nil, wrappers)
+        return p
+    end
+
     local tclear
     -- "module 'x'" per name, made once: require runs on hot paths
     -- (balancer_by_lua, handlers that require at each call).
     local module_labels = {}
-    local function require_(name)
+    -- name -> { the module's table, what require_ handed out for it }: a
+    -- module required again is found with two lookups while
+    -- package.loaded still holds that table (what is handed out depends
+    -- on the table and this view only, the checks on the name).
+    local required = {}
+    local function require_first(name)
         capable_module(name)
         local v = ov[name]
         if v ~= nil then
@@ -1653,7 +1704,36 @@ local function build(caps)
             label = "module '" .. tostring(name) .. "'"
             module_labels[name] = label
         end
-        return state_value(v, label)
+        if type(v) ~= "table" or v == real_G then
+            return state_value(v, label)
+        end
+        if not strict and map[v] == nil and builtin_modules[name]
+            and not module_caps[name] and c_functions_only(v)
+        then
+            -- luaguard's own C modules (ngx.balancer, ngx.semaphore, ...)
+            -- read like ngx.*: no function call per field read.
+            -- fast_proxy registers the proxy before it is complete: a
+            -- refused allocation must not leave it half made for the
+            -- next request.
+            local ok, err = pcall(module_proxy, v, label)
+            if not ok then
+                map[v] = nil
+                error(err, 0)
+            end
+        end
+        local r = state_value(v, label)
+        required[name] = { v, r }
+        return r
+    end
+
+    -- Apart from require_first, which makes a closure: LuaJIT compiles
+    -- this one. Its tail call keeps the error levels of the checks.
+    local function require_(name)
+        local hit = required[name]
+        if hit ~= nil and rawget(LOADED, name) == hit[1] then
+            return hit[2]
+        end
+        return require_first(name)
     end
 
     -- package: path and cpath read-only; loaded, preload and loaders

@@ -33,8 +33,7 @@ int setCurrentPeer(lua_State *L)
     }
     size_t len;
     const char *addr = luaL_checklstring(L, 1, &len);
-    bool has_port = !lua_isnoneornil(L, 2);
-    lua_Integer port = has_port ? luaL_checkinteger(L, 2) : 0;
+    lua_Integer port = lua_isnoneornil(L, 2) ? 0 : luaL_checkinteger(L, 2);
     if (port < 0 || port > 65535) {
         return pushNilErr(L, "invalid port");
     }
@@ -43,6 +42,9 @@ int setCurrentPeer(lua_State *L)
     url.url.data = reinterpret_cast<u_char *>(const_cast<char *>(addr));
     url.url.len = len;
     url.no_resolve = 1;
+    // The port argument is the default: a port in the address wins, as in
+    // lua-resty-core. nginx names the address with its port.
+    url.default_port = static_cast<in_port_t>(port);
     if (ngx_parse_url(s->r->pool, &url) != NGX_OK) {
         std::string err = "failed to parse host name \"";
         err.append(addr, len).append("\"");
@@ -55,7 +57,7 @@ int setCurrentPeer(lua_State *L)
         return pushNilErr(L, "no host allowed");
     }
 
-    sock::Target t{};
+    sock::Target t;  // filled below, as far as it is read
     socklen_t sl = url.addrs[0].socklen;
     if (sl > sizeof(t.addr)) {
         return pushNilErr(L, "no host allowed");
@@ -63,11 +65,12 @@ int setCurrentPeer(lua_State *L)
     ngx_memcpy(&t.addr, url.addrs[0].sockaddr, sl);
     t.len = sl;
     auto *sa = reinterpret_cast<struct sockaddr *>(&t.addr);
-    if (has_port) {
-        ngx_inet_set_port(sa, static_cast<in_port_t>(port));
+    if (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) {
+        t.name = url.addrs[0].name;  // in the request pool
+    } else {
+        t.name.data = t.text;
+        t.name.len = ngx_sock_ntop(sa, t.len, t.text, sizeof(t.text), 1);
     }
-    t.name.data = t.text;
-    t.name.len = ngx_sock_ntop(sa, t.len, t.text, sizeof(t.text), 1);
 
     RequestCtx *ctx = g_run ? g_run->ctx : nullptr;
     if (!sock::egressCheck(ctx, "balancer", &t)) {

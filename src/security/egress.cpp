@@ -156,6 +156,34 @@ const std::vector<Net> &metadata()
     return nets;
 }
 
+// Whether `addr` is in the metadata list. The list's first bytes, per
+// family, decide most addresses without walking it (every connect and
+// balancer peer asks).
+bool isMetadata(int family, const uint8_t *addr)
+{
+    struct Index {
+        bool first[2][256] = {};  // [IPv6][first byte]: a net may match
+        Index()
+        {
+            for (const Net &n : metadata()) {
+                int v6 = n.family == AF_INET6;
+                for (int b = 0; b < 256; b++) {
+                    int bits = n.prefix < 8 ? n.prefix : 8;
+                    int mask = (0xff << (8 - bits)) & 0xff;
+                    if ((b & mask) == (n.addr[0] & mask)) {
+                        first[v6][b] = true;
+                    }
+                }
+            }
+        }
+    };
+    static const Index index;
+    if (!index.first[family == AF_INET6][addr[0]]) {
+        return false;
+    }
+    return inList(metadata(), family, addr);
+}
+
 }  // namespace
 
 bool group(const std::string &name, std::vector<Net> *out)
@@ -261,7 +289,7 @@ namespace {
 bool judge(const Policy *policy, const Addr &a, uint16_t port,
            std::string *why)
 {
-    bool meta = inList(metadata(), a.family, a.b);
+    bool meta = isMetadata(a.family, a.b);
     int host = a.family == AF_INET ? 32 : 128;
     if (policy) {
         for (const Rule &r : policy->rules) {

@@ -109,6 +109,7 @@ SCENARIOS = {
             local ok1, r1 = ngx.thread.wait(a)
             local ok2, r2 = ngx.thread.wait(b)
             ngx.say((ok1 and ok2 and r1 + r2 == 30) and "done" or "failed") }""",
+    "balancer": """proxy_pass http://sweep_lb/done;""",
     "semaphore": """content_by_lua_block {
             local sema = require("ngx.semaphore").new()
             local th = ngx.thread.spawn(function()
@@ -127,6 +128,19 @@ SCENARIOS = {
 }
 
 
+# The balancer scenario's upstream: Lua sends it back to this server.
+SWEEP_UPSTREAM = """
+    upstream sweep_lb {
+        server 127.0.0.1:1;
+        balancer_by_lua_block {
+            local b = require "ngx.balancer"
+            assert(b.set_current_peer("127.0.0.1",
+                                      tonumber(ngx.var.server_port)))
+        }
+    }
+"""
+
+
 @pytest.fixture(scope="module")
 def echo():
     e = Echo()
@@ -138,8 +152,9 @@ def echo():
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_allocation_failure_sweep(nginx, echo, name):
     body = SCENARIOS[name].replace("{echo}", str(echo.port))
-    n = nginx(http="lua_shared_dict d 1m;", server=f"""
+    n = nginx(http="lua_shared_dict d 1m;" + SWEEP_UPSTREAM, server=f"""
         location /s {{ {body} }}
+        location /done {{ return 200 "done\\n"; }}
         location /sub {{ content_by_lua_block {{ ngx.say("sub") }} }}
         location /ok {{ content_by_lua_block {{ ngx.say("ok") }} }}
     """)

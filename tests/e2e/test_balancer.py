@@ -111,6 +111,135 @@ def test_host_names_are_refused_as_the_reference_does(nginx):
         dns.close()
 
 
+
+def test_upstream_addr_names_the_peer_as_the_reference_does(nginx):
+    # The peer and its name ($upstream_addr) for each spelling: the port
+    # argument alone, in the address alone, both (the address's wins), and
+    # an IPv6 literal.
+    forms = [
+        ('"127.0.0.1", {b1}', "b1"), ('"127.0.0.1:{b2}"', "b2"),
+        ('"127.0.0.1:{b2}", {b1}', "b2"), ('"127.0.0.1:{b1}", {b1}', "b1"),
+        ('"127.000.0.1", {b1}', "b1"), ('"[::1]", {b1}', None),
+    ]
+
+    def run(nginx, module):
+        b1, b2, closed = ports()
+        calls = ",\n".join(
+            f"function() return b.set_current_peer({a}) end"
+            for a, _ in forms).format(b1=b1, b2=b2)
+        n = nginx(module=module, http=upstream(closed, f"""
+                local calls = {{ {calls} }}
+                local ok, err = calls[tonumber(ngx.var.arg_f)]()
+                ngx.var.trace = tostring(ok) .. " " .. tostring(err)
+            """) + BACKENDS.format(b1=b1, b2=b2), server="""
+                location /p {
+                    set $trace "";
+                    proxy_pass http://up;
+                    proxy_next_upstream off;
+                    add_header X-Trace $trace always;
+                    add_header X-Addr $upstream_addr always;
+                }
+            """)
+        out = []
+        for i in range(len(forms)):
+            r = n.get(f"/p?f={i + 1}")
+            addr = r.header("X-Addr")
+            for name, port in (("b1", b1), ("b2", b2), ("closed", closed)):
+                addr = addr.replace(str(port), name)
+            out.append((r.header("X-Trace"), addr, r.text.split()[0]))
+        return out
+
+    got = differential(nginx, run)
+    assert got["luaguard"] == got["reference"]
+    for (args, want), (trace, addr, _) in zip(forms, got["luaguard"]):
+        if want:
+            assert (trace, addr) == ("true nil", "127.0.0.1:" + want), args
+        else:
+            assert addr == "[::1]:b1", args
+
+
+# Arguments of the balancer functions, good and bad, each called once in
+# balancer_by_lua: pcall's results. REF: as lua-nginx-module answers. The
+# others are luaguard's answers, kept: a lua_CFunction's argument errors
+# where lua-resty-core's Lua fails on `#addr` or an FFI conversion, ports
+# out of range refused, nginx's parse error prefixed, and the egress
+# policy (docs/api.md).
+REF = None
+ARG_PROBES = [
+    ("b.set_current_peer()",
+     "false bad argument #1 to '?' (string expected, got nil)"),
+    ("b.set_current_peer(nil, 80)",
+     "false bad argument #1 to '?' (string expected, got nil)"),
+    ("b.set_current_peer(127001, 80)", "true nil no host allowed"),
+    ("b.set_current_peer({{}}, 80)",
+     "false bad argument #1 to '?' (string expected, got table)"),
+    ("b.set_current_peer('127.0.0.1', '{b1}')", REF),
+    ("b.set_current_peer('127.0.0.1', 'x')",
+     "false bad argument #2 to '?' (number expected, got string)"),
+    ("b.set_current_peer('127.0.0.1', 1.5)", REF),
+    ("b.set_current_peer('127.0.0.1', -1)", "true nil invalid port"),
+    ("b.set_current_peer('127.0.0.1', 65536)", "true nil invalid port"),
+    ("b.set_current_peer('127.0.0.1', {{}})",
+     "false bad argument #2 to '?' (number expected, got table)"),
+    ("b.set_current_peer('', 80)",
+     'true nil failed to parse host name "": no host'),
+    ("b.set_current_peer('127.0.0.1:x', 80)",
+     'true nil failed to parse host name "127.0.0.1:x": invalid port'),
+    ("b.set_current_peer('169.254.169.254', 80)",
+     "true nil destination not allowed by policy"),
+    ("b.set_current_peer('127.0.0.1', {b1}, 'extra')", REF),
+    ("b.set_current_peer('127.0.0.1:{b1}')", REF),
+    ("b.set_more_tries()",
+     "false bad argument #1 to '?' (number expected, got nil)"),
+    ("b.set_more_tries('2')", "true true"),
+    ("b.set_more_tries(-1)",
+     "false bad argument #1 to '?' (count must not be negative)"),
+    ("b.set_more_tries(1.5)", REF),
+    ("b.set_more_tries(0)", REF),
+    ("b.get_last_failure()", REF),
+    ("b.get_last_failure(1)", REF),
+]
+
+
+def test_arguments_answer_as_before_and_as_the_reference(nginx):
+    def run(nginx, module):
+        b1, b2, closed = ports()
+        calls = [p.format(b1=b1) for p, _ in ARG_PROBES]
+        probes = "\n".join(
+            f"probe({c!r}, function() return {c} end)" for c in calls)
+        n = nginx(module=module, http=upstream(closed, f"""
+            local out = {{}}
+            local function probe(name, f)
+                local r = {{ pcall(f) }}
+                for i = 1, 3 do r[i] = tostring(r[i]) end
+                out[#out + 1] = table.concat(r, " ", 1, 3)
+            end
+            {probes}
+            ngx.ctx.out = table.concat(out, "\\n")
+            assert(b.set_current_peer("127.0.0.1", {b1}))
+        """) + BACKENDS.format(b1=b1, b2=b2), server="""
+            location /p {
+                proxy_pass http://up;
+                header_filter_by_lua_block { ngx.header.content_length = nil }
+                body_filter_by_lua_block {
+                    ngx.arg[1] = ngx.arg[2] and ngx.ctx.out or ""
+                }
+            }
+        """)
+        r = n.get("/p")
+        assert r.status == 200
+        return [re.sub(r"( nil)+$", "", line)
+                for line in positionless(r.text).splitlines()]
+
+    got = differential(nginx, run)
+    assert len(got["luaguard"]) == len(ARG_PROBES)
+    for (call, want), mine, ref in zip(ARG_PROBES, got["luaguard"],
+                                       got["reference"]):
+        if want is REF:
+            assert mine == ref, call
+        else:
+            assert mine == want, call
+
 RETRY = """
     local st, code = b.get_last_failure()
     local trace = ngx.var.trace .. "[" .. tostring(st) .. ","

@@ -376,6 +376,10 @@ REFUSED_WRITES = [
     ("file metatable",
      "getmetatable(io.stdout).__index.write = nil"),
     ("cfg", "cfg.name = 'evil'"),
+    ("module 'ngx.balancer'",
+     "rawset(require('ngx.balancer'), 'set_current_peer', nil)"),
+    ("module 'ngx.balancer'",
+     "setmetatable(require('ngx.balancer'), nil)"),
 ]
 
 # Patches of ngx.*, libraries and modules: the default profile keeps them
@@ -395,6 +399,8 @@ PATCHES = [
     ("ngx.worker", "ngx.worker.pid = nil"),
     ("module 'flag'", "require('flag').raise = nil"),
     ("module 'flag'.items", "require('flag').items[1] = 'z'"),
+    ("module 'ngx.balancer'",
+     "require('ngx.balancer').set_current_peer = nil"),
     ("string", "getmetatable('').__index.format = nil"),
 ]
 
@@ -406,10 +412,12 @@ CHECK_SHARED = """
                     type(coroutine.wrap), type(ngx.print),
                     type(ngx.config.prefix), type(ngx.worker.pid),
                     type(flag.raise), flag.items[1], package.path:sub(1, 1),
-                    type(table.insert), cfg.name)
+                    type(table.insert), cfg.name,
+                    type(require("ngx.balancer").set_current_peer))
         } }
 """
-CHECK_WANT = "fmtXcd1functionfunctionfunctionfunctionfunctiona/functionworker\n"
+CHECK_WANT = ("fmtXcd1functionfunctionfunctionfunctionfunctiona/functionworker"
+              "function\n")
 
 
 def patch_locations(attempts):
