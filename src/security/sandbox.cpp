@@ -3,6 +3,7 @@
 #include <sys/random.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -43,6 +44,16 @@ RefusalHookFn g_refusal_hook = nullptr;
 // Set on a thread that is not the worker's (setThreadPolicy).
 thread_local bool t_foreign = false;
 thread_local const Policy *t_policy = nullptr;
+// Whether any thread ever set a policy of its own: until one does,
+// currentPolicy() does not read t_foreign (a __tls_get_addr call from a
+// shared object, on every capability check). A thread that sets one sees
+// its own store of true before its reads of t_foreign.
+std::atomic<bool> g_foreign_seen{false};
+
+bool foreignThread()
+{
+    return g_foreign_seen.load(std::memory_order_relaxed) && t_foreign;
+}
 
 // Every refusal is counted here: the per-worker counter and the metrics.
 void bump(Capability c)
@@ -139,7 +150,7 @@ int luaEscaped(lua_State *L)
 
 int luaCurrentEnv(lua_State *L)
 {
-    if (!t_foreign && g_env_hook && g_env_hook(L)) {
+    if (!foreignThread() && g_env_hook && g_env_hook(L)) {
         return 1;
     }
     lua_pushnil(L);
@@ -305,7 +316,7 @@ void setHooks(CurrentPolicyFn policy, PushEnvFn env)
 
 const Policy *currentPolicy()
 {
-    if (t_foreign) {
+    if (foreignThread()) {
         return t_policy;
     }
     return g_policy_hook ? g_policy_hook() : nullptr;
@@ -313,6 +324,9 @@ const Policy *currentPolicy()
 
 void setThreadPolicy(const Policy *p)
 {
+    if (p != nullptr) {
+        g_foreign_seen.store(true, std::memory_order_relaxed);
+    }
     t_foreign = p != nullptr;
     t_policy = p;
 }
@@ -342,6 +356,9 @@ bool sharedAllowed(std::string_view dict, bool write)
     }
     if (!p->allows(Capability::Shared)) {
         return false;
+    }
+    if (p->shared_dicts.empty() && p->shared_readonly.empty()) {
+        return true;   // every dictionary, read and write: no name lookup
     }
     if (!p->shared_dicts.empty() && !listed(p->shared_dicts, dict)) {
         return false;
