@@ -277,6 +277,9 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
     for (int i = from; i <= to && w.total <= limit; i++) {
         w.add(i);
     }
+    if (w.cache == 0) {
+        return w.total;   // scalars and plain callbacks: nothing was pushed
+    }
     size_t steps = 0;
     bool stop = w.total > limit;
     auto step = [&] {
