@@ -348,17 +348,10 @@ bool listed(const std::vector<std::string> &v, std::string_view s)
 
 }  // namespace
 
-bool sharedAllowed(std::string_view dict, bool write)
+bool sharedAllowedListed(const Policy *p, std::string_view dict, bool write)
 {
-    const Policy *p = currentPolicy();
-    if (p == nullptr) {
-        return true;
-    }
     if (!p->allows(Capability::Shared)) {
         return false;
-    }
-    if (p->shared_dicts.empty() && p->shared_readonly.empty()) {
-        return true;   // every dictionary, read and write: no name lookup
     }
     if (!p->shared_dicts.empty() && !listed(p->shared_dicts, dict)) {
         return false;
