@@ -166,7 +166,9 @@ void settle(Account *a)
 
 void freeTimer(Timer *tm)
 {
-    tm->vm->giveThread(tm->holder, tm->holder_ref);
+    if (tm->holder) {   // null once its callback's thread took it over
+        tm->vm->giveThread(tm->holder, tm->holder_ref);
+    }
     tm->account->bytes -= tm->bytes;
     releaseTimer(tm);
 }
@@ -285,7 +287,13 @@ void fired(ngx_event_t *ev)
     RequestCtx *ctx = fakeRequest(tm);
     LuaThread *t = nullptr;
     std::string err;   // empty (no allocation) unless something fails
-    if (ctx) {
+    // A timer that does not fire again lends its holder to the callback:
+    // the values are already on it, in place.
+    bool adopted = false;
+    if (ctx && !keep) {
+        t = threads::adopt(ctx, tm->holder, tm->holder_ref);
+        adopted = t != nullptr;
+    } else if (ctx) {
         entry::protect(ctx->vm->L(), [&] {
             t = threads::create(ctx, nullptr);
         }, &err);
@@ -316,13 +324,18 @@ void fired(ngx_event_t *ev)
     // timer copies them, its holder keeps them for the next firing.
     lua_State *co = t->co;
     int n = tm->n;
+    if (adopted) {
+        tm->holder = nullptr;   // the thread's now, given back with it
+    }
     bool ok = entry::protect(co, [&] {
-        if (keep) {
-            for (int i = 1; i <= n; i++) {
-                lua_pushvalue(tm->holder, i);
+        if (!adopted) {
+            if (keep) {
+                for (int i = 1; i <= n; i++) {
+                    lua_pushvalue(tm->holder, i);
+                }
             }
+            lua_xmove(tm->holder, co, n);
         }
-        lua_xmove(tm->holder, co, n);
         lua_pushboolean(co, premature);
         lua_insert(co, 2);
     }, &err);
