@@ -283,7 +283,9 @@ LuaThread *current()
     return g_run ? g_run->thread : nullptr;
 }
 
-LuaThread *create(RequestCtx *ctx, LuaThread *parent)
+namespace {
+
+LuaThread *make(RequestCtx *ctx, LuaThread *parent, lua_State *co, int ref)
 {
     auto *t = static_cast<LuaThread *>(
         ngx_pcalloc(ctx->r->pool, sizeof(LuaThread)));
@@ -291,7 +293,12 @@ LuaThread *create(RequestCtx *ctx, LuaThread *parent)
         return nullptr;
     }
     t->ctx = ctx;
-    std::tie(t->co, t->ref) = ctx->vm->takeThread();
+    if (co != nullptr) {
+        t->co = co;
+        t->ref = ref;
+    } else {
+        std::tie(t->co, t->ref) = ctx->vm->takeThread();
+    }
     t->parent = parent;
     t->entry = parent == nullptr;
     t->wake.handler = entry::edge<wakeHandler>;
@@ -306,6 +313,18 @@ LuaThread *create(RequestCtx *ctx, LuaThread *parent)
         metrics::countRun(ctx);   // an entry thread: a handler or a timer
     }
     return t;
+}
+
+}  // namespace
+
+LuaThread *create(RequestCtx *ctx, LuaThread *parent)
+{
+    return make(ctx, parent, nullptr, 0);
+}
+
+LuaThread *adopt(RequestCtx *ctx, lua_State *co, int ref)
+{
+    return make(ctx, nullptr, co, ref);
 }
 
 namespace {

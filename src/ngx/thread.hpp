@@ -57,6 +57,13 @@ LuaThread *current();
 // arguments on `t->co`. `parent` null makes it the entry thread.
 LuaThread *create(RequestCtx *ctx, LuaThread *parent);
 
+// An entry thread of `ctx` whose stack is `co` (a coroutine of ctx's VM
+// from Vm::takeThread, `ref` its reference), with what is already on it:
+// a timer's holder runs its callback. On success the thread owns `co` and
+// gives it back to the VM when released; null (out of memory) leaves it
+// to the caller.
+LuaThread *adopt(RequestCtx *ctx, lua_State *co, int ref);
+
 // Resumes `t` with `nargs` values on its stack and settles the
 // consequences: wakes a waiting parent, ends the phase when the rules say
 // it is over. Returns true when the phase's threads are all finished.

@@ -219,9 +219,12 @@ void Guard::leave(Frame *f)
 uint64_t Guard::usedNs(const Usage &usage) const
 {
     uint64_t ns = usage.lua_ns;
-    uint64_t now = nowNs();
+    uint64_t now = 0;   // read once a frame of this usage is running
     for (const Frame *f = top_; f; f = f->prev) {
         if (f->usage == &usage) {
+            if (now == 0) {
+                now = nowNs();
+            }
             ns += now - f->entered;
         }
     }

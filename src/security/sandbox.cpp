@@ -3,6 +3,7 @@
 #include <sys/random.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -44,6 +45,16 @@ RefusalHookFn g_refusal_hook = nullptr;
 // Set on a thread that is not the worker's (setThreadPolicy).
 thread_local bool t_foreign = false;
 thread_local const Policy *t_policy = nullptr;
+// Whether any thread ever set a policy of its own: until one does,
+// currentPolicy() does not read t_foreign (a __tls_get_addr call from a
+// shared object, on every capability check). A thread that sets one sees
+// its own store of true before its reads of t_foreign.
+std::atomic<bool> g_foreign_seen{false};
+
+bool foreignThread()
+{
+    return g_foreign_seen.load(std::memory_order_relaxed) && t_foreign;
+}
 
 // Every refusal is counted here: the per-worker counter and the metrics.
 void bump(Capability c)
@@ -156,7 +167,7 @@ int luaEnvEscapes(lua_State *)
 
 int luaCurrentEnv(lua_State *L)
 {
-    if (!t_foreign && g_env_hook && g_env_hook(L)) {
+    if (!foreignThread() && g_env_hook && g_env_hook(L)) {
         return 1;
     }
     lua_pushnil(L);
@@ -323,7 +334,7 @@ void setHooks(CurrentPolicyFn policy, PushEnvFn env, EnvEscapesFn escapes)
 
 const Policy *currentPolicy()
 {
-    if (t_foreign) {
+    if (foreignThread()) {
         return t_policy;
     }
     return g_policy_hook ? g_policy_hook() : nullptr;
@@ -331,6 +342,9 @@ const Policy *currentPolicy()
 
 void setThreadPolicy(const Policy *p)
 {
+    if (p != nullptr) {
+        g_foreign_seen.store(true, std::memory_order_relaxed);
+    }
     t_foreign = p != nullptr;
     t_policy = p;
 }
@@ -352,12 +366,8 @@ bool listed(const std::vector<std::string> &v, std::string_view s)
 
 }  // namespace
 
-bool sharedAllowed(std::string_view dict, bool write)
+bool sharedAllowedListed(const Policy *p, std::string_view dict, bool write)
 {
-    const Policy *p = currentPolicy();
-    if (p == nullptr) {
-        return true;
-    }
     if (!p->allows(Capability::Shared)) {
         return false;
     }

@@ -106,7 +106,22 @@ void require(lua_State *L, Capability c);
 void requireShared(lua_State *L, std::string_view dict, bool write = true);
 
 // The same check without raising, for the FFI fast path of shared dicts.
-bool sharedAllowed(std::string_view dict, bool write);
+// Inline for the usual policy, which grants every dictionary read-write.
+bool sharedAllowedListed(const Policy *p, std::string_view dict, bool write);
+
+inline bool sharedAllowed(std::string_view dict, bool write)
+{
+    const Policy *p = currentPolicy();
+    if (p == nullptr) {
+        return true;
+    }
+    if (p->allows(Capability::Shared) && p->shared_dicts.empty()
+        && p->shared_readonly.empty())
+    {
+        return true;
+    }
+    return sharedAllowedListed(p, dict, write);
+}
 
 // Per-worker refusal counters, for the metrics endpoint.
 void countRefusal(Capability c);

@@ -267,15 +267,45 @@ struct Walk {
 
 }  // namespace
 
-size_t parkedSize(lua_State *L, int from, int to, size_t limit,
-                  bool (*overdue)())
+namespace {
+
+// Adds to *total the size of a value that keeps nothing else alive (a
+// scalar, a string, a function without upvalues) and returns true; false
+// for a table or a closure with upvalues, which need the walk.
+bool leafSize(lua_State *L, int idx, size_t *total)
+{
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING:
+        *total += lua_objlen(L, idx) + kParkedStringHeader;
+        return true;
+    case LUA_TFUNCTION:
+        if (lua_getupvalue(L, idx, 1) == nullptr) {
+            *total += kParkedClosureHeader;
+            return true;
+        }
+        lua_pop(L, 1);
+        return false;
+    case LUA_TTABLE:
+        return false;
+    default:
+        return true;
+    }
+}
+
+// The walk from the first value that is not a leaf (`from`), `total`
+// holding the size of the leaves before it.
+__attribute__((noinline)) size_t walkFrom(lua_State *L, int from, int to,
+                                          size_t total, size_t limit,
+                                          bool (*overdue)())
 {
     int top = lua_gettop(L);
-    from = from > 0 ? from : top + from + 1;
-    to = to > 0 ? to : top + to + 1;
     Walk w(L);
+    w.total = total;
     for (int i = from; i <= to && w.total <= limit; i++) {
         w.add(i);
+    }
+    if (w.cache == 0) {
+        return w.total;   // nothing was pushed
     }
     size_t steps = 0;
     bool stop = w.total > limit;
@@ -322,6 +352,27 @@ size_t parkedSize(lua_State *L, int from, int to, size_t limit,
     }
     lua_settop(L, top);
     return w.total;
+}
+
+}  // namespace
+
+size_t parkedSize(lua_State *L, int from, int to, size_t limit,
+                  bool (*overdue)())
+{
+    int top = lua_gettop(L);
+    from = from > 0 ? from : top + from + 1;
+    to = to > 0 ? to : top + to + 1;
+    // The usual arguments (numbers, strings, a callback that captures
+    // nothing) are sized here, without the walk's state.
+    size_t total = 0;
+    int i = from;
+    while (i <= to && total <= limit && leafSize(L, i, &total)) {
+        i++;
+    }
+    if (i > to || total > limit) {
+        return total;
+    }
+    return walkFrom(L, i, to, total, limit, overdue);
 }
 
 }  // namespace luaguard::budget
