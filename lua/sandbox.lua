@@ -318,6 +318,26 @@ local function has_newindex(t)
     return type(mt) == "table" and rawget(mt, "__newindex") ~= nil
 end
 
+-- ngx.var, ngx.header and ngx.arg: empty tables whose C __index and
+-- __newindex read and write the running request's state and never look at
+-- the table they are called for. A proxy of one takes those functions as
+-- its own metamethods: a read or a write is one C call, as without the
+-- sandbox (a write through the generic path was a Lua call and a rawget
+-- more, a read a table hop more).
+local computed = setmetatable({}, weak_k)
+local function note_computed()           -- once ngx is complete (build)
+    for _, k in next, { "var", "header", "arg" } do
+        local t = type(ngx) == "table" and rawget(ngx, k)
+        local mt = type(t) == "table" and real_getmetatable(t)
+        if mt and next(t) == nil and type(mt) == "table"
+            and type(rawget(mt, "__index")) == "function"
+            and type(rawget(mt, "__newindex")) == "function"
+        then
+            computed[t] = mt
+        end
+    end
+end
+
 -- ---------------------------------------------------------------------
 -- Per-request patches (`default`): request code may replace fields of
 -- ngx.*, of library tables and of module tables, as test suites do to
@@ -724,8 +744,12 @@ end
 
 local function build(caps)
     local strict = caps.strict
+    note_computed()
     local V = {}                       -- the view
-    local M = { __index = V }          -- every request env's metatable
+    -- Every request env's metatable. [1] and [2] (the view's ngx and its
+    -- name, set below) live in its array part, where the C side reads them
+    -- without a hash lookup.
+    local M = { false, false, __index = V }
     env_metas[M] = true
     local map = real_setmetatable({}, weak_k)  -- real -> proxy, this view
 
@@ -1178,6 +1202,11 @@ local function build(caps)
         local mt = { __index = base,
                      __newindex = newindex_for(real, name, forward,
                                                not fixed) }
+        local cmt = computed[real]
+        if cmt then
+            mt.__index = rawget(cmt, "__index")
+            mt.__newindex = rawget(cmt, "__newindex")
+        end
         -- Once a request patches a value here, reads look its overlay up.
         local function switch()
             mt.__index = function(_, k)

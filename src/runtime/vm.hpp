@@ -168,7 +168,15 @@ class Vm {
     // Request environments no code kept (a handler's globals table that
     // never escaped it, see ngx/phases.cpp), per sandbox policy: cells
     // whose tables are handed to later requests instead of new ones.
-    std::vector<int> &envPool(const void *policy) { return env_pools_[policy]; }
+    std::vector<int> &envPool(const void *policy)
+    {
+        // Two lookups per request, nearly always for one policy.
+        if (policy != env_pool_key_ || env_pool_ == nullptr) {
+            env_pool_key_ = policy;
+            env_pool_ = &env_pools_[policy];   // nodes never move
+        }
+        return *env_pool_;
+    }
     // Whether cell `cell` holds an environment as fresh as a new one once
     // its `ngx` field is restored (which this does). Never true without
     // LuaJIT's internals: no environment is reused there.
@@ -226,6 +234,8 @@ class Vm {
     std::vector<bool> taken_;              // by cell number
     std::unordered_map<const void *, std::vector<int>> closure_pools_;
     std::unordered_map<const void *, std::vector<int>> env_pools_;
+    const void *env_pool_key_ = nullptr;
+    std::vector<int> *env_pool_ = nullptr;
 };
 
 }  // namespace luaguard

@@ -635,6 +635,40 @@ def test_ngx_fields_added_after_the_views_are_read_through(nginx):
     assert n.get("/t").text.startswith("late late ")
 
 
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_computed_ngx_tables_take_their_own_metamethods_safely(nginx,
+                                                              profile):
+    """The views' ngx.var, ngx.header and ngx.arg call the real tables' C
+    metamethods directly (lua/sandbox.lua, `computed`): reads and writes
+    work, and the proxies still refuse raw writes, a new metatable and
+    changes to the metatable they share with no one else."""
+    n = nginx(server="""
+        location /t {
+            lua_sandbox %s;
+            set $myvar "";
+            content_by_lua_block {
+                local r = {}
+                for _, t in ipairs({ ngx.var, ngx.header, ngx.arg }) do
+                    r[#r + 1] = tostring(pcall(rawset, t, "x", 1))
+                    r[#r + 1] = tostring(pcall(setmetatable, t, {}))
+                    local mt = getmetatable(t)
+                    r[#r + 1] = tostring(pcall(function()
+                        mt.__index = function() return "evil" end
+                    end))
+                end
+                ngx.var.myvar = "v"
+                ngx.header["X-A"] = "1"
+                ngx.say(table.concat(r, " "), " ", ngx.var.myvar, " ",
+                        ngx.var.uri, " ", tostring(rawget(ngx.var, "x")))
+            }
+        }
+""" % profile)
+    for _ in range(2):
+        r = n.get("/t")
+        assert r.text == " ".join(["false"] * 9) + " v /t nil\n"
+        assert r.header("X-A") == "1"
+
+
 def test_pairs_and_ipairs_over_protected_tables(nginx):
     n = nginx(http=HTTP, files=MODULES, server="""
         location /t { content_by_lua_block {
