@@ -82,3 +82,22 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
     lj_gc_anybarriert(L, t);
     return 1;
 }
+
+int luaguard_env_new(lua_State *L)
+{
+    GCtab *mt = tabV(L->top - 1), *t;
+    cTValue *name = lj_tab_getint(mt, 2), *value = lj_tab_getint(mt, 1);
+    TValue key;
+    if (name == NULL || value == NULL || !tvisstr(name)) {
+        return 0;
+    }
+    lua_createtable(L, 0, 1);   /* the collector's step and the checks */
+    t = tabV(L->top - 1);
+    /* t is new, hence white: storing into it needs no barrier. */
+    setgcref(t->metatable, obj2gco(mt));
+    copyTV(L, &key, name);
+    copyTV(L, lj_tab_newkey(L, t, &key), value);
+    copyTV(L, L->top - 2, L->top - 1);
+    L->top--;
+    return 1;
+}

@@ -29,6 +29,12 @@ int luaguard_func_has_children(struct lua_State *L);
  * so, that field's value is set back to the metatable's [1]. */
 int luaguard_cells_env_reset(struct lua_State *L, const void *cells, int i);
 
+/* Replaces the metatable on top of L with a new request environment: a
+ * table with that metatable and one field, named by the metatable's [2],
+ * holding its [1]. Returns 0 (nothing changed) when the metatable is not
+ * of that shape. May raise (memory). */
+int luaguard_env_new(struct lua_State *L);
+
 #ifdef __cplusplus
 }
 #endif

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "runtime/code.hpp"
+#include "runtime/lj_cells.h"
 #include "runtime/embedded.hpp"
 
 namespace luaguard::sandbox {
@@ -531,6 +532,11 @@ bool pushNewEnv(lua_State *L, const Policy *p)
     // `_G` is answered by the view (the environment of the code that
     // reads it), so rawset(_G, ...) and _G.x = ... stay private too;
     // iteration hides `ngx` while it is the view's (lua/sandbox.lua).
+#if LUAGUARD_LJ_INTERNALS
+    if (luaguard_env_new(L)) {
+        return true;
+    }
+#endif
     lua_createtable(L, 0, 1);
     lua_rawgeti(L, -2, 2);
     lua_rawgeti(L, -3, 1);
