@@ -159,6 +159,10 @@ def listener():
     completes the handshakes (backlog), nothing is accepted."""
     import socket
     s = socket.socket()
+    # Connections inherit a small fixed receive buffer (no autotuning up to
+    # tcp_rmem's maximum, 32 MB on some machines): a send of megabytes
+    # never fits in the kernel's buffers, so the sender keeps waiting.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     s.bind(("127.0.0.1", 0))
     s.listen(512)
     yield s.getsockname()[1]
