@@ -83,8 +83,9 @@ def measure(module, s, n, workdir, label, extra_http=""):
                 status, body = common.request(port, s, conn=conn)
             if status != 200 or not body.startswith(s.expect):
                 time.sleep(0.5)
-                errlog = (prefix / "logs" / "error.log").read_text(
-                    errors="replace")
+                log_file = prefix / "logs" / "error.log"
+                errlog = (log_file.read_text(errors="replace")
+                          if log_file.exists() else "(no error.log)")
                 m = common.PENDING.search(errlog)
                 raise RuntimeError(m.group(0) if m else
                                    f"{label} request {i}: {status} "
@@ -236,6 +237,7 @@ def main():
         md = markdown(res)
         if args.out:
             out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
             (out / "callgrind.md").write_text(md)
             (out / "callgrind.json").write_text(json.dumps(res, indent=1)
                                                 + "\n")
