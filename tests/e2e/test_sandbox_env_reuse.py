@@ -72,6 +72,7 @@ def server(leak):
 """ % leak
 
 
+@pytest.mark.asan_fast
 @pytest.mark.parametrize("how", sorted(LEAKS))
 def test_a_kept_environment_is_never_another_requests(nginx, how):
     n = nginx(http=HTTP, files=MODULES, server=server(LEAKS[how]))
@@ -84,6 +85,7 @@ def test_a_kept_environment_is_never_another_requests(nginx, how):
         assert n.get("/victim").text == "nil\n"
 
 
+@pytest.mark.asan_fast
 @pytest.mark.parametrize("profile", ["default", "strict"])
 def test_a_timer_closure_keeps_its_environment_from_reuse(nginx, profile):
     """Strict code cannot hand its globals to a module, but a timer
