@@ -802,26 +802,35 @@ int tcpConnect(lua_State *L)
             name.assign(k, nlen);
             named = true;
         } else if (!lua_isnil(L, -1)) {
-            return luaL_error(L, "bad \"pool\" option type: %s",
-                              luaL_typename(L, -1));
+            return luaL_argerror(L, opts, lua_pushfstring(
+                L, "bad \"pool\" option type: %s", luaL_typename(L, -1)));
         }
         lua_pop(L, 1);
+        // Errors name the options argument, as lua-nginx-module's do; a
+        // backlog that is not a number counts as 0, as there.
         lua_getfield(L, opts, "pool_size");
         if (!lua_isnil(L, -1)) {
-            lua_Integer v = luaL_checkinteger(L, -1);
+            if (!lua_isnumber(L, -1)) {
+                return luaL_argerror(L, opts, lua_pushfstring(
+                    L, "bad \"pool_size\" option type: %s",
+                    luaL_typename(L, -1)));
+            }
+            lua_Integer v = lua_tointeger(L, -1);
             if (v <= 0) {
-                return luaL_error(L, "bad \"pool_size\" option value: %d",
-                                  static_cast<int>(v));
+                return luaL_argerror(L, opts, lua_pushfstring(
+                    L, "bad \"pool_size\" option value: %d",
+                    static_cast<int>(v)));
             }
             s->opt_pool_size = static_cast<ngx_uint_t>(v);
         }
         lua_pop(L, 1);
         lua_getfield(L, opts, "backlog");
         if (!lua_isnil(L, -1)) {
-            lua_Integer v = luaL_checkinteger(L, -1);
+            lua_Integer v = lua_tointeger(L, -1);
             if (v < 0) {
-                return luaL_error(L, "bad \"backlog\" option value: %d",
-                                  static_cast<int>(v));
+                return luaL_argerror(L, opts, lua_pushfstring(
+                    L, "bad \"backlog\" option value: %d",
+                    static_cast<int>(v)));
             }
             s->opt_backlog = static_cast<ngx_uint_t>(v);
             s->opt_has_backlog = true;

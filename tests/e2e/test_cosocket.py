@@ -757,3 +757,38 @@ def test_getoption_reads_the_buffer_it_names(nginx):
     for m in ("luaguard", "reference"):
         n = nginx(module=m, server=GETOPTION)
         assert n.get("/buffers").text == "131072 65536\n", m
+
+
+# connect's options table, good and bad values: pcall's results (a backlog
+# that is not a number counts as 0 in both).
+CONNECT_OPTIONS = [
+    "{ pool = {} }", "{ pool = 1 }", "{ pool = true }",
+    "{ pool_size = 'x' }", "{ pool_size = '3' }", "{ pool_size = 0 }",
+    "{ pool_size = -1 }", "{ pool_size = 2.5 }", "{ pool_size = {} }",
+    "{ backlog = {} }", "{ backlog = 'x' }", "{ backlog = -1 }",
+    "{ backlog = 0 }", "{ backlog = 2.5 }", "{ pool_size = 1, backlog = 1 }",
+    "{ backlog = 1 }", "{}",
+]
+
+
+def test_connect_option_answers_as_the_reference(nginx):
+    probes = "\n".join(f"""
+        do
+            local s = ngx.socket.tcp()
+            local r = {{ pcall(s.connect, s, "127.0.0.1", {{port}}, {o}) }}
+            for i = 1, #r do r[i] = tostring(r[i]) end
+            ngx.say({o!r}, " => ", table.concat(r, " "))
+            s:close()
+        end""" for o in CONNECT_OPTIONS)
+    out = {}
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        server = ("location /t { content_by_lua_block { "
+                  + probes.replace("{port}", str(port)) + " } }")
+        for m in ("luaguard", "reference"):
+            out[m] = nginx(module=m, server=server).get("/t").text
+    assert out["luaguard"] == out["reference"]
+    assert ("{ pool_size = 'x' } => false bad argument #4 to '?' "
+            "(bad \"pool_size\" option type: string)") in out["luaguard"]
