@@ -669,6 +669,26 @@ def test_computed_ngx_tables_take_their_own_metamethods_safely(nginx,
         assert r.header("X-A") == "1"
 
 
+@pytest.mark.oracle
+@pytest.mark.parametrize("module", ["luaguard", "reference"])
+def test_a_standard_name_set_to_nil_reads_through_again(nginx, module):
+    """A request that assigns nil to a standard global shadows nothing:
+    the name reads through to the view again. lua-nginx-module's requests
+    share one _G, so there the library is gone, for every later request
+    too (docs/compatibility.md)."""
+    n = nginx(module=module, server="""
+        location /t { content_by_lua_block {
+            local say = ngx.say
+            string = nil
+            mine = 1
+            mine = nil
+            say(type(string), " ", type(mine))
+        } }
+""")
+    expect = {"luaguard": "table nil\n", "reference": "nil nil\n"}
+    assert n.get("/t").text == expect[module]
+
+
 def test_pairs_and_ipairs_over_protected_tables(nginx):
     n = nginx(http=HTTP, files=MODULES, server="""
         location /t { content_by_lua_block {
