@@ -189,6 +189,11 @@ void *failingAlloc(void *, void *p, size_t osize, size_t nsize)
 // (scripts/luajit-patches/resize-keeps-integer-keys.patch).
 TEST(LuajitResize, AFailedHashAllocationKeepsIntegerKeysOfTheOldHashPart)
 {
+#if !LUAGUARD_CHECKHOOK
+    // Debian's libluajit2 (-DLUAGUARD_LUAJIT=system) has not the patch:
+    // there the table is left inconsistent and iterating it never ends.
+    GTEST_SKIP() << "LuaJIT without luaguard's patches";
+#endif
     lua_State *L = luaL_newstate();
     ASSERT_NE(L, nullptr);
     luaL_openlibs(L);
