@@ -4,14 +4,19 @@ from harness import Nginx
 
 
 @pytest.fixture
-def nginx(tmp_path):
+def nginx(tmp_path, request):
     """Factory: nginx(server=..., http=..., main=..., workers=1,
     module="luaguard"|"reference") starts a server. Every server started
     is stopped at teardown and its error log checked for alerts, crashes
-    and sanitizer reports."""
+    and sanitizer reports. Tests marked `workers_as_root` get `user root;`:
+    their workers read modules and files from the test prefix, which is
+    private to root."""
     started = []
+    as_root = request.node.get_closest_marker("workers_as_root") is not None
 
     def start(**kw):
+        if as_root:
+            kw["main"] = "user root;\n" + kw.get("main", "")
         sub = tmp_path / f"n{len(started)}"
         n = Nginx(sub, **kw)
         started.append(n)

@@ -9,14 +9,8 @@ import pytest
 CJSON = "/usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so"
 
 
-@pytest.fixture
-def nginx(nginx):
-    """Workers run as root here: the test prefix is private to root, and
-    these tests read modules and files from it at request time."""
-    def start(**kw):
-        kw["main"] = "user root;\n" + kw.get("main", "")
-        return nginx(**kw)
-    return start
+# Workers read the modules from the test prefix (private to root).
+pytestmark = pytest.mark.workers_as_root
 
 # A module with worker-level state, shared on purpose, and a global it
 # defines when loaded (which must land in the worker's _G).

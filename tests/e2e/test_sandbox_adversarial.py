@@ -69,13 +69,8 @@ VICTIM_LOC = """
 """
 
 
-@pytest.fixture
-def nginx(nginx):
-    """Workers read the modules from the test prefix (private to root)."""
-    def start(**kw):
-        kw["main"] = "user root;\n" + kw.get("main", "")
-        return nginx(**kw)
-    return start
+# Workers read the modules from the test prefix (private to root).
+pytestmark = pytest.mark.workers_as_root
 
 
 def attack_server(snippets, extra=""):

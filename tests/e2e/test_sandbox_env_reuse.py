@@ -8,14 +8,8 @@ write to it from elsewhere and look for the write in later requests."""
 import pytest
 
 
-@pytest.fixture
-def nginx(nginx):
-    """Workers run as root: they read the test's modules from its prefix,
-    private to root."""
-    def start(**kw):
-        kw["main"] = "user root;\n" + kw.get("main", "")
-        return nginx(**kw)
-    return start
+# Workers read the modules from the test prefix (private to root).
+pytestmark = pytest.mark.workers_as_root
 
 
 MODULES = {

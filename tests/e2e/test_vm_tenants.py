@@ -50,11 +50,14 @@ def loc(path, code, vm=None, extra=""):
         }}"""
 
 
+# Workers read the modules from the test prefix (private to root).
+pytestmark = pytest.mark.workers_as_root
+
+
 @pytest.fixture
 def nginx(nginx):
-    """Workers read the modules from the test prefix (private to root)."""
+    """The tenants' configuration unless a test gives its own."""
     def start(**kw):
-        kw["main"] = "user root;\n" + kw.get("main", "")
         kw.setdefault("http", HTTP)
         kw.setdefault("files", FILES)
         return nginx(**kw)
