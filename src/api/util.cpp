@@ -330,6 +330,28 @@ bool addArg(lua_State *L, std::string *out, const std::string &key, int vidx)
     }
 }
 
+// `len` bytes to write into: on the stack when they fit in N, else on the
+// heap (a header name, a query string: nearly always the stack).
+template <size_t N>
+class Scratch {
+ public:
+    explicit Scratch(size_t len)
+    {
+        if (len > N) {
+            heap_.resize(len);
+            buf_ = heap_.data();
+        }
+    }
+    Scratch(const Scratch &) = delete;
+    Scratch &operator=(const Scratch &) = delete;
+    char *data() { return buf_; }
+
+ private:
+    char stack_[N];
+    std::string heap_;
+    char *buf_ = stack_;
+};
+
 }  // namespace
 
 bool encodeArgsTable(lua_State *L, int idx, std::string *out)
@@ -433,13 +455,8 @@ void MultiTable::add()
 
 void pushLower(lua_State *L, const char *s, size_t len, bool dashes)
 {
-    char stack[128];
-    std::string heap;
-    char *buf = stack;
-    if (len > sizeof(stack)) {
-        heap.resize(len);
-        buf = heap.data();
-    }
+    Scratch<128> scratch(len);
+    char *buf = scratch.data();
     for (size_t i = 0; i < len; i++) {
         char c = s[i];
         buf[i] = c >= 'A' && c <= 'Z' ? static_cast<char>(c | 0x20)
@@ -452,14 +469,8 @@ bool pushArgsTable(lua_State *L, const char *s, size_t len, size_t max_args)
 {
     size_t n = codec::countArgs(s, len);
     MultiTable t(L, max_args && n > max_args ? max_args : n);
-    char stack[512];
-    std::string heap;
-    char *buf = stack;
-    if (len > sizeof(stack)) {
-        heap.resize(len);
-        buf = heap.data();
-    }
-    codec::ArgReader reader(s, len, buf);
+    Scratch<512> scratch(len);
+    codec::ArgReader reader(s, len, scratch.data());
     codec::Arg a;
     size_t count = 0;
     while (reader.next(&a)) {
