@@ -40,7 +40,7 @@ local weak_k = { __mode = "k" }
 -- one to Lua code says so (env_escapes), here for worker code (modules)
 -- through getfenv and debug.getfenv; request code's own getfenv, _G and
 -- load* do it in the view.
-local env_metas = setmetatable({}, weak_k)
+local env_metas = real_setmetatable({}, weak_k)
 do
     local getfenv = real_getfenv       -- its name in argument errors
     local tonumber = tonumber
@@ -324,7 +324,7 @@ end
 -- its own metamethods: a read or a write is one C call, as without the
 -- sandbox (a write through the generic path was a Lua call and a rawget
 -- more, a read a table hop more).
-local computed = setmetatable({}, weak_k)
+local computed = real_setmetatable({}, weak_k)
 local function note_computed()           -- once ngx is complete (build)
     for _, k in next, { "var", "header", "arg" } do
         local t = type(ngx) == "table" and rawget(ngx, k)

@@ -46,6 +46,15 @@ int luaguard_func_has_children(lua_State *L)
     return !isluafunc(fn) || (funcproto(fn)->flags & PROTO_CHILD) != 0;
 }
 
+/* A request environment's metatable names its one field at [2] and holds
+ * its value at [1] (lua/sandbox.lua); 0 when it does not. */
+static int env_field(GCtab *mt, cTValue **name, cTValue **value)
+{
+    *name = lj_tab_getint(mt, 2);
+    *value = lj_tab_getint(mt, 1);
+    return *name != NULL && *value != NULL && tvisstr(*name);
+}
+
 int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
 {
     cTValue *o = arrayslot((GCtab *)cells, i);
@@ -62,9 +71,7 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
     if (mt == NULL || t->asize != 0 || t->hmask > 1) {
         return 0;
     }
-    name = lj_tab_getint(mt, 2);
-    value = lj_tab_getint(mt, 1);
-    if (name == NULL || value == NULL || !tvisstr(name)) {
+    if (!env_field(mt, &name, &value)) {
         return 0;
     }
     node = noderef(t->node);
@@ -86,9 +93,9 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
 int luaguard_env_new(lua_State *L)
 {
     GCtab *mt = tabV(L->top - 1), *t;
-    cTValue *name = lj_tab_getint(mt, 2), *value = lj_tab_getint(mt, 1);
+    cTValue *name, *value;
     TValue key;
-    if (name == NULL || value == NULL || !tvisstr(name)) {
+    if (!env_field(mt, &name, &value)) {
         return 0;
     }
     lua_createtable(L, 0, 1);   /* the collector's step and the checks */

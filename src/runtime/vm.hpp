@@ -117,8 +117,7 @@ class Vm {
 
     // Cells of a table of the VM for Lua values C++ keeps between calls (a
     // request's environment, its ngx.ctx table, pooled handler closures),
-    // instead of
-    // registry references: the free list is C++'s own, so no stray
+    // instead of registry references: the free list is C++'s own, so no stray
     // luaL_unref can hand one cell to two owners, and a cell given back
     // twice or never taken is ignored. Cell 0 is "none".
     //
