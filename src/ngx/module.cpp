@@ -1645,7 +1645,7 @@ ngx_int_t setUpVm(ngx_conf_t *cf, MainConf *mcf, Vm *vm, size_t ceiling)
         lua_setfield(L, -2, p.field);
         lua_pop(L, 1);
     }
-    vm->memory().ceiling = ceiling;
+    vm->memory().setCeiling(ceiling);
     return NGX_OK;
 }
 

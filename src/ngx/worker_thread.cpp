@@ -415,9 +415,8 @@ void runTask(void *data, ngx_log_t *)
     MemoryAccount &m = task->vm->memory();
     t_task = task;
     sandbox::setThreadPolicy(task->policy);
-    m.charge = &task->charge;
-    m.charge_limit = task->memory_limit;
-    m.charge_hard = MemoryAccount::hardLimit(task->memory_limit);
+    m.setCharge(&task->charge, task->memory_limit,
+                MemoryAccount::hardLimit(task->memory_limit));
     m.refused = false;
     if (task->limit_ms) {
         task->deadline_ns = budget::nowNs() + task->limit_ms * 1000000;
@@ -468,9 +467,7 @@ void runTask(void *data, ngx_log_t *)
         task->discard = true;   // its hook raises forever; its heap is suspect
     }
     lua_settop(L, top);
-    m.charge = nullptr;
-    m.charge_limit = 0;
-    m.charge_hard = 0;
+    m.setCharge(nullptr, 0, 0);
     sandbox::setThreadPolicy(nullptr);
     t_task = nullptr;
 }
@@ -492,7 +489,7 @@ Vm *newVm(Vm *caller, std::string *err)
     if (!vm->open(err) || !api::openThreadVm(vm->L(), caller->L(), err)) {
         return nullptr;
     }
-    vm->memory().ceiling = caller->memory().ceiling;
+    vm->memory().setCeiling(caller->memory().ceiling);
     vm->memory().on_over = memoryOver;
     return vm.release();
 }

@@ -74,6 +74,8 @@ bool VmRefs::keep(lua_State *L)
     return false;
 }
 
+// Every Lua allocation passes here: the common case (no limit near) is
+// two compares; everything that tells or refuses is in allocateSlow.
 void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     auto *m = static_cast<MemoryAccount *>(ud);
@@ -83,16 +85,14 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
     }
 
     if (nsize == 0) {
-        m->base(m->base_ud, ptr, osize, 0);
         m->in_use -= osize;
         m->freed += osize;
-        if (m->charge) {
-            *m->charge -= static_cast<int64_t>(osize);
-        }
+        *m->charge -= static_cast<int64_t>(osize);
         if (m->over_ceiling && m->in_use < m->ceiling) {
             m->over_ceiling = false;  // back under: the next crossing counts
+            m->retrip();
         }
-        return nullptr;
+        return m->base(m->base_ud, ptr, osize, 0);
     }
 
     if (nsize > osize) {
@@ -102,50 +102,61 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
             return refuse(m);
         }
 #endif
-        if (m->ceiling && m->in_use + grow > hardCeiling(m->ceiling)) {
-            return refuse(m);
-        }
-        if (m->charge) {
-            int64_t after = *m->charge + static_cast<int64_t>(grow);
-            if (m->charge_hard && after > m->charge_hard) {
-                return refuse(m);
-            }
-            if (m->charge_limit && after > m->charge_limit) {
-                m->charge_limit = 0;  // told once per run
-                if (m->on_over) {
-                    m->on_over(true);
-                }
-            }
-        }
-        if (m->ceiling && !m->over_ceiling
-            && m->in_use + grow > m->ceiling)
+        if (m->in_use + grow > m->in_use_trip
+            || *m->charge + static_cast<int64_t>(grow) > m->charge_trip)
         {
-            m->over_ceiling = true;
-            if (m->on_over) {
-                m->on_over(false);
-            }
+            return allocateSlow(m, ptr, osize, nsize);
         }
     }
+    return place(m, ptr, osize, nsize);
+}
 
+void *Vm::place(MemoryAccount *m, void *ptr, size_t osize, size_t nsize)
+{
     void *p = m->base(m->base_ud, ptr, osize, nsize);
     if (p == nullptr) {
         return refuse(m);
     }
-
     m->in_use = m->in_use - osize + nsize;
+    *m->charge += static_cast<int64_t>(nsize) - static_cast<int64_t>(osize);
     if (nsize < osize) {
         m->freed += osize - nsize;
-    }
-    if (m->over_ceiling && m->in_use < m->ceiling) {
-        m->over_ceiling = false;  // back under: the next crossing counts
-    }
-    if (m->in_use > m->peak) {
+        if (m->over_ceiling && m->in_use < m->ceiling) {
+            m->over_ceiling = false;
+            m->retrip();
+        }
+    } else if (m->in_use > m->peak) {
         m->peak = m->in_use;
     }
-    if (m->charge) {
-        *m->charge += static_cast<int64_t>(nsize) - static_cast<int64_t>(osize);
-    }
     return p;
+}
+
+void *Vm::allocateSlow(MemoryAccount *m, void *ptr, size_t osize,
+                       size_t nsize)
+{
+    size_t grow = nsize - osize;
+    if (m->ceiling && m->in_use + grow > hardCeiling(m->ceiling)) {
+        return refuse(m);
+    }
+    int64_t after = *m->charge + static_cast<int64_t>(grow);
+    if (m->charge_hard && after > m->charge_hard) {
+        return refuse(m);
+    }
+    if (m->charge_limit && after > m->charge_limit) {
+        m->charge_limit = 0;  // told once per run
+        m->retrip();
+        if (m->on_over) {
+            m->on_over(true);
+        }
+    }
+    if (m->ceiling && !m->over_ceiling && m->in_use + grow > m->ceiling) {
+        m->over_ceiling = true;
+        m->retrip();
+        if (m->on_over) {
+            m->on_over(false);
+        }
+    }
+    return place(m, ptr, osize, nsize);
 }
 
 #if defined(LUAGUARD_CHECKHOOK) && !defined(LUAGUARD_ASAN)

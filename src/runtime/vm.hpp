@@ -30,9 +30,17 @@ struct MemoryAccount {
     size_t   in_use = 0;
     size_t   peak = 0;
     size_t   ceiling = 0;          // lua_vm_memory_limit; 0: none
-    int64_t *charge = nullptr;     // running request's net bytes, or null
+    // The running request's net bytes; no_charge when no budget runs.
+    int64_t *charge = &no_charge;
     int64_t  charge_limit = 0;     // its budget; 0: none (or already over)
     int64_t  charge_hard = 0;      // refused past this; 0: none
+    int64_t  no_charge = 0;
+    // Vm::allocate's only two tests for a growing block: crossing either
+    // takes its slow path, which tells on_over, refuses, or neither.
+    // Derived from the fields above by retrip(), called by whatever
+    // changes them.
+    size_t   in_use_trip = SIZE_MAX;
+    int64_t  charge_trip = INT64_MAX;
     bool     refused = false;      // an allocation was refused since reset
     bool     over_ceiling = false; // on_over told of the ceiling in this run
     uint64_t refusals = 0;
@@ -55,6 +63,29 @@ struct MemoryAccount {
     // segments, so one live object above a bomb's debris would keep all of
     // it resident. No-op under any other allocator.
     void trim();
+
+    // Where allocations are charged (null: nowhere) and their limits.
+    void setCharge(int64_t *to, int64_t limit, int64_t hard)
+    {
+        charge = to ? to : &no_charge;
+        charge_limit = limit;
+        charge_hard = hard;
+        charge_trip = limit ? limit : hard ? hard : INT64_MAX;
+    }
+    void setCeiling(size_t bytes)
+    {
+        ceiling = bytes;
+        retrip();
+    }
+    void retrip()
+    {
+        // Under the ceiling the soft limit comes first; over it, only the
+        // hard one is left (hardCeiling > ceiling, hardLimit > limit).
+        in_use_trip = ceiling == 0 ? SIZE_MAX
+                      : over_ceiling ? hardCeiling(ceiling) : ceiling;
+        charge_trip = charge_limit ? charge_limit
+                      : charge_hard ? charge_hard : INT64_MAX;
+    }
 
     // The per-request hard limit for a budget of `limit` bytes: twice the
     // budget plus room for the stop's own error message.
@@ -216,6 +247,10 @@ class Vm {
 
  private:
     static void *allocate(void *ud, void *ptr, size_t osize, size_t nsize);
+    static void *allocateSlow(MemoryAccount *m, void *ptr, size_t osize,
+                              size_t nsize);
+    static void *place(MemoryAccount *m, void *ptr, size_t osize,
+                       size_t nsize);
 
     lua_State *L_ = nullptr;
     MemoryAccount memory_;

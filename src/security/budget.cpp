@@ -142,17 +142,20 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
         f->prev_charge = mem->charge;
         f->prev_charge_limit = mem->charge_limit;
         f->prev_charge_hard = mem->charge_hard;
-        mem->charge = &usage->mem_net;
         // A tripped run is not told again: the hook ends it anyway.
-        mem->charge_limit = usage->tripped == Kind::None ? limits.memory : 0;
-        mem->charge_hard = MemoryAccount::hardLimit(limits.memory);
+        mem->setCharge(&usage->mem_net,
+                       usage->tripped == Kind::None ? limits.memory : 0,
+                       MemoryAccount::hardLimit(limits.memory));
         if (usage->mem_net < 0) {
             usage->mem_net = 0;  // frees of others' garbage earn no credit
         }
-        if (f->prev == nullptr || f->prev->mem != mem) {
+        if ((f->prev == nullptr || f->prev->mem != mem)
+            && mem->over_ceiling)
+        {
             // Every run that allocates while the VM is over its ceiling is
             // stopped, not only the one that crossed it.
             mem->over_ceiling = false;
+            mem->retrip();
         }
     }
 
@@ -189,9 +192,8 @@ void Guard::leave(Frame *f)
     L_ = f->prev && started_ ? f->prev->L : nullptr;
 
     if (f->mem) {
-        f->mem->charge = f->prev_charge;
-        f->mem->charge_limit = f->prev_charge_limit;
-        f->mem->charge_hard = f->prev_charge_hard;
+        f->mem->setCharge(f->prev_charge, f->prev_charge_limit,
+                          f->prev_charge_hard);
     }
 
     if (f->prev) {

@@ -90,7 +90,7 @@ TEST(Code, MemoryCeilingRefusesAndRecovers)
     Vm vm;
     std::string err;
     ASSERT_TRUE(vm.open(&err)) << err;
-    vm.memory().ceiling = vm.memory().in_use + 4 * 1024 * 1024;
+    vm.memory().setCeiling(vm.memory().in_use + 4 * 1024 * 1024);
     EXPECT_EQ(run(vm, "local t = {} for i = 1, 1e7 do t[i] = i end", &err),
               "<runtime>");
     EXPECT_NE(err.find("not enough memory"), std::string::npos) << err;
