@@ -78,6 +78,12 @@ struct Conf {
 Table *g_table = nullptr;
 LocSlot *g_other = nullptr;
 uint64_t g_gen = 0;
+// When a request last published the gauges (ngx_current_msec).
+ngx_msec_t g_published = 0;
+// A request's end publishes the worker's gauges when they are older than
+// this: under load, one in many requests pays for the stores; a scrape
+// and the one-second tick publish whatever their age.
+constexpr ngx_msec_t kPublishEveryMs = 50;
 ngx_event_t g_tick;
 
 const ngx_str_t kZoneName = ngx_string("luaguard_metrics");
@@ -446,7 +452,10 @@ void requestDone(const RequestCtx *ctx)
         add(&s->cpu[b]);
         add(&s->cpu_sum_ns, static_cast<ngx_atomic_int_t>(ns));
     }
-    publish(false);
+    if (ngx_current_msec - g_published >= kPublishEveryMs) {
+        g_published = ngx_current_msec;
+        publish(false);
+    }
 }
 
 char *directive(ngx_conf_t *cf, ngx_command_t *, void *)
