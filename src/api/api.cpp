@@ -5,10 +5,15 @@
 
 namespace luaguard::api {
 
-bool open(lua_State *L, std::string *err)
+bool open(Vm *vm, std::string *err)
 {
+    lua_State *L = vm->L();
     lua_createtable(L, 0, 160);
     openCore(L);
+    if (!openCtx(L, vm, err)) {
+        lua_pop(L, 1);
+        return false;
+    }
     openOutput(L);
     openTime(L);
     openVar(L);

@@ -23,10 +23,11 @@ constexpr char kRestyCoreVersion[] = "0.1.25";
 
 // Builds the global `ngx` table, the embedded Lua prelude and the
 // per-request environment machinery. False with *err on failure.
-bool open(lua_State *L, std::string *err);
+bool open(Vm *vm, std::string *err);
 
 // Each takes the `ngx` table at stack top and leaves it there.
 void openCore(lua_State *L);
+bool openCtx(lua_State *L, Vm *vm, std::string *err);
 void openOutput(lua_State *L);
 void openTime(lua_State *L);
 void openVar(lua_State *L);

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "api/api.hpp"
+#include "api/ffi_abi.hpp"
 #include "ngx/glue.hpp"
 #include "ngx/thread.hpp"
 #include "runtime/vm.hpp"
@@ -623,9 +624,37 @@ void openCore(lua_State *L)
     lua_setmetatable(L, -2);
 }
 
+bool openCtx(lua_State *L, Vm *vm, std::string *err)
+{
+    lua_getmetatable(L, -1);
+    lua_pushstring(L, kCtxCdef);
+    lua_getfield(L, -2, "__index");
+    vm->pushCells(L);
+    lua_pushlightuserdata(L, const_cast<void *>(vm->cells()));
+    if (!runEmbedded(L, kLua_ctx_ffi, kLua_ctx_ffi_len, "=luaguard.ctx", 4, 1,
+                     err)) {
+        lua_pop(L, 1);
+        return false;
+    }
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    return true;
+}
+
 void openPending(lua_State *L)
 {
     addPending(L);
 }
 
 }  // namespace luaguard::api
+
+int luaguard_ctx_cell(const void *vm)
+{
+    using luaguard::g_run;
+    if (g_run == nullptr || g_run->ctx == nullptr
+        || g_run->ctx->vm->cells() != vm)
+    {
+        return 0;
+    }
+    return g_run->ctx->ctx_cell;
+}

@@ -96,6 +96,10 @@
     API int luaguard_resp_get_headers(luaguard_kv_list_t *l, int max,        \
                                       int raw);
 
+// ngx.ctx: the Vm cell of the running request's table when the running
+// request belongs to VM `vm` and has one, else 0 (the C __index answers).
+#define LUAGUARD_CTX_ABI(API) API int luaguard_ctx_cell(const void *vm);
+
 #define LUAGUARD_FFI_EXPORT __attribute__((visibility("default")))
 #define LUAGUARD_FFI_TEXT_(...) #__VA_ARGS__
 #define LUAGUARD_FFI_TEXT(...) LUAGUARD_FFI_TEXT_(__VA_ARGS__)
@@ -104,6 +108,7 @@ extern "C" {
 LUAGUARD_SHDICT_ABI(LUAGUARD_FFI_EXPORT)
 LUAGUARD_REGEX_ABI(LUAGUARD_FFI_EXPORT)
 LUAGUARD_REQ_ABI(LUAGUARD_FFI_EXPORT)
+LUAGUARD_CTX_ABI(LUAGUARD_FFI_EXPORT)
 }
 
 namespace luaguard::api {
@@ -111,5 +116,6 @@ namespace luaguard::api {
 inline constexpr char kShdictCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_SHDICT_ABI());
 inline constexpr char kRegexCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REGEX_ABI());
 inline constexpr char kReqCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REQ_ABI());
+inline constexpr char kCtxCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_CTX_ABI());
 
 }  // namespace luaguard::api

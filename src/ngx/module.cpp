@@ -117,7 +117,7 @@ Vm *openVm(ngx_conf_t *cf)
     }
 
     std::string err;
-    if (!vm->open(&err) || !api::open(vm->L(), &err)) {
+    if (!vm->open(&err) || !api::open(vm, &err)) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "failed to start LuaJIT: %s",
                            err.c_str());
         delete vm;

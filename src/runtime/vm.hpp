@@ -156,6 +156,13 @@ class Vm {
     // returns its number; an allocation failure raises before any cell is
     // taken (the value is still popped).
     int hold(lua_State *L);
+    // The cells table, and its address: what names this VM to the FFI
+    // (lua/ctx_ffi.lua).
+    void pushCells(lua_State *L) const
+    {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);
+    }
+    const void *cells() const { return cells_; }
     // Pushes the value of cell `cell`.
     void pushHeld(lua_State *L, int cell) const
     {

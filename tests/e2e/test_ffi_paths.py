@@ -151,3 +151,34 @@ def test_request_tables_nested_from_finalizer(nginx):
     head, _, body = resp.partition(b"\r\n\r\n")
     assert b" 200 " in head.split(b"\r\n")[0], n.read_log()
     assert body == b"true 0\n"
+
+
+def test_ngx_ctx_reads_take_the_ffi_path(nginx):
+    """ngx.ctx once the request has its table: no lua_CFunction runs (a C
+    metamethod would keep every handler reading it out of LuaJIT's
+    traces). The first read, which makes the table, and ngx.status, are
+    the C __index's. Each request still reads its own table: a second
+    request, made while the first one sleeps, sees none of its fields."""
+    n = nginx(server=r"""
+        location = /t { content_by_lua_block {
+            """ + CHECK + r"""
+            local function read() return ngx.ctx end
+            ngx.say("first ", c_calls(read))
+            ngx.ctx.mine = ngx.var.arg_id
+            ngx.say("again ", c_calls(read))
+            ngx.say("status ", c_calls(function() return ngx.status end))
+            ngx.sleep(tonumber(ngx.var.arg_sleep) or 0)
+            ngx.say("mine ", ngx.ctx.mine, " ", c_calls(read))
+        } }
+        location = /both { content_by_lua_block {
+            -- a waits in its sleep while b runs
+            local a, b = ngx.location.capture_multi({
+                {"/t?id=a&sleep=0.01"}, {"/t?id=b"}})
+            ngx.print(a.body, b.body)
+        } }
+    """)
+    assert n.get("/t?id=x").text.splitlines() == [
+        "first 1", "again 0", "status 1", "mine x 0"]
+    out = n.get("/both").text.splitlines()
+    assert [line for line in out if line.startswith("mine")] == [
+        "mine a 0", "mine b 0"]
