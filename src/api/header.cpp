@@ -36,22 +36,26 @@ std::string headerName(RequestCtx *ctx, const char *key, size_t len)
             }
         }
     }
-    for (char c : name) {
-        if (!codec::isTokenChar(static_cast<unsigned char>(c))) {
-            return codec::escapeHeaderName(name.data(), name.size());
-        }
+    if (codec::headerNameClean(name.data(), name.size()) != name.size()) {
+        return codec::escapeHeaderName(name.data(), name.size());
     }
     return name;  // the usual case: nothing to escape, no second copy
 }
 
-bool nameIs(const std::string &name, const char *lower)
+bool nameIs(const std::string &name, const char *lower, size_t len)
 {
-    return name.size() == std::strlen(lower)
+    return name.size() == len
            && ngx_strncasecmp(reinterpret_cast<u_char *>(
                                   const_cast<char *>(name.data())),
                               reinterpret_cast<u_char *>(
                                   const_cast<char *>(lower)),
-                              name.size()) == 0;
+                              len) == 0;
+}
+
+template <size_t N>
+bool nameIs(const std::string &name, const char (&lower)[N])
+{
+    return nameIs(name, lower, N - 1);
 }
 
 // Copies a value into the pool through the one header sanitizer
@@ -68,25 +72,23 @@ bool copySafe(ngx_http_request_t *r, const char *s, size_t len, ngx_str_t *out)
 ngx_table_elt_t **specialSlot(ngx_http_request_t *r, const std::string &name)
 {
     ngx_http_headers_out_t &h = r->headers_out;
-    struct {
-        const char *name;
-        ngx_table_elt_t **slot;
-    } table[] = {
-        {"server", &h.server},
-        {"date", &h.date},
-        {"content-encoding", &h.content_encoding},
-        {"refresh", &h.refresh},
-        {"last-modified", &h.last_modified},
-        {"content-range", &h.content_range},
-        {"accept-ranges", &h.accept_ranges},
-        {"www-authenticate", &h.www_authenticate},
-        {"expires", &h.expires},
-        {"etag", &h.etag},
-    };
-    for (auto &e : table) {
-        if (nameIs(name, e.name)) {
-            return e.slot;
-        }
+    switch (name.size()) {  // the length settles most names at once
+    case 4:
+        return nameIs(name, "date") ? &h.date
+               : nameIs(name, "etag") ? &h.etag : nullptr;
+    case 6:
+        return nameIs(name, "server") ? &h.server : nullptr;
+    case 7:
+        return nameIs(name, "refresh") ? &h.refresh
+               : nameIs(name, "expires") ? &h.expires : nullptr;
+    case 13:
+        return nameIs(name, "last-modified") ? &h.last_modified
+               : nameIs(name, "content-range") ? &h.content_range
+               : nameIs(name, "accept-ranges") ? &h.accept_ranges : nullptr;
+    case 16:
+        return nameIs(name, "content-encoding") ? &h.content_encoding
+               : nameIs(name, "www-authenticate") ? &h.www_authenticate
+               : nullptr;
     }
     return nullptr;
 }
@@ -273,7 +275,11 @@ int headerNewIndex(lua_State *L)
     }
 
     // Gather the new values first: a bad one leaves the headers untouched.
-    std::vector<ngx_str_t> values;
+    // One value (the usual case) needs no vector.
+    ngx_str_t one;
+    std::vector<ngx_str_t> many;
+    const ngx_str_t *values = nullptr;
+    size_t nvalues = 0;
     const char *s;
     size_t slen;
     if (lua_istable(L, 3)) {
@@ -291,33 +297,35 @@ int headerNewIndex(lua_State *L)
             if (!copySafe(r, s, slen, &v)) {
                 return luaL_error(L, "no memory");
             }
-            values.push_back(v);
+            many.push_back(v);
             lua_pop(L, 1);
         }
+        values = many.data();
+        nvalues = many.size();
     } else if (!lua_isnil(L, 3)) {
         if (!valueText(L, 3, &s, &slen)) {
             return luaL_error(L, "attempt to set ngx.header.%s to a %s value",
                               key, luaL_typename(L, 3));
         }
         chargeMemory(L, len + slen + sizeof(ngx_table_elt_t), "ngx.header");
-        ngx_str_t v;
-        if (!copySafe(r, s, slen, &v)) {
+        if (!copySafe(r, s, slen, &one)) {
             return luaL_error(L, "no memory");
         }
-        values.push_back(v);
+        values = &one;
+        nvalues = 1;
     }
 
     if (nameIs(name, "content-type")) {
         // Even a cleared type is a choice: no default type is added then.
         ctx->mime_set = true;
-        if (values.empty()) {
+        if (nvalues == 0) {
             r->headers_out.content_type.len = 0;
             r->headers_out.content_type_len = 0;
         } else {
             // The type nginx's checks (gzip_types, charset_types, sub_filter
             // ...) compare is what comes before the first ';', as for
             // lua-nginx-module; the header goes out whole.
-            const ngx_str_t &v = values.back();
+            const ngx_str_t &v = values[nvalues - 1];
             auto *semi = static_cast<u_char *>(
                 std::memchr(v.data, ';', v.len));
             r->headers_out.content_type = v;
@@ -333,11 +341,12 @@ int headerNewIndex(lua_State *L)
             r->headers_out.content_length->hash = 0;
             r->headers_out.content_length = nullptr;
         }
-        if (values.empty()) {
+        if (nvalues == 0) {
             r->headers_out.content_length_n = -1;
             return 0;
         }
-        off_t n = ngx_atoof(values.back().data, values.back().len);
+        off_t n = ngx_atoof(values[nvalues - 1].data,
+                            values[nvalues - 1].len);
         if (n == NGX_ERROR) {
             return luaL_error(L, "invalid Content-Length header value");
         }
@@ -346,8 +355,8 @@ int headerNewIndex(lua_State *L)
     }
 
     clearHeader(r, name);
-    for (const ngx_str_t &v : values) {
-        if (!addHeader(r, name, v)) {
+    for (size_t i = 0; i < nvalues; i++) {
+        if (!addHeader(r, name, values[i])) {
             return luaL_error(L, "no memory");
         }
     }

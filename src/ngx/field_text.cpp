@@ -10,17 +10,22 @@ namespace luaguard::glue {
 
 namespace {
 
-bool toPool(ngx_pool_t *pool, const std::string &text, ngx_str_t *out)
+bool toPool(ngx_pool_t *pool, const char *s, size_t len, ngx_str_t *out)
 {
-    auto *p = static_cast<u_char *>(ngx_pnalloc(pool, text.size() + 1));
+    auto *p = static_cast<u_char *>(ngx_pnalloc(pool, len + 1));
     if (p == nullptr) {
         return false;
     }
-    ngx_memcpy(p, text.data(), text.size());
-    p[text.size()] = '\0';
+    ngx_memcpy(p, s, len);
+    p[len] = '\0';
     out->data = p;
-    out->len = text.size();
+    out->len = len;
     return true;
+}
+
+bool toPool(ngx_pool_t *pool, const std::string &text, ngx_str_t *out)
+{
+    return toPool(pool, text.data(), text.size(), out);
 }
 
 }  // namespace
@@ -28,12 +33,18 @@ bool toPool(ngx_pool_t *pool, const std::string &text, ngx_str_t *out)
 bool copyHeaderName(ngx_pool_t *pool, const char *s, size_t len,
                     ngx_str_t *out)
 {
+    if (codec::headerNameClean(s, len) == len) {
+        return toPool(pool, s, len, out);
+    }
     return toPool(pool, codec::escapeHeaderName(s, len), out);
 }
 
 bool copyHeaderValue(ngx_pool_t *pool, const char *s, size_t len,
                      ngx_str_t *out)
 {
+    if (codec::headerValueClean(s, len) == len) {
+        return toPool(pool, s, len, out);
+    }
     return toPool(pool, codec::escapeHeaderValue(s, len), out);
 }
 

@@ -184,9 +184,53 @@ std::string showUnsafeUri(const char *s, size_t len, size_t max)
     return shown;
 }
 
-bool isTokenChar(unsigned char c)
+namespace {
+
+constexpr TokenChars makeTokenChars()
 {
-    return isAlnum(c) || (c != 0 && std::strchr("!#$%&'*+-.^_`|~", c));
+    TokenChars t{};
+    for (int c = '0'; c <= '9'; c++) {
+        t.is[c] = true;
+    }
+    for (int c = 'A'; c <= 'Z'; c++) {
+        t.is[c] = true;
+        t.is[c - 'A' + 'a'] = true;
+    }
+    for (const char *p = "!#$%&'*+-.^_`|~"; *p; p++) {
+        t.is[static_cast<unsigned char>(*p)] = true;
+    }
+    return t;
+}
+
+}  // namespace
+
+constexpr TokenChars kTokenChars = makeTokenChars();
+
+namespace {
+
+bool valueByteEscaped(unsigned char c)
+{
+    return (c < 0x20 && c != '\t') || c == 0x7f;
+}
+
+}  // namespace
+
+size_t headerNameClean(const char *s, size_t len)
+{
+    size_t i = 0;
+    while (i < len && isTokenChar(static_cast<unsigned char>(s[i]))) {
+        i++;
+    }
+    return i;
+}
+
+size_t headerValueClean(const char *s, size_t len)
+{
+    size_t i = 0;
+    while (i < len && !valueByteEscaped(static_cast<unsigned char>(s[i]))) {
+        i++;
+    }
+    return i;
 }
 
 std::string escapeHeaderName(const char *s, size_t len)
@@ -210,7 +254,7 @@ std::string escapeHeaderValue(const char *s, size_t len)
     out.reserve(len);
     for (size_t i = 0; i < len; i++) {
         auto c = static_cast<unsigned char>(s[i]);
-        if ((c < 0x20 && c != '\t') || c == 0x7f) {
+        if (valueByteEscaped(c)) {
             addEscaped(out, c);
         } else {
             out.push_back(static_cast<char>(c));

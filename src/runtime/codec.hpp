@@ -87,8 +87,20 @@ std::string escapeHeaderName(const char *s, size_t len);
 // bytes from 0x80 stay.
 std::string escapeHeaderValue(const char *s, size_t len);
 
+// The first byte escapeHeaderName / escapeHeaderValue would change, or
+// len when there is none: the usual header is copied as it is.
+size_t headerNameClean(const char *s, size_t len);
+size_t headerValueClean(const char *s, size_t len);
+
 // True for an RFC 9110 tchar: ALPHA DIGIT ! # $ % & ' * + - . ^ _ ` | ~
-bool isTokenChar(unsigned char c);
+struct TokenChars {
+    bool is[256];
+};
+extern const TokenChars kTokenChars;
+inline bool isTokenChar(unsigned char c)
+{
+    return kTokenChars.is[c];
+}
 
 // A MySQL string literal: quoted, with \0 \b \n \r \t \Z \\ \' \" escaped.
 std::string quoteSqlStr(const char *s, size_t len);
