@@ -382,6 +382,21 @@ void noteClosures(lua_State *L, RequestCtx *ctx)
     }
 }
 
+// Gives the function on top of L the request's environment (made now if
+// the request has none yet); pops it and fails with *err if it cannot.
+bool setRequestEnv(lua_State *L, RequestCtx *ctx, std::string *err)
+{
+    if (!pushRequestEnv(L, ctx)) {
+        lua_pop(L, 1);
+        *err = "failed to create the request's global environment: "
+               + sandbox::envError();
+        return false;
+    }
+    lua_setfenv(L, -2);
+    noteClosures(L, ctx);
+    return true;
+}
+
 // Pushes a closure of handler `h` onto L (a state of `vm`), with the
 // request's environment when there is a request: in an isolating
 // location, a pooled one held in *lease until the run ends (giveClosure),
@@ -390,13 +405,25 @@ void noteClosures(lua_State *L, RequestCtx *ctx)
 bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
                  lua_State *co, std::string *err, Lease *lease)
 {
+    const sandbox::Policy *p = ctx ? sandbox::policyOf(ctx->llcf) : nullptr;
+    // The usual run of an inline handler: an idle closure of its pool,
+    // without pushing the factory only a new closure needs.
+    if (p && p->isolate && h->path == nullptr && h->pool_vm == vm
+        && !h->pool->empty())
+    {
+        int env = ctx->env_policy == p ? ctx->env_cell : 0;
+        if (!takeClosure(L, vm, 0, h->pool, lease, env)) {
+            return setRequestEnv(L, ctx, err);
+        }
+        noteClosures(L, ctx);
+        return true;
+    }
     if (h->path) {
         if (!pushFileFactory(L, vm, ctx, h, err)) {
             return false;
         }
         // Binary chunks have a C factory (see compileFactory).
         if (ctx && lua_iscfunction(L, -1)) {
-            const sandbox::Policy *p = sandbox::policyOf(ctx->llcf);
             if (!p->allows(sandbox::Capability::Bytecode)) {
                 lua_pop(L, 1);
                 sandbox::countRefusal(sandbox::Capability::Bytecode);
@@ -408,7 +435,6 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
     } else if (!pushInlineFactory(L, vm, h, err)) {
         return false;
     }
-    const sandbox::Policy *p = ctx ? sandbox::policyOf(ctx->llcf) : nullptr;
     // Without isolation every closure has the worker's globals, and one
     // request code got hold of would keep them: no pool needed.
     if (p && p->isolate && (h->path == nullptr || ctx->llcf->code_cache)) {
@@ -434,17 +460,7 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
         instantiate(L, -1);
     }
     lua_remove(L, -2);
-    if (p && p->isolate) {
-        if (!pushRequestEnv(L, ctx)) {
-            lua_pop(L, 1);
-            *err = "failed to create the request's global environment: "
-                   + sandbox::envError();
-            return false;
-        }
-        lua_setfenv(L, -2);
-        noteClosures(L, ctx);
-    }
-    return true;
+    return p && p->isolate ? setRequestEnv(L, ctx, err) : true;
 }
 
 int tracebackHandler(lua_State *L)

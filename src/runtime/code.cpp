@@ -175,9 +175,7 @@ void giveClosure(lua_State *L, Vm *vm, Lease *lease, bool reusable)
     }
     // An idle closure must not keep the finished request's globals alive
     // until its next run: it waits with an empty environment.
-    vm->pushHeld(L, l.cell);
-    vm->setFenvHeld(L, Vm::kIdleEnvCell);
-    lua_pop(L, 1);
+    vm->setFenvOfHeld(L, l.cell, Vm::kIdleEnvCell);
     l.idle->push_back(l.cell);
 }
 

@@ -40,6 +40,21 @@ void luaguard_cells_setfenv(lua_State *L, const void *cells, int i)
     setgcref(fn->c.env, obj2gco(env));
 }
 
+void luaguard_cells_setfenv_of(lua_State *L, const void *cells, int fn,
+                               int env)
+{
+    GCtab *t = (GCtab *)cells;
+    GCfunc *f = funcV(arrayslot(t, fn));
+    GCtab *e = tabV(arrayslot(t, env));
+    if (iswhite(obj2gco(e)) && isblack(obj2gco(f))) {
+        luaguard_cells_push(L, cells, fn);
+        luaguard_cells_setfenv(L, cells, env);   /* with its barrier */
+        L->top--;
+        return;
+    }
+    setgcref(f->c.env, obj2gco(e));
+}
+
 int luaguard_func_has_children(lua_State *L)
 {
     GCfunc *fn = funcV(L->top - 1);

@@ -20,6 +20,10 @@ void luaguard_cells_set(struct lua_State *L, const void *cells, int i);
 /* Sets the environment of the Lua function on top to the table in
  * cells[i]. */
 void luaguard_cells_setfenv(struct lua_State *L, const void *cells, int i);
+/* Sets the environment of the Lua function in cells[fn] to the table in
+ * cells[env], without a stack slot. */
+void luaguard_cells_setfenv_of(struct lua_State *L, const void *cells, int fn,
+                               int env);
 
 /* Whether the Lua function on top of L was compiled with functions inside
  * it: running it can make closures, which take its environment. */

@@ -198,6 +198,18 @@ class Vm {
         lua_setfenv(L, -2);
 #endif
     }
+    // Sets the environment of the Lua function in cell `fn` to the table
+    // in cell `env`.
+    void setFenvOfHeld(lua_State *L, int fn, int env) const
+    {
+#if LUAGUARD_LJ_INTERNALS
+        luaguard_cells_setfenv_of(L, cells_, fn, env);
+#else
+        pushHeld(L, fn);
+        setFenvHeld(L, env);
+        lua_pop(L, 1);
+#endif
+    }
     // Empties cell `cell` (its value is left to the collector) and makes
     // it free. Never raises.
     void release(lua_State *L, int cell);
