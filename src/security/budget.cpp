@@ -142,6 +142,7 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
         f->prev_charge = mem->charge;
         f->prev_charge_limit = mem->charge_limit;
         f->prev_charge_hard = mem->charge_hard;
+        f->prev_charge_trip = mem->charge_trip;
         // A tripped run is not told again: the hook ends it anyway.
         mem->setCharge(&usage->mem_net,
                        usage->tripped == Kind::None ? limits.memory : 0,
@@ -192,8 +193,11 @@ void Guard::leave(Frame *f)
     L_ = f->prev && started_ ? f->prev->L : nullptr;
 
     if (f->mem) {
-        f->mem->setCharge(f->prev_charge, f->prev_charge_limit,
-                          f->prev_charge_hard);
+        // Put back as they were, trip included: nothing to work out.
+        f->mem->charge = f->prev_charge;
+        f->mem->charge_limit = f->prev_charge_limit;
+        f->mem->charge_hard = f->prev_charge_hard;
+        f->mem->charge_trip = f->prev_charge_trip;
     }
 
     if (f->prev) {

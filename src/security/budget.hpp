@@ -83,6 +83,7 @@ class Guard {
         int64_t     *prev_charge;
         int64_t      prev_charge_limit;
         int64_t      prev_charge_hard;
+        int64_t      prev_charge_trip;
         Frame       *prev;
     };
     void enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
