@@ -64,6 +64,12 @@ struct MemoryAccount {
     // it resident. No-op under any other allocator.
     void trim();
 
+    MemoryAccount() = default;
+    // `charge` may point at this account's own no_charge: a copy would
+    // charge the original.
+    MemoryAccount(const MemoryAccount &) = delete;
+    MemoryAccount &operator=(const MemoryAccount &) = delete;
+
     // Where allocations are charged (null: nowhere) and their limits.
     void setCharge(int64_t *to, int64_t limit, int64_t hard)
     {
