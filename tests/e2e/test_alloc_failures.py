@@ -118,6 +118,13 @@ SCENARIOS = {
             sema:post(1)
             local ok, res = ngx.thread.wait(th)
             ngx.say((ok and res) and "done" or "failed") }""",
+    # ngx.ctx's __index is Lua with an FFI call (lua/ctx_ffi.lua), taken
+    # into the loop's trace: refusals around it must unwind.
+    "ctx": """content_by_lua_block {
+            local parts = {}
+            ngx.ctx.u = ngx.var.uri
+            for i = 1, 30 do parts[#parts + 1] = i .. ":" .. ngx.ctx.u end
+            ngx.say(#table.concat(parts) > 0 and "done" or "failed") }""",
     "shdict": """content_by_lua_block {
             local d = ngx.shared.d
             d:set("k", string.rep("v", 50))
