@@ -77,6 +77,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_ports(n):
+    """n distinct free ports: bound together while chosen (a port closed
+    before the next bind can be handed out again, and a port meant to
+    stay closed would then be a live server's)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return tuple(s.getsockname()[1] for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
 class TcpServer:
     """A TCP server on loopback for tests: accepts in a thread of its own
     and hands each connection to `serve(conn)`, in the accept loop

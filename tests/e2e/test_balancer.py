@@ -2,13 +2,12 @@
 try. Behaviour is compared with lua-nginx-module where it must match; the
 egress policy and the budgets are luaguard's own."""
 import re
-import socket
 import subprocess
 import threading
 
 import pytest
 
-from harness import Dns, TcpServer, free_port
+from harness import Dns, TcpServer, free_port, free_ports
 
 BOTH = ["luaguard", "reference"]
 
@@ -31,7 +30,7 @@ BACKENDS = """
 
 
 def ports():
-    return free_port(), free_port(), free_port()
+    return free_ports(3)
 
 
 def upstream(closed, code, extra=""):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harness import Dns, free_port
+from harness import Dns, free_port, free_ports
 
 # ---- peers ----
 
@@ -286,7 +286,7 @@ def run_case(nginx, module, body, up, dead):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_same_as_reference(nginx, name):
-    up, dead = free_port(), free_port()
+    up, dead = free_ports(2)
     ours = run_case(nginx, "luaguard", CASES[name], up, dead)
     ref = run_case(nginx, "reference", CASES[name], up, dead)
     assert ours == ref
@@ -295,7 +295,7 @@ def test_same_as_reference(nginx, name):
 
 @pytest.mark.asan_fast
 def test_keepalive_http_upstream(nginx):
-    up, dead = free_port(), free_port()
+    up, dead = free_ports(2)
     status, text = run_case(nginx, "luaguard", CASES["keepalive_http"], up,
                             dead)
     assert status == 200
