@@ -88,10 +88,7 @@ void *Vm::allocate(void *ud, void *ptr, size_t osize, size_t nsize)
         m->in_use -= osize;
         m->freed += osize;
         *m->charge -= static_cast<int64_t>(osize);
-        if (m->over_ceiling && m->in_use < m->ceiling) {
-            m->over_ceiling = false;  // back under: the next crossing counts
-            m->retrip();
-        }
+        m->noteFreed();
         return m->base(m->base_ud, ptr, osize, 0);
     }
 
@@ -121,10 +118,7 @@ void *Vm::place(MemoryAccount *m, void *ptr, size_t osize, size_t nsize)
     *m->charge += static_cast<int64_t>(nsize) - static_cast<int64_t>(osize);
     if (nsize < osize) {
         m->freed += osize - nsize;
-        if (m->over_ceiling && m->in_use < m->ceiling) {
-            m->over_ceiling = false;
-            m->retrip();
-        }
+        m->noteFreed();
     } else if (m->in_use > m->peak) {
         m->peak = m->in_use;
     }
@@ -143,8 +137,7 @@ void *Vm::allocateSlow(MemoryAccount *m, void *ptr, size_t osize,
         return refuse(m);
     }
     if (m->charge_limit && after > m->charge_limit) {
-        m->charge_limit = 0;  // told once per run
-        m->retrip();
+        m->setCharge(m->charge, 0, m->charge_hard);  // told once per run
         if (m->on_over) {
             m->on_over(true);
         }

@@ -37,8 +37,8 @@ struct MemoryAccount {
     int64_t  no_charge = 0;
     // Vm::allocate's only two tests for a growing block: crossing either
     // takes its slow path, which tells on_over, refuses, or neither.
-    // Derived from the fields above by retrip(), called by whatever
-    // changes them.
+    // Derived from the fields above by setCharge (charge_trip) and
+    // setCeiling / retrip (in_use_trip), called by whatever changes them.
     size_t   in_use_trip = SIZE_MAX;
     int64_t  charge_trip = INT64_MAX;
     bool     refused = false;      // an allocation was refused since reset
@@ -76,6 +76,8 @@ struct MemoryAccount {
         charge = to ? to : &no_charge;
         charge_limit = limit;
         charge_hard = hard;
+        // The soft limit comes first, then the hard one (hardLimit >
+        // limit).
         charge_trip = limit ? limit : hard ? hard : INT64_MAX;
     }
     void setCeiling(size_t bytes)
@@ -83,14 +85,22 @@ struct MemoryAccount {
         ceiling = bytes;
         retrip();
     }
+    // After over_ceiling changed.
     void retrip()
     {
         // Under the ceiling the soft limit comes first; over it, only the
-        // hard one is left (hardCeiling > ceiling, hardLimit > limit).
+        // hard one is left (hardCeiling > ceiling).
         in_use_trip = ceiling == 0 ? SIZE_MAX
                       : over_ceiling ? hardCeiling(ceiling) : ceiling;
-        charge_trip = charge_limit ? charge_limit
-                      : charge_hard ? charge_hard : INT64_MAX;
+    }
+    // Memory went down: back under the ceiling, the next crossing counts
+    // (and tells on_over) again.
+    void noteFreed()
+    {
+        if (over_ceiling && in_use < ceiling) {
+            over_ceiling = false;
+            retrip();
+        }
     }
 
     // The per-request hard limit for a budget of `limit` bytes: twice the
