@@ -406,19 +406,16 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
                  lua_State *co, std::string *err, Lease *lease)
 {
     const sandbox::Policy *p = ctx ? sandbox::policyOf(ctx->llcf) : nullptr;
-    // The usual run of an inline handler: an idle closure of its pool,
-    // without pushing the factory only a new closure needs.
-    if (p && p->isolate && h->path == nullptr && h->pool_vm == vm
-        && !h->pool->empty())
-    {
-        int env = ctx->env_policy == p ? ctx->env_cell : 0;
-        if (!takeClosure(L, vm, 0, h->pool, lease, env)) {
-            return setRequestEnv(L, ctx, err);
-        }
-        noteClosures(L, ctx);
-        return true;
-    }
-    if (h->path) {
+    // Without isolation every closure has the worker's globals, and one
+    // request code got hold of would keep them: no pool needed.
+    bool pooled = p && p->isolate
+                  && (h->path == nullptr || ctx->llcf->code_cache);
+    std::vector<int> *idle = pooled && h->path == nullptr && h->pool_vm == vm
+                                 ? h->pool : nullptr;
+    // The usual run of an inline handler takes an idle closure of its
+    // pool: the factory is pushed only when a new closure is needed.
+    bool factory = idle == nullptr || idle->empty();
+    if (factory && h->path) {
         if (!pushFileFactory(L, vm, ctx, h, err)) {
             return false;
         }
@@ -432,16 +429,12 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
                 return false;
             }
         }
-    } else if (!pushInlineFactory(L, vm, h, err)) {
+    } else if (factory && !pushInlineFactory(L, vm, h, err)) {
         return false;
     }
-    // Without isolation every closure has the worker's globals, and one
-    // request code got hold of would keep them: no pool needed.
-    if (p && p->isolate && (h->path == nullptr || ctx->llcf->code_cache)) {
-        std::vector<int> *idle;
-        if (h->path == nullptr && h->pool_vm == vm) {
-            idle = h->pool;
-        } else {
+    bool took_env = false;
+    if (pooled) {
+        if (idle == nullptr) {
             idle = closurePool(vm, lua_topointer(L, -1));
             if (h->path == nullptr) {
                 h->pool_vm = vm;
@@ -451,15 +444,17 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
         // The request's environment, when it has one, is set in the same
         // visit to the VM's cells.
         int env = ctx->env_policy == p ? ctx->env_cell : 0;
-        if (takeClosure(L, vm, -1, idle, lease, env)) {
-            lua_remove(L, -2);
-            noteClosures(L, ctx);
-            return true;
-        }
+        took_env = takeClosure(L, vm, -1, idle, lease, env);
     } else {
         instantiate(L, -1);
     }
-    lua_remove(L, -2);
+    if (factory) {
+        lua_remove(L, -2);
+    }
+    if (took_env) {
+        noteClosures(L, ctx);
+        return true;
+    }
     return p && p->isolate ? setRequestEnv(L, ctx, err) : true;
 }
 

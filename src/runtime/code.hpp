@@ -41,7 +41,8 @@ std::vector<int> *closurePool(Vm *vm, const void *factory);
 
 // Like instantiate, for the factory at `index` whose pool is `idle`:
 // pushes an idle closure of the pool, or a fresh one, held in *lease
-// until giveClosure. A closure is never in the pool while a run holds it,
+// until giveClosure (the factory is read only for a fresh one: with an
+// idle closure, `index` may name anything). A closure is never in the pool while a run holds it,
 // so two runs never share one. Gives it the value of cell `env` as its
 // environment and returns true when `env` is not 0 and the closure was
 // idle; otherwise the caller sets its environment.
