@@ -202,18 +202,14 @@ constexpr TokenChars makeTokenChars()
     return t;
 }
 
-}  // namespace
-
-constexpr TokenChars kTokenChars = makeTokenChars();
-
-namespace {
-
 bool valueByteEscaped(unsigned char c)
 {
     return (c < 0x20 && c != '\t') || c == 0x7f;
 }
 
 }  // namespace
+
+constexpr TokenChars kTokenChars = makeTokenChars();
 
 size_t headerNameClean(const char *s, size_t len)
 {
