@@ -6,6 +6,8 @@ names the directory):
     bench/cgdiff.py DIR/hello/luaguard 300 2300 [--top 40]
         [--against DIR/hello/reference] [--by-object] [--only SUBSTR]
         [--inclusive]
+    bench/cgdiff.py --floor DIR
+
 
 Self cost per request = (cost in the n2 run - cost in the n1 run) /
 (n2 - n1), read from callgrind's output of the serving thread
@@ -13,7 +15,14 @@ Self cost per request = (cost in the n2 run - cost in the n1 run) /
 the difference; --by-object sums per shared object; --only keeps the
 functions of objects whose name contains SUBSTR; --inclusive adds the
 cost of the calls each function makes (approximate where the VM's own
-labels call each other)."""
+labels call each other).
+
+--floor DIR: for every scenario under DIR, what the Lua module and its
+LuaJIT cost per request (luaguard: its one .so; the reference: its .so
+and libluajit; both: compiled traces) and what the rest (nginx, libc, OpenSSL, cjson, PCRE2)
+costs. "floor" is the ratio luaguard would reach if its module cost
+nothing and the rest were the reference's: how low a ratio the scenario
+allows at all."""
 
 import argparse
 import re
@@ -71,7 +80,57 @@ def per_request(d, n1, n2, args):
             for k in set(a) | set(b)}
 
 
+# The Lua side of each module: its objects, and "???" (LuaJIT's traces).
+# luaguard's is whatever file was loaded as the module (not a system
+# library, not nginx).
+def lua_object(module, name):
+    if name == "???":
+        return True
+    if module == "reference":
+        return name in ("ngx_http_lua_module.so", "libluajit-5.1.so.2.1.0")
+    return (name.endswith(".so") and not name.startswith(("lib", "ld-"))
+            and name != "nginx")
+
+
+def floor_table(top):
+    class Opts:
+        by_object, only, inclusive = True, None, False
+    rows = []
+    for scen in sorted(p for p in Path(top).iterdir() if p.is_dir()):
+        counts = sorted({int(m.group(1)) for d in scen.iterdir()
+                         if (m := re.fullmatch(r"reference-(\d+)", d.name))})
+        if len(counts) != 2 or not (scen / f"luaguard-{counts[0]}").is_dir():
+            continue
+        split = {}
+        for module in ("luaguard", "reference"):
+            r = per_request(scen / module, counts[0], counts[1], Opts)
+            lua = sum(v for k, v in r.items() if lua_object(module, k))
+            split[module] = (lua, sum(r.values()) - lua)
+        rows.append((scen.name, split))
+    print("| scenario | luaguard module | its rest | reference Lua | its rest "
+          "| module/Lua | floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    floors = []
+    for name, s in rows:
+        (gl, gr), (rl, rr) = s["luaguard"], s["reference"]
+        floor = rr / (rl + rr)
+        if rl > 1:  # `return 200` runs no Lua
+            floors.append(floor)
+        print(f"| {name} | {gl:,.0f} | {gr:,.0f} | {rl:,.0f} | {rr:,.0f} "
+              f"| {gl / rl if rl > 1 else 0:.2f} | {floor:.2f} |")
+    if floors:
+        g = 1.0
+        for f in floors:
+            g *= f
+        print(f"\nGeomean of the floors over {len(floors)} Lua scenarios: "
+              f"{g ** (1 / len(floors)):.3f}")
+
+
 def main():
+    import sys
+    if sys.argv[1:2] == ["--floor"]:
+        floor_table(sys.argv[2])
+        return
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("dir")
