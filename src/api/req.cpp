@@ -1,5 +1,6 @@
 // ngx.req.*: the request line, headers, URI arguments and body.
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -1304,44 +1305,62 @@ int luaguard_req_get_headers(luaguard_kv_list_t *l, int max, int raw)
     if (r == nullptr) {
         return -1;
     }
-    ngx_list_t *list = &r->headers_in.headers;
+    // One pass: the pairs are written while they fit; past the list's
+    // room the rest is only counted, for the retry the caller makes with
+    // a list grown to `need_kv` pairs and `need_buf` bytes. Plain loops
+    // over locals: this runs once per header.
+    size_t limit = max > 0 ? static_cast<size_t>(max) : SIZE_MAX;
+    size_t kv_cap = l->kv_cap;
+    luaguard_kv_t *kv = l->kv;
+    char *buf = l->buf;
+    char *buf_end = l->buf + l->buf_cap;
     size_t n = 0;
     size_t lower = 0;  // bytes of names nginx keeps no lower-case copy of
-    glue::forEachHeader(list, [&](ngx_table_elt_t &h) {
-        n++;
-        lower += h.lowcase_key || raw ? 0 : h.key.len;
-    });
-    size_t want = max && n > static_cast<size_t>(max)
-                      ? static_cast<size_t>(max) : n;
-    if (!api::kvRoom(l, want, lower)) {
+    bool fits = true;
+    int truncated = 0;
+    for (ngx_list_part_t *part = &r->headers_in.headers.part; part;
+         part = part->next)
+    {
+        auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+        for (ngx_uint_t i = 0; i < part->nelts; i++, n++) {
+            if (n == limit) {
+                truncated = 1;
+                goto done;
+            }
+            size_t klen = h[i].key.len;
+            const char *key = raw ? reinterpret_cast<char *>(h[i].key.data)
+                                  : reinterpret_cast<char *>(h[i].lowcase_key);
+            if (key == nullptr) {
+                lower += klen;
+                if (fits && klen <= static_cast<size_t>(buf_end - buf)) {
+                    ngx_strlow(reinterpret_cast<u_char *>(buf), h[i].key.data,
+                               klen);
+                    key = buf;
+                    buf += klen;
+                } else {
+                    fits = false;
+                }
+            }
+            if (fits && n < kv_cap) {
+                kv[n].key = key;
+                kv[n].klen = klen;
+                // A null value would read as an argument without '='.
+                kv[n].value = h[i].value.data
+                                  ? reinterpret_cast<char *>(h[i].value.data)
+                                  : "";
+                kv[n].vlen = h[i].value.len;
+            } else {
+                fits = false;
+            }
+        }
+    }
+done:
+    if (!fits) {
+        api::kvRoom(l, n, lower);  // records the room the retry needs
         return -2;
     }
-    size_t count = 0;
-    char *buf = l->buf;
-    l->truncated = 0;
-    glue::forEachHeader(list, [&](ngx_table_elt_t &h) {
-        if (count == want) {
-            l->truncated = 1;
-            return false;
-        }
-        luaguard_kv_t &e = l->kv[count++];
-        e.klen = h.key.len;
-        if (raw) {
-            e.key = reinterpret_cast<char *>(h.key.data);
-        } else if (h.lowcase_key) {
-            e.key = reinterpret_cast<char *>(h.lowcase_key);
-        } else {
-            ngx_strlow(reinterpret_cast<u_char *>(buf), h.key.data,
-                       h.key.len);
-            e.key = buf;
-            buf += h.key.len;
-        }
-        // A null value would read as an argument without '='.
-        e.value = h.value.data ? reinterpret_cast<char *>(h.value.data) : "";
-        e.vlen = h.value.len;
-        return true;
-    });
-    return static_cast<int>(count);
+    l->truncated = truncated;
+    return static_cast<int>(n);
 }
 
 int luaguard_req_get_args(luaguard_kv_list_t *l, int which, int max)
