@@ -38,6 +38,10 @@ struct Handler {
     // last ran in, to skip the lookup.
     Vm                        *pool_vm;
     std::vector<int>          *pool;
+    // Inline code in a location that does not isolate: the one closure
+    // (a Vm cell) all its runs in `shared_vm` share.
+    Vm                        *shared_vm;
+    int                        shared_cell;
 };
 
 inline bool handlerSet(const Handler *h) { return h != nullptr; }

@@ -125,6 +125,11 @@ SCENARIOS = {
             ngx.ctx.u = ngx.var.uri
             for i = 1, 30 do parts[#parts + 1] = i .. ":" .. ngx.ctx.u end
             ngx.say(#table.concat(parts) > 0 and "done" or "failed") }""",
+    # No isolation: a handler's runs share one closure, held on its first
+    # run (phases.cpp, pushHandler); a refusal there must leave none.
+    "sandbox_off": """lua_sandbox off;
+        rewrite_by_lua_block { ngx.ctx.v = ngx.var.uri .. "x" }
+        content_by_lua_block { ngx.say(ngx.ctx.v and "done" or "failed") }""",
     "shdict": """content_by_lua_block {
             local d = ngx.shared.d
             d:set("k", string.rep("v", 50))
