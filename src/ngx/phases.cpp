@@ -382,20 +382,54 @@ void noteClosures(lua_State *L, RequestCtx *ctx)
     }
 }
 
+std::string envFailure()
+{
+    return "failed to create the request's global environment: "
+           + sandbox::envError();
+}
+
 // Gives the function on top of L the request's environment (made now if
 // the request has none yet); pops it and fails with *err if it cannot.
 bool setRequestEnv(lua_State *L, RequestCtx *ctx, std::string *err)
 {
     if (!pushRequestEnv(L, ctx)) {
         lua_pop(L, 1);
-        *err = "failed to create the request's global environment: "
-               + sandbox::envError();
+        *err = envFailure();
         return false;
     }
     lua_setfenv(L, -2);
     noteClosures(L, ctx);
     return true;
 }
+
+// The cell of the request's environment for policy `p` (an isolating
+// one), taken from the policy's idle ones or made now; 0 when it cannot
+// be made.
+int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
+{
+    if (ctx->env_cell != 0 && ctx->env_policy == p) {
+        return ctx->env_cell;
+    }
+    // First code of the request, or a location with another policy (a
+    // rewrite moved the request): globals do not carry across policies.
+    ctx->vm->release(L, ctx->env_cell);
+    ctx->env_cell = 0;
+    ctx->env_escaped = false;
+    std::vector<int> &idle = ctx->vm->envPool(p);
+    if (!idle.empty()) {
+        ctx->env_cell = idle.back();
+        idle.pop_back();
+        ctx->env_policy = p;
+        return ctx->env_cell;
+    }
+    if (!sandbox::pushNewEnv(L, p)) {
+        return 0;
+    }
+    ctx->env_cell = ctx->vm->hold(L);
+    ctx->env_policy = p;
+    return ctx->env_cell;
+}
+
 
 // Pushes a closure of handler `h` onto L (a state of `vm`), with the
 // request's environment when there is a request: in an isolating
@@ -449,9 +483,14 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
                 h->pool = idle;
             }
         }
-        // The request's environment, when it has one, is set in the same
-        // visit to the VM's cells.
-        int env = ctx->env_policy == p ? ctx->env_cell : 0;
+        // The request's environment (the pool's, or made now) is set in
+        // the same visit to the VM's cells as the closure is taken.
+        int env = requestEnvCell(L, ctx, p);
+        if (env == 0) {
+            lua_pop(L, factory ? 1 : 0);
+            *err = envFailure();
+            return false;
+        }
         took_env = takeClosure(L, vm, -1, idle, lease, env);
     } else {
         instantiate(L, -1);
@@ -930,6 +969,7 @@ Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)
     return run;
 }
 
+
 bool pushRequestEnv(lua_State *L, RequestCtx *ctx)
 {
     const sandbox::Policy *p = sandbox::policyOf(ctx->llcf);
@@ -937,29 +977,11 @@ bool pushRequestEnv(lua_State *L, RequestCtx *ctx)
         lua_pushvalue(L, LUA_GLOBALSINDEX);
         return true;
     }
-    if (ctx->env_cell != 0 && ctx->env_policy == p) {
-        ctx->vm->pushHeld(L, ctx->env_cell);
-        return true;
-    }
-    // First code of the request, or a location with another policy (a
-    // rewrite moved the request): globals do not carry across policies.
-    ctx->vm->release(L, ctx->env_cell);
-    ctx->env_cell = 0;
-    ctx->env_escaped = false;
-    std::vector<int> &idle = ctx->vm->envPool(p);
-    if (!idle.empty()) {
-        ctx->env_cell = idle.back();
-        idle.pop_back();
-        ctx->env_policy = p;
-        ctx->vm->pushHeld(L, ctx->env_cell);
-        return true;
-    }
-    if (!sandbox::pushNewEnv(L, p)) {
+    int cell = requestEnvCell(L, ctx, p);
+    if (cell == 0) {
         return false;
     }
-    lua_pushvalue(L, -1);
-    ctx->env_cell = ctx->vm->hold(L);
-    ctx->env_policy = p;
+    ctx->vm->pushHeld(L, cell);
     return true;
 }
 
