@@ -248,14 +248,20 @@ def test_off_shares_globals_like_lua_nginx_module(nginx, module):
     assert n.get("/u").text == "true\n"
 
 
-@pytest.mark.oracle
-@pytest.mark.parametrize("module", ["luaguard", "reference"])
-def test_off_runs_one_handler_closure_like_lua_nginx_module(nginx, module):
+SHARED_CLOSURE = ["true nil", "true nil", "true 1", "true 1"]
+
+
+@pytest.mark.parametrize("module,directive,expected", [
+    pytest.param("reference", "", SHARED_CLOSURE, marks=pytest.mark.oracle),
+    ("luaguard", "lua_sandbox off;", SHARED_CLOSURE),
+    ("luaguard", "", ["true nil"] * 4),
+], ids=["reference", "off", "default"])
+def test_off_runs_one_handler_closure_like_lua_nginx_module(
+        nginx, module, directive, expected):
     """Without isolation every run of a handler is the same function, so a
     setfenv of it lasts into the next requests, as with the reference's
-    code cache; with isolation (test_default_... below) each run has its
-    own environment."""
-    server = """
+    code cache; with isolation each run has the request's environment."""
+    n = nginx(module=module, server=directive + """
         location /t { content_by_lua_block {
             local f = debug.getinfo(1, "f").func
             seen = seen or f
@@ -264,27 +270,9 @@ def test_off_runs_one_handler_closure_like_lua_nginx_module(nginx, module):
                 setfenv(1, setmetatable({x = 1}, {__index = _G}))
             end
         } }
-"""
-    if module == "luaguard":
-        server = "lua_sandbox off;\n" + server
-    n = nginx(server=server, module=module)
-    assert n.get("/t").text == "true nil\n"
-    assert n.get("/t?set=1").text == "true nil\n"
-    assert n.get("/t").text == "true 1\n"
-    assert n.get("/t").text == "true 1\n"
-
-
-def test_default_isolates_each_run_of_a_handler(nginx):
-    n = nginx(server="""
-        location /t { content_by_lua_block {
-            ngx.say(tostring(x))
-            if ngx.var.arg_set then
-                setfenv(1, setmetatable({x = 1}, {__index = _G}))
-            end
-        } }
 """)
-    assert n.get("/t?set=1").text == "nil\n"
-    assert n.get("/t").text == "nil\n"
+    got = [n.get(path).text.strip() for path in ("/t", "/t?set=1", "/t", "/t")]
+    assert got == expected
 
 
 def test_default_does_not_share_what_off_shares(nginx):
