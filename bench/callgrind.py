@@ -109,20 +109,37 @@ def measure(module, s, n, workdir, label, extra_http=""):
             "threads": len(per_thread), "seconds": elapsed, "stop": how}
 
 
-def per_request(module, s, n1, n2, workdir, label, extra_http=""):
-    a = measure(module, s, n1, workdir, label, extra_http)
-    b = measure(module, s, n2, workdir, label, extra_http)
+def per_request(module, s, n1, n2, workdir, label, extra_http="",
+                repeat=1):
+    # Trace activity that happens to fall between the two counts (a trace
+    # recorded, aborted or flushed: LuaJIT's backoff is randomised per
+    # process) adds up to about 1k per request to one measurement; with
+    # `repeat`, the median of that many pairs of runs is reported.
+    pairs = []
+    for i in range(repeat):
+        name = label if i == 0 else f"{label}.{i}"
+        a = measure(module, s, n1, workdir, name, extra_http)
+        b = measure(module, s, n2, workdir, name, extra_http)
+        pairs.append((a, b))
+    per = {k: sorted((b[k] - a[k]) / (n2 - n1) for a, b in pairs)
+           for k in ("ir_main", "ir_all")}
+    a, b = pairs[0]
     r = {"runs": [a, b]}
     for k in ("ir_main", "ir_all"):
-        r[k + "_per_req"] = (b[k] - a[k]) / (n2 - n1)
+        r[k + "_per_req"] = per[k][len(per[k]) // 2]
+    if repeat > 1:
+        r["repeats"] = per["ir_main"]
     log(f"{label}: {r['ir_main_per_req']:.0f} instructions/request "
         f"(main thread), {r['ir_all_per_req']:.0f} all threads; "
-        f"Ir {a['ir_main']} @ {n1}, {b['ir_main']} @ {n2}")
+        f"Ir {a['ir_main']} @ {n1}, {b['ir_main']} @ {n2}"
+        + (f"; repeats {[round(x) for x in per['ir_main']]}"
+           if repeat > 1 else ""))
     return r
 
 
-def scenario_row(module, s, n1, n2, workdir, off):
-    row = {"name": s.name, "title": s.title, "n1": n1, "n2": n2}
+def scenario_row(module, s, n1, n2, workdir, off, repeat=1):
+    row = {"name": s.name, "title": s.title, "n1": n1, "n2": n2,
+           "repeat": repeat}
     runs = [("luaguard", module, ""), ("reference", "reference", "")]
     if off is not None:
         runs.append(("luaguard_off", module,
@@ -130,7 +147,7 @@ def scenario_row(module, s, n1, n2, workdir, off):
     for label, mod, http in runs:
         try:
             row[label] = per_request(mod, s, n1, n2, workdir / s.name,
-                                     label, http)
+                                     label, http, repeat)
         except RuntimeError as e:
             # A scenario whose API luaguard has not built yet answers 500:
             # report it, do not stop the other scenarios.
@@ -176,7 +193,9 @@ def markdown(res):
         "one at a time on one "
         "keep-alive connection. Deterministic: machine load does not "
         "change it. Ratio = luaguard/reference (lower is better for "
-        "luaguard).", ""]
+        "luaguard)." + (f" Each figure is the median of {res['repeat']} "
+                        "such measurements." if res.get("repeat", 1) > 1
+                        else ""), ""]
     head = "| scenario | luaguard | reference | ratio |"
     sep = "|---|---:|---:|---:|"
     tail_head, tail_sep = " notes |", "---|"
@@ -203,6 +222,10 @@ def markdown(res):
         note = ""
         if (row.get("n1"), row.get("n2")) != (res["n1"], res["n2"]):
             note = f" {row['n1']}/{row['n2']} requests"
+        if row.get("repeat", 1) != res.get("repeat", 1):
+            k = row.get("repeat", 1)
+            note += f" {'median of ' + str(k) if k > 1 else 'one'} run"
+            note += "s" if k > 1 else ""
         lines.append(line + note + " |")
     geo = geomean([r["ratio"] for r in res["scenarios"]
                    if r.get("ratio") and r["name"] != "ceiling"])
@@ -224,6 +247,9 @@ def main():
     ap.add_argument("--n2", type=int, default=1200)
     ap.add_argument("--hardening-off", action="store_true",
                     help="also measure luaguard with its hardening off")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each module this many times and report "
+                    "the median (trace activity makes single runs vary)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default="",
                     help="directory to write callgrind.md and "
@@ -257,11 +283,12 @@ def main():
     res = {"date": datetime.datetime.now().astimezone().isoformat(
                timespec="seconds"),
            "module": module, "n1": args.n1, "n2": args.n2,
-           "hardening_off": off, "scenarios": []}
+           "repeat": args.repeat, "hardening_off": off, "scenarios": []}
     for n in names:
         log(f"== {n}")
         res["scenarios"].append(scenario_row(module, BY_NAME[n], args.n1,
-                                             args.n2, workdir, off))
+                                             args.n2, workdir, off,
+                                             args.repeat))
     md = markdown(res)
     if args.out:
         out = Path(args.out)
