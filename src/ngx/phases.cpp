@@ -430,7 +430,6 @@ int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
     return ctx->env_cell;
 }
 
-
 // Pushes a closure of handler `h` onto L (a state of `vm`), with the
 // request's environment when there is a request: in an isolating
 // location, a pooled one held in *lease until the run ends (giveClosure),
@@ -474,7 +473,6 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
     } else if (factory && !pushInlineFactory(L, vm, h, err)) {
         return false;
     }
-    bool took_env = false;
     if (pooled) {
         if (idle == nullptr) {
             idle = closurePool(vm, lua_topointer(L, -1));
@@ -491,7 +489,7 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
             *err = envFailure();
             return false;
         }
-        took_env = takeClosure(L, vm, -1, idle, lease, env);
+        takeClosure(L, vm, -1, idle, lease, env);
     } else {
         instantiate(L, -1);
         if (shared && h->shared_vm == nullptr) {
@@ -503,7 +501,7 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
     if (factory) {
         lua_remove(L, -2);
     }
-    if (took_env) {
+    if (pooled) {
         noteClosures(L, ctx);
         return true;
     }
@@ -968,7 +966,6 @@ Run *checkPhase(lua_State *L, PhaseMask allowed, const char *)
     }
     return run;
 }
-
 
 bool pushRequestEnv(lua_State *L, RequestCtx *ctx)
 {

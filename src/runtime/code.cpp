@@ -142,7 +142,7 @@ std::vector<int> *closurePool(Vm *vm, const void *factory)
     return &idle;
 }
 
-bool takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
+void takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
                  Lease *lease, int env)
 {
     if (!idle->empty()) {
@@ -150,16 +150,15 @@ bool takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
         idle->pop_back();
         *lease = Lease{idle, cell};
         vm->pushHeld(L, cell);
-        if (env != 0) {
-            vm->setFenvHeld(L, env);
-        }
-        return env != 0;
+    } else {
+        instantiate(L, index);
+        lua_pushvalue(L, -1);
+        int cell = vm->hold(L);  // raising here leaves a closure nobody holds
+        *lease = Lease{idle, cell};
     }
-    instantiate(L, index);
-    lua_pushvalue(L, -1);
-    int cell = vm->hold(L);  // raising here leaves a closure nobody holds
-    *lease = Lease{idle, cell};
-    return false;
+    if (env != 0) {
+        vm->setFenvHeld(L, env);
+    }
 }
 
 void giveClosure(lua_State *L, Vm *vm, Lease *lease, bool reusable)

@@ -42,11 +42,10 @@ std::vector<int> *closurePool(Vm *vm, const void *factory);
 // Like instantiate, for the factory at `index` whose pool is `idle`:
 // pushes an idle closure of the pool, or a fresh one, held in *lease
 // until giveClosure (the factory is read only for a fresh one: with an
-// idle closure, `index` may name anything). A closure is never in the pool while a run holds it,
-// so two runs never share one. Gives it the value of cell `env` as its
-// environment and returns true when `env` is not 0 and the closure was
-// idle; otherwise the caller sets its environment.
-bool takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
+// idle closure, `index` may name anything). A closure is never in the
+// pool while a run holds it, so two runs never share one. When `env` is
+// not 0, the closure gets the value of cell `env` as its environment.
+void takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
                  Lease *lease, int env = 0);
 
 // The run holding *lease is over (empties it; nothing to do when empty).
