@@ -143,8 +143,7 @@ void *Vm::allocateSlow(MemoryAccount *m, void *ptr, size_t osize,
         }
     }
     if (m->ceiling && !m->over_ceiling && m->in_use + grow > m->ceiling) {
-        m->over_ceiling = true;
-        m->retrip();
+        m->setOverCeiling(true);
         if (m->on_over) {
             m->on_over(false);
         }

@@ -38,7 +38,8 @@ struct MemoryAccount {
     // Vm::allocate's only two tests for a growing block: crossing either
     // takes its slow path, which tells on_over, refuses, or neither.
     // Derived from the fields above by setCharge (charge_trip) and
-    // setCeiling / retrip (in_use_trip), called by whatever changes them.
+    // setCeiling / setOverCeiling (in_use_trip), called by whatever
+    // changes them.
     size_t   in_use_trip = SIZE_MAX;
     int64_t  charge_trip = INT64_MAX;
     bool     refused = false;      // an allocation was refused since reset
@@ -85,7 +86,13 @@ struct MemoryAccount {
         ceiling = bytes;
         retrip();
     }
-    // After over_ceiling changed.
+    // Whether on_over was told of the ceiling, and the trip that follows
+    // from it.
+    void setOverCeiling(bool over)
+    {
+        over_ceiling = over;
+        retrip();
+    }
     void retrip()
     {
         // Under the ceiling the soft limit comes first; over it, only the
@@ -98,8 +105,7 @@ struct MemoryAccount {
     void noteFreed()
     {
         if (over_ceiling && in_use < ceiling) {
-            over_ceiling = false;
-            retrip();
+            setOverCeiling(false);
         }
     }
 

@@ -155,8 +155,7 @@ void Guard::enter(Frame *f, const Limits &limits, Usage *usage, lua_State *L,
         {
             // Every run that allocates while the VM is over its ceiling is
             // stopped, not only the one that crossed it.
-            mem->over_ceiling = false;
-            mem->retrip();
+            mem->setOverCeiling(false);
         }
     }
 
