@@ -145,21 +145,23 @@ def floor_table(top):
 
 
 def main():
-    import sys
-    if sys.argv[1:2] == ["--floor"]:
-        floor_table(sys.argv[2])
-        return
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("dir")
-    ap.add_argument("n1", type=int)
-    ap.add_argument("n2", type=int)
+    ap.add_argument("--floor", metavar="DIR")
+    ap.add_argument("dir", nargs="?")
+    ap.add_argument("n1", type=int, nargs="?")
+    ap.add_argument("n2", type=int, nargs="?")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--against")
     ap.add_argument("--by-object", action="store_true")
     ap.add_argument("--only")
     ap.add_argument("--inclusive", action="store_true")
     args = ap.parse_args()
+    if args.floor:
+        floor_table(args.floor)
+        return
+    if args.n2 is None:
+        ap.error("DIR N1 N2 (or --floor DIR) are needed")
     r = per_request(args.dir, args.n1, args.n2, args)
     if args.against:
         r2 = per_request(args.against, args.n1, args.n2, args)
