@@ -173,7 +173,13 @@ void firePendingTimers();
 
 // ---- output (ngx.say, ngx.print, ngx.flush, ngx.eof, headers) ----
 ngx_int_t sendHeader(RequestCtx *ctx);
+// Output of ngx.say/print: held until postpone_output bytes wait (when
+// nginx's write filter would send them anyway), the response's end (it
+// goes with the last buffer), a flush, or passHeld.
 ngx_int_t output(RequestCtx *ctx, ngx_chain_t *cl);
+// Passes what output() holds through nginx's body filters: when the Lua
+// thread gives the event loop back.
+ngx_int_t passHeld(RequestCtx *ctx);
 ngx_int_t sendEof(RequestCtx *ctx);
 ngx_int_t flush(RequestCtx *ctx);
 ngx_chain_t *allocBuf(RequestCtx *ctx, size_t size);

@@ -254,6 +254,11 @@ struct RequestCtx {
     ngx_chain_t        **last_buffered = &buffered_out;
     ngx_chain_t         *free_bufs = nullptr;
     ngx_chain_t         *busy_bufs = nullptr;
+    // ngx.say/print output not yet passed to nginx's body filters
+    // (glue::output says when it is).
+    ngx_chain_t         *held = nullptr;
+    ngx_chain_t         *held_tail = nullptr;
+    size_t               held_bytes = 0;
 
     // body_filter_by_lua's view of the chain being filtered.
     ngx_chain_t         *filter_in = nullptr;

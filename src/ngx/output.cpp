@@ -45,6 +45,15 @@ ngx_int_t sendBuffered(RequestCtx *ctx, bool last)
     return output(ctx, cl);
 }
 
+ngx_int_t passOutput(RequestCtx *ctx, ngx_chain_t *cl)
+{
+    ngx_http_request_t *r = ctx->r;
+    ngx_int_t rc = ngx_http_output_filter(r, cl);
+    ngx_chain_update_chains(r->pool, &ctx->free_bufs, &ctx->busy_bufs, &cl,
+                            bufTag());
+    return rc;
+}
+
 }  // namespace
 
 bool hasFreeBuf(RequestCtx *ctx, size_t size)
@@ -164,10 +173,39 @@ ngx_int_t output(RequestCtx *ctx, ngx_chain_t *cl)
     if (r->header_only) {
         return NGX_OK;
     }
-    ngx_int_t rc = ngx_http_output_filter(r, cl);
-    ngx_chain_update_chains(r->pool, &ctx->free_bufs, &ctx->busy_bufs, &cl,
-                            bufTag());
-    return rc;
+    // One pass through the body filters costs about what the Lua around a
+    // small handler does; a say/print per pass would pay it per call.
+    // body_filter_by_lua sees each call's output on its own, as with
+    // lua-nginx-module: its scripts may count on that.
+    if (ctx->llcf->body_filter) {
+        return passOutput(ctx, cl);
+    }
+    if (ctx->held) {
+        ctx->held_tail->next = cl;
+    } else {
+        ctx->held = cl;
+    }
+    for (; cl; cl = cl->next) {
+        ctx->held_bytes += ngx_buf_size(cl->buf);
+        ctx->held_tail = cl;
+    }
+    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_core_module));
+    if (ctx->held_bytes < clcf->postpone_output) {
+        return NGX_OK;
+    }
+    return passHeld(ctx);
+}
+
+ngx_int_t passHeld(RequestCtx *ctx)
+{
+    ngx_chain_t *cl = ctx->held;
+    if (cl == nullptr) {
+        return NGX_OK;
+    }
+    ctx->held = ctx->held_tail = nullptr;
+    ctx->held_bytes = 0;
+    return passOutput(ctx, cl);
 }
 
 ngx_int_t sendEof(RequestCtx *ctx)
@@ -184,6 +222,17 @@ ngx_int_t sendEof(RequestCtx *ctx)
         }
     }
     ctx->eof = true;
+    if (ctx->held) {
+        // The held output carries the end, as ngx_http_send_special's
+        // empty buffer would have.
+        ngx_buf_t *b = ctx->held_tail->buf;
+        if (r == r->main && !r->post_action) {
+            b->last_buf = 1;
+        } else {
+            b->last_in_chain = 1;
+        }
+        return passHeld(ctx);
+    }
     return ngx_http_send_special(r, NGX_HTTP_LAST);
 }
 
@@ -196,6 +245,10 @@ ngx_int_t flush(RequestCtx *ctx)
     }
     if (ctx->eof || !ctx->r->header_sent) {
         return NGX_OK;
+    }
+    if (ctx->held) {
+        ctx->held_tail->buf->flush = 1;
+        return passHeld(ctx);
     }
     return ngx_http_send_special(ctx->r, NGX_HTTP_FLUSH);
 }

@@ -419,7 +419,9 @@ bool run(LuaThread *t, int nargs)
     return settle(t, rc);
 }
 
-bool settle(LuaThread *t, int rc)
+namespace {
+
+bool settleThread(LuaThread *t, int rc)
 {
     RequestCtx *ctx = t->ctx;
     lua_State *co = t->co;
@@ -465,6 +467,20 @@ bool settle(LuaThread *t, int rc)
     if (rc != 0 && rc != LUA_YIELD) {
         budget::Guard::reclaim(ctx->vm->L(), &ctx->vm->memory(),
                                &ctx->usage, *ctx->limits);
+    }
+    return done;
+}
+
+}  // namespace
+
+bool settle(LuaThread *t, int rc)
+{
+    RequestCtx *ctx = t->ctx;
+    bool done = settleThread(t, rc);
+    if (!done) {
+        // The request waits: what its output holds goes on now, as it
+        // would have with each ngx.say.
+        glue::passHeld(ctx);
     }
     return done;
 }

@@ -197,6 +197,21 @@ def sanitizer_env():
     return env
 
 
+def read_chunked_response(f):
+    """Reads one chunked HTTP/1.1 200 response from file f; returns its body
+    (where its chunks end is the server's choice, not the body's)."""
+    assert f.readline().startswith(b"HTTP/1.1 200")
+    while f.readline() != b"\r\n":
+        pass
+    body = b""
+    while True:
+        size = int(f.readline().strip(), 16)
+        chunk = f.read(size + 2)[:-2]
+        if size == 0:
+            return body
+        body += chunk
+
+
 class Response:
     def __init__(self, status, headers, body):
         self.status = status

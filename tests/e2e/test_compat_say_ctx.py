@@ -3,7 +3,13 @@ scalars, each measured once) and their general path (tables, many
 arguments) take, and the keys of ngx's computed fields, run on Debian's
 lua-nginx-module (`module="reference"`) and on luaguard and compared."""
 
+import io
+import socket
+import threading
+
 import pytest
+
+from harness import TcpServer, read_chunked_response
 
 MODULES = ["luaguard", "reference"]
 
@@ -125,3 +131,109 @@ def test_varargs_at_the_top_of_a_handler_match_reference(nginx):
         n = nginx(module=m, server=server)
         out[m] = (n.get("/va").text, n.get("/plain").text)
     assert out["luaguard"] == out["reference"] == ("0 0 nil\n", "plain\n")
+
+
+# luaguard holds ngx.say/print output (one pass through nginx's body
+# filters for many calls) until postpone_output bytes wait, a flush, the
+# response's end or a wait of the thread: where that could show, it must
+# not.
+
+class Gate(TcpServer):
+    """Answers "go" to each connection once the test opens the gate: the
+    handler waits on it while the client checks what already arrived."""
+
+    def __init__(self):
+        self.open = threading.Event()
+        super().__init__()
+
+    def serve(self, conn):
+        with conn:
+            if self.open.wait(10):
+                conn.sendall(b"go\n")
+
+
+STREAM = r"""
+    location = /big {
+        content_by_lua_block {
+            ngx.print(string.rep("a", 2000))
+            local sock = ngx.socket.tcp()
+            assert(sock:connect("127.0.0.1", GATE))
+            ngx.print(assert(sock:receive()))
+        }
+    }
+    location = /flushed {
+        content_by_lua_block {
+            ngx.print(string.rep("b", 100))
+            ngx.flush()
+            local sock = ngx.socket.tcp()
+            assert(sock:connect("127.0.0.1", GATE))
+            ngx.print(assert(sock:receive()))
+        }
+    }
+"""
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("path", ["/big", "/flushed"])
+def test_output_past_postpone_or_flushed_reaches_client_while_lua_waits(
+        nginx, module, path):
+    """What nginx's write filter sends at once (postpone_output bytes, a
+    flush) the client has while the handler still waits: the handler
+    waits until the client saw it (a socket timeout fails the test)."""
+    first = {"/big": b"a" * 2000, "/flushed": b"b" * 100}[path]
+    gate = Gate()
+    try:
+        n = nginx(module=module,
+                  server=STREAM.replace("GATE", str(gate.port)))
+        with socket.create_connection(("127.0.0.1", n.port), 10) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                      "Connection: close\r\n\r\n".encode())
+            got = b""
+            while first not in got:
+                b = s.recv(65536)
+                assert b, got
+                got += b
+            gate.open.set()
+            while b := s.recv(65536):
+                got += b
+        body = read_chunked_response(io.BytesIO(got))
+        assert body == first + b"go"
+    finally:
+        gate.close()
+
+
+FRAMED = r"""
+    location = /two {
+        postpone_output 0;
+        content_by_lua_block { ngx.say("a") ngx.print("bc") }
+    }
+    location = /filtered {
+        content_by_lua_block { ngx.say("a") ngx.say("b") ngx.print("c") }
+        body_filter_by_lua_block {
+            ngx.arg[1] = "[" .. ngx.arg[1] .. (ngx.arg[2] and "|eof" or "")
+                         .. "]"
+        }
+    }
+    location = /kid { content_by_lua_block { ngx.say("x") ngx.print("y") } }
+    location = /capture {
+        content_by_lua_block {
+            local res = ngx.location.capture("/kid")
+            ngx.print(res.body, "|", res.truncated and "cut" or "whole")
+        }
+    }
+"""
+
+
+@pytest.mark.parametrize("path", ["/two", "/filtered", "/capture"])
+def test_held_output_framing_matches_reference(nginx, path):
+    """postpone_output 0 sends each call on its own, chunk for chunk as
+    lua-nginx-module does; body_filter_by_lua sees each call's output on
+    its own and the end apart; a capture gets the whole body."""
+    got = {}
+    for m in MODULES:
+        n = nginx(module=m, server=FRAMED)
+        raw = n.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        got[m] = raw.partition(b"\r\n\r\n")[2]
+    assert got["luaguard"] == got["reference"], got
+    assert got["luaguard"].endswith(b"0\r\n\r\n"), got

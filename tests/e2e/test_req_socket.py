@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from harness import read_chunked_response
+
 BOTH = pytest.mark.parametrize("module", ["luaguard", "reference"])
 
 READ = r"""
@@ -143,20 +145,6 @@ def test_raw_echo(nginx, module):
         assert f.readline() == b"echo: world\n"
         assert f.readline() == b"bye\n"
         assert f.read() == b""   # nginx closes the connection after
-
-
-def read_chunked_response(f):
-    """Reads one chunked HTTP/1.1 response from file f; returns its body."""
-    assert f.readline().startswith(b"HTTP/1.1 200")
-    while f.readline() != b"\r\n":
-        pass
-    body = b""
-    while True:
-        size = int(f.readline().strip(), 16)
-        chunk = f.read(size + 2)[:-2]
-        if size == 0:
-            return body
-        body += chunk
 
 
 def test_unread_rest_is_discarded(nginx, module="luaguard"):
