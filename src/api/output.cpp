@@ -188,12 +188,16 @@ enum class Room { Go, Wait, Broken };
 Room makeRoom(lua_State *L, RequestCtx *ctx, size_t size, const char *what,
               bool may_wait)
 {
-    if (glue::hasFreeBuf(ctx, size)) {
-        return Room::Go;
-    }
-    budget::Guard::releaseExternal(&ctx->usage, glue::reclaimBufs(ctx, size));
-    if (glue::hasFreeBuf(ctx, size)) {
-        return Room::Go;
+    // A response's first output has no buffers to take back.
+    if (ctx->free_bufs || ctx->busy_bufs) {
+        if (glue::hasFreeBuf(ctx, size)) {
+            return Room::Go;
+        }
+        budget::Guard::releaseExternal(&ctx->usage,
+                                       glue::reclaimBufs(ctx, size));
+        if (glue::hasFreeBuf(ctx, size)) {
+            return Room::Go;
+        }
     }
     if (outputOver(ctx, size)) {
         if (ctx->r->connection->error) {
