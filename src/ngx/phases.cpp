@@ -735,6 +735,11 @@ ngx_int_t concludeSync(RequestCtx *ctx, Phase phase, Outcome out)
     Verdict v = judge(ctx, out);
     PhaseRun &pr = phaseRun(ctx, phase);
     pr.state = ThreadState::Done;
+    if (v.kind == Verdict::Finalize) {
+        // What was written before the error or ngx.exit goes where each
+        // ngx.say would have sent it (a capture keeps it).
+        passHeld(ctx);
+    }
 
     if (phase == Phase::Content) {
         switch (v.kind) {

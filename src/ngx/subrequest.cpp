@@ -182,9 +182,11 @@ ngx_int_t subrequestDone(ngx_http_request_t *r, void *data, ngx_int_t rc)
         ngx_post_event(&b->wake, &ngx_posted_events);
     }
 
-    if (cap->failed && !r->connection->error) {
+    if (rc == NGX_ERROR && !r->connection->error) {
         // An error in the subrequest (a broken upstream) marks its result
         // truncated; it must not tear down the parent request with it.
+        // The codes that mean "drop the connection" (ngx.exit(444), 408,
+        // 499) do drop it, as with lua-nginx-module.
         return NGX_OK;
     }
     return rc;

@@ -237,3 +237,55 @@ def test_held_output_framing_matches_reference(nginx, path):
         got[m] = raw.partition(b"\r\n\r\n")[2]
     assert got["luaguard"] == got["reference"], got
     assert got["luaguard"].endswith(b"0\r\n\r\n"), got
+
+
+
+ENDINGS = r"""
+    location = /kid_error { content_by_lua_block {
+        ngx.say("partial") error("boom") } }
+    location = /kid_exit_error { content_by_lua_block {
+        ngx.say("partial") ngx.exit(ngx.ERROR) } }
+    location = /kid_exit_444 { content_by_lua_block {
+        ngx.say("partial") ngx.exit(444) } }
+    location = /kid_exit_444_quiet { content_by_lua_block {
+        ngx.exit(444) } }
+    location = /kid_exit_408 { content_by_lua_block {
+        ngx.say("partial") ngx.exit(408) } }
+    location = /kid_exit_ok { content_by_lua_block {
+        ngx.say("partial") ngx.exit(ngx.OK) } }
+    location = /kid_exit_200 { content_by_lua_block {
+        ngx.say("partial") ngx.exit(200) } }
+    location = /kid_eof { content_by_lua_block {
+        ngx.say("partial") ngx.eof() ngx.say("late") } }
+    location = /capture {
+        content_by_lua_block {
+            local res = ngx.location.capture("/kid_" .. ngx.var.arg_kid)
+            ngx.say(res.status, " ", (res.body:gsub("\n", "|")), " ",
+                    tostring(res.truncated))
+        }
+    }
+"""
+
+KIDS = ["error", "exit_error", "exit_444", "exit_444_quiet", "exit_408",
+        "exit_ok", "exit_200", "eof"]
+
+
+@pytest.mark.parametrize("kid", KIDS)
+@pytest.mark.parametrize("how", ["direct", "captured"])
+def test_output_then_abrupt_end_matches_reference(nginx, how, kid):
+    """Output followed by an error or an ngx.exit: what the client (or a
+    capture) gets of the held output is what lua-nginx-module sends. A
+    captured location that errs keeps what it wrote (truncated); one
+    that asks to drop the connection (444, 408) drops the client's."""
+    path = f"/kid_{kid}" if how == "direct" else f"/capture?kid={kid}"
+    got = {}
+    for m in MODULES:
+        n = nginx(module=m, server=ENDINGS)
+        raw = n.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n")[0]
+        if body and b"chunked" in head.lower():
+            body = read_chunked_response(io.BytesIO(raw))
+        got[m] = (status, body)
+    assert got["luaguard"] == got["reference"], got
