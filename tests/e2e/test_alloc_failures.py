@@ -130,6 +130,16 @@ SCENARIOS = {
     "sandbox_off": """lua_sandbox off;
         rewrite_by_lua_block { ngx.ctx.v = ngx.var.uri .. "x" }
         content_by_lua_block { ngx.say(ngx.ctx.v and "done" or "failed") }""",
+    # Strings made inside a compiled loop (the trace's SNEW and buffer
+    # ops): a refusal there is thrown from machine code.
+    "trace_strings": """content_by_lua_block {
+            local s = ngx.var.uri .. "abcdefghijklmnop"
+            local n = 0
+            for i = 1, 400 do
+                local t = (s .. i):sub(2, 12 + i % 5)
+                n = n + #t
+            end
+            ngx.say(n > 0 and "done" or "failed") }""",
     "shdict": """content_by_lua_block {
             local d = ngx.shared.d
             d:set("k", string.rep("v", 50))
