@@ -122,7 +122,9 @@ int sock::reqSocketOpen(lua_State *L, RequestCtx *ctx, bool raw)
                 return pushNilErr(L, "nginx output filter error");
             }
         }
-        if (ctx->buffered_out || ctx->held || r->out || r->connection->buffered) {
+        if (ctx->buffered_out || ctx->held || r->out
+            || r->connection->buffered)
+        {
             return pushNilErr(L, "pending data to write");
         }
     }
