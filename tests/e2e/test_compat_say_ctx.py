@@ -289,3 +289,66 @@ def test_output_then_abrupt_end_matches_reference(nginx, how, kid):
             body = read_chunked_response(io.BytesIO(raw))
         got[m] = (status, body)
     assert got["luaguard"] == got["reference"], got
+
+
+ORDER = r"""
+    location = /threads {
+        content_by_lua_block {
+            ngx.say("a")
+            local t = ngx.thread.spawn(function()
+                ngx.say("b") ngx.sleep(0) ngx.say("d") end)
+            ngx.say("c")
+            ngx.thread.wait(t)
+            ngx.say("e")
+        }
+    }
+    location = /thread_exit {
+        content_by_lua_block {
+            ngx.say("a")
+            ngx.thread.spawn(function() ngx.say("b") ngx.exit(200) end)
+            ngx.sleep(0)
+            ngx.say("never")
+        }
+    }
+    location = /body {
+        content_by_lua_block {
+            ngx.say("before")
+            ngx.req.read_body()
+            ngx.say("got ", ngx.req.get_body_data())
+        }
+    }
+    location = /big {
+        content_by_lua_block {
+            for i = 1, 3 do ngx.print(string.rep(string.char(96 + i), 70000)) end
+            ngx.say("end")
+        }
+    }
+"""
+
+
+@pytest.mark.parametrize("path,method,version", [
+    ("/threads", "GET", "1.1"), ("/thread_exit", "GET", "1.1"),
+    ("/body", "POST", "1.1"), ("/big", "GET", "1.1"),
+    ("/threads", "GET", "1.0"), ("/big", "GET", "1.0"),
+    ("/threads", "HEAD", "1.1")])
+def test_held_output_order_matches_reference(nginx, path, method, version):
+    """Output of several threads, around waits and of more than
+    postpone_output bytes, over HTTP/1.1 (chunked), HTTP/1.0 (buffered
+    with a length) and HEAD: the same body, in the same order, as
+    lua-nginx-module."""
+    got = {}
+    for m in MODULES:
+        n = nginx(module=m, server=ORDER)
+        body = b"hello" if method == "POST" else b""
+        req = (f"{method} {path} HTTP/{version}\r\nHost: x\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+               ).encode() + body
+        raw = n.raw(req)
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        if b"transfer-encoding: chunked" in head.lower():
+            rest = read_chunked_response(io.BytesIO(raw))
+        lines = head.split(b"\r\n")
+        keep = sorted(h.lower() for h in lines[1:]
+                      if not h.lower().startswith((b"date:", b"server:")))
+        got[m] = (lines[0], keep, rest)
+    assert got["luaguard"] == got["reference"], got
