@@ -37,7 +37,7 @@
 
 set -euo pipefail
 
-readonly RECIPE_REV=3            # bump when the build/install recipe changes
+readonly RECIPE_REV=4            # bump when the build/install recipe changes
 readonly PKG=luajit2
 readonly PKG_VERSION="${LUAJIT2_VERSION:-2.1-20230119-1}"
 readonly LJ_XCFLAGS="-DLUAJIT_ENABLE_CHECKHOOK"
@@ -125,6 +125,13 @@ expected_stamp() {
   printf 'source=%s %s\n' "$PKG" "$PKG_VERSION"
   printf 'make=make %s\n' "${MAKE_ARGS[*]}"
   printf 'cc=%s\n' "$($CC --version 2>/dev/null | head -n1)"
+  printf 'patches=%s\n' "$(patches_hash)"
+}
+
+# Our patches: editing one unpacks and rebuilds LuaJIT.
+patches_hash() {
+  cat "$REPO_ROOT"/scripts/luajit-patches/*.patch 2>/dev/null |
+    sha256sum | cut -c1-16
 }
 
 OUTPUTS=(
@@ -349,7 +356,7 @@ fetch_source() {
 }
 
 unpack_source() {
-  if [[ -f "$TREE/.luajit-unpacked-r$RECIPE_REV" ]]; then
+  if [[ -f "$TREE/.luajit-unpacked-r$RECIPE_REV-$(patches_hash)" ]]; then
     printf '\n### unpack: using cached tree %s\n' "$TREE" >>"$LOG"
     return 0
   fi
@@ -380,7 +387,7 @@ unpack_source() {
     run_logged "patch $(basename "$p")" patch -d "$TREE" -p1 -i "$p" ||
       fail_with_log "applying $p failed"
   done
-  touch "$TREE/.luajit-unpacked-r$RECIPE_REV"
+  touch "$TREE/.luajit-unpacked-r$RECIPE_REV-$(patches_hash)"
 }
 
 build_tree() {

@@ -489,6 +489,11 @@ Vm *newVm(Vm *caller, std::string *err)
     if (!vm->open(err) || !api::openThreadVm(vm->L(), caller->L(), err)) {
         return nullptr;
     }
+#ifdef LUAGUARD_CHECKHOOK
+    // trip() hooks this VM from the watchdog thread, where its compiled
+    // loops cannot be patched: they keep their hook test.
+    luaguard_jit_hookreal(vm->L(), 1);
+#endif
     vm->memory().setCeiling(caller->memory().ceiling);
     vm->memory().on_over = memoryOver;
     return vm.release();

@@ -16,6 +16,26 @@ namespace luaguard::budget {
 
 namespace {
 
+// Compiled loops carry no hook test per iteration (LuaJIT patch
+// scripts/luajit-patches/loop-hook-exit.patch): a hook set while a loop
+// runs reaches it once the loop's back edge is pointed at its exit, which
+// the hook takes back when it runs. Both on the worker's main thread.
+void interruptCompiled(lua_State *L)
+{
+#ifdef LUAGUARD_CHECKHOOK
+    luaguard_jit_interrupt(L);
+#else
+    (void) L;
+#endif
+}
+
+void interruptCompiledEnd()
+{
+#ifdef LUAGUARD_CHECKHOOK
+    luaguard_jit_interrupt_end();
+#endif
+}
+
 // How often the timer looks at the stamps while a run with a deadline is
 // in progress: the precision of every CPU budget.
 constexpr long kTickNs = 5'000'000;
@@ -217,6 +237,7 @@ void Guard::leave(Frame *f)
         // The run that tripped is over: disarm, and give memory back if
         // memory was what it took.
         lua_sethook(f->L, nullptr, 0, 0);
+        interruptCompiledEnd();
         tripped_gen_.store(~0ull, std::memory_order_release);
     }
 }
@@ -371,6 +392,7 @@ void Guard::arm()
 {
     if (L_) {
         lua_sethook(L_, hook, LUA_MASKCOUNT, 1);
+        interruptCompiled(L_);
     }
 }
 
@@ -427,6 +449,7 @@ void Guard::tick(int sig)
 
 void Guard::hook(lua_State *L, lua_Debug *ar)
 {
+    interruptCompiledEnd();
     Guard &g = instance();
     uint64_t gen = g.gen_.load(std::memory_order_relaxed);
     if (g.top_ == nullptr

@@ -30,6 +30,19 @@ CPU_HOSTILE = {
     "coroutine_spin": "local co = coroutine.wrap(function() "
                       "while true do end end) co()",
     "string_ops": "local s = 'x' while true do s = string.sub(s .. 'y', -4) end",
+    # Compiled loops without a hook test per iteration, stopped by patching
+    # their back edges (scripts/luajit-patches/loop-hook-exit.patch): a
+    # float condition has two back edges, a branch makes a side trace that
+    # links back, the inner loop of a nest is compiled first.
+    "float_condition": "local x = 1.5 while x > 0 do x = x + 0.25 end",
+    "endless_for": "for i = 1, math.huge do end",
+    "branchy_loop": "local i = 0 while true do i = i + 1 "
+                    "if i % 3 == 0 then i = i + 2 end end",
+    "nested_loops": "local s = 0 while true do "
+                    "for j = 1, 100 do s = s + j end end",
+    "loop_after_loop": "while true do for a = 1, 1e5 do end "
+                       "for b = 1, 1e5 do end for c = 1, 1e5 do end "
+                       "for d = 1, 1e5 do end for e = 1, 1e5 do end end",
 }
 
 MEM_HOSTILE = {

@@ -9,6 +9,16 @@
  * hook mask and the first cases below spin forever (the watchdog then fails
  * the test).
  *
+ * Compiled loops do not test the hook mask at every iteration (the
+ * loop-hook-exit patch of scripts/luajit-patches): the signal handler also
+ * calls luaguard_jit_interrupt(), which points the running loop's back edge
+ * at the exit of the omitted test, and the hook takes that back with
+ * luaguard_jit_interrupt_end(). The cases check that every loop shape is
+ * stopped, that the patched exit restores the loop's exact state (a loop
+ * interrupted hundreds of times by a hook that lets it go on computes the
+ * same result), and that a state with luaguard_jit_hookreal() keeps the
+ * test in its loops.
+ *
  * Also checks that jit.status() reports the JIT as on and that the FFI works.
  *
  * Build (done by `scripts/build-luajit.sh --selftest OUTDIR`):
@@ -36,6 +46,8 @@
 
 static lua_State *volatile g_L;
 static volatile sig_atomic_t g_case_no;
+static volatile sig_atomic_t g_patched; /* interrupts that patched a loop */
+static volatile sig_atomic_t g_resumes; /* hook calls that let the loop go */
 static int g_failures;
 
 /* Count hook: raise an error.  Deliberately does NOT remove itself, so a
@@ -44,15 +56,30 @@ static int g_failures;
 static void budget_hook(lua_State *L, lua_Debug *ar)
 {
   (void)ar;
+  luaguard_jit_interrupt_end();
   luaL_error(L, "budget");
 }
+
+/* A hook that lets the run go on: the loop left its trace through the
+ * patched exit and must continue from exactly where it was. */
+static void resume_hook(lua_State *L, lua_Debug *ar)
+{
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0);
+  luaguard_jit_interrupt_end();
+  g_resumes++;
+}
+
+static lua_Hook volatile g_hook = budget_hook;
 
 /* SIGALRM: lua_sethook() is the one Lua API call that may be used
  * asynchronously (see luajit.c's Ctrl-C handler). */
 static void on_alarm(int sig)
 {
   (void)sig;
-  lua_sethook(g_L, budget_hook, LUA_MASKCOUNT, 1);
+  lua_sethook(g_L, g_hook, LUA_MASKCOUNT, 1);
+  if (luaguard_jit_interrupt(g_L))
+    g_patched++;
 }
 
 /* Watchdog: the interrupt never took effect. */
@@ -135,7 +162,9 @@ static int count_traces(lua_State *L)
   return n;
 }
 
-static void run_interrupt_case(lua_State *L, const char *code)
+/* want_patch: the loop must have been stopped through its patched back
+ * edge (1), through the hook test it kept (0), either (-1). */
+static void run_interrupt_case(lua_State *L, const char *code, int want_patch)
 {
   char name[160];
   double t0, dt;
@@ -156,6 +185,7 @@ static void run_interrupt_case(lua_State *L, const char *code)
     return;
   }
 
+  g_patched = 0;
   set_timer(ITIMER_VIRTUAL, WATCHDOG_SEC, 0);
   set_timer(ITIMER_REAL, 0, INTERRUPT_USEC);
   t0 = now_ms();
@@ -178,20 +208,116 @@ static void run_interrupt_case(lua_State *L, const char *code)
     /* The loop never ran as compiled code, so CHECKHOOK was not exercised. */
     result(0, name, "interrupted after %.0f ms, but no trace was compiled: %s",
            dt, msg);
+  } else if (want_patch >= 0 && (g_patched > 0) != want_patch) {
+    result(0, name, "interrupted after %.0f ms, %s", dt,
+           want_patch ? "but not through a patched loop"
+                      : "through a patched loop that should keep its test");
   } else {
-    result(1, name, "interrupted after %.0f ms, %d trace(s): %s", dt, traces,
-           msg);
+    result(1, name, "interrupted after %.0f ms, %d trace(s), %s: %s", dt,
+           traces, g_patched ? "loop patched" : "hook test", msg);
   }
+  lua_settop(L, 0);
+}
+
+/* Sums computed by loops that are interrupted every 1 ms by a hook that lets
+ * them go on: each interrupt leaves the trace through the patched exit. */
+static void run_resume_case(lua_State *L, const char *code)
+{
+  char name[200];
+  struct itimerval it;
+  double got, want;
+
+  g_case_no++;
+  snprintf(name, sizeof(name), "resume #%d [%s]", (int)g_case_no, code);
+  /* The interpreter's result, without interrupts, is the oracle. */
+  lua_settop(L, 0);
+  run_plain(L, "jit.off", "jit.off()");
+  if (run_plain(L, name, code) != 0) {
+    run_plain(L, "jit.on", "jit.on()");
+    return;
+  }
+  want = lua_tonumber(L, 1);
+  run_plain(L, "jit.on", "jit.on() jit.flush()");
+  lua_settop(L, 0);
+  if (luaL_loadbuffer(L, code, strlen(code), "=case") != 0) {
+    result(0, name, "does not compile: %s", lua_tostring(L, -1));
+    lua_settop(L, 0);
+    return;
+  }
+  g_hook = resume_hook;
+  g_patched = g_resumes = 0;
+  memset(&it, 0, sizeof(it));
+  it.it_value.tv_usec = it.it_interval.tv_usec = 1000;
+  set_timer(ITIMER_VIRTUAL, WATCHDOG_SEC, 0);
+  setitimer(ITIMER_REAL, &it, NULL);
+  if (lua_pcall(L, 0, 1, 0) != 0) {
+    set_timer(ITIMER_REAL, 0, 0);
+    result(0, name, "error: %s", lua_tostring(L, -1));
+  } else {
+    set_timer(ITIMER_REAL, 0, 0);
+    got = lua_tonumber(L, -1);
+    if (got != want)
+      result(0, name, "got %.17g, want %.17g after %d patched exits", got,
+             want, (int)g_patched);
+    else if (g_patched < 10)
+      result(0, name, "only %d patched exits: the case does not test them",
+             (int)g_patched);
+    else
+      result(1, name, "%d patched exits, %d resumes, result exact",
+             (int)g_patched, (int)g_resumes);
+  }
+  set_timer(ITIMER_VIRTUAL, 0, 0);
+  lua_sethook(L, NULL, 0, 0);
+  luaguard_jit_interrupt_end();
+  g_hook = budget_hook;
   lua_settop(L, 0);
 }
 
 int main(void)
 {
-  static const char *const cases[] = {
-    "while true do end",
-    "local i=0 while true do i=i+1 end",
-    "local function f(x) return x+1 end local i=0 while true do i=f(i) end",
-    "while true do pcall(function() local i=0 while true do i=i+1 end end) end",
+  static const struct { const char *code; int patch; } cases[] = {
+    { "while true do end", 1 },
+    { "local i=0 while true do i=i+1 end", 1 },
+    { "local function f(x) return x+1 end local i=0 while true do i=f(i) end",
+      1 },
+    { "while true do pcall(function() local i=0 while true do i=i+1 end end) "
+      "end", 1 },
+    /* A floating-point loop condition: two back edges (jp and jcc). */
+    { "local x=1.5 while x > 0 do x = x + 0.25 end", 1 },
+    { "for i = 1, math.huge do end", 1 },
+    { "local s = 0 repeat s = (s + 7) % 13 until false", 1 },
+    /* A branch inside the loop: a side trace links back to the root. */
+    { "local i = 0 while true do i = i + 1 if i % 3 == 0 then i = i + 2 "
+      "end end", -1 },
+    /* Nested loops, the inner one compiled first. */
+    { "local s = 0 while true do for j = 1, 100 do s = s + j end end", -1 },
+    /* Allocating loops: their GC check keeps the hook test. */
+    { "while true do local t = {} end", -1 },
+    { "local s = '' while true do s = ('x'):rep(10) .. s:sub(1, 20) end", -1 },
+    /* ITERN loops. */
+    { "local t = {} for i = 1, 100 do t['k'..i] = i end "
+      "local s = 0 while true do for k, v in pairs(t) do s = s + v end end",
+      -1 },
+    { "local t = {} for i = 1, 100 do t[i] = i end local s = 0 "
+      "while true do for _, v in ipairs(t) do s = s + v end end", -1 },
+    /* In a coroutine. */
+    { "coroutine.wrap(function() local i = 0 while true do i = i + 1 end "
+      "end)()", 1 },
+  };
+  /* Loops with several values carried around the loop, integer and float,
+   * a float condition, a table written in the loop, nested loops. */
+  static const char *const resume_cases[] = {
+    "local a, b = 0, 0 for i = 1, 30000000 do a = a + i b = b + 2 * i end "
+    "return a + b",
+    "local x, n = 0, 0 for i = 1, 30000000 do "
+    "x = bit.bxor(x, bit.band(i * 2654435761, 0x7fffffff)) n = n + 1 end "
+    "return x + n",
+    "local x, n = 1.0, 0 while x < 3e7 do x = x + 1.5 n = n + 1 end "
+    "return x * 7 + n",
+    "local t = {0, 0, 0} for i = 1, 30000000 do local k = i % 3 + 1 "
+    "t[k] = t[k] + i end return t[1] * 3 + t[2] * 5 + t[3]",
+    "local s = 0 for r = 1, 3000 do for i = 1, 10000 do s = (s + i * r) % 1000003 "
+    "end end return s",
   };
   struct sigaction sa;
   lua_State *L;
@@ -242,7 +368,23 @@ int main(void)
 
   /* Asynchronous interrupts of (JIT-compiled) infinite loops. */
   for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-    run_interrupt_case(L, cases[i]);
+    run_interrupt_case(L, cases[i].code, cases[i].patch);
+
+  /* Interrupted loops go on with their exact state. */
+  for (i = 0; i < sizeof(resume_cases) / sizeof(resume_cases[0]); i++)
+    run_resume_case(L, resume_cases[i]);
+
+  /* A state whose hooks come from another thread keeps the test in its
+   * loops: nothing is patched, the loop is stopped all the same. */
+  {
+    lua_State *L2 = luaL_newstate();
+    luaL_openlibs(L2);
+    luaguard_jit_hookreal(L2, 1);
+    g_L = L2;
+    run_interrupt_case(L2, "local i=0 while true do i=i+1 end", 0);
+    g_L = L;
+    lua_close(L2);
+  }
 
   /* After all those interrupts the state must still be usable. */
   if (run_plain(L, "state usable after interrupts",
