@@ -200,6 +200,7 @@ struct RequestCtx {
     // Registry references owned by this request.
     int                  ctx_cell = 0;           // ngx.ctx table (Vm cell)
     int                  env_cell = 0;           // its globals (Vm::hold)
+    EnvClosures          env_closures;           // made with env_cell
 
     // The Lua threads of the phase running now (see ngx/thread.hpp).
     LuaThread           *entry = nullptr;

@@ -62,14 +62,20 @@ void recycleEnv(lua_State *L, RequestCtx *ctx)
     if (ctx->env_cell == 0) {
         return;
     }
-    std::vector<int> *idle = ctx->env_policy && !ctx->env_escaped
-                                 ? &ctx->vm->envPool(ctx->env_policy)
-                                 : nullptr;
+    std::vector<IdleEnv> *idle = ctx->env_policy && !ctx->env_escaped
+                                     ? &ctx->vm->envPool(ctx->env_policy)
+                                     : nullptr;
     if (idle && idle->size() < kMaxIdleEnvs
         && ctx->vm->resetEnv(L, ctx->env_cell))
     {
-        idle->push_back(ctx->env_cell);
+        // Its closures go with it: none escaped (that would have marked
+        // the environment escaped too, sandbox::envEscapes).
+        idle->push_back(IdleEnv{ctx->env_cell, ctx->env_closures});
+        ctx->env_closures.n = 0;
     } else {
+        if (ctx->env_closures.n) {
+            unbindClosures(L, ctx->vm, &ctx->env_closures);
+        }
         ctx->vm->release(L, ctx->env_cell);
     }
     ctx->env_cell = 0;
@@ -168,6 +174,7 @@ bool moveToVm(RequestCtx *ctx, Vm *vm)
     threads::endPhase(ctx);
     lua_State *L = ctx->vm->L();
     ctx->vm->release(L, ctx->ctx_cell);
+    unbindClosures(L, ctx->vm, &ctx->env_closures);
     ctx->vm->release(L, ctx->env_cell);
     luaL_unref(L, LUA_REGISTRYINDEX, ctx->on_abort_ref);
     ctx->on_abort_ref = LUA_NOREF;
@@ -412,12 +419,16 @@ int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
     }
     // First code of the request, or a location with another policy (a
     // rewrite moved the request): globals do not carry across policies.
+    if (ctx->env_closures.n) {
+        unbindClosures(L, ctx->vm, &ctx->env_closures);
+    }
     ctx->vm->release(L, ctx->env_cell);
     ctx->env_cell = 0;
     ctx->env_escaped = false;
-    std::vector<int> &idle = ctx->vm->envPool(p);
+    std::vector<IdleEnv> &idle = ctx->vm->envPool(p);
     if (!idle.empty()) {
-        ctx->env_cell = idle.back();
+        ctx->env_cell = idle.back().cell;
+        ctx->env_closures = idle.back().closures;
         idle.pop_back();
         ctx->env_policy = p;
         return ctx->env_cell;
@@ -428,6 +439,32 @@ int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
     ctx->env_cell = ctx->vm->hold(L);
     ctx->env_policy = p;
     return ctx->env_cell;
+}
+
+// Pushes the closure of pool `idle` made for the request's environment
+// `env` by an earlier run, if there is one. One whose environment is no
+// longer `env` (request code gave it another with setfenv) is not called
+// again: it goes back to its pool, which sets an environment per run.
+[[gnu::noinline]] void unbindOne(lua_State *L, Vm *vm, RequestCtx *ctx,
+                                 std::vector<int> *idle, int bound)
+{
+    ctx->env_closures.drop(idle);
+    Lease lease{idle, bound};
+    giveClosure(L, vm, &lease, true);
+}
+
+bool pushBound(lua_State *L, Vm *vm, RequestCtx *ctx, std::vector<int> *idle,
+               int env)
+{
+    int bound = ctx->env_closures.find(idle);
+    if (bound == 0) {
+        return false;
+    }
+    if (!vm->pushIfFenv(L, bound, env)) {
+        unbindOne(L, vm, ctx, idle, bound);
+        return false;
+    }
+    return true;
 }
 
 // Pushes a closure of handler `h` onto L (a state of `vm`), with the
@@ -453,6 +490,19 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
     bool pooled = isolate && (h->path == nullptr || ctx->llcf->code_cache);
     std::vector<int> *idle = pooled && h->path == nullptr && h->pool_vm == vm
                                  ? h->pool : nullptr;
+    if (idle) {
+        // The usual run: the closure made for the request's environment
+        // by an earlier run (of this request or of one that had the same
+        // environment before), called as it is.
+        int env = requestEnvCell(L, ctx, p);
+        if (env == 0) {
+            *err = envFailure();
+            return false;
+        }
+        if (pushBound(L, vm, ctx, idle, env)) {
+            return true;
+        }
+    }
     // The usual run of an inline handler takes an idle closure of its
     // pool: the factory is pushed only when a new closure is needed.
     bool factory = idle == nullptr || idle->empty();
@@ -489,6 +539,12 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
             *err = envFailure();
             return false;
         }
+        if (pushBound(L, vm, ctx, idle, env)) {   // a file's handler
+            if (factory) {
+                lua_remove(L, -2);
+            }
+            return true;
+        }
         takeClosure(L, vm, -1, idle, lease, env);
     } else {
         instantiate(L, -1);
@@ -503,6 +559,11 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
     }
     if (pooled) {
         noteClosures(L, ctx);
+        // Kept with the environment from now on (recycleEnv); the run
+        // holds no lease.
+        if (ctx->env_closures.add(lease->idle, lease->cell)) {
+            *lease = Lease{};
+        }
         return true;
     }
     return isolate ? setRequestEnv(L, ctx, err) : true;

@@ -178,6 +178,15 @@ void giveClosure(lua_State *L, Vm *vm, Lease *lease, bool reusable)
     l.idle->push_back(l.cell);
 }
 
+void unbindClosures(lua_State *L, Vm *vm, EnvClosures *b)
+{
+    for (int i = 0; i < b->n; i++) {
+        Lease lease{b->pool[i], b->cell[i]};
+        giveClosure(L, vm, &lease, true);
+    }
+    b->n = 0;
+}
+
 void markEscaped(lua_State *L, int index)
 {
     if (index < 0) {

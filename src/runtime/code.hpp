@@ -55,6 +55,13 @@ void takeClosure(lua_State *L, Vm *vm, int index, std::vector<int> *idle,
 // resume it) only the cell is freed. Never raises.
 void giveClosure(lua_State *L, Vm *vm, Lease *lease, bool reusable);
 
+struct EnvClosures;
+
+// The closures bound to an environment that is not reused (it escaped,
+// was written to, or the request moved away): each goes back to its pool
+// as giveClosure gives a lease back. Leaves *b empty.
+void unbindClosures(lua_State *L, Vm *vm, EnvClosures *b);
+
 // Request code obtained the function at `index` as a value (debug.getinfo's
 // func): a pooled closure is never handed to another run after that, which
 // would switch its environment under whoever keeps it. May raise (memory).

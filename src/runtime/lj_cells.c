@@ -55,6 +55,22 @@ void luaguard_cells_setfenv_of(lua_State *L, const void *cells, int fn,
     setgcref(f->c.env, obj2gco(e));
 }
 
+int luaguard_cells_push_if_fenv(lua_State *L, const void *cells, int fn,
+                                int env)
+{
+    GCtab *t = (GCtab *)cells;
+    cTValue *e = arrayslot(t, env), *f = arrayslot(t, fn);
+    if (!tvistab(e) || gcref(funcV(f)->c.env) != obj2gco(tabV(e))) {
+        return 0;
+    }
+    if (L->top + 1 >= tvref(L->maxstack)) {
+        luaL_checkstack(L, 1, "too many values");
+    }
+    copyTV(L, L->top, f);
+    L->top++;
+    return 1;
+}
+
 int luaguard_func_has_children(lua_State *L)
 {
     GCfunc *fn = funcV(L->top - 1);

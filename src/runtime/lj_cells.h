@@ -25,6 +25,11 @@ void luaguard_cells_setfenv(struct lua_State *L, const void *cells, int i);
 void luaguard_cells_setfenv_of(struct lua_State *L, const void *cells, int fn,
                                int env);
 
+/* Pushes the Lua function in cells[fn] if its environment is the table in
+ * cells[env] and returns 1; returns 0 and pushes nothing if not. */
+int luaguard_cells_push_if_fenv(struct lua_State *L, const void *cells,
+                                int fn, int env);
+
 /* Whether the Lua function on top of L was compiled with functions inside
  * it: running it can make closures, which take its environment. */
 int luaguard_func_has_children(struct lua_State *L);

@@ -139,6 +139,58 @@ struct VmRefs {
     bool keep(lua_State *L);
 };
 
+// Handler closures made with one request environment (pooled closures
+// whose environment is that table), kept with it for as long as it is
+// reused: the later runs of the request, and of each request that is given
+// the same environment, call them as they are, without setting and
+// clearing an environment per run. Fixed size: a request runs few
+// handlers; one more runs the way every run did before (code.hpp).
+struct EnvClosures {
+    static constexpr int kMax = 6;
+    std::vector<int> *pool[kMax] = {};   // the closure pool each came from
+    int               cell[kMax] = {};
+    int               n = 0;
+
+    int find(const std::vector<int> *p) const
+    {
+        for (int i = 0; i < n; i++) {
+            if (pool[i] == p) {
+                return cell[i];
+            }
+        }
+        return 0;
+    }
+    // Forgets the closure of pool `p` (its cell is the caller's now).
+    void drop(const std::vector<int> *p)
+    {
+        for (int i = 0; i < n; i++) {
+            if (pool[i] == p) {
+                n--;
+                pool[i] = pool[n];
+                cell[i] = cell[n];
+                return;
+            }
+        }
+    }
+    bool add(std::vector<int> *p, int c)
+    {
+        if (n == kMax) {
+            return false;
+        }
+        pool[n] = p;
+        cell[n] = c;
+        n++;
+        return true;
+    }
+};
+
+// An environment no code kept, waiting for the next request of its policy
+// with the closures made for it.
+struct IdleEnv {
+    int          cell = 0;
+    EnvClosures  closures;
+};
+
 class Vm {
  public:
     Vm() = default;
@@ -232,6 +284,21 @@ class Vm {
         lua_pop(L, 1);
 #endif
     }
+    // Pushes the Lua function in cell `fn` if its environment is the
+    // table in cell `env`; false (nothing pushed) if it is not.
+    bool pushIfFenv(lua_State *L, int fn, int env) const
+    {
+#if LUAGUARD_LJ_INTERNALS
+        return luaguard_cells_push_if_fenv(L, cells_, fn, env) != 0;
+#else
+        pushHeld(L, fn);
+        lua_getfenv(L, -1);
+        pushHeld(L, env);
+        bool same = lua_rawequal(L, -1, -2) != 0;
+        lua_pop(L, same ? 2 : 3);
+        return same;
+#endif
+    }
     // Empties cell `cell` (its value is left to the collector) and makes
     // it free. Never raises.
     void release(lua_State *L, int cell);
@@ -239,7 +306,7 @@ class Vm {
     // Request environments no code kept (a handler's globals table that
     // never escaped it, see ngx/phases.cpp), per sandbox policy: cells
     // whose tables are handed to later requests instead of new ones.
-    std::vector<int> &envPool(const void *policy)
+    std::vector<IdleEnv> &envPool(const void *policy)
     {
         // Two lookups per request, nearly always for one policy.
         if (policy != env_pool_key_ || env_pool_ == nullptr) {
@@ -308,9 +375,9 @@ class Vm {
     std::vector<int> free_cells_;
     std::vector<bool> taken_;              // by cell number
     std::unordered_map<const void *, std::vector<int>> closure_pools_;
-    std::unordered_map<const void *, std::vector<int>> env_pools_;
+    std::unordered_map<const void *, std::vector<IdleEnv>> env_pools_;
     const void *env_pool_key_ = nullptr;
-    std::vector<int> *env_pool_ = nullptr;
+    std::vector<IdleEnv> *env_pool_ = nullptr;
 };
 
 }  // namespace luaguard

@@ -51,6 +51,28 @@ def test_globals_never_survive_a_reused_closure(nginx):
         assert n.get("/t?v=" + v).text == f"nil nil nil {v}\n"
 
 
+def test_a_handler_given_another_environment_never_runs_again(nginx):
+    # A handler's closure stays with the request's environment when that
+    # environment goes to the next request (src/runtime/vm.hpp,
+    # EnvClosures). A request that left the environment clean but gave the
+    # closure a table of its own with setfenv must not hand that table to
+    # the next request through the closure.
+    n = nginx(server="""
+        location /t { content_by_lua_block {
+            if ngx.var.arg_who == "a" then
+                setfenv(1, { ngx = ngx, tostring = tostring,
+                             leak = "from a" })
+                ngx.say("a set")
+                return
+            end
+            ngx.say("b sees ", tostring(leak))
+        } }
+""")
+    for _ in range(3):
+        assert n.get("/t?who=a").text == "a set\n"
+        assert n.get("/t?who=b").text == "b sees nil\n"
+
+
 def test_requests_suspended_in_one_handler_keep_their_own_globals(nginx):
     # A waits inside the handler while B runs the same handler: each has a
     # closure of its own.
