@@ -242,7 +242,13 @@ class Nginx:
         # Run inside this network namespace (ip netns): for tests whose
         # destinations must never be reachable from the host.
         self.netns = netns
+        # Not a port the test chose for its own servers (free_ports closes
+        # them before this: the OS may hand one out again, and the test's
+        # server block would then answer on nginx's main port).
+        own = server + http + main
         self.port = free_port()
+        while re.search(rf"\b{self.port}\b", own):
+            self.port = free_port()
         self.log_path = self.prefix / "logs" / "error.log"
         self.conf_path = self.prefix / "conf" / "nginx.conf"
         for d in ("logs", "conf", "tmp", "html"):
