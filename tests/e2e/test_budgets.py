@@ -106,6 +106,28 @@ def test_cpu_runaway_is_stopped(nginx, name):
     assert n.worker_pids() == pid_before  # the same worker kept serving
 
 
+@pytest.mark.asan_fast
+def test_code_a_stopped_loop_ran_serves_the_next_request_exactly(nginx):
+    # A stop leaves a compiled loop through its patched back edge; the
+    # next requests run the same traces (same location, same code) and
+    # must compute exactly what they would have, stopped ones in between.
+    n = nginx(http=HTTP, server="""
+        location /sum { content_by_lua_block {
+            local n = tonumber(ngx.var.arg_n)
+            local s, x = 0, 0.5
+            for i = 1, n do s = s + i x = x * 0.5 + i % 7 end
+            ngx.say(s, " ", x)
+        } }
+""")
+    want = n.get("/sum?n=1000000").text
+    s, x = want.split()
+    assert s == "500000500000"
+    for _ in range(3):
+        assert n.get("/sum?n=1e15").status == 500       # stopped
+        assert n.get("/sum?n=1000000").text == want
+    assert len(re.findall(r"lua_budget_slice exceeded", n.read_log())) == 3
+
+
 @pytest.mark.parametrize("name", sorted(MEM_HOSTILE))
 def test_memory_bomb_is_stopped(nginx, name):
     # The memory budget is under test: a wide slice, so that a slow run (a
