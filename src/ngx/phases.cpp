@@ -446,22 +446,23 @@ int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
 // longer `env` (request code gave it another with setfenv) is not called
 // again: it goes back to its pool, which sets an environment per run.
 [[gnu::noinline]] void unbindOne(lua_State *L, Vm *vm, RequestCtx *ctx,
-                                 std::vector<int> *idle, int bound)
+                                 int slot)
 {
-    ctx->env_closures.drop(idle);
-    Lease lease{idle, bound};
+    EnvClosures &b = ctx->env_closures;
+    Lease lease{b.pool[slot], b.cell[slot]};
+    b.drop(slot);
     giveClosure(L, vm, &lease, true);
 }
 
 bool pushBound(lua_State *L, Vm *vm, RequestCtx *ctx, std::vector<int> *idle,
                int env)
 {
-    int bound = ctx->env_closures.find(idle);
-    if (bound == 0) {
+    int slot = ctx->env_closures.slot(idle);
+    if (slot < 0) {
         return false;
     }
-    if (!vm->pushIfFenv(L, bound, env)) {
-        unbindOne(L, vm, ctx, idle, bound);
+    if (!vm->pushIfFenv(L, ctx->env_closures.cell[slot], env)) {
+        unbindOne(L, vm, ctx, slot);
         return false;
     }
     return true;
@@ -490,7 +491,8 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
     bool pooled = isolate && (h->path == nullptr || ctx->llcf->code_cache);
     std::vector<int> *idle = pooled && h->path == nullptr && h->pool_vm == vm
                                  ? h->pool : nullptr;
-    if (idle) {
+    bool looked = idle != nullptr;   // for a closure kept with the env
+    if (looked) {
         // The usual run: the closure made for the request's environment
         // by an earlier run (of this request or of one that had the same
         // environment before), called as it is.
@@ -539,7 +541,9 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
             *err = envFailure();
             return false;
         }
-        if (pushBound(L, vm, ctx, idle, env)) {   // a file's handler
+        // A file's handler, or an inline one whose pool this VM had not
+        // been the last to use.
+        if (!looked && pushBound(L, vm, ctx, idle, env)) {
             if (factory) {
                 lua_remove(L, -2);
             }

@@ -151,26 +151,22 @@ struct EnvClosures {
     int               cell[kMax] = {};
     int               n = 0;
 
-    int find(const std::vector<int> *p) const
+    // The slot of pool `p`'s closure, or -1.
+    int slot(const std::vector<int> *p) const
     {
         for (int i = 0; i < n; i++) {
             if (pool[i] == p) {
-                return cell[i];
+                return i;
             }
         }
-        return 0;
+        return -1;
     }
-    // Forgets the closure of pool `p` (its cell is the caller's now).
-    void drop(const std::vector<int> *p)
+    // Forgets slot i's closure (its cell is the caller's now).
+    void drop(int i)
     {
-        for (int i = 0; i < n; i++) {
-            if (pool[i] == p) {
-                n--;
-                pool[i] = pool[n];
-                cell[i] = cell[n];
-                return;
-            }
-        }
+        n--;
+        pool[i] = pool[n];
+        cell[i] = cell[n];
     }
     bool add(std::vector<int> *p, int c)
     {
