@@ -162,6 +162,19 @@ static int count_traces(lua_State *L)
   return n;
 }
 
+/* Leaves the case's chunk alone on the stack; reports it if it does not
+ * compile. */
+static int load_case(lua_State *L, const char *name, const char *code)
+{
+  lua_settop(L, 0);
+  if (luaL_loadbuffer(L, code, strlen(code), "=case") != 0) {
+    result(0, name, "does not compile: %s", lua_tostring(L, -1));
+    lua_settop(L, 0);
+    return 0;
+  }
+  return 1;
+}
+
 /* want_patch: the loop must have been stopped through its patched back
  * edge (1), through the hook test it kept (0), either (-1). */
 static void run_interrupt_case(lua_State *L, const char *code, int want_patch)
@@ -177,13 +190,8 @@ static void run_interrupt_case(lua_State *L, const char *code, int want_patch)
   lua_settop(L, 0);
   lua_sethook(L, NULL, 0, 0);
   run_plain(L, "flush", "jit.flush()");
-  lua_settop(L, 0);
-
-  if (luaL_loadbuffer(L, code, strlen(code), "=case") != 0) {
-    result(0, name, "does not compile: %s", lua_tostring(L, -1));
-    lua_settop(L, 0);
+  if (!load_case(L, name, code))
     return;
-  }
 
   g_patched = 0;
   set_timer(ITIMER_VIRTUAL, WATCHDOG_SEC, 0);
@@ -241,12 +249,8 @@ static void run_resume_case(lua_State *L, const char *code)
    * edge pointed at it would take the back edge over, and hide a patch
    * that was not taken back from the check below. */
   run_plain(L, "jit.on", "jit.on() jit.flush() jit.opt.start('hotexit=1000')");
-  lua_settop(L, 0);
-  if (luaL_loadbuffer(L, code, strlen(code), "=case") != 0) {
-    result(0, name, "does not compile: %s", lua_tostring(L, -1));
-    lua_settop(L, 0);
+  if (!load_case(L, name, code))
     return;
-  }
   lua_pushvalue(L, -1);  /* run again below, on the same traces */
   g_hook = resume_hook;
   g_patched = g_resumes = 0;
