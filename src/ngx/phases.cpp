@@ -57,20 +57,33 @@ constexpr size_t kMaxIdleEnvs = 64;
 // (env_escaped is false: no closure was made with it, no code was handed
 // it) and that holds nothing but `ngx` is given to the next request of
 // the same policy instead: it is as new, and no one else has it.
+//
+// One that was kept (a handler that makes closures, a timer's callback
+// among them) or written to is left to whoever has it; its cell and the
+// closures made for it wait for the next request all the same, which
+// puts a new table there (requestEnvCell): a new cell and closures taken
+// from their pools again cost ~100 instructions more per request.
 void recycleEnv(lua_State *L, RequestCtx *ctx)
 {
     if (ctx->env_cell == 0) {
         return;
     }
-    std::vector<IdleEnv> *idle = ctx->env_policy && !ctx->env_escaped
-                                     ? &ctx->vm->envPool(ctx->env_policy)
+    Vm *vm = ctx->vm;
+    std::vector<IdleEnv> *idle = ctx->env_policy
+                                     ? &vm->envPool(ctx->env_policy)
                                      : nullptr;
-    if (idle && idle->size() < kMaxIdleEnvs
-        && ctx->vm->resetEnv(L, ctx->env_cell))
-    {
-        // Its closures go with it: none escaped (that would have marked
-        // the environment escaped too, sandbox::envEscapes).
-        idle->push_back(IdleEnv{ctx->env_cell, ctx->env_closures});
+    if (idle && idle->size() < kMaxIdleEnvs) {
+        // The closures go with the cell. With a table no one else has,
+        // none of them escaped (that would have marked the environment
+        // escaped too, sandbox::envEscapes); otherwise they wait with the
+        // empty environment, and one request code got is freed.
+        bool renew = ctx->env_escaped || !vm->resetEnv(L, ctx->env_cell);
+        if (renew) {
+            parkClosures(L, vm, &ctx->env_closures);
+            vm->pushHeld(L, Vm::kIdleEnvCell);
+            vm->setHeld(L, ctx->env_cell);
+        }
+        idle->push_back(IdleEnv{ctx->env_cell, ctx->env_closures, renew});
         ctx->env_closures.n = 0;
     } else {
         if (ctx->env_closures.n) {
@@ -427,8 +440,16 @@ int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
     ctx->env_escaped = false;
     std::vector<IdleEnv> &idle = ctx->vm->envPool(p);
     if (!idle.empty()) {
-        ctx->env_cell = idle.back().cell;
-        ctx->env_closures = idle.back().closures;
+        IdleEnv &e = idle.back();
+        if (e.renew) {
+            if (!sandbox::pushNewEnv(L, p)) {
+                return 0;
+            }
+            ctx->vm->setHeld(L, e.cell);
+            rebindClosures(L, ctx->vm, e.closures, e.cell);
+        }
+        ctx->env_cell = e.cell;
+        ctx->env_closures = e.closures;
         idle.pop_back();
         ctx->env_policy = p;
         return ctx->env_cell;
@@ -464,6 +485,11 @@ bool pushBound(lua_State *L, Vm *vm, RequestCtx *ctx, std::vector<int> *idle,
     if (!vm->pushIfFenv(L, ctx->env_closures.cell[slot], env)) {
         unbindOne(L, vm, ctx, slot);
         return false;
+    }
+    // A handler that makes closures keeps its closure with a renewed
+    // environment (recycleEnv): this run's closures take the new table.
+    if (ctx->env_closures.makes[slot]) {
+        ctx->env_escaped = true;
     }
     return true;
 }
@@ -562,10 +588,11 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
         lua_remove(L, -2);
     }
     if (pooled) {
-        noteClosures(L, ctx);
+        bool makes = Vm::makesClosures(L);
+        ctx->env_escaped = ctx->env_escaped || makes;
         // Kept with the environment from now on (recycleEnv); the run
         // holds no lease.
-        if (ctx->env_closures.add(lease->idle, lease->cell)) {
+        if (ctx->env_closures.add(lease->idle, lease->cell, makes)) {
             *lease = Lease{};
         }
         return true;

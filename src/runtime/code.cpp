@@ -187,6 +187,26 @@ void unbindClosures(lua_State *L, Vm *vm, EnvClosures *b)
     b->n = 0;
 }
 
+void parkClosures(lua_State *L, Vm *vm, EnvClosures *b)
+{
+    for (int i = 0; i < b->n;) {
+        if (escaped(L, vm, b->cell[i])) {
+            vm->release(L, b->cell[i]);
+            b->drop(i);
+            continue;
+        }
+        vm->setFenvOfHeld(L, b->cell[i], Vm::kIdleEnvCell);
+        i++;
+    }
+}
+
+void rebindClosures(lua_State *L, Vm *vm, const EnvClosures &b, int env)
+{
+    for (int i = 0; i < b.n; i++) {
+        vm->setFenvOfHeld(L, b.cell[i], env);
+    }
+}
+
 void markEscaped(lua_State *L, int index)
 {
     if (index < 0) {

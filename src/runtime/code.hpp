@@ -62,6 +62,15 @@ struct EnvClosures;
 // as giveClosure gives a lease back. Leaves *b empty.
 void unbindClosures(lua_State *L, Vm *vm, EnvClosures *b);
 
+// The closures bound to an environment whose table is replaced by a new
+// one: each stays bound, with the empty environment until the new table
+// comes (rebindClosures); one request code got as a value is freed
+// instead. Never raises.
+void parkClosures(lua_State *L, Vm *vm, EnvClosures *b);
+
+// Gives every closure of *b the table in cell `env` as its environment.
+void rebindClosures(lua_State *L, Vm *vm, const EnvClosures &b, int env);
+
 // Request code obtained the function at `index` as a value (debug.getinfo's
 // func): a pooled closure is never handed to another run after that, which
 // would switch its environment under whoever keeps it. May raise (memory).

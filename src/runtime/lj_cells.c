@@ -91,14 +91,15 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
     cTValue *o = arrayslot((GCtab *)cells, i);
     GCtab *t, *mt;
     cTValue *name, *value;
-    Node *node, *field = NULL;
-    uint32_t j;
+    Node *node, *field, *other;
     if (!tvistab(o)) {
         return 0;
     }
     t = tabV(o);
     mt = tabref(t->metatable);
-    /* pushNewEnv's table: no array part, a hash part of two nodes. */
+    /* pushNewEnv's table: no array part, a hash part of one or two nodes
+     * (a write of another name, even one set back to nil, rehashes it or
+     * takes the other node). */
     if (mt == NULL || t->asize != 0 || t->hmask > 1) {
         return 0;
     }
@@ -106,18 +107,26 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
         return 0;
     }
     node = noderef(t->node);
-    for (j = 0; j <= t->hmask; j++) {
-        if (tvisstr(&node[j].key) && strV(&node[j].key) == strV(name)) {
-            field = &node[j];
-        } else if (!tvisnil(&node[j].key)) {
-            return 0;  /* another name, even one set back to nil */
+    field = &node[0];
+    other = t->hmask ? &node[1] : NULL;
+    if (!(tvisstr(&field->key) && strV(&field->key) == strV(name))) {
+        Node *n = field;
+        field = other;
+        other = n;
+        if (field == NULL
+            || !(tvisstr(&field->key) && strV(&field->key) == strV(name))) {
+            return 0;
         }
     }
-    if (field == NULL) {
+    if (other != NULL && !tvisnil(&other->key)) {
         return 0;
     }
-    copyTV(L, &field->val, value);
-    lj_gc_anybarriert(L, t);
+    /* Unchanged, the usual case: no store, hence no barrier (which would
+     * have the collector traverse the table again). */
+    if (field->val.u64 != value->u64) {
+        copyTV(L, &field->val, value);
+        lj_gc_anybarriert(L, t);
+    }
     return 1;
 }
 

@@ -149,6 +149,7 @@ struct EnvClosures {
     static constexpr int kMax = 6;
     std::vector<int> *pool[kMax] = {};   // the closure pool each came from
     int               cell[kMax] = {};
+    bool              makes[kMax] = {};  // it makes closures (escapes)
     int               n = 0;
 
     // The slot of pool `p`'s closure, or -1.
@@ -167,24 +168,30 @@ struct EnvClosures {
         n--;
         pool[i] = pool[n];
         cell[i] = cell[n];
+        makes[i] = makes[n];
     }
-    bool add(std::vector<int> *p, int c)
+    bool add(std::vector<int> *p, int c, bool m)
     {
         if (n == kMax) {
             return false;
         }
         pool[n] = p;
         cell[n] = c;
+        makes[n] = m;
         n++;
         return true;
     }
 };
 
-// An environment no code kept, waiting for the next request of its policy
-// with the closures made for it.
+// A request environment's cell waiting for the next request of its policy
+// with the closures made for it. `renew`: its table went to whoever kept
+// it (a closure, getfenv) or was written to; the cell holds the empty
+// environment, as its closures do, until the next request puts a new
+// table there (ngx/phases.cpp, requestEnvCell).
 struct IdleEnv {
     int          cell = 0;
     EnvClosures  closures;
+    bool         renew = false;
 };
 
 class Vm {
