@@ -432,11 +432,13 @@ int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
     }
     // First code of the request, or a location with another policy (a
     // rewrite moved the request): globals do not carry across policies.
-    if (ctx->env_closures.n) {
-        unbindClosures(L, ctx->vm, &ctx->env_closures);
+    if (ctx->env_cell != 0) {
+        if (ctx->env_closures.n) {
+            unbindClosures(L, ctx->vm, &ctx->env_closures);
+        }
+        ctx->vm->release(L, ctx->env_cell);
+        ctx->env_cell = 0;
     }
-    ctx->vm->release(L, ctx->env_cell);
-    ctx->env_cell = 0;
     ctx->env_escaped = false;
     std::vector<IdleEnv> &idle = ctx->vm->envPool(p);
     if (!idle.empty()) {

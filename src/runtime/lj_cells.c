@@ -78,20 +78,25 @@ int luaguard_func_has_children(lua_State *L)
 }
 
 /* A request environment's metatable names its one field at [2] and holds
- * its value at [1] (lua/sandbox.lua); 0 when it does not. */
-static int env_field(GCtab *mt, cTValue **name, cTValue **value)
+ * its value at [1], in its array part (lua/sandbox.lua); NULL when it does
+ * not. The value is at the returned slot - 1. */
+static inline cTValue *env_field(GCtab *mt)
 {
-    *name = lj_tab_getint(mt, 2);
-    *value = lj_tab_getint(mt, 1);
-    return *name != NULL && *value != NULL && tvisstr(*name);
+    cTValue *name;
+    if (mt->asize <= 2) {
+        return NULL;
+    }
+    name = arrayslot(mt, 2);
+    return tvisstr(name) ? name : NULL;
 }
 
 int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
 {
     cTValue *o = arrayslot((GCtab *)cells, i);
     GCtab *t, *mt;
-    cTValue *name, *value;
+    cTValue *name;
     Node *node, *field, *other;
+    GCstr *key;
     if (!tvistab(o)) {
         return 0;
     }
@@ -100,21 +105,20 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
     /* pushNewEnv's table: no array part, a hash part of one or two nodes
      * (a write of another name, even one set back to nil, rehashes it or
      * takes the other node). */
-    if (mt == NULL || t->asize != 0 || t->hmask > 1) {
+    if (mt == NULL || t->asize != 0 || t->hmask > 1
+        || (name = env_field(mt)) == NULL) {
         return 0;
     }
-    if (!env_field(mt, &name, &value)) {
-        return 0;
-    }
+    key = strV(name);
     node = noderef(t->node);
     field = &node[0];
     other = t->hmask ? &node[1] : NULL;
-    if (!(tvisstr(&field->key) && strV(&field->key) == strV(name))) {
+    if (!(tvisstr(&field->key) && strV(&field->key) == key)) {
         Node *n = field;
         field = other;
         other = n;
         if (field == NULL
-            || !(tvisstr(&field->key) && strV(&field->key) == strV(name))) {
+            || !(tvisstr(&field->key) && strV(&field->key) == key)) {
             return 0;
         }
     }
@@ -123,8 +127,8 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
     }
     /* Unchanged, the usual case: no store, hence no barrier (which would
      * have the collector traverse the table again). */
-    if (field->val.u64 != value->u64) {
-        copyTV(L, &field->val, value);
+    if (field->val.u64 != (name - 1)->u64) {
+        copyTV(L, &field->val, name - 1);
         lj_gc_anybarriert(L, t);
     }
     return 1;
@@ -133,9 +137,9 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
 int luaguard_env_new(lua_State *L)
 {
     GCtab *mt = tabV(L->top - 1), *t;
-    cTValue *name, *value;
+    cTValue *name = env_field(mt);
     TValue key;
-    if (!env_field(mt, &name, &value)) {
+    if (name == NULL) {
         return 0;
     }
     lua_createtable(L, 0, 1);   /* the collector's step and the checks */
@@ -143,7 +147,7 @@ int luaguard_env_new(lua_State *L)
     /* t is new, hence white: storing into it needs no barrier. */
     setgcref(t->metatable, obj2gco(mt));
     copyTV(L, &key, name);
-    copyTV(L, lj_tab_newkey(L, t, &key), value);
+    copyTV(L, lj_tab_newkey(L, t, &key), name - 1);
     copyTV(L, L->top - 2, L->top - 1);
     L->top--;
     return 1;
