@@ -30,6 +30,7 @@ REP = """
 """
 
 
+@pytest.mark.asan_fast
 def test_refused_string_rep_in_a_compiled_loop_stops_the_request(nginx):
     n = nginx(server=REP)
     (pid,) = n.worker_pids()
@@ -60,6 +61,7 @@ CONCAT = """
 """
 
 
+@pytest.mark.asan_fast
 @pytest.mark.skipif(not ASAN, reason="needs the fault-injection (ASan) build")
 def test_every_refused_allocation_of_a_compiled_concat_stops_the_request(
         nginx):
