@@ -10,13 +10,13 @@ bool open(Vm *vm, std::string *err)
     lua_State *L = vm->L();
     lua_createtable(L, 0, 160);
     openCore(L);
-    if (!openCtx(L, vm, err)) {
-        lua_pop(L, 1);
-        return false;
-    }
     openOutput(L);
     openTime(L);
     openVar(L);
+    if (!openFastIndex(L, vm, err)) {
+        lua_pop(L, 1);
+        return false;
+    }
     openHeader(L);
     openBudget(L);
     openThread(L);

@@ -27,7 +27,9 @@ bool open(Vm *vm, std::string *err);
 
 // Each takes the `ngx` table at stack top and leaves it there.
 void openCore(lua_State *L);
-bool openCtx(lua_State *L, Vm *vm, std::string *err);
+// After openCore and openVar: their __index through the FFI
+// (lua/index_ffi.lua).
+bool openFastIndex(lua_State *L, Vm *vm, std::string *err);
 void openOutput(lua_State *L);
 void openTime(lua_State *L);
 void openVar(lua_State *L);

@@ -624,20 +624,27 @@ void openCore(lua_State *L)
     lua_setmetatable(L, -2);
 }
 
-bool openCtx(lua_State *L, Vm *vm, std::string *err)
+bool openFastIndex(lua_State *L, Vm *vm, std::string *err)
 {
+    int ngx = lua_gettop(L);
+    lua_getmetatable(L, ngx);
+    lua_getfield(L, ngx, "var");
     lua_getmetatable(L, -1);
-    lua_pushstring(L, kCtxCdef);
-    lua_getfield(L, -2, "__index");
+    lua_remove(L, -2);
+    int ngx_mt = ngx + 1, var_mt = ngx + 2;
+    lua_pushstring(L, kIndexCdef);
+    lua_getfield(L, ngx_mt, "__index");
+    lua_getfield(L, var_mt, "__index");
     vm->pushCells(L);
     lua_pushlightuserdata(L, const_cast<void *>(vm->cells()));
-    if (!runEmbedded(L, kLua_ctx_ffi, kLua_ctx_ffi_len, "=luaguard.ctx", 4, 1,
-                     err)) {
-        lua_pop(L, 1);
+    if (!runEmbedded(L, kLua_index_ffi, kLua_index_ffi_len,
+                     "=luaguard.index", 5, 2, err)) {
+        lua_settop(L, ngx);
         return false;
     }
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
+    lua_setfield(L, var_mt, "__index");
+    lua_setfield(L, ngx_mt, "__index");
+    lua_settop(L, ngx);
     return true;
 }
 

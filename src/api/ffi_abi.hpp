@@ -97,8 +97,18 @@
                                       int raw);
 
 // ngx.ctx: the Vm cell of the running request's table when the running
-// request belongs to VM `vm` and has one, else 0 (the C __index answers).
-#define LUAGUARD_CTX_ABI(API) API int luaguard_ctx_cell(const void *vm);
+// request belongs to VM `vm` (its cells' address) and has one, else 0.
+// ngx.var.NAME: 1 with the value in *out (nginx's memory, valid until the
+// request ends or the variable changes), 0 for nil, -1 when the C __index
+// must answer (not a request phase, another VM, a long name).
+#define LUAGUARD_INDEX_ABI(API)                                              \
+    typedef struct luaguard_var_value {                                      \
+        const char *data;                                                    \
+        size_t len;                                                          \
+    } luaguard_var_value_t;                                                  \
+    API int luaguard_ctx_cell(const void *vm);                               \
+    API int luaguard_var_get(const void *vm, const char *name, size_t len,   \
+                             luaguard_var_value_t *out);
 
 #define LUAGUARD_FFI_EXPORT __attribute__((visibility("default")))
 #define LUAGUARD_FFI_TEXT_(...) #__VA_ARGS__
@@ -108,7 +118,7 @@ extern "C" {
 LUAGUARD_SHDICT_ABI(LUAGUARD_FFI_EXPORT)
 LUAGUARD_REGEX_ABI(LUAGUARD_FFI_EXPORT)
 LUAGUARD_REQ_ABI(LUAGUARD_FFI_EXPORT)
-LUAGUARD_CTX_ABI(LUAGUARD_FFI_EXPORT)
+LUAGUARD_INDEX_ABI(LUAGUARD_FFI_EXPORT)
 }
 
 namespace luaguard::api {
@@ -116,6 +126,6 @@ namespace luaguard::api {
 inline constexpr char kShdictCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_SHDICT_ABI());
 inline constexpr char kRegexCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REGEX_ABI());
 inline constexpr char kReqCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_REQ_ABI());
-inline constexpr char kCtxCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_CTX_ABI());
+inline constexpr char kIndexCdef[] = LUAGUARD_FFI_TEXT(LUAGUARD_INDEX_ABI());
 
 }  // namespace luaguard::api

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "api/api.hpp"
+#include "api/ffi_abi.hpp"
 #include "ngx/glue.hpp"
 
 namespace luaguard::api {
@@ -153,3 +154,29 @@ void openVar(lua_State *L)
 }
 
 }  // namespace luaguard::api
+
+int luaguard_var_get(const void *vm, const char *name, size_t len,
+                     luaguard_var_value_t *out)
+{
+    using namespace luaguard;
+    Run *run = g_run;
+    // Names past the stack buffer, and anything varIndex would refuse or
+    // treat specially, go to it.
+    u_char low[64];
+    if (run == nullptr || run->ctx == nullptr
+        || !(mask(run->phase) & api::kVarPhases)
+        || run->ctx->vm->cells() != vm || len > sizeof(low))
+    {
+        return -1;
+    }
+    ngx_http_request_t *r = run->ctx->r;
+    ngx_str_t key{len, low};
+    ngx_uint_t hash = api::lowerKey(name, len, low);
+    ngx_http_variable_value_t *vv = ngx_http_get_variable(r, &key, hash);
+    if (vv == nullptr || vv->not_found) {
+        return 0;
+    }
+    out->data = vv->len ? reinterpret_cast<const char *>(vv->data) : "";
+    out->len = vv->len;
+    return 1;
+}

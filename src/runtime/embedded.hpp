@@ -17,7 +17,7 @@ LUAGUARD_EMBEDDED(resty_core);
 LUAGUARD_EMBEDDED(regex_ffi);
 LUAGUARD_EMBEDDED(shdict_ffi);
 LUAGUARD_EMBEDDED(req_ffi);
-LUAGUARD_EMBEDDED(ctx_ffi);
+LUAGUARD_EMBEDDED(index_ffi);
 LUAGUARD_EMBEDDED(sandbox);
 
 // Runs an embedded Lua file (kLua_NAME) with the `nargs` values at the top

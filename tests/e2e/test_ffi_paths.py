@@ -153,6 +153,35 @@ def test_request_tables_nested_from_finalizer(nginx):
     assert body == b"true 0\n"
 
 
+def test_ngx_var_reads_take_the_ffi_path(nginx):
+    """ngx.var.NAME runs no lua_CFunction; a capture by number, a write,
+    and a name too long for the fast path's buffer are the C functions'
+    (the controls)."""
+    n = nginx(server=r"""
+        location ~ ^/t(\d+) {
+            set $mine "";
+            content_by_lua_block {
+            """ + CHECK + r"""
+            ngx.say("uri ", c_calls(function() return ngx.var.uri end),
+                    " ", ngx.var.uri)
+            ngx.say("arg ", c_calls(function() return ngx.var.arg_a end),
+                    " ", ngx.var.arg_a)
+            ngx.say("unknown ", c_calls(function() return ngx.var.nope end),
+                    " ", tostring(ngx.var.nope))
+            ngx.say("capture ", c_calls(function() return ngx.var[1] end),
+                    " ", ngx.var[1])
+            ngx.say("write ", c_calls(function() ngx.var.mine = "m" end),
+                    " ", ngx.var.MINE)
+            local long = "arg_" .. string.rep("x", 70)
+            ngx.say("long ", c_calls(function() return ngx.var[long] end),
+                    " ", ngx.var[long])
+        } }
+    """)
+    assert n.get("/t42?a=1&" + "x" * 70 + "=long").text.splitlines() == [
+        "uri 0 /t42", "arg 0 1", "unknown 0 nil", "capture 1 42",
+        "write 1 m", "long 1 long"]
+
+
 def test_ngx_ctx_reads_take_the_ffi_path(nginx):
     """ngx.ctx once the request has its table: no lua_CFunction runs (a C
     metamethod would keep every handler reading it out of LuaJIT's
