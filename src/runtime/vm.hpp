@@ -234,7 +234,7 @@ class Vm {
     // taken (the value is still popped).
     int hold(lua_State *L);
     // The cells table, and its address: what names this VM to the FFI
-    // (lua/ctx_ffi.lua).
+    // (lua/index_ffi.lua).
     void pushCells(lua_State *L) const
     {
         lua_rawgeti(L, LUA_REGISTRYINDEX, cells_ref_);

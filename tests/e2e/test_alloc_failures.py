@@ -118,7 +118,7 @@ SCENARIOS = {
             sema:post(1)
             local ok, res = ngx.thread.wait(th)
             ngx.say((ok and res) and "done" or "failed") }""",
-    # ngx.ctx's __index is Lua with an FFI call (lua/ctx_ffi.lua), taken
+    # ngx.ctx's __index is Lua with an FFI call (lua/index_ffi.lua), taken
     # into the loop's trace: refusals around it must unwind.
     "ctx": """content_by_lua_block {
             local parts = {}
