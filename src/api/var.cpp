@@ -12,12 +12,27 @@ namespace {
 
 constexpr PhaseMask kVarPhases = kRequest;
 
+// Names up to this long are lower-cased on the stack.
+constexpr size_t kShortName = 64;
+
 // Lower-cases `name` into `buf` (nginx's variable names are lower case)
 // and returns its hash key.
 ngx_uint_t lowerKey(const char *name, size_t len, u_char *buf)
 {
     return ngx_hash_strlow(buf, reinterpret_cast<u_char *>(
                                     const_cast<char *>(name)), len);
+}
+
+// The request's value of variable `name` (lower-cased into `low`, room
+// for `len` bytes), nullptr when it has none.
+ngx_http_variable_value_t *findVariable(ngx_http_request_t *r,
+                                        const char *name, size_t len,
+                                        u_char *low)
+{
+    ngx_str_t key{len, low};
+    ngx_http_variable_value_t *vv =
+        ngx_http_get_variable(r, &key, lowerKey(name, len, low));
+    return vv == nullptr || vv->not_found ? nullptr : vv;
 }
 
 int varIndex(lua_State *L)
@@ -47,17 +62,15 @@ int varIndex(lua_State *L)
 
     size_t len;
     const char *name = luaL_checklstring(L, 2, &len);
-    u_char stackbuf[64];
+    u_char stackbuf[kShortName];
     u_char *low = len <= sizeof(stackbuf)
                       ? stackbuf
                       : static_cast<u_char *>(ngx_pnalloc(r->pool, len));
     if (low == nullptr) {
         return luaL_error(L, "no memory");
     }
-    ngx_str_t key{len, low};
-    ngx_uint_t hash = lowerKey(name, len, low);
-    ngx_http_variable_value_t *vv = ngx_http_get_variable(r, &key, hash);
-    if (vv == nullptr || vv->not_found) {
+    ngx_http_variable_value_t *vv = findVariable(r, name, len, low);
+    if (vv == nullptr) {
         lua_pushnil(L);
         return 1;
     }
@@ -162,18 +175,16 @@ int luaguard_var_get(const void *vm, const char *name, size_t len,
     Run *run = g_run;
     // Names past the stack buffer, and anything varIndex would refuse or
     // treat specially, go to it.
-    u_char low[64];
+    u_char low[api::kShortName];
     if (run == nullptr || run->ctx == nullptr
         || !(mask(run->phase) & api::kVarPhases)
         || run->ctx->vm->cells() != vm || len > sizeof(low))
     {
         return -1;
     }
-    ngx_http_request_t *r = run->ctx->r;
-    ngx_str_t key{len, low};
-    ngx_uint_t hash = api::lowerKey(name, len, low);
-    ngx_http_variable_value_t *vv = ngx_http_get_variable(r, &key, hash);
-    if (vv == nullptr || vv->not_found) {
+    ngx_http_variable_value_t *vv =
+        api::findVariable(run->ctx->r, name, len, low);
+    if (vv == nullptr) {
         return 0;
     }
     out->data = vv->len ? reinterpret_cast<const char *>(vv->data) : "";

@@ -395,11 +395,12 @@ bool pushInlineFactory(lua_State *L, Vm *vm, Handler *h, std::string *err)
 
 // A handler with functions inside makes closures that keep its
 // environment: the request's environment then outlives it (recycleEnv).
-void noteClosures(lua_State *L, RequestCtx *ctx)
+// Returns whether the function on top of L is one.
+bool noteClosures(lua_State *L, RequestCtx *ctx)
 {
-    if (!ctx->env_escaped && Vm::makesClosures(L)) {
-        ctx->env_escaped = true;
-    }
+    bool makes = Vm::makesClosures(L);
+    ctx->env_escaped = ctx->env_escaped || makes;
+    return makes;
 }
 
 std::string envFailure()
@@ -590,8 +591,7 @@ bool pushHandler(lua_State *L, Vm *vm, RequestCtx *ctx, Handler *h,
         lua_remove(L, -2);
     }
     if (pooled) {
-        bool makes = Vm::makesClosures(L);
-        ctx->env_escaped = ctx->env_escaped || makes;
+        bool makes = noteClosures(L, ctx);
         // Kept with the environment from now on (recycleEnv); the run
         // holds no lease.
         if (ctx->env_closures.add(lease->idle, lease->cell, makes)) {

@@ -95,8 +95,9 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
     cTValue *o = arrayslot((GCtab *)cells, i);
     GCtab *t, *mt;
     cTValue *name;
-    Node *node, *field, *other;
+    Node *node, *field = NULL;
     GCstr *key;
+    uint32_t j;
     if (!tvistab(o)) {
         return 0;
     }
@@ -111,18 +112,14 @@ int luaguard_cells_env_reset(lua_State *L, const void *cells, int i)
     }
     key = strV(name);
     node = noderef(t->node);
-    field = &node[0];
-    other = t->hmask ? &node[1] : NULL;
-    if (!(tvisstr(&field->key) && strV(&field->key) == key)) {
-        Node *n = field;
-        field = other;
-        other = n;
-        if (field == NULL
-            || !(tvisstr(&field->key) && strV(&field->key) == key)) {
-            return 0;
+    for (j = 0; j <= t->hmask; j++) {
+        if (tvisstr(&node[j].key) && strV(&node[j].key) == key) {
+            field = &node[j];
+        } else if (!tvisnil(&node[j].key)) {
+            return 0;  /* another name, even one set back to nil */
         }
     }
-    if (other != NULL && !tvisnil(&other->key)) {
+    if (field == NULL) {
         return 0;
     }
     /* Unchanged, the usual case: no store, hence no barrier (which would
