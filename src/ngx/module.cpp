@@ -4,6 +4,7 @@
 #include <pwd.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cctype>
 #include <cstring>
@@ -25,6 +26,7 @@
 #include "runtime/package_path.hpp"
 #include "runtime/vm.hpp"
 #include "security/egress.hpp"
+#include "security/log_escape.hpp"
 #include "security/script_path.hpp"
 #include "shdict/zone.hpp"
 #include "security/ngx_sandbox.hpp"
@@ -102,6 +104,33 @@ void closeVm(void *data)
     delete static_cast<Vm *>(data);
 }
 
+// The error of a __gc finalizer, which LuaJIT drops instead of raising it
+// in whatever code the collector's step ran in (another request's, a trace
+// exit; scripts/luajit-patches/quiet-finalizer-errors.patch). Called with
+// the error on top of L; raises nothing, allocates nothing in Lua. A
+// worker thread's VM has no log to write to: its errors are only dropped.
+void reportFinalizerError(lua_State *L)
+{
+    if (gettid() != getpid()) {
+        return;
+    }
+    try {
+        std::string text = "error in __gc finalizer: ";
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            size_t len;
+            const char *msg = lua_tolstring(L, -1, &len);
+            appendLogEscaped(text, msg, len);
+        } else {
+            text += "(a ";
+            text += lua_typename(L, lua_type(L, -1));
+            text += " value)";
+        }
+        ngx_log_error(NGX_LOG_ERR, currentLog(), 0, "%s", text.c_str());
+    } catch (const std::bad_alloc &) {
+        // Out of memory in the process: the line is lost, the error too.
+    }
+}
+
 // A started VM, owned by the cycle's pool: a reload builds new VMs with the
 // new configuration and the old ones go with the old cycle.
 Vm *openVm(ngx_conf_t *cf)
@@ -127,6 +156,9 @@ Vm *openVm(ngx_conf_t *cf)
     // Every entry into Lua is protected (ngx/entry.hpp); an error that
     // still finds no handler is logged before LuaJIT ends the process.
     lua_atpanic(vm->L(), entry::panic);
+#ifdef LUAGUARD_CHECKHOOK
+    luaguard_gc_finalizer_error(reportFinalizerError);
+#endif
     vm->memory().on_over = budget::Guard::memoryOver;
 
     cln->handler = closeVm;
