@@ -83,9 +83,10 @@ def test_every_refused_allocation_of_a_compiled_concat_stops_the_request(
 # Every kind of allocation a trace makes itself (a call from machine code,
 # not from the interpreter): tables and their growth, closures, strings
 # from each string function the trace compiles, the temporary buffer,
-# string.buffer, FFI cdata, and the collector's steps between them. Each
-# of the request's first allocations is refused in turn; the request must
-# end in 200 or 500 and the worker stay. The number is past each kind's
+# string.buffer, FFI cdata (with finalizers, some taken back), and the
+# collector's steps between them. Each of the request's first
+# allocations is refused in turn; the request must end in 200 or 500 and
+# the worker stay. The number is past each kind's
 # last allocation where a request makes fewer (the 200s at the end).
 KINDS = {
     "table": "for i = 1, 300 do acc[i] = {i, id} end",
@@ -112,6 +113,10 @@ KINDS = {
     "ffi_new": "local ffi = require('ffi') "
                "for i = 1, 300 do acc[i] = ffi.new('int[?]', 8 + i % 8) end",
     "garbage": "for i = 1, 3000 do acc[i % 10 + 1] = id .. i end",
+    "finalizers": "local ffi = require('ffi') local function nop() end "
+                  "for i = 1, 600 do local c = ffi.gc(ffi.new('int[4]'), nop) "
+                  "if i % 3 == 0 then ffi.gc(c, nil) end "
+                  "acc[i % 10 + 1] = c end",
 }
 
 
