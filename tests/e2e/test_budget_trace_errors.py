@@ -86,8 +86,8 @@ def test_every_refused_allocation_of_a_compiled_concat_stops_the_request(
 # string.buffer, FFI cdata (with finalizers, some taken back), and the
 # collector's steps between them. Each of the request's first
 # allocations is refused in turn; the request must end in 200 or 500 and
-# the worker stay. The number is past each kind's
-# last allocation where a request makes fewer (the 200s at the end).
+# the worker stay. 700 covers every allocation of the smaller kinds
+# (their sweeps end in 200s) and the first 700 of the others.
 KINDS = {
     "table": "for i = 1, 300 do acc[i] = {i, id} end",
     "table_hash": "for i = 1, 100 do local t = {} t.a = i t.b = id "
