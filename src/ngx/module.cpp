@@ -156,6 +156,9 @@ Vm *openVm(ngx_conf_t *cf)
     // Every entry into Lua is protected (ngx/entry.hpp); an error that
     // still finds no handler is logged before LuaJIT ends the process.
     lua_atpanic(vm->L(), entry::panic);
+    // The configuration is read on the main thread, whose stack the
+    // workers inherit.
+    vm->limitCStack();
 #ifdef LUAGUARD_CHECKHOOK
     luaguard_gc_finalizer_error(reportFinalizerError);
 #endif

@@ -414,6 +414,7 @@ void runTask(void *data, ngx_log_t *)
     lua_State *L = task->vm->L();
     MemoryAccount &m = task->vm->memory();
     t_task = task;
+    task->vm->limitCStack();
     sandbox::setThreadPolicy(task->policy);
     m.setCharge(&task->charge, task->memory_limit,
                 MemoryAccount::hardLimit(task->memory_limit));

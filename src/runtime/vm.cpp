@@ -1,8 +1,10 @@
 #include "runtime/vm.hpp"
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <new>
 #include <cstdlib>
@@ -267,6 +269,49 @@ void MemoryAccount::trim()
 #else
 void MemoryAccount::trim() {}
 #endif
+
+namespace {
+
+// Room left below the floor: an error raised there is formatted and
+// unwound, a message handler or a budget stop's hook may run, the budget
+// signal's handler may come: all far less than this.
+constexpr size_t kCStackReserve = 256 * 1024;
+// At most this much of a stack is used: a stack without a limit (ulimit
+// -s unlimited) can end at whatever mapping lies below it.
+constexpr size_t kCStackAssumed = 8 * 1024 * 1024;
+
+// The floor of the calling thread's stack: its lowest address (glibc
+// reads the main thread's from its mapping and RLIMIT_STACK) plus the
+// reserve; null when it cannot be known.
+char *threadCStackFloor()
+{
+    pthread_attr_t attr;
+    if (pthread_getattr_np(pthread_self(), &attr) != 0) {
+        return nullptr;
+    }
+    void *addr = nullptr;
+    size_t size = 0;
+    int rc = pthread_attr_getstack(&attr, &addr, &size);
+    pthread_attr_destroy(&attr);
+    if (rc != 0 || addr == nullptr || size <= 2 * kCStackReserve) {
+        return nullptr;
+    }
+    char *top = static_cast<char *>(addr) + size;
+    size = std::min(size, kCStackAssumed);
+    return top - size + kCStackReserve;
+}
+
+}  // namespace
+
+void Vm::limitCStack()
+{
+#ifdef LUAGUARD_CHECKHOOK
+    // Computed once per thread: a worker thread's VM is set before each
+    // task, and the main thread's lookup reads /proc/self/maps.
+    thread_local char *floor = threadCStackFloor();
+    luaguard_cstack_floor(L_, floor);
+#endif
+}
 
 bool Vm::open(std::string *err)
 {

@@ -208,6 +208,14 @@ class Vm {
     lua_State *L() const { return L_; }
     MemoryAccount &memory() { return memory_; }
 
+    // Limits how deep calls from C into Lua and coroutine resumes may nest
+    // on the calling thread's stack (scripts/luajit-patches/
+    // unbounded-c-calls.patch): past it they fail with "C stack overflow"
+    // instead of running the stack out. Called on the thread that runs
+    // this VM next, before it runs (the floor is an address of that
+    // thread's stack). Without the patched LuaJIT: nothing.
+    void limitCStack();
+
     // Registry reference to the table of compiled code of this VM: file
     // path -> factory (*_by_lua_file chunks, per worker), and, in a
     // lua_vm, Handler address -> factory for handlers whose VmRefs are

@@ -95,6 +95,10 @@ function M.bomb()
     local t = {}
     for i = 1, 1e9 do t[i] = string.rep("x", 64) .. i end
 end
+function M.cdeep()
+    local function f(s) return (s:gsub(".", f)) end
+    return select(2, pcall(f, "abc"))
+end
 function M.hello() return "hello" end
 function M.phase() return ngx.get_phase() end
 return M
@@ -272,6 +276,19 @@ def test_runaway_loop_in_the_thread_is_stopped(server):
                               "thread ran 300 ms, stopped at "), got
     # The worker serves, and the pool (one thread, one VM) runs the next
     # call on a fresh VM.
+    assert run(n, rwt("hello")) == (
+        "true:boolean | true:boolean | hello:string")
+
+
+def test_recursion_through_c_in_the_thread_is_an_error(server):
+    # A pool thread's stack has its own floor (test_cstack.py): set before
+    # each call, since a VM may run on any thread of the pool. The
+    # reference's thread crashes the worker here.
+    n = server(main="thread_pool tp threads=1;", http=HTTP, server=EVAL,
+               files=FILES)
+    for _ in range(3):
+        assert run(n, rwt("cdeep")) == (
+            "true:boolean | true:boolean | C stack overflow:string")
     assert run(n, rwt("hello")) == (
         "true:boolean | true:boolean | hello:string")
 
