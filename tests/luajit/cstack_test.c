@@ -56,6 +56,30 @@ static int call_low(lua_State *L)
   return call_lua(L);
 }
 
+/* Whether lua_pcall of `f` (the floor set first when `low`) fails with
+** "C stack overflow"; the floor is gone afterwards.
+*/
+static int pcall_refused(lua_State *L, lua_CFunction f, int low)
+{
+  int top = lua_gettop(L), ok;
+  if (low)
+    luaguard_cstack_floor(L, floor_above());
+  lua_pushcfunction(L, f);
+  ok = lua_pcall(L, 0, 1, 0) == LUA_ERRRUN && is_cstack_error(L, -1);
+  luaguard_cstack_floor(L, NULL);
+  lua_settop(L, top);
+  return ok;
+}
+
+/* Whether the chunk `code` runs and returns the C stack error. */
+static int stops(lua_State *L, const char *code)
+{
+  int top = lua_gettop(L);
+  int ok = luaL_dostring(L, code) == 0 && is_cstack_error(L, -1);
+  lua_settop(L, top);
+  return ok;
+}
+
 static void *stack_floor(void)
 {
   pthread_attr_t attr;
@@ -93,19 +117,9 @@ int main(void)
   /* lua_pcall refuses before the function runs; lua_call raises, to the
   ** enclosing lua_pcall (made above the floor: call_low sets it).
   */
-  luaguard_cstack_floor(L, floor_above());
-  lua_pushcfunction(L, call_lua);
-  status = lua_pcall(L, 0, 1, 0);
-  luaguard_cstack_floor(L, NULL);
-  check(status == LUA_ERRRUN && is_cstack_error(L, -1),
+  check(pcall_refused(L, call_lua, 1),
 	"lua_pcall refuses before a C function runs");
-  lua_settop(L, top);
-  lua_pushcfunction(L, call_low);
-  status = lua_pcall(L, 0, 1, 0);
-  luaguard_cstack_floor(L, NULL);
-  check(status == LUA_ERRRUN && is_cstack_error(L, -1),
-	"lua_call raises C stack overflow");
-  lua_settop(L, top);
+  check(pcall_refused(L, call_low, 0), "lua_call raises C stack overflow");
   lua_pushcfunction(L, call_lua);
   check(lua_pcall(L, 0, 1, 0) == 0 &&
 	strcmp(lua_tostring(L, -1), "7") == 0,
@@ -151,27 +165,17 @@ int main(void)
   ** recursion each; and string.gsub's callback.
   */
   luaguard_cstack_floor(L, stack_floor());
-  status = luaL_dostring(L,
-    "local function f() return coroutine.wrap(f)() end "
-    "local ok, err = pcall(f) return err");
-  check(status == 0 && is_cstack_error(L, -1),
+  check(stops(L, "local function f() return coroutine.wrap(f)() end "
+	      "local ok, err = pcall(f) return err"),
 	"coroutine.wrap recursion stops with C stack overflow");
-  lua_settop(L, top);
-  status = luaL_dostring(L,
-    "local n = 0 "
-    "local function f() n = n + 1 "
-    "  local ok, a, b = coroutine.resume(coroutine.create(f)) "
-    "  if ok == false then return a end return a, b end "
-    "return (f())");
-  check(status == 0 && is_cstack_error(L, -1),
+  check(stops(L, "local function f() "
+	      "  local ok, a = coroutine.resume(coroutine.create(f)) "
+	      "  return a end "
+	      "return (f())"),
 	"coroutine.resume recursion returns false, C stack overflow");
-  lua_settop(L, top);
-  status = luaL_dostring(L,
-    "local function f(s) return (s:gsub('.', f)) end "
-    "local ok, err = pcall(f, 'abc') return err");
-  check(status == 0 && is_cstack_error(L, -1),
+  check(stops(L, "local function f(s) return (s:gsub('.', f)) end "
+	      "local ok, err = pcall(f, 'abc') return err"),
 	"string.gsub callback recursion stops with C stack overflow");
-  lua_settop(L, top);
   status = luaL_dostring(L, "return (('abc'):gsub('.', string.upper))");
   check(status == 0 && strcmp(lua_tostring(L, -1), "ABC") == 0,
 	"the state works after those");
