@@ -16,12 +16,18 @@ thread pools). luaguard's budget watchdog is a 5 ms timer signal of the
 serving thread that ticks only while a run with a deadline is under way:
 its few instructions per tick scale with wall time under valgrind, a
 small noise in "main".
+
+Both runs of a pair see the same random bytes (bench/fixed_seed.c,
+preloaded): LuaJIT's per-process random seed otherwise moves start-up
+trace aborts between the two runs, by up to a few hundred instructions per
+request. Pair i of --repeat gets seed i + 1, for every configuration.
 """
 
 import argparse
 import datetime
 import http.client
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,6 +46,18 @@ VALGRIND = ["valgrind", "--tool=callgrind", "--trace-children=no",
             "--separate-threads=yes"]
 
 
+SEED_SHIM_SRC = Path(__file__).resolve().parent / "fixed_seed.c"
+
+
+def seed_shim(workdir):
+    """bench/fixed_seed.c built into workdir, once."""
+    so = workdir / "fixed_seed.so"
+    if not so.exists():
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(so),
+                        str(SEED_SHIM_SRC), "-ldl"], check=True)
+    return so
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -53,7 +71,7 @@ def read_ir(path):
     raise RuntimeError(f"no summary in {path}")
 
 
-def measure(module, s, n, workdir, label, extra_http=""):
+def measure(module, s, n, workdir, label, extra_http="", seed=1):
     prefix = make_prefix(Path(workdir) / f"{label}-{n}")
     port, up = free_port(), free_port()
     conf = prefix / "conf" / "nginx.conf"
@@ -63,7 +81,9 @@ def measure(module, s, n, workdir, label, extra_http=""):
     out = prefix / "callgrind.out"
     cmd = VALGRIND + [f"--callgrind-out-file={out}.%p", NGINX, "-p",
                       str(prefix), "-c", str(conf)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+    env = dict(os.environ, LD_PRELOAD=str(seed_shim(Path(workdir).parent)),
+               LUAGUARD_BENCH_SEED=str(seed))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env,
                             stderr=open(prefix / "valgrind.log", "w"))
     try:
         if not wait_port(port, 180, proc):
@@ -111,15 +131,14 @@ def measure(module, s, n, workdir, label, extra_http=""):
 
 def per_request(module, s, n1, n2, workdir, label, extra_http="",
                 repeat=1):
-    # Trace activity that happens to fall between the two counts (a trace
-    # recorded, aborted or flushed: LuaJIT's backoff is randomised per
-    # process) adds up to about 1k per request to one measurement; with
-    # `repeat`, the median of that many pairs of runs is reported.
+    # Trace activity that falls between the two counts (a trace recorded,
+    # aborted or flushed) moves one measurement; with `repeat`, the median
+    # of that many pairs of runs, each pair with its own seed, is reported.
     pairs = []
     for i in range(repeat):
         name = label if i == 0 else f"{label}.{i}"
-        a = measure(module, s, n1, workdir, name, extra_http)
-        b = measure(module, s, n2, workdir, name, extra_http)
+        a = measure(module, s, n1, workdir, name, extra_http, seed=i + 1)
+        b = measure(module, s, n2, workdir, name, extra_http, seed=i + 1)
         pairs.append((a, b))
     per = {k: sorted((b[k] - a[k]) / (n2 - n1) for a, b in pairs)
            for k in ("ir_main", "ir_all")}
