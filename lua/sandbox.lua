@@ -34,6 +34,33 @@ local searchpath = package.searchpath
 
 local weak_k = { __mode = "k" }
 
+-- A closure made by request code whose code reads and writes no globals
+-- (nor makes a closure that does) gets this empty table as its
+-- environment instead of the request's (scripts/luajit-patches/
+-- uncaptured-env.patch): a timer callback or a sort comparator then keeps
+-- no request's globals, and a handler making only such closures leaves its
+-- environment free for the next request. Request environments are known
+-- to LuaJIT by this table being their metatable's metatable (build). It is
+-- shared by every request: never handed out (getfenv answers the running
+-- request's environment for it, what the closure's maker would have got)
+-- and read-only.
+local closure_env = real_setmetatable({}, {
+    __newindex = function()
+        error("attempt to modify the environment of closures without "
+              .. "globals", 2)
+    end,
+    __metatable = false,
+})
+C.closure_env(closure_env)
+
+-- getfenv's answer for an environment r it found.
+local function fenv_answer(r)
+    if r == closure_env then
+        return current_env() or closure_env
+    end
+    return r
+end
+
 -- The metatables of request environments, one per view (build). A request
 -- environment that nothing outside its request can reach is handed to the
 -- next request when it ends (ngx/phases.cpp, recycleEnv): whatever hands
@@ -58,12 +85,12 @@ do
         else
             r = getfenv(f)
         end
-        return escapes(r)
+        return escapes(fenv_answer(r))
     end
     local debug_getfenv = debug.getfenv
     rawset(debug, "getfenv", function(o)
         local r = debug_getfenv(o)
-        return escapes(r)
+        return escapes(fenv_answer(r))
     end)
 end
 
@@ -74,6 +101,7 @@ local protected = real_setmetatable({}, weak_k)
 local real_of = real_setmetatable({}, weak_k)
 
 protected[real_G] = "_G"
+protected[closure_env] = "closure environment"
 protected[real_getmetatable("")] = "string metatable"
 protected[real_getmetatable(io.stdout)] = "file metatable"
 
@@ -749,7 +777,7 @@ local function build(caps)
     -- Every request env's metatable. [1] and [2] (the view's ngx and its
     -- name, set below) live in its array part, where the C side reads them
     -- without a hash lookup.
-    local M = { false, false, __index = V }
+    local M = real_setmetatable({ false, false, __index = V }, closure_env)
     env_metas[M] = true
     local map = real_setmetatable({}, weak_k)  -- real -> proxy, this view
 
@@ -1382,6 +1410,9 @@ local function build(caps)
         else
             r = real_getfenv(f)
         end
+        if r == closure_env then
+            r = env()
+        end
         if strict and type(r) == "table" and r ~= real_G
             and real_getmetatable(r) ~= M and not own_env[r]
         then
@@ -1401,7 +1432,9 @@ local function build(caps)
             target = f + 1
         end
         local cur = real_getfenv(target)
-        if cur == real_G or protected[cur] then
+        -- A closure without globals has the shared closure_env: it is
+        -- request code's own all the same (worker code's has its maker's).
+        if cur ~= closure_env and (cur == real_G or protected[cur]) then
             error("cannot change the environment of a function shared "
                   .. "with other requests", 2)
         end

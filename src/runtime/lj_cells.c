@@ -71,10 +71,19 @@ int luaguard_cells_push_if_fenv(lua_State *L, const void *cells, int fn,
     return 1;
 }
 
-int luaguard_func_has_children(lua_State *L)
+int luaguard_func_closures_keep_env(lua_State *L)
 {
     GCfunc *fn = funcV(L->top - 1);
-    return !isluafunc(fn) || (funcproto(fn)->flags & PROTO_CHILD) != 0;
+    GCproto *pt;
+    if (!isluafunc(fn)) {
+        return 1;
+    }
+    pt = funcproto(fn);
+    /* Without a closure environment every closure takes its maker's. */
+    if (gcref(G(L)->closure_env) == NULL) {
+        return (pt->flags & PROTO_CHILD) != 0;
+    }
+    return (proto_envuse(pt) & PROTO_ENV_KIDS) != 0;
 }
 
 /* A request environment's metatable names its one field at [2] and holds

@@ -30,9 +30,11 @@ void luaguard_cells_setfenv_of(struct lua_State *L, const void *cells, int fn,
 int luaguard_cells_push_if_fenv(struct lua_State *L, const void *cells,
                                 int fn, int env);
 
-/* Whether the Lua function on top of L was compiled with functions inside
- * it: running it can make closures, which take its environment. */
-int luaguard_func_has_children(struct lua_State *L);
+/* Whether running the Lua function on top of L can make closures that take
+ * its environment: it has functions inside it, and (once the state has a
+ * closure environment, luaguard_closure_env) one of them uses globals or
+ * makes a closure that does. */
+int luaguard_func_closures_keep_env(struct lua_State *L);
 /* Whether the table in cells[i] is a request environment holding nothing
  * but the field its metatable names at [2] (`ngx`, lua/sandbox.lua): if
  * so, that field's value is set back to the metatable's [1]. */

@@ -339,12 +339,12 @@ class Vm {
         return false;
 #endif
     }
-    // Whether the Lua function on top of L can make closures (it has
-    // functions inside it). Without LuaJIT's internals: always.
+    // Whether the Lua function on top of L can make closures that keep its
+    // environment (lj_cells.h). Without LuaJIT's internals: always.
     static bool makesClosures(lua_State *L)
     {
 #if LUAGUARD_LJ_INTERNALS
-        return luaguard_func_has_children(L) != 0;
+        return luaguard_func_closures_keep_env(L) != 0;
 #else
         (void)L;
         return true;

@@ -70,6 +70,7 @@ void bump(Capability c)
 }
 
 char kBuilderKey;
+char kClosureEnvKey;
 
 // Why the views of a policy could not be built (a budget stop while the
 // first request of a worker builds them, say): for the request's log line.
@@ -183,6 +184,21 @@ int luaStrict(lua_State *L)
     const Policy *p = currentPolicy();
     lua_pushboolean(L, p != nullptr && p->strict);
     return 1;
+}
+
+// closure_env(t): the environment LuaJIT gives a closure without globals
+// that request code makes (lua/sandbox.lua). Held in the registry for as
+// long as the VM lives, as the patch asks.
+int luaClosureEnv(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+#ifdef LUAGUARD_CHECKHOOK
+    lua_pushlightuserdata(L, &kClosureEnvKey);
+    lua_pushvalue(L, 1);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    luaguard_closure_env(L, 1);
+#endif
+    return 0;
 }
 
 // seed(): four 32-bit words from the kernel's CSPRNG, for a request's own
@@ -434,7 +450,9 @@ uint64_t totalRefusals()
 
 bool install(lua_State *L, std::string *err)
 {
-    lua_createtable(L, 0, 7);
+    lua_createtable(L, 0, 8);
+    lua_pushcfunction(L, luaClosureEnv);
+    lua_setfield(L, -2, "closure_env");
     lua_pushcfunction(L, luaEscaped);
     lua_setfield(L, -2, "escaped");
     lua_pushcfunction(L, luaStrict);

@@ -184,3 +184,132 @@ def test_plain_handlers_reuse_environments_and_writers_do_not(nginx):
     # An environment is a table and a node of its hash part: 64 bytes and
     # more on this LuaJIT.
     assert writer - plain >= 64, (plain, writer)
+
+
+# A closure whose code reads no global does not keep its maker's
+# environment (scripts/luajit-patches/uncaptured-env.patch): a handler
+# making only such closures leaves its environment to the next request.
+# What must follow is that no such closure hands that table out later.
+NO_GLOBALS = {
+    "lua/keep.lua": """
+local M = {}
+function M.store(f) M.f = f end
+-- worker code asking for the kept closure's environment
+function M.peek() return getfenv(M.f).secret end
+function M.peek_debug() return debug.getfenv(M.f).secret end
+return M
+""",
+}
+
+READERS = {
+    "request_getfenv": "getfenv(require('keep').f).secret",
+    "module_getfenv": "require('keep').peek()",
+    "module_debug_getfenv": "require('keep').peek_debug()",
+}
+
+
+@pytest.mark.asan_fast
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_a_closure_without_globals_never_hands_out_a_reused_environment(
+        nginx, profile, reader):
+    """/keep hands a module a closure without globals and its environment
+    goes to the next request, /victim, which writes a global; whoever asks
+    for the closure's environment later gets its own, never the table
+    /victim wrote to."""
+    n = nginx(http=HTTP + "lua_sandbox %s;" % profile, files=NO_GLOBALS,
+              server="""
+        location = /keep {
+            content_by_lua_block {
+                local function f(a) return a end
+                require("keep").store(f)
+                ngx.say("kept")
+            }
+        }
+        location = /victim {
+            content_by_lua_block { secret = "the victim's" ngx.say("set") }
+        }
+        location = /read {
+            content_by_lua_block { ngx.say(tostring(%s)) }
+        }
+""" % READERS[reader])
+    for _ in range(3):
+        assert n.get("/keep").text == "kept\n"
+        assert n.get("/victim").text == "set\n"
+        assert n.get("/read").text == "nil\n"
+
+
+def test_closures_without_globals_leave_the_environment_to_reuse(nginx):
+    """What the patch is for, in the VM's memory with the collector
+    stopped: a handler whose closures read no global (a sort comparator)
+    allocates its closure per request and no environment; the same handler
+    with a comparator reading a global gets a new environment each time."""
+    n = nginx(http="""
+    init_worker_by_lua_block { collectgarbage("stop") }
+""", server="""
+        location = /local {
+            content_by_lua_block {
+                local t = { 3, 1, 2 }
+                table.sort(t, function(a, b) return a > b end)
+                ngx.say(t[1])
+            }
+        }
+        location = /global {
+            content_by_lua_block {
+                local t = { 3, 1, 2 }
+                table.sort(t, function(a, b) return a > b and type(a) end)
+                ngx.say(t[1])
+            }
+        }
+        location = /count {
+            lua_sandbox off;
+            content_by_lua_block {
+                ngx.say(collectgarbage("count") * 1024)
+            }
+        }
+""")
+
+    def grown(path, times=200):
+        assert n.get(path).text == "3\n"
+        before = float(n.get("/count").text)
+        for _ in range(times):
+            n.get(path)
+        return (float(n.get("/count").text) - before) / times
+
+    without, reading = grown("/local"), grown("/global")
+    # The same closure either way; the difference is the environment (a
+    # table and a node of its hash part: 64 bytes and more).
+    assert reading - without >= 64, (without, reading)
+
+
+GETFENV_OF_CLOSURES = """
+    location = /t {
+        content_by_lua_block {
+            local function pure(a) return a end
+            local function reads() return tostring end
+            local here = getfenv(1)
+            local t = {}
+            local out = {
+                getfenv(pure) == here, getfenv(reads) == here,
+                debug.getfenv(pure) == here,
+                setfenv(pure, t) == pure, getfenv(pure) == t,
+                pure(7),
+            }
+            -- its own closures, made after it got t
+            local function outer() return function() return 1 end end
+            setfenv(outer, t)
+            out[#out + 1] = getfenv(outer()) == t
+            for i = 1, #out do out[i] = tostring(out[i]) end
+            ngx.say(table.concat(out, " "))
+        }
+    }
+"""
+
+
+@pytest.mark.parametrize("module", ["luaguard", "reference"])
+def test_getfenv_of_a_closure_without_globals_as_in_lua_nginx_module(
+        nginx, module):
+    """In the request that made it, such a closure's environment is the
+    request's (as lua-nginx-module's); setfenv gives it another."""
+    n = nginx(module=module, server=GETFENV_OF_CLOSURES)
+    assert n.get("/t").text == "true true true true true 7 true\n"
