@@ -1540,7 +1540,10 @@ char *mergeLocConf(ngx_conf_t *cf, void *parent, void *child)
     conf->timer_limits.memory = conf->budget_memory;
     mergeTimerShares(cf, prev, conf);
     if (conf->sandbox == nullptr) {
-        conf->sandbox = prev->sandbox;  // null stays "default"
+        // Named here rather than left null for policyOf: a load instead of
+        // a call per handler run.
+        conf->sandbox = prev->sandbox ? prev->sandbox
+                                      : &sandbox::defaultPolicy();
     }
     ngx_conf_merge_ptr_value(conf->vm_slot, prev->vm_slot, nullptr);
     if (!noteEnvView(cf, conf)) {

@@ -58,11 +58,12 @@ constexpr size_t kMaxIdleEnvs = 64;
 // it) and that holds nothing but `ngx` is given to the next request of
 // the same policy instead: it is as new, and no one else has it.
 //
-// One that was kept (a handler that makes closures, a timer's callback
-// among them) or written to is left to whoever has it; its cell and the
-// closures made for it wait for the next request all the same, which
-// puts a new table there (requestEnvCell): a new cell and closures taken
-// from their pools again cost ~100 instructions more per request.
+// One that was kept (a handler that makes closures using globals, a
+// timer's callback among them) or written to is left to whoever has it;
+// its cell and the closures made for it wait for the next request all
+// the same, which puts a new table there (requestEnvCell): a new cell and
+// closures taken from their pools again cost ~100 instructions more per
+// request.
 void recycleEnv(lua_State *L, RequestCtx *ctx)
 {
     if (ctx->env_cell == 0) {
@@ -393,8 +394,9 @@ bool pushInlineFactory(lua_State *L, Vm *vm, Handler *h, std::string *err)
     return true;
 }
 
-// A handler with functions inside makes closures that keep its
-// environment: the request's environment then outlives it (recycleEnv).
+// A handler with functions inside that use globals makes closures that
+// keep its environment (those without get lua/sandbox.lua's closure_env):
+// the request's environment then outlives it (recycleEnv).
 // Returns whether the function on top of L is one.
 bool noteClosures(lua_State *L, RequestCtx *ctx)
 {
@@ -423,14 +425,10 @@ bool setRequestEnv(lua_State *L, RequestCtx *ctx, std::string *err)
     return true;
 }
 
-// The cell of the request's environment for policy `p` (an isolating
-// one), taken from the policy's idle ones or made now; 0 when it cannot
-// be made.
-int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
+// requestEnvCell's first call in a request (or in another policy).
+[[gnu::noinline]] int takeRequestEnvCell(lua_State *L, RequestCtx *ctx,
+                                         const sandbox::Policy *p)
 {
-    if (ctx->env_cell != 0 && ctx->env_policy == p) {
-        return ctx->env_cell;
-    }
     // First code of the request, or a location with another policy (a
     // rewrite moved the request): globals do not carry across policies.
     if (ctx->env_cell != 0) {
@@ -465,6 +463,18 @@ int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
     return ctx->env_cell;
 }
 
+// The cell of the request's environment for policy `p` (an isolating
+// one), taken from the policy's idle ones or made now; 0 when it cannot
+// be made.
+inline int requestEnvCell(lua_State *L, RequestCtx *ctx,
+                          const sandbox::Policy *p)
+{
+    if (ctx->env_cell != 0 && ctx->env_policy == p) {
+        return ctx->env_cell;
+    }
+    return takeRequestEnvCell(L, ctx, p);
+}
+
 // Pushes the closure of pool `idle` made for the request's environment
 // `env` by an earlier run, if there is one. One whose environment is no
 // longer `env` (request code gave it another with setfenv) is not called
@@ -478,8 +488,8 @@ int requestEnvCell(lua_State *L, RequestCtx *ctx, const sandbox::Policy *p)
     giveClosure(L, vm, &lease, true);
 }
 
-bool pushBound(lua_State *L, Vm *vm, RequestCtx *ctx, std::vector<int> *idle,
-               int env)
+inline bool pushBound(lua_State *L, Vm *vm, RequestCtx *ctx,
+                      std::vector<int> *idle, int env)
 {
     int slot = ctx->env_closures.slot(idle);
     if (slot < 0) {

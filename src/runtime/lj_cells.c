@@ -60,7 +60,10 @@ int luaguard_cells_push_if_fenv(lua_State *L, const void *cells, int fn,
 {
     GCtab *t = (GCtab *)cells;
     cTValue *e = arrayslot(t, env), *f = arrayslot(t, fn);
-    if (!tvistab(e) || gcref(funcV(f)->c.env) != obj2gco(tabV(e))) {
+    TValue fenv;
+    /* One compare for "a table, and that one". */
+    settabV(L, &fenv, tabref(funcV(f)->c.env));
+    if (e->u64 != fenv.u64) {
         return 0;
     }
     if (L->top + 1 >= tvref(L->maxstack)) {
