@@ -66,6 +66,29 @@ def server(leak):
 """ % leak
 
 
+# With the collector stopped (init_worker), what the VM's memory grows by
+# per request of `path`; the server has COUNT's location.
+COUNT = """
+        location = /count {
+            lua_sandbox off;
+            content_by_lua_block {
+                ngx.say(collectgarbage("count") * 1024)
+            }
+        }
+"""
+STOPPED = """
+    init_worker_by_lua_block { collectgarbage("stop") }
+"""
+
+
+def growth(n, path, expect, times=200):
+    assert n.get(path).text == expect  # the first request makes one
+    before = float(n.get("/count").text)
+    for _ in range(times):
+        n.get(path)
+    return (float(n.get("/count").text) - before) / times
+
+
 @pytest.mark.asan_fast
 @pytest.mark.parametrize("how", sorted(LEAKS))
 def test_a_kept_environment_is_never_another_requests(nginx, how):
@@ -158,29 +181,15 @@ def test_plain_handlers_reuse_environments_and_writers_do_not(nginx):
     stopped: a handler that keeps nothing allocates no environment after
     the first request; one that writes a global gets a new one each time
     (its table has more than `ngx` in it)."""
-    n = nginx(http="""
-    init_worker_by_lua_block { collectgarbage("stop") }
-""", server="""
+    n = nginx(http=STOPPED, server=COUNT + """
         location = /plain { content_by_lua_block { ngx.say("x") } }
         location = /writer {
             content_by_lua_block { written = 1 ngx.say("x") }
         }
-        location = /count {
-            lua_sandbox off;
-            content_by_lua_block {
-                ngx.say(collectgarbage("count") * 1024)
-            }
-        }
 """)
 
-    def grown(path, times=200):
-        n.get(path)  # the first request makes one
-        before = float(n.get("/count").text)
-        for _ in range(times):
-            n.get(path)
-        return (float(n.get("/count").text) - before) / times
-
-    plain, writer = grown("/plain"), grown("/writer")
+    plain = growth(n, "/plain", "x\n")
+    writer = growth(n, "/writer", "x\n")
     # An environment is a table and a node of its hash part: 64 bytes and
     # more on this LuaJIT.
     assert writer - plain >= 64, (plain, writer)
@@ -244,9 +253,7 @@ def test_closures_without_globals_leave_the_environment_to_reuse(nginx):
     stopped: a handler whose closures read no global (a sort comparator)
     allocates its closure per request and no environment; the same handler
     with a comparator reading a global gets a new environment each time."""
-    n = nginx(http="""
-    init_worker_by_lua_block { collectgarbage("stop") }
-""", server="""
+    n = nginx(http=STOPPED, server=COUNT + """
         location = /local {
             content_by_lua_block {
                 local t = { 3, 1, 2 }
@@ -261,22 +268,10 @@ def test_closures_without_globals_leave_the_environment_to_reuse(nginx):
                 ngx.say(t[1])
             }
         }
-        location = /count {
-            lua_sandbox off;
-            content_by_lua_block {
-                ngx.say(collectgarbage("count") * 1024)
-            }
-        }
 """)
 
-    def grown(path, times=200):
-        assert n.get(path).text == "3\n"
-        before = float(n.get("/count").text)
-        for _ in range(times):
-            n.get(path)
-        return (float(n.get("/count").text) - before) / times
-
-    without, reading = grown("/local"), grown("/global")
+    without = growth(n, "/local", "3\n")
+    reading = growth(n, "/global", "3\n")
     # The same closure either way; the difference is the environment (a
     # table and a node of its hash part: 64 bytes and more).
     assert reading - without >= 64, (without, reading)
