@@ -248,6 +248,45 @@ def test_a_closure_without_globals_never_hands_out_a_reused_environment(
         assert n.get("/read").text == "nil\n"
 
 
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_a_timer_callback_without_globals_never_reads_a_reused_environment(
+        nginx, profile):
+    """Strict code cannot hand a closure to a module unwrapped, but a timer
+    callback outlives its request. This one reads no global (getfenv,
+    tostring and ngx.log are its upvalues), so its request's environment
+    goes to the next request, which writes a global; released, the
+    callback asks for its own environment and reads that name."""
+    files = {"lua/relay.lua": """
+return { go = require("ngx.semaphore").new() }
+"""}
+    n = nginx(http=HTTP + "lua_sandbox %s;" % profile, files=files,
+              server="""
+        location = /leak {
+            content_by_lua_block {
+                local gf, str, log, NOTICE = getfenv, tostring, ngx.log,
+                                             ngx.NOTICE
+                local relay = require("relay")
+                ngx.timer.at(0, function()
+                    relay.go:wait(10)
+                    log(NOTICE, "timer read ", str(gf(1).secret))
+                end)
+                ngx.say("kept")
+            }
+        }
+        location = /victim {
+            content_by_lua_block { secret = "the victim's" ngx.say("set") }
+        }
+        location = /release {
+            lua_sandbox off;
+            content_by_lua_block { require("relay").go:post(1) ngx.say("go") }
+        }
+""")
+    assert n.get("/leak").text == "kept\n"
+    assert n.get("/victim").text == "set\n"
+    assert n.get("/release").text == "go\n"
+    assert n.wait_log(r"timer read (\S+)").group(1) == "nil"
+
+
 def test_closures_without_globals_leave_the_environment_to_reuse(nginx):
     """What the patch is for, in the VM's memory with the collector
     stopped: a handler whose closures read no global (a sort comparator)
