@@ -210,11 +210,12 @@ def markdown(res):
         f"(Ir at {res['n2']} requests - Ir at {res['n1']}) / "
         f"{res['n2'] - res['n1']}, nginx's serving thread, requests sent "
         "one at a time on one "
-        "keep-alive connection. Deterministic: machine load does not "
+        "keep-alive connection, both runs with one random seed "
+        "(bench/fixed_seed.c). Deterministic: machine load does not "
         "change it. Ratio = luaguard/reference (lower is better for "
         "luaguard)." + (f" Each figure is the median of {res['repeat']} "
-                        "such measurements." if res.get("repeat", 1) > 1
-                        else ""), ""]
+                        "such measurements, each with its own seed."
+                        if res.get("repeat", 1) > 1 else ""), ""]
     head = "| scenario | luaguard | reference | ratio |"
     sep = "|---|---:|---:|---:|"
     tail_head, tail_sep = " notes |", "---|"
