@@ -105,6 +105,12 @@ def test_a_kept_environment_is_never_another_requests(nginx, how):
         assert n.get("/victim").text == "nil\n"
 
 
+# A semaphore shared by the worker: a timer callback waits on it until a
+# request (lua_sandbox off) posts it, after the requests under test.
+RELAY = {"lua/relay.lua": """
+return { go = require("ngx.semaphore").new() }
+"""}
+
 @pytest.mark.asan_fast
 @pytest.mark.parametrize("profile", ["default", "strict"])
 def test_a_timer_closure_keeps_its_environment_from_reuse(nginx, profile):
@@ -113,9 +119,7 @@ def test_a_timer_closure_keeps_its_environment_from_reuse(nginx, profile):
     the request ended (here: once released) and writes a global. Two
     requests keep one each: the second runs the handler's closure kept
     with the environment's cell, which gets a new table (recycleEnv)."""
-    files = dict(MODULES, **{"lua/relay.lua": """
-return { go = require("ngx.semaphore").new() }
-"""})
+    files = dict(MODULES, **RELAY)
     # One lua_sandbox line for both: environments are reused within the
     # policy of one directive.
     n = nginx(http=HTTP + "lua_sandbox %s;" % profile, files=files,
@@ -256,9 +260,7 @@ def test_a_timer_callback_without_globals_never_reads_a_reused_environment(
     tostring and ngx.log are its upvalues), so its request's environment
     goes to the next request, which writes a global; released, the
     callback asks for its own environment and reads that name."""
-    files = {"lua/relay.lua": """
-return { go = require("ngx.semaphore").new() }
-"""}
+    files = RELAY
     n = nginx(http=HTTP + "lua_sandbox %s;" % profile, files=files,
               server="""
         location = /leak {
